@@ -1,0 +1,252 @@
+"""The two parties of split learning. Each owns its modules and optimisers and speaks only through bytes.
+
+One training step for one client is two round trips (DESIGN §1)::
+
+    client.send_activations   head forward           ──ActivationMsg──►  server.forward
+    client.receive_hidden     tail forward, loss     ◄──ActivationMsg──
+                              backward               ──GradientMsg────►  server.backward (+ optimiser step)
+    client.receive_gradient   head backward + step   ◄──GradientMsg────
+
+The server may serve several clients in one trunk pass (``batch_parallel``) and may keep one adapter set per
+client on one shared frozen base (``per_client``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from suite.errors import ProtocolError
+from suite.protocol import TO_CLIENT, TO_SERVER, ActivationMsg, GradientMsg, decode, encode
+from suite.split import ClientHead, ClientTail, ServerTrunk, position_ids_for
+from suite.transport import SERVER, Transport, client_endpoint
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over non-padding targets (labels -100 are ignored), as HF computes it."""
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.size(-1)).float(), labels[:, 1:].reshape(-1), ignore_index=-100
+    )
+
+
+def trainable(modules: Iterable[nn.Module]) -> list[nn.Parameter]:
+    """Trainable parameters of several modules, each once (a tied weight appears in head and tail)."""
+    seen: dict[int, nn.Parameter] = {}
+    for module in modules:
+        for p in module.parameters():
+            if p.requires_grad:
+                seen.setdefault(id(p), p)
+    return list(seen.values())
+
+
+def make_optimizer(params: Sequence[nn.Parameter], lr: float) -> torch.optim.Optimizer | None:
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0) if params else None
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+
+
+class Batches:
+    """Endless seeded mini-batches over one client's tokenised shard (a fresh permutation every epoch)."""
+
+    def __init__(self, data: dict[str, torch.Tensor], batch_size: int, seed: int):
+        self.data = data
+        self.size = int(data["input_ids"].shape[0])
+        self.batch_size = min(batch_size, self.size)
+        self.generator = torch.Generator().manual_seed(seed)
+        self._order: list[int] = []
+
+    def next(self) -> Batch:
+        if len(self._order) < self.batch_size:
+            self._order += torch.randperm(self.size, generator=self.generator).tolist()
+        idx, self._order = self._order[: self.batch_size], self._order[self.batch_size :]
+        return Batch(*(self.data[k][idx] for k in ("input_ids", "attention_mask", "labels")))
+
+
+ActivationHook = Callable[[torch.Tensor, Batch], torch.Tensor]
+
+
+class Client:
+    """Owns the client head and tail, its private shard and its optimiser.
+
+    ``activation_hooks`` transform the head output before it is sent (e.g. DP noise); they run inside the
+    autograd graph so the head still trains through them.
+    """
+
+    def __init__(
+        self,
+        client_id: int,
+        head: ClientHead,
+        tail: ClientTail,
+        batches: Batches,
+        transport: Transport,
+        lr: float,
+    ):
+        self.id = client_id
+        self.endpoint = client_endpoint(client_id)
+        self.head, self.tail = head, tail
+        self.batches = batches
+        self.transport = transport
+        self.optimizer = make_optimizer(trainable((head, tail)), lr)
+        self.activation_hooks: list[ActivationHook] = []
+        self._batch: Batch | None = None
+        self._head_out: torch.Tensor | None = None
+        self._positions: torch.Tensor | None = None
+
+    def _recv(self, step: int, kind: type) -> ActivationMsg | GradientMsg:
+        msg = decode(self.transport.recv(self.endpoint, SERVER))
+        if not isinstance(msg, kind) or msg.client_id != self.id or msg.step != step or msg.direction != TO_CLIENT:
+            raise ProtocolError(
+                f"client {self.id} expected a {kind.__name__} for step {step}, got {type(msg).__name__} "
+                f"for client {msg.client_id} step {msg.step}"
+            )
+        return msg
+
+    def send_activations(self, step: int, batch: Batch | None = None) -> None:
+        """Round trip 1, out: head forward on the next private batch."""
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+        self._batch = batch if batch is not None else self.batches.next()
+        self._positions = position_ids_for(self._batch.attention_mask)
+        out = self.head(self._batch.input_ids, self._batch.attention_mask, self._positions)
+        for hook in self.activation_hooks:
+            out = hook(out, self._batch)
+        self._head_out = out
+        msg = ActivationMsg(self.id, step, TO_SERVER, out, self._batch.attention_mask, self._positions)
+        self.transport.send(self.endpoint, SERVER, encode(msg))
+
+    def receive_hidden(self, step: int) -> float:
+        """Round trip 1, back, and round trip 2, out: tail forward, loss, backward; send the gradient."""
+        if self._batch is None or self._head_out is None:
+            raise ProtocolError(f"client {self.id} received hidden states before sending activations")
+        msg = self._recv(step, ActivationMsg)
+        if msg.hidden.shape != self._head_out.shape:
+            raise ProtocolError(f"server returned hidden states of shape {tuple(msg.hidden.shape)}, "
+                                f"expected {tuple(self._head_out.shape)}")
+        hidden = msg.hidden.detach().requires_grad_(True)
+        logits = self.tail(hidden, self._batch.attention_mask, self._positions)
+        loss = causal_lm_loss(logits, self._batch.labels)
+        loss.backward()
+        self.transport.send(self.endpoint, SERVER, encode(GradientMsg(self.id, step, TO_SERVER, hidden.grad)))
+        return float(loss.detach())
+
+    def receive_gradient(self, step: int) -> None:
+        """Round trip 2, back: head backward with the server's gradient, then one optimiser step."""
+        if self._head_out is None:
+            raise ProtocolError(f"client {self.id} received a gradient it did not ask for")
+        msg = self._recv(step, GradientMsg)
+        if msg.grad.shape != self._head_out.shape:
+            raise ProtocolError(f"server returned a gradient of shape {tuple(msg.grad.shape)}, "
+                                f"expected {tuple(self._head_out.shape)}")
+        if self._head_out.requires_grad:
+            self._head_out.backward(msg.grad)
+        if self.optimizer is not None:
+            self.optimizer.step()
+        self._head_out = None
+
+
+class Server:
+    """Owns the server trunk. ``adapters`` maps a client id to the name of its own LoRA adapter set
+    (``per_client``); without it all clients share one set of trainable weights."""
+
+    def __init__(
+        self,
+        trunk: ServerTrunk,
+        transport: Transport,
+        lr: float,
+        adapters: dict[int, str] | None = None,
+    ):
+        self.trunk = trunk
+        self.transport = transport
+        self.adapters = adapters or {}
+        self.optimizers: dict[str | None, torch.optim.Optimizer | None] = {}
+        if self.adapters:
+            for name in self.adapters.values():
+                self._activate(name)
+                self.optimizers[name] = make_optimizer(trainable([trunk]), lr)
+        else:
+            self.optimizers[None] = make_optimizer(trainable([trunk]), lr)
+        # (client ids, trunk input, trunk output, rows per client, sequence length per client, adapter)
+        self._pending: tuple[list[int], torch.Tensor, torch.Tensor, list[int], list[int], str | None] | None = None
+
+    def activate_for(self, client_id: int) -> None:
+        """Switch the trunk to ``client_id``'s own adapter set (no-op when adapters are shared)."""
+        self._activate(self.adapters.get(client_id) if self.adapters else None)
+
+    def _activate(self, adapter: str | None) -> None:
+        if adapter is None:
+            return
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for module in self.trunk.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.set_adapter(adapter)
+
+    def _recv(self, client_id: int, step: int, kind: type) -> ActivationMsg | GradientMsg:
+        msg = decode(self.transport.recv(SERVER, client_endpoint(client_id)))
+        if not isinstance(msg, kind) or msg.client_id != client_id or msg.step != step or msg.direction != TO_SERVER:
+            raise ProtocolError(
+                f"server expected a {kind.__name__} from client {client_id} for step {step}, got "
+                f"{type(msg).__name__} from client {msg.client_id} step {msg.step}"
+            )
+        return msg
+
+    def forward(self, client_ids: Sequence[int], step: int) -> None:
+        """Receive the head activations of ``client_ids``, run the trunk once over all of them
+        (concatenated along the batch, right-padded to the longest), send each client its rows."""
+        ids = list(client_ids)
+        adapter = self.adapters.get(ids[0]) if self.adapters else None
+        if self.adapters and any(self.adapters.get(c) != adapter for c in ids):
+            raise ProtocolError("per-client adapters cannot serve several clients in one trunk pass")
+        self._activate(adapter)
+        msgs = [self._recv(c, step, ActivationMsg) for c in ids]
+        length = max(m.hidden.shape[1] for m in msgs)
+        hidden = torch.cat([_pad(m.hidden, length, 0.0) for m in msgs]).requires_grad_(True)
+        mask = torch.cat([_pad(m.attention_mask, length, 0) for m in msgs])
+        positions = position_ids_for(mask)
+        out = self.trunk(hidden, mask, positions)
+        rows = [m.hidden.shape[0] for m in msgs]
+        lengths = [m.hidden.shape[1] for m in msgs]
+        self._pending = (ids, hidden, out, rows, lengths, adapter)
+        for c, t, part in zip(ids, lengths, out.split(rows), strict=True):
+            reply = ActivationMsg(c, step, TO_CLIENT, part[:, :t])
+            self.transport.send(SERVER, client_endpoint(c), encode(reply))
+
+    def backward(self, step: int) -> None:
+        """Receive each client's gradient, backpropagate through the trunk once, take one optimiser step
+        (gradients of the clients in one pass add up), and send each client the gradient of its input."""
+        if self._pending is None:
+            raise ProtocolError("server.backward called without a pending forward pass")
+        ids, hidden, out, rows, lengths, adapter = self._pending
+        self._pending = None
+        length = hidden.shape[1]
+        grads = [self._recv(c, step, GradientMsg).grad for c in ids]
+        for g, n, t in zip(grads, rows, lengths, strict=True):
+            if tuple(g.shape[:2]) != (n, t) or g.shape[2] != hidden.shape[2]:
+                raise ProtocolError(f"gradient of shape {tuple(g.shape)} does not match the activations sent")
+        optimizer = self.optimizers[adapter]
+        if optimizer is not None:
+            optimizer.zero_grad(set_to_none=True)
+        out.backward(torch.cat([_pad(g, length, 0.0) for g in grads]))
+        if optimizer is not None:
+            optimizer.step()
+        for c, part, t in zip(ids, hidden.grad.split(rows), lengths, strict=True):
+            reply = GradientMsg(c, step, TO_CLIENT, part[:, :t])
+            self.transport.send(SERVER, client_endpoint(c), encode(reply))
+
+
+def _pad(x: torch.Tensor, length: int, value: float) -> torch.Tensor:
+    """Right-pad dimension 1 to ``length`` (padding is masked out and never attended to under causality)."""
+    extra = length - x.shape[1]
+    if extra == 0:
+        return x
+    pad = [0, 0] * (x.dim() - 2) + [0, extra]
+    return F.pad(x, pad, value=value)

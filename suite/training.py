@@ -1,0 +1,232 @@
+"""Building a split-training session and the three strategies of FL-GLM.
+
+* ``serial`` — the server serves one client after another; one shared set of server-side adapters.
+* ``batch_parallel`` — the server concatenates the M clients' activations along the batch, runs the trunk
+  once, and splits the gradients back per client; its adapters receive the sum of the clients' gradients.
+* ``per_client`` — one server-side LoRA adapter set per client on one shared frozen base (FL-GLM's
+  "server-hierarchical" mode without M copies of the model). In one process the clients take turns; their
+  server-side weights never mix.
+
+Each strategy is one function that runs one step for every client; ``train`` is the loop around it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from torch import nn
+
+from suite.errors import ConfigError
+from suite.parties import Batch, Batches, Client, Server, causal_lm_loss, trainable
+from suite.split import SplitModel, SplitSpec, lora_targets, position_ids_for, split_model
+from suite.transport import InProcessTransport, Transport
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """How each party trains. ``client``: "lora" (default) or "full" (every head and tail weight, needed by
+    FSHA's hijacking of a trainable head). ``server``: "lora", "full" or "frozen"."""
+
+    client: str = "lora"
+    server: str = "lora"
+    rank: int = 8
+    alpha: int = 16
+    lr: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if self.client not in ("lora", "full", "frozen"):
+            raise ConfigError(f"finetune client must be 'lora', 'full' or 'frozen', not {self.client!r}")
+        if self.server not in ("lora", "full", "frozen"):
+            raise ConfigError(f"finetune server must be 'lora', 'full' or 'frozen', not {self.server!r}")
+        if self.rank < 1 or self.lr <= 0:
+            raise ConfigError("finetune rank must be >= 1 and lr > 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    strategy: str = "serial"
+    clients: int = 2
+    steps: int = 30
+    batch_size: int = 4
+    fedavg_every: int = 0  # average the clients' trainable weights every N steps (0 = never)
+    seed: int = 0
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        if self.clients < 1 or self.steps < 0 or self.batch_size < 1 or self.fedavg_every < 0:
+            raise ConfigError("training needs clients >= 1, steps >= 0, batch_size >= 1, fedavg_every >= 0")
+
+
+@dataclass
+class Session:
+    """Everything one split-training run holds. Observers (attacks) get taps on ``transport``, not this."""
+
+    split: SplitModel
+    clients: list[Client]
+    server: Server
+    transport: Transport
+    config: TrainConfig
+    losses: list[list[float]] = field(default_factory=list)  # per step, per client
+
+
+# --- the strategies: one step for every client ---------------------------------------------------
+
+
+def serial_step(clients: Sequence[Client], server: Server, step: int) -> list[float]:
+    losses = []
+    for c in clients:
+        c.send_activations(step)
+        server.forward([c.id], step)
+        losses.append(c.receive_hidden(step))
+        server.backward(step)
+        c.receive_gradient(step)
+    return losses
+
+
+def batch_parallel_step(clients: Sequence[Client], server: Server, step: int) -> list[float]:
+    for c in clients:
+        c.send_activations(step)
+    server.forward([c.id for c in clients], step)  # one trunk pass over all clients' rows
+    losses = [c.receive_hidden(step) for c in clients]
+    server.backward(step)  # one optimiser step on the summed gradients
+    for c in clients:
+        c.receive_gradient(step)
+    return losses
+
+
+def per_client_step(clients: Sequence[Client], server: Server, step: int) -> list[float]:
+    # The message flow is serial; the difference is on the server, which switches to the client's own
+    # adapter set and optimiser for each client (see Server.forward).
+    return serial_step(clients, server, step)
+
+
+STRATEGIES: dict[str, Callable[[Sequence[Client], Server, int], list[float]]] = {
+    "serial": serial_step,
+    "batch_parallel": batch_parallel_step,
+    "per_client": per_client_step,
+}
+
+
+# --- building a session --------------------------------------------------------------------------
+
+
+def _lora(module: nn.Module, targets: list[str], ft: FinetuneConfig, adapter: str = "default") -> None:
+    if targets:
+        config = LoraConfig(r=ft.rank, lora_alpha=ft.alpha, lora_dropout=0.0, target_modules=targets)
+        inject_adapter_in_model(config, module, adapter_name=adapter)
+
+
+def build_session(
+    model: nn.Module,
+    spec: SplitSpec,
+    shards: Sequence[dict[str, torch.Tensor]],
+    config: TrainConfig,
+    transport: Transport | None = None,
+) -> Session:
+    """Carve ``model``, give every client its own copy of head and tail, attach adapters, wire it up.
+
+    ``shards[i]`` is client i's tokenised private data (``suite.data.tokenize``). The base weights are
+    frozen; only adapters (or, with ``finetune.client == "full"``, the client's whole head and tail) train.
+    """
+    if len(shards) != config.clients:
+        raise ConfigError(f"{config.clients} clients need {config.clients} data shards, got {len(shards)}")
+    torch.manual_seed(config.seed)
+    ft = config.finetune
+    model.requires_grad_(False)
+    split = split_model(model, spec)
+    transport = transport if transport is not None else InProcessTransport()
+
+    clients = []
+    for i, shard in enumerate(shards):
+        head, tail = split.client_copy()
+        for part in (head, tail):
+            if ft.client == "full":
+                part.requires_grad_(True)
+            elif ft.client == "lora":
+                _lora(part, lora_targets(part, split.family), ft)
+        batches = Batches(shard, config.batch_size, seed=config.seed * 1000 + i)
+        clients.append(Client(i, head, tail, batches, transport, ft.lr))
+
+    trunk = split.server_trunk
+    adapters = None
+    if ft.server == "full":
+        trunk.requires_grad_(True)
+    elif ft.server == "lora":
+        targets = lora_targets(trunk, split.family)
+        if config.strategy == "per_client" and targets:
+            adapters = {i: f"client{i}" for i in range(config.clients)}
+            for name in adapters.values():
+                _lora(trunk, targets, ft, adapter=name)
+        else:
+            _lora(trunk, targets, ft)
+    server = Server(trunk, transport, ft.lr, adapters=adapters)
+    return Session(split, clients, server, transport, config)
+
+
+def fedavg(clients: Sequence[Client]) -> None:
+    """Average the clients' trainable head and tail weights (LoRA adapters by default). Only client-side
+    weights are averaged: split learning cannot average what the server computes per client."""
+    groups = [trainable((c.head, c.tail)) for c in clients]
+    with torch.no_grad():
+        for params in zip(*groups, strict=True):
+            mean = torch.stack([p.data for p in params]).mean(0)
+            for p in params:
+                p.data.copy_(mean)
+
+
+@dataclass(frozen=True)
+class StepLog:
+    step: int
+    losses: list[float]
+    seconds: float
+
+    @property
+    def loss(self) -> float:
+        return sum(self.losses) / len(self.losses)
+
+
+def train(session: Session, steps: int | None = None, on_step: Callable[[StepLog], None] | None = None) -> list[StepLog]:
+    """Run ``steps`` steps (default: the config's) of the session's strategy; ``on_step`` sees each."""
+    cfg = session.config
+    step_fn = STRATEGIES[cfg.strategy]
+    logs = []
+    first = len(session.losses)
+    for step in range(first, first + (cfg.steps if steps is None else steps)):
+        start = time.perf_counter()
+        losses = step_fn(session.clients, session.server, step)
+        if cfg.fedavg_every and (step + 1) % cfg.fedavg_every == 0:
+            fedavg(session.clients)
+        session.losses.append(losses)
+        log = StepLog(step, losses, time.perf_counter() - start)
+        logs.append(log)
+        if on_step is not None:
+            on_step(log)
+    return logs
+
+
+@torch.no_grad()
+def eval_loss(session: Session, data: dict[str, torch.Tensor], client_id: int = 0, batch_size: int = 16) -> float:
+    """Mean token loss of one client's fine-tuned model (its head and tail, the server's trunk with that
+    client's adapters) on ``data``: the utility side of every privacy–utility trade-off. Runs locally,
+    not over the wire: evaluation is not part of the protocol being attacked."""
+    client = session.clients[client_id]
+    server = session.server
+    server.activate_for(client_id)
+    total, count = 0.0, 0
+    n = data["input_ids"].shape[0]
+    for lo in range(0, n, batch_size):
+        b = Batch(*(data[k][lo : lo + batch_size] for k in ("input_ids", "attention_mask", "labels")))
+        pos = position_ids_for(b.attention_mask)
+        hidden = client.head(b.input_ids, b.attention_mask, pos)
+        hidden = server.trunk(hidden, b.attention_mask, pos)
+        logits = client.tail(hidden, b.attention_mask, pos)
+        tokens = int((b.labels[:, 1:] != -100).sum())
+        total += float(causal_lm_loss(logits, b.labels)) * tokens
+        count += tokens
+    return total / max(count, 1)
