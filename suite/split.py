@@ -74,6 +74,7 @@ class Family:
     dropout: str | None = None  # embedding dropout
     rotary: str | None = None  # rotary embedding module (buffers only)
     lora_targets: tuple[str, ...] = ()  # linear layers inside a block for LoRA
+    conv1d: bool = False  # GPT-2 stores linear weights transposed (Conv1D): LoRA needs fan_in_fan_out
 
 
 _LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -95,6 +96,7 @@ FAMILIES: tuple[Family, ...] = (
         pos_embed="wpe",
         dropout="drop",
         lora_targets=("c_attn", "c_proj", "c_fc"),
+        conv1d=True,
     ),
     Family(
         "gpt_neox",

@@ -13,6 +13,7 @@ Each strategy is one function that runs one step for every client; ``train`` is 
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -22,7 +23,7 @@ from torch import nn
 
 from suite.errors import ConfigError
 from suite.parties import Batch, Batches, Client, Server, causal_lm_loss, trainable
-from suite.split import SplitModel, SplitSpec, lora_targets, position_ids_for, split_model
+from suite.split import Family, SplitModel, SplitSpec, lora_targets, position_ids_for, split_model
 from suite.transport import InProcessTransport, Transport
 
 
@@ -116,10 +117,18 @@ STRATEGIES: dict[str, Callable[[Sequence[Client], Server, int], list[float]]] = 
 # --- building a session --------------------------------------------------------------------------
 
 
-def _lora(module: nn.Module, targets: list[str], ft: FinetuneConfig, adapter: str = "default") -> None:
+def lora_config(ft: FinetuneConfig, targets: list[str], fam: Family) -> LoraConfig:
+    return LoraConfig(r=ft.rank, lora_alpha=ft.alpha, lora_dropout=0.0, target_modules=targets,
+                      fan_in_fan_out=fam.conv1d and "embed" not in targets)
+
+
+def _lora(module: nn.Module, fam: Family, ft: FinetuneConfig, adapter: str = "default") -> None:
+    targets = lora_targets(module, fam)
     if targets:
-        config = LoraConfig(r=ft.rank, lora_alpha=ft.alpha, lora_dropout=0.0, target_modules=targets)
-        inject_adapter_in_model(config, module, adapter_name=adapter)
+        with warnings.catch_warnings():
+            # peft warns when a second adapter set joins a module: per_client does that on purpose.
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            inject_adapter_in_model(lora_config(ft, targets, fam), module, adapter_name=adapter)
 
 
 def build_session(
@@ -149,24 +158,29 @@ def build_session(
             if ft.client == "full":
                 part.requires_grad_(True)
             elif ft.client == "lora":
-                _lora(part, lora_targets(part, split.family), ft)
+                _lora(part, split.family, ft)
         batches = Batches(shard, config.batch_size, seed=config.seed * 1000 + i)
         clients.append(Client(i, head, tail, batches, transport, ft.lr))
 
+    server = build_server(split, config, transport)
+    return Session(split, clients, server, transport, config)
+
+
+def build_server(split: SplitModel, config: TrainConfig, transport: Transport) -> Server:
+    """The server over ``split``'s trunk: shared adapters, or one adapter set per client for ``per_client``."""
+    ft = config.finetune
     trunk = split.server_trunk
     adapters = None
     if ft.server == "full":
         trunk.requires_grad_(True)
     elif ft.server == "lora":
-        targets = lora_targets(trunk, split.family)
-        if config.strategy == "per_client" and targets:
+        if config.strategy == "per_client" and lora_targets(trunk, split.family):
             adapters = {i: f"client{i}" for i in range(config.clients)}
             for name in adapters.values():
-                _lora(trunk, targets, ft, adapter=name)
+                _lora(trunk, split.family, ft, adapter=name)
         else:
-            _lora(trunk, targets, ft)
-    server = Server(trunk, transport, ft.lr, adapters=adapters)
-    return Session(split, clients, server, transport, config)
+            _lora(trunk, split.family, ft)
+    return Server(trunk, transport, ft.lr, adapters=adapters)
 
 
 def fedavg(clients: Sequence[Client]) -> None:

@@ -1,0 +1,153 @@
+"""`splitleak` command line. Errors in the user's input print one line (``splitleak: error: …``), exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from suite import __version__
+from suite.errors import SplitleakError
+
+EPILOG = "Metrics: BLEU/ROUGE on a 0-100 scale, rates (token accuracy, exact match, PII recovery) on 0-1."
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by commands that build a split-training run; each overrides the config file."""
+    p.add_argument("--config", metavar="FILE", help="TOML experiment config (see README); flags override it")
+    p.add_argument("--model", help="'smollm2-135m' (default, embedded), a hub id, a local directory or a .gguf file")
+    p.add_argument("-k", "--head-blocks", type=int, help="decoder blocks on the client head (0 = embedding only)")
+    p.add_argument("-m", "--tail-blocks", type=int, help="decoder blocks on the client tail (before norm + LM head)")
+    p.add_argument("--strategy", choices=["serial", "batch_parallel", "per_client"], help="training strategy")
+    p.add_argument("--clients", type=int, help="number of clients (each gets a disjoint shard)")
+    p.add_argument("--steps", type=int, help="training steps (each step: every client once)")
+    p.add_argument("--batch-size", type=int, help="sequences per client per step")
+    p.add_argument("--lr", type=float, help="learning rate (AdamW) for every party")
+    p.add_argument("--finetune", choices=["lora", "full", "frozen"], help="what the clients train (default lora)")
+    p.add_argument("--max-length", type=int, help="tokens per sequence (right-padded/truncated)")
+    p.add_argument("--private-size", type=int, help="generated private records (when the config generates them)")
+    p.add_argument("--seed", type=int, help="seed for adapters and batch order")
+
+
+def _config_from_args(args: argparse.Namespace):
+    from suite.config import load_config, parse_config
+
+    cfg = load_config(args.config)
+    data = cfg.model_dump()
+    overrides = {
+        ("model", "name"): args.model,
+        ("training", "head_blocks"): args.head_blocks,
+        ("training", "tail_blocks"): args.tail_blocks,
+        ("training", "strategy"): args.strategy,
+        ("training", "clients"): args.clients,
+        ("training", "steps"): args.steps,
+        ("training", "batch_size"): args.batch_size,
+        ("training", "lr"): args.lr,
+        ("training", "finetune"): args.finetune,
+        ("training", "seed"): args.seed,
+        ("data", "max_length"): args.max_length,
+    }
+    for (section, key), value in overrides.items():
+        if value is not None:
+            data[section][key] = value
+    if args.private_size is not None:
+        if data["data"]["private"].get("generator") is None:
+            raise SplitleakError("--private-size applies to generated private data; the config reads a file")
+        data["data"]["private"]["size"] = args.private_size
+    data["data"]["private"] = {k: v for k, v in data["data"]["private"].items() if v is not None}
+    data["data"]["shadow"] = {k: v for k, v in data["data"]["shadow"].items() if v is not None}
+    return parse_config(data, "command line")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from suite.experiment import prepare
+    from suite.split import SplitSpec
+    from suite.training import eval_loss, train
+
+    cfg = _config_from_args(args)
+    t = cfg.training
+    spec = SplitSpec(t.head_blocks, t.tail_blocks)
+    prepared = prepare(cfg, spec)
+    session = prepared.session
+    print(
+        f"splitleak: {cfg.model.name} ({prepared.loaded.revision}) split k={spec.head_blocks} m={spec.tail_blocks}, "
+        f"{t.strategy}, {t.clients} clients x {sum(len(s) for s in prepared.private) // t.clients} records, "
+        f"{t.steps} steps, client finetune={t.finetune}",
+        file=sys.stderr,
+    )
+    before = eval_loss(session, prepared.eval_data)
+    bar = tqdm(total=t.steps, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
+
+    def show(log) -> None:
+        bar.set_postfix(loss=f"{log.loss:.3f}", s_per_step=f"{log.seconds:.2f}")
+        bar.update(1)
+
+    logs = train(session, on_step=show)
+    bar.close()
+    after = eval_loss(session, prepared.eval_data)
+    if logs:
+        n = max(1, min(5, len(logs) // 3))
+        first = sum(log.loss for log in logs[:n]) / n
+        last = sum(log.loss for log in logs[-n:]) / n
+        print(f"train loss (mean of first/last {n} steps): {first:.3f} -> {last:.3f}")
+    print(f"held-out loss: {before:.3f} -> {after:.3f}")
+    print(f"bytes on the wire: {getattr(session.transport, 'bytes_sent', 0):,}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from suite.bench import run_bench
+
+    run_bench(model=args.model, batch_size=args.batch_size, max_length=args.max_length, reps=args.reps,
+              head_blocks=args.head_blocks, tail_blocks=args.tail_blocks, memory=not args.no_memory)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="splitleak",
+        description="Privacy attack and defence evaluation suite for split learning of LLMs.",
+        epilog=EPILOG,
+    )
+    parser.add_argument("--version", action="version", version=f"splitleak {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train one split configuration and show the loss going down", epilog=EPILOG)
+    _add_run_options(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "bench",
+        help="time a split step against a centralised step of the same model; per_client memory 1 vs 8 clients",
+    )
+    p.add_argument("--model", default="smollm2-135m", help="model to measure (default: the embedded SmolLM2-135M)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-length", type=int, default=32)
+    p.add_argument("--reps", type=int, default=10, help="timed repetitions of each step (interleaved)")
+    p.add_argument("-k", "--head-blocks", type=int, default=1)
+    p.add_argument("-m", "--tail-blocks", type=int, default=1)
+    p.add_argument("--no-memory", action="store_true", help="skip the per_client memory measurement")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except SplitleakError as err:
+        print(f"splitleak: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("splitleak: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""The experiment config: a TOML file validated on load (pydantic, unknown keys forbidden).
+
+Every error names the offending key and the file, on one line. The schema follows DESIGN §3; keys may grow,
+never break. Values a section does not give take the defaults below, which are the embedded default run.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from suite.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSection(_Section):
+    name: str = "smollm2-135m"  # the embedded default, a hub id, a local directory or a .gguf file
+
+
+class CorpusSection(_Section):
+    """Exactly one source: ``generator`` (with size and seed), ``path`` (a local CSV/JSONL/TXT file) or ``hub``."""
+
+    generator: Literal["records"] | None = None
+    size: int | None = Field(default=None, ge=1)
+    seed: int | None = None
+    path: str | None = None
+    hub: str | None = None
+    split: str | None = None
+    text_field: str | None = None
+    limit: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> CorpusSection:
+        sources = [k for k in ("generator", "path", "hub") if getattr(self, k) is not None]
+        if len(sources) != 1:
+            raise ValueError("give exactly one of 'generator', 'path' or 'hub'")
+        if self.generator is not None:
+            if self.size is None:
+                raise ValueError("a generated corpus needs 'size'")
+            if self.path or self.text_field or self.limit or self.split:
+                raise ValueError("'text_field', 'limit' and 'split' are for files and hub datasets")
+        elif self.size is not None or self.seed is not None:
+            raise ValueError("'size' and 'seed' are for generated corpora; use 'limit' for files")
+        return self
+
+    def spec(self) -> dict[str, Any]:
+        """The spec dict ``suite.data.load_corpus`` takes."""
+        return self.model_dump(exclude_none=True)
+
+
+class DataSection(_Section):
+    max_length: int = Field(default=32, ge=4, le=8192)
+    private: CorpusSection = CorpusSection(generator="records", size=64, seed=1)
+    shadow: CorpusSection = CorpusSection(generator="records", size=512, seed=2)
+
+
+class TrainingSection(_Section):
+    strategy: Literal["serial", "batch_parallel", "per_client"] = "serial"
+    clients: int = Field(default=2, ge=1, le=256)
+    steps: int = Field(default=30, ge=0)
+    batch_size: int = Field(default=4, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    finetune: Literal["lora", "full", "frozen"] = "lora"  # what the clients train
+    server_finetune: Literal["lora", "full", "frozen"] = "lora"
+    lora_rank: int = Field(default=8, ge=1)
+    lora_alpha: int = Field(default=16, ge=1)
+    fedavg_every: int = Field(default=0, ge=0)
+    seed: int = 0
+    head_blocks: int = Field(default=1, ge=0)  # for `splitleak train`; the matrix takes its splits below
+    tail_blocks: int = Field(default=1, ge=0)
+
+
+class MatrixSection(_Section):
+    splits: list[int] = [0, 1, 2]
+    tail_blocks: int = Field(default=1, ge=0)
+    threats: list[str] = ["curious_server", "colluding_client", "malicious_server", "eavesdropper", "peer_client"]
+    attacks: list[str] = ["nearest_embedding", "learned_inversion", "fsha"]
+    defenses: list[str | dict[str, Any]] = ["none", "encryption"]
+
+    @model_validator(mode="after")
+    def _check(self) -> MatrixSection:
+        if any(k < 0 for k in self.splits):
+            raise ValueError("splits are client head block counts and must be >= 0")
+        for d in self.defenses:
+            if isinstance(d, dict) and not isinstance(d.get("name"), str):
+                raise ValueError("a defense given as a table needs a 'name'")
+        return self
+
+
+class ExperimentConfig(_Section):
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    training: TrainingSection = TrainingSection()
+    matrix: MatrixSection = MatrixSection()
+
+
+def _one_line(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"] if not str(p).startswith("function-after"))
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key (check the spelling against the README's example config)"
+    more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{source}: {loc or 'config'}: {msg}{more}"
+
+
+def parse_config(data: dict[str, Any], source: str = "config") -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_one_line(err, source)) from None
+
+
+def load_config(path: str | Path | None = None) -> ExperimentConfig:
+    """Read and validate a TOML config; ``None`` gives the embedded default."""
+    if path is None:
+        return ExperimentConfig()
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {p} not found") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read config file {p}: {err}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{p}: not valid TOML: {err}") from None
+    return parse_config(data, str(p))

@@ -1,0 +1,54 @@
+"""From a validated config to a ready split-training session: model, data shards, clients, server.
+
+Shared by ``splitleak train``, the benchmark and (later) the matrix runner, so every entry point builds
+a run the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from suite.config import ExperimentConfig
+from suite.data import Record, load_corpus, shard, tokenize
+from suite.models import LoadedModel, load_model
+from suite.split import SplitSpec
+from suite.training import FinetuneConfig, Session, TrainConfig, build_session
+from suite.transport import Transport
+
+
+def train_config(cfg: ExperimentConfig) -> TrainConfig:
+    t = cfg.training
+    ft = FinetuneConfig(client=t.finetune, server=t.server_finetune, rank=t.lora_rank, alpha=t.lora_alpha, lr=t.lr)
+    return TrainConfig(strategy=t.strategy, clients=t.clients, steps=t.steps, batch_size=t.batch_size,
+                       fedavg_every=t.fedavg_every, seed=t.seed, finetune=ft)
+
+
+@dataclass
+class Prepared:
+    """A built run: the loaded model, the session and the data each party holds."""
+
+    loaded: LoadedModel
+    session: Session
+    private: list[list[Record]]  # per client, the records behind its shard (ground truth for metrics)
+    eval_data: dict[str, torch.Tensor]  # held-out records of the same kind, for utility
+
+
+def prepare(
+    cfg: ExperimentConfig,
+    spec: SplitSpec,
+    *,
+    loaded: LoadedModel | None = None,
+    transport: Transport | None = None,
+) -> Prepared:
+    loaded = loaded if loaded is not None else load_model(cfg.model.name)
+    records = load_corpus(cfg.data.private.spec())
+    # Hold out a tenth of the private corpus (same domain) to measure utility; the clients train on the rest.
+    n_eval = max(1, len(records) // 10) if len(records) > cfg.training.clients + 1 else 0
+    train_records, held_out = (records[:-n_eval], records[-n_eval:]) if n_eval else (records, records)
+    shards = shard(train_records, cfg.training.clients)
+    max_len = cfg.data.max_length
+    tokenized = [tokenize(s, loaded.tokenizer, max_len) for s in shards]
+    session = build_session(loaded.model, spec, tokenized, train_config(cfg), transport=transport)
+    return Prepared(loaded, session, shards, tokenize(held_out, loaded.tokenizer, max_len))
