@@ -97,6 +97,44 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _params(pairs: Sequence[str]) -> dict:
+    """``key=value`` pairs; values parse as TOML scalars (numbers, booleans, quoted strings) or stay strings."""
+    import tomllib
+
+    params = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SplitleakError(f"--param expects key=value, got {pair!r}")
+        try:
+            params[key] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            params[key] = value
+    return params
+
+
+def cmd_attack(args: argparse.Namespace) -> int:
+    from suite.cell import run_cell
+    from suite.split import SplitSpec
+
+    cfg = _config_from_args(args)
+    spec = SplitSpec(cfg.training.head_blocks, cfg.training.tail_blocks)
+    result = run_cell(cfg, spec, args.threat, args.attack, _params(args.param))
+    m = result.metrics
+    print(f"cell: model={cfg.model.name} k={spec.head_blocks} m={spec.tail_blocks} threat={args.threat} "
+          f"attack={args.attack} defense=none")
+    if result.reconstruction.note:
+        print(f"note: {result.reconstruction.note}")
+    pii = "n/a" if m.pii_recovery is None else f"{m.pii_recovery:.3f}"
+    print(f"BLEU-4 {m.bleu4:6.2f}  ROUGE-1 {m.rouge1:6.2f}  ROUGE-2 {m.rouge2:6.2f}  ROUGE-L {m.rougeL:6.2f}  "
+          f"token acc {m.token_accuracy:.3f}  exact {m.exact_match:.3f}  PII {pii}")
+    print(f"utility (held-out loss) {result.utility:.3f}   attack cost {result.cost.seconds:.1f} s, "
+          f"peak RSS {result.cost.peak_rss_mib:.0f} MiB")
+    for ref, hyp in list(zip(result.references, result.reconstruction.texts, strict=False))[: args.samples]:
+        print(f"  original: {ref}\n  attacker: {hyp}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from suite.bench import run_bench
 
@@ -117,6 +155,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train one split configuration and show the loss going down", epilog=EPILOG)
     _add_run_options(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("attack", help="run one matrix cell: train a split, capture, attack, print the metrics",
+                       epilog=EPILOG)
+    _add_run_options(p)
+    p.add_argument("--threat", required=True, help="threat preset: curious_server, malicious_server, "
+                   "colluding_client, eavesdropper, peer_client")
+    p.add_argument("--attack", required=True, help="attack name (see README), e.g. nearest_embedding")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="attack parameter")
+    p.add_argument("--samples", type=int, default=3, help="original/reconstructed pairs to print")
+    p.set_defaults(func=cmd_attack)
 
     p = sub.add_parser(
         "bench",

@@ -175,6 +175,11 @@ class Server:
         else:
             self.optimizers[None] = make_optimizer(trainable([trunk]), lr)
         # (client ids, trunk input, trunk output, rows per client, sequence length per client, adapter)
+        # A server that deviates from the protocol (FSHA, tampering) replaces its replies through this;
+        # see suite.attack.ServerPolicy. None = honest.
+        self.policy = None
+        # Callbacks that see every decoded message the server receives: a curious server's memory.
+        self.inbox_taps: list[Callable[[ActivationMsg | GradientMsg], None]] = []
         self._pending: tuple[list[int], torch.Tensor, torch.Tensor, list[int], list[int], str | None] | None = None
 
     def activate_for(self, client_id: int) -> None:
@@ -197,6 +202,8 @@ class Server:
                 f"server expected a {kind.__name__} from client {client_id} for step {step}, got "
                 f"{type(msg).__name__} from client {msg.client_id} step {msg.step}"
             )
+        for tap in self.inbox_taps:
+            tap(msg)
         return msg
 
     def forward(self, client_ids: Sequence[int], step: int) -> None:
@@ -215,8 +222,9 @@ class Server:
         out = self.trunk(hidden, mask, positions)
         rows = [m.hidden.shape[0] for m in msgs]
         lengths = [m.hidden.shape[1] for m in msgs]
-        self._pending = (ids, hidden, out, rows, lengths, adapter)
-        for c, t, part in zip(ids, lengths, out.split(rows), strict=True):
+        self._pending = (ids, hidden, mask, out, rows, lengths, adapter)
+        sent = out if self.policy is None else self.policy.on_forward(ids, step, hidden.detach(), mask, out.detach())
+        for c, t, part in zip(ids, lengths, sent.split(rows), strict=True):
             reply = ActivationMsg(c, step, TO_CLIENT, part[:, :t])
             self.transport.send(SERVER, client_endpoint(c), encode(reply))
 
@@ -225,7 +233,7 @@ class Server:
         (gradients of the clients in one pass add up), and send each client the gradient of its input."""
         if self._pending is None:
             raise ProtocolError("server.backward called without a pending forward pass")
-        ids, hidden, out, rows, lengths, adapter = self._pending
+        ids, hidden, mask, out, rows, lengths, adapter = self._pending
         self._pending = None
         length = hidden.shape[1]
         grads = [self._recv(c, step, GradientMsg).grad for c in ids]
@@ -238,7 +246,10 @@ class Server:
         out.backward(torch.cat([_pad(g, length, 0.0) for g in grads]))
         if optimizer is not None:
             optimizer.step()
-        for c, part, t in zip(ids, hidden.grad.split(rows), lengths, strict=True):
+        grad = hidden.grad
+        if self.policy is not None:
+            grad = self.policy.head_gradient(ids, step, hidden.detach(), mask, grad)
+        for c, part, t in zip(ids, grad.split(rows), lengths, strict=True):
             reply = GradientMsg(c, step, TO_CLIENT, part[:, :t])
             self.transport.send(SERVER, client_endpoint(c), encode(reply))
 

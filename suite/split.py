@@ -301,10 +301,8 @@ def _check_partition(model: nn.Module, head: nn.Module, trunk: nn.Module, tail: 
 
 
 def lora_targets(part: nn.Module, fam: Family) -> list[str]:
-    """Module names to adapt with LoRA inside one part: its blocks' linear layers, or, for an
-    embedding-only head, the embedding itself (so the client still has something to train)."""
-    names = [n for n, _ in part.named_modules() if n.rsplit(".", 1)[-1] in fam.lora_targets and ".layers." in f".{n}"]
-    if not names and isinstance(part, ClientHead):
-        names = ["embed"]
-    return names
+    """Module names to adapt with LoRA inside one part: its blocks' linear layers. An embedding-only head
+    has none and stays frozen under LoRA, as the input embedding does in ordinary LoRA fine-tuning (train it
+    with ``finetune = "full"``)."""
+    return [n for n, _ in part.named_modules() if n.rsplit(".", 1)[-1] in fam.lora_targets and ".layers." in f".{n}"]
 

@@ -119,7 +119,7 @@ STRATEGIES: dict[str, Callable[[Sequence[Client], Server, int], list[float]]] = 
 
 def lora_config(ft: FinetuneConfig, targets: list[str], fam: Family) -> LoraConfig:
     return LoraConfig(r=ft.rank, lora_alpha=ft.alpha, lora_dropout=0.0, target_modules=targets,
-                      fan_in_fan_out=fam.conv1d and "embed" not in targets)
+                      fan_in_fan_out=fam.conv1d)
 
 
 def _lora(module: nn.Module, fam: Family, ft: FinetuneConfig, adapter: str = "default") -> None:

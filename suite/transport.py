@@ -41,6 +41,8 @@ class Transport(Protocol):
 
     def add_tap(self, tap: Tap) -> None: ...
 
+    def remove_tap(self, tap: Tap) -> None: ...
+
 
 class InProcessTransport:
     """FIFO queues per (src, dst). ``recv`` with nothing queued is a protocol error, not a hang: in one
@@ -53,6 +55,9 @@ class InProcessTransport:
 
     def add_tap(self, tap: Tap) -> None:
         self._taps.append(tap)
+
+    def remove_tap(self, tap: Tap) -> None:
+        self._taps.remove(tap)
 
     def send(self, src: str, dst: str, data: bytes) -> None:
         if not isinstance(data, bytes | bytearray | memoryview):

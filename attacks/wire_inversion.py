@@ -1,0 +1,63 @@
+"""The eavesdropper's attack: parse the captured bytes as the splitleak wire format, then invert.
+
+Without encryption (FL-GLM's public code talks over an insecure channel) every client→server frame parses
+into an ``ActivationMsg`` and the eavesdropper holds exactly what a curious server holds of the activations;
+it then runs an inner passive attack on them (nearest-embedding by default, or the learned inverter when it
+has public shadow text). With authenticated encryption no frame parses: the attack reports that and
+returns nothing, so leakage is measured (near zero), not assumed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from suite.attack import ATTACKS, Attack, AttackConfig, Reconstruction, register_attack
+from suite.errors import ProtocolError
+from suite.protocol import TO_SERVER, ActivationMsg, decode
+from suite.threats import Capability, ObservedBatch, Observations, ThreatModel
+from suite.transport import SERVER
+
+
+@dataclass(frozen=True)
+class WireInversionConfig(AttackConfig):
+    inner: str = "nearest_embedding"  # the passive attack run on parsed activations
+
+    def __post_init__(self) -> None:
+        if self.inner == "wire_inversion":
+            raise ValueError("inner must be another attack")
+
+
+@register_attack("wire_inversion")
+class WireInversionAttack(Attack):
+    requires = frozenset({Capability.WIRE, Capability.BASE_WEIGHTS})
+    Config = WireInversionConfig
+
+    def reconstruct(self, obs: Observations) -> Reconstruction:
+        parsed, failed = [], 0
+        for frame in obs.frames or ():
+            if frame.dst != SERVER:
+                continue
+            try:
+                msg = decode(frame.data)
+            except ProtocolError:
+                failed += 1
+                continue
+            if isinstance(msg, ActivationMsg) and msg.direction == TO_SERVER and msg.attention_mask is not None:
+                parsed.append(ObservedBatch(msg.client_id, msg.step, msg.hidden, msg.attention_mask))
+        if not parsed:
+            note = f"nothing to invert: 0 of {failed} client->server frames parse (ciphertext)"
+            return Reconstruction(torch.empty(0, 0, dtype=torch.long), (), note=note)
+        # What parses off the wire is activations: hand them to the inner attack as such.
+        inner_cls = ATTACKS.get(self.config.inner)
+        grants = (obs.threat.grants | {Capability.ACTIVATIONS}) - {Capability.WIRE}
+        view = ThreatModel(f"{obs.threat.name}+parsed", "activations parsed off a plaintext wire", frozenset(grants))
+        missing = view.missing(inner_cls.requires)
+        if missing:
+            raise ValueError(f"inner attack {self.config.inner!r} needs {sorted(m.value for m in missing)}")
+        inner_obs = dataclasses.replace(obs, threat=view, batches=tuple(parsed), frames=None)
+        result = inner_cls(inner_cls.Config(seed=self.config.seed)).reconstruct(inner_obs)
+        note = f"{len(parsed)} plaintext activation frames parsed; {failed} did not parse"
+        return dataclasses.replace(result, note=note)

@@ -1,0 +1,191 @@
+"""One cell of the threat-model matrix: train a split model, capture the victims' traffic, attack, score.
+
+The steps are separate so a matrix can train each split once and run every passive attack against the
+same capture; an active attack (a deviating server) needs its own training run.
+
+What the runner knows but attacks never see: the parties, the model objects, and the victims' records
+(ground truth, used only for metrics here).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from reports.metrics import LeakageMetrics, leakage_metrics
+from suite.attack import Attack, Cost, Reconstruction, make_attack, timed_reconstruct
+from suite.config import ExperimentConfig
+from suite.data import Record, load_corpus
+from suite.experiment import Prepared, prepare
+from suite.models import LoadedModel
+from suite.parties import Batch
+from suite.protocol import ActivationMsg, GradientMsg
+from suite.split import SplitSpec
+from suite.threats import ObservedBatch, ThreatModel, filter_observations, get_threat
+from suite.training import eval_loss, train
+from suite.transport import Frame, Recorder
+
+
+@dataclass
+class Capture:
+    """The victims' traffic during one capture pass, and the ground truth aligned with it."""
+
+    batches: list[ObservedBatch]  # as the server saw them (decrypted), in order
+    frames: list[Frame]  # the bytes on the wire, in order
+    true_ids: torch.Tensor  # [N, T] the victims' token ids, rows in the order of ``batches``
+    mask: torch.Tensor  # [N, T]
+    records: list[Record]  # the victims' records, same order
+
+
+@dataclass
+class TrainedSplit:
+    """A split model trained under some server behaviour, plus its capture and public knowledge."""
+
+    prepared: Prepared
+    capture: Capture
+    utility: float  # held-out loss of client 0's fine-tuned model after training
+    shadow: list[Record]
+    base: LoadedModel  # pristine public weights (copies are handed to attacks)
+
+
+def capture_victims(prepared: Prepared, victims: list[int], batch_size: int, first_step: int) -> Capture:
+    """Each victim sends its whole shard once more through the protocol (a real training step, batches in
+    order) while a tap on the wire and a tap on the server's inbox record what crosses the split."""
+    session = prepared.session
+    server = session.server
+    recorder = Recorder()
+    session.transport.add_tap(recorder)
+    inbox: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+
+    def keep(msg) -> None:
+        entry = inbox.setdefault((msg.client_id, msg.step), {})
+        if isinstance(msg, ActivationMsg):
+            entry["hidden"], entry["mask"] = msg.hidden, msg.attention_mask
+        elif isinstance(msg, GradientMsg):
+            entry["gradient"] = msg.grad
+
+    server.inbox_taps.append(keep)
+    ids, masks, records, order = [], [], [], []
+    step = first_step
+    try:
+        for v in victims:
+            client = session.clients[v]
+            data = client.batches.data  # the victim's tokenised shard, in order
+            for lo in range(0, data["input_ids"].shape[0], batch_size):
+                batch = Batch(*(data[k][lo : lo + batch_size] for k in ("input_ids", "attention_mask", "labels")))
+                client.send_activations(step, batch)
+                server.forward([v], step)
+                client.receive_hidden(step)
+                server.backward(step)
+                client.receive_gradient(step)
+                ids.append(batch.input_ids)
+                masks.append(batch.attention_mask)
+                order.append((v, step))
+                step += 1
+            records += prepared.private[v]
+    finally:
+        server.inbox_taps.remove(keep)
+        session.transport.remove_tap(recorder)
+    batches = [ObservedBatch(c, s, inbox[(c, s)]["hidden"], inbox[(c, s)]["mask"], inbox[(c, s)].get("gradient"))
+               for c, s in order]
+    return Capture(batches, recorder.frames, torch.cat(ids), torch.cat(masks), records)
+
+
+def train_split(
+    cfg: ExperimentConfig,
+    spec: SplitSpec,
+    base: LoadedModel,
+    threat: ThreatModel,
+    attack: Attack | None = None,
+) -> TrainedSplit:
+    """Train ``spec`` on a fresh copy of ``base`` (with the attack's server policy if it is active), then
+    capture the traffic of every client but the threat's colluder."""
+    loaded = dataclasses.replace(base, model=copy.deepcopy(base.model))
+    prepared = prepare(cfg, spec, loaded=loaded)
+    shadow = load_corpus(cfg.data.shadow.spec(), avoid=[r for s in prepared.private for r in s])
+    if attack is not None and attack.active:
+        public = _observations(threat, spec, base, cfg, shadow, prepared, capture=None)
+        prepared.session.server.policy = attack.server_policy(public)
+    train(prepared.session)  # a deviating server keeps deviating while the victims' traffic is captured
+    victims = [c for c in range(cfg.training.clients) if c != threat.colluder] or [0]
+    capture = capture_victims(prepared, victims, cfg.training.batch_size, first_step=len(prepared.session.losses))
+    utility = eval_loss(prepared.session, prepared.eval_data)
+    return TrainedSplit(prepared, capture, utility, shadow, base)
+
+
+def _observations(threat, spec, base: LoadedModel, cfg, shadow, prepared: Prepared, capture: Capture | None):
+    colluder = threat.colluder
+
+    def base_model():
+        return copy.deepcopy(base.model)
+
+    def colluder_head_tail():
+        c = prepared.session.clients[colluder]
+        return copy.deepcopy((c.head, c.tail))
+
+    return filter_observations(
+        threat,
+        spec=spec,
+        tokenizer=base.tokenizer,
+        max_length=cfg.data.max_length,
+        batches=tuple(capture.batches) if capture else None,
+        frames=tuple(capture.frames) if capture else None,
+        base_model=base_model,
+        shadow=tuple(r.text for r in shadow),
+        colluder_head_tail=colluder_head_tail if colluder is not None else None,
+        colluder_records=tuple(r.text for r in prepared.private[colluder]) if colluder is not None else None,
+    )
+
+
+@dataclass
+class CellResult:
+    threat: str
+    attack: str
+    metrics: LeakageMetrics
+    utility: float
+    cost: Cost
+    reconstruction: Reconstruction
+    references: list[str]
+
+
+def attack_trained(trained: TrainedSplit, threat: ThreatModel, attack: Attack, cfg: ExperimentConfig) -> CellResult:
+    """Run ``attack`` on a trained split's capture and score it against the victims' records."""
+    prepared = trained.prepared
+    obs = _observations(threat, prepared.session.split.spec, trained.base, cfg, trained.shadow, prepared,
+                        trained.capture)
+    recon, cost = timed_reconstruct(attack, obs)
+    cap = trained.capture
+    tok = trained.base.tokenizer
+    references = [tok.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(cap.true_ids, cap.mask,
+                                                                                           strict=True)]
+    pred, hypotheses = recon.token_ids, list(recon.texts)
+    if pred.numel() == 0 and recon.note:  # the attack had nothing to work with (e.g. ciphertext only)
+        pred = torch.full_like(cap.true_ids, -1)
+        hypotheses = [""] * len(references)
+    if pred.shape != cap.true_ids.shape:
+        raise ValueError(f"attack {attack.name} returned token ids of shape {tuple(pred.shape)}, "
+                         f"expected {tuple(cap.true_ids.shape)}")
+    metrics = leakage_metrics(
+        references=references,
+        hypotheses=hypotheses,
+        true_ids=cap.true_ids,
+        pred_ids=pred,
+        mask=cap.mask,
+        pii=[r.pii for r in cap.records],
+    )
+    return CellResult(threat.name, attack.name, metrics, trained.utility, cost, recon, references)
+
+
+def run_cell(cfg: ExperimentConfig, spec: SplitSpec, threat_name: str, attack_name: str,
+             params: dict | None = None, base: LoadedModel | None = None) -> CellResult:
+    """One cell from scratch: refuse it early if the attack needs more than the threat grants."""
+    from suite.models import load_model
+
+    threat = get_threat(threat_name)
+    attack = make_attack(attack_name, threat, params)
+    base = base if base is not None else load_model(cfg.model.name)
+    trained = train_split(cfg, spec, base, threat, attack)
+    return attack_trained(trained, threat, attack, cfg)

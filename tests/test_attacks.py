@@ -1,0 +1,107 @@
+"""Every registered attack, on an undefended tiny split: beats chance under the least-privileged threat that
+grants what it needs, and is refused under a threat that grants less. The list comes from the registry."""
+
+import pytest
+import torch
+
+from suite.attack import ATTACKS, make_attack
+from suite.cell import attack_trained, train_split
+from suite.config import parse_config
+from suite.errors import ConfigError
+from suite.models import tiny_model
+from suite.split import SplitSpec
+from suite.threats import THREATS, Capability, Observations, get_threat
+
+CFG = parse_config({
+    "model": {"name": "tiny-llama"},
+    "data": {"max_length": 16, "private": {"generator": "records", "size": 12, "seed": 1},
+             "shadow": {"generator": "records", "size": 48, "seed": 2}},
+    "training": {"clients": 2, "steps": 4, "batch_size": 4, "lr": 0.005},
+})
+
+
+def _least_privileged(attack_cls):
+    fits = [t for t in THREATS.values() if not t.missing(attack_cls.requires)]
+    return min(fits, key=lambda t: len(t.grants)) if fits else None
+
+
+@pytest.fixture(scope="module")
+def base():
+    return tiny_model("llama", num_layers=4)
+
+
+@pytest.fixture(scope="module")
+def honest(base):
+    """One honest training run per threat's victim set, shared by the passive attacks."""
+    cache = {}
+
+    def get(threat):
+        key = threat.colluder
+        if key not in cache:
+            cache[key] = train_split(CFG, SplitSpec(1, 1), base, threat)
+        return cache[key]
+
+    return get
+
+
+@pytest.mark.parametrize("name", ATTACKS.names())
+def test_attack_beats_chance_on_undefended_split(name, base, honest):
+    cls = ATTACKS.get(name)
+    threat = _least_privileged(cls)
+    assert threat is not None, f"no threat preset grants what {name} needs"
+    attack = make_attack(name, threat)
+    trained = train_split(CFG, SplitSpec(1, 1), base, threat, attack) if cls.active else honest(threat)
+    result = attack_trained(trained, threat, attack, CFG)
+    chance = 1.0 / base.model.config.vocab_size
+    assert result.metrics.token_accuracy > 5 * chance, (name, threat.name, result.metrics)
+    assert len(result.reconstruction.texts) == trained.capture.true_ids.shape[0]
+    assert result.cost.seconds >= 0 and result.cost.peak_rss_mib > 0
+
+
+@pytest.mark.parametrize("name", ATTACKS.names())
+def test_attack_exceeding_its_threat_is_refused(name):
+    cls = ATTACKS.get(name)
+    for threat in THREATS.values():
+        if threat.missing(cls.requires):
+            with pytest.raises(ConfigError, match="does not grant"):
+                make_attack(name, threat)
+
+
+def test_observations_hold_only_what_is_granted(base, honest):
+    threat = get_threat("eavesdropper")
+    trained = honest(threat)
+    from suite.cell import _observations
+
+    obs = _observations(threat, SplitSpec(1, 1), base, CFG, trained.shadow, trained.prepared, trained.capture)
+    assert obs.batches is None and obs.colluder_records is None and obs.frames
+    server = _observations(get_threat("curious_server"), SplitSpec(1, 1), base, CFG, trained.shadow,
+                           trained.prepared, trained.capture)
+    assert server.frames is None and server.batches and server.batches[0].gradient is not None
+    with pytest.raises(ConfigError, match="does not grant"):
+        Observations(threat=threat, spec=SplitSpec(1, 1), tokenizer=None, max_length=8, batches=server.batches)
+
+
+def test_nearest_embedding_recovers_everything_at_k0(base):
+    threat = get_threat("curious_server")
+    attack = make_attack("nearest_embedding", threat)
+    trained = train_split(CFG, SplitSpec(0, 1), base, threat)
+    result = attack_trained(trained, threat, attack, CFG)
+    assert result.metrics.token_accuracy >= 0.99
+
+
+def test_unknown_attack_suggests_a_name():
+    with pytest.raises(ConfigError, match="did you mean 'nearest_embedding'"):
+        make_attack("nearest_embeding", get_threat("curious_server"))
+
+
+def test_unknown_attack_parameter_is_refused():
+    with pytest.raises(ConfigError, match="no parameter 'bogus'"):
+        make_attack("nearest_embedding", get_threat("curious_server"), {"bogus": 1})
+
+
+def test_threat_presets_are_well_formed():
+    assert set(THREATS) == {"curious_server", "malicious_server", "colluding_client", "eavesdropper", "peer_client"}
+    assert Capability.CONTROL_SERVER in THREATS["malicious_server"].grants
+    assert Capability.CONTROL_SERVER not in THREATS["curious_server"].grants
+    assert THREATS["eavesdropper"].grants.isdisjoint({Capability.ACTIVATIONS, Capability.GRADIENTS})
+    assert torch is not None
