@@ -9,7 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from attacks._common import decode_rows, nearest_rows, public_head, stacked, token_embeddings, without_positions
+from attacks._common import (
+    decode_rows,
+    nearest_rows,
+    public_head,
+    stacked,
+    token_embeddings,
+    without_positions,
+)
 from suite.attack import Attack, AttackConfig, Reconstruction, register_attack
 from suite.threats import Capability, Observations
 

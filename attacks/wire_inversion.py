@@ -17,7 +17,7 @@ import torch
 from suite.attack import ATTACKS, Attack, AttackConfig, Reconstruction, register_attack
 from suite.errors import ProtocolError
 from suite.protocol import TO_SERVER, ActivationMsg, decode
-from suite.threats import Capability, ObservedBatch, Observations, ThreatModel
+from suite.threats import Capability, Observations, ObservedBatch, ThreatModel
 from suite.transport import SERVER
 
 
