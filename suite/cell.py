@@ -19,6 +19,7 @@ from reports.metrics import LeakageMetrics, leakage_metrics
 from suite.attack import Attack, Cost, Reconstruction, make_attack, timed_reconstruct
 from suite.config import ExperimentConfig
 from suite.data import Record, load_corpus
+from suite.defense import Defense, make_defense
 from suite.experiment import Prepared, prepare
 from suite.models import LoadedModel
 from suite.parties import Batch
@@ -26,7 +27,7 @@ from suite.protocol import ActivationMsg, GradientMsg
 from suite.split import SplitSpec
 from suite.threats import ObservedBatch, ThreatModel, filter_observations, get_threat
 from suite.training import eval_loss, train
-from suite.transport import Frame, Recorder
+from suite.transport import Frame, InProcessTransport, Recorder
 
 
 @dataclass
@@ -49,6 +50,7 @@ class TrainedSplit:
     utility: float  # held-out loss of client 0's fine-tuned model after training
     shadow: list[Record]
     base: LoadedModel  # pristine public weights (copies are handed to attacks)
+    defense: Defense
 
 
 def capture_victims(prepared: Prepared, victims: list[int], batch_size: int, first_step: int) -> Capture:
@@ -100,11 +102,14 @@ def train_split(
     base: LoadedModel,
     threat: ThreatModel,
     attack: Attack | None = None,
+    defense: Defense | None = None,
 ) -> TrainedSplit:
-    """Train ``spec`` on a fresh copy of ``base`` (with the attack's server policy if it is active), then
-    capture the traffic of every client but the threat's colluder."""
+    """Train ``spec`` on a fresh copy of ``base`` under ``defense`` (with the attack's server policy if it is
+    active), then capture the traffic of every client but the threat's colluder."""
     loaded = dataclasses.replace(base, model=copy.deepcopy(base.model))
-    prepared = prepare(cfg, spec, loaded=loaded)
+    defense = defense if defense is not None else make_defense("none")
+    prepared = prepare(cfg, spec, loaded=loaded, transport=defense.wrap_transport(InProcessTransport()))
+    defense.install(prepared.session)
     shadow = load_corpus(cfg.data.shadow.spec(), avoid=[r for s in prepared.private for r in s])
     if attack is not None and attack.active:
         public = _observations(threat, spec, base, cfg, shadow, prepared, capture=None)
@@ -113,7 +118,7 @@ def train_split(
     victims = [c for c in range(cfg.training.clients) if c != threat.colluder] or [0]
     capture = capture_victims(prepared, victims, cfg.training.batch_size, first_step=len(prepared.session.losses))
     utility = eval_loss(prepared.session, prepared.eval_data)
-    return TrainedSplit(prepared, capture, utility, shadow, base)
+    return TrainedSplit(prepared, capture, utility, shadow, base, defense)
 
 
 def _observations(threat, spec, base: LoadedModel, cfg, shadow, prepared: Prepared, capture: Capture | None):
@@ -144,11 +149,13 @@ def _observations(threat, spec, base: LoadedModel, cfg, shadow, prepared: Prepar
 class CellResult:
     threat: str
     attack: str
+    defense: str
     metrics: LeakageMetrics
     utility: float
     cost: Cost
     reconstruction: Reconstruction
     references: list[str]
+    defense_report: dict
 
 
 def attack_trained(trained: TrainedSplit, threat: ThreatModel, attack: Attack, cfg: ExperimentConfig) -> CellResult:
@@ -176,16 +183,19 @@ def attack_trained(trained: TrainedSplit, threat: ThreatModel, attack: Attack, c
         mask=cap.mask,
         pii=[r.pii for r in cap.records],
     )
-    return CellResult(threat.name, attack.name, metrics, trained.utility, cost, recon, references)
+    return CellResult(threat.name, attack.name, trained.defense.name, metrics, trained.utility, cost, recon,
+                      references, trained.defense.report())
 
 
 def run_cell(cfg: ExperimentConfig, spec: SplitSpec, threat_name: str, attack_name: str,
-             params: dict | None = None, base: LoadedModel | None = None) -> CellResult:
+             params: dict | None = None, base: LoadedModel | None = None, defense_name: str = "none",
+             defense_params: dict | None = None) -> CellResult:
     """One cell from scratch: refuse it early if the attack needs more than the threat grants."""
     from suite.models import load_model
 
     threat = get_threat(threat_name)
     attack = make_attack(attack_name, threat, params)
+    defense = make_defense(defense_name, defense_params)
     base = base if base is not None else load_model(cfg.model.name)
-    trained = train_split(cfg, spec, base, threat, attack)
+    trained = train_split(cfg, spec, base, threat, attack, defense)
     return attack_trained(trained, threat, attack, cfg)

@@ -119,10 +119,11 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
     cfg = _config_from_args(args)
     spec = SplitSpec(cfg.training.head_blocks, cfg.training.tail_blocks)
-    result = run_cell(cfg, spec, args.threat, args.attack, _params(args.param))
+    result = run_cell(cfg, spec, args.threat, args.attack, _params(args.param),
+                      defense_name=args.defense, defense_params=_params(args.defense_param))
     m = result.metrics
     print(f"cell: model={cfg.model.name} k={spec.head_blocks} m={spec.tail_blocks} threat={args.threat} "
-          f"attack={args.attack} defense=none")
+          f"attack={args.attack} defense={args.defense} {result.defense_report or ''}")
     if result.reconstruction.note:
         print(f"note: {result.reconstruction.note}")
     pii = "n/a" if m.pii_recovery is None else f"{m.pii_recovery:.3f}"
@@ -163,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "colluding_client, eavesdropper, peer_client")
     p.add_argument("--attack", required=True, help="attack name (see README), e.g. nearest_embedding")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="attack parameter")
+    p.add_argument("--defense", default="none", help="defense name, e.g. none, encryption")
+    p.add_argument("--defense-param", action="append", default=[], metavar="KEY=VALUE", help="defense parameter")
     p.add_argument("--samples", type=int, default=3, help="original/reconstructed pairs to print")
     p.set_defaults(func=cmd_attack)
 

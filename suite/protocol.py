@@ -86,6 +86,20 @@ def encode(msg: Message) -> bytes:
     return _PREFIX.pack(MAGIC, VERSION, len(header)) + header + st_save(tensors)
 
 
+def peek(data: bytes) -> tuple[str, dict]:
+    """The kind and metadata of an encoded message, without reading its tensors (for channel headers)."""
+    if len(data) < _PREFIX.size:
+        raise ProtocolError(f"message too short ({len(data)} bytes): not a splitleak message")
+    magic, version, header_len = _PREFIX.unpack_from(data)
+    if magic != MAGIC or version != VERSION:
+        raise ProtocolError("not a splitleak message of this version")
+    try:
+        header = json.loads(data[_PREFIX.size : _PREFIX.size + header_len])
+        return str(header["kind"]), dict(header["meta"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ProtocolError(f"malformed splitleak message header: {exc}") from None
+
+
 def decode(data: bytes) -> Message:
     """Parse bytes produced by :func:`encode`; anything else raises ``ProtocolError``."""
     if len(data) < _PREFIX.size:

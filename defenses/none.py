@@ -1,0 +1,8 @@
+"""The undefended baseline: plaintext channel, nothing added. Every other defense is compared to it."""
+
+from suite.defense import Defense, register_defense
+
+
+@register_defense("none")
+class NoDefense(Defense):
+    pass

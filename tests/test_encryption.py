@@ -1,0 +1,178 @@
+"""The secure channel: transparent to training, opaque to the wire, and it rejects every forged frame."""
+
+import random
+
+import pytest
+import torch
+
+from defenses.encryption import EncryptedTransport, EncryptionConfig, IntegrityError
+from suite.cell import attack_trained, train_split
+from suite.config import parse_config
+from suite.defense import make_defense
+from suite.errors import ConfigError, ProtocolError
+from suite.models import tiny_model
+from suite.protocol import TO_SERVER, ActivationMsg, decode, encode
+from suite.split import SplitSpec
+from suite.threats import get_threat
+from suite.transport import SERVER, InProcessTransport, Recorder
+
+CFG = parse_config({
+    "model": {"name": "tiny-llama"},
+    "data": {"max_length": 12, "private": {"generator": "records", "size": 8, "seed": 1},
+             "shadow": {"generator": "records", "size": 16, "seed": 2}},
+    "training": {"clients": 2, "steps": 3, "batch_size": 2},
+})
+
+
+def _msg(step: int, client: int = 0) -> bytes:
+    hidden = torch.randn(1, 4, 8)
+    return encode(ActivationMsg(client, step, TO_SERVER, hidden, torch.ones(1, 4, dtype=torch.long),
+                                torch.arange(4).unsqueeze(0)))
+
+
+@pytest.mark.parametrize("mode", ["x25519", "rsa"])
+def test_messages_survive_the_channel_and_the_wire_sees_ciphertext(mode):
+    inner = InProcessTransport()
+    rec = Recorder()
+    inner.add_tap(rec)
+    channel = EncryptedTransport(inner, EncryptionConfig(mode=mode))
+    for step in range(3):
+        data = _msg(step)
+        channel.send("client/0", SERVER, data)
+        assert channel.recv(SERVER, "client/0") == data
+        reply = _msg(step)
+        channel.send(SERVER, "client/0", reply)
+        assert channel.recv("client/0", SERVER) == reply
+    assert rec.frames and all(f.data[:4] == b"SPLE" for f in rec.frames)
+    for frame in rec.frames:
+        with pytest.raises(ProtocolError):
+            decode(frame.data)
+
+
+def _armed():
+    """A channel with one frame sent (not yet received), plus a frame of client 1 and of another session."""
+    inner = InProcessTransport()
+    channel = EncryptedTransport(inner, EncryptionConfig())
+    channel.send("client/0", SERVER, _msg(0))
+    channel.recv(SERVER, "client/0")  # handshake + first frame accepted
+    channel.send("client/0", SERVER, _msg(1))
+    good = inner._queues[("client/0", SERVER)].pop()
+    channel.send("client/1", SERVER, _msg(1, client=1))
+    inner._queues[("client/1", SERVER)].clear()
+    rec = Recorder()
+    inner.add_tap(rec)
+    channel.send("client/1", SERVER, _msg(2, client=1))
+    other_client = rec.frames[-1].data
+    inner._queues[("client/1", SERVER)].clear()
+    stranger = EncryptedTransport(InProcessTransport(), EncryptionConfig())
+    stranger_rec = Recorder()
+    stranger.add_tap(stranger_rec)
+    stranger.send("client/0", SERVER, _msg(0))
+    stranger.send("client/0", SERVER, _msg(1))
+    return channel, inner, good, other_client, stranger_rec.frames[-1].data
+
+
+def test_ten_thousand_forged_frames_are_all_rejected():
+    channel, inner, good, other_client, other_session = _armed()
+    rng = random.Random(0)
+    first = None
+    forged = []
+    for i in range(10_000):
+        kind = i % 5
+        data = bytearray(good)
+        if kind == 0:  # flip bits anywhere
+            for _ in range(rng.randint(1, 3)):
+                data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+        elif kind == 1:  # truncate or extend
+            data = data[: rng.randrange(len(data))] if rng.random() < 0.7 else data + bytes([rng.randrange(256)])
+        elif kind == 2:  # another client's frame (right key for that client, wrong channel)
+            data = bytearray(other_client)
+            if rng.random() < 0.5:  # and relabel its header as client 0's
+                data = bytearray(bytes(data).replace(b'"src":"client/1"', b'"src":"client/0"'))
+        elif kind == 3:  # a frame of another session (wrong key)
+            data = bytearray(other_session)
+        else:  # splice: good header with another frame's body
+            cut = len(good) // 2
+            data = bytearray(good[:cut] + other_client[cut:])
+        if bytes(data) == good:
+            continue
+        forged.append(bytes(data))
+    for data in forged:
+        inner._queues[("client/0", SERVER)].append(data)
+        with pytest.raises(IntegrityError) as err:
+            channel.recv(SERVER, "client/0")
+        first = first or str(err.value)
+        assert "\n" not in str(err.value)
+    assert len(forged) >= 9_990 and channel.rejected == len(forged)
+    # The channel state was not disturbed: the genuine frame is still accepted, exactly once.
+    inner._queues[("client/0", SERVER)].append(good)
+    assert decode(channel.recv(SERVER, "client/0")).step == 1
+    inner._queues[("client/0", SERVER)].append(good)
+    with pytest.raises(IntegrityError, match="replayed"):
+        channel.recv(SERVER, "client/0")
+
+
+def test_reordered_frames_are_rejected():
+    inner = InProcessTransport()
+    channel = EncryptedTransport(inner, EncryptionConfig())
+    for step in range(3):
+        channel.send("client/0", SERVER, _msg(step))
+    q = inner._queues[("client/0", SERVER)]
+    handshake, f0, f1, f2 = list(q)
+    q.clear()
+    q.extend([handshake, f1])
+    with pytest.raises(IntegrityError, match="expected 0"):
+        channel.recv(SERVER, "client/0")
+    q.extend([f0, f2])
+    assert decode(channel.recv(SERVER, "client/0")).step == 0
+    with pytest.raises(IntegrityError, match="expected 1"):
+        channel.recv(SERVER, "client/0")
+
+
+def test_one_client_cannot_read_another_clients_traffic():
+    from cryptography.exceptions import InvalidTag
+
+    from defenses.encryption import _unframe
+
+    channel, _, _, other_client, _ = _armed()
+    header, aad, body = _unframe(other_client)
+    nonce = header["seq"].to_bytes(12, "big")
+    theirs = channel._client_side["client/1"].keys["to_server"]
+    assert decode(theirs.decrypt(nonce, body, aad)).client_id == 1  # the right key opens it
+    mine = channel._client_side["client/0"].keys["to_server"]
+    with pytest.raises(InvalidTag):
+        mine.decrypt(nonce, body, aad)  # client 0's key, with every header field right, does not
+
+
+def test_plaintext_is_rejected_by_an_encrypted_receiver():
+    inner = InProcessTransport()
+    channel = EncryptedTransport(inner, EncryptionConfig())
+    channel.send("client/0", SERVER, _msg(0))
+    channel.recv(SERVER, "client/0")
+    inner.send("client/0", SERVER, _msg(1))  # a downgrade: the same message, unencrypted
+    with pytest.raises(IntegrityError, match="not an encrypted"):
+        channel.recv(SERVER, "client/0")
+
+
+def test_encryption_is_transparent_to_training_and_blinds_the_eavesdropper():
+    base = tiny_model("llama")
+    threat = get_threat("eavesdropper")
+    attack_plain = train_split(CFG, SplitSpec(1, 1), base, threat)
+    attack_enc = train_split(CFG, SplitSpec(1, 1), base, threat, defense=make_defense("encryption"))
+    plain_losses = attack_plain.prepared.session.losses
+    assert attack_enc.prepared.session.losses == plain_losses  # bit-identical training
+    from suite.attack import make_attack
+
+    wire = make_attack("wire_inversion", threat)
+    leaked = attack_trained(attack_plain, threat, wire, CFG).metrics
+    blind = attack_trained(attack_enc, threat, wire, CFG)
+    assert leaked.token_accuracy > 0.5
+    assert blind.metrics.token_accuracy == 0.0 and blind.metrics.bleu4 == 0.0
+    assert "ciphertext" in blind.reconstruction.note
+
+
+def test_bad_encryption_parameters():
+    with pytest.raises(ConfigError, match="mode"):
+        make_defense("encryption", {"mode": "rot13"})
+    with pytest.raises(ConfigError, match="no parameter"):
+        make_defense("encryption", {"cipher": "aes"})
