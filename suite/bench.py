@@ -1,6 +1,6 @@
 """`splitleak bench`: costs measured side by side in one run, printed as ratios and one JSON line.
 
-1. Step time, split vs centralised: the same model, the same batch, the same LoRA adapters (rank, targets:
+1. Step time, split (plaintext and with the encryption defense) vs centralised: the same model, the same batch, the same LoRA adapters (rank, targets:
    every block's linear layers), the same optimiser. The centralised step is one forward/backward/step on
    the unsplit model; the split step is one client's two round trips through the byte-level transport
    (serialisation included). Measured interleaved (A, B, A, B, …) after a warm-up; medians are compared.
@@ -22,6 +22,7 @@ import time
 import torch
 from peft import inject_adapter_in_model
 
+from suite.defense import make_defense
 from suite.models import load_model
 from suite.parties import Batch, causal_lm_loss
 from suite.split import SplitSpec, family_of, split_model
@@ -67,7 +68,11 @@ def step_times(model_name: str, batch_size: int, max_length: int, reps: int, spe
     opt = torch.optim.AdamW([p for p in central.parameters() if p.requires_grad], lr=ft.lr)
 
     data = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "labels": batch.labels}
-    session = build_session(loaded.model, spec, [data], TrainConfig(clients=1, batch_size=batch_size, finetune=ft))
+    train_cfg = TrainConfig(clients=1, batch_size=batch_size, finetune=ft)
+    encrypted_model = copy.deepcopy(loaded.model)
+    session = build_session(loaded.model, spec, [data], train_cfg)
+    channel = make_defense("encryption").wrap_transport(InProcessTransport())
+    encrypted = build_session(encrypted_model, spec, [data], train_cfg, transport=channel)
     split_params = sum(p.numel() for m in (session.clients[0].head, session.clients[0].tail, session.server.trunk)
                        for p in m.parameters() if p.requires_grad)
     central_params = sum(p.numel() for p in central.parameters() if p.requires_grad)
@@ -75,16 +80,20 @@ def step_times(model_name: str, batch_size: int, max_length: int, reps: int, spe
     for i in range(2):  # warm-up
         _centralised_step(central, opt, batch)
         _split_step(session, batch, i)
-    central_t, split_t = [], []
+        _split_step(encrypted, batch, i)
+    central_t, split_t, enc_t = [], [], []
     for i in range(reps):
         t0 = time.perf_counter()
         _centralised_step(central, opt, batch)
         t1 = time.perf_counter()
         _split_step(session, batch, 2 + i)
         t2 = time.perf_counter()
+        _split_step(encrypted, batch, 2 + i)
+        t3 = time.perf_counter()
         central_t.append(t1 - t0)
         split_t.append(t2 - t1)
-    c, s = statistics.median(central_t), statistics.median(split_t)
+        enc_t.append(t3 - t2)
+    c, s, e = statistics.median(central_t), statistics.median(split_t), statistics.median(enc_t)
     return {
         "model": model_name,
         "revision": loaded.revision,
@@ -97,6 +106,8 @@ def step_times(model_name: str, batch_size: int, max_length: int, reps: int, spe
         "centralised_s_per_step": c,
         "split_s_per_step": s,
         "split_over_centralised": s / c,
+        "split_encrypted_s_per_step": e,
+        "split_encrypted_over_centralised": e / c,
         "bytes_per_split_step": session.transport.bytes_sent // (reps + 2),
     }
 
@@ -151,6 +162,8 @@ def run_bench(*, model: str, batch_size: int, max_length: int, reps: int, head_b
     print(f"step time  centralised {result['centralised_s_per_step']*1e3:8.1f} ms   "
           f"split {result['split_s_per_step']*1e3:8.1f} ms   "
           f"split/centralised = {result['split_over_centralised']:.3f}  (target <= 1.05)")
+    print(f"           split + encryption {result['split_encrypted_s_per_step']*1e3:8.1f} ms   "
+          f"encrypted/centralised = {result['split_encrypted_over_centralised']:.3f}  (target <= 1.05)")
     if memory:
         one = peak_memory(model, 1, batch_size, max_length)
         eight = peak_memory(model, 8, batch_size, max_length)

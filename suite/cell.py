@@ -27,18 +27,33 @@ from suite.protocol import ActivationMsg, GradientMsg
 from suite.split import SplitSpec
 from suite.threats import ObservedBatch, ThreatModel, filter_observations, get_threat
 from suite.training import eval_loss, train
-from suite.transport import Frame, InProcessTransport, Recorder
+from suite.transport import Frame, InProcessTransport, Recorder, client_endpoint
 
 
 @dataclass
 class Capture:
-    """The victims' traffic during one capture pass, and the ground truth aligned with it."""
+    """Every client's traffic during one capture pass, and the ground truth aligned with it."""
 
     batches: list[ObservedBatch]  # as the server saw them (decrypted), in order
     frames: list[Frame]  # the bytes on the wire, in order
-    true_ids: torch.Tensor  # [N, T] the victims' token ids, rows in the order of ``batches``
+    true_ids: torch.Tensor  # [N, T] token ids, rows in the order of ``batches``
     mask: torch.Tensor  # [N, T]
-    records: list[Record]  # the victims' records, same order
+    records: list[Record]  # the records behind the rows, same order
+    row_client: list[int]  # the client each row belongs to
+
+    def of(self, victims: list[int]) -> Capture:
+        """Only the victims' traffic and truth: what a threat whose colluder is not a victim observes."""
+        keep = set(victims)
+        rows = [i for i, c in enumerate(self.row_client) if c in keep]
+        ends = {client_endpoint(v) for v in keep}
+        return Capture(
+            [b for b in self.batches if b.client_id in keep],
+            [f for f in self.frames if f.src in ends or f.dst in ends],
+            self.true_ids[rows],
+            self.mask[rows],
+            [self.records[i] for i in rows],
+            [self.row_client[i] for i in rows],
+        )
 
 
 @dataclass
@@ -53,9 +68,10 @@ class TrainedSplit:
     defense: Defense
 
 
-def capture_victims(prepared: Prepared, victims: list[int], batch_size: int, first_step: int) -> Capture:
-    """Each victim sends its whole shard once more through the protocol (a real training step, batches in
-    order) while a tap on the wire and a tap on the server's inbox record what crosses the split."""
+def capture_traffic(prepared: Prepared, batch_size: int, first_step: int) -> Capture:
+    """Each client sends its whole shard once more through the protocol (a real training step, batches in
+    order) while a tap on the wire and a tap on the server's inbox record what crosses the split. Every
+    client is captured, so which clients are victims is decided per threat without retraining."""
     session = prepared.session
     server = session.server
     recorder = Recorder()
@@ -70,10 +86,10 @@ def capture_victims(prepared: Prepared, victims: list[int], batch_size: int, fir
             entry["gradient"] = msg.grad
 
     server.inbox_taps.append(keep)
-    ids, masks, records, order = [], [], [], []
+    ids, masks, records, order, row_client = [], [], [], [], []
     step = first_step
     try:
-        for v in victims:
+        for v in range(len(session.clients)):
             client = session.clients[v]
             data = client.batches.data  # the victim's tokenised shard, in order
             for lo in range(0, data["input_ids"].shape[0], batch_size):
@@ -86,6 +102,7 @@ def capture_victims(prepared: Prepared, victims: list[int], batch_size: int, fir
                 ids.append(batch.input_ids)
                 masks.append(batch.attention_mask)
                 order.append((v, step))
+                row_client += [v] * batch.input_ids.shape[0]
                 step += 1
             records += prepared.private[v]
     finally:
@@ -93,30 +110,31 @@ def capture_victims(prepared: Prepared, victims: list[int], batch_size: int, fir
         session.transport.remove_tap(recorder)
     batches = [ObservedBatch(c, s, inbox[(c, s)]["hidden"], inbox[(c, s)]["mask"], inbox[(c, s)].get("gradient"))
                for c, s in order]
-    return Capture(batches, recorder.frames, torch.cat(ids), torch.cat(masks), records)
+    return Capture(batches, recorder.frames, torch.cat(ids), torch.cat(masks), records, row_client)
 
 
 def train_split(
     cfg: ExperimentConfig,
     spec: SplitSpec,
     base: LoadedModel,
-    threat: ThreatModel,
+    threat: ThreatModel | None = None,
     attack: Attack | None = None,
     defense: Defense | None = None,
 ) -> TrainedSplit:
     """Train ``spec`` on a fresh copy of ``base`` under ``defense`` (with the attack's server policy if it is
-    active), then capture the traffic of every client but the threat's colluder."""
+    active; ``threat`` is what it may know while training), then capture every client's traffic."""
     loaded = dataclasses.replace(base, model=copy.deepcopy(base.model))
     defense = defense if defense is not None else make_defense("none")
     prepared = prepare(cfg, spec, loaded=loaded, transport=defense.wrap_transport(InProcessTransport()))
     defense.install(prepared.session)
     shadow = load_corpus(cfg.data.shadow.spec(), avoid=[r for s in prepared.private for r in s])
     if attack is not None and attack.active:
+        if threat is None:
+            raise ValueError("an active attack needs the threat it runs under")
         public = _observations(threat, spec, base, cfg, shadow, prepared, capture=None)
         prepared.session.server.policy = attack.server_policy(public)
-    train(prepared.session)  # a deviating server keeps deviating while the victims' traffic is captured
-    victims = [c for c in range(cfg.training.clients) if c != threat.colluder] or [0]
-    capture = capture_victims(prepared, victims, cfg.training.batch_size, first_step=len(prepared.session.losses))
+    train(prepared.session)  # a deviating server keeps deviating while the traffic is captured
+    capture = capture_traffic(prepared, cfg.training.batch_size, first_step=len(prepared.session.losses))
     utility = eval_loss(prepared.session, prepared.eval_data)
     return TrainedSplit(prepared, capture, utility, shadow, base, defense)
 
@@ -161,10 +179,10 @@ class CellResult:
 def attack_trained(trained: TrainedSplit, threat: ThreatModel, attack: Attack, cfg: ExperimentConfig) -> CellResult:
     """Run ``attack`` on a trained split's capture and score it against the victims' records."""
     prepared = trained.prepared
-    obs = _observations(threat, prepared.session.split.spec, trained.base, cfg, trained.shadow, prepared,
-                        trained.capture)
+    victims = [c for c in range(cfg.training.clients) if c != threat.colluder] or [0]
+    cap = trained.capture.of(victims)
+    obs = _observations(threat, prepared.session.split.spec, trained.base, cfg, trained.shadow, prepared, cap)
     recon, cost = timed_reconstruct(attack, obs)
-    cap = trained.capture
     tok = trained.base.tokenizer
     references = [tok.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(cap.true_ids, cap.mask,
                                                                                            strict=True)]
@@ -197,5 +215,5 @@ def run_cell(cfg: ExperimentConfig, spec: SplitSpec, threat_name: str, attack_na
     attack = make_attack(attack_name, threat, params)
     defense = make_defense(defense_name, defense_params)
     base = base if base is not None else load_model(cfg.model.name)
-    trained = train_split(cfg, spec, base, threat, attack, defense)
+    trained = train_split(cfg, spec, base, threat, attack if attack.active else None, defense)
     return attack_trained(trained, threat, attack, cfg)

@@ -2,7 +2,6 @@
 grants what it needs, and is refused under a threat that grants less. The list comes from the registry."""
 
 import pytest
-import torch
 
 from suite.attack import ATTACKS, make_attack
 from suite.cell import attack_trained, train_split
@@ -32,16 +31,8 @@ def base():
 
 @pytest.fixture(scope="module")
 def honest(base):
-    """One honest training run per threat's victim set, shared by the passive attacks."""
-    cache = {}
-
-    def get(threat):
-        key = threat.colluder
-        if key not in cache:
-            cache[key] = train_split(CFG, SplitSpec(1, 1), base, threat)
-        return cache[key]
-
-    return get
+    """One honest training run (every client captured), shared by the passive attacks of every threat."""
+    return train_split(CFG, SplitSpec(1, 1), base)
 
 
 @pytest.mark.parametrize("name", ATTACKS.names())
@@ -50,11 +41,12 @@ def test_attack_beats_chance_on_undefended_split(name, base, honest):
     threat = _least_privileged(cls)
     assert threat is not None, f"no threat preset grants what {name} needs"
     attack = make_attack(name, threat)
-    trained = train_split(CFG, SplitSpec(1, 1), base, threat, attack) if cls.active else honest(threat)
+    trained = train_split(CFG, SplitSpec(1, 1), base, threat, attack) if cls.active else honest
     result = attack_trained(trained, threat, attack, CFG)
     chance = 1.0 / base.model.config.vocab_size
     assert result.metrics.token_accuracy > 5 * chance, (name, threat.name, result.metrics)
-    assert len(result.reconstruction.texts) == trained.capture.true_ids.shape[0]
+    victims = trained.capture.of([c for c in range(2) if c != threat.colluder])
+    assert len(result.reconstruction.texts) == len(result.references) == victims.true_ids.shape[0]
     assert result.cost.seconds >= 0 and result.cost.peak_rss_mib > 0
 
 
@@ -69,7 +61,7 @@ def test_attack_exceeding_its_threat_is_refused(name):
 
 def test_observations_hold_only_what_is_granted(base, honest):
     threat = get_threat("eavesdropper")
-    trained = honest(threat)
+    trained = honest
     from suite.cell import _observations
 
     obs = _observations(threat, SplitSpec(1, 1), base, CFG, trained.shadow, trained.prepared, trained.capture)
@@ -84,7 +76,7 @@ def test_observations_hold_only_what_is_granted(base, honest):
 def test_nearest_embedding_recovers_everything_at_k0(base):
     threat = get_threat("curious_server")
     attack = make_attack("nearest_embedding", threat)
-    trained = train_split(CFG, SplitSpec(0, 1), base, threat)
+    trained = train_split(CFG, SplitSpec(0, 1), base)
     result = attack_trained(trained, threat, attack, CFG)
     assert result.metrics.token_accuracy >= 0.99
 
@@ -104,4 +96,11 @@ def test_threat_presets_are_well_formed():
     assert Capability.CONTROL_SERVER in THREATS["malicious_server"].grants
     assert Capability.CONTROL_SERVER not in THREATS["curious_server"].grants
     assert THREATS["eavesdropper"].grants.isdisjoint({Capability.ACTIVATIONS, Capability.GRADIENTS})
-    assert torch is not None
+
+
+def test_colluding_client_victims_exclude_the_colluder(base, honest):
+    threat = get_threat("colluding_client")
+    result = attack_trained(honest, threat, make_attack("nearest_embedding", threat), CFG)
+    victim_rows = honest.capture.of([1])
+    assert result.references == [honest.base.tokenizer.decode(r[m.bool()], skip_special_tokens=True)
+                                 for r, m in zip(victim_rows.true_ids, victim_rows.mask, strict=True)]

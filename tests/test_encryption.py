@@ -157,8 +157,8 @@ def test_plaintext_is_rejected_by_an_encrypted_receiver():
 def test_encryption_is_transparent_to_training_and_blinds_the_eavesdropper():
     base = tiny_model("llama")
     threat = get_threat("eavesdropper")
-    attack_plain = train_split(CFG, SplitSpec(1, 1), base, threat)
-    attack_enc = train_split(CFG, SplitSpec(1, 1), base, threat, defense=make_defense("encryption"))
+    attack_plain = train_split(CFG, SplitSpec(1, 1), base)
+    attack_enc = train_split(CFG, SplitSpec(1, 1), base, defense=make_defense("encryption"))
     plain_losses = attack_plain.prepared.session.losses
     assert attack_enc.prepared.session.losses == plain_losses  # bit-identical training
     from suite.attack import make_attack
