@@ -174,6 +174,7 @@ class CellResult:
     reconstruction: Reconstruction
     references: list[str]
     defense_report: dict
+    records: list[Record]  # the victims' records behind ``references`` (ground truth, for reports)
 
 
 def attack_trained(trained: TrainedSplit, threat: ThreatModel, attack: Attack, cfg: ExperimentConfig) -> CellResult:
@@ -202,7 +203,7 @@ def attack_trained(trained: TrainedSplit, threat: ThreatModel, attack: Attack, c
         pii=[r.pii for r in cap.records],
     )
     return CellResult(threat.name, attack.name, trained.defense.name, metrics, trained.utility, cost, recon,
-                      references, trained.defense.report())
+                      references, trained.defense.report(), cap.records)
 
 
 def run_cell(cfg: ExperimentConfig, spec: SplitSpec, threat_name: str, attack_name: str,

@@ -136,6 +136,39 @@ def cmd_attack(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from suite.config import load_config
+    from suite.matrix import expand, run_matrix
+
+    cfg = load_config(args.config)
+    cells, skipped = expand(cfg)  # validate before loading anything
+    for cell, reason in skipped:
+        print(f"left out: {cell.label()}: {reason}", file=sys.stderr)
+    bar = tqdm(total=len(cells), desc="cells", unit="cell", file=sys.stderr, dynamic_ncols=True)
+
+    def progress(done: int, total: int, current: str) -> None:
+        bar.n = done
+        bar.set_postfix_str(current)
+        bar.refresh()
+
+    summary = run_matrix(cfg, args.out, workers=args.workers, on_progress=progress)
+    bar.close()
+    print(f"{summary['cells']} cells ({summary['ran']} run now, {summary['cells'] - summary['ran']} already done, "
+          f"{len(summary['skipped'])} left out) in {summary['groups']} training runs -> {args.out}/results.sqlite")
+    return 0
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    from suite.matrix import summary_table
+    from suite.store import open_store
+
+    with open_store(args.dir, must_exist=True) as store:
+        print(summary_table(store.rows()))
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from suite.bench import run_bench
 
@@ -168,6 +201,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--defense-param", action="append", default=[], metavar="KEY=VALUE", help="defense parameter")
     p.add_argument("--samples", type=int, default=3, help="original/reconstructed pairs to print")
     p.set_defaults(func=cmd_attack)
+
+    p = sub.add_parser("run", help="run a threat-model matrix (the embedded default without CONFIG); resumes",
+                       epilog=EPILOG)
+    p.add_argument("config", nargs="?", help="TOML experiment config (see README)")
+    p.add_argument("--out", required=True, metavar="DIR", help="results directory (results.sqlite)")
+    p.add_argument("--workers", type=int, default=1, help="parallel worker processes (one training run each)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("results", help="print the results table of a run directory", epilog=EPILOG)
+    p.add_argument("dir", metavar="DIR")
+    p.set_defaults(func=cmd_results)
 
     p = sub.add_parser(
         "bench",

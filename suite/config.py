@@ -80,16 +80,16 @@ class MatrixSection(_Section):
     splits: list[int] = [0, 1, 2]
     tail_blocks: int = Field(default=1, ge=0)
     threats: list[str] = ["curious_server", "colluding_client", "malicious_server", "eavesdropper", "peer_client"]
-    attacks: list[str] = ["nearest_embedding", "learned_inversion", "fsha"]
+    attacks: list[str | dict[str, Any]] = ["nearest_embedding", "wire_inversion"]
     defenses: list[str | dict[str, Any]] = ["none", "encryption"]
 
     @model_validator(mode="after")
     def _check(self) -> MatrixSection:
         if any(k < 0 for k in self.splits):
             raise ValueError("splits are client head block counts and must be >= 0")
-        for d in self.defenses:
+        for d in [*self.attacks, *self.defenses]:
             if isinstance(d, dict) and not isinstance(d.get("name"), str):
-                raise ValueError("a defense given as a table needs a 'name'")
+                raise ValueError("an attack or defense given as a table needs a 'name'")
         return self
 
 

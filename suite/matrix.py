@@ -1,0 +1,264 @@
+"""The threat-model matrix: model × split × threat × attack × defense, expanded into cells and run.
+
+Cells whose attack needs more than the threat grants are left out (and listed). Each distinct training
+setup — split, defense, and, for an active attack, the deviating server — is trained once; every passive
+cell on it reuses the same capture. Each cell is written to the results store the moment it finishes, under
+a key that hashes its config, the model revision and the seed, so a killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from suite.attack import ATTACKS, make_attack
+from suite.config import ExperimentConfig
+from suite.defense import make_defense
+from suite.errors import ConfigError
+from suite.split import SplitSpec
+from suite.store import METRICS, ResultsStore
+from suite.threats import THREATS, get_threat
+
+
+def _named(entry: str | dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    if isinstance(entry, str):
+        return entry, {}
+    params = {k: v for k, v in entry.items() if k != "name"}
+    return entry["name"], params
+
+
+@dataclass(frozen=True)
+class Cell:
+    head_blocks: int
+    tail_blocks: int
+    threat: str
+    attack: str
+    attack_params: str  # canonical JSON (hashable)
+    defense: str
+    defense_params: str
+
+    @property
+    def spec(self) -> SplitSpec:
+        return SplitSpec(self.head_blocks, self.tail_blocks)
+
+    def label(self) -> str:
+        d = self.defense if self.defense_params == "{}" else f"{self.defense}{self.defense_params}"
+        return f"k={self.head_blocks} {self.threat}/{self.attack}/{d}"
+
+    def training_group(self) -> tuple:
+        """Cells with the same group share one training run and one capture."""
+        active = ATTACKS.get(self.attack).active
+        return (self.head_blocks, self.tail_blocks, self.defense, self.defense_params,
+                (self.threat, self.attack, self.attack_params) if active else None)
+
+
+def _canon(params: dict[str, Any]) -> str:
+    return json.dumps(params, sort_keys=True, separators=(",", ":"))
+
+
+def validate_matrix(cfg: ExperimentConfig) -> None:
+    """Every name and parameter in [matrix] exists; errors name the entry."""
+    m = cfg.matrix
+    for i, t in enumerate(m.threats):
+        if t not in THREATS:
+            raise ConfigError(f"matrix.threats[{i}]: unknown threat {t!r}; presets are: {', '.join(THREATS)}")
+    for i, entry in enumerate(m.attacks):
+        name, params = _named(entry)
+        try:
+            cls = ATTACKS.get(name)
+            fits = [t for t in THREATS.values() if not t.missing(cls.requires)]
+            make_attack(name, fits[0] if fits else next(iter(THREATS.values())), params)
+        except ConfigError as err:
+            raise ConfigError(f"matrix.attacks[{i}]: {err}") from None
+    for i, entry in enumerate(m.defenses):
+        name, params = _named(entry)
+        try:
+            make_defense(name, params)
+        except ConfigError as err:
+            raise ConfigError(f"matrix.defenses[{i}]: {err}") from None
+    for k in m.splits:
+        if k + m.tail_blocks < 0:
+            raise ConfigError(f"matrix.splits: {k} is not a valid head block count")
+
+
+def expand(cfg: ExperimentConfig) -> tuple[list[Cell], list[tuple[Cell, str]]]:
+    """All cells of the matrix, and the left-out cells with the reason each is left out."""
+    validate_matrix(cfg)
+    m = cfg.matrix
+    cells, skipped = [], []
+    for k in m.splits:
+        for threat_name in m.threats:
+            threat = get_threat(threat_name)
+            for attack_entry in m.attacks:
+                attack, aparams = _named(attack_entry)
+                missing = threat.missing(ATTACKS.get(attack).requires)
+                for defense_entry in m.defenses:
+                    defense, dparams = _named(defense_entry)
+                    cell = Cell(k, m.tail_blocks, threat_name, attack, _canon(aparams), defense, _canon(dparams))
+                    if missing:
+                        reason = f"{attack} needs {', '.join(sorted(c.value for c in missing))}; {threat_name} does not grant it"
+                        skipped.append((cell, reason))
+                    else:
+                        cells.append(cell)
+    return cells, skipped
+
+
+def cell_key(cell: Cell, cfg: ExperimentConfig, revision: str) -> str:
+    """Hash of everything that determines the cell's result: its own axes, the model revision, the data,
+    the training setup and the seed."""
+    payload = {
+        "cell": cell.__dict__,
+        "model": cfg.model.name,
+        "revision": revision,
+        "data": cfg.data.model_dump(),
+        "training": cfg.training.model_dump(exclude={"head_blocks", "tail_blocks"}),
+    }
+    return hashlib.sha256(_canon(payload).encode()).hexdigest()[:24]
+
+
+def versions() -> dict[str, str]:
+    out = {"python": sys.version.split()[0]}
+    for pkg in ("splitleak", "torch", "transformers", "peft", "cryptography", "nltk", "rouge-score", "opacus"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def _row(cell: Cell, key: str, cfg: ExperimentConfig, revision: str) -> dict[str, Any]:
+    return {
+        "key": key, "model": cfg.model.name, "revision": revision, "head_blocks": cell.head_blocks,
+        "tail_blocks": cell.tail_blocks, "strategy": cfg.training.strategy, "threat": cell.threat,
+        "attack": cell.attack, "attack_params": json.loads(cell.attack_params), "defense": cell.defense,
+        "defense_params": json.loads(cell.defense_params), "seed": cfg.training.seed,
+        "config": cfg.model_dump(), "versions": versions(),
+    }
+
+
+def _samples(result, n: int = 5) -> list[dict[str, Any]]:
+    from reports.metrics import pii_hits
+
+    out = []
+    cap_records = result.records
+    for ref, hyp, rec in list(zip(result.references, result.reconstruction.texts or [""] * len(result.references),
+                                  cap_records, strict=False))[:n]:
+        hits = pii_hits(rec.pii, hyp) if rec.pii else {}
+        out.append({"reference": ref, "reconstruction": hyp,
+                    "pii": {f: [v, bool(hits.get(f))] for f, v in rec.pii.items()}})
+    return out
+
+
+def run_group(cfg: ExperimentConfig, cells: list[Cell], keys: list[str], out: str, base=None) -> list[str]:
+    """Train one group's setup once and run its cells, writing each row as soon as it exists. Returns the
+    labels of the cells written (ok or failed). Runs in a worker process when ``--workers`` > 1."""
+    from suite.cell import attack_trained, train_split
+    from suite.models import load_model
+
+    first = cells[0]
+    store = ResultsStore(out)
+    done = []
+    try:
+        base = base if base is not None else load_model(cfg.model.name, progress=lambda _: None)
+        try:
+            threat = get_threat(first.threat)
+            group_attack = make_attack(first.attack, threat, json.loads(first.attack_params))
+            active = group_attack if group_attack.active else None
+            defense = make_defense(first.defense, json.loads(first.defense_params))
+            trained = train_split(cfg, first.spec, base, threat, active, defense)
+            train_error = None
+        except Exception as err:  # the whole group fails; each cell records why, the run goes on
+            trained, train_error = None, _error(err)
+        for cell, key in zip(cells, keys, strict=True):
+            row = _row(cell, key, cfg, base.revision)
+            if trained is None:
+                row.update(status="failed", error=f"training failed: {train_error}")
+            else:
+                try:
+                    threat = get_threat(cell.threat)
+                    attack = make_attack(cell.attack, threat, json.loads(cell.attack_params))
+                    result = attack_trained(trained, threat, attack, cfg)
+                    row.update(result.metrics.as_dict(), utility=result.utility, attack_seconds=result.cost.seconds,
+                               attack_peak_rss_mib=result.cost.peak_rss_mib, status="ok", error=None,
+                               note=result.reconstruction.note, defense_report=result.defense_report,
+                               samples=_samples(result))
+                except Exception as err:
+                    row.update(status="failed", error=_error(err))
+            store.write(row)
+            done.append(cell.label())
+    finally:
+        store.close()
+    return done
+
+
+def _error(err: BaseException) -> str:
+    where = traceback.extract_tb(err.__traceback__)[-1] if err.__traceback__ else None
+    at = f" (at {Path(where.filename).name}:{where.lineno})" if where else ""
+    return f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}{at}"
+
+
+def run_matrix(cfg: ExperimentConfig, out: str | Path, *, workers: int = 1,
+               on_progress: Callable[[int, int, str], None] | None = None) -> dict[str, Any]:
+    """Run every missing cell of ``cfg``'s matrix into ``out``; returns counts and the left-out cells."""
+    from suite.models import load_model
+
+    out = str(out)
+    cells, skipped = expand(cfg)
+    base = load_model(cfg.model.name)
+    with ResultsStore(out) as store:
+        done = store.done()
+    keys = {c: cell_key(c, cfg, base.revision) for c in cells}
+    todo = [c for c in cells if keys[c] not in done]
+    groups: dict[tuple, list[Cell]] = {}
+    for c in todo:
+        groups.setdefault(c.training_group(), []).append(c)
+    finished = len(cells) - len(todo)
+    report = on_progress or (lambda *_: None)
+    report(finished, len(cells), "resuming" if finished else "starting")
+    if workers <= 1:
+        for group in groups.values():
+            report(finished, len(cells), group[0].label())
+            finished += len(run_group(cfg, group, [keys[c] for c in group], out, base))
+            report(finished, len(cells), group[-1].label())
+    else:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        with ProcessPoolExecutor(max_workers=workers, initializer=_worker_init, initargs=(threads,)) as pool:
+            futures = [pool.submit(run_group, cfg, g, [keys[c] for c in g], out) for g in groups.values()]
+            for fut in as_completed(futures):
+                labels = fut.result()
+                finished += len(labels)
+                report(finished, len(cells), labels[-1] if labels else "")
+    return {"cells": len(cells), "ran": len(todo), "skipped": skipped, "groups": len(groups)}
+
+
+def _worker_init(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def summary_table(rows: list[dict[str, Any]]) -> str:
+    """A plain-text table of the store (what `splitleak results` prints)."""
+    head = ["k", "threat", "attack", "defense", *METRICS, "utility", "secs", "status"]
+    lines = [head]
+    for r in rows:
+        def fmt(v, digits=3):
+            return "-" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
+
+        d = r["defense"] if r["defense_params"] in (None, "{}") else f"{r['defense']}{r['defense_params']}"
+        lines.append([str(r["head_blocks"]), r["threat"], r["attack"], d,
+                      *(fmt(r[m], 2 if m.startswith(("bleu", "rouge")) else 3) for m in METRICS),
+                      fmt(r["utility"]), fmt(r["attack_seconds"], 1),
+                      r["status"] if r["status"] == "ok" else f"failed: {r['error']}"])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head) - 1)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=False)) + "  " + line[-1]
+                     for line in lines)

@@ -1,0 +1,116 @@
+"""The results store: one SQLite row per matrix cell, written atomically the moment the cell finishes.
+
+Each row is keyed by the cell key (a hash of the cell's config, model revision and seed), so a run killed at
+any moment — even ``kill -9`` — and started again with the same command skips the finished cells and ends
+with the rows an uninterrupted run has. SQLite's journal makes every ``INSERT`` all-or-nothing.
+Reports read only this store.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from suite.errors import SplitleakError
+
+METRICS = ("bleu4", "rouge1", "rouge2", "rougeL", "token_accuracy", "exact_match", "pii_recovery")
+
+# name -> SQLite type. Timing columns (attack_seconds, attack_peak_rss_mib, finished_at) are the only ones
+# that differ between two runs of the same cell.
+COLUMNS: dict[str, str] = {
+    "key": "TEXT PRIMARY KEY",
+    "model": "TEXT",
+    "revision": "TEXT",
+    "head_blocks": "INTEGER",
+    "tail_blocks": "INTEGER",
+    "strategy": "TEXT",
+    "threat": "TEXT",
+    "attack": "TEXT",
+    "attack_params": "TEXT",  # JSON
+    "defense": "TEXT",
+    "defense_params": "TEXT",  # JSON
+    "seed": "INTEGER",
+    **{m: "REAL" for m in METRICS},
+    "utility": "REAL",  # held-out loss of the fine-tuned model (lower is better)
+    "attack_seconds": "REAL",
+    "attack_peak_rss_mib": "REAL",
+    "status": "TEXT",  # ok | failed
+    "error": "TEXT",
+    "note": "TEXT",
+    "defense_report": "TEXT",  # JSON: what the defense measured or guarantees (e.g. epsilon)
+    "samples": "TEXT",  # JSON list of {reference, reconstruction, pii: {field: [value, recovered]}}
+    "config": "TEXT",  # JSON of the whole run config
+    "versions": "TEXT",  # JSON of package versions
+    "finished_at": "REAL",
+}
+TIMING = ("attack_seconds", "attack_peak_rss_mib", "finished_at")
+
+
+class ResultsStore:
+    def __init__(self, directory: str | Path):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.dir / "results.sqlite"
+        self._conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        cols = ", ".join(f'"{k}" {t}' for k, t in COLUMNS.items())
+        self._conn.execute(f"CREATE TABLE IF NOT EXISTS cells ({cols})")
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> ResultsStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def done(self) -> set[str]:
+        """Keys of cells that finished (ok or failed) — a resumed run skips them."""
+        return {k for (k,) in self._conn.execute("SELECT key FROM cells")}
+
+    def write(self, row: dict[str, Any]) -> None:
+        """Insert one finished cell in a single transaction (all or nothing)."""
+        unknown = set(row) - set(COLUMNS)
+        if unknown:
+            raise ValueError(f"unknown result columns {sorted(unknown)}")
+        row = {**row, "finished_at": row.get("finished_at", time.time())}
+        values = {k: json.dumps(v, sort_keys=True) if isinstance(v, dict | list) else v for k, v in row.items()}
+        names = ", ".join(f'"{k}"' for k in values)
+        marks = ", ".join("?" for _ in values)
+        self._conn.execute(f"INSERT OR REPLACE INTO cells ({names}) VALUES ({marks})", list(values.values()))
+
+    def rows(self) -> list[dict[str, Any]]:
+        cur = self._conn.execute("SELECT * FROM cells ORDER BY model, head_blocks, threat, attack, defense, key")
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, r, strict=True)) for r in cur]
+
+
+def open_store(directory: str | Path, must_exist: bool = False) -> ResultsStore:
+    path = Path(directory) / "results.sqlite"
+    if must_exist and not path.is_file():
+        raise SplitleakError(f"no results store at {path}; run 'splitleak run --out {directory}' first")
+    return ResultsStore(directory)
+
+
+def load_results(directory: str | Path):
+    """The store as a pandas DataFrame (JSON columns decoded)."""
+    import pandas as pd
+
+    with open_store(directory, must_exist=True) as store:
+        rows = store.rows()
+    for row in rows:
+        for k in ("attack_params", "defense_params", "defense_report", "samples", "config", "versions"):
+            if isinstance(row.get(k), str):
+                row[k] = json.loads(row[k])
+    return pd.DataFrame(rows, columns=list(COLUMNS))
+
+
+def comparable(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows without the timing columns, sorted by key: what two runs of the same matrix must agree on."""
+    return sorted(({k: v for k, v in r.items() if k not in TIMING} for r in rows), key=lambda r: r["key"])

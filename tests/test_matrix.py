@@ -1,0 +1,146 @@
+"""The matrix runner and results store: expansion, capability filtering, failures, resume after kill -9."""
+
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+from suite.cli import main
+from suite.config import parse_config
+from suite.errors import ConfigError
+from suite.matrix import expand, run_matrix
+from suite.store import ResultsStore, comparable, load_results
+
+MATRIX = {
+    "model": {"name": "tiny-llama"},
+    "data": {"max_length": 12, "private": {"generator": "records", "size": 8, "seed": 1},
+             "shadow": {"generator": "records", "size": 16, "seed": 2}},
+    "training": {"clients": 2, "steps": 2, "batch_size": 2},
+    "matrix": {"splits": [0, 1], "threats": ["curious_server", "eavesdropper", "colluding_client"],
+               "attacks": ["nearest_embedding", "wire_inversion"], "defenses": ["none", "encryption"]},
+}
+TOML = """
+[model]
+name = "tiny-llama"
+[data]
+max_length = 12
+private = { generator = "records", size = 8, seed = 1 }
+shadow = { generator = "records", size = 16, seed = 2 }
+[training]
+clients = 2
+steps = 2
+batch_size = 2
+[matrix]
+splits = [0, 1, 2]
+threats = ["curious_server", "eavesdropper", "colluding_client"]
+attacks = ["nearest_embedding", "wire_inversion"]
+defenses = ["none", "encryption"]
+"""
+
+
+def test_expansion_and_capability_filtering():
+    cells, skipped = expand(parse_config(MATRIX))
+    assert len(cells) + len(skipped) == 2 * 3 * 2 * 2
+    assert {(c.threat, c.attack) for c in cells} == {
+        ("curious_server", "nearest_embedding"), ("colluding_client", "nearest_embedding"),
+        ("eavesdropper", "wire_inversion")}
+    reasons = {(c.threat, c.attack): r for c, r in skipped}
+    assert "activations" in reasons[("eavesdropper", "nearest_embedding")]
+    assert "wire" in reasons[("curious_server", "wire_inversion")]
+    groups = {c.training_group() for c in cells}
+    assert len(groups) == 2 * 2  # one training run per split x defense, shared by all passive cells
+
+
+@pytest.mark.parametrize(
+    ("patch", "needle"),
+    [
+        ({"threats": ["curious_sever"]}, "matrix.threats[0]: unknown threat 'curious_sever'"),
+        ({"attacks": ["nearest_embedding", "nearest_embeding"]}, "matrix.attacks[1]: unknown attack"),
+        ({"defenses": ["none", {"name": "encryption", "mode": "rot13"}]}, "matrix.defenses[1]"),
+        ({"attacks": [{"name": "nearest_embedding", "bogus": 1}]}, "no parameter 'bogus'"),
+    ],
+)
+def test_matrix_validation_names_the_entry(patch, needle):
+    bad = {**MATRIX, "matrix": {**MATRIX["matrix"], **patch}}
+    with pytest.raises(ConfigError) as err:
+        expand(parse_config(bad))
+    assert needle in str(err.value)
+
+
+def test_store_rows_and_dataframe(tmp_path):
+    summary = run_matrix(parse_config(MATRIX), tmp_path)
+    assert summary["ran"] == summary["cells"] == 12
+    df = load_results(tmp_path)
+    assert len(df) == 12 and set(df["status"]) == {"ok"}
+    for col in ("bleu4", "rouge1", "rouge2", "rougeL", "token_accuracy", "exact_match", "pii_recovery", "utility",
+                "attack_seconds", "key", "config", "versions"):
+        assert col in df.columns
+    enc = df[(df.threat == "eavesdropper") & (df.defense == "encryption")]
+    assert (enc.token_accuracy == 0).all()
+    assert df.iloc[0]["versions"]["torch"]
+    again = run_matrix(parse_config(MATRIX), tmp_path)  # nothing left to do
+    assert again["ran"] == 0
+
+
+def test_failing_cell_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
+    import attacks.nearest_embedding as ne
+
+    def boom(self, obs):
+        raise RuntimeError("inverter exploded")
+
+    monkeypatch.setattr(ne.NearestEmbeddingAttack, "reconstruct", boom)
+    run_matrix(parse_config(MATRIX), tmp_path)
+    with ResultsStore(tmp_path) as store:
+        rows = store.rows()
+    failed = [r for r in rows if r["status"] == "failed"]
+    assert failed and all("inverter exploded" in r["error"] for r in failed)
+    assert any(r["status"] == "ok" for r in rows)  # the wire cells still ran
+
+
+def _count(path) -> int:
+    try:
+        with sqlite3.connect(path, timeout=30) as conn:
+            return conn.execute("SELECT COUNT(*) FROM cells").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+
+
+def test_resume_after_kill_gives_identical_rows(tmp_path):
+    cfg = tmp_path / "m.toml"
+    cfg.write_text(TOML)
+    reference, killed = tmp_path / "ref", tmp_path / "killed"
+    cmd = [sys.executable, "-m", "suite.cli", "run", str(cfg), "--out"]
+    subprocess.run([*cmd, str(reference)], check=True, capture_output=True)
+    total = _count(reference / "results.sqlite")
+    assert total == 18
+
+    stop_after = random.Random(os.getpid()).randint(1, total - 1)
+    proc = subprocess.Popen([*cmd, str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while _count(killed / "results.sqlite") < stop_after and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = _count(killed / "results.sqlite")
+    assert partial < total, "the run finished before it could be killed"
+    subprocess.run([*cmd, str(killed)], check=True, capture_output=True)
+
+    with ResultsStore(reference) as a, ResultsStore(killed) as b:
+        ref_rows, resumed = comparable(a.rows()), comparable(b.rows())
+    assert len(resumed) == total
+    for x, y in zip(ref_rows, resumed, strict=True):
+        assert {k: v for k, v in x.items() if k != "versions"} == {k: v for k, v in y.items() if k != "versions"}
+
+
+def test_results_command_prints_the_table(tmp_path, capsys):
+    run_matrix(parse_config(MATRIX), tmp_path)
+    assert main(["results", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "nearest_embedding" in out and "token_accuracy" in out
+    assert main(["results", str(tmp_path / "nothing")]) == 2
+    assert "no results store" in capsys.readouterr().err
