@@ -169,6 +169,27 @@ def cmd_results(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_baseline(args: argparse.Namespace) -> int:
+    import json
+
+    from reports.gate import make_baseline
+
+    print(json.dumps(make_baseline(args.dir), indent=1, sort_keys=True))
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from reports.gate import check, load_baseline
+
+    baseline = load_baseline(args.baseline)
+    problems = check(args.dir, baseline)
+    for line in problems:
+        print(f"REGRESSION {line}")
+    n = len(baseline["cells"])
+    print(f"check: {n} baseline cells, {len(problems)} regressions" + (" -> FAIL" if problems else " -> ok"))
+    return 1 if problems else 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from suite.bench import run_bench
 
@@ -212,6 +233,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("results", help="print the results table of a run directory", epilog=EPILOG)
     p.add_argument("dir", metavar="DIR")
     p.set_defaults(func=cmd_results)
+
+    p = sub.add_parser("baseline", help="print a baseline (metrics with tolerance bands) of a run as JSON")
+    p.add_argument("dir", metavar="DIR")
+    p.set_defaults(func=cmd_baseline)
+
+    p = sub.add_parser("check", help="exit 1 when privacy metrics regress against a baseline (CI gate)",
+                       description="Fails when leakage under a defense rises beyond its band, or when an attack "
+                                   "on an undefended split gets weaker beyond its band, naming each cell and metric.")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--baseline", required=True, metavar="FILE", help="JSON written by 'splitleak baseline'")
+    p.set_defaults(func=cmd_check)
 
     p = sub.add_parser(
         "bench",
