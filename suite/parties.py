@@ -71,14 +71,27 @@ class Batches:
         return Batch(*(self.data[k][idx] for k in ("input_ids", "attention_mask", "labels")))
 
 
-ActivationHook = Callable[[torch.Tensor, Batch], torch.Tensor]
+class StepRejected(Exception):
+    """Raised by a client hook that refuses what the server sent (tampering, hijacking). The client then
+    skips its update for that step; the protocol goes on (it answers with a zero gradient)."""
+
+
+# Hook signatures. Defenses append to these lists on a built client ("wrap, don't replace").
+InputHook = Callable[[torch.Tensor, Batch], torch.Tensor]  # input embeddings -> perturbed (DxP)
+ActivationHook = Callable[[torch.Tensor, Batch], torch.Tensor]  # head output -> what is sent (DP noise)
+HeadLossHook = Callable[[torch.Tensor, torch.Tensor, Batch], torch.Tensor]  # (head out, input embeds) -> loss
+HiddenHook = Callable[[int, torch.Tensor, Batch], torch.Tensor]  # (step, hidden from server) -> hidden or raise
+GradientHook = Callable[[int, torch.Tensor, torch.Tensor, Batch], torch.Tensor]  # (step, grad, head out) -> grad
 
 
 class Client:
     """Owns the client head and tail, its private shard and its optimiser.
 
-    ``activation_hooks`` transform the head output before it is sent (e.g. DP noise); they run inside the
-    autograd graph so the head still trains through them.
+    Defenses attach hooks: ``input_hooks`` perturb the input embeddings; ``activation_hooks`` transform the
+    head output before it is sent (inside the autograd graph, so the head trains through them);
+    ``head_loss_hooks`` add loss terms on the head (NoPeek), backpropagated together with the server's
+    gradient; ``hidden_hooks`` and ``gradient_hooks`` inspect what the server sends back and may raise
+    ``StepRejected`` (detectors, audits).
     """
 
     def __init__(
@@ -96,10 +109,17 @@ class Client:
         self.batches = batches
         self.transport = transport
         self.optimizer = make_optimizer(trainable((head, tail)), lr)
+        self.input_hooks: list[InputHook] = []
         self.activation_hooks: list[ActivationHook] = []
+        self.head_loss_hooks: list[HeadLossHook] = []
+        self.hidden_hooks: list[HiddenHook] = []
+        self.gradient_hooks: list[GradientHook] = []
+        self.rejected_steps: list[int] = []
         self._batch: Batch | None = None
         self._head_out: torch.Tensor | None = None
+        self._embeds: torch.Tensor | None = None
         self._positions: torch.Tensor | None = None
+        self._rejected = False
 
     def _recv(self, step: int, kind: type) -> ActivationMsg | GradientMsg:
         msg = decode(self.transport.recv(self.endpoint, SERVER))
@@ -110,13 +130,25 @@ class Client:
             )
         return msg
 
+    def _reject(self, step: int) -> None:
+        self._rejected = True
+        if not self.rejected_steps or self.rejected_steps[-1] != step:
+            self.rejected_steps.append(step)
+
     def send_activations(self, step: int, batch: Batch | None = None) -> None:
         """Round trip 1, out: head forward on the next private batch."""
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
+        self._rejected = False
         self._batch = batch if batch is not None else self.batches.next()
         self._positions = position_ids_for(self._batch.attention_mask)
-        out = self.head(self._batch.input_ids, self._batch.attention_mask, self._positions)
+        embeds = None
+        if self.input_hooks or self.head_loss_hooks:
+            embeds = self.head.embed_tokens(self._batch.input_ids, self._positions)
+            self._embeds = embeds.detach()
+            for hook in self.input_hooks:
+                embeds = hook(embeds, self._batch)
+        out = self.head(self._batch.input_ids, self._batch.attention_mask, self._positions, inputs_embeds=embeds)
         for hook in self.activation_hooks:
             out = hook(out, self._batch)
         self._head_out = out
@@ -124,14 +156,24 @@ class Client:
         self.transport.send(self.endpoint, SERVER, encode(msg))
 
     def receive_hidden(self, step: int) -> float:
-        """Round trip 1, back, and round trip 2, out: tail forward, loss, backward; send the gradient."""
+        """Round trip 1, back, and round trip 2, out: tail forward, loss, backward; send the gradient.
+        Returns the loss, or NaN when a hook rejected the server's hidden states."""
         if self._batch is None or self._head_out is None:
             raise ProtocolError(f"client {self.id} received hidden states before sending activations")
         msg = self._recv(step, ActivationMsg)
         if msg.hidden.shape != self._head_out.shape:
             raise ProtocolError(f"server returned hidden states of shape {tuple(msg.hidden.shape)}, "
                                 f"expected {tuple(self._head_out.shape)}")
-        hidden = msg.hidden.detach().requires_grad_(True)
+        received = msg.hidden
+        try:
+            for hook in self.hidden_hooks:
+                received = hook(step, received, self._batch)
+        except StepRejected:
+            self._reject(step)
+            zero = torch.zeros_like(msg.hidden)
+            self.transport.send(self.endpoint, SERVER, encode(GradientMsg(self.id, step, TO_SERVER, zero)))
+            return float("nan")
+        hidden = received.detach().requires_grad_(True)
         logits = self.tail(hidden, self._batch.attention_mask, self._positions)
         loss = causal_lm_loss(logits, self._batch.labels)
         loss.backward()
@@ -139,15 +181,30 @@ class Client:
         return float(loss.detach())
 
     def receive_gradient(self, step: int) -> None:
-        """Round trip 2, back: head backward with the server's gradient, then one optimiser step."""
+        """Round trip 2, back: head backward with the server's gradient (plus any head loss terms), then
+        one optimiser step — skipped, with the tail's gradients dropped, if a hook rejected the step."""
         if self._head_out is None:
             raise ProtocolError(f"client {self.id} received a gradient it did not ask for")
         msg = self._recv(step, GradientMsg)
         if msg.grad.shape != self._head_out.shape:
             raise ProtocolError(f"server returned a gradient of shape {tuple(msg.grad.shape)}, "
                                 f"expected {tuple(self._head_out.shape)}")
+        grad = msg.grad
+        try:
+            for hook in self.gradient_hooks:
+                grad = hook(step, grad, self._head_out.detach(), self._batch)
+        except StepRejected:
+            self._reject(step)
+        if self._rejected:
+            if self.optimizer is not None:
+                self.optimizer.zero_grad(set_to_none=True)
+            self._head_out = None
+            return
         if self._head_out.requires_grad:
-            self._head_out.backward(msg.grad)
+            objective = (self._head_out * grad).sum()  # backpropagates exactly ``grad`` into the head
+            for hook in self.head_loss_hooks:
+                objective = objective + hook(self._head_out, self._embeds, self._batch)
+            objective.backward()
         if self.optimizer is not None:
             self.optimizer.step()
         self._head_out = None
