@@ -1,0 +1,116 @@
+"""DP on the head output: exact no-op at sigma 0, noise as configured, clipping, honest epsilon."""
+
+import math
+
+import pytest
+import torch
+
+from defenses.dp import DPConfig, GaussianDPDefense, _DPHook
+from suite.attack import make_attack
+from suite.cell import attack_trained, train_split
+from suite.config import parse_config
+from suite.defense import make_defense
+from suite.errors import ConfigError
+from suite.models import tiny_model
+from suite.parties import Batch
+from suite.split import SplitSpec
+from suite.threats import get_threat
+
+CFG = parse_config({
+    "model": {"name": "tiny-llama"},
+    "data": {"max_length": 12, "private": {"generator": "records", "size": 8, "seed": 1},
+             "shadow": {"generator": "records", "size": 16, "seed": 2}},
+    "training": {"clients": 2, "steps": 3, "batch_size": 2},
+})
+
+
+@pytest.fixture(scope="module")
+def base():
+    return tiny_model("llama")
+
+
+def test_sigma_zero_without_clipping_matches_the_undefended_run(base):
+    plain = train_split(CFG, SplitSpec(1, 1), base)
+    dp = train_split(CFG, SplitSpec(1, 1), base, defense=make_defense("dp_gaussian", {"sigma": 0, "clip": 0}))
+    assert dp.prepared.session.losses == plain.prepared.session.losses
+    assert dp.utility == plain.utility
+
+
+def _batch(n=64, t=8):
+    ids = torch.randint(5, 100, (n, t))
+    mask = torch.ones(n, t, dtype=torch.long)
+    mask[::2, 6:] = 0
+    return Batch(ids, mask, ids)
+
+
+def test_measured_noise_matches_sigma_and_clipping_bounds_norms():
+    cfg = DPConfig(sigma=0.7, clip=2.0)
+    hook = _DPHook(cfg, 2, torch.Generator().manual_seed(0))
+    batch = _batch()
+    out = torch.randn(64, 8, 32) * 10
+    noisy = hook(out, batch)
+    assert hook.measured_std() == pytest.approx(0.7 * 4.0, rel=0.03)  # sigma x sensitivity (2C)
+    clipper = _DPHook(DPConfig(sigma=0.0, clip=2.0), 2, torch.Generator())
+    clipped = clipper(out, batch)
+    norms = (clipped * batch.attention_mask.unsqueeze(-1)).flatten(1).norm(dim=1)
+    assert torch.all(norms <= 2.0 + 1e-5)
+    assert torch.equal(noisy[batch.attention_mask == 0], clipped[batch.attention_mask == 0])  # padding untouched
+
+
+def test_laplace_noise_scale():
+    hook = _DPHook(DPConfig(sigma=0.5, clip=1.0), 1, torch.Generator().manual_seed(0))
+    hook(torch.zeros(64, 8, 32), _batch())
+    b = 0.5 * 2.0
+    assert hook.measured_std() == pytest.approx(math.sqrt(2) * b, rel=0.03)  # Laplace std = sqrt(2) b
+
+
+def _rdp_epsilon(sigma: float, k: int, delta: float) -> float:
+    """By hand: k-fold Gaussian mechanism, RDP eps(a) = k a / (2 sigma^2), converted as Opacus does
+    (Balle et al. 2020): eps = rdp - (log(delta) + log(a)) / (a - 1) + log((a - 1) / a)."""
+    best = math.inf
+    for a in [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)):
+        rdp = k * a / (2 * sigma**2)
+        best = min(best, rdp - (math.log(delta) + math.log(a)) / (a - 1) + math.log((a - 1) / a))
+    return best
+
+
+def test_epsilon_matches_a_hand_computed_value():
+    defense = GaussianDPDefense(DPConfig(sigma=2.0, clip=1.0, delta=1e-5))
+    hook = _DPHook(defense.config, 2, torch.Generator())
+    defense.hooks.append(hook)
+    batch = _batch(4)
+    for _ in range(10):
+        hook(torch.randn(4, 8, 32), batch)
+    assert defense.releases() == 10
+    assert defense.epsilon() == pytest.approx(_rdp_epsilon(2.0, 10, 1e-5), rel=1e-3)
+    more = GaussianDPDefense(defense.config)
+    more.hooks.append(_DPHook(defense.config, 2, torch.Generator()))
+    for _ in range(40):
+        more.hooks[0](torch.randn(4, 8, 32), batch)
+    assert math.isfinite(defense.epsilon()) and more.epsilon() > defense.epsilon()
+
+
+def test_report_of_a_training_run(base):
+    trained = train_split(CFG, SplitSpec(1, 1), base, defense=make_defense("dp_gaussian", {"sigma": 1.0}))
+    report = trained.defense.report()
+    # 3 training steps of batch 2 over shards of 3-4 records, plus one capture pass: each record 2-3 times.
+    assert 1 <= report["releases_per_record"] <= 4
+    assert math.isfinite(report["epsilon"]) and report["epsilon"] > 0
+    assert report["measured_noise_std"] == pytest.approx(2.0, rel=0.1)
+
+
+def test_strong_noise_reduces_leakage(base):
+    threat = get_threat("curious_server")
+    attack = make_attack("nearest_embedding", threat)
+    plain = attack_trained(train_split(CFG, SplitSpec(1, 1), base), threat, attack, CFG).metrics
+    noisy = attack_trained(train_split(CFG, SplitSpec(1, 1), base,
+                                       defense=make_defense("dp_gaussian", {"sigma": 2.0, "clip": 1.0})),
+                           threat, attack, CFG).metrics
+    assert noisy.token_accuracy < plain.token_accuracy - 0.3
+
+
+@pytest.mark.parametrize(("params", "needle"), [({"sigma": -1}, "sigma"), ({"clip": -2}, "clip"),
+                                                ({"delta": 2}, "delta"), ({"epsilon": 1}, "no parameter")])
+def test_bad_dp_parameters(params, needle):
+    with pytest.raises(ConfigError, match=needle):
+        make_defense("dp_gaussian", params)
