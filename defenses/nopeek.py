@@ -1,0 +1,65 @@
+"""NoPeek (Vepakomma et al., 2020): penalise the distance correlation between the client head's raw input
+and the smashed data it sends, so the activations carry less that can be mapped back to the input.
+
+The head's loss becomes task loss + ``alpha`` · dCor(X, Z) over the batch, where X is each sequence's
+input embeddings and Z its head output, both flattened per sequence over all positions with padding zeroed
+(positions are aligned because every sequence is padded to the same length). The term is added through the
+client's head-loss hook, so it shapes the head without touching the server or the tail.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from suite.defense import Defense, DefenseConfig, register_defense
+from suite.parties import Batch
+
+
+def distance_correlation(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Sample distance correlation between the rows of ``x`` [n, p] and ``z`` [n, q] (Székely et al. 2007);
+    differentiable, in [0, 1]; 0 for a batch of one."""
+    def centred(a: torch.Tensor) -> torch.Tensor:
+        d = torch.cdist(a, a)
+        return d - d.mean(0, keepdim=True) - d.mean(1, keepdim=True) + d.mean()
+
+    if x.shape[0] < 2:
+        return x.new_zeros(())
+    a, b = centred(x.flatten(1).double()), centred(z.flatten(1).double())
+    dcov_xz = (a * b).mean().clamp_min(0)
+    dvar = (a * a).mean() * (b * b).mean()
+    return (dcov_xz / dvar.sqrt().clamp_min(1e-12)).sqrt().to(z.dtype)
+
+
+@dataclass(frozen=True)
+class NoPeekConfig(DefenseConfig):
+    alpha: float = 0.5  # weight of the distance-correlation penalty
+
+    def __post_init__(self) -> None:
+        if self.alpha < 0:
+            raise ValueError(f"alpha must be >= 0, got {self.alpha}")
+
+
+@register_defense("nopeek")
+class NoPeekDefense(Defense):
+    Config = NoPeekConfig
+
+    def __init__(self, config: NoPeekConfig | None = None):
+        super().__init__(config)
+        self.history: list[float] = []
+
+    def _loss(self, head_out: torch.Tensor, embeds: torch.Tensor, batch: Batch) -> torch.Tensor:
+        mask = batch.attention_mask.unsqueeze(-1).to(head_out.dtype)
+        dcor = distance_correlation(embeds * mask, head_out * mask)
+        self.history.append(float(dcor.detach()))
+        return self.config.alpha * dcor
+
+    def install(self, session) -> None:
+        for client in session.clients:
+            client.head_loss_hooks.append(self._loss)
+
+    def report(self) -> dict:
+        tail = self.history[-10:]
+        return {"alpha": self.config.alpha, "dcor_first": self.history[0] if self.history else None,
+                "dcor_last10_mean": sum(tail) / len(tail) if tail else None}
