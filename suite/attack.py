@@ -64,6 +64,9 @@ class Attack:
     requires: ClassVar[frozenset[Capability]] = frozenset()
     Config: ClassVar[type[AttackConfig]] = AttackConfig
     active: ClassVar[bool] = False  # True when the attack needs a ServerPolicy during training
+    # "inversion": recovers the client's text (scored by leakage metrics); "integrity": corrupts training
+    # (scored by what the integrity defenses detect and by utility).
+    kind: ClassVar[str] = "inversion"
 
     def __init__(self, config: AttackConfig | None = None):
         self.config = config if config is not None else self.Config()

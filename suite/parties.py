@@ -115,6 +115,8 @@ class Client:
         self.hidden_hooks: list[HiddenHook] = []
         self.gradient_hooks: list[GradientHook] = []
         self.rejected_steps: list[int] = []
+        self.sent_activation: torch.Tensor | None = None  # the head output of the current step (for audits)
+        self.sent_gradient: torch.Tensor | None = None  # the tail gradient of the current step (for audits)
         self._batch: Batch | None = None
         self._head_out: torch.Tensor | None = None
         self._embeds: torch.Tensor | None = None
@@ -152,6 +154,7 @@ class Client:
         for hook in self.activation_hooks:
             out = hook(out, self._batch)
         self._head_out = out
+        self.sent_activation = out.detach()  # what this step sent (for audits)
         msg = ActivationMsg(self.id, step, TO_SERVER, out, self._batch.attention_mask, self._positions)
         self.transport.send(self.endpoint, SERVER, encode(msg))
 
@@ -171,12 +174,14 @@ class Client:
         except StepRejected:
             self._reject(step)
             zero = torch.zeros_like(msg.hidden)
+            self.sent_gradient = zero
             self.transport.send(self.endpoint, SERVER, encode(GradientMsg(self.id, step, TO_SERVER, zero)))
             return float("nan")
         hidden = received.detach().requires_grad_(True)
         logits = self.tail(hidden, self._batch.attention_mask, self._positions)
         loss = causal_lm_loss(logits, self._batch.labels)
         loss.backward()
+        self.sent_gradient = hidden.grad
         self.transport.send(self.endpoint, SERVER, encode(GradientMsg(self.id, step, TO_SERVER, hidden.grad)))
         return float(loss.detach())
 
@@ -190,11 +195,12 @@ class Client:
             raise ProtocolError(f"server returned a gradient of shape {tuple(msg.grad.shape)}, "
                                 f"expected {tuple(self._head_out.shape)}")
         grad = msg.grad
-        try:
-            for hook in self.gradient_hooks:
-                grad = hook(step, grad, self._head_out.detach(), self._batch)
-        except StepRejected:
-            self._reject(step)
+        if not self._rejected:
+            try:
+                for hook in self.gradient_hooks:
+                    grad = hook(step, grad, self._head_out.detach(), self._batch)
+            except StepRejected:
+                self._reject(step)
         if self._rejected:
             if self.optimizer is not None:
                 self.optimizer.zero_grad(set_to_none=True)
