@@ -1,6 +1,6 @@
 """`splitleak bench`: costs measured side by side in one run, printed as ratios and one JSON line.
 
-1. Step time, split (plaintext and with the encryption defense) vs centralised: the same model, the same batch, the same LoRA adapters (rank, targets:
+1. Step time, split (plaintext, with the encryption defense, with the integrity audit) vs centralised: the same model, the same batch, the same LoRA adapters (rank, targets:
    every block's linear layers), the same optimiser. The centralised step is one forward/backward/step on
    the unsplit model; the split step is one client's two round trips through the byte-level transport
    (serialisation included). Measured interleaved (A, B, A, B, …) after a warm-up; medians are compared.
@@ -69,31 +69,33 @@ def step_times(model_name: str, batch_size: int, max_length: int, reps: int, spe
 
     data = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "labels": batch.labels}
     train_cfg = TrainConfig(clients=1, batch_size=batch_size, finetune=ft)
-    encrypted_model = copy.deepcopy(loaded.model)
+    encrypted_model, audited_model = copy.deepcopy(loaded.model), copy.deepcopy(loaded.model)
     session = build_session(loaded.model, spec, [data], train_cfg)
     channel = make_defense("encryption").wrap_transport(InProcessTransport())
     encrypted = build_session(encrypted_model, spec, [data], train_cfg, transport=channel)
+    audit = make_defense("integrity_audit")
+    audited = build_session(audited_model, spec, [data], train_cfg)
+    audit.install(audited)
     split_params = sum(p.numel() for m in (session.clients[0].head, session.clients[0].tail, session.server.trunk)
                        for p in m.parameters() if p.requires_grad)
     central_params = sum(p.numel() for p in central.parameters() if p.requires_grad)
 
-    for i in range(2):  # warm-up
+    steps = {"split": lambda i: _split_step(session, batch, i),
+             "encrypted": lambda i: _split_step(encrypted, batch, i),
+             "audited": lambda i: _split_step(audited, batch, i)}
+    times: dict[str, list[float]] = {"centralised": [], **{k: [] for k in steps}}
+    for i in range(reps + 2):  # two warm-up rounds, then interleaved timings
+        t = time.perf_counter()
         _centralised_step(central, opt, batch)
-        _split_step(session, batch, i)
-        _split_step(encrypted, batch, i)
-    central_t, split_t, enc_t = [], [], []
-    for i in range(reps):
-        t0 = time.perf_counter()
-        _centralised_step(central, opt, batch)
-        t1 = time.perf_counter()
-        _split_step(session, batch, 2 + i)
-        t2 = time.perf_counter()
-        _split_step(encrypted, batch, 2 + i)
-        t3 = time.perf_counter()
-        central_t.append(t1 - t0)
-        split_t.append(t2 - t1)
-        enc_t.append(t3 - t2)
-    c, s, e = statistics.median(central_t), statistics.median(split_t), statistics.median(enc_t)
+        runs = [("centralised", time.perf_counter() - t)]
+        for name, step in steps.items():
+            t = time.perf_counter()
+            step(i)
+            runs.append((name, time.perf_counter() - t))
+        if i >= 2:
+            for name, dt in runs:
+                times[name].append(dt)
+    c, s, e, a = (statistics.median(times[k]) for k in ("centralised", "split", "encrypted", "audited"))
     return {
         "model": model_name,
         "revision": loaded.revision,
@@ -108,6 +110,9 @@ def step_times(model_name: str, batch_size: int, max_length: int, reps: int, spe
         "split_over_centralised": s / c,
         "split_encrypted_s_per_step": e,
         "split_encrypted_over_centralised": e / c,
+        "split_audited_s_per_step": a,
+        "audited_over_split": a / s,
+        "audit_extra_compute_units": audit.report()["extra_compute"],
         "bytes_per_split_step": session.transport.bytes_sent // (reps + 2),
     }
 
@@ -164,6 +169,8 @@ def run_bench(*, model: str, batch_size: int, max_length: int, reps: int, head_b
           f"split/centralised = {result['split_over_centralised']:.3f}  (target <= 1.05)")
     print(f"           split + encryption {result['split_encrypted_s_per_step']*1e3:8.1f} ms   "
           f"encrypted/centralised = {result['split_encrypted_over_centralised']:.3f}  (target <= 1.05)")
+    print(f"           split + integrity audit {result['split_audited_s_per_step']*1e3:8.1f} ms   "
+          f"audited/split = {result['audited_over_split']:.3f}  (target <= 1.10; redundant recomputation = 2.0)")
     if memory:
         one = peak_memory(model, 1, batch_size, max_length)
         eight = peak_memory(model, 8, batch_size, max_length)

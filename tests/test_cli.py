@@ -54,3 +54,16 @@ def test_train_on_a_tiny_model_shows_loss_going_down(capsys):
     assert code == 0
     first, last = (float(x) for x in out.split("train loss")[1].split(":")[1].split("\n")[0].split("->"))
     assert last < first
+
+
+def test_bench_prints_ratios_and_a_json_line(capsys):
+    import json
+
+    assert main(["bench", "--model", "tiny-gpt2", "--reps", "1"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(lines[-1])
+    for key in ("split_over_centralised", "split_encrypted_over_centralised", "audited_over_split",
+                "per_client_state_bytes_8_over_1", "per_client_rss_after_steps_8_over_1"):
+        assert result[key] > 0, key
+    assert result["trainable_params_central"] == result["trainable_params_split"]  # same fine-tuning method
+    assert any("split/centralised" in line for line in lines)
