@@ -53,14 +53,22 @@ def bleu4(references: Sequence[str], hypotheses: Sequence[str]) -> float:
     Text is tokenised with nltk's ``TreebankWordTokenizer`` (no downloaded data needed) and case is
     kept, so a reconstruction that gets a name's capitalisation wrong is penalised. Smoothing is
     ``SmoothingFunction().method1``: it adds a small epsilon to zero n-gram match counts, so short or
-    poor reconstructions score near 0 instead of exactly 0 with a warning. An empty hypothesis scores 0.
-    Note that BLEU-4 needs 4-grams: a corpus of identical hypotheses all shorter than four tokens
-    scores below 100 (e.g. "the cat" vs itself gives 31.6).
+    poor reconstructions score near 0 instead of exactly 0 with a warning (BLEU is a geometric mean, so
+    one empty n-gram order would otherwise zero the whole score). An empty hypothesis scores 0; a corpus
+    of empty hypotheses scores exactly 0.
+
+    A reconstruction identical to its references (token for token, at least one token) scores exactly
+    100. This is a deliberate special case: plain BLEU-4 needs 4-grams, and with method1 smoothing a
+    perfect corpus whose sentences are all shorter than four tokens would otherwise score well below
+    100 (e.g. "the cat" vs itself gives 31.6), understating a complete leak. Any imperfect corpus gets
+    nltk's value unchanged.
     """
     _check_texts(references, hypotheses)
-    refs = [[_tokenize(r)] for r in references]
+    refs = [_tokenize(r) for r in references]
     hyps = [_tokenize(h) for h in hypotheses]
-    return 100.0 * float(corpus_bleu(refs, hyps, smoothing_function=_smoothing))
+    if refs == hyps and any(hyps):
+        return 100.0
+    return 100.0 * float(corpus_bleu([[r] for r in refs], hyps, smoothing_function=_smoothing))
 
 
 def rouge(references: Sequence[str], hypotheses: Sequence[str]) -> dict[str, float]:
@@ -119,27 +127,59 @@ def exact_match(true_ids: Any, pred_ids: Any, mask: Any) -> float:
     return float(exact[has_tokens].mean())
 
 
+def _pii_value(value: Any) -> str | None:
+    """A field's value as text, or None when it is missing/empty (then it is not PII to recover)."""
+    if value is None:
+        return None
+    text = str(value)
+    return text or None
+
+
 def pii_hits(pii: Mapping[str, str], hypothesis: str) -> dict[str, bool]:
     """For one record, which PII fields appear verbatim (case-sensitive substring) in its reconstruction.
 
-    Fields whose value is empty or None are not PII and are left out.
+    Matching is deliberately strict: "john smith" does not recover "John Smith" and "5550100" does not
+    recover "555-0100", since a report should only claim what the attacker actually holds verbatim.
+    Fields whose value is empty or None are not PII and are left out; other values are compared as
+    ``str(value)``.
     """
-    return {field: value in hypothesis for field, value in pii.items() if value}
+    values = {field: _pii_value(value) for field, value in pii.items()}
+    return {field: value in hypothesis for field, value in values.items() if value is not None}
 
 
-def pii_recovery(pii: Sequence[Mapping[str, str]], hypotheses: Sequence[str]) -> float | None:
+def pii_recovery(
+    pii: Sequence[Mapping[str, str]],
+    hypotheses: Sequence[str],
+    *,
+    references: Sequence[str] | None = None,
+) -> float | None:
     """Recovered PII fields / all PII fields over the corpus (micro average), 0-1; None if no fields.
 
     ``pii[i]`` maps field name to value for record ``i``; a field counts as recovered when its value is
-    a case-sensitive substring of ``hypotheses[i]`` (see ``pii_hits``).
+    a case-sensitive substring of ``hypotheses[i]`` (see ``pii_hits``). Micro averaging weights every
+    field equally, so records with many fields count for more than records with one.
+
+    With ``references`` (the text the client actually sent, e.g. decoded after truncation to the
+    sequence length), fields whose value does not appear verbatim in ``references[i]`` are left out of
+    both counts: an attacker cannot recover what was cut off before it left the client, and counting
+    it would make even a perfect reconstruction score below 1.
     """
     if isinstance(hypotheses, str):
         raise ValueError("hypotheses must be a sequence of strings, not a single string")
     if len(pii) != len(hypotheses):
         raise ValueError(f"{len(pii)} PII records but {len(hypotheses)} hypotheses; they must pair up")
-    hits = [
-        hit for record, hyp in zip(pii, hypotheses, strict=True) for hit in pii_hits(record, hyp).values()
-    ]
+    if references is not None:
+        if isinstance(references, str):
+            raise ValueError("references must be a sequence of strings, not a single string")
+        if len(references) != len(pii):
+            raise ValueError(f"{len(pii)} PII records but {len(references)} references; they must pair up")
+    hits: list[bool] = []
+    for i, (record, hyp) in enumerate(zip(pii, hypotheses, strict=True)):
+        record_hits = pii_hits(record, hyp)
+        if references is not None:
+            sent = pii_hits(record, references[i])
+            record_hits = {field: hit for field, hit in record_hits.items() if sent[field]}
+        hits.extend(record_hits.values())
     return sum(hits) / len(hits) if hits else None
 
 
@@ -152,7 +192,11 @@ def leakage_metrics(
     mask: Any,
     pii: Sequence[Mapping[str, str]] | None = None,
 ) -> LeakageMetrics:
-    """All leakage metrics for one reconstructed corpus; ``pii=None`` means no PII (recovery None)."""
+    """All leakage metrics for one reconstructed corpus; ``pii=None`` means no PII (recovery None).
+
+    PII recovery only counts fields present verbatim in ``references`` (see ``pii_recovery``), so PII
+    truncated away before the client sent its text neither helps nor hurts the attack's score.
+    """
     n_ids = len(_to_numpy(true_ids))
     if n_ids != len(references):
         raise ValueError(f"{len(references)} references but {n_ids} id sequences; they must pair up")
@@ -164,5 +208,5 @@ def leakage_metrics(
         rougeL=scores["rougeL"],
         token_accuracy=token_accuracy(true_ids, pred_ids, mask),
         exact_match=exact_match(true_ids, pred_ids, mask),
-        pii_recovery=None if pii is None else pii_recovery(pii, hypotheses),
+        pii_recovery=None if pii is None else pii_recovery(pii, hypotheses, references=references),
     )

@@ -63,7 +63,8 @@ def step_times(model_name: str, batch_size: int, max_length: int, reps: int, spe
     central.requires_grad_(False)
     fam = family_of(central)
     torch.manual_seed(0)
-    inject_adapter_in_model(lora_config(ft, list(fam.lora_targets), fam), central)
+    names = fam.lora_attention if ft.targets == "attention" else fam.lora_targets
+    inject_adapter_in_model(lora_config(ft, list(names), fam), central)
     central.train()
     opt = torch.optim.AdamW([p for p in central.parameters() if p.requires_grad], lr=ft.lr)
 

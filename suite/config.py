@@ -70,6 +70,7 @@ class TrainingSection(_Section):
     server_finetune: Literal["lora", "full", "frozen"] = "lora"
     lora_rank: int = Field(default=8, ge=1)
     lora_alpha: int = Field(default=16, ge=1)
+    lora_targets: Literal["attention", "all"] = "attention"  # peft's default (q/v projections) or every linear
     fedavg_every: int = Field(default=0, ge=0)
     seed: int = 0
     head_blocks: int = Field(default=1, ge=0)  # for `splitleak train`; the matrix takes its splits below

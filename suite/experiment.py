@@ -20,7 +20,8 @@ from suite.transport import Transport
 
 def train_config(cfg: ExperimentConfig) -> TrainConfig:
     t = cfg.training
-    ft = FinetuneConfig(client=t.finetune, server=t.server_finetune, rank=t.lora_rank, alpha=t.lora_alpha, lr=t.lr)
+    ft = FinetuneConfig(client=t.finetune, server=t.server_finetune, rank=t.lora_rank, alpha=t.lora_alpha, lr=t.lr,
+                        targets=t.lora_targets)
     return TrainConfig(strategy=t.strategy, clients=t.clients, steps=t.steps, batch_size=t.batch_size,
                        fedavg_every=t.fedavg_every, seed=t.seed, finetune=ft)
 

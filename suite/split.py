@@ -73,7 +73,8 @@ class Family:
     pos_embed: str | None = None  # learned absolute positions (GPT-2)
     dropout: str | None = None  # embedding dropout
     rotary: str | None = None  # rotary embedding module (buffers only)
-    lora_targets: tuple[str, ...] = ()  # linear layers inside a block for LoRA
+    lora_targets: tuple[str, ...] = ()  # every linear layer inside a block (LoRA targets = "all")
+    lora_attention: tuple[str, ...] = ()  # peft's default targets for the family (LoRA targets = "attention")
     conv1d: bool = False  # GPT-2 stores linear weights transposed (Conv1D): LoRA needs fan_in_fan_out
 
 
@@ -87,6 +88,7 @@ FAMILIES: tuple[Family, ...] = (
         norm="norm",
         rotary="rotary_emb",
         lora_targets=_LLAMA_TARGETS,
+        lora_attention=("q_proj", "v_proj"),
     ),
     Family(
         "gpt2",
@@ -96,6 +98,7 @@ FAMILIES: tuple[Family, ...] = (
         pos_embed="wpe",
         dropout="drop",
         lora_targets=("c_attn", "c_proj", "c_fc"),
+        lora_attention=("c_attn",),
         conv1d=True,
     ),
     Family(
@@ -106,6 +109,7 @@ FAMILIES: tuple[Family, ...] = (
         dropout="emb_dropout",
         rotary="rotary_emb",
         lora_targets=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
+        lora_attention=("query_key_value",),
     ),
 )
 
@@ -300,9 +304,10 @@ def _check_partition(model: nn.Module, head: nn.Module, trunk: nn.Module, tail: 
         raise ModelError(f"split error: the parts hold {extra} parameters that the model does not")
 
 
-def lora_targets(part: nn.Module, fam: Family) -> list[str]:
-    """Module names to adapt with LoRA inside one part: its blocks' linear layers. An embedding-only head
-    has none and stays frozen under LoRA, as the input embedding does in ordinary LoRA fine-tuning (train it
-    with ``finetune = "full"``)."""
-    return [n for n, _ in part.named_modules() if n.rsplit(".", 1)[-1] in fam.lora_targets and ".layers." in f".{n}"]
-
+def lora_targets(part: nn.Module, fam: Family, which: str = "attention") -> list[str]:
+    """Module names to adapt with LoRA inside one part: its blocks' attention projections (peft's default
+    targets for the family, as FL-GLM uses) or, with ``which="all"``, every linear layer of its blocks. An
+    embedding-only head has none and stays frozen under LoRA, as the input embedding does in ordinary LoRA
+    fine-tuning (train it with ``finetune = "full"``)."""
+    names = fam.lora_attention if which == "attention" else fam.lora_targets
+    return [n for n, _ in part.named_modules() if n.rsplit(".", 1)[-1] in names and ".layers." in f".{n}"]

@@ -37,12 +37,15 @@ class FinetuneConfig:
     rank: int = 8
     alpha: int = 16
     lr: float = 1e-3
+    targets: str = "attention"  # LoRA on the attention projections (peft's default) or "all" linear layers
 
     def __post_init__(self) -> None:
         if self.client not in ("lora", "full", "frozen"):
             raise ConfigError(f"finetune client must be 'lora', 'full' or 'frozen', not {self.client!r}")
         if self.server not in ("lora", "full", "frozen"):
             raise ConfigError(f"finetune server must be 'lora', 'full' or 'frozen', not {self.server!r}")
+        if self.targets not in ("attention", "all"):
+            raise ConfigError(f"LoRA targets must be 'attention' or 'all', not {self.targets!r}")
         if self.rank < 1 or self.lr <= 0:
             raise ConfigError("finetune rank must be >= 1 and lr > 0")
 
@@ -123,7 +126,7 @@ def lora_config(ft: FinetuneConfig, targets: list[str], fam: Family) -> LoraConf
 
 
 def _lora(module: nn.Module, fam: Family, ft: FinetuneConfig, adapter: str = "default") -> None:
-    targets = lora_targets(module, fam)
+    targets = lora_targets(module, fam, ft.targets)
     if targets:
         with warnings.catch_warnings():
             # peft warns when a second adapter set joins a module: per_client does that on purpose.
@@ -174,7 +177,7 @@ def build_server(split: SplitModel, config: TrainConfig, transport: Transport) -
     if ft.server == "full":
         trunk.requires_grad_(True)
     elif ft.server == "lora":
-        if config.strategy == "per_client" and lora_targets(trunk, split.family):
+        if config.strategy == "per_client" and lora_targets(trunk, split.family, ft.targets):
             adapters = {i: f"client{i}" for i in range(config.clients)}
             for name in adapters.values():
                 _lora(trunk, split.family, ft, adapter=name)

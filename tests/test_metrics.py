@@ -127,6 +127,43 @@ def test_leakage_metrics_bundles_everything():
         true_ids=TRUE,
         pred_ids=PRED,
         mask=MASK,
-        pii=[{"name": "cat"}, {}, {"name": "Bob"}],
+        pii=[{"name": "cat"}, {}, {"name": "friend"}],
     )
-    assert with_pii.pii_recovery == pytest.approx(1 / 2)
+    assert with_pii.pii_recovery == pytest.approx(1.0)
+
+    # "Bob" never reached the wire (not in the reference), so it is left out rather than counted missed.
+    partial = leakage_metrics(
+        references=refs,
+        hypotheses=["the dog sat on the mat", "a b c d", "hello there my friend"],
+        true_ids=TRUE,
+        pred_ids=PRED,
+        mask=MASK,
+        pii=[{"name": "cat"}, {"name": "Bob"}, {"name": "friend"}],
+    )
+    assert partial.pii_recovery == pytest.approx(1 / 2)
+
+
+def test_identical_short_corpus_still_scores_100():
+    # Plain nltk BLEU-4 gives 31.6 here (no 4-grams); a perfect reconstruction must read as 100.
+    assert bleu4(["the cat"], ["the cat"]) == 100.0
+    assert bleu4(["the cat", "a dog"], ["the cat", "a dog"]) == 100.0
+    imperfect = bleu4(["the cat", "a dog"], ["the cat", "a cat"])
+    assert 0 < imperfect < 100
+
+
+def test_bleu_all_empty_is_zero_even_when_references_are_empty():
+    assert bleu4([""], [""]) == 0.0
+
+
+def test_pii_truncated_fields_are_left_out_with_references():
+    pii = [{"name": "John Smith", "phone": "555-0100"}]
+    sent = ["Patient John Smith, call"]  # phone was truncated away before it left the client
+    assert pii_recovery(pii, sent) == pytest.approx(1 / 2)
+    assert pii_recovery(pii, sent, references=sent) == pytest.approx(1.0)
+    assert pii_recovery([{"phone": "555-0100"}], ["x"], references=["y"]) is None
+    with pytest.raises(ValueError, match="pair up"):
+        pii_recovery(pii, sent, references=sent * 2)
+
+
+def test_pii_non_string_values_are_compared_as_text():
+    assert pii_hits({"account": 12345, "dob": None}, "account 12345") == {"account": True}
