@@ -157,6 +157,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     bar.close()
     print(f"{summary['cells']} cells ({summary['ran']} run now, {summary['cells'] - summary['ran']} already done, "
           f"{len(summary['skipped'])} left out) in {summary['groups']} training runs -> {args.out}/results.sqlite")
+    from reports.report import build_report
+
+    print(f"report -> {build_report(args.out)}")
     return 0
 
 
@@ -166,6 +169,13 @@ def cmd_results(args: argparse.Namespace) -> int:
 
     with open_store(args.dir, must_exist=True) as store:
         print(summary_table(store.rows()))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from reports.report import build_report
+
+    print(f"report -> {build_report(args.dir)}")  # no results store in DIR: a one-line error naming it
     return 0
 
 
@@ -233,6 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("results", help="print the results table of a run directory", epilog=EPILOG)
     p.add_argument("dir", metavar="DIR")
     p.set_defaults(func=cmd_results)
+
+    p = sub.add_parser("report", help="(re)build DIR/report.pdf from a run directory's results store",
+                       description="Writes DIR/report.pdf: the verdict per threat, the threat-model matrix, "
+                                   "leakage versus split depth, privacy versus utility, reconstructed samples, "
+                                   "attack costs and the methods.", epilog=EPILOG)
+    p.add_argument("dir", metavar="DIR", help="results directory (holds results.sqlite)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("baseline", help="print a baseline (metrics with tolerance bands) of a run as JSON")
     p.add_argument("dir", metavar="DIR")

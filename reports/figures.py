@@ -1,0 +1,117 @@
+"""The report's figures, drawn with matplotlib (Agg) and returned as PNG bytes (None when there is no data).
+
+* ``leakage_vs_split`` — BLEU-4 and ROUGE-1 per attack versus the client head depth k (k=0: embedding only),
+  no defense, as grouped bars so equal values do not hide each other;
+* ``privacy_utility`` — one panel per defense: the strongest attack's token accuracy versus the held-out loss,
+  one point per (parameters, k), with the undefended points in grey for reference.
+"""
+
+from __future__ import annotations
+
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from reports.tables import NO_DEFENSE  # noqa: E402
+
+MAX_BARS = 10  # above this many (attack, threat) pairs, bars show each attack's best over threats
+_DPI = 200
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=_DPI, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def leakage_vs_split(data: pd.DataFrame) -> bytes | None:
+    """``data``: ``tables.leakage_by_split`` (attack_label, threat_label, head_blocks, bleu4, rouge1)."""
+    if data.empty:
+        return None
+    if data[["attack_label", "threat_label"]].drop_duplicates().shape[0] > MAX_BARS:
+        data = data.groupby(["attack_label", "head_blocks"])[["bleu4", "rouge1"]].max().reset_index()
+        data["series"] = data["attack_label"] + " (best threat)"
+    else:
+        data = data.assign(series=data["attack_label"] + " (" + data["threat_label"] + ")")
+    series = list(dict.fromkeys(data["series"]))
+    splits = sorted(data["head_blocks"].unique())
+    width = 0.8 / len(series)
+    cmap = plt.get_cmap("tab10" if len(series) <= 10 else "tab20")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    for ax, metric, title in zip(axes, ("bleu4", "rouge1"), ("BLEU-4", "ROUGE-1"), strict=True):
+        for i, name in enumerate(series):
+            s = data[data["series"] == name].set_index("head_blocks")[metric]
+            xs = [j + (i - (len(series) - 1) / 2) * width for j, k in enumerate(splits) if k in s.index]
+            ys = [s[k] for k in splits if k in s.index]
+            ax.bar(xs, ys, width * 0.95, label=name, color=cmap(i % cmap.N))
+        ax.set_xticks(range(len(splits)))
+        ax.set_xticklabels([f"k={k}\n(embedding only)" if k == 0 else f"k={k}" for k in splits])
+        ax.set_title(f"{title} (no defense)")
+        ax.set_ylim(0, 105)
+        ax.set_xlabel("client head: embedding + k decoder blocks")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel("score (0–100, higher = more leakage)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(3, len(series)),
+               fontsize=8, frameon=False)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def privacy_utility(points: pd.DataFrame) -> bytes | None:
+    """``points``: ``tables.privacy_utility`` (defense, defense_label, head_blocks, token_accuracy, utility).
+
+    Colour = the defense's parameters, marker = the split k; grey = no defense, drawn in every panel.
+    """
+    points = points.dropna(subset=["token_accuracy", "utility"])
+    if points.empty:
+        return None
+    base = points[points["defense"] == NO_DEFENSE]
+    names = [d for d in dict.fromkeys(points["defense"]) if d != NO_DEFENSE] or [NO_DEFENSE]
+    cols = 2 if len(names) in (2, 4) else min(3, len(names))
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False, sharey=True)
+    splits = sorted(points["head_blocks"].unique())
+    marker = {k: _MARKERS[i % len(_MARKERS)] for i, k in enumerate(splits)}
+    cmap = plt.get_cmap("tab10")
+    xlo, xhi = points["utility"].min(), points["utility"].max()
+    pad = max((xhi - xlo) * 0.1, abs(xhi) * 0.01, 1e-3)
+    for ax, name in zip(axes.flat, names, strict=False):
+        ax.axhspan(0.5, 1.1, color="#d62728", alpha=0.06, lw=0)
+        ax.axhspan(-0.05, 0.1, color="#2ca02c", alpha=0.07, lw=0)
+        for k, g in base.groupby("head_blocks"):
+            ax.scatter(g["utility"], g["token_accuracy"], color="0.55", marker=marker[k], s=30, zorder=2)
+        mine = points[points["defense"] == name] if name != NO_DEFENSE else points.iloc[0:0]
+        for i, (label, g) in enumerate(mine.groupby("defense_label", sort=True)):
+            for k, gk in g.groupby("head_blocks"):
+                ax.scatter(gk["utility"], gk["token_accuracy"], color=cmap(i % 10), marker=marker[k], s=34,
+                           edgecolor="black", linewidth=0.4, zorder=3)
+            ax.plot([], [], color=cmap(i % 10), marker="o", ls="", label=label)
+        if not base.empty:
+            ax.plot([], [], color="0.55", marker="o", ls="", label="no defense")
+        ax.set_title(name, fontsize=10)
+        ax.set_xlim(xlo - pad, xhi + pad)
+        ax.set_ylim(-0.05, 1.1)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6.5, loc="best", framealpha=0.85)
+        ax.tick_params(labelsize=7)
+        ax.xaxis.set_major_locator(MaxNLocator(4))
+    for i, ax in enumerate(axes.flat[: len(names)]):
+        if i + cols >= len(names):  # the lowest panel of its column
+            ax.set_xlabel("held-out loss (lower = better utility)", fontsize=8)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("token accuracy of the\nstrongest attack", fontsize=8)
+    for ax in list(axes.flat)[len(names):]:
+        ax.set_visible(False)
+    handles = [plt.Line2D([], [], color="black", marker=marker[k], ls="", label=f"k={k}") for k in splits]
+    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=len(splits), fontsize=8,
+               frameon=False, title="marker = split (client head blocks)", title_fontsize=8)
+    fig.tight_layout()
+    return _png(fig)

@@ -1,0 +1,178 @@
+"""The results store reshaped for the report: labels, the strongest attack per threat and defense, the matrix,
+attack costs, and the run's config. Pure pandas; reads only what ``suite.store.load_results`` returns.
+
+"Strongest" means the highest token accuracy (ties broken by BLEU-4, then ROUGE-1) among finished cells.
+Nothing here knows attack or defense names except ``NO_DEFENSE``, the store's name for "no defense".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import pandas as pd
+
+from suite.store import METRICS
+
+NO_DEFENSE = "none"
+STRENGTH = ("token_accuracy", "bleu4", "rouge1")  # what "strongest attack" sorts by, in order
+
+
+def num(value: Any) -> float | None:
+    """A float, or None for missing values (None, NaN, non-numbers)."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(f) else f
+
+
+def _params(p: Any) -> dict[str, Any]:
+    if isinstance(p, str):
+        try:
+            p = json.loads(p)
+        except ValueError:
+            return {"": p}
+    return p if isinstance(p, dict) else {}
+
+
+def _value(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def param_label(name: Any, params: Any) -> str:
+    """``dp_gaussian (clip=1, sigma=0.5)``; just the name without parameters. The space lets table cells
+    wrap before the parameters."""
+    p = _params(params)
+    name = "?" if name is None or (isinstance(name, float) and math.isnan(name)) else str(name)
+    return name if not p else f"{name} ({', '.join(f'{k}={_value(v)}' for k, v in sorted(p.items()))})"
+
+
+def prepare(df: pd.DataFrame) -> pd.DataFrame:
+    """The store with derived columns: ``defense_label``, ``attack_label``, ``split`` (k or k/m), ``ok``."""
+    df = df.copy()
+    for col in (*METRICS, "utility", "attack_seconds", "attack_peak_rss_mib"):
+        df[col] = pd.to_numeric(df[col], errors="coerce")
+    df["defense_label"] = [param_label(n, p) for n, p in zip(df["defense"], df["defense_params"], strict=True)]
+    df["attack_label"] = [param_label(n, p) for n, p in zip(df["attack"], df["attack_params"], strict=True)]
+    df["ok"] = df["status"] == "ok"
+    df["head_blocks"] = pd.to_numeric(df["head_blocks"], errors="coerce").fillna(-1).astype(int)
+    tails = pd.to_numeric(df["tail_blocks"], errors="coerce")
+    show_tail = tails.nunique(dropna=True) > 1
+    df["split"] = [f"k={k}" + (f", m={int(m)}" if show_tail and not math.isnan(m) else "")
+                   for k, m in zip(df["head_blocks"], tails, strict=True)]
+    if df["model"].nunique(dropna=True) > 1:  # one store, several models: keep them apart everywhere
+        df["threat_label"] = df["model"].astype(str) + ": " + df["threat"].astype(str)
+    else:
+        df["threat_label"] = df["threat"].astype(str)
+    return df
+
+
+def defense_order(df: pd.DataFrame) -> list[str]:
+    """Defense labels: no defense first, then by name and parameters."""
+    labels = df[["defense", "defense_label"]].drop_duplicates()
+    labels = labels.assign(first=labels["defense"] != NO_DEFENSE).sort_values(["first", "defense_label"])
+    return list(dict.fromkeys(labels["defense_label"]))
+
+
+def threat_order(df: pd.DataFrame, known: list[str]) -> list[str]:
+    """Threat labels in the order of ``known`` (the presets), unknown ones after."""
+    rank = {t: i for i, t in enumerate(known)}
+    pairs = df[["threat", "threat_label"]].drop_duplicates()
+    pairs = pairs.assign(r=[rank.get(t, len(rank)) for t in pairs["threat"]]).sort_values(["r", "threat_label"])
+    return list(dict.fromkeys(pairs["threat_label"]))
+
+
+def strongest(cells: pd.DataFrame) -> pd.Series | None:
+    """The finished cell with the most leakage, or None when none finished."""
+    ok = cells[cells["ok"]]
+    if ok.empty:
+        return None
+    return ok.sort_values(list(STRENGTH), ascending=False, na_position="last").iloc[0]
+
+
+def verdict_cells(df: pd.DataFrame, threats: list[str]) -> list[dict[str, Any]]:
+    """One entry per (threat, defense): the strongest cell (or None), counts, the first error, and the
+    strongest token accuracy per split."""
+    out = []
+    for threat in threats:
+        t = df[df["threat_label"] == threat]
+        for defense in defense_order(t):
+            cells = t[t["defense_label"] == defense]
+            failed = cells[~cells["ok"]]
+            by_split = {s: num(g["token_accuracy"].max()) for s, g in
+                        cells[cells["ok"]].sort_values("head_blocks").groupby("split", sort=False)}
+            out.append({
+                "threat": threat, "defense": defense, "is_none": bool((cells["defense"] == NO_DEFENSE).all()),
+                "best": strongest(cells), "n": len(cells), "failed": len(failed),
+                "error": None if failed.empty else str(failed.iloc[0]["error"]), "by_split": by_split,
+            })
+    return out
+
+
+def matrix_rows(df: pd.DataFrame, threats: list[str]) -> pd.DataFrame:
+    """Every cell, sorted split → threat → attack → defense."""
+    rank = {t: i for i, t in enumerate(threats)}
+    dorder = {d: i for i, d in enumerate(defense_order(df))}
+    return (df.assign(_t=[rank.get(t, len(rank)) for t in df["threat_label"]],
+                      _d=[dorder[d] for d in df["defense_label"]])
+              .sort_values(["model", "head_blocks", "tail_blocks", "_t", "attack_label", "_d"])
+              .drop(columns=["_t", "_d"]))
+
+
+def cost_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """Per attack and split: cells, mean and max seconds, max peak RSS (finished cells only)."""
+    ok = df[df["ok"]]
+    if ok.empty:
+        return pd.DataFrame(columns=["attack_label", "split", "cells", "mean_s", "max_s", "rss"])
+    g = ok.sort_values("head_blocks").groupby(["attack_label", "head_blocks", "split"], sort=True)
+    return g.agg(cells=("key", "size"), mean_s=("attack_seconds", "mean"), max_s=("attack_seconds", "max"),
+                 rss=("attack_peak_rss_mib", "max")).reset_index()
+
+
+def leakage_by_split(df: pd.DataFrame) -> pd.DataFrame:
+    """Undefended finished cells: the best BLEU-4 / ROUGE-1 per (attack, threat, split)."""
+    ok = df[df["ok"] & (df["defense"] == NO_DEFENSE)]
+    return (ok.groupby(["attack_label", "threat_label", "head_blocks"], sort=True)[["bleu4", "rouge1"]]
+              .max().reset_index())
+
+
+def privacy_utility(df: pd.DataFrame) -> pd.DataFrame:
+    """One point per (defense, parameters, split): the strongest attack's token accuracy and the utility."""
+    ok = df[df["ok"]]
+    cols = ["defense", "defense_label", "head_blocks", "token_accuracy", "utility"]
+    if ok.empty:
+        return pd.DataFrame(columns=cols)
+    g = ok.groupby(["defense", "defense_label", "head_blocks"], sort=True)
+    return g.agg(token_accuracy=("token_accuracy", "max"), utility=("utility", "mean")).reset_index()[cols]
+
+
+def defense_reports(df: pd.DataFrame) -> list[tuple[str, dict[str, Any]]]:
+    """What each defense configuration measured or guarantees (from its latest finished cell)."""
+    out = []
+    for label in defense_order(df):
+        rows = df[(df["defense_label"] == label) & df["ok"]].sort_values("finished_at")
+        rep = next((r for r in reversed(rows["defense_report"].tolist()) if isinstance(r, dict) and r), None)
+        out.append((label, rep or {}))
+    return out
+
+
+def run_info(df: pd.DataFrame) -> dict[str, Any]:
+    """The latest row's config and versions, and how many distinct ones the store holds."""
+    latest = df.sort_values("finished_at", na_position="first")
+
+    def pick(col: str) -> tuple[dict[str, Any], int]:
+        vals = [v for v in latest[col].tolist() if isinstance(v, dict)]
+        distinct = {json.dumps(v, sort_keys=True, default=str) for v in vals}
+        return (vals[-1] if vals else {}), len(distinct)
+
+    config, n_configs = pick("config")
+    versions, n_versions = pick("versions")
+    return {
+        "models": sorted({f"{m} (revision {r})" for m, r in zip(df["model"], df["revision"], strict=True)}),
+        "config": config, "n_configs": n_configs, "versions": versions, "n_versions": n_versions,
+        "cells": len(df), "ok": int(df["ok"].sum()), "failed": int((~df["ok"]).sum()),
+    }
