@@ -2,32 +2,44 @@
 
 The default private corpus is generated personal records (``faker``, seeded): each record is one or two
 natural sentences carrying PII (name, email, phone, address, date of birth, account/ID number, medical
-condition), and keeps its PII fields so PII recovery can be scored. Shadow data — the public text an
-attacker trains on — is generated with another seed and never shares a text or a PII value with the
-private set.
+condition) and keeps its PII values, so PII recovery can be scored against the exact strings in the text.
+Shadow data — the public text an attacker trains on — is generated with another seed and contains no private
+text and no private PII value, so anything an attack recovers came through the split, not the shadow set.
 """
 
 from __future__ import annotations
 
 import random
+import re
 import types
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from faker import Faker
 
 from suite.errors import DataError
+
+if TYPE_CHECKING:  # torch is slow to import and only tokenize's callers need it
+    import torch
 
 PII_FIELDS = ("name", "email", "phone", "address", "dob", "account", "condition")
 
 
 @dataclass(frozen=True)
 class Record:
+    """One example. ``pii`` maps a field to the exact string in ``text``; empty for file and hub data."""
+
     text: str
-    pii: Mapping[str, str] = field(default_factory=lambda: types.MappingProxyType({}))
+    pii: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        # Frozen all the way down: a record is ground truth for metrics, nothing may edit it in place.
+        object.__setattr__(self, "pii", types.MappingProxyType(dict(self.pii)))
+
+    def __hash__(self) -> int:  # MappingProxyType is unhashable; records go into sets and dict keys
+        return hash((self.text, tuple(sorted(self.pii.items()))))
 
 
 CONDITIONS = (
@@ -40,7 +52,8 @@ CONDITIONS = (
     "schizophrenia", "cystic fibrosis", "sickle cell disease", "tuberculosis", "long COVID",
 )
 
-# Each template names the fields it uses; order and phrasing vary so an attacker cannot rely on position.
+# Fields, their order and the phrasing vary, so an attack cannot rely on a PII value's position. Kept short:
+# most records are 25-60 tokens for a GPT-style tokenizer.
 TEMPLATES = (
     "Patient {name} (DOB {dob}) was seen for {condition}; call them at {phone}.",
     "Please wire the refund to account {account} for {name}, {address}.",
@@ -57,17 +70,31 @@ TEMPLATES = (
     "{name} called from {phone} to update the email on file to {email}.",
     "Emergency contact for {name} (born {dob}) is reachable at {phone}.",
     "Case {account}: {name} reports worsening {condition} since last month.",
+    "We could not verify {name}. The date of birth {dob} does not match account {account}.",
+    "{name} asked us to move the appointment. Email the new time to {email}.",
+    "Lost card reported on account {account}. A replacement goes to {address}.",
 )
 
 
-def _values(fake: Faker, rng: random.Random) -> dict[str, str]:
-    name = fake.name()
-    user = name.lower().replace(" ", rng.choice([".", "_", ""])).replace("'", "")
+def _us_values(fake: Faker, rng: random.Random) -> tuple[str, str, str]:
+    """Name-independent US phone and single-line civilian address (faker's own may give military ones)."""
+    phone = fake.numerify(rng.choice(["(%##) %##-####", "%##-%##-####", "+1 %##-%##-####"]))
+    address = f"{fake.street_address()}, {fake.city()}, {fake.state_abbr(include_territories=False)} {fake.zipcode()}"
+    return phone, address, fake.free_email_domain()
+
+
+def _values(fake: Faker, rng: random.Random, us: bool) -> dict[str, str]:
+    first, last = fake.first_name(), fake.last_name()
+    if us:
+        phone, address, domain = _us_values(fake, rng)
+    else:
+        phone, address, domain = fake.phone_number(), fake.address().replace("\n", ", "), fake.free_email_domain()
+    user = rng.choice([".", "_", ""]).join(re.sub(r"[^a-z]", "", s.lower()) or "x" for s in (first, last))
     return {
-        "name": name,
-        "email": f"{user}{rng.randint(1, 99)}@{fake.free_email_domain()}",
-        "phone": fake.numerify(rng.choice(["(###) ###-####", "###-###-####", "+1 ###-###-####"])),
-        "address": fake.address().replace("\n", ", "),
+        "name": f"{first} {last}",
+        "email": f"{user}{rng.randint(1, 99)}@{domain}",
+        "phone": phone,
+        "address": address,
         "dob": fake.date_of_birth(minimum_age=18, maximum_age=90).strftime(
             rng.choice(["%m/%d/%Y", "%Y-%m-%d", "%B %d, %Y"])
         ),
@@ -76,11 +103,10 @@ def _values(fake: Faker, rng: random.Random) -> dict[str, str]:
     }
 
 
-def _record(fake: Faker, rng: random.Random) -> Record:
+def _record(fake: Faker, rng: random.Random, us: bool) -> Record:
     template = rng.choice(TEMPLATES)
-    values = _values(fake, rng)
-    used = {k: v for k, v in values.items() if "{" + k + "}" in template}
-    return Record(template.format(**values), types.MappingProxyType(used))
+    values = _values(fake, rng, us)
+    return Record(template.format(**values), {k: v for k, v in values.items() if "{" + k + "}" in template})
 
 
 def _generate(size: int, seed: int, locale: str, avoid: Sequence[Record]) -> list[Record]:
@@ -89,72 +115,90 @@ def _generate(size: int, seed: int, locale: str, avoid: Sequence[Record]) -> lis
     fake = Faker(locale)
     fake.seed_instance(seed)
     rng = random.Random(seed)
+    us = locale == "en_US"
     texts = {r.text for r in avoid}
-    values = {v for r in avoid for v in r.pii.values()} - set(CONDITIONS)  # conditions are a small public list
+    # Conditions come from a short public list, so sharing one is not a leak; every other private value
+    # must not occur anywhere in a new text (a substring check also catches e.g. a name inside an email).
+    secrets = sorted({v for r in avoid for k, v in r.pii.items() if k != "condition"})
     out: list[Record] = []
-    while len(out) < size:
-        rec = _record(fake, rng)
-        own = set(rec.pii.values()) - set(CONDITIONS)
-        if rec.text in texts or own & values:
-            continue  # a collision with the set to avoid (or with itself): draw again
+    for _ in range(50 * size + 1000):
+        rec = _record(fake, rng, us)
+        if rec.text in texts or any(s in rec.text for s in secrets):
+            continue  # a collision with the set to avoid (or a duplicate): draw again
         texts.add(rec.text)
-        if avoid:
-            values |= own
         out.append(rec)
-    return out
+        if len(out) == size:
+            return out
+    raise DataError(f"cannot generate {size} records that avoid the private set; use a smaller size")
 
 
 def generate_records(size: int, seed: int, *, locale: str = "en_US") -> list[Record]:
-    """``size`` generated personal records, identical for the same seed in any process."""
+    """``size`` distinct generated personal records, identical for the same seed in any process."""
     return _generate(size, seed, locale, ())
 
 
 def generate_shadow(size: int, seed: int, *, private: Sequence[Record]) -> list[Record]:
-    """Records from the same generator with another seed, sharing no text and no PII value with ``private``."""
+    """Records from the same templates with another seed, containing no text and no PII value of ``private``."""
     return _generate(size, seed, "en_US", private)
 
 
+def _reason(err: BaseException) -> str:
+    """The first line of the innermost cause: ``datasets`` wraps the useful parser error in a generic one."""
+    while err.__cause__ is not None or err.__context__ is not None:
+        err = err.__cause__ or err.__context__
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:200]}" if text else type(err).__name__
+
+
+def _texts(ds, column: str, where: str) -> list[str]:
+    if column not in ds.column_names:
+        raise DataError(f"{where} has no column '{column}'; columns are: {', '.join(ds.column_names)} "
+                        "— set text_field")
+    texts = [str(t).strip() for t in ds[column] if t is not None]
+    texts = [t for t in texts if t]
+    if not texts:
+        raise DataError(f"{where} has no non-empty text in column '{column}'; check the file or text_field")
+    return texts
+
+
+def _check_limit(limit: int | None) -> None:
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise DataError(f"limit must be a whole number >= 1, got {limit!r}")
+
+
 def load_file(path: str | Path, *, text_field: str = "text", limit: int | None = None) -> list[Record]:
-    """Texts from a local CSV, JSON-lines or TXT file (one example per non-empty line), via ``datasets``."""
+    """Texts from a local CSV, JSON-lines/JSON or TXT file (one example per line), in file order."""
+    _check_limit(limit)
     p = Path(path).expanduser()
     kinds = {".csv": "csv", ".jsonl": "json", ".json": "json", ".txt": "text"}
     if not p.is_file():
-        raise DataError(f"data file {p} not found")
+        raise DataError(f"data file {p} not found; check the path")
     kind = kinds.get(p.suffix.lower())
     if kind is None:
         raise DataError(f"data file {p} has an unknown type '{p.suffix}'; use .csv, .jsonl, .json or .txt")
-    import datasets
+    import datasets  # slow to import; only file and hub corpora need it
 
     datasets.disable_progress_bars()
     try:
         ds = datasets.load_dataset(kind, data_files=str(p), split="train", keep_in_memory=True)
-    except Exception as err:  # garbled CSV/JSON, encoding errors: one line, not a traceback
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise DataError(f"cannot read data file {p}: {first}") from None
-    column = "text" if kind == "text" else text_field
-    if column not in ds.column_names:
-        raise DataError(f"data file {p} has no column '{column}'; columns are: {', '.join(ds.column_names)} "
-                        f"- set text_field")
-    texts = [str(t).strip() for t in ds[column] if t is not None and str(t).strip()]
-    if not texts:
-        raise DataError(f"data file {p} has no non-empty text in column '{column}'")
+    except Exception as err:  # garbled CSV/JSON, wrong encoding: one line, not a traceback
+        raise DataError(f"cannot read data file {p} as {p.suffix[1:].upper()}: {_reason(err)}") from None
+    texts = _texts(ds, "text" if kind == "text" else text_field, f"data file {p}")
     return [Record(t) for t in texts[:limit]]
 
 
 def load_hub(name: str, *, split: str = "train", text_field: str = "text", limit: int | None = None,
              config: str | None = None) -> list[Record]:
-    """Texts from a hub dataset (needs network access or the datasets cache)."""
+    """Texts from a hub dataset; needs network access or the ``datasets`` cache."""
+    _check_limit(limit)
     import datasets
 
+    datasets.disable_progress_bars()
     try:
         ds = datasets.load_dataset(name, config, split=split)
     except Exception as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
-        raise DataError(f"cannot load hub dataset '{name}' (offline?): {first}; use a local file") from None
-    if text_field not in ds.column_names:
-        raise DataError(f"hub dataset '{name}' has no column '{text_field}'; columns are: "
-                        f"{', '.join(ds.column_names)}")
-    texts = [str(t).strip() for t in ds[text_field] if t is not None and str(t).strip()]
+        raise DataError(f"cannot load hub dataset '{name}' (offline?): {_reason(err)}; use a local file") from None
+    texts = _texts(ds, text_field, f"hub dataset '{name}' (split '{split}')")
     return [Record(t) for t in texts[:limit]]
 
 
@@ -166,32 +210,40 @@ _SPEC_KEYS = {
 
 
 def load_corpus(spec: Mapping[str, Any], *, avoid: Sequence[Record] = ()) -> list[Record]:
-    """A corpus from a config spec; with ``avoid``, nothing in the result overlaps it (for shadow data)."""
+    """A corpus from a config spec; nothing in it overlaps ``avoid`` (the private set, when loading shadow data)."""
     kinds = [k for k in _SPEC_KEYS if k in spec]
     if len(kinds) != 1:
         raise DataError("a corpus needs exactly one of 'generator', 'path' or 'hub'")
     kind = kinds[0]
-    unknown = set(spec) - _SPEC_KEYS[kind]
+    unknown = sorted(set(spec) - _SPEC_KEYS[kind])
     if unknown:
-        raise DataError(f"unknown corpus key '{sorted(unknown)[0]}' for a {kind} corpus")
+        raise DataError(f"unknown corpus key '{unknown[0]}' for a {kind} corpus; "
+                        f"allowed: {', '.join(sorted(_SPEC_KEYS[kind]))}")
     if kind == "generator":
         if spec["generator"] != "records":
             raise DataError(f"unknown generator '{spec['generator']}'; the generator is 'records'")
         if "size" not in spec:
             raise DataError("a generated corpus needs 'size'")
-        return _generate(int(spec["size"]), int(spec.get("seed", 0)), "en_US", avoid)
+        if not all(isinstance(spec.get(k, 0), int) for k in ("size", "seed")):
+            raise DataError("corpus 'size' and 'seed' must be whole numbers")
+        return _generate(spec["size"], spec.get("seed", 0), "en_US", avoid)
+    limit = spec.get("limit")
+    _check_limit(limit)
     if kind == "path":
-        records = load_file(spec["path"], text_field=spec.get("text_field", "text"), limit=None)
+        records = load_file(spec["path"], text_field=spec.get("text_field", "text"))
     else:
         records = load_hub(spec["hub"], split=spec.get("split", "train"), text_field=spec.get("text_field", "text"),
                            config=spec.get("config"))
+    # Limit after filtering, so a shadow file that overlaps the private set still yields `limit` records.
     texts = {r.text for r in avoid}
-    records = [r for r in records if r.text not in texts]
-    return records[: spec.get("limit")]
+    kept = [r for r in records if r.text not in texts]
+    if not kept:
+        raise DataError(f"every text in corpus '{spec[kind]}' is also in the private set; use different data")
+    return kept[:limit]
 
 
 def shard(records: Sequence[Record], clients: int) -> list[list[Record]]:
-    """``clients`` disjoint contiguous shards whose sizes differ by at most one."""
+    """``clients`` disjoint contiguous shards whose sizes differ by at most one (earlier shards get the extra)."""
     if clients < 1:
         raise DataError(f"need at least one client, got {clients}")
     if clients > len(records):
@@ -207,10 +259,18 @@ def shard(records: Sequence[Record], clients: int) -> list[list[Record]]:
 
 
 def tokenize(records: Sequence[Record], tokenizer, max_length: int) -> dict[str, torch.Tensor]:
-    """Right-padded, truncated token ids, the padding mask, and causal-LM labels (-100 on padding)."""
+    """Right-padded, truncated token ids, the padding mask, and causal-LM labels (-100 on padding).
+
+    Padding is forced to the right whatever the tokenizer's default, so position i means the same token
+    position in every row; labels are masked by the attention mask, not by the pad id, which may equal EOS.
+    """
+    if max_length < 1:
+        raise DataError(f"max_length must be >= 1, got {max_length}")
+    if tokenizer.pad_token_id is None:
+        raise DataError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos token)")
     enc = tokenizer(
         [r.text for r in records], padding="max_length", truncation=True, max_length=max_length,
-        return_tensors="pt",
+        padding_side="right", return_tensors="pt",
     )
     ids = enc["input_ids"].long()
     mask = enc["attention_mask"].long()
