@@ -139,10 +139,10 @@ def cmd_attack(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from suite.config import load_config
+    from suite.config import DEFAULT_MATRIX, load_config
     from suite.matrix import expand, run_matrix
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config if args.config else DEFAULT_MATRIX)
     cells, skipped = expand(cfg)  # validate before loading anything
     for cell, reason in skipped:
         print(f"left out: {cell.label()}: {reason}", file=sys.stderr)

@@ -118,6 +118,9 @@ def parse_config(data: dict[str, Any], source: str = "config") -> ExperimentConf
         raise ConfigError(_one_line(err, source)) from None
 
 
+DEFAULT_MATRIX = Path(__file__).with_name("default_matrix.toml")
+
+
 def load_config(path: str | Path | None = None) -> ExperimentConfig:
     """Read and validate a TOML config; ``None`` gives the embedded default."""
     if path is None:

@@ -144,3 +144,15 @@ def test_results_command_prints_the_table(tmp_path, capsys):
     assert "nearest_embedding" in out and "token_accuracy" in out
     assert main(["results", str(tmp_path / "nothing")]) == 2
     assert "no results store" in capsys.readouterr().err
+
+
+def test_embedded_default_matrix_is_valid():
+    from suite.config import DEFAULT_MATRIX, load_config
+
+    cfg = load_config(DEFAULT_MATRIX)
+    cells, skipped = expand(cfg)
+    assert cfg.model.name == "smollm2-135m" and cfg.matrix.splits == [0, 1, 2]
+    assert {c.threat for c in cells} == {"curious_server", "malicious_server", "colluding_client", "eavesdropper",
+                                         "peer_client"}
+    assert {c.defense for c in cells} == {"none", "encryption", "dp_gaussian", "nopeek"}
+    assert skipped  # e.g. fsha needs control of the server

@@ -1,0 +1,211 @@
+"""Label inversion from the gradients the client tail returns to the server (backward leakage; cf. the
+gradient-side inverters of BiSR, CCS 2024, and analytic label recovery from the last layer, iDLG).
+
+In causal-LM fine-tuning the labels *are* the input shifted by one, so whoever sees the tail's gradient sees
+the inputs. Notation for one batch: ``H`` [B, T, D] is the trunk output (= tail input), ``Z = blocks(H)`` the
+tail blocks' output, ``N = norm(Z)``, ``logits = W N``, and the loss is the mean cross-entropy over the
+``n = sum(mask[:, 1:])`` real targets: ``L = (1/n) sum_t CE(logits_t, y_{t+1})``. The server receives
+
+    G = dL/dH = (1/n) sum_t J_t^T (p_t - e_{y_{t+1}}),   J_t = d logits_t / dH,  p_t = softmax(logits_t).
+
+The attacker (the server) recomputes ``H`` from the head output it received with the public trunk, runs the
+public tail, and computes the *known* part ``A = (1/n) sum_t J_t^T p_t`` with one backward pass of
+``(1/n) sum_t <stopgrad(p_t), logits_t>``. Then
+
+    R = A - G = d/dH (1/n) sum_t logits_t[y_{t+1}]
+
+is the gradient of the true-label logits alone. (Decoding ``G`` directly fails exactly where the model is
+confident and right: ``p_t - e_y`` vanishes there; ``R`` does not.)
+
+Undoing the tail blocks. ``R = Bᵀ R_Z`` where ``B = dZ/dH`` is the blocks' Jacobian (it mixes positions
+through attention) and ``R_Z[t] = (1/n) J_norm(z_t)ᵀ W_{y_{t+1}}`` holds one label per position. Blocks are
+residual (``B ≈ I``), so ``R_Z`` is recovered by Richardson iteration ``x ← x + (R - Bᵀ x)`` — one
+vector-Jacobian product of the tail blocks per step (``solve_steps``; 0 = the first-order guess ``x = R``).
+
+Decoding a position. The final norm is ``s ⊙ P z / σ (+ b)``: a per-dimension scale ``s``, ``σ`` the RMS (or
+standard deviation), and ``P`` removing the direction of ``z`` (and, for LayerNorm, the mean). So
+``n σ_t R_Z[t] = P_t (s ⊙ W_y)`` exactly, and the label is the nearest candidate,
+``argmin_y ||u_t - P_t a_y||²`` with ``u_t = n σ_t R_Z[t]`` and ``a_y = s ⊙ W_y`` — two [D × V] products per
+position batch, nothing learned, no shadow data.
+
+Alignment: the gradient at position ``t`` gives the token at ``t + 1``; padding targets carry no loss and are
+skipped. Position 0 never appears as a label: its token is taken from the activations instead — the head
+output at position 0 depends on token 0 only (causal attention), so the public head is run on each of a few
+candidates (the first tokens of shadow text if granted, plus the nearest input-embedding rows) and the best
+match (cosine) is kept.
+
+Approximations, which is where the attack loses accuracy: the recomputed ``H`` and the public tail miss the
+victims' and the server's LoRA updates (the colluder's fine-tuned tail is used when granted, which is
+closer); ``p`` therefore differs slightly from the victim's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from attacks._common import decode_rows, token_embeddings, without_positions
+from suite.attack import Attack, AttackConfig, Reconstruction, register_attack
+from suite.split import ClientHead, ClientTail, position_ids_for, split_model
+from suite.threats import Capability, Observations
+
+
+@dataclass(frozen=True)
+class GradientInversionConfig(AttackConfig):
+    solve_steps: int = 8  # Richardson steps undoing the tail blocks' Jacobian (0 = first-order)
+    first_token_candidates: int = 64  # nearest-embedding candidates for the token at position 0
+    use_colluder: bool = True  # use the colluder's fine-tuned tail/head when COLLUDER_WEIGHTS is granted
+
+    def __post_init__(self) -> None:
+        if self.solve_steps < 0 or self.first_token_candidates < 0:
+            raise ValueError("solve_steps and first_token_candidates must be >= 0")
+
+
+@dataclass(frozen=True)
+class NormShape:
+    """What the decoder needs of the tail's final norm ``s ⊙ P z / σ (+ b)``."""
+
+    scale: torch.Tensor  # [D] the per-dimension scale s
+    centered: bool  # LayerNorm (subtracts the mean) rather than RMSNorm
+    eps: float
+
+    @staticmethod
+    def of(norm: nn.Module, dim: int) -> NormShape:
+        centered = isinstance(norm, nn.LayerNorm)
+        eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-6)))
+        # A ±1 probe has mean 0 and RMS 1, so norm(probe) - norm(-probe) = 2 s ⊙ probe for either kind
+        # (and whatever parametrisation of s the family uses, e.g. Gemma's 1 + w).
+        probe = torch.ones(dim)
+        probe[1::2] = -1
+        with torch.no_grad():
+            scale = (norm(probe[None]) - norm(-probe[None]))[0].float() / (2 * probe)
+        return NormShape(scale, centered, eps)
+
+    def sigma(self, z: torch.Tensor) -> torch.Tensor:
+        if self.centered:
+            return (z.var(-1, unbiased=False) + self.eps).sqrt()
+        return (z.pow(2).mean(-1) + self.eps).sqrt()
+
+
+def decode_labels(u: torch.Tensor, z: torch.Tensor, rows: torch.Tensor, shape: NormShape,
+                  chunk: int = 512) -> torch.Tensor:
+    """For each position (rows of ``u`` and ``z``, [P, D]): the label ``y`` minimising ``||u - P_z a_y||²`` with
+    ``a_y = s ⊙ W_y`` (``rows`` = W, [V, D]) and ``P_z`` the projection the norm's Jacobian applies at ``z``."""
+    a = rows.float() * shape.scale  # [V, D]
+    a_sq = a.pow(2).sum(-1)  # [V]
+    a_mean = a.mean(-1) * a.shape[-1] ** 0.5  # component along the unit vector 1/√D (LayerNorm only)
+    zc = z - z.mean(-1, keepdim=True) if shape.centered else z
+    zhat = F.normalize(zc.float(), dim=-1)
+    out = torch.empty(u.shape[0], dtype=torch.long)
+    for lo in range(0, u.shape[0], chunk):
+        uu, zz = u[lo : lo + chunk].float(), zhat[lo : lo + chunk]
+        if shape.centered:
+            uu = uu - uu.mean(-1, keepdim=True)
+        proj = zz @ a.T  # [P, V]
+        norm_sq = a_sq - proj.pow(2) - (a_mean.pow(2) if shape.centered else 0)  # ||P a_y||²
+        # u lies in the range of P, so <u, P a_y> = <u, a_y>.
+        out[lo : lo + chunk] = (2 * (uu @ a.T) - norm_sq).argmax(-1)
+    return out
+
+
+def label_gradient(tail: ClientTail, trunk_out: torch.Tensor, mask: torch.Tensor, grad: torch.Tensor,
+                   solve_steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(R_Z, Z, n)``: the gradient of the mean true-label logit w.r.t. the tail blocks' output ``Z`` (from the
+    observed gradient ``grad`` w.r.t. the tail input), ``Z`` itself, and the number of targets ``n``."""
+    positions = position_ids_for(mask)
+    h = trunk_out.detach().float().requires_grad_(True)
+    z = tail.blocks(h, mask, positions)
+    z_leaf = z.detach().requires_grad_(True)
+    logits = tail.lm_head(tail.norm(z_leaf)).float()[:, :-1]
+    targets = mask[:, 1:].float()
+    n = targets.sum().clamp_min(1.0)
+    p = torch.softmax(logits, dim=-1).detach()
+    known_z = torch.autograd.grad(((p * logits).sum(-1) * targets).sum() / n, z_leaf)[0]  # A in Z-space
+
+    def vjp(x: torch.Tensor) -> torch.Tensor:  # Bᵀ x
+        return torch.autograd.grad(z, h, x, retain_graph=True)[0]
+
+    # Observed G = Bᵀ (A_Z - R_Z)  =>  solve Bᵀ g_z = G, then R_Z = A_Z - g_z.
+    g = grad.float()
+    g_z = g.clone()
+    if len(tail.blocks.layers):
+        for _ in range(solve_steps):
+            g_z = g_z + (g - vjp(g_z))
+    return known_z - g_z, z.detach(), n
+
+
+@register_attack("gradient_inversion")
+class GradientInversionAttack(Attack):
+    requires = frozenset({Capability.ACTIVATIONS, Capability.GRADIENTS, Capability.BASE_WEIGHTS})
+    Config = GradientInversionConfig
+
+    def reconstruct(self, obs: Observations) -> Reconstruction:
+        cfg = self.config
+        torch.manual_seed(cfg.seed)
+        if not obs.batches or any(b.gradient is None for b in obs.batches):
+            raise ValueError("gradient_inversion needs the tail's gradients for every observed batch")
+        model = obs.base_model()
+        model.requires_grad_(False)
+        model.eval()
+        parts = split_model(model, obs.spec)
+        head, trunk, tail = parts.client_head, parts.server_trunk, parts.client_tail
+        if cfg.use_colluder and obs.colluder_head_tail is not None:
+            head, tail = obs.colluder_head_tail()
+            head.requires_grad_(False)
+            tail.requires_grad_(False)
+            head.eval()
+            tail.eval()
+        rows = tail.lm_head.weight.detach().float()  # [V, D]
+        shape = NormShape.of(tail.norm, rows.shape[1])
+        first = FirstToken(head, obs, cfg.first_token_candidates)
+
+        length = max(b.hidden.shape[1] for b in obs.batches)
+        all_ids, all_masks = [], []
+        for b in obs.batches:
+            mask = b.attention_mask
+            with torch.no_grad():
+                trunk_out = trunk(b.hidden.float(), mask, position_ids_for(mask))
+            r_z, z, n = label_gradient(tail, trunk_out, mask, b.gradient, cfg.solve_steps)
+            u = r_z * n * shape.sigma(z).unsqueeze(-1)
+            labels = decode_labels(u[:, :-1].reshape(-1, u.shape[-1]), z[:, :-1].reshape(-1, z.shape[-1]), rows, shape)
+            ids = torch.zeros_like(mask, dtype=torch.long)
+            ids[:, 1:] = labels.reshape(mask.shape[0], -1)  # gradient at t -> token at t + 1
+            ids[:, 0] = first.guess(b.hidden.float()[:, 0], mask)
+            all_ids.append(F.pad(ids, (0, length - ids.shape[1])))
+            all_masks.append(F.pad(mask, (0, length - mask.shape[1])))
+        ids, mask = torch.cat(all_ids), torch.cat(all_masks)
+        ids = ids.masked_fill(mask == 0, 0)
+        return Reconstruction(ids, decode_rows(obs.tokenizer, ids, mask))
+
+
+class FirstToken:
+    """The token at position 0 from the head output there, which depends on that token alone (causal
+    attention): run the head on each candidate as a one-token sequence and keep the best cosine match."""
+
+    def __init__(self, head: ClientHead, obs: Observations, nearest: int):
+        self.head, self.nearest = head, nearest
+        self.table = token_embeddings(head)
+        shadow_first: list[int] = []
+        for text in obs.shadow or ():
+            tokens = obs.tokenizer(text, truncation=True, max_length=2)["input_ids"]
+            if tokens:
+                shadow_first.append(int(tokens[0]))
+        self.shadow = torch.tensor(sorted(set(shadow_first)), dtype=torch.long)
+
+    def guess(self, first_hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[B, D] head outputs at position 0 -> [B] token ids."""
+        one = torch.ones(first_hidden.shape[0], 1, dtype=mask.dtype)
+        base = without_positions(self.head, first_hidden[:, None], one)[:, 0]
+        sims = F.normalize(base, dim=-1) @ F.normalize(self.table, dim=-1).T  # [B, V]
+        near = sims.topk(min(self.nearest, sims.shape[-1]), dim=-1).indices.flatten() if self.nearest else None
+        pool = torch.cat([t for t in (self.shadow, near) if t is not None and t.numel()]).unique()
+        if pool.numel() == 0:
+            return sims.argmax(-1)
+        cmask = torch.ones(pool.shape[0], 1, dtype=mask.dtype)
+        with torch.no_grad():
+            out = self.head(pool[:, None], cmask, position_ids_for(cmask))[:, 0].float()  # [C, D]
+        score = F.normalize(first_hidden, dim=-1) @ F.normalize(out, dim=-1).T  # [B, C]
+        return pool[score.argmax(-1)]

@@ -1,0 +1,292 @@
+"""Learned inversion of the client head's output: the "vanilla model inversion" of VFLAIR-LLM and the learned
+smashed-data inverter of BiSR (Chen et al., CCS 2024), including BiSR's noise-robust variant.
+
+The server knows the public base weights, so it can make its own training pairs: run the public client head
+over public shadow text and keep (head output at position t, token t). An inverter fitted on those pairs is
+then applied to the victims' captured head outputs. The victims' heads were fine-tuned from the same base
+(under LoRA, not far from it), so the inverter transfers. Objective unshifted (position t predicts token t),
+padding masked out.
+
+Training pairs, "every available head over every available text":
+
+* heads: the public base head; plus, with ``COLLUDER_WEIGHTS``, the colluding client's fine-tuned head, which
+  was trained on the victims' task and so sits closer to the victims' heads than the base does;
+* texts: the shadow corpus; plus, with ``COLLUDER_DATA``, the colluder's own private records (in-distribution).
+
+Features are standardised per hidden dimension (mean / std over the training pairs' real positions) so the
+few "massive activation" dimensions of pretrained LMs do not dominate. Both modes predict a vector in the
+input-embedding space and decode it over the **full** vocabulary by cosine to the public embedding rows
+(``nearest_rows``), so tokens never seen in the shadow text (a victim's surname, email handle) can still be
+recovered:
+
+* ``mode="linear"``: closed-form ridge regression from [standardised features, one-hot position, 1] onto the
+  normalised embedding row of the true token (the "simple probe", in closed form: no training loop).
+* ``mode="neural"`` (default): the ridge map as a linear skip path, plus a residual branch — a small
+  bidirectional transformer over the sequence (``layers`` blocks of width ``hidden``, learned positions;
+  ``layers=0`` gives a per-position MLP). The branch's output layer starts at zero, so training starts
+  exactly at the linear inverter and refines it; the transformer can read a token back from the positions
+  after it (a causal head mixes token t into every later position). Trained with Adam on a **sampled
+  softmax** over cosine logits ``scale * cos(u, E_v)`` tied to the frozen embedding table: each step's
+  candidate set is every token of the shadow/training vocabulary plus ``negatives`` tokens drawn uniformly
+  from the rest of the vocabulary, never the full 49,152-way softmax — affordable on a CPU, while the
+  random negatives still push unseen tokens down. No per-token bias, so a token's score depends on its
+  embedding only and unseen tokens are not handicapped at decoding time.
+
+Noise (``noise_sigma``): Gaussian noise of that standard deviation, in the head's raw output units, is added
+to the training features (BiSR's noise-robust inverter against DP-noised activations). The neural mode draws
+fresh noise each step; the linear mode uses its exact expectation (ridge on infinitely many noisy copies adds
+``sigma^2 / sd^2`` to the diagonal of the Gram matrix).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from attacks._common import decode_rows, nearest_rows, public_head, stacked
+from suite.attack import Attack, AttackConfig, Reconstruction, register_attack
+from suite.split import ClientHead, position_ids_for
+from suite.threats import Capability, Observations
+
+MODES = ("linear", "neural")
+
+
+@dataclass(frozen=True)
+class LearnedInversionConfig(AttackConfig):
+    mode: str = "neural"  # "linear" (closed-form ridge) | "neural" (ridge skip + small transformer)
+    ridge_lambda: float = 1e-2  # ridge strength, relative to the mean diagonal of the Gram matrix
+    position_feature: bool = True  # linear mode: append a one-hot position to the features
+    hidden: int | None = None  # neural: width of the transformer (None = the head's width)
+    layers: int = 1  # neural: transformer blocks over the sequence (0 = per-position MLP)
+    heads: int = 4  # neural: attention heads (must divide ``hidden``)
+    dropout: float = 0.1  # neural: dropout inside the transformer
+    steps: int = 300  # neural: Adam steps
+    batch_size: int = 32  # neural: sequences per step
+    lr: float = 1e-3  # neural: Adam learning rate (cosine-decayed to 0)
+    weight_decay: float = 0.0  # neural: AdamW weight decay
+    negatives: int = 2048  # neural: random out-of-training-vocabulary tokens in each step's sampled softmax
+    noise_sigma: float = 0.0  # std of Gaussian noise added to training activations (raw units); 0 = none
+    use_colluder: bool = True  # use the colluder's head / records as extra training pairs when granted
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.ridge_lambda < 0 or self.noise_sigma < 0 or self.weight_decay < 0:
+            raise ValueError("ridge_lambda, noise_sigma and weight_decay must be >= 0")
+        if self.hidden is not None and self.hidden < 1:
+            raise ValueError("hidden must be >= 1 (or None for the head's width)")
+        if self.hidden is not None and self.hidden % self.heads:
+            raise ValueError(f"heads ({self.heads}) must divide hidden ({self.hidden})")
+        if self.heads < 1 or self.layers < 0 or self.steps < 0 or self.batch_size < 1 or self.negatives < 0:
+            raise ValueError("heads and batch_size must be >= 1; layers, steps and negatives >= 0")
+        if not self.lr > 0 or not 0 <= self.dropout < 1:
+            raise ValueError("lr must be > 0 and dropout in [0, 1)")
+
+
+@dataclass
+class _Pairs:
+    """Training pairs: head outputs [N, T, H], their tokens [N, T] and padding mask [N, T]."""
+
+    feats: torch.Tensor
+    ids: torch.Tensor
+    mask: torch.Tensor
+    sources: dict[str, int]  # "head x texts" -> sequences contributed
+
+
+def _tokenize(obs: Observations, texts: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    # As the clients tokenise (suite.data.tokenize): right padding to max_length, so position t means the same
+    # thing in the shadow pairs and in the victims' traffic.
+    enc = obs.tokenizer(list(texts), padding="max_length", truncation=True, max_length=obs.max_length,
+                        padding_side="right", return_tensors="pt")
+    return enc["input_ids"].long(), enc["attention_mask"].long()
+
+
+@torch.no_grad()
+def _run_head(head: nn.Module, ids: torch.Tensor, mask: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    return torch.cat([head(ids[lo : lo + chunk], mask[lo : lo + chunk], position_ids_for(mask[lo : lo + chunk])).float()
+                      for lo in range(0, ids.shape[0], chunk)])
+
+
+def training_pairs(obs: Observations, use_colluder: bool = True) -> tuple[_Pairs, ClientHead]:
+    """Every available head over every available text (see the module docstring). Also returns the public
+    head, whose input embedding is the decoding table."""
+    base = public_head(obs)
+    heads: list[tuple[str, nn.Module]] = [("base", base)]
+    corpora: list[tuple[str, tuple[str, ...]]] = [("shadow", tuple(obs.shadow or ()))]
+    if use_colluder and obs.colluder_head_tail is not None:
+        colluder_head, _ = obs.colluder_head_tail()
+        colluder_head.requires_grad_(False)
+        heads.append(("colluder", colluder_head.eval()))
+    if use_colluder and obs.colluder_records:
+        corpora.append(("colluder_records", tuple(obs.colluder_records)))
+    feats, ids, masks, sources = [], [], [], {}
+    for text_name, texts in corpora:
+        if not texts:
+            continue
+        tok_ids, tok_mask = _tokenize(obs, texts)
+        for head_name, head in heads:
+            feats.append(_run_head(head, tok_ids, tok_mask))
+            ids.append(tok_ids)
+            masks.append(tok_mask)
+            sources[f"{head_name} x {text_name}"] = tok_ids.shape[0]
+    if not feats:
+        raise ValueError("learned_inversion needs shadow text (or colluder records) to train on")
+    return _Pairs(torch.cat(feats), torch.cat(ids), torch.cat(masks), sources), base
+
+
+def _ridge(x: torch.Tensor, y: torch.Tensor, lam: float, extra_diag: torch.Tensor | None = None) -> torch.Tensor:
+    """argmin_W |x W - y|^2 + lam' |W|^2 (+ the expected noise term), in float64; lam' = lam * mean diag."""
+    x, y = x.double(), y.double()
+    gram = x.T @ x
+    if extra_diag is not None:
+        gram = gram + torch.diag(extra_diag.double())
+    gram = gram + torch.eye(gram.shape[0], dtype=gram.dtype) * (lam * gram.diagonal().mean().clamp_min(1e-12))
+    return torch.linalg.solve(gram, x.T @ y).float()
+
+
+class _Inverter(nn.Module):
+    """Standardised head outputs [B, T, H] -> vectors [B, T, E] in the input-embedding space."""
+
+    def __init__(self, skip: torch.Tensor, max_len: int, hidden: int, layers: int, heads: int, dropout: float):
+        super().__init__()
+        dim, emb = skip.shape[0] - 1, skip.shape[1]
+        # The linear path, initialised at the ridge solution (weights + bias row).
+        self.skip = nn.Linear(dim, emb)
+        with torch.no_grad():
+            self.skip.weight.copy_(skip[:-1].T)
+            self.skip.bias.copy_(skip[-1])
+        self.inp = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden))
+        self.pos = nn.Embedding(max_len, hidden)
+        nn.init.normal_(self.pos.weight, std=0.02)
+        if layers:
+            block = nn.TransformerEncoderLayer(hidden, heads, 2 * hidden, dropout, activation="gelu",
+                                               batch_first=True, norm_first=True)
+            self.body: nn.Module = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
+        else:
+            self.body = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, 2 * hidden), nn.GELU(),
+                                      nn.Dropout(dropout), nn.Linear(2 * hidden, hidden))
+        self.out = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, emb))
+        nn.init.zeros_(self.out[1].weight)  # the residual branch starts silent: training starts at the ridge map
+        nn.init.zeros_(self.out[1].bias)
+        self.log_scale = nn.Parameter(torch.tensor(2.5))  # cosine-logit temperature, e^2.5 ~ 12
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x) + self.pos(torch.arange(x.shape[1]))
+        if isinstance(self.body, nn.TransformerEncoder):
+            h = self.body(h, src_key_padding_mask=~mask.bool())
+        else:
+            h = h + self.body(h)
+        return self.skip(x) + self.out(h)
+
+
+@register_attack("learned_inversion")
+class LearnedInversionAttack(Attack):
+    requires = frozenset({Capability.ACTIVATIONS, Capability.BASE_WEIGHTS, Capability.SHADOW_DATA})
+    Config = LearnedInversionConfig
+
+    def reconstruct(self, obs: Observations) -> Reconstruction:
+        cfg: LearnedInversionConfig = self.config
+        start = time.perf_counter()
+        gen = torch.Generator().manual_seed(cfg.seed)
+        pairs, head = training_pairs(obs, cfg.use_colluder)
+        table = head.embed.weight.detach().float()  # [V, E]: the decoding table (public input embedding)
+        real = pairs.mask.bool()
+        # Standardise with the training pairs' statistics; noise std in standardised units is sigma / sd.
+        flat = pairs.feats[real]
+        mu = flat.mean(0)
+        sd = flat.std(0)
+        sd = sd.clamp_min(float(sd.median()) * 1e-2 + 1e-6)
+        x = (pairs.feats - mu) / sd
+        noise = cfg.noise_sigma / sd  # [H]
+        targets = F.normalize(table, dim=-1)[pairs.ids]  # [N, T, E], cosine decoding: fit unit vectors
+
+        hidden, vmask = stacked(obs)
+        length = hidden.shape[1]
+        if length > x.shape[1]:
+            raise ValueError(f"victim sequences ({length}) are longer than max_length ({x.shape[1]})")
+        vx = (hidden - mu) / sd
+        extra: dict = {"mode": cfg.mode, "training_sequences": int(x.shape[0]),
+                       "training_tokens": int(real.sum()), "sources": pairs.sources}
+
+        if cfg.mode == "linear":
+            w = self._fit_linear(x, real, targets, noise, cfg.position_feature)
+            pred = self._features(vx, cfg.position_feature, x.shape[1]) @ w
+        else:
+            model = self._fit_neural(x, pairs.ids, real, targets, noise, table, gen, extra)
+            with torch.no_grad():
+                model.eval()
+                pred = torch.cat([model(vx[lo : lo + 64], vmask[lo : lo + 64])
+                                  for lo in range(0, vx.shape[0], 64)])
+        ids = nearest_rows(pred, table).masked_fill(~vmask.bool(), obs.tokenizer.pad_token_id or 0)
+        extra["seconds"] = time.perf_counter() - start
+        return Reconstruction(ids, decode_rows(obs.tokenizer, ids, vmask), extra=extra)
+
+    @staticmethod
+    def _features(x: torch.Tensor, position: bool, max_len: int) -> torch.Tensor:
+        """[N, T, H] -> [N, T, H (+ max_len) + 1]: features, optional one-hot position, constant 1."""
+        parts = [x]
+        if position:
+            onehot = torch.eye(max_len)[: x.shape[1]].expand(x.shape[0], -1, -1)
+            parts.append(onehot)
+        parts.append(torch.ones(*x.shape[:2], 1))
+        return torch.cat(parts, -1)
+
+    def _fit_linear(self, x, real, targets, noise, position: bool) -> torch.Tensor:
+        feats = self._features(x, position, x.shape[1])[real]
+        extra_diag = torch.zeros(feats.shape[1])
+        extra_diag[: x.shape[-1]] = feats.shape[0] * noise**2  # E[(X+N)^T (X+N)] = X^T X + n diag(var N)
+        return _ridge(feats, targets[real], self.config.ridge_lambda, extra_diag)
+
+    def _fit_neural(self, x, ids, real, targets, noise, table, gen, extra) -> _Inverter:
+        cfg: LearnedInversionConfig = self.config
+        n, length, dim = x.shape
+        skip = self._fit_linear(x, real, targets, noise, position=False)  # start from the linear inverter
+        hidden = cfg.hidden or dim
+        if hidden % cfg.heads:
+            raise ValueError(f"heads ({cfg.heads}) must divide the inverter width ({hidden}); set heads or hidden")
+        with torch.random.fork_rng():
+            torch.manual_seed(cfg.seed)  # parameter init and dropout masks: reproducible per seed
+            model = _Inverter(skip, length, hidden, cfg.layers, cfg.heads, cfg.dropout)
+            # Sampled softmax: the training vocabulary is always a candidate (hard, in-domain negatives);
+            # the rest of the vocabulary enters through `negatives` random rows per step.
+            vocab = table.shape[0]
+            seen = ids[real].unique()
+            inside = torch.zeros(vocab, dtype=torch.bool)
+            inside[seen] = True
+            outside = (~inside).nonzero().squeeze(1)
+            rows_table = F.normalize(table, dim=-1)
+            opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+            # Short linear warm-up (the branch starts silent), then cosine decay to 0.
+            sched = torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / max(cfg.steps, 1))))
+            losses, accs = [], []
+            model.train()
+            for _ in range(cfg.steps):
+                idx = torch.randperm(n, generator=gen)[: cfg.batch_size]
+                xb, mb = x[idx], real[idx]
+                if cfg.noise_sigma > 0:
+                    xb = xb + torch.randn(xb.shape, generator=gen) * noise
+                k = min(cfg.negatives, outside.numel())
+                neg = outside[torch.randperm(outside.numel(), generator=gen)[:k]]
+                rows = torch.cat([seen, neg])
+                lookup = torch.full((vocab,), -1, dtype=torch.long)
+                lookup[rows] = torch.arange(rows.numel())
+                u = F.normalize(model(xb, mb)[mb], dim=-1)
+                logits = model.log_scale.exp() * u @ rows_table[rows].T
+                target = lookup[ids[idx][mb]]
+                loss = F.cross_entropy(logits, target)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                losses.append(loss.item())
+                accs.append(float((logits.argmax(-1) == target).float().mean()))
+        tail = max(1, min(10, len(losses)))
+        extra["train_loss"] = {"first": sum(losses[:tail]) / tail, "last": sum(losses[-tail:]) / tail} if losses else {}
+        extra["train_accuracy_last"] = sum(accs[-tail:]) / tail if accs else None
+        return model
