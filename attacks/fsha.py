@@ -21,7 +21,9 @@ dimensions of pretrained LMs do not dominate):
   full vocabulary.
 * **critic D**: a per-position MLP, trained as a WGAN-GP critic to score f̃(shadow) high and the client's
   features low, with gradient penalty ``gp_weight`` on random interpolates (in standardised units the usual
-  WGAN-GP weight of 10 works; the paper's ~500 was for images in raw pixel scale).
+  WGAN-GP weight of 10 works; the paper's ~500 was for images in raw pixel scale). The critic gets a higher lr
+  (1e-3) and more steps per batch (5) than the paper's 1e-4 and 1: the client's Adam moves its head by a
+  fixed step whatever the gradient's size, and a critic that lags lets the head run off the manifold.
 
 Each time the server backpropagates a client batch (``head_gradient``): ``ae_steps`` autoencoder steps on
 shadow batches, ``disc_steps`` critic steps against the client's features, then the reply to the head is
@@ -66,7 +68,7 @@ class FshaConfig(AttackConfig):
     disc_hidden: int = 256  # width of the critic's MLP
     gp_weight: float = 10.0  # WGAN-GP gradient-penalty weight (standardised features)
     ae_steps: int = 2  # autoencoder steps per client batch seen
-    disc_steps: int = 2  # critic steps per client batch seen
+    disc_steps: int = 5  # critic steps per client batch seen (the client moves fast: the critic must keep up)
     warmup_steps: int = 200  # autoencoder steps on public data before training starts
     shadow_batch: int = 16  # shadow sequences per autoencoder / critic step
     negatives: int = 2048  # tokens outside the shadow vocabulary in each step's sampled softmax
@@ -131,6 +133,8 @@ class FshaPolicy(ServerPolicy):
         self.config = config
         self.generator = torch.Generator().manual_seed(config.seed)
         head = public_head(obs)
+        if not obs.shadow:
+            raise ValueError("fsha needs public shadow text to train its autoencoder; the shadow corpus is empty")
         tok = obs.tokenizer
         enc = tok(list(obs.shadow), padding="max_length", truncation=True, max_length=obs.max_length,
                   padding_side="right", return_tensors="pt")
@@ -240,7 +244,7 @@ class FshaPolicy(ServerPolicy):
             grad = grad * (honest.flatten(1).norm(dim=1) / norms).view(-1, 1, 1)
         self.wasserstein.append(gap)
         self.honest_cos.append(float(F.cosine_similarity(grad.flatten(), honest.flatten(), dim=0)))
-        self.hijacked += 1
+        self.hijacked += self.config.hijack
         self.seconds += time.perf_counter() - start
         return grad.to(honest_grad.dtype)
 

@@ -29,7 +29,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from attacks._common import decode_rows, nearest_rows, public_head, stacked, token_embeddings, without_positions
+from attacks._common import (
+    decode_rows,
+    nearest_rows,
+    public_head,
+    stacked,
+    token_embeddings,
+    without_positions,
+)
 from suite.attack import Attack, AttackConfig, Reconstruction, register_attack
 from suite.split import ClientHead, position_ids_for
 from suite.threats import Capability, Observations

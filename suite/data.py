@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import re
+import tempfile
 import types
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -52,34 +53,42 @@ CONDITIONS = (
     "schizophrenia", "cystic fibrosis", "sickle cell disease", "tuberculosis", "long COVID",
 )
 
-# Fields, their order and the phrasing vary, so an attack cannot rely on a PII value's position. Kept short:
-# most records are 25-60 tokens for a GPT-style tokenizer.
+# Fields, their order and the phrasing vary, so an attack cannot rely on a PII value's position. Each
+# template holds two or three fields and is kept short: tokenizers that split digits one by one (SmolLM2,
+# Llama) spend 10-20 tokens on a phone, date or address, and the default max_length is 32. Measured with
+# SmolLM2's tokenizer: median 25 tokens, ~93% within 32, none over 40; GPT-2's gives fewer.
 TEMPLATES = (
-    "Patient {name} (DOB {dob}) was seen for {condition}; call them at {phone}.",
-    "Please wire the refund to account {account} for {name}, {address}.",
-    "{name} lives at {address} and can be reached at {email}.",
+    "Patient {name} (DOB {dob}) was seen for {condition}.",
+    "Please wire the refund to account {account} for {name}.",
+    "{name} moved to {address} last spring.",
     "Reminder: {name}, born {dob}, has a follow-up for {condition} next week.",
-    "Contact {email} or {phone} about the claim on account {account}.",
+    "Contact {email} about the claim on account {account}.",
     "Our records show {name} ({email}) was diagnosed with {condition}.",
-    "Ship the prescription for {condition} to {address}, attention {name}.",
+    "Ship the {condition} prescription to {address}, attention {name}.",
     "Member ID {account} belongs to {name}, date of birth {dob}.",
     "Hi {name}, your lab results for {condition} are ready. Questions? Call {phone}.",
-    "New patient: {name}, {dob}, {address}, phone {phone}.",
+    "New patient {name}, phone {phone}.",
     "The insurer flagged account {account}: {condition} treatment for {name}.",
-    "Send the invoice to {email}; billing address {address}.",
-    "{name} called from {phone} to update the email on file to {email}.",
-    "Emergency contact for {name} (born {dob}) is reachable at {phone}.",
+    "Send the invoice for {name} to {email}.",
+    "{name} called from {phone} about a billing error.",
+    "Emergency contact for {name}: {phone}.",
     "Case {account}: {name} reports worsening {condition} since last month.",
-    "We could not verify {name}. The date of birth {dob} does not match account {account}.",
+    "We could not verify {name}. The date of birth {dob} does not match our records.",
     "{name} asked us to move the appointment. Email the new time to {email}.",
-    "Lost card reported on account {account}. A replacement goes to {address}.",
+    "Lost card reported by {name}; a replacement goes to {address}.",
+    "Please update the address for {name} to {address}.",
+    "{email} asked for the {condition} records of {name}.",
+    "Records for {name}, born {dob}: {condition}.",
+    "Text {name} at {phone} once the {condition} results are in.",
 )
 
 
 def _us_values(fake: Faker, rng: random.Random) -> tuple[str, str, str]:
     """Name-independent US phone and single-line civilian address (faker's own may give military ones)."""
-    phone = fake.numerify(rng.choice(["(%##) %##-####", "%##-%##-####", "+1 %##-%##-####"]))
-    address = f"{fake.street_address()}, {fake.city()}, {fake.state_abbr(include_territories=False)} {fake.zipcode()}"
+    phone = fake.numerify(rng.choice(["(%##) %##-####", "%##-%##-####"]))
+    address = f"{fake.building_number()} {fake.street_name()}, {fake.city()}"
+    if rng.random() < 0.5:
+        address += f", {fake.state_abbr(include_territories=False)} {fake.zipcode()}"
     return phone, address, fake.free_email_domain()
 
 
@@ -98,7 +107,7 @@ def _values(fake: Faker, rng: random.Random, us: bool) -> dict[str, str]:
         "dob": fake.date_of_birth(minimum_age=18, maximum_age=90).strftime(
             rng.choice(["%m/%d/%Y", "%Y-%m-%d", "%B %d, %Y"])
         ),
-        "account": fake.bothify(rng.choice(["####-####-####", "??-####-####", "#########"])).upper(),
+        "account": fake.bothify(rng.choice(["####-####-####", "??-######", "########"])).upper(),
         "condition": rng.choice(CONDITIONS),
     }
 
@@ -179,8 +188,11 @@ def load_file(path: str | Path, *, text_field: str = "text", limit: int | None =
     import datasets  # slow to import; only file and hub corpora need it
 
     datasets.disable_progress_bars()
+    # A throwaway cache: private text must not be copied into ~/.cache; keep_in_memory outlives the folder.
     try:
-        ds = datasets.load_dataset(kind, data_files=str(p), split="train", keep_in_memory=True)
+        with tempfile.TemporaryDirectory(prefix="splitleak-data-", ignore_cleanup_errors=True) as cache:
+            ds = datasets.load_dataset(kind, data_files=str(p), split="train", keep_in_memory=True,
+                                       cache_dir=cache)
     except Exception as err:  # garbled CSV/JSON, wrong encoding: one line, not a traceback
         raise DataError(f"cannot read data file {p} as {p.suffix[1:].upper()}: {_reason(err)}") from None
     texts = _texts(ds, "text" if kind == "text" else text_field, f"data file {p}")

@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -64,6 +65,14 @@ def test_pii_values_appear_verbatim_and_every_field_is_covered():
     assert len({r.text for r in records}) == len(records)
 
 
+def test_records_are_short(tok):
+    # Digit-by-digit tokenizers (the default SmolLM2) make numbers long; records must still fit max_length 32-64.
+    records = generate_records(500, 4)
+    assert max(len(r.text) for r in records) <= 130
+    lengths = sorted(len(tok(r.text)["input_ids"]) for r in records)
+    assert lengths[len(lengths) // 2] < lengths[-1] <= 2 * lengths[len(lengths) // 2]
+
+
 def test_records_are_immutable_and_hashable():
     rec = Record("Call Ann Lee", {"name": "Ann Lee"})
     with pytest.raises(TypeError):
@@ -110,6 +119,16 @@ def test_local_files_load(tmp_path):
     txt.write_text("one line\n\nanother line\n")
     assert [r.text for r in load_corpus({"path": str(txt)})] == ["one line", "another line"]
     assert load_file(txt)[0].pii == {}
+
+
+def test_local_files_leave_no_copy_in_the_datasets_cache(tmp_path):
+    import datasets.config
+
+    cache = Path(datasets.config.HF_DATASETS_CACHE)
+    before = set(cache.rglob("*")) if cache.exists() else set()
+    (tmp_path / "secret.txt").write_text("private line\n")
+    assert load_file(tmp_path / "secret.txt")[0].text == "private line"
+    assert (set(cache.rglob("*")) if cache.exists() else set()) == before
 
 
 def test_file_corpus_avoids_private_texts_before_limit(tmp_path):
