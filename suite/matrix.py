@@ -158,7 +158,8 @@ def _samples(result, n: int = 5) -> list[dict[str, Any]]:
     return out
 
 
-def run_group(cfg: ExperimentConfig, cells: list[Cell], keys: list[str], out: str, base=None) -> list[str]:
+def run_group(cfg: ExperimentConfig, cells: list[Cell], keys: list[str], out: str, base=None,
+              on_cell: Callable[[str], None] | None = None) -> list[str]:
     """Train one group's setup once and run its cells, writing each row as soon as it exists. Returns the
     labels of the cells written (ok or failed). Runs in a worker process when ``--workers`` > 1."""
     from suite.cell import attack_trained, train_split
@@ -195,6 +196,8 @@ def run_group(cfg: ExperimentConfig, cells: list[Cell], keys: list[str], out: st
                     row.update(status="failed", error=_error(err))
             store.write(row)
             done.append(cell.label())
+            if on_cell is not None:
+                on_cell(cell.label())
     finally:
         store.close()
     return done
@@ -225,10 +228,14 @@ def run_matrix(cfg: ExperimentConfig, out: str | Path, *, workers: int = 1,
     report = on_progress or (lambda *_: None)
     report(finished, len(cells), "resuming" if finished else "starting")
     if workers <= 1:
+        def cell_done(label: str) -> None:
+            nonlocal finished
+            finished += 1
+            report(finished, len(cells), label)
+
         for group in groups.values():
-            report(finished, len(cells), group[0].label())
-            finished += len(run_group(cfg, group, [keys[c] for c in group], out, base))
-            report(finished, len(cells), group[-1].label())
+            report(finished, len(cells), f"training {group[0].label()}")
+            run_group(cfg, group, [keys[c] for c in group], out, base, on_cell=cell_done)
     else:
         threads = max(1, (os.cpu_count() or 1) // workers)
         with ProcessPoolExecutor(max_workers=workers, initializer=_worker_init, initargs=(threads,)) as pool:
