@@ -26,7 +26,7 @@ from suite.defense import make_defense
 from suite.errors import ConfigError
 from suite.split import SplitSpec
 from suite.store import METRICS, ResultsStore
-from suite.threats import THREATS, get_threat
+from suite.threats import THREATS, Capability, get_threat
 
 
 def _named(entry: str | dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -158,6 +158,18 @@ def _samples(result, n: int = 5) -> list[dict[str, Any]]:
     return out
 
 
+def observation_key(cell: Cell, clients: int) -> tuple | None:
+    """Two passive cells of one training group with equal keys hand their attack the same observations:
+    the same victims and every granted capability except control of the server, which a passive attack
+    never exercises (e.g. ``curious_server`` and ``malicious_server``). Such a cell is computed once and its
+    row says so. Active attacks train their own group and get ``None``."""
+    if ATTACKS.get(cell.attack).active:
+        return None
+    threat = get_threat(cell.threat)
+    victims = tuple(c for c in range(clients) if c != threat.colluder) or (0,)
+    return (cell.attack, cell.attack_params, victims, threat.grants - {Capability.CONTROL_SERVER})
+
+
 def run_group(cfg: ExperimentConfig, cells: list[Cell], keys: list[str], out: str, base=None,
               on_cell: Callable[[str], None] | None = None) -> list[str]:
     """Train one group's setup once and run its cells, writing each row as soon as it exists. Returns the
@@ -179,6 +191,7 @@ def run_group(cfg: ExperimentConfig, cells: list[Cell], keys: list[str], out: st
             train_error = None
         except Exception as err:  # the whole group fails; each cell records why, the run goes on
             trained, train_error = None, _error(err)
+        shared: dict[tuple, tuple[str, dict[str, Any]]] = {}  # observation_key -> (first threat, its fields)
         for cell, key in zip(cells, keys, strict=True):
             row = _row(cell, key, cfg, base.revision)
             if trained is None:
@@ -187,11 +200,20 @@ def run_group(cfg: ExperimentConfig, cells: list[Cell], keys: list[str], out: st
                 try:
                     threat = get_threat(cell.threat)
                     attack = make_attack(cell.attack, threat, json.loads(cell.attack_params))
-                    result = attack_trained(trained, threat, attack, cfg)
-                    row.update(result.metrics.as_dict(), utility=result.utility, attack_seconds=result.cost.seconds,
-                               attack_peak_rss_mib=result.cost.peak_rss_mib, status="ok", error=None,
-                               note=result.reconstruction.note, defense_report=result.defense_report,
-                               samples=_samples(result))
+                    same = observation_key(cell, cfg.training.clients)
+                    if same in shared:  # the same attack on the same observations: the same computation
+                        first, fields = shared[same]
+                        note = f"same observations as {first} (computed once)"
+                        row.update(fields, note=f"{fields['note']}; {note}" if fields["note"] else note)
+                    else:
+                        result = attack_trained(trained, threat, attack, cfg)
+                        fields = dict(result.metrics.as_dict(), utility=result.utility,
+                                      attack_seconds=result.cost.seconds, attack_peak_rss_mib=result.cost.peak_rss_mib,
+                                      status="ok", error=None, note=result.reconstruction.note,
+                                      defense_report=result.defense_report, samples=_samples(result))
+                        row.update(fields)
+                        if same is not None:
+                            shared[same] = (cell.threat, fields)
                 except Exception as err:
                     row.update(status="failed", error=_error(err))
             store.write(row)

@@ -87,6 +87,28 @@ def test_store_rows_and_dataframe(tmp_path):
     assert again["ran"] == 0
 
 
+def test_passive_cells_with_the_same_observations_are_computed_once(tmp_path, monkeypatch):
+    import attacks.nearest_embedding as ne
+
+    calls = []
+    real = ne.NearestEmbeddingAttack.reconstruct
+
+    def counted(self, obs):
+        calls.append(obs.threat.name)
+        return real(self, obs)
+
+    monkeypatch.setattr(ne.NearestEmbeddingAttack, "reconstruct", counted)
+    cfg = {**MATRIX, "matrix": {"splits": [1], "threats": ["curious_server", "malicious_server", "colluding_client"],
+                                "attacks": ["nearest_embedding"], "defenses": ["none"]}}
+    run_matrix(parse_config(cfg), tmp_path)
+    assert calls == ["curious_server", "colluding_client"]  # the malicious server's passive view is the curious one's
+    df = load_results(tmp_path).set_index("threat")
+    assert len(df) == 3 and set(df["status"]) == {"ok"}
+    for m in ("token_accuracy", "bleu4", "pii_recovery", "utility"):
+        assert df.loc["malicious_server", m] == df.loc["curious_server", m]
+    assert "same observations as curious_server" in df.loc["malicious_server", "note"]
+
+
 def test_failing_cell_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
     import attacks.nearest_embedding as ne
 
