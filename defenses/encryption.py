@@ -99,21 +99,164 @@ def _direction(src: str, dst: str) -> tuple[str, str]:
     raise ProtocolError(f"the secure channel connects clients to the server, not {src} to {dst}")
 
 
+_OAEP = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
+
+
+class ServerKeys:
+    """What the server holds: a session id and its private key (X25519, or RSA for the key-wrap mode).
+    ``public()`` is what a client must learn authentically (pinned, or sent over an authenticated channel
+    such as mutual TLS) before its first message."""
+
+    def __init__(self, config: EncryptionConfig):
+        self.config = config
+        self.session = os.urandom(16)
+        self.x25519 = x25519.X25519PrivateKey.generate()
+        self.rsa = rsa.generate_private_key(public_exponent=65537, key_size=config.rsa_bits) if config.mode == "rsa" else None
+
+    def public(self) -> dict[str, str]:
+        if self.config.mode == "x25519":
+            key = self.x25519.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        else:
+            key = self.rsa.public_key().public_bytes(serialization.Encoding.DER,
+                                                     serialization.PublicFormat.SubjectPublicKeyInfo)
+        return {"session": self.session.hex(), "mode": self.config.mode, "key": key.hex()}
+
+
+def _derive(secret: bytes, session: bytes, client: str) -> dict[str, AESGCM]:
+    keys = {}
+    for d in _DIRECTIONS:
+        info = f"splitleak/v1|{client}|{d}".encode()
+        keys[d] = AESGCM(HKDF(algorithm=hashes.SHA256(), length=32, salt=session, info=info).derive(secret))
+    return keys
+
+
+def _fresh(keys: dict[str, AESGCM]) -> _Channel:
+    return _Channel(keys, dict.fromkeys(_DIRECTIONS, 0), dict.fromkeys(_DIRECTIONS, 0))
+
+
+def _seal(channel: _Channel, session: str, src: str, dst: str, direction: str, data: bytes) -> bytes:
+    kind, meta = peek(data)
+    seq = channel.sent[direction]
+    header = {"session": session, "src": src, "dst": dst, "seq": seq, "kind": kind,
+              "client_id": meta.get("client_id"), "step": meta.get("step")}
+    raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    aad = _PREFIX.pack(MAGIC, VERSION, len(raw)) + raw
+    sealed = aad + channel.keys[direction].encrypt(seq.to_bytes(12, "big"), bytes(data), aad)
+    channel.sent[direction] = seq + 1
+    return sealed
+
+
+def _open(channel: _Channel, session: str, direction: str, src: str, dst: str, data: bytes) -> bytes:
+    header, aad, body = _unframe(data)
+    if header.get("session") != session or header.get("src") != src or header.get("dst") != dst:
+        raise IntegrityError(f"rejected a frame on {src}->{dst} that claims another session or channel")
+    seq = header.get("seq")
+    if not isinstance(seq, int) or seq != channel.expected[direction]:
+        raise IntegrityError(f"rejected frame {seq} on {src}->{dst}: expected {channel.expected[direction]} "
+                             "(replayed, reordered or dropped)")
+    try:
+        plain = channel.keys[direction].decrypt(seq.to_bytes(12, "big"), body, aad)
+    except (InvalidTag, ValueError, OverflowError):
+        raise IntegrityError(f"rejected frame {seq} on {src}->{dst}: authentication failed "
+                             "(tampered, truncated or wrong key)") from None
+    kind, meta = peek(plain)
+    if (kind, meta.get("client_id"), meta.get("step")) != (header.get("kind"), header.get("client_id"),
+                                                            header.get("step")):
+        raise IntegrityError(f"rejected frame {seq} on {src}->{dst}: content disagrees with its header")
+    channel.expected[direction] = seq + 1
+    return plain
+
+
+class ClientEnd:
+    """A client's side of its channel, built only from what the client holds: the server's public info."""
+
+    def __init__(self, client: str, server_public: dict[str, str]):
+        self.client = client
+        self.session = server_public["session"]
+        mode, key = server_public["mode"], bytes.fromhex(server_public["key"])
+        if mode == "x25519":
+            eph = x25519.X25519PrivateKey.generate()
+            secret = eph.exchange(x25519.X25519PublicKey.from_public_bytes(key))
+            keys = _derive(secret, bytes.fromhex(self.session), client)
+            payload = eph.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        elif mode == "rsa":
+            raw = {d: AESGCM.generate_key(bit_length=256) for d in _DIRECTIONS}
+            keys = {d: AESGCM(k) for d, k in raw.items()}
+            public = serialization.load_der_public_key(key)
+            payload = b"".join(public.encrypt(raw[d], _OAEP) for d in _DIRECTIONS)
+        else:
+            raise ProtocolError(f"the server offers an unknown key exchange {mode!r}")
+        self.channel = _fresh(keys)
+        header = {"session": self.session, "src": client, "dst": SERVER, "kind": "handshake", "mode": mode}
+        self.handshake = _frame(header, payload)  # the first frame the client sends
+
+    def seal(self, data: bytes) -> bytes:
+        return _seal(self.channel, self.session, self.client, SERVER, "to_server", data)
+
+    def open(self, data: bytes) -> bytes:
+        return _open(self.channel, self.session, "to_client", SERVER, self.client, data)
+
+
+class ServerEnd:
+    """The server's side of every client's channel."""
+
+    def __init__(self, keys: ServerKeys):
+        self.keys = keys
+        self.session = keys.session.hex()
+        self.channels: dict[str, _Channel] = {}
+
+    def accept(self, client: str, data: bytes) -> None:
+        """Derive ``client``'s keys from its handshake frame (a new handshake replaces the old channel: a
+        client that restarts starts a fresh channel)."""
+        header, _, body = _unframe(data)
+        mode = self.keys.config.mode
+        if header.get("kind") != "handshake" or header.get("src") != client or header.get("mode") != mode:
+            raise IntegrityError(f"rejected traffic from {client}: no valid handshake first")
+        if header.get("session") != self.session:
+            raise IntegrityError(f"rejected a handshake from {client} for another session")
+        try:
+            if mode == "x25519":
+                secret = self.keys.x25519.exchange(x25519.X25519PublicKey.from_public_bytes(body))
+                keys = _derive(secret, self.keys.session, client)
+            else:
+                n = self.keys.rsa.key_size // 8
+                if len(body) != 2 * n:
+                    raise ValueError("wrapped keys of the wrong size")
+                keys = {d: AESGCM(self.keys.rsa.decrypt(body[i * n : (i + 1) * n], _OAEP))
+                        for i, d in enumerate(_DIRECTIONS)}
+        except ValueError as err:
+            raise IntegrityError(f"rejected a handshake from {client}: {err}") from None
+        self.channels[client] = _fresh(keys)
+
+    def _channel(self, client: str) -> _Channel:
+        channel = self.channels.get(client)
+        if channel is None:
+            raise IntegrityError(f"rejected traffic from {client}: no valid handshake first")
+        return channel
+
+    def seal(self, client: str, data: bytes) -> bytes:
+        return _seal(self._channel(client), self.session, SERVER, client, "to_client", data)
+
+    def open(self, client: str, data: bytes) -> bytes:
+        return _open(self._channel(client), self.session, "to_server", client, SERVER, data)
+
+
 class EncryptedTransport:
     """Wraps any byte transport. Both ends run in this object in one process, but each keeps its own key
-    state, derived only from what it holds and what crossed the wire (the handshake frame)."""
+    state (a ``ClientEnd`` per client, one ``ServerEnd``), derived only from what it holds and what crossed
+    the wire (the handshake frame). Across processes the same ends run on each side (``suite.net``)."""
 
     def __init__(self, inner: Transport, config: EncryptionConfig):
         self.inner = inner
         self.config = config
-        self.session = os.urandom(16)
-        self._server_x25519 = x25519.X25519PrivateKey.generate()
-        self._server_rsa = (
-            rsa.generate_private_key(public_exponent=65537, key_size=config.rsa_bits) if config.mode == "rsa" else None
-        )
-        self._client_side: dict[str, _Channel] = {}
-        self._server_side: dict[str, _Channel] = {}
+        self.server = ServerEnd(ServerKeys(config))
+        self.session = self.server.keys.session
+        self.clients: dict[str, ClientEnd] = {}
         self.rejected = 0
+
+    @property
+    def _client_side(self) -> dict[str, _Channel]:
+        return {c: end.channel for c, end in self.clients.items()}
 
     # taps see the wire, i.e. ciphertext
     def add_tap(self, tap: Tap) -> None:
@@ -129,111 +272,33 @@ class EncryptedTransport:
     def pending(self) -> int:
         return self.inner.pending()
 
-    # --- handshake ---------------------------------------------------------------------------------
-
-    def _derive(self, secret: bytes, client: str) -> dict[str, AESGCM]:
-        keys = {}
-        for d in _DIRECTIONS:
-            info = f"splitleak/v1|{client}|{d}".encode()
-            key = HKDF(algorithm=hashes.SHA256(), length=32, salt=self.session, info=info).derive(secret)
-            keys[d] = AESGCM(key)
-        return keys
-
-    def _client_handshake(self, client: str) -> _Channel:
-        """Client side: make keys, send the handshake frame that lets the server make the same keys."""
-        if self.config.mode == "x25519":
-            eph = x25519.X25519PrivateKey.generate()
-            keys = self._derive(eph.exchange(self._server_x25519.public_key()), client)
-            payload = eph.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-        else:
-            raw = {d: AESGCM.generate_key(bit_length=256) for d in _DIRECTIONS}
-            keys = {d: AESGCM(k) for d, k in raw.items()}
-            oaep = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
-            public = self._server_rsa.public_key()
-            payload = b"".join(public.encrypt(raw[d], oaep) for d in _DIRECTIONS)
-        header = {"session": self.session.hex(), "src": client, "dst": SERVER, "kind": "handshake",
-                  "mode": self.config.mode}
-        self.inner.send(client, SERVER, _frame(header, payload))
-        return _Channel(keys, dict.fromkeys(_DIRECTIONS, 0), dict.fromkeys(_DIRECTIONS, 0))
-
-    def _server_handshake(self, client: str, data: bytes) -> _Channel:
-        header, _, body = _unframe(data)
-        if header.get("kind") != "handshake" or header.get("src") != client or header.get("mode") != self.config.mode:
-            raise IntegrityError(f"rejected traffic from {client}: no valid handshake first")
-        if header.get("session") != self.session.hex():
-            raise IntegrityError(f"rejected a handshake from {client} for another session")
-        try:
-            if self.config.mode == "x25519":
-                peer = x25519.X25519PublicKey.from_public_bytes(body)
-                keys = self._derive(self._server_x25519.exchange(peer), client)
-            else:
-                oaep = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
-                n = self._server_rsa.key_size // 8
-                if len(body) != 2 * n:
-                    raise ValueError("wrapped keys of the wrong size")
-                keys = {d: AESGCM(self._server_rsa.decrypt(body[i * n : (i + 1) * n], oaep))
-                        for i, d in enumerate(_DIRECTIONS)}
-        except ValueError as err:
-            raise IntegrityError(f"rejected a handshake from {client}: {err}") from None
-        return _Channel(keys, dict.fromkeys(_DIRECTIONS, 0), dict.fromkeys(_DIRECTIONS, 0))
-
-    # --- messages ----------------------------------------------------------------------------------
-
     def send(self, src: str, dst: str, data: bytes) -> None:
         client, direction = _direction(src, dst)
         if direction == "to_server":
-            channel = self._client_side.get(client) or self._client_side.setdefault(
-                client, self._client_handshake(client))
+            end = self.clients.get(client)
+            if end is None:
+                end = self.clients[client] = ClientEnd(client, self.server.keys.public())
+                self.inner.send(client, SERVER, end.handshake)
+            self.inner.send(src, dst, end.seal(data))
         else:
-            channel = self._server_side.get(client)
-            if channel is None:
+            if client not in self.server.channels:
                 raise ProtocolError(f"the server has no secure channel with {client} yet")
-        kind, meta = peek(data)
-        seq = channel.sent[direction]
-        header = {"session": self.session.hex(), "src": src, "dst": dst, "seq": seq, "kind": kind,
-                  "client_id": meta.get("client_id"), "step": meta.get("step")}
-        nonce = seq.to_bytes(12, "big")
-        raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-        aad = _PREFIX.pack(MAGIC, VERSION, len(raw)) + raw
-        self.inner.send(src, dst, aad + channel.keys[direction].encrypt(nonce, bytes(data), aad))
-        channel.sent[direction] = seq + 1
+            self.inner.send(src, dst, self.server.seal(client, data))
 
     def recv(self, dst: str, src: str) -> bytes:
         client, direction = _direction(src, dst)
         try:
             if direction == "to_server":
-                channel = self._server_side.get(client)
-                if channel is None:
-                    self._server_side[client] = self._server_handshake(client, self.inner.recv(dst, src))
-                    channel = self._server_side[client]
-            else:
-                channel = self._client_side.get(client)
-                if channel is None:
-                    raise IntegrityError(f"{client} has no secure channel and cannot read server traffic")
-            return self._open(channel, direction, src, dst, self.inner.recv(dst, src))
+                if client not in self.server.channels:
+                    self.server.accept(client, self.inner.recv(dst, src))
+                return self.server.open(client, self.inner.recv(dst, src))
+            end = self.clients.get(client)
+            if end is None:
+                raise IntegrityError(f"{client} has no secure channel and cannot read server traffic")
+            return end.open(self.inner.recv(dst, src))
         except IntegrityError:
             self.rejected += 1
             raise
-
-    def _open(self, channel: _Channel, direction: str, src: str, dst: str, data: bytes) -> bytes:
-        header, aad, body = _unframe(data)
-        if header.get("session") != self.session.hex() or header.get("src") != src or header.get("dst") != dst:
-            raise IntegrityError(f"rejected a frame on {src}->{dst} that claims another session or channel")
-        seq = header.get("seq")
-        if seq != channel.expected[direction]:
-            raise IntegrityError(f"rejected frame {seq} on {src}->{dst}: expected {channel.expected[direction]} "
-                                 "(replayed, reordered or dropped)")
-        try:
-            plain = channel.keys[direction].decrypt(seq.to_bytes(12, "big"), body, aad)
-        except (InvalidTag, ValueError, OverflowError):
-            raise IntegrityError(f"rejected frame {seq} on {src}->{dst}: authentication failed "
-                                 "(tampered, truncated or wrong key)") from None
-        kind, meta = peek(plain)
-        if (kind, meta.get("client_id"), meta.get("step")) != (header.get("kind"), header.get("client_id"),
-                                                                header.get("step")):
-            raise IntegrityError(f"rejected frame {seq} on {src}->{dst}: content disagrees with its header")
-        channel.expected[direction] = seq + 1
-        return plain
 
 
 @register_defense("encryption")

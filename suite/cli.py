@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Sequence
 
 from suite import __version__
@@ -208,6 +209,60 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_certs(args: argparse.Namespace) -> int:
+    from suite.net.certs import make_certs
+
+    out = make_certs(args.dir, args.clients, hosts=tuple(args.host))
+    print(f"throwaway CA, server and {args.clients} client certificates -> {out} (for trying things out only: "
+          "the CA key lies next to them)")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from suite.net.parties import serve
+
+    cfg = _config_from_args(args)
+    t = cfg.training
+
+    def ready(port: int, events: list[str]) -> None:
+        for event in events:
+            print(f"splitleak serve: {event}", file=sys.stderr)
+        print(f"splitleak serve: {cfg.model.name} k={t.head_blocks} m={t.tail_blocks} {t.strategy}, "
+              f"{t.clients} clients, gRPC + mutual TLS on port {port}; Ctrl-C stops", file=sys.stderr, flush=True)
+
+    serve(cfg, args.certs, args.listen, args.checkpoint, max_message_mib=args.max_message_mib, on_ready=ready,
+          turn_timeout=args.turn_timeout, round_timeout=args.round_timeout)
+    return 0
+
+
+def cmd_client(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from suite.net.parties import run_client
+
+    cfg = _config_from_args(args)
+    bar = tqdm(total=cfg.training.steps, desc=f"client {args.id}", unit="step", file=sys.stderr,
+               dynamic_ncols=True)
+    last = [time.perf_counter()]
+
+    def show(step: int, loss: float) -> None:
+        now = time.perf_counter()
+        bar.n = step + 1
+        bar.set_postfix(loss=f"{loss:.3f}", s_per_step=f"{now - last[0]:.2f}")
+        bar.refresh()
+        last[0] = now
+
+    run = run_client(cfg, args.id, args.server, args.certs, args.checkpoint, max_message_mib=args.max_message_mib,
+                     give_up_after=args.give_up_after, on_step=show)
+    bar.close()
+    if run.resumed_from:
+        print(f"resumed from step {run.resumed_from} (checkpoint)")
+    print("losses: " + " ".join(f"{x:.6f}" for x in run.losses))
+    print(f"client {args.id}: {len(run.losses)} steps, loss {run.losses[0]:.3f} -> {run.losses[-1]:.3f}, "
+          f"{run.reconnects} reconnects" if run.losses else f"client {args.id}: nothing to do")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="splitleak",
@@ -261,6 +316,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", metavar="DIR")
     p.add_argument("--baseline", required=True, metavar="FILE", help="JSON written by 'splitleak baseline'")
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("certs", help="create a throwaway CA, server and client certificates (for trying out)")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--clients", type=int, default=2, help="client certificates to create (client-0 ...)")
+    p.add_argument("--host", action="append", default=["localhost", "127.0.0.1"],
+                   help="name or IP the server certificate is valid for (repeatable)")
+    p.set_defaults(func=cmd_certs)
+
+    for name, helptext in (("serve", "run the server (trunk) as its own process: gRPC with mutual TLS"),
+                           ("client", "run one client (head, tail, private shard) against a `splitleak serve`")):
+        p = sub.add_parser(name, help=helptext, epilog="Client and server must be started from the same config "
+                           "(model, split, data, training); the server refuses a client built from another.")
+        _add_run_options(p)
+        p.add_argument("--certs", required=True, metavar="DIR", help="certificates (see `splitleak certs`)")
+        p.add_argument("--checkpoint", metavar="DIR", help="checkpoint directory: resume from it after a crash")
+        p.add_argument("--max-message-mib", type=int, default=256, help="largest message either side accepts")
+        if name == "serve":
+            p.add_argument("--listen", default="127.0.0.1:50051", help="host:port to listen on")
+            p.add_argument("--turn-timeout", type=float, default=30.0,
+                           help="seconds a silent client keeps its turn (serial, per_client)")
+            p.add_argument("--round-timeout", type=float, default=30.0,
+                           help="seconds a batch_parallel round waits for the clients due")
+            p.set_defaults(func=cmd_serve)
+        else:
+            p.add_argument("--server", default="127.0.0.1:50051", help="the server's host:port")
+            p.add_argument("--id", type=int, required=True, help="this client's id (its certificate: client-ID)")
+            p.add_argument("--give-up-after", type=float, default=300.0,
+                           help="seconds to keep retrying an unreachable server")
+            p.set_defaults(func=cmd_client)
 
     p = sub.add_parser(
         "bench",

@@ -13,7 +13,7 @@ client on one shared frozen base (``per_client``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -269,15 +269,17 @@ class Server:
             tap(msg)
         return msg
 
-    def forward(self, client_ids: Sequence[int], step: int) -> None:
+    def forward(self, client_ids: Sequence[int], step: int | Mapping[int, int]) -> None:
         """Receive the head activations of ``client_ids``, run the trunk once over all of them
-        (concatenated along the batch, right-padded to the longest), send each client its rows."""
+        (concatenated along the batch, right-padded to the longest), send each client its rows. ``step`` may
+        map each client to its own step (clients of a remote server need not be in lockstep)."""
         ids = list(client_ids)
+        steps = dict(step) if isinstance(step, Mapping) else dict.fromkeys(ids, step)
         adapter = self.adapters.get(ids[0]) if self.adapters else None
         if self.adapters and any(self.adapters.get(c) != adapter for c in ids):
             raise ProtocolError("per-client adapters cannot serve several clients in one trunk pass")
         self._activate(adapter)
-        msgs = [self._recv(c, step, ActivationMsg) for c in ids]
+        msgs = [self._recv(c, steps[c], ActivationMsg) for c in ids]
         length = max(m.hidden.shape[1] for m in msgs)
         hidden = torch.cat([_pad(m.hidden, length, 0.0) for m in msgs]).requires_grad_(True)
         mask = torch.cat([_pad(m.attention_mask, length, 0) for m in msgs])
@@ -285,21 +287,33 @@ class Server:
         out = self.trunk(hidden, mask, positions)
         rows = [m.hidden.shape[0] for m in msgs]
         lengths = [m.hidden.shape[1] for m in msgs]
-        self._pending = (ids, hidden, mask, out, rows, lengths, adapter)
-        sent = out if self.policy is None else self.policy.on_forward(ids, step, hidden.detach(), mask, out.detach())
+        self._pending = (ids, steps, hidden, mask, out, rows, lengths, adapter)
+        first = steps[ids[0]]
+        sent = out if self.policy is None else self.policy.on_forward(ids, first, hidden.detach(), mask, out.detach())
         for c, t, part in zip(ids, lengths, sent.split(rows), strict=True):
-            reply = ActivationMsg(c, step, TO_CLIENT, part[:, :t])
+            reply = ActivationMsg(c, steps[c], TO_CLIENT, part[:, :t])
             self.transport.send(SERVER, client_endpoint(c), encode(reply))
 
-    def backward(self, step: int) -> None:
+    @property
+    def pending_clients(self) -> list[int]:
+        """The clients whose forward pass awaits their gradient (empty when none)."""
+        return list(self._pending[0]) if self._pending is not None else []
+
+    def discard_pending(self) -> None:
+        """Drop a forward pass whose gradients will not come (a client died mid-step)."""
+        self._pending = None
+
+    def backward(self, step: int | None = None) -> None:
         """Receive each client's gradient, backpropagate through the trunk once, take one optimiser step
         (gradients of the clients in one pass add up), and send each client the gradient of its input."""
         if self._pending is None:
             raise ProtocolError("server.backward called without a pending forward pass")
-        ids, hidden, mask, out, rows, lengths, adapter = self._pending
+        ids, steps, hidden, mask, out, rows, lengths, adapter = self._pending
         self._pending = None
+        if step is not None and any(s != step for s in steps.values()):
+            raise ProtocolError(f"server.backward for step {step}, but the pending pass is for steps {steps}")
         length = hidden.shape[1]
-        grads = [self._recv(c, step, GradientMsg).grad for c in ids]
+        grads = [self._recv(c, steps[c], GradientMsg).grad for c in ids]
         for g, n, t in zip(grads, rows, lengths, strict=True):
             if tuple(g.shape[:2]) != (n, t) or g.shape[2] != hidden.shape[2]:
                 raise ProtocolError(f"gradient of shape {tuple(g.shape)} does not match the activations sent")
@@ -311,9 +325,9 @@ class Server:
             optimizer.step()
         grad = hidden.grad
         if self.policy is not None:
-            grad = self.policy.head_gradient(ids, step, hidden.detach(), mask, grad)
+            grad = self.policy.head_gradient(ids, steps[ids[0]], hidden.detach(), mask, grad)
         for c, part, t in zip(ids, grad.split(rows), lengths, strict=True):
-            reply = GradientMsg(c, step, TO_CLIENT, part[:, :t])
+            reply = GradientMsg(c, steps[c], TO_CLIENT, part[:, :t])
             self.transport.send(SERVER, client_endpoint(c), encode(reply))
 
 

@@ -1,0 +1,1 @@
+"""Split training across processes and machines: gRPC with mutual TLS, checkpoints, certificates."""

@@ -1,0 +1,114 @@
+"""Throwaway certificates for trying split training across processes: a CA, a server and one per client.
+
+For experiments on one machine or a lab network only. A real deployment gets its certificates from the
+organisations' own PKI; nothing here is fit for that (the CA key lies next to the certificates it signs).
+
+Files written to DIR: ``ca.pem`` (+ ``ca.key``), ``server.pem``/``server.key`` and ``client-<i>.pem``/
+``client-<i>.key``. The server accepts only clients whose certificate the CA signed, and takes a client's
+identity from its certificate's common name (``client-<i>``), never from what the client claims.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from suite.errors import SplitleakError
+
+
+def client_name(client_id: int) -> str:
+    return f"client-{client_id}"
+
+
+def _key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "splitleak throwaway"),
+                      x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _write(path: Path, data: bytes, private: bool = False) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_bytes(data)
+    if private:
+        os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+
+
+def _pem_key(key) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _issue(cn: str, key, ca_name: x509.Name, ca_key, *, server: bool, hosts: tuple[str, ...], days: int):
+    now = dt.datetime.now(dt.UTC)
+    builder = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(ca_name)
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
+               .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+               .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server
+                                                     else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False))
+    if server:
+        sans: list[x509.GeneralName] = []
+        for h in hosts:
+            try:
+                sans.append(x509.IPAddress(ipaddress.ip_address(h)))
+            except ValueError:
+                sans.append(x509.DNSName(h))
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    return builder.sign(ca_key, hashes.SHA256())
+
+
+def make_certs(out: str | Path, clients: int, hosts: tuple[str, ...] = ("localhost", "127.0.0.1"),
+               days: int = 30) -> Path:
+    """Write a fresh CA, a server certificate for ``hosts`` and ``clients`` client certificates to ``out``."""
+    if clients < 1:
+        raise SplitleakError("certs: --clients must be at least 1")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ca_key = _key()
+    ca_name = _name("splitleak throwaway CA")
+    now = dt.datetime.now(dt.UTC)
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+          .not_valid_after(now + dt.timedelta(days=days))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    _write(out / "ca.pem", ca.public_bytes(serialization.Encoding.PEM))
+    _write(out / "ca.key", _pem_key(ca_key), private=True)
+    for cn, server in [("server", True)] + [(client_name(i), False) for i in range(clients)]:
+        key = _key()
+        cert = _issue(cn, key, ca_name, ca_key, server=server, hosts=hosts, days=days)
+        _write(out / f"{cn}.pem", cert.public_bytes(serialization.Encoding.PEM))
+        _write(out / f"{cn}.key", _pem_key(key), private=True)
+    return out
+
+
+@dataclass(frozen=True)
+class Identity:
+    """The PEM bytes one party presents and trusts."""
+
+    ca: bytes
+    cert: bytes
+    key: bytes
+
+
+def load_identity(certs: str | Path, name: str) -> Identity:
+    """``name`` is ``"server"`` or ``client-<i>``; a missing file is a one-line error naming the fix."""
+    certs = Path(certs)
+    paths = [certs / "ca.pem", certs / f"{name}.pem", certs / f"{name}.key"]
+    for p in paths:
+        if not p.is_file():
+            raise SplitleakError(f"missing certificate file {p}; create throwaway ones with "
+                                 f"`splitleak certs {certs} --clients N`")
+    return Identity(*(p.read_bytes() for p in paths))

@@ -1,0 +1,150 @@
+"""Running one party per process: `splitleak serve` and `splitleak client`.
+
+Both sides build the experiment from the same config file exactly as the in-process engine does (same
+model, split, adapters, seeds and data shards), then keep only their own part: the server its trunk, a
+client its head, tail and shard. So a run across processes trains the same model as the in-process run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from suite.config import ExperimentConfig
+from suite.errors import SplitleakError
+from suite.net import checkpoint
+from suite.net.certs import client_name, load_identity
+from suite.net.link import DEFAULT_MAX_MESSAGE_MIB, Link, LinkError, RemoteTransport
+
+
+def config_hash(cfg: ExperimentConfig) -> str:
+    """What client and server must agree on: everything but the number of steps each side runs."""
+    data = cfg.model_dump()
+    data["training"].pop("steps", None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _prepare(cfg: ExperimentConfig):
+    from suite.experiment import prepare
+    from suite.split import SplitSpec
+
+    return prepare(cfg, SplitSpec(cfg.training.head_blocks, cfg.training.tail_blocks))
+
+
+def build_service(cfg: ExperimentConfig, checkpoint_dir: str | Path | None = None, *, turn_timeout: float = 30.0,
+                  round_timeout: float = 30.0, checkpoint_every: int = 1):
+    from suite.net.server import SplitService
+
+    prepared = _prepare(cfg)
+    path = Path(checkpoint_dir) / "server.pt" if checkpoint_dir else None
+    return SplitService(prepared.session.server, cfg.training.strategy, cfg.training.clients, config_hash(cfg),
+                        turn_timeout=turn_timeout, round_timeout=round_timeout, checkpoint_path=path,
+                        checkpoint_every=checkpoint_every)
+
+
+def serve(cfg: ExperimentConfig, certs: str | Path, listen: str, checkpoint_dir: str | Path | None = None,
+          *, max_message_mib: int = DEFAULT_MAX_MESSAGE_MIB, on_ready: Callable[[int, list[str]], None] | None = None,
+          **timeouts) -> None:
+    """Serve until interrupted."""
+    from suite.net.server import start_server
+
+    identity = load_identity(certs, "server")
+    service = build_service(cfg, checkpoint_dir, **timeouts)
+    server, port = start_server(service, identity, listen, max_message_mib=max_message_mib)
+    if on_ready is not None:
+        on_ready(port, list(service.events))
+    try:
+        server.wait_for_termination()
+    finally:
+        server.stop(grace=1)
+
+
+@dataclass
+class ClientRun:
+    client_id: int
+    losses: list[float] = field(default_factory=list)  # one per step, from the first step ever (incl. resumed)
+    resumed_from: int = 0
+    reconnects: int = 0
+
+
+def run_client(cfg: ExperimentConfig, client_id: int, address: str, certs: str | Path,
+               checkpoint_dir: str | Path | None = None, *, max_message_mib: int = DEFAULT_MAX_MESSAGE_MIB,
+               give_up_after: float = 300.0, checkpoint_every: int = 1,
+               on_step: Callable[[int, float], None] | None = None) -> ClientRun:
+    """Train client ``client_id`` against the server at ``address`` for the config's steps, resuming from
+    its checkpoint when there is one, reconnecting (new channel) whenever the server goes away."""
+    if not 0 <= client_id < cfg.training.clients:
+        raise SplitleakError(f"--id {client_id} is not a client of this config (it has {cfg.training.clients}: "
+                             f"0..{cfg.training.clients - 1})")
+    identity = load_identity(certs, client_name(client_id))
+    prepared = _prepare(cfg)
+    client = prepared.session.clients[client_id]
+    link = Link(address, identity, max_message_mib=max_message_mib)
+    transport = RemoteTransport(link, client_id, config_hash(cfg))
+    client.transport = transport
+    path = Path(checkpoint_dir) / f"{client_name(client_id)}.pt" if checkpoint_dir else None
+    run = ClientRun(client_id)
+    modules = {"head": client.head, "tail": client.tail}
+    state = checkpoint.load(path) if path else None
+    if state is not None:
+        if state["config"] != transport.config_hash:
+            raise SplitleakError(f"checkpoint {path} belongs to another config; delete it or use another --checkpoint")
+        checkpoint.load_trainable(modules, state["weights"])
+        if client.optimizer is not None and state["optimizer"]:
+            client.optimizer.load_state_dict(state["optimizer"])
+        client.batches.generator.set_state(state["rng"])
+        client.batches._order = list(state["order"])
+        run.losses = list(state["losses"])
+        run.resumed_from = len(run.losses)
+
+    def save(done: int) -> None:
+        if path is None:
+            return
+        checkpoint.save(path, {
+            "config": transport.config_hash, "weights": checkpoint.trainable_state(modules),
+            "optimizer": client.optimizer.state_dict() if client.optimizer is not None else {},
+            "rng": client.batches.generator.get_state(), "order": list(client.batches._order),
+            "losses": run.losses[:done],
+        })
+
+    def connect() -> None:
+        deadline = time.monotonic() + give_up_after
+        while True:
+            try:
+                transport.connect(hello_timeout=max(1.0, deadline - time.monotonic()))
+                return
+            except LinkError as err:
+                if not err.transient or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.5)
+
+    connect()
+    try:
+        for step in range(run.resumed_from, cfg.training.steps):
+            batch = client.batches.next()
+            deadline = time.monotonic() + give_up_after
+            while True:
+                try:
+                    client.send_activations(step, batch)
+                    loss = client.receive_hidden(step)
+                    client.receive_gradient(step)
+                    break
+                except LinkError as err:  # the server restarted, timed our turn out, or is unreachable
+                    if not err.transient or time.monotonic() >= deadline:
+                        raise
+                    run.reconnects += 1
+                    transport._out = None
+                    time.sleep(0.2)
+                    connect()
+            run.losses.append(loss)
+            if on_step is not None:
+                on_step(step, loss)
+            if (step + 1) % checkpoint_every == 0 or step + 1 == cfg.training.steps:
+                save(step + 1)
+    finally:
+        link.close()
+    return run
