@@ -45,6 +45,8 @@ onto the base features) rather than moving it somewhere new; the price is the he
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import time
 from dataclasses import dataclass
 
@@ -125,16 +127,49 @@ def _critic(dim: int, hidden: int) -> nn.Module:
                          nn.Linear(hidden, 1))
 
 
+# The warm-up (public head features on the shadow corpus, then ``warmup_steps`` autoencoder steps) depends
+# only on public things: the attack config, the public head's weights, the shadow text and the sequence
+# length. A matrix runs FSHA once per defence at each split; each run starts from a copy of the same
+# warmed-up state instead of recomputing it (the cells' results are identical either way).
+_WARM: dict[str, tuple[dict, torch.Tensor]] = {}
+
+
+def _warm_key(config: FshaConfig, obs: Observations, head: nn.Module) -> str:
+    h = hashlib.sha256(repr(config).encode())
+    h.update(repr((obs.spec, obs.max_length, type(obs.tokenizer).__name__, len(obs.tokenizer))).encode())
+    for text in obs.shadow:
+        h.update(text.encode() + b"\0")
+    for name, p in head.state_dict().items():
+        h.update(name.encode())
+        h.update(p.detach().float().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 class FshaPolicy(ServerPolicy):
     """The hijacking server. Holds f̃, f̃⁻¹ and D and trains them as it serves client batches."""
 
     def __init__(self, config: FshaConfig, obs: Observations):
         start = time.perf_counter()
-        self.config = config
-        self.generator = torch.Generator().manual_seed(config.seed)
-        head = public_head(obs)
         if not obs.shadow:
             raise ValueError("fsha needs public shadow text to train its autoencoder; the shadow corpus is empty")
+        head = public_head(obs)
+        key = _warm_key(config, obs, head)
+        if key in _WARM:  # the same public warm-up was done before in this process: reuse a copy
+            state, generator = _WARM[key]
+            self.__dict__.update(copy.deepcopy(state))
+            self.generator = torch.Generator().manual_seed(config.seed)
+            self.generator.set_state(generator)
+            self.warmup_reused = True
+            return
+        self._warm_up(config, obs, head, start)
+        state = {k: v for k, v in self.__dict__.items() if k != "generator"}
+        _WARM.clear()  # keep one: a matrix runs one split's cells together
+        _WARM[key] = (copy.deepcopy(state), self.generator.get_state())
+
+    def _warm_up(self, config: FshaConfig, obs: Observations, head, start: float) -> None:
+        self.config = config
+        self.warmup_reused = False
+        self.generator = torch.Generator().manual_seed(config.seed)
         tok = obs.tokenizer
         enc = tok(list(obs.shadow), padding="max_length", truncation=True, max_length=obs.max_length,
                   padding_side="right", return_tensors="pt")
@@ -299,6 +334,7 @@ class FshaAttack(Attack):
             "autoencoder_loss": _summary(policy.ae_loss),
             "autoencoder_shadow_accuracy": _summary(policy.ae_acc),
             "warmup_seconds": policy.warmup_seconds,
+            "warmup_reused": policy.warmup_reused,  # a copy of an identical earlier warm-up in this process
             "policy_seconds": policy.seconds,
             "utility": "see CellResult.utility (held-out task loss of the hijacked model); compare an honest run",
         }

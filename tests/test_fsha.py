@@ -103,6 +103,24 @@ def test_padding_positions_get_no_gradient(base):
     assert reply[1, 10:].abs().sum() == 0 and reply[1, :10].abs().sum() > 0
 
 
+def test_a_second_identical_warm_up_is_a_copy_of_the_first(base):
+    shadow = tuple(r.text for r in load_corpus(CFG.data.shadow.spec()))
+    obs = filter_observations(MALICIOUS, spec=SPEC, tokenizer=base.tokenizer, max_length=16,
+                              base_model=lambda: copy.deepcopy(base.model), shadow=shadow)
+    cfg = FshaConfig(warmup_steps=5, seed=3)
+    first, second = FshaPolicy(cfg, obs), FshaPolicy(cfg, obs)
+    assert not first.warmup_reused and second.warmup_reused
+    hidden = torch.randn(2, 16, base.model.config.hidden_size)
+    mask = torch.ones(2, 16, dtype=torch.long)
+    honest = torch.randn_like(hidden)
+    # Same replies, and the copy is independent: training one does not move the other.
+    torch.testing.assert_close(first.head_gradient([0], 0, hidden, mask, honest),
+                               second.head_gradient([0], 0, hidden, mask, honest), rtol=0, atol=0)
+    assert first.decoder is not second.decoder and first.ae_loss == second.ae_loss
+    fresh = FshaPolicy(FshaConfig(warmup_steps=5, seed=4), obs)  # another config: its own warm-up
+    assert not fresh.warmup_reused
+
+
 def test_hijacking_hurts_the_task(honest, hijacked):
     trained = hijacked[0]
     assert trained.utility > honest.utility + 0.1, (trained.utility, honest.utility)
