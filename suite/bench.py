@@ -7,6 +7,8 @@
 2. Memory of ``per_client`` with 1 vs 8 clients: the peak resident memory of a server process holding the
    trunk with one adapter set (and optimiser) per client and serving one step per client. Each count runs
    in its own fresh process, so peaks do not mask each other.
+3. Leaving the process (``suite.net.bench``): a split step over loopback gRPC + mTLS vs in-process, and the
+   Ray executor's overhead per cell.
 """
 
 from __future__ import annotations
@@ -162,7 +164,7 @@ def peak_memory(model_name: str, clients: int, batch_size: int, max_length: int)
 
 
 def run_bench(*, model: str, batch_size: int, max_length: int, reps: int, head_blocks: int, tail_blocks: int,
-              memory: bool = True) -> dict:
+              memory: bool = True, remote: bool = True) -> dict:
     spec = SplitSpec(head_blocks, tail_blocks)
     result = step_times(model, batch_size, max_length, reps, spec)
     print(f"step time  centralised {result['centralised_s_per_step']*1e3:8.1f} ms   "
@@ -180,5 +182,21 @@ def run_bench(*, model: str, batch_size: int, max_length: int, reps: int, head_b
             result[f"per_client_{key}_8_over_1"] = eight[key] / one[key]
             print(f"per_client server {key:15s}  1 client {one[key]/2**20:8.1f} MiB   "
                   f"8 clients {eight[key]/2**20:8.1f} MiB   8/1 = {eight[key]/one[key]:.3f}  (target <= 1.2)")
+    if remote:
+        from suite.net.bench import grpc_step_times, ray_overhead
+
+        g = grpc_step_times(model, batch_size, max_length, reps, head_blocks, tail_blocks)
+        result.update(g)
+        print(f"remote     in-process (AES-GCM) {g['in_process_encrypted_s_per_step']*1e3:8.1f} ms   gRPC + mTLS over "
+              f"loopback {g['grpc_mtls_s_per_step']*1e3:8.1f} ms   grpc/in-process = {g['grpc_over_in_process']:.3f}  "
+              "(target <= 1.3; FL-GLM: 2.7 across two machines)")
+        r = ray_overhead()
+        result.update(r)
+        if "ray_overhead_s_per_cell" in r:
+            print(f"ray        {r['ray_cells']} tiny cells in {r['ray_groups']} tasks: local {r['local_matrix_s']:.1f} s, "
+                  f"ray {r['ray_matrix_s']:.1f} s (+ {r['ray_cluster_start_s']:.1f} s cluster start)   overhead "
+                  f"{r['ray_overhead_s_per_cell']:.2f} s per cell, {r['ray_overhead_s_per_task']:.2f} s per task")
+        else:
+            print(f"ray        {r['ray']}")
     print(json.dumps(result, sort_keys=True))
     return result

@@ -154,7 +154,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         bar.set_postfix_str(current)
         bar.refresh()
 
-    summary = run_matrix(cfg, args.out, workers=args.workers, on_progress=progress)
+    summary = run_matrix(cfg, args.out, workers=args.workers, executor=args.executor, address=args.address,
+                         on_progress=progress)
     bar.close()
     print(f"{summary['cells']} cells ({summary['ran']} run now, {summary['cells'] - summary['ran']} already done, "
           f"{len(summary['skipped'])} left out) in {summary['groups']} training runs -> {args.out}/results.sqlite")
@@ -205,7 +206,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from suite.bench import run_bench
 
     run_bench(model=args.model, batch_size=args.batch_size, max_length=args.max_length, reps=args.reps,
-              head_blocks=args.head_blocks, tail_blocks=args.tail_blocks, memory=not args.no_memory)
+              head_blocks=args.head_blocks, tail_blocks=args.tail_blocks, memory=not args.no_memory,
+              remote=not args.no_remote)
     return 0
 
 
@@ -293,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", help="TOML experiment config (see README)")
     p.add_argument("--out", required=True, metavar="DIR", help="results directory (results.sqlite)")
     p.add_argument("--workers", type=int, default=1, help="parallel worker processes (one training run each)")
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="where training groups run: this machine, or Ray tasks (pip install 'splitleak[ray]')")
+    p.add_argument("--address", help="Ray cluster address (e.g. ray://head:10001 or auto); default: a local one")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("results", help="print the results table of a run directory", epilog=EPILOG)
@@ -357,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", "--head-blocks", type=int, default=1)
     p.add_argument("-m", "--tail-blocks", type=int, default=1)
     p.add_argument("--no-memory", action="store_true", help="skip the per_client memory measurement")
+    p.add_argument("--no-remote", action="store_true", help="skip gRPC-vs-in-process and Ray overhead")
     p.set_defaults(func=cmd_bench)
     return parser
 

@@ -94,11 +94,21 @@ class MatrixSection(_Section):
         return self
 
 
+class ExecutorSection(_Section):
+    """What each Ray task (one training group of the matrix) asks the cluster for. The engine computes on
+    the CPU; ``gpus_per_task`` reserves GPUs for a task (Ray sets CUDA_VISIBLE_DEVICES) without moving the
+    model onto them."""
+
+    cpus_per_task: float = Field(default=1, gt=0)
+    gpus_per_task: float = Field(default=0, ge=0)
+
+
 class ExperimentConfig(_Section):
     model: ModelSection = ModelSection()
     data: DataSection = DataSection()
     training: TrainingSection = TrainingSection()
     matrix: MatrixSection = MatrixSection()
+    executor: ExecutorSection = ExecutorSection()
 
 
 def _one_line(err: ValidationError, source: str) -> str:

@@ -170,15 +170,18 @@ def observation_key(cell: Cell, clients: int) -> tuple | None:
     return (cell.attack, cell.attack_params, victims, threat.grants - {Capability.CONTROL_SERVER})
 
 
-def run_group(cfg: ExperimentConfig, cells: list[Cell], keys: list[str], out: str, base=None,
-              on_cell: Callable[[str], None] | None = None) -> list[str]:
-    """Train one group's setup once and run its cells, writing each row as soon as it exists. Returns the
-    labels of the cells written (ok or failed). Runs in a worker process when ``--workers`` > 1."""
+def run_group(cfg: ExperimentConfig, cells: list[Cell], keys: list[str], out: str | None, base=None,
+              on_cell: Callable[[str], None] | None = None,
+              sink: Callable[[dict[str, Any]], None] | None = None) -> list[str]:
+    """Train one group's setup once and run its cells, writing each row to the store in ``out`` as soon as
+    it exists (or handing it to ``sink``). Returns the labels of the cells written (ok or failed). Runs in a
+    worker process when ``--workers`` > 1, and in a Ray task with the Ray executor."""
     from suite.cell import attack_trained, train_split
     from suite.models import load_model
 
     first = cells[0]
-    store = ResultsStore(out)
+    store = ResultsStore(out) if sink is None else None
+    write = sink if sink is not None else store.write
     done = []
     try:
         base = base if base is not None else load_model(cfg.model.name, progress=lambda _: None)
@@ -216,12 +219,13 @@ def run_group(cfg: ExperimentConfig, cells: list[Cell], keys: list[str], out: st
                             shared[same] = (cell.threat, fields)
                 except Exception as err:
                     row.update(status="failed", error=_error(err))
-            store.write(row)
+            write(row)
             done.append(cell.label())
             if on_cell is not None:
                 on_cell(cell.label())
     finally:
-        store.close()
+        if store is not None:
+            store.close()
     return done
 
 
@@ -231,13 +235,21 @@ def _error(err: BaseException) -> str:
     return f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}{at}"
 
 
-def run_matrix(cfg: ExperimentConfig, out: str | Path, *, workers: int = 1,
+def run_matrix(cfg: ExperimentConfig, out: str | Path, *, workers: int = 1, executor: str = "local",
+               address: str | None = None,
                on_progress: Callable[[int, int, str], None] | None = None) -> dict[str, Any]:
-    """Run every missing cell of ``cfg``'s matrix into ``out``; returns counts and the left-out cells."""
+    """Run every missing cell of ``cfg``'s matrix into ``out``; returns counts and the left-out cells.
+
+    ``executor``: ``"local"`` (this process, or ``workers`` processes) or ``"ray"`` (one Ray task per training
+    group on the cluster at ``address``, or a local one). Either way rows land in the same store, cell by
+    cell, and a rerun finishes only what is missing."""
     from suite.models import load_model
 
+    if executor not in ("local", "ray"):
+        raise ConfigError(f"unknown executor {executor!r}; choose 'local' or 'ray'")
     out = str(out)
     cells, skipped = expand(cfg)
+    ray = _import_ray() if executor == "ray" else None
     base = load_model(cfg.model.name)
     with ResultsStore(out) as store:
         done = store.done()
@@ -249,12 +261,16 @@ def run_matrix(cfg: ExperimentConfig, out: str | Path, *, workers: int = 1,
     finished = len(cells) - len(todo)
     report = on_progress or (lambda *_: None)
     report(finished, len(cells), "resuming" if finished else "starting")
-    if workers <= 1:
-        def cell_done(label: str) -> None:
-            nonlocal finished
-            finished += 1
-            report(finished, len(cells), label)
 
+    def cell_done(label: str) -> None:
+        nonlocal finished
+        finished += 1
+        report(finished, len(cells), label)
+
+    if ray is not None:
+        if groups:
+            _run_on_ray(ray, cfg, list(groups.values()), keys, out, address, base.revision, cell_done)
+    elif workers <= 1:
         for group in groups.values():
             report(finished, len(cells), f"training {group[0].label()}")
             run_group(cfg, group, [keys[c] for c in group], out, base, on_cell=cell_done)
@@ -263,10 +279,58 @@ def run_matrix(cfg: ExperimentConfig, out: str | Path, *, workers: int = 1,
         with ProcessPoolExecutor(max_workers=workers, initializer=_worker_init, initargs=(threads,)) as pool:
             futures = [pool.submit(run_group, cfg, g, [keys[c] for c in g], out) for g in groups.values()]
             for fut in as_completed(futures):
-                labels = fut.result()
-                finished += len(labels)
-                report(finished, len(cells), labels[-1] if labels else "")
+                for label in fut.result():
+                    cell_done(label)
     return {"cells": len(cells), "ran": len(todo), "skipped": skipped, "groups": len(groups)}
+
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("the ray executor needs Ray: pip install 'splitleak[ray]'") from None
+    return ray
+
+
+def _group_rows(cfg: ExperimentConfig, cells: list[Cell], keys: list[str], threads: int) -> list[dict[str, Any]]:
+    """A Ray task: one training group, its rows returned to the driver (which owns the store)."""
+    _worker_init(threads)
+    rows: list[dict[str, Any]] = []
+    run_group(cfg, cells, keys, None, sink=rows.append)
+    return rows
+
+
+def _run_on_ray(ray, cfg: ExperimentConfig, groups: list[list[Cell]], keys: dict[Cell, str], out: str,
+                address: str | None, revision: str, cell_done: Callable[[str], None]) -> None:
+    """Fan the groups out as Ray tasks; write each task's rows the moment it returns. A Ray cluster is one
+    trust domain: fine for an experiment matrix (every cell is simulated inside one task)."""
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    res = cfg.executor
+    task = ray.remote(num_cpus=res.cpus_per_task, num_gpus=res.gpus_per_task, max_retries=0)(_group_rows)
+    threads = max(1, int(res.cpus_per_task))
+    try:
+        pending = {task.remote(cfg, g, [keys[c] for c in g], threads): g for g in groups}
+        with ResultsStore(out) as store:
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                for ref in ready:
+                    group = pending.pop(ref)
+                    try:
+                        rows = ray.get(ref)
+                    except Exception as err:  # the task died (node lost, OOM): its cells record why
+                        rows = []
+                        for cell in group:
+                            row = _row(cell, keys[cell], cfg, revision)
+                            row.update(status="failed", error=f"ray task failed: {_error(err)}")
+                            rows.append(row)
+                    for row, cell in zip(rows, group, strict=True):
+                        store.write(row)
+                        cell_done(cell.label())
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def _worker_init(threads: int) -> None:

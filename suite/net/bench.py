@@ -1,0 +1,124 @@
+"""Costs of leaving one process, measured side by side in one run (see `splitleak bench`).
+
+* gRPC + mTLS over loopback vs in-process: one client's split step (two round trips) against a
+  `splitleak serve` process on 127.0.0.1, interleaved with the same step through the in-process byte
+  transport with the same AES-GCM channel, same model, batch and adapters. Medians are compared.
+* Ray task overhead per cell: a small matrix on the tiny test model, run by the local runner and then as
+  Ray tasks on a local cluster; (Ray time - local time) / cells, with the cluster's start-up reported apart.
+"""
+
+from __future__ import annotations
+
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from suite.config import parse_config
+from suite.defense import make_defense
+from suite.errors import SplitleakError
+from suite.transport import InProcessTransport
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def grpc_step_times(model: str, batch_size: int, max_length: int, reps: int, head_blocks: int,
+                    tail_blocks: int) -> dict:
+    from suite.bench import _batch
+    from suite.experiment import prepare
+    from suite.net.certs import load_identity, make_certs
+    from suite.net.link import Link, RemoteTransport
+    from suite.net.parties import config_hash
+    from suite.split import SplitSpec
+
+    cfg = parse_config({"model": {"name": model}, "data": {"max_length": max_length},
+                        "training": {"clients": 1, "batch_size": batch_size, "head_blocks": head_blocks,
+                                     "tail_blocks": tail_blocks, "steps": reps + 2}})
+    spec = SplitSpec(head_blocks, tail_blocks)
+    with tempfile.TemporaryDirectory() as tmp:
+        certs = make_certs(Path(tmp) / "certs", clients=1)
+        port = _free_port()
+        server = subprocess.Popen(
+            [sys.executable, "-m", "suite.cli", "serve", "--model", model, "-k", str(head_blocks), "-m",
+             str(tail_blocks), "--clients", "1", "--batch-size", str(batch_size), "--max-length", str(max_length),
+             "--steps", str(reps + 2), "--certs", str(certs), "--listen", f"127.0.0.1:{port}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            local = prepare(cfg, spec, transport=make_defense("encryption").wrap_transport(InProcessTransport()))
+            remote = prepare(cfg, spec)
+            client = remote.session.clients[0]
+            link = Link(f"127.0.0.1:{port}", load_identity(certs, "client-0"))
+            client.transport = RemoteTransport(link, 0, config_hash(cfg))
+            client.transport.connect(hello_timeout=180)
+            batch = _batch(remote.loaded.model.config.vocab_size, batch_size, max_length)
+            lc, ls = local.session.clients[0], local.session.server
+            times: dict[str, list[float]] = {"in_process": [], "grpc": []}
+            for i in range(reps + 2):
+                t = time.perf_counter()
+                lc.send_activations(i, batch)
+                ls.forward([0], i)
+                lc.receive_hidden(i)
+                ls.backward(i)
+                lc.receive_gradient(i)
+                dt_local = time.perf_counter() - t
+                t = time.perf_counter()
+                client.send_activations(i, batch)
+                client.receive_hidden(i)
+                client.receive_gradient(i)
+                dt_remote = time.perf_counter() - t
+                if i >= 2:
+                    times["in_process"].append(dt_local)
+                    times["grpc"].append(dt_remote)
+            link.close()
+        finally:
+            server.terminate()
+            _, err = server.communicate(timeout=30)
+        if not times["grpc"]:
+            raise SplitleakError(f"the gRPC benchmark server failed: {err.strip().splitlines()[-1:]}")
+    a, b = statistics.median(times["in_process"]), statistics.median(times["grpc"])
+    return {"grpc_model": model, "in_process_encrypted_s_per_step": a, "grpc_mtls_s_per_step": b,
+            "grpc_over_in_process": b / a}
+
+
+RAY_MATRIX = {
+    "model": {"name": "tiny-llama"},
+    "data": {"max_length": 12, "private": {"generator": "records", "size": 8, "seed": 1},
+             "shadow": {"generator": "records", "size": 16, "seed": 2}},
+    "training": {"clients": 2, "steps": 2, "batch_size": 2},
+    "matrix": {"splits": [0, 1, 2], "threats": ["curious_server", "eavesdropper"],
+               "attacks": ["nearest_embedding", "wire_inversion"], "defenses": ["none", "encryption"]},
+}
+
+
+def ray_overhead() -> dict:
+    try:
+        import ray
+    except ImportError:
+        return {"ray": "not installed (pip install 'splitleak[ray]')"}
+    from suite.matrix import run_matrix
+
+    cfg = parse_config(RAY_MATRIX)
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        local = run_matrix(cfg, Path(tmp) / "local")
+        local_s = time.perf_counter() - t
+        t = time.perf_counter()
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        start_s = time.perf_counter() - t
+        try:
+            t = time.perf_counter()
+            run_matrix(cfg, Path(tmp) / "ray", executor="ray")
+            ray_s = time.perf_counter() - t
+        finally:
+            ray.shutdown()
+    cells = local["cells"]
+    return {"ray_cells": cells, "ray_groups": local["groups"], "local_matrix_s": local_s, "ray_matrix_s": ray_s,
+            "ray_cluster_start_s": start_s, "ray_overhead_s_per_cell": (ray_s - local_s) / cells,
+            "ray_overhead_s_per_task": (ray_s - local_s) / local["groups"]}
