@@ -145,6 +145,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config if args.config else DEFAULT_MATRIX)
     cells, skipped = expand(cfg)  # validate before loading anything
+    workers = args.workers if args.workers is not None else cfg.executor.workers
+    if workers < 1:
+        raise SplitleakError(f"--workers must be at least 1, not {workers}")
     for cell, reason in skipped:
         print(f"left out: {cell.label()}: {reason}", file=sys.stderr)
     bar = tqdm(total=len(cells), desc="cells", unit="cell", file=sys.stderr, dynamic_ncols=True)
@@ -154,7 +157,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         bar.set_postfix_str(current)
         bar.refresh()
 
-    summary = run_matrix(cfg, args.out, workers=args.workers, executor=args.executor, address=args.address,
+    summary = run_matrix(cfg, args.out, workers=workers, executor=args.executor, address=args.address,
                          on_progress=progress)
     bar.close()
     print(f"{summary['cells']} cells ({summary['ran']} run now, {summary['cells'] - summary['ran']} already done, "
@@ -294,7 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=EPILOG)
     p.add_argument("config", nargs="?", help="TOML experiment config (see README)")
     p.add_argument("--out", required=True, metavar="DIR", help="results directory (results.sqlite)")
-    p.add_argument("--workers", type=int, default=1, help="parallel worker processes (one training run each)")
+    p.add_argument("--workers", type=int, help="parallel worker processes, one training run each "
+                   "(default: the config's [executor] workers, 1 unless it says otherwise)")
     p.add_argument("--executor", choices=["local", "ray"], default="local",
                    help="where training groups run: this machine, or Ray tasks (pip install 'splitleak[ray]')")
     p.add_argument("--address", help="Ray cluster address (e.g. ray://head:10001 or auto); default: a local one")

@@ -95,12 +95,14 @@ class MatrixSection(_Section):
 
 
 class ExecutorSection(_Section):
-    """What each Ray task (one training group of the matrix) asks the cluster for. The engine computes on
-    the CPU; ``gpus_per_task`` reserves GPUs for a task (Ray sets CUDA_VISIBLE_DEVICES) without moving the
-    model onto them."""
+    """How the matrix runs. ``workers``: local worker processes, one training group each (``--workers``
+    overrides it). ``cpus_per_task``/``gpus_per_task``: what each Ray task (one training group) asks the
+    cluster for. The engine computes on the CPU; ``gpus_per_task`` reserves GPUs for a task (Ray sets
+    CUDA_VISIBLE_DEVICES) without moving the model onto them."""
 
-    cpus_per_task: float = Field(default=1, gt=0)
-    gpus_per_task: float = Field(default=0, ge=0)
+    workers: int = Field(default=1, ge=1, le=256)
+    cpus_per_task: float = Field(default=1.0, gt=0)
+    gpus_per_task: float = Field(default=0.0, ge=0)
 
 
 class ExperimentConfig(_Section):

@@ -170,6 +170,9 @@ def observation_key(cell: Cell, clients: int) -> tuple | None:
     return (cell.attack, cell.attack_params, victims, threat.grants - {Capability.CONTROL_SERVER})
 
 
+_BASES: dict[str, Any] = {}  # the base model of a worker process, kept between the groups it runs
+
+
 def run_group(cfg: ExperimentConfig, cells: list[Cell], keys: list[str], out: str | None, base=None,
               on_cell: Callable[[str], None] | None = None,
               sink: Callable[[dict[str, Any]], None] | None = None) -> list[str]:
@@ -184,7 +187,11 @@ def run_group(cfg: ExperimentConfig, cells: list[Cell], keys: list[str], out: st
     write = sink if sink is not None else store.write
     done = []
     try:
-        base = base if base is not None else load_model(cfg.model.name, progress=lambda _: None)
+        if base is None:  # a worker process or Ray task: load once per process, reuse for its next groups
+            if cfg.model.name not in _BASES:
+                _BASES.clear()
+                _BASES[cfg.model.name] = load_model(cfg.model.name, progress=lambda _: None)
+            base = _BASES[cfg.model.name]
         try:
             threat = get_threat(first.threat)
             group_attack = make_attack(first.attack, threat, json.loads(first.attack_params))
@@ -276,8 +283,11 @@ def run_matrix(cfg: ExperimentConfig, out: str | Path, *, workers: int = 1, exec
             run_group(cfg, group, [keys[c] for c in group], out, base, on_cell=cell_done)
     else:
         threads = max(1, (os.cpu_count() or 1) // workers)
+        # Longest first: groups that train an active attack (FSHA's hijacked run) cost several times an
+        # honest group, and starting them last would leave one worker idle at the end.
+        ordered = sorted(groups.values(), key=lambda g: not ATTACKS.get(g[0].attack).active)
         with ProcessPoolExecutor(max_workers=workers, initializer=_worker_init, initargs=(threads,)) as pool:
-            futures = [pool.submit(run_group, cfg, g, [keys[c] for c in g], out) for g in groups.values()]
+            futures = [pool.submit(run_group, cfg, g, [keys[c] for c in g], out) for g in ordered]
             for fut in as_completed(futures):
                 for label in fut.result():
                     cell_done(label)

@@ -178,3 +178,20 @@ def test_embedded_default_matrix_is_valid():
                                          "peer_client"}
     assert {c.defense for c in cells} == {"none", "encryption", "dp_gaussian", "nopeek"}
     assert skipped  # e.g. fsha needs control of the server
+    assert cfg.executor.workers == 2  # both cores of a small machine
+
+
+def test_worker_processes_give_the_rows_of_one_process(tmp_path):
+    cfg = parse_config(MATRIX)
+    one = run_matrix(cfg, tmp_path / "one")
+    two = run_matrix(cfg, tmp_path / "two", workers=2)
+    assert one["ran"] == two["ran"] == one["cells"]
+    with ResultsStore(tmp_path / "one") as a, ResultsStore(tmp_path / "two") as b:
+        rows_one, rows_two = comparable(a.rows()), comparable(b.rows())
+    assert [{k: v for k, v in r.items() if k != "versions"} for r in rows_one] == \
+        [{k: v for k, v in r.items() if k != "versions"} for r in rows_two]
+
+
+def test_workers_below_one_is_a_one_line_error(tmp_path, capsys):
+    assert main(["run", "--out", str(tmp_path), "--workers", "0"]) == 2
+    assert "--workers must be at least 1" in capsys.readouterr().err

@@ -203,3 +203,19 @@ def test_bad_client_input_is_a_one_line_error(certs, tmp_path):
         run_client(_cfg("--steps", "1"), 5, "127.0.0.1:1", certs)
     with pytest.raises(SplitleakError, match="splitleak certs"):
         run_client(_cfg("--steps", "1"), 0, "127.0.0.1:1", tmp_path / "nowhere")
+
+
+def test_the_config_hash_survives_a_round_trip_and_ignores_steps_and_matrix():
+    from suite.config import parse_config
+
+    built = parse_config({"model": {"name": "tiny-llama"}, "data": {"max_length": 12},
+                          "training": {"clients": 2, "batch_size": 2, "steps": 3}})
+    again = parse_config(built.model_dump())
+    assert config_hash(built) == config_hash(again)
+    other = built.model_dump()
+    other["training"]["steps"] = 99
+    other["matrix"]["splits"] = [4]
+    other["executor"]["cpus_per_task"] = 2
+    assert config_hash(parse_config(other)) == config_hash(built)
+    other["training"]["lr"] = 0.5
+    assert config_hash(parse_config(other)) != config_hash(built)

@@ -5,7 +5,7 @@ Three unary methods under ``/splitleak.v1.Split/``, each moving raw bytes (no pr
 * ``Hello`` — JSON both ways: the client names the experiment it was built for (a hash of the config);
   the server answers with its strategy and the public half of the application-level channel (session id,
   key-exchange mode, public key). TLS has authenticated the server, so that key is authentic.
-* ``Handshake`` — the client's AEAD handshake frame (``defenses.encryption.ClientEnd``).
+* ``Handshake`` — the client's AEAD handshake frame (``suite.channel.ClientEnd``).
 * ``Exchange`` — one round trip of the split protocol: an encrypted ``ActivationMsg`` or ``GradientMsg``
   (the in-process byte encoding, sealed with AES-256-GCM) in, the server's encrypted reply out.
 
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from defenses.encryption import ClientEnd
+from suite.channel import ClientEnd
 from suite.errors import SplitleakError
 from suite.net.certs import Identity
 from suite.protocol import peek

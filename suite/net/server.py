@@ -27,7 +27,7 @@ from pathlib import Path
 import grpc
 import torch
 
-from defenses.encryption import EncryptionConfig, IntegrityError, ServerEnd, ServerKeys
+from suite.channel import IntegrityError, ServerEnd, ServerKeys
 from suite.errors import ProtocolError
 from suite.net import checkpoint
 from suite.net.certs import Identity
@@ -52,7 +52,7 @@ class SplitService:
     """The gRPC side of a ``suite.parties.Server``: decrypts, orders and feeds it the clients' messages."""
 
     def __init__(self, server: Server, strategy: str, clients: int, config_hash: str, *,
-                 encryption: EncryptionConfig | None = None, turn_timeout: float = 30.0,
+                 key_exchange: str = "x25519", turn_timeout: float = 30.0,
                  round_timeout: float = 30.0, checkpoint_path: str | Path | None = None, checkpoint_every: int = 1):
         self.server = server
         self.queue = InProcessTransport()
@@ -60,7 +60,7 @@ class SplitService:
         self.strategy = strategy
         self.clients = clients
         self.config_hash = config_hash
-        self.end = ServerEnd(ServerKeys(encryption or EncryptionConfig()))
+        self.end = ServerEnd(ServerKeys(key_exchange))
         self.turn_timeout = turn_timeout
         self.round_timeout = round_timeout
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
@@ -268,8 +268,10 @@ class SplitService:
 
 
 def start_server(service: SplitService, identity: Identity, listen: str, *,
-                 max_message_mib: int = DEFAULT_MAX_MESSAGE_MIB, threads: int = 16) -> tuple[grpc.Server, int]:
-    """Start serving on ``listen`` (``host:port``; port 0 picks one). Returns the server and its port."""
+                 max_message_mib: int = DEFAULT_MAX_MESSAGE_MIB) -> tuple[grpc.Server, int]:
+    """Start serving on ``listen`` (``host:port``; port 0 picks one). Returns the server and its port. Every
+    client may have a call waiting for its turn or round, so there is a handler thread per client and spare."""
+    threads = 2 * service.clients + 4
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=channel_options(max_message_mib))
     server.add_generic_rpc_handlers((generic_handler(service.hello, service.handshake, service.exchange),))
     port = server.add_secure_port(listen, server_credentials(identity))
