@@ -148,8 +148,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     workers = args.workers if args.workers is not None else cfg.executor.workers
     if workers < 1:
         raise SplitleakError(f"--workers must be at least 1, not {workers}")
+    left_out: dict[tuple[str, str, str], int] = {}  # one line per threat/attack pair, not per cell
     for cell, reason in skipped:
-        print(f"left out: {cell.label()}: {reason}", file=sys.stderr)
+        pair = (cell.threat, cell.attack, reason)
+        left_out[pair] = left_out.get(pair, 0) + 1
+    for (threat, attack, reason), n in left_out.items():
+        print(f"left out {n} cell{'s' if n != 1 else ''} {threat}/{attack}: {reason}", file=sys.stderr)
     bar = tqdm(total=len(cells), desc="cells", unit="cell", file=sys.stderr, dynamic_ncols=True)
 
     def progress(done: int, total: int, current: str) -> None:

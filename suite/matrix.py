@@ -14,7 +14,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -287,10 +287,16 @@ def run_matrix(cfg: ExperimentConfig, out: str | Path, *, workers: int = 1, exec
         # honest group, and starting them last would leave one worker idle at the end.
         ordered = sorted(groups.values(), key=lambda g: not ATTACKS.get(g[0].attack).active)
         with ProcessPoolExecutor(max_workers=workers, initializer=_worker_init, initargs=(threads,)) as pool:
-            futures = [pool.submit(run_group, cfg, g, [keys[c] for c in g], out) for g in ordered]
-            for fut in as_completed(futures):
-                for label in fut.result():
-                    cell_done(label)
+            pending = {pool.submit(run_group, cfg, g, [keys[c] for c in g], out) for g in ordered}
+            label_of = {keys[c]: c.label() for c in todo}
+            while pending:  # the workers write the store; report each new row as it lands
+                finished_now, pending = wait(pending, timeout=2.0, return_when=FIRST_COMPLETED)
+                for fut in finished_now:
+                    fut.result()  # a worker that died takes its group's missing cells with it: raise
+                with ResultsStore(out) as store:
+                    landed = store.done() & label_of.keys()
+                for key in sorted(landed, key=label_of.get):
+                    cell_done(label_of.pop(key))
     return {"cells": len(cells), "ran": len(todo), "skipped": skipped, "groups": len(groups)}
 
 
