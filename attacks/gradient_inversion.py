@@ -21,6 +21,8 @@ Undoing the tail blocks. ``R = Bᵀ R_Z`` where ``B = dZ/dH`` is the blocks' Jac
 through attention) and ``R_Z[t] = (1/n) J_norm(z_t)ᵀ W_{y_{t+1}}`` holds one label per position. Blocks are
 residual (``B ≈ I``), so ``R_Z`` is recovered by Richardson iteration ``x ← x + (R - Bᵀ x)`` — one
 vector-Jacobian product of the tail blocks per step (``solve_steps``; 0 = the first-order guess ``x = R``).
+The iteration diverges where the blocks are far from the identity (SmolLM2's massive activations); the
+iterate with the smallest residual is kept, which there is the first-order guess.
 
 Decoding a position. The final norm is ``s ⊙ P z / σ (+ b)``: a per-dimension scale ``s``, ``σ`` the RMS (or
 standard deviation), and ``P`` removing the direction of ``z`` (and, for LayerNorm, the mean). So
@@ -129,12 +131,22 @@ def label_gradient(tail: ClientTail, trunk_out: torch.Tensor, mask: torch.Tensor
         return torch.autograd.grad(z, h, x, retain_graph=True)[0]
 
     # Observed G = Bᵀ (A_Z - R_Z)  =>  solve Bᵀ g_z = G, then R_Z = A_Z - g_z.
+    # Richardson converges only while the blocks stay close to the identity (spectral radius of I - Bᵀ below
+    # 1). Pretrained LMs with massive activations (SmolLM2) break that and the iteration diverges, so the
+    # iterate with the smallest residual ||G - Bᵀ x|| is kept and the solve stops as soon as it grows.
     g = grad.float()
-    g_z = g.clone()
-    if len(tail.blocks.layers):
+    g_z = best = g.clone()
+    if len(tail.blocks.layers) and solve_steps:
+        residual = g - vjp(g_z)
+        best_norm = residual.norm()
         for _ in range(solve_steps):
-            g_z = g_z + (g - vjp(g_z))
-    return known_z - g_z, z.detach(), n
+            g_z = g_z + residual
+            residual = g - vjp(g_z)
+            norm = residual.norm()
+            if not torch.isfinite(norm) or norm >= best_norm:
+                break
+            best, best_norm = g_z, norm
+    return known_z - best, z.detach(), n
 
 
 @register_attack("gradient_inversion")

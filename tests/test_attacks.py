@@ -107,3 +107,35 @@ def test_colluding_client_victims_exclude_the_colluder(base, honest):
     victim_rows = honest.capture.of([1])
     assert result.references == [honest.base.tokenizer.decode(r[m.bool()], skip_special_tokens=True)
                                  for r, m in zip(victim_rows.true_ids, victim_rows.mask, strict=True)]
+
+
+def test_gradient_inversion_keeps_the_best_iterate_when_richardson_diverges(base):
+    """Blocks far from the identity (as in pretrained LMs with massive activations) make the Richardson solve
+    diverge; the attack must then keep its first-order guess instead of decoding garbage."""
+    import copy
+
+    import torch
+
+    from attacks.gradient_inversion import label_gradient
+    from suite.split import position_ids_for, split_model
+
+    model = copy.deepcopy(base.model)
+    tail = split_model(model, SplitSpec(1, 1)).client_tail
+    torch.manual_seed(0)
+    mask = torch.ones(2, 6, dtype=torch.long)
+    h = torch.randn(2, 6, model.config.hidden_size)
+    grad = torch.randn_like(h)
+
+    def residual(r_z, known_z):
+        hh = h.clone().requires_grad_(True)
+        z = tail.blocks(hh, mask, position_ids_for(mask))
+        return (grad - torch.autograd.grad(z, hh, known_z - r_z)[0]).norm()
+
+    with torch.no_grad():
+        for p in tail.blocks.parameters():
+            p.mul_(40.0)  # B = I + (large): the plain iteration blows up
+    first, _, _ = label_gradient(tail, h, mask, grad, solve_steps=0)
+    solved, _, _ = label_gradient(tail, h, mask, grad, solve_steps=8)
+    assert torch.isfinite(solved).all()
+    known, _, _ = label_gradient(tail, h, mask, torch.zeros_like(grad), solve_steps=0)  # R_Z of G = 0 is A_Z
+    assert residual(solved, known) <= residual(first, known) + 1e-4
