@@ -2,15 +2,15 @@
 
 Without encryption (FL-GLM's public code talks over an insecure channel) every client→server frame parses
 into an ``ActivationMsg`` and the eavesdropper holds exactly what a curious server holds of the activations;
-it then runs an inner passive attack on them (nearest-embedding by default, or the learned inverter when it
-has public shadow text). With authenticated encryption no frame parses: the attack reports that and
+it then runs an inner passive attack on them (by default the closed-form learned inverter, fit on public
+shadow text; ``inner``/``inner_params`` choose another). With authenticated encryption no frame parses: the attack reports that and
 returns nothing, so leakage is measured (near zero), not assumed.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,11 +23,25 @@ from suite.transport import SERVER
 
 @dataclass(frozen=True)
 class WireInversionConfig(AttackConfig):
-    inner: str = "nearest_embedding"  # the passive attack run on parsed activations
+    # The passive attack run on the parsed activations and its parameters. The default is the strongest
+    # cheap one an eavesdropper can mount with public weights and public text: the closed-form learned
+    # inverter (nearest-embedding alone reads nothing back beyond k = 0 and would understate the leak).
+    inner: str = "learned_inversion"
+    inner_params: dict = field(default_factory=lambda: {"mode": "linear"})
 
     def __post_init__(self) -> None:
         if self.inner == "wire_inversion":
             raise ValueError("inner must be another attack")
+        if not isinstance(self.inner_params, dict):
+            raise ValueError("inner_params must be a table of the inner attack's parameters")
+        if self.inner not in ATTACKS.names():
+            raise ValueError(f"unknown inner attack {self.inner!r}; choose one of {', '.join(ATTACKS.names())}")
+        if self.inner == "learned_inversion" and "mode" not in self.inner_params:
+            object.__setattr__(self, "inner_params", {**self.inner_params, "mode": "linear"})
+        try:
+            ATTACKS.get(self.inner).Config(**self.inner_params)
+        except TypeError as err:
+            raise ValueError(f"inner_params for {self.inner!r}: {err}") from None
 
 
 @register_attack("wire_inversion")
@@ -58,6 +72,7 @@ class WireInversionAttack(Attack):
         if missing:
             raise ValueError(f"inner attack {self.config.inner!r} needs {sorted(m.value for m in missing)}")
         inner_obs = dataclasses.replace(obs, threat=view, batches=tuple(parsed), frames=None)
-        result = inner_cls(inner_cls.Config(seed=self.config.seed)).reconstruct(inner_obs)
+        inner_cfg = inner_cls.Config(**{"seed": self.config.seed, **self.config.inner_params})
+        result = inner_cls(inner_cfg).reconstruct(inner_obs)
         note = f"{len(parsed)} plaintext activation frames parsed; {failed} did not parse"
         return dataclasses.replace(result, note=note)
