@@ -3,8 +3,8 @@
 Without encryption (FL-GLM's public code talks over an insecure channel) every client→server frame parses
 into an ``ActivationMsg`` and the eavesdropper holds exactly what a curious server holds of the activations;
 it then runs an inner passive attack on them (by default the closed-form learned inverter, fit on public
-shadow text; ``inner``/``inner_params`` choose another). With authenticated encryption no frame parses: the attack reports that and
-returns nothing, so leakage is measured (near zero), not assumed.
+shadow text; ``inner``/``inner_params`` choose another). With authenticated encryption no frame parses: the
+attack reports that and returns nothing, so leakage is measured (near zero), not assumed.
 """
 
 from __future__ import annotations
@@ -20,14 +20,17 @@ from suite.protocol import TO_SERVER, ActivationMsg, decode
 from suite.threats import Capability, Observations, ObservedBatch, ThreatModel
 from suite.transport import SERVER
 
+# Parameters an inner attack gets unless ``inner_params`` says otherwise: the learned inverter runs in its
+# closed-form mode, the strongest cheap attack an eavesdropper with public weights and text can mount.
+_INNER_DEFAULTS: dict[str, dict] = {"learned_inversion": {"mode": "linear"}}
+
 
 @dataclass(frozen=True)
 class WireInversionConfig(AttackConfig):
-    # The passive attack run on the parsed activations and its parameters. The default is the strongest
-    # cheap one an eavesdropper can mount with public weights and public text: the closed-form learned
-    # inverter (nearest-embedding alone reads nothing back beyond k = 0 and would understate the leak).
+    # The passive attack run on the parsed activations and its parameters (over ``_INNER_DEFAULTS``).
+    # Nearest-embedding alone reads nothing back beyond k = 0 and would understate the leak.
     inner: str = "learned_inversion"
-    inner_params: dict = field(default_factory=lambda: {"mode": "linear"})
+    inner_params: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.inner == "wire_inversion":
@@ -36,12 +39,14 @@ class WireInversionConfig(AttackConfig):
             raise ValueError("inner_params must be a table of the inner attack's parameters")
         if self.inner not in ATTACKS.names():
             raise ValueError(f"unknown inner attack {self.inner!r}; choose one of {', '.join(ATTACKS.names())}")
-        if self.inner == "learned_inversion" and "mode" not in self.inner_params:
-            object.__setattr__(self, "inner_params", {**self.inner_params, "mode": "linear"})
         try:
-            ATTACKS.get(self.inner).Config(**self.inner_params)
+            self.inner_config()
         except TypeError as err:
             raise ValueError(f"inner_params for {self.inner!r}: {err}") from None
+
+    def inner_config(self) -> AttackConfig:
+        params = {**_INNER_DEFAULTS.get(self.inner, {}), **self.inner_params}
+        return ATTACKS.get(self.inner).Config(**{"seed": self.seed, **params})
 
 
 @register_attack("wire_inversion")
@@ -72,7 +77,6 @@ class WireInversionAttack(Attack):
         if missing:
             raise ValueError(f"inner attack {self.config.inner!r} needs {sorted(m.value for m in missing)}")
         inner_obs = dataclasses.replace(obs, threat=view, batches=tuple(parsed), frames=None)
-        inner_cfg = inner_cls.Config(**{"seed": self.config.seed, **self.config.inner_params})
-        result = inner_cls(inner_cfg).reconstruct(inner_obs)
+        result = inner_cls(self.config.inner_config()).reconstruct(inner_obs)
         note = f"{len(parsed)} plaintext activation frames parsed; {failed} did not parse"
         return dataclasses.replace(result, note=note)

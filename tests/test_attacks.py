@@ -139,3 +139,17 @@ def test_gradient_inversion_keeps_the_best_iterate_when_richardson_diverges(base
     assert torch.isfinite(solved).all()
     known, _, _ = label_gradient(tail, h, mask, torch.zeros_like(grad), solve_steps=0)  # R_Z of G = 0 is A_Z
     assert residual(solved, known) <= residual(first, known) + 1e-4
+
+
+def test_wire_inversion_inner_attack_and_its_defaults():
+    eavesdropper = get_threat("eavesdropper")
+    default = make_attack("wire_inversion", eavesdropper).config.inner_config()
+    assert type(default).__name__ == "LearnedInversionConfig" and default.mode == "linear"
+    neural = make_attack("wire_inversion", eavesdropper, {"inner_params": {"mode": "neural"}}).config.inner_config()
+    assert neural.mode == "neural"
+    plain = make_attack("wire_inversion", eavesdropper, {"inner": "nearest_embedding"}).config.inner_config()
+    assert type(plain).__name__ == "NearestEmbeddingConfig"
+    with pytest.raises(ConfigError, match="inner_params for 'nearest_embedding'"):
+        make_attack("wire_inversion", eavesdropper, {"inner": "nearest_embedding", "inner_params": {"mode": "x"}})
+    with pytest.raises(ConfigError, match="unknown inner attack"):
+        make_attack("wire_inversion", eavesdropper, {"inner": "nope"})
