@@ -24,7 +24,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from suite.channel import ClientEnd, IntegrityError, ServerEnd, ServerKeys, _Channel
-from suite.channel import _unframe as _unframe  # re-exported for tests that take frames apart
 from suite.defense import Defense, DefenseConfig, register_defense
 from suite.errors import ProtocolError
 from suite.transport import SERVER, Tap, Transport

@@ -107,8 +107,7 @@ def _seal(channel: _Channel, session: str, src: str, dst: str, direction: str, d
     seq = channel.sent[direction]
     header = {"session": session, "src": src, "dst": dst, "seq": seq, "kind": kind,
               "client_id": meta.get("client_id"), "step": meta.get("step")}
-    raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    aad = _PREFIX.pack(MAGIC, VERSION, len(raw)) + raw
+    aad = _frame(header, b"")  # the clear header is the associated data
     sealed = aad + channel.keys[direction].encrypt(seq.to_bytes(12, "big"), bytes(data), aad)
     channel.sent[direction] = seq + 1
     return sealed

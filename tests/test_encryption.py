@@ -132,7 +132,7 @@ def test_reordered_frames_are_rejected():
 def test_one_client_cannot_read_another_clients_traffic():
     from cryptography.exceptions import InvalidTag
 
-    from defenses.encryption import _unframe
+    from suite.channel import _unframe
 
     channel, _, _, other_client, _ = _armed()
     header, aad, body = _unframe(other_client)
