@@ -24,7 +24,7 @@ from suite.net.link import DEFAULT_MAX_MESSAGE_MIB, Link, LinkError, RemoteTrans
 def config_hash(cfg: ExperimentConfig) -> str:
     """What client and server must agree on: model, data and training, except the number of steps each side
     runs. The matrix and executor sections do not touch a training run and are left out."""
-    data = {section: cfg.model_dump()[section] for section in ("model", "data", "training")}
+    data = cfg.model_dump(include={"model", "data", "training"})
     data["training"].pop("steps", None)
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
