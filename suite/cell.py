@@ -19,7 +19,7 @@ from reports.metrics import LeakageMetrics, leakage_metrics
 from suite.attack import Attack, Cost, Reconstruction, make_attack, timed_reconstruct
 from suite.config import ExperimentConfig
 from suite.data import Record, load_corpus
-from suite.defense import Defense, make_defense
+from suite.defense import Defense, make_defense, public_defense
 from suite.experiment import Prepared, prepare
 from suite.models import LoadedModel
 from suite.parties import Batch
@@ -131,7 +131,7 @@ def train_split(
     if attack is not None and attack.active:
         if threat is None:
             raise ValueError("an active attack needs the threat it runs under")
-        public = _observations(threat, spec, base, cfg, shadow, prepared, capture=None)
+        public = _observations(threat, spec, base, cfg, shadow, prepared, capture=None, defense=defense)
         prepared.session.server.policy = attack.server_policy(public)
     train(prepared.session)  # a deviating server keeps deviating while the traffic is captured
     capture = capture_traffic(prepared, cfg.training.batch_size, first_step=len(prepared.session.losses))
@@ -139,7 +139,8 @@ def train_split(
     return TrainedSplit(prepared, capture, utility, shadow, base, defense)
 
 
-def _observations(threat, spec, base: LoadedModel, cfg, shadow, prepared: Prepared, capture: Capture | None):
+def _observations(threat, spec, base: LoadedModel, cfg, shadow, prepared: Prepared, capture: Capture | None,
+                  defense: Defense | None = None):
     colluder = threat.colluder
 
     def base_model():
@@ -160,6 +161,8 @@ def _observations(threat, spec, base: LoadedModel, cfg, shadow, prepared: Prepar
         shadow=tuple(r.text for r in shadow),
         colluder_head_tail=colluder_head_tail if colluder is not None else None,
         colluder_records=tuple(r.text for r in prepared.private[colluder]) if colluder is not None else None,
+        defense=public_defense(defense) if defense is not None else None,
+        lengths=tuple(int(n) for n in capture.mask.sum(1)) if capture else None,
     )
 
 
@@ -182,7 +185,8 @@ def attack_trained(trained: TrainedSplit, threat: ThreatModel, attack: Attack, c
     prepared = trained.prepared
     victims = [c for c in range(cfg.training.clients) if c != threat.colluder] or [0]
     cap = trained.capture.of(victims)
-    obs = _observations(threat, prepared.session.split.spec, trained.base, cfg, trained.shadow, prepared, cap)
+    obs = _observations(threat, prepared.session.split.spec, trained.base, cfg, trained.shadow, prepared, cap,
+                        trained.defense)
     recon, cost = timed_reconstruct(attack, obs)
     tok = trained.base.tokenizer
     references = [tok.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(cap.true_ids, cap.mask,

@@ -3,6 +3,21 @@
 A defense wraps, it does not replace (as Opacus' ``make_private`` does): it may wrap the transport (the
 channel: encryption), and/or install itself on a built session (hooks on what leaves the client head, extra
 loss terms, detectors). The training loop stays the same.
+
+Kerckhoffs. Every defense also says how an attacker who knows the mechanism and its public parameters (never
+its secret randomness) reproduces it on the attacker's own shadow pipeline (DESIGN §3, "Attacker
+simulation"):
+
+* ``public_params()``: the config without its ``secret_fields`` (what a protocol document would publish);
+* ``simulate_head(head, input_ids, attention_mask, generator)``: for defenses that shape the head while
+  training (NoPeek, MID), a copy of the attacker's head trained the same way on the attacker's shadow text;
+  the default is the head itself;
+* ``simulate_release(head, input_ids, attention_mask, generator)``: what would leave that head under the
+  defense for the attacker's own inputs: same mechanism, same public parameters, randomness drawn from the
+  attacker's ``generator``. The default is the head's plain output.
+
+The runner hands attacks ``public_defense(defense)``: a fresh, never-installed instance built from the
+public parameters, so an attack can simulate the mechanism but never holds the clients' hooks or noise.
 """
 
 from __future__ import annotations
@@ -10,6 +25,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
+
+import torch
 
 from suite.errors import ConfigError
 from suite.registry import Registry
@@ -24,6 +41,8 @@ class DefenseConfig:
 class Defense:
     name: ClassVar[str] = ""
     Config: ClassVar[type[DefenseConfig]] = DefenseConfig
+    # Config fields an attacker never learns (randomness, keys). Everything else is public (Kerckhoffs).
+    secret_fields: ClassVar[frozenset[str]] = frozenset({"seed"})
 
     def __init__(self, config: DefenseConfig | None = None):
         self.config = config if config is not None else self.Config()
@@ -38,6 +57,29 @@ class Defense:
     def report(self) -> dict[str, Any]:
         """What the defense measured or guarantees (e.g. DP epsilon), recorded with each cell."""
         return {}
+
+    # -- how a knowing attacker simulates this defense (never with the clients' randomness) -------------
+
+    def public_params(self) -> dict[str, Any]:
+        """The parameters a knowing attacker has: the config without ``secret_fields``."""
+        return {k: v for k, v in dataclasses.asdict(self.config).items() if k not in self.secret_fields}
+
+    def simulate_head(self, head: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      generator: torch.Generator) -> torch.nn.Module:
+        """The attacker's head after training under this defense on its shadow batch (``input_ids`` [N, T],
+        ``attention_mask`` [N, T]). Defenses that only act on what is sent return ``head`` unchanged;
+        training-time defenses (NoPeek, MID) return a fine-tuned copy and never modify ``head``."""
+        return head
+
+    def simulate_release(self, head: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                         generator: torch.Generator) -> torch.Tensor:
+        """What leaves ``head`` (a ``suite.split.ClientHead``) under this defense for the attacker's own
+        batch: [N, T, H], with the mechanism's randomness drawn from ``generator``. Default: the plain head
+        output (the defense does not change what is sent, e.g. encryption as seen after decryption)."""
+        from suite.split import position_ids_for
+
+        with torch.no_grad():
+            return head(input_ids, attention_mask, position_ids_for(attention_mask))
 
 
 DEFENSES: Registry[type[Defense]] = Registry("defense", "defenses")
@@ -61,3 +103,9 @@ def make_defense(name: str, params: dict[str, Any] | None = None) -> Defense:
         return cls(cls.Config(**(params or {})))
     except (TypeError, ValueError) as err:
         raise ConfigError(f"defense {name!r}: {err}") from None
+
+
+def public_defense(defense: Defense) -> Defense:
+    """A fresh instance of ``defense`` built from its public parameters only: what an attack is handed."""
+    cls = type(defense)
+    return cls(cls.Config(**defense.public_params()))

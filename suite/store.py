@@ -18,6 +18,10 @@ from typing import Any
 from suite.errors import SplitleakError
 
 METRICS = ("bleu4", "rouge1", "rouge2", "rougeL", "token_accuracy", "exact_match", "pii_recovery")
+# DESIGN §3, evaluation contracts: every leakage metric m also has m_lo / m_hi (95 % bootstrap interval over
+# records x seeds) and adv_m (m minus what the blind baseline gets on the same records) with its interval.
+INTERVAL_COLUMNS = tuple(f"{m}_{end}" for m in (*METRICS, "utility") for end in ("lo", "hi"))
+ADVANTAGE_COLUMNS = tuple(c for m in METRICS for c in (f"adv_{m}", f"adv_{m}_lo", f"adv_{m}_hi"))
 
 # name -> SQLite type. Timing columns (attack_seconds, attack_peak_rss_mib, finished_at) are the only ones
 # that differ between two runs of the same cell.
@@ -36,6 +40,9 @@ COLUMNS: dict[str, str] = {
     "seed": "INTEGER",
     **{m: "REAL" for m in METRICS},
     "utility": "REAL",  # held-out loss of the fine-tuned model (lower is better)
+    **{c: "REAL" for c in INTERVAL_COLUMNS},
+    **{c: "REAL" for c in ADVANTAGE_COLUMNS},
+    "adaptive": "INTEGER",  # 1: the attack simulated the defense (knows its public parameters); 0: it did not
     "attack_seconds": "REAL",
     "attack_peak_rss_mib": "REAL",
     "status": "TEXT",  # ok | failed
@@ -60,6 +67,10 @@ class ResultsStore:
         self._conn.execute("PRAGMA synchronous=FULL")
         cols = ", ".join(f'"{k}" {t}' for k, t in COLUMNS.items())
         self._conn.execute(f"CREATE TABLE IF NOT EXISTS cells ({cols})")
+        have = {row[1] for row in self._conn.execute("PRAGMA table_info(cells)")}
+        for name, kind in COLUMNS.items():  # a store written by an older version gains the new columns
+            if name not in have:
+                self._conn.execute(f'ALTER TABLE cells ADD COLUMN "{name}" {kind}')
 
     def close(self) -> None:
         self._conn.close()

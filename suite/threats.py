@@ -117,6 +117,14 @@ class Observations:
     shadow: tuple[str, ...] | None = None  # SHADOW_DATA
     colluder_head_tail: Callable[[], tuple[torch.nn.Module, torch.nn.Module]] | None = None  # COLLUDER_WEIGHTS
     colluder_records: tuple[str, ...] | None = None  # COLLUDER_DATA
+    # Always public (Kerckhoffs): the deployed defense as a fresh instance built from its public parameters
+    # (``suite.defense.public_defense``: no secret randomness, never installed), so a knowing attacker can
+    # simulate it with ``simulate_head`` / ``simulate_release``; None when the runner has none to give.
+    defense: object | None = None
+    # Public: the victims' sequence lengths, one per reconstructed row in the order of the reconstruction
+    # (the padding pattern crosses the wire in clear; where a defense hides lengths, every row is
+    # ``max_length``). What the blind baseline knows of the victims besides public text.
+    lengths: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         need = {
@@ -152,4 +160,6 @@ def filter_observations(threat: ThreatModel, **available) -> Observations:
         shadow=available.get("shadow") if C.SHADOW_DATA in g else None,
         colluder_head_tail=available.get("colluder_head_tail") if C.COLLUDER_WEIGHTS in g else None,
         colluder_records=available.get("colluder_records") if C.COLLUDER_DATA in g else None,
+        defense=available.get("defense"),
+        lengths=available.get("lengths"),
     )
