@@ -32,8 +32,8 @@ MALICIOUS = get_threat("malicious_server")
 class _Received(Defense):
     """Not a defense: records every gradient the client heads receive from the server."""
 
-    def __init__(self):
-        super().__init__()
+    def __init__(self, config=None):
+        super().__init__(config)
         self.grads: list[torch.Tensor] = []
 
     def install(self, session) -> None:
