@@ -82,6 +82,7 @@ ActivationHook = Callable[[torch.Tensor, Batch], torch.Tensor]  # head output ->
 HeadLossHook = Callable[[torch.Tensor, torch.Tensor, Batch], torch.Tensor]  # (head out, input embeds) -> loss
 HiddenHook = Callable[[int, torch.Tensor, Batch], torch.Tensor]  # (step, hidden from server) -> hidden or raise
 GradientHook = Callable[[int, torch.Tensor, torch.Tensor, Batch], torch.Tensor]  # (step, grad, head out) -> grad
+TailGradientHook = Callable[[torch.Tensor, Batch], torch.Tensor]  # tail's gradient -> what is sent (DP "both")
 
 
 class Client:
@@ -91,7 +92,10 @@ class Client:
     head output before it is sent (inside the autograd graph, so the head trains through them);
     ``head_loss_hooks`` add loss terms on the head (NoPeek), backpropagated together with the server's
     gradient; ``hidden_hooks`` and ``gradient_hooks`` inspect what the server sends back and may raise
-    ``StepRejected`` (detectors, audits).
+    ``StepRejected`` (detectors, audits); ``tail_gradient_hooks`` transform the gradient the tail sends to
+    the server (DP on both directions). With ``hide_lengths`` the client sends neither attention mask nor
+    positions: the server treats every position as real, which changes nothing for the real positions
+    (right padding, causal attention).
     """
 
     def __init__(
@@ -114,6 +118,8 @@ class Client:
         self.head_loss_hooks: list[HeadLossHook] = []
         self.hidden_hooks: list[HiddenHook] = []
         self.gradient_hooks: list[GradientHook] = []
+        self.tail_gradient_hooks: list[TailGradientHook] = []
+        self.hide_lengths = False
         self.rejected_steps: list[int] = []
         self.sent_activation: torch.Tensor | None = None  # the head output of the current step (for audits)
         self.sent_gradient: torch.Tensor | None = None  # the tail gradient of the current step (for audits)
@@ -155,7 +161,10 @@ class Client:
             out = hook(out, self._batch)
         self._head_out = out
         self.sent_activation = out.detach()  # what this step sent (for audits)
-        msg = ActivationMsg(self.id, step, TO_SERVER, out, self._batch.attention_mask, self._positions)
+        if self.hide_lengths:
+            msg = ActivationMsg(self.id, step, TO_SERVER, out)
+        else:
+            msg = ActivationMsg(self.id, step, TO_SERVER, out, self._batch.attention_mask, self._positions)
         self.transport.send(self.endpoint, SERVER, encode(msg))
 
     def receive_hidden(self, step: int) -> float:
@@ -181,8 +190,11 @@ class Client:
         logits = self.tail(hidden, self._batch.attention_mask, self._positions)
         loss = causal_lm_loss(logits, self._batch.labels)
         loss.backward()
-        self.sent_gradient = hidden.grad
-        self.transport.send(self.endpoint, SERVER, encode(GradientMsg(self.id, step, TO_SERVER, hidden.grad)))
+        grad = hidden.grad
+        for tail_hook in self.tail_gradient_hooks:
+            grad = tail_hook(grad, self._batch)
+        self.sent_gradient = grad
+        self.transport.send(self.endpoint, SERVER, encode(GradientMsg(self.id, step, TO_SERVER, grad)))
         return float(loss.detach())
 
     def receive_gradient(self, step: int) -> None:
@@ -265,6 +277,9 @@ class Server:
                 f"server expected a {kind.__name__} from client {client_id} for step {step}, got "
                 f"{type(msg).__name__} from client {msg.client_id} step {msg.step}"
             )
+        if isinstance(msg, ActivationMsg) and msg.attention_mask is None:  # lengths hidden: all positions real
+            mask = torch.ones(msg.hidden.shape[:2], dtype=torch.long)
+            msg = ActivationMsg(msg.client_id, msg.step, msg.direction, msg.hidden, mask, position_ids_for(mask))
         for tap in self.inbox_taps:
             tap(msg)
         return msg
