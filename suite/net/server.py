@@ -98,7 +98,8 @@ class SplitService:
                           "training): start both from the same config file")
         with self.cv:
             self._forget(client, "hello")
-        return json.dumps({**self.end.keys.public(), "strategy": self.strategy, "clients": self.clients}).encode()
+            public = self.end.public_for(client_endpoint(client))  # with a fresh one-time handshake challenge
+        return json.dumps({**public, "strategy": self.strategy, "clients": self.clients}).encode()
 
     def handshake(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         client = self._who(context)
