@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from suite.errors import ProtocolError
-from suite.protocol import TO_CLIENT, TO_SERVER, ActivationMsg, GradientMsg, decode, encode
+from suite.protocol import TO_CLIENT, TO_SERVER, ActivationMsg, Expect, GradientMsg, decode, encode
 from suite.split import ClientHead, ClientTail, ServerTrunk, position_ids_for
 from suite.transport import SERVER, Transport, client_endpoint
 
@@ -130,7 +130,8 @@ class Client:
         self._rejected = False
 
     def _recv(self, step: int, kind: type) -> ActivationMsg | GradientMsg:
-        msg = decode(self.transport.recv(self.endpoint, SERVER))
+        sent = self._head_out.shape if self._head_out is not None else None
+        msg = decode(self.transport.recv(self.endpoint, SERVER), Expect(shape=sent))
         if not isinstance(msg, kind) or msg.client_id != self.id or msg.step != step or msg.direction != TO_CLIENT:
             raise ProtocolError(
                 f"client {self.id} expected a {kind.__name__} for step {step}, got {type(msg).__name__} "
@@ -270,8 +271,14 @@ class Server:
             if isinstance(module, BaseTunerLayer):
                 module.set_adapter(adapter)
 
-    def _recv(self, client_id: int, step: int, kind: type) -> ActivationMsg | GradientMsg:
-        msg = decode(self.transport.recv(SERVER, client_endpoint(client_id)))
+    def expect(self, shape: tuple[int, ...] | None = None) -> Expect:
+        """What the trunk accepts: its hidden size, finite values of a float dtype (``shape``: exactly)."""
+        config = getattr(getattr(self.trunk, "blocks", None), "config", None)
+        return Expect(hidden_size=getattr(config, "hidden_size", None), shape=shape)
+
+    def _recv(self, client_id: int, step: int, kind: type,
+              shape: tuple[int, ...] | None = None) -> ActivationMsg | GradientMsg:
+        msg = decode(self.transport.recv(SERVER, client_endpoint(client_id)), self.expect(shape))
         if not isinstance(msg, kind) or msg.client_id != client_id or msg.step != step or msg.direction != TO_SERVER:
             raise ProtocolError(
                 f"server expected a {kind.__name__} from client {client_id} for step {step}, got "
@@ -328,7 +335,8 @@ class Server:
         if step is not None and any(s != step for s in steps.values()):
             raise ProtocolError(f"server.backward for step {step}, but the pending pass is for steps {steps}")
         length = hidden.shape[1]
-        grads = [self._recv(c, steps[c], GradientMsg).grad for c in ids]
+        grads = [self._recv(c, steps[c], GradientMsg, (n, t, hidden.shape[2])).grad
+                 for c, n, t in zip(ids, rows, lengths, strict=True)]
         for g, n, t in zip(grads, rows, lengths, strict=True):
             if tuple(g.shape[:2]) != (n, t) or g.shape[2] != hidden.shape[2]:
                 raise ProtocolError(f"gradient of shape {tuple(g.shape)} does not match the activations sent")

@@ -9,6 +9,10 @@ decides:
 * ``batch_parallel`` — a *round* collects the activations of the clients due (all of them, or those that
   arrived within ``round_timeout`` of the first), runs the trunk once over them (rows in client order) and
   waits for their gradients the same way; a client that died in between contributes a zero gradient.
+  Every message is checked (shapes, dtypes, hidden size, finite values; ``suite.protocol.Expect``) before it
+  joins a round: a client that sends a malformed one is told so (INVALID_ARGUMENT) and dropped until it says
+  Hello again, and the round goes on without it (its gradient counts as zero). Should the trunk pass fail
+  anyway, the round is void and every client in it is told to retry (ABORTED): a round never wedges.
 
 A killed client reconnects (new AEAD channel) and resumes from its own checkpoint; the other clients never
 stop. The server checkpoints its trainable weights and optimisers every ``checkpoint_every`` completed
@@ -45,6 +49,7 @@ class _Round:
     opened: float = 0.0
     forwarded: float = 0.0
     grads: set[int] = field(default_factory=set)
+    bad: set[int] = field(default_factory=set)  # clients dropped from this round for a malformed gradient
     replied: set[int] = field(default_factory=set)
 
 
@@ -70,6 +75,7 @@ class SplitService:
         self.last_seen = 0.0
         self.round = _Round()
         self.completed: dict[int, int] = {}  # client -> completed steps served
+        self.dropped: set[int] = set()  # clients dropped for malformed input, until their next Hello
         self.events: list[str] = []  # what happened to whom (for logs and tests)
         self._restore()
 
@@ -98,6 +104,7 @@ class SplitService:
                           "training): start both from the same config file")
         with self.cv:
             self._forget(client, "hello")
+            self.dropped.discard(client)
             public = self.end.public_for(client_endpoint(client))  # with a fresh one-time handshake challenge
         return json.dumps({**public, "strategy": self.strategy, "clients": self.clients}).encode()
 
@@ -188,45 +195,89 @@ class SplitService:
         self.cv.notify_all()
         return reply
 
+    def _drop(self, client: int, err: ProtocolError, context) -> None:
+        """Drop a client that sent a malformed message: the round goes on without it; it is told why."""
+        self.dropped.add(client)
+        self.events.append(f"client {client} dropped from batch_parallel: {err}")
+        self.cv.notify_all()
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"dropped from the round: {err}")
+
+    def _due(self, rnd: _Round) -> int:
+        """How many clients the collecting round waits for: all, less those dropped and not in it."""
+        return self.clients - len(self.dropped - set(rnd.arrived))
+
     def _parallel(self, client: int, kind: str, step: int, plain: bytes, context) -> bytes:
         ep = client_endpoint(client)
         if kind == "activation":
+            try:
+                msg = decode(plain, self.server.expect())
+            except ProtocolError as err:
+                self._drop(client, err, context)
             if not self._wait(context, lambda: self.round.state == "collecting" and client not in self.round.arrived):
                 context.abort(grpc.StatusCode.CANCELLED, "gave up waiting for a round")
+            self.dropped.discard(client)
             rnd = self.round
             if not rnd.arrived:
                 rnd.opened = time.monotonic()
             rnd.arrived[client] = step
-            rnd.shapes[client] = tuple(decode(plain).hidden.shape)
+            rnd.shapes[client] = tuple(msg.hidden.shape)
             self.queue.send(ep, SERVER, plain)
             self.cv.notify_all()
-            self._wait(context, lambda: rnd.state != "collecting" or len(rnd.arrived) == self.clients,
+            self._wait(context, lambda: rnd.state != "collecting" or len(rnd.arrived) >= self._due(rnd),
                        rnd.opened + self.round_timeout)
             if rnd.state == "collecting":  # this handler closes the round: one trunk pass over all rows
                 ids = sorted(rnd.arrived)
-                self.server.forward(ids, {c: rnd.arrived[c] for c in ids})
+                try:
+                    self.server.forward(ids, {c: rnd.arrived[c] for c in ids})
+                except Exception as err:  # void the round rather than leave it collecting forever
+                    self.server.discard_pending()
+                    for c in ids:
+                        self._drain(c)
+                    rnd.state = "failed"
+                    self.round = _Round()
+                    self.events.append(f"round of clients {ids} failed in the trunk ({err}); voided")
+                    self.cv.notify_all()
+                    context.abort(grpc.StatusCode.ABORTED, "the round failed on the server; retry the step")
                 rnd.state, rnd.forwarded = "forwarded", time.monotonic()
                 self.cv.notify_all()
+            if rnd.state == "failed":
+                context.abort(grpc.StatusCode.ABORTED, "the round failed on the server; retry the step")
             return self.queue.recv(ep, SERVER)
         rnd = self.round
-        if rnd.state != "forwarded" or client not in rnd.arrived or client in rnd.grads:
+        if rnd.state != "forwarded" or client not in rnd.arrived or client in rnd.grads or client in rnd.bad:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"gradient from client {client} outside its round")
+        try:
+            decode(plain, self.server.expect(rnd.shapes[client]))
+        except ProtocolError as err:
+            rnd.bad.add(client)
+            self._drop(client, err, context)
         self.queue.send(ep, SERVER, plain)
         rnd.grads.add(client)
         self.cv.notify_all()
-        self._wait(context, lambda: rnd.state != "forwarded" or rnd.grads == set(rnd.arrived),
+        self._wait(context, lambda: rnd.state != "forwarded" or rnd.grads | rnd.bad == set(rnd.arrived),
                    rnd.forwarded + self.round_timeout)
-        if rnd.state == "forwarded":  # close: a client that died since the forward pass adds nothing
+        if rnd.state == "forwarded":  # close: a client that died or was dropped since the forward adds nothing
             missing = sorted(set(rnd.arrived) - rnd.grads)
             for m in missing:
                 zero = GradientMsg(m, rnd.arrived[m], TO_SERVER, torch.zeros(rnd.shapes[m]))
                 self.queue.send(client_endpoint(m), SERVER, encode(zero))
                 self.events.append(f"client {m} sent no gradient in its round: counted as zero")
-            self.server.backward()
+            try:
+                self.server.backward()
+            except Exception as err:  # void the round rather than leave it forwarded forever
+                for c in rnd.arrived:
+                    self._drain(c)
+                rnd.state = "failed"
+                self.round = _Round()
+                self.events.append(f"round of clients {sorted(rnd.arrived)} failed in backward ({err}); voided")
+                self.cv.notify_all()
+                context.abort(grpc.StatusCode.ABORTED, "the round failed on the server; retry the step")
             for m in missing:
                 self.queue.recv(client_endpoint(m), SERVER)
             rnd.state = "answered"
             self._completed(sorted(rnd.grads))
+        if rnd.state == "failed":
+            context.abort(grpc.StatusCode.ABORTED, "the round failed on the server; retry the step")
         reply = self.queue.recv(ep, SERVER)
         rnd.replied.add(client)
         if rnd.replied == rnd.grads:
