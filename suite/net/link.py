@@ -150,6 +150,8 @@ def generic_handler(hello: Handler, handshake: Handler, exchange: Handler) -> gr
 
 def server_credentials(identity: Identity) -> grpc.ServerCredentials:
     """TLS with client authentication required: a client without a certificate signed by the CA never
-    gets past the handshake."""
+    gets past the handshake. gRPC Python offers no minimum TLS version, so BoringSSL still completes a TLS 1.2
+    handshake; the service refuses every call whose negotiated version (``ssl_tls_version`` in the auth
+    context) is not TLS 1.3 (``suite.net.server.SplitService._who``)."""
     return grpc.ssl_server_credentials([(identity.key, identity.cert)], root_certificates=identity.ca,
                                        require_client_auth=True)

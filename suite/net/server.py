@@ -82,7 +82,15 @@ class SplitService:
     # --- identity and the first two calls ------------------------------------------------------------
 
     def _who(self, context: grpc.ServicerContext) -> int:
-        names = context.auth_context().get("x509_common_name") or []
+        """The caller's client id, from its certificate; every call over anything but TLS 1.3 is refused
+        here (gRPC Python has no minimum-version setting: a TLS 1.2 handshake completes, but no call on it
+        is served)."""
+        auth = context.auth_context()
+        version = (auth.get("ssl_tls_version") or [b"?"])[0].decode(errors="replace")
+        if version != "TLSv1.3":
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"this server requires TLS 1.3; the connection "
+                          f"negotiated {version}")
+        names = auth.get("x509_common_name") or []
         name = names[0].decode() if names else ""
         if not name.startswith("client-") or not name[7:].isdigit() or int(name[7:]) >= self.clients:
             context.abort(grpc.StatusCode.PERMISSION_DENIED, f"certificate {name!r} is not one of this server's "
