@@ -155,11 +155,15 @@ class SplitService:
             if meta.get("client_id") != client:
                 context.abort(grpc.StatusCode.PERMISSION_DENIED,
                               f"message for client {meta.get('client_id')} sent with client-{client}'s certificate")
+            step = meta.get("step")
+            if not isinstance(step, int) or isinstance(step, bool) or step < 0 or kind not in ("activation",
+                                                                                                 "gradient"):
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed message: kind {kind!r}, step {step!r}")
             try:
                 if self.strategy == "batch_parallel":
-                    reply = self._parallel(client, kind, int(meta["step"]), plain, context)
+                    reply = self._parallel(client, kind, step, plain, context)
                 else:
-                    reply = self._turn(client, kind, int(meta["step"]), plain, context)
+                    reply = self._turn(client, kind, step, plain, context)
             except ProtocolError as err:
                 self._forget(client, f"protocol error: {err}")
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
