@@ -4,6 +4,11 @@ density p(z) ∝ exp(−η‖z‖). Sampling: a direction uniform on the unit sp
 Gamma(shape = H, scale = 1/η), H the hidden size. Two inputs at embedding distance d are then
 e^{η·d}-indistinguishable per token; larger η means less noise. The perturbation happens on the client,
 so the server only ever sees activations of the perturbed embeddings.
+
+Noise source: each client's generator is seeded from the OS CSPRNG when the defense is installed
+(``suite.defense.client_generator``), never from the config the server also holds. ``seed`` (an integer) is
+for reproducible tests only, UNSAFE, and refused by ``splitleak serve``/``client``. Pad positions get no
+noise; what leaves there is a function of the perturbed real embeddings and the public pad token only.
 """
 
 from __future__ import annotations
@@ -12,14 +17,14 @@ from dataclasses import dataclass
 
 import torch
 
-from suite.defense import Defense, DefenseConfig, register_defense
+from suite.defense import Defense, DefenseConfig, client_generator, register_defense
 from suite.parties import Batch
 
 
 @dataclass(frozen=True)
 class DxPConfig(DefenseConfig):
     eta: float = 100.0  # privacy parameter per unit of embedding distance (larger = less noise)
-    seed: int = 0
+    seed: int | None = None  # UNSAFE, tests only: fixes the noise (None = fresh OS randomness per client)
 
     def __post_init__(self) -> None:
         if self.eta <= 0:
@@ -46,7 +51,7 @@ class DxPDefense(Defense):
 
     def install(self, session) -> None:
         for client in session.clients:
-            generator = torch.Generator().manual_seed(self.config.seed * 1009 + client.id)
+            generator = client_generator(self.config.seed, client.id)
 
             def perturb(embeds: torch.Tensor, batch: Batch, generator=generator) -> torch.Tensor:
                 noise = dx_noise(embeds.shape, self.config.eta, generator).to(embeds.dtype)

@@ -4,10 +4,16 @@ Key establishment, per client and per session (``mode``):
 
 * ``x25519`` (default): the client makes an ephemeral X25519 key pair and sends its public key; both sides
   compute the shared secret with the server's static X25519 key (pinned by the client, as a certificate
-  would be) and derive one AES-256 key per direction with HKDF-SHA256 (salt = session id, info = protocol,
-  client and direction).
-* ``rsa``: the mode the FL-GLM paper describes — the client draws fresh AES-256 keys (one per direction) and
-  sends them wrapped with RSA-OAEP (SHA-256) under the server's RSA public key.
+  would be) and derive one AES-256 key per direction with HKDF-SHA256 (salt = session id | server nonce |
+  client nonce, info = protocol, client and direction).
+* ``rsa``: the mode the FL-GLM paper describes — the client draws a fresh 256-bit secret and sends it
+  wrapped with RSA-OAEP (SHA-256) under the server's RSA public key; the keys are derived from it as above.
+
+Fresh server randomness in every handshake: the server hands each client a one-time random challenge
+(server nonce) before its handshake; it enters the key derivation, and a handshake that does not answer the
+current challenge, or whose client nonce or key-exchange payload the server has seen before, is refused. So
+a replayed handshake (from a TLS-terminating proxy, say) never resets a channel under old keys, and no
+(key, nonce) pair is ever used twice.
 
 Every message is then sealed with AES-256-GCM. The nonce is a per-direction counter (keys differ per
 direction, so a nonce never repeats under one key); the associated data is the clear frame header, which
@@ -86,7 +92,7 @@ class EncryptedTransport:
         if direction == "to_server":
             end = self.clients.get(client)
             if end is None:
-                end = self.clients[client] = ClientEnd(client, self.server.keys.public())
+                end = self.clients[client] = ClientEnd(client, self.server.public_for(client))
                 self.inner.send(client, SERVER, end.handshake)
             self.inner.send(src, dst, end.seal(data))
         else:

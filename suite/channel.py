@@ -9,6 +9,7 @@ defense's docstring.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -90,12 +91,17 @@ class ServerKeys:
         return {"session": self.session.hex(), "mode": self.mode, "key": key.hex()}
 
 
-def _derive(secret: bytes, session: bytes, client: str) -> dict[str, AESGCM]:
+def _derive(secret: bytes, salt: bytes, client: str) -> dict[str, AESGCM]:
+    """One AES-256 key per direction. ``salt`` = session id | server nonce | client nonce: the server's fresh
+    nonce makes every handshake's keys new even if a client's handshake is replayed."""
     keys = {}
     for d in _DIRECTIONS:
         info = f"splitleak/v1|{client}|{d}".encode()
-        keys[d] = AESGCM(HKDF(algorithm=hashes.SHA256(), length=32, salt=session, info=info).derive(secret))
+        keys[d] = AESGCM(HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=info).derive(secret))
     return keys
+
+
+_NONCE_BYTES = 16
 
 
 def _fresh(keys: dict[str, AESGCM]) -> _Channel:
@@ -135,26 +141,30 @@ def _open(channel: _Channel, session: str, direction: str, src: str, dst: str, d
 
 
 class ClientEnd:
-    """A client's side of its channel, built only from what the client holds: the server's public info."""
+    """A client's side of its channel, built only from what the client holds: the server's public info,
+    including the fresh one-time ``challenge`` (server nonce) the server issued to it for this handshake."""
 
     def __init__(self, client: str, server_public: dict[str, str]):
         self.client = client
         self.session = server_public["session"]
         mode, key = server_public["mode"], bytes.fromhex(server_public["key"])
+        challenge = server_public.get("challenge")
+        if not isinstance(challenge, str):
+            raise ProtocolError("the server sent no handshake challenge: it speaks an older, replayable protocol")
+        client_nonce = os.urandom(_NONCE_BYTES)
+        salt = bytes.fromhex(self.session) + bytes.fromhex(challenge) + client_nonce
         if mode == "x25519":
             eph = x25519.X25519PrivateKey.generate()
             secret = eph.exchange(x25519.X25519PublicKey.from_public_bytes(key))
-            keys = _derive(secret, bytes.fromhex(self.session), client)
             payload = eph.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
         elif mode == "rsa":
-            raw = {d: AESGCM.generate_key(bit_length=256) for d in _DIRECTIONS}
-            keys = {d: AESGCM(k) for d, k in raw.items()}
-            public = serialization.load_der_public_key(key)
-            payload = b"".join(public.encrypt(raw[d], _OAEP) for d in _DIRECTIONS)
+            secret = os.urandom(32)
+            payload = serialization.load_der_public_key(key).encrypt(secret, _OAEP)
         else:
             raise ProtocolError(f"the server offers an unknown key exchange {mode!r}")
-        self.channel = _fresh(keys)
-        header = {"session": self.session, "src": client, "dst": SERVER, "kind": "handshake", "mode": mode}
+        self.channel = _fresh(_derive(secret, salt, client))
+        header = {"session": self.session, "src": client, "dst": SERVER, "kind": "handshake", "mode": mode,
+                  "server_nonce": challenge, "client_nonce": client_nonce.hex()}
         self.handshake = _frame(header, payload)  # the first frame the client sends
 
     def seal(self, data: bytes) -> bytes:
@@ -165,35 +175,69 @@ class ClientEnd:
 
 
 class ServerEnd:
-    """The server's side of every client's channel."""
+    """The server's side of every client's channel.
+
+    Replay protection: before each handshake the server issues the client a fresh random ``challenge``
+    (server nonce) that enters the key derivation and is good for one handshake only; it also remembers
+    every client nonce and every key-exchange payload it ever accepted under its key. A replayed handshake
+    is refused, so the server never derives the same keys twice and never seals two frames with one
+    (key, nonce) pair."""
 
     def __init__(self, keys: ServerKeys):
         self.keys = keys
         self.session = keys.session.hex()
         self.channels: dict[str, _Channel] = {}
+        self.challenges: dict[str, str] = {}  # client -> its outstanding one-time server nonce
+        self.seen: set[bytes] = set()  # digests of client nonces and key-exchange payloads accepted
+
+    def challenge(self, client: str) -> str:
+        """A fresh server nonce for ``client``'s next handshake (replaces any earlier one)."""
+        nonce = os.urandom(_NONCE_BYTES).hex()
+        self.challenges[client] = nonce
+        return nonce
+
+    def public_for(self, client: str) -> dict[str, str]:
+        """What ``client`` needs to build its ``ClientEnd``: the public key info plus a fresh challenge."""
+        return {**self.keys.public(), "challenge": self.challenge(client)}
 
     def accept(self, client: str, data: bytes) -> None:
         """Derive ``client``'s keys from its handshake frame (a new handshake replaces the old channel: a
-        client that restarts starts a fresh channel)."""
+        client that restarts starts a fresh channel). Refuses a handshake that does not answer the client's
+        outstanding challenge, or whose client nonce or key-exchange payload was seen before (replay)."""
         header, _, body = _unframe(data)
         mode = self.keys.mode
         if header.get("kind") != "handshake" or header.get("src") != client or header.get("mode") != mode:
             raise IntegrityError(f"rejected traffic from {client}: no valid handshake first")
         if header.get("session") != self.session:
             raise IntegrityError(f"rejected a handshake from {client} for another session")
+        server_nonce, client_nonce = header.get("server_nonce"), header.get("client_nonce")
+        if not isinstance(server_nonce, str) or server_nonce != self.challenges.get(client):
+            raise IntegrityError(f"rejected a handshake from {client}: it does not answer this server's current "
+                                 "challenge (replayed or stale)")
+        del self.challenges[client]  # one handshake per challenge
+        try:
+            nonce = bytes.fromhex(client_nonce) if isinstance(client_nonce, str) else b""
+        except ValueError:
+            nonce = b""
+        if len(nonce) != _NONCE_BYTES:
+            raise IntegrityError(f"rejected a handshake from {client}: malformed client nonce")
+        marks = {hashlib.sha256(b"nonce" + nonce).digest(), hashlib.sha256(b"payload" + body).digest()}
+        if marks & self.seen:
+            raise IntegrityError(f"rejected a handshake from {client}: replayed (client nonce or key seen before)")
+        salt = self.keys.session + bytes.fromhex(server_nonce) + nonce
         try:
             if mode == "x25519":
                 secret = self.keys.x25519.exchange(x25519.X25519PublicKey.from_public_bytes(body))
-                keys = _derive(secret, self.keys.session, client)
             else:
-                n = self.keys.rsa.key_size // 8
-                if len(body) != 2 * n:
-                    raise ValueError("wrapped keys of the wrong size")
-                keys = {d: AESGCM(self.keys.rsa.decrypt(body[i * n : (i + 1) * n], _OAEP))
-                        for i, d in enumerate(_DIRECTIONS)}
+                if len(body) != self.keys.rsa.key_size // 8:
+                    raise ValueError("wrapped key of the wrong size")
+                secret = self.keys.rsa.decrypt(body, _OAEP)
+                if len(secret) != 32:
+                    raise ValueError("wrapped key of the wrong size")
         except ValueError as err:
             raise IntegrityError(f"rejected a handshake from {client}: {err}") from None
-        self.channels[client] = _fresh(keys)
+        self.seen |= marks
+        self.channels[client] = _fresh(_derive(secret, salt, client))
 
     def _channel(self, client: str) -> _Channel:
         channel = self.channels.get(client)

@@ -210,6 +210,12 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.fuzz is not None:
+        from suite.fuzz import run_fuzz
+
+        result = run_fuzz(args.fuzz, seed=args.fuzz_seed)
+        print(result.summary())
+        return 0 if result.reached == 0 and result.controls_accepted == result.controls else 1
     from suite.bench import run_bench
 
     run_bench(model=args.model, batch_size=args.batch_size, max_length=args.max_length, reps=args.reps,
@@ -371,6 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-m", "--tail-blocks", type=int, default=1)
     p.add_argument("--no-memory", action="store_true", help="skip the per_client memory measurement")
     p.add_argument("--no-remote", action="store_true", help="skip gRPC-vs-in-process and Ray overhead")
+    p.add_argument("--fuzz", type=int, metavar="N", help="instead: N seeded fuzz cases against the receiving end "
+                   "(channel + decoder); prints how many were rejected and how many reached the model")
+    p.add_argument("--fuzz-seed", type=int, default=0, help="seed of the --fuzz cases")
     p.set_defaults(func=cmd_bench)
     return parser
 

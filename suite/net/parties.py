@@ -29,6 +29,17 @@ def config_hash(cfg: ExperimentConfig) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def refuse_unsafe_seeds(cfg: ExperimentConfig) -> None:
+    """A deployment must never fix a defense's noise seed: the server holds the config and could redraw the
+    noise. Such configs are for reproducible tests only."""
+    from suite.defense import unsafe_seeds
+
+    named = unsafe_seeds(cfg.matrix.defenses)
+    if named:
+        raise SplitleakError(f"defense {named[0]!r} fixes its noise 'seed', which lets the server regenerate the "
+                             "noise: remove 'seed' from the config (it is for tests only)")
+
+
 def _prepare(cfg: ExperimentConfig):
     from suite.experiment import prepare
     from suite.split import SplitSpec
@@ -53,6 +64,7 @@ def serve(cfg: ExperimentConfig, certs: str | Path, listen: str, checkpoint_dir:
     """Serve until interrupted."""
     from suite.net.server import start_server
 
+    refuse_unsafe_seeds(cfg)
     identity = load_identity(certs, "server")
     service = build_service(cfg, checkpoint_dir, **timeouts)
     server, port = start_server(service, identity, listen, max_message_mib=max_message_mib)
@@ -81,6 +93,7 @@ def run_client(cfg: ExperimentConfig, client_id: int, address: str, certs: str |
     if not 0 <= client_id < cfg.training.clients:
         raise SplitleakError(f"--id {client_id} is not a client of this config (it has {cfg.training.clients}: "
                              f"0..{cfg.training.clients - 1})")
+    refuse_unsafe_seeds(cfg)
     identity = load_identity(certs, client_name(client_id))
     prepared = _prepare(cfg)
     client = prepared.session.clients[client_id]

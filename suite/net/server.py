@@ -9,6 +9,10 @@ decides:
 * ``batch_parallel`` — a *round* collects the activations of the clients due (all of them, or those that
   arrived within ``round_timeout`` of the first), runs the trunk once over them (rows in client order) and
   waits for their gradients the same way; a client that died in between contributes a zero gradient.
+  Every message is checked (shapes, dtypes, hidden size, finite values; ``suite.protocol.Expect``) before it
+  joins a round: a client that sends a malformed one is told so (INVALID_ARGUMENT) and dropped until it says
+  Hello again, and the round goes on without it (its gradient counts as zero). Should the trunk pass fail
+  anyway, the round is void and every client in it is told to retry (ABORTED): a round never wedges.
 
 A killed client reconnects (new AEAD channel) and resumes from its own checkpoint; the other clients never
 stop. The server checkpoints its trainable weights and optimisers every ``checkpoint_every`` completed
@@ -45,6 +49,7 @@ class _Round:
     opened: float = 0.0
     forwarded: float = 0.0
     grads: set[int] = field(default_factory=set)
+    bad: set[int] = field(default_factory=set)  # clients dropped from this round for a malformed gradient
     replied: set[int] = field(default_factory=set)
 
 
@@ -70,13 +75,22 @@ class SplitService:
         self.last_seen = 0.0
         self.round = _Round()
         self.completed: dict[int, int] = {}  # client -> completed steps served
+        self.dropped: set[int] = set()  # clients dropped for malformed input, until their next Hello
         self.events: list[str] = []  # what happened to whom (for logs and tests)
         self._restore()
 
     # --- identity and the first two calls ------------------------------------------------------------
 
     def _who(self, context: grpc.ServicerContext) -> int:
-        names = context.auth_context().get("x509_common_name") or []
+        """The caller's client id, from its certificate; every call over anything but TLS 1.3 is refused
+        here (gRPC Python has no minimum-version setting: a TLS 1.2 handshake completes, but no call on it
+        is served)."""
+        auth = context.auth_context()
+        version = (auth.get("ssl_tls_version") or [b"?"])[0].decode(errors="replace")
+        if version != "TLSv1.3":
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"this server requires TLS 1.3; the connection "
+                          f"negotiated {version}")
+        names = auth.get("x509_common_name") or []
         name = names[0].decode() if names else ""
         if not name.startswith("client-") or not name[7:].isdigit() or int(name[7:]) >= self.clients:
             context.abort(grpc.StatusCode.PERMISSION_DENIED, f"certificate {name!r} is not one of this server's "
@@ -98,7 +112,9 @@ class SplitService:
                           "training): start both from the same config file")
         with self.cv:
             self._forget(client, "hello")
-        return json.dumps({**self.end.keys.public(), "strategy": self.strategy, "clients": self.clients}).encode()
+            self.dropped.discard(client)
+            public = self.end.public_for(client_endpoint(client))  # with a fresh one-time handshake challenge
+        return json.dumps({**public, "strategy": self.strategy, "clients": self.clients}).encode()
 
     def handshake(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         client = self._who(context)
@@ -139,11 +155,15 @@ class SplitService:
             if meta.get("client_id") != client:
                 context.abort(grpc.StatusCode.PERMISSION_DENIED,
                               f"message for client {meta.get('client_id')} sent with client-{client}'s certificate")
+            step = meta.get("step")
+            if not isinstance(step, int) or isinstance(step, bool) or step < 0 or kind not in ("activation",
+                                                                                                 "gradient"):
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed message: kind {kind!r}, step {step!r}")
             try:
                 if self.strategy == "batch_parallel":
-                    reply = self._parallel(client, kind, int(meta["step"]), plain, context)
+                    reply = self._parallel(client, kind, step, plain, context)
                 else:
-                    reply = self._turn(client, kind, int(meta["step"]), plain, context)
+                    reply = self._turn(client, kind, step, plain, context)
             except ProtocolError as err:
                 self._forget(client, f"protocol error: {err}")
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
@@ -187,45 +207,89 @@ class SplitService:
         self.cv.notify_all()
         return reply
 
+    def _drop(self, client: int, err: ProtocolError, context) -> None:
+        """Drop a client that sent a malformed message: the round goes on without it; it is told why."""
+        self.dropped.add(client)
+        self.events.append(f"client {client} dropped from batch_parallel: {err}")
+        self.cv.notify_all()
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"dropped from the round: {err}")
+
+    def _due(self, rnd: _Round) -> int:
+        """How many clients the collecting round waits for: all, less those dropped and not in it."""
+        return self.clients - len(self.dropped - set(rnd.arrived))
+
     def _parallel(self, client: int, kind: str, step: int, plain: bytes, context) -> bytes:
         ep = client_endpoint(client)
         if kind == "activation":
+            try:
+                msg = decode(plain, self.server.expect())
+            except ProtocolError as err:
+                self._drop(client, err, context)
             if not self._wait(context, lambda: self.round.state == "collecting" and client not in self.round.arrived):
                 context.abort(grpc.StatusCode.CANCELLED, "gave up waiting for a round")
+            self.dropped.discard(client)
             rnd = self.round
             if not rnd.arrived:
                 rnd.opened = time.monotonic()
             rnd.arrived[client] = step
-            rnd.shapes[client] = tuple(decode(plain).hidden.shape)
+            rnd.shapes[client] = tuple(msg.hidden.shape)
             self.queue.send(ep, SERVER, plain)
             self.cv.notify_all()
-            self._wait(context, lambda: rnd.state != "collecting" or len(rnd.arrived) == self.clients,
+            self._wait(context, lambda: rnd.state != "collecting" or len(rnd.arrived) >= self._due(rnd),
                        rnd.opened + self.round_timeout)
             if rnd.state == "collecting":  # this handler closes the round: one trunk pass over all rows
                 ids = sorted(rnd.arrived)
-                self.server.forward(ids, {c: rnd.arrived[c] for c in ids})
+                try:
+                    self.server.forward(ids, {c: rnd.arrived[c] for c in ids})
+                except Exception as err:  # void the round rather than leave it collecting forever
+                    self.server.discard_pending()
+                    for c in ids:
+                        self._drain(c)
+                    rnd.state = "failed"
+                    self.round = _Round()
+                    self.events.append(f"round of clients {ids} failed in the trunk ({err}); voided")
+                    self.cv.notify_all()
+                    context.abort(grpc.StatusCode.ABORTED, "the round failed on the server; retry the step")
                 rnd.state, rnd.forwarded = "forwarded", time.monotonic()
                 self.cv.notify_all()
+            if rnd.state == "failed":
+                context.abort(grpc.StatusCode.ABORTED, "the round failed on the server; retry the step")
             return self.queue.recv(ep, SERVER)
         rnd = self.round
-        if rnd.state != "forwarded" or client not in rnd.arrived or client in rnd.grads:
+        if rnd.state != "forwarded" or client not in rnd.arrived or client in rnd.grads or client in rnd.bad:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"gradient from client {client} outside its round")
+        try:
+            decode(plain, self.server.expect(rnd.shapes[client]))
+        except ProtocolError as err:
+            rnd.bad.add(client)
+            self._drop(client, err, context)
         self.queue.send(ep, SERVER, plain)
         rnd.grads.add(client)
         self.cv.notify_all()
-        self._wait(context, lambda: rnd.state != "forwarded" or rnd.grads == set(rnd.arrived),
+        self._wait(context, lambda: rnd.state != "forwarded" or rnd.grads | rnd.bad == set(rnd.arrived),
                    rnd.forwarded + self.round_timeout)
-        if rnd.state == "forwarded":  # close: a client that died since the forward pass adds nothing
+        if rnd.state == "forwarded":  # close: a client that died or was dropped since the forward adds nothing
             missing = sorted(set(rnd.arrived) - rnd.grads)
             for m in missing:
                 zero = GradientMsg(m, rnd.arrived[m], TO_SERVER, torch.zeros(rnd.shapes[m]))
                 self.queue.send(client_endpoint(m), SERVER, encode(zero))
                 self.events.append(f"client {m} sent no gradient in its round: counted as zero")
-            self.server.backward()
+            try:
+                self.server.backward()
+            except Exception as err:  # void the round rather than leave it forwarded forever
+                for c in rnd.arrived:
+                    self._drain(c)
+                rnd.state = "failed"
+                self.round = _Round()
+                self.events.append(f"round of clients {sorted(rnd.arrived)} failed in backward ({err}); voided")
+                self.cv.notify_all()
+                context.abort(grpc.StatusCode.ABORTED, "the round failed on the server; retry the step")
             for m in missing:
                 self.queue.recv(client_endpoint(m), SERVER)
             rnd.state = "answered"
             self._completed(sorted(rnd.grads))
+        if rnd.state == "failed":
+            context.abort(grpc.StatusCode.ABORTED, "the round failed on the server; retry the step")
         reply = self.queue.recv(ep, SERVER)
         rnd.replied.add(client)
         if rnd.replied == rnd.grads:
