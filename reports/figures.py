@@ -2,8 +2,8 @@
 
 * ``leakage_vs_split`` — BLEU-4 and ROUGE-1 per attack versus the client head depth k (k=0: embedding only),
   no defense, as grouped bars so equal values do not hide each other;
-* ``privacy_utility`` — one panel per defense: the strongest attack's token accuracy versus the held-out loss,
-  one point per (parameters, k), with the undefended points in grey for reference.
+* ``frontier_figure`` / ``frontier_png`` — per threat, one panel per defense: utility cost versus the strongest
+  attack's leakage with error bars, the Pareto frontier marked, no defense in grey, the blind baseline dashed.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from reports.tables import NO_DEFENSE  # noqa: E402
+from reports.frontier import pareto  # noqa: E402
+from reports.verdict import LITTLE, MOST  # noqa: E402
 
 MAX_BARS = 10  # above this many (attack, threat) pairs, bars show each attack's best over threats
 _DPI = 200
@@ -66,58 +67,6 @@ def leakage_vs_split(data: pd.DataFrame) -> bytes | None:
     return _png(fig)
 
 
-def privacy_utility(points: pd.DataFrame) -> bytes | None:
-    """``points``: ``tables.privacy_utility`` (defense, defense_label, head_blocks, token_accuracy, utility).
-
-    Colour = the defense's parameters, marker = the split k; grey = no defense, drawn in every panel.
-    """
-    points = points.dropna(subset=["token_accuracy", "utility"])
-    if points.empty:
-        return None
-    base = points[points["defense"] == NO_DEFENSE]
-    names = [d for d in dict.fromkeys(points["defense"]) if d != NO_DEFENSE] or [NO_DEFENSE]
-    cols = 2 if len(names) in (2, 4) else min(3, len(names))
-    rows = -(-len(names) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False, sharey=True)
-    splits = sorted(points["head_blocks"].unique())
-    marker = {k: _MARKERS[i % len(_MARKERS)] for i, k in enumerate(splits)}
-    cmap = plt.get_cmap("tab10")
-    xlo, xhi = points["utility"].min(), points["utility"].max()
-    pad = max((xhi - xlo) * 0.1, abs(xhi) * 0.01, 1e-3)
-    for ax, name in zip(axes.flat, names, strict=False):
-        ax.axhspan(0.5, 1.1, color="#d62728", alpha=0.06, lw=0)
-        ax.axhspan(-0.05, 0.1, color="#2ca02c", alpha=0.07, lw=0)
-        for k, g in base.groupby("head_blocks"):
-            ax.scatter(g["utility"], g["token_accuracy"], color="0.55", marker=marker[k], s=30, zorder=2)
-        mine = points[points["defense"] == name] if name != NO_DEFENSE else points.iloc[0:0]
-        for i, (label, g) in enumerate(mine.groupby("defense_label", sort=True)):
-            for k, gk in g.groupby("head_blocks"):
-                ax.scatter(gk["utility"], gk["token_accuracy"], color=cmap(i % 10), marker=marker[k], s=34,
-                           edgecolor="black", linewidth=0.4, zorder=3)
-            ax.plot([], [], color=cmap(i % 10), marker="o", ls="", label=label)
-        if not base.empty:
-            ax.plot([], [], color="0.55", marker="o", ls="", label="no defense")
-        ax.set_title(name, fontsize=10)
-        ax.set_xlim(xlo - pad, xhi + pad)
-        ax.set_ylim(-0.05, 1.1)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6.5, loc="best", framealpha=0.85)
-        ax.tick_params(labelsize=7)
-        ax.xaxis.set_major_locator(MaxNLocator(4))
-    for i, ax in enumerate(axes.flat[: len(names)]):
-        if i + cols >= len(names):  # the lowest panel of its column
-            ax.set_xlabel("held-out loss (lower = better utility)", fontsize=8)
-    for ax in axes[:, 0]:
-        ax.set_ylabel("token accuracy of the\nstrongest attack", fontsize=8)
-    for ax in list(axes.flat)[len(names):]:
-        ax.set_visible(False)
-    handles = [plt.Line2D([], [], color="black", marker=marker[k], ls="", label=f"k={k}") for k in splits]
-    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=len(splits), fontsize=8,
-               frameon=False, title="marker = split (client head blocks)", title_fontsize=8)
-    fig.tight_layout()
-    return _png(fig)
-
-
 def _natural(label: str) -> list:
     """Sort key that orders 'eta=10' < 'eta=30' < 'eta=100'."""
     return [(0, float(p), "") if re.fullmatch(r"-?\d+(\.\d+)?(e-?\d+)?", p) else (1, 0.0, p)
@@ -130,9 +79,6 @@ def frontier_figure(s: pd.DataFrame):
     attack's leakage (advantage over blind where measured), error bars from the 95 % intervals, the Pareto
     frontier (over that defense's settings and no defense) as a line through ringed points; the blind baseline
     as a dashed line. Returns the matplotlib Figure (None without a costed point); ``frontier_png`` renders it."""
-    from reports.frontier import pareto
-    from reports.verdict import LITTLE, MOST
-
     s = s.dropna(subset=["cost", "leak"])
     names = sorted(set(s.loc[~s["is_none"], "defense"]))
     if s.empty or not names:

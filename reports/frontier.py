@@ -187,7 +187,9 @@ def _acted(s: pd.DataFrame, h: pd.DataFrame) -> pd.DataFrame:
             acted = bool(moved) or not (all(same_leak) and same_loss)
         notes = [trace + (" (unchanged)" if moved is False else "")] if trace else []
         if same_leak and all(x is True for x in same_leak) and same_loss:
-            notes.append("utility and leakage equal to no defense within their intervals")
+            measured = g["leak_lo"].ne(g["leak_hi"]).any()
+            notes.append("utility and leakage equal to no defense " + ("within their intervals" if measured else
+                                                                       "(no intervals in this store)"))
         note = "; ".join(notes)
         idx = g.index
         s.loc[idx, "acted"] = pd.Series([acted] * len(idx), index=idx, dtype=object)
