@@ -130,6 +130,9 @@ def frontier_figure(s: pd.DataFrame):
         ax.tick_params(labelsize=7)
         ax.xaxis.set_major_locator(MaxNLocator(5))
         ax.set_xlabel("held-out perplexity increase over no defense (%)", fontsize=7)
+        x0, x1 = ax.get_xlim()
+        if x1 - x0 < 5:  # all points at about the same cost: show a few percent around them, not 0.001 %
+            ax.set_xlim(min(x0, -2.5), max(x1, 2.5))
     ylabel = "token accuracy advantage\nover blind (strongest attack)" if advantage else \
         "token accuracy of the\nstrongest attack"
     for ax in axes[:, 0]:

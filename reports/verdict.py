@@ -141,7 +141,7 @@ def threat_verdict(s: pd.DataFrame) -> tuple[str, list[str]]:
                                                 none.sort_values("head_blocks").iterrows()) + ".")
     overall = cheapest_phrase(s)
     if overall is not None:
-        out.append(f"Cheapest tested setting that reaches little: {overall}.")
+        out.append(f"Cheapest tested setting that reaches little or none: {overall}.")
     else:
         floor = LEVELS[int(_rank(s["level"]).min())] if (_rank(s["level"]) >= 0).any() else "unknown"
         out.append(f"No tested setting brings {threat} below {floor}.")

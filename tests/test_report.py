@@ -78,7 +78,7 @@ def test_report_words_the_verdict_and_escapes_untrusted_text(tmp_path):
         assert title in text
     assert "MOST" in text and "PARTIAL" in text
     assert "inv, reaches most at k=0 (token accuracy 0.97, no blind baseline; 97% of tokens)" in text
-    assert ("Cheapest tested setting that reaches little: noise (sigma=0.5) at k=0 brings every attack to little "
+    assert ("Cheapest tested setting that reaches little or none: noise (sigma=0.5) at k=0 brings every attack to little "
             "(token accuracy 0.02, no blind baseline) at +65 % held-out perplexity") in text
     assert "seal did not act at this budget at k=0 (utility and leakage equal to no defense (no intervals" in text
     assert "does not help" not in text

@@ -34,13 +34,13 @@ def test_verdict_names_the_cheapest_setting_that_reaches_little(tmp_path):
     text = " ".join(words)
     assert lvl == "most"
     # eta=10 also reaches... no: it stays partial (advantage 0.20); eta=100 is cheaper but leaks; eta=30 is it
-    assert ("Cheapest tested setting that reaches little: dxp (eta=30) at k=0 (also at k=1, k=2) brings every "
+    assert ("Cheapest tested setting that reaches little or none: dxp (eta=30) at k=0 (also at k=1, k=2) brings every "
             "attack to little (advantage 0.03 [0.01, 0.05]) at +12 % held-out perplexity [+11 %, +13 %]") in text
     assert "No tested setting of encryption brings curious_server below most." in text
     # the eavesdropper is stopped for free by encryption, and dxp is named as its own option
     _, words = _verdict(_settings(tmp_path / "b", sweep_rows()), "eavesdropper")
     text = " ".join(words)
-    assert "Cheapest tested setting that reaches little: encryption at k=0" in text
+    assert "Cheapest tested setting that reaches little or none: encryption at k=0" in text
     assert "With dxp: dxp (eta=30) at k=0" in text
 
 
@@ -115,7 +115,7 @@ def test_levels_use_the_advantage_over_blind_and_its_interval(tmp_path):
     # 45 % of tokens right, but the blind attack gets 40 %: the defense leaves only blind-guessable tokens
     s = _settings(tmp_path / "a", rows(0.45, 0.03, 0.07))
     assert level(s[s["defense"] == "dxp"]["leak_hi"].iloc[0]) == "little"
-    assert "Cheapest tested setting that reaches little: dxp (eta=1) at k=1" in " ".join(_verdict(s, "curious_server")[1])
+    assert "Cheapest tested setting that reaches little or none: dxp (eta=1) at k=1" in " ".join(_verdict(s, "curious_server")[1])
     # the same mean with a wider interval reaching above the band is not little
     s = _settings(tmp_path / "b", rows(0.45, 0.01, 0.12))
     assert level(s[s["defense"] == "dxp"]["leak_hi"].iloc[0]) == "partial"
@@ -171,7 +171,7 @@ def test_report_from_a_store_with_sweeps(tmp_path):
     pdf = build_report(write_store(tmp_path, rows))
     pages = [p.extract_text() for p in PdfReader(pdf).pages]
     first = " ".join(pages[0].split())
-    assert "Cheapest tested setting that reaches little: dxp (eta=30) at k=0" in first
+    assert "Cheapest tested setting that reaches little or none: dxp (eta=30) at k=0" in first
     assert "nopeek (alpha=0.5) did not act at this budget" in first
     assert "does not help" not in first
     text = " ".join(" ".join(pages).split())
