@@ -2,13 +2,14 @@
 
 * ``leakage_vs_split`` — BLEU-4 and ROUGE-1 per attack versus the client head depth k (k=0: embedding only),
   no defense, as grouped bars so equal values do not hide each other;
-* ``privacy_utility`` — one panel per defense: the strongest attack's token accuracy versus the held-out loss,
-  one point per (parameters, k), with the undefended points in grey for reference.
+* ``frontier_figure`` / ``frontier_png`` — per threat, one panel per defense: utility cost versus the strongest
+  attack's leakage with error bars, the Pareto frontier marked, no defense in grey, the blind baseline dashed.
 """
 
 from __future__ import annotations
 
 import io
+import re
 
 import matplotlib
 
@@ -17,7 +18,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from reports.tables import NO_DEFENSE  # noqa: E402
+from reports.frontier import pareto  # noqa: E402
+from reports.verdict import LITTLE, MOST  # noqa: E402
 
 MAX_BARS = 10  # above this many (attack, threat) pairs, bars show each attack's best over threats
 _DPI = 200
@@ -65,53 +67,86 @@ def leakage_vs_split(data: pd.DataFrame) -> bytes | None:
     return _png(fig)
 
 
-def privacy_utility(points: pd.DataFrame) -> bytes | None:
-    """``points``: ``tables.privacy_utility`` (defense, defense_label, head_blocks, token_accuracy, utility).
+def _natural(label: str) -> list:
+    """Sort key that orders 'eta=10' < 'eta=30' < 'eta=100'."""
+    return [(0, float(p), "") if re.fullmatch(r"-?\d+(\.\d+)?(e-?\d+)?", p) else (1, 0.0, p)
+            for p in re.split(r"(-?\d+(?:\.\d+)?(?:e-?\d+)?)", label) if p]
 
-    Colour = the defense's parameters, marker = the split k; grey = no defense, drawn in every panel.
-    """
-    points = points.dropna(subset=["token_accuracy", "utility"])
-    if points.empty:
+
+def frontier_figure(s: pd.DataFrame):
+    """The privacy-utility frontier of one threat (``frontier.settings`` rows of that threat): one panel per
+    defense, x = held-out perplexity increase over the undefended cell of the same split, y = the strongest
+    attack's leakage (advantage over blind where measured), error bars from the 95 % intervals, the Pareto
+    frontier (over that defense's settings and no defense) as a line through ringed points; the blind baseline
+    as a dashed line. Returns the matplotlib Figure (None without a costed point); ``frontier_png`` renders it."""
+    s = s.dropna(subset=["cost", "leak"])
+    names = sorted(set(s.loc[~s["is_none"], "defense"]))
+    if s.empty or not names:
         return None
-    base = points[points["defense"] == NO_DEFENSE]
-    names = [d for d in dict.fromkeys(points["defense"]) if d != NO_DEFENSE] or [NO_DEFENSE]
-    cols = 2 if len(names) in (2, 4) else min(3, len(names))
+    base = s[s["is_none"]]
+    cols = min(3, len(names))
     rows = -(-len(names) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False, sharey=True)
-    splits = sorted(points["head_blocks"].unique())
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.9 * rows), squeeze=False, sharey=True)
+    splits = sorted(s["head_blocks"].unique())
     marker = {k: _MARKERS[i % len(_MARKERS)] for i, k in enumerate(splits)}
     cmap = plt.get_cmap("tab10")
-    xlo, xhi = points["utility"].min(), points["utility"].max()
-    pad = max((xhi - xlo) * 0.1, abs(xhi) * 0.01, 1e-3)
+    advantage = (s["kind"] == "advantage").all()
+    lo_y = min(-0.05, float(s["leak_lo"].min()) - 0.03)
+
+    def bars(ax, g, color, label, z):
+        for k, gk in g.groupby("head_blocks"):
+            x, y = 100 * gk["cost"].astype(float), gk["leak"].astype(float)
+            xerr = [(x - 100 * gk["cost_lo"].astype(float)).clip(lower=0).fillna(0),
+                    (100 * gk["cost_hi"].astype(float) - x).clip(lower=0).fillna(0)]
+            yerr = [(y - gk["leak_lo"].astype(float)).clip(lower=0), (gk["leak_hi"].astype(float) - y).clip(lower=0)]
+            ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt=marker[k], color=color, ecolor=color, elinewidth=0.8,
+                        capsize=2, ms=5, mec="black", mew=0.4, zorder=z, label=None)
+        ax.plot([], [], color=color, marker="o", ls="", label=label)
+
     for ax, name in zip(axes.flat, names, strict=False):
-        ax.axhspan(0.5, 1.1, color="#d62728", alpha=0.06, lw=0)
-        ax.axhspan(-0.05, 0.1, color="#2ca02c", alpha=0.07, lw=0)
-        for k, g in base.groupby("head_blocks"):
-            ax.scatter(g["utility"], g["token_accuracy"], color="0.55", marker=marker[k], s=30, zorder=2)
-        mine = points[points["defense"] == name] if name != NO_DEFENSE else points.iloc[0:0]
-        for i, (label, g) in enumerate(mine.groupby("defense_label", sort=True)):
-            for k, gk in g.groupby("head_blocks"):
-                ax.scatter(gk["utility"], gk["token_accuracy"], color=cmap(i % 10), marker=marker[k], s=34,
-                           edgecolor="black", linewidth=0.4, zorder=3)
-            ax.plot([], [], color=cmap(i % 10), marker="o", ls="", label=label)
+        ax.axhspan(MOST, 1.1, color="#d62728", alpha=0.06, lw=0)
+        ax.axhspan(lo_y, LITTLE, color="#2ca02c", alpha=0.07, lw=0)
+        mine = s[s["defense"] == name]
         if not base.empty:
-            ax.plot([], [], color="0.55", marker="o", ls="", label="no defense")
+            bars(ax, base, "0.55", "no defense", 2)
+        groups = sorted(mine.groupby("defense_label"), key=lambda lg: _natural(lg[0]))
+        for i, (label, g) in enumerate(groups):
+            bars(ax, g, cmap(i % 10), label.removeprefix(name).strip(" ()") or name, 3)
+        both = pd.concat([base, mine])
+        front = both[pareto(both)].sort_values("cost")
+        if not front.empty:
+            ax.step(100 * front["cost"].astype(float), front["leak"].astype(float), where="post", color="black",
+                    lw=1.0, ls="-", alpha=0.7, zorder=1, label="Pareto frontier")
+            ax.scatter(100 * front["cost"].astype(float), front["leak"].astype(float), s=110, facecolors="none",
+                       edgecolors="black", linewidths=0.9, zorder=4)
+        if advantage:
+            ax.axhline(0, color="0.3", ls="--", lw=0.8, label="blind (advantage 0)")
+        elif s["blind"].notna().any():
+            ax.axhline(float(s["blind"].max()), color="0.3", ls="--", lw=0.8, label="blind attack")
         ax.set_title(name, fontsize=10)
-        ax.set_xlim(xlo - pad, xhi + pad)
-        ax.set_ylim(-0.05, 1.1)
+        ax.set_ylim(lo_y, 1.1)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6.5, loc="best", framealpha=0.85)
+        ax.legend(fontsize=6, loc="best", framealpha=0.85)
         ax.tick_params(labelsize=7)
-        ax.xaxis.set_major_locator(MaxNLocator(4))
-    for i, ax in enumerate(axes.flat[: len(names)]):
-        if i + cols >= len(names):  # the lowest panel of its column
-            ax.set_xlabel("held-out loss (lower = better utility)", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(5))
+        ax.set_xlabel("held-out perplexity increase over no defense (%)", fontsize=7)
+        x0, x1 = ax.get_xlim()
+        if x1 - x0 < 5:  # all points at about the same cost: show a few percent around them, not 0.001 %
+            ax.set_xlim(min(x0, -2.5), max(x1, 2.5))
+    ylabel = "token accuracy advantage\nover blind (strongest attack)" if advantage else \
+        "token accuracy of the\nstrongest attack"
     for ax in axes[:, 0]:
-        ax.set_ylabel("token accuracy of the\nstrongest attack", fontsize=8)
+        ax.set_ylabel(ylabel, fontsize=8)
     for ax in list(axes.flat)[len(names):]:
         ax.set_visible(False)
     handles = [plt.Line2D([], [], color="black", marker=marker[k], ls="", label=f"k={k}") for k in splits]
     fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=len(splits), fontsize=8,
-               frameon=False, title="marker = split (client head blocks)", title_fontsize=8)
+               frameon=False, title="marker = split (client head blocks); ringed = on the Pareto frontier",
+               title_fontsize=8)
     fig.tight_layout()
-    return _png(fig)
+    return fig
+
+
+def frontier_png(s: pd.DataFrame) -> bytes | None:
+    fig = frontier_figure(s)
+    return None if fig is None else _png(fig)

@@ -23,8 +23,9 @@ from reports.markup import escape
 MARGIN = 1.5 * cm
 PORTRAIT_W = A4[0] - 2 * MARGIN
 LANDSCAPE_W = landscape(A4)[0] - 2 * MARGIN
-LEVEL_COLORS = {"leaks": colors.HexColor("#f4c7c3"), "partial": colors.HexColor("#fce8b2"),
-                "little": colors.HexColor("#b7e1cd"), "unknown": colors.HexColor("#e0e0e0")}
+LEVEL_COLORS = {"most": colors.HexColor("#f4c7c3"), "partial": colors.HexColor("#fce8b2"),
+                "little": colors.HexColor("#b7e1cd"), "none": colors.HexColor("#8fd1b0"),
+                "unknown": colors.HexColor("#e0e0e0")}
 FAILED_BG = colors.HexColor("#fdecea")
 HEADER_BG = colors.HexColor("#e8eaf0")
 

@@ -25,15 +25,17 @@ from reportlab.lib.units import cm
 from reportlab.platypus import KeepTogether, NextPageTemplate, PageBreak, Spacer
 
 from reports import figures, tables
+from reports.frontier import pareto
+from reports.frontier import settings as frontier_settings
 from reports.markup import escape, sample_markup
 from reports.pdf import FAILED_BG, LANDSCAPE_W, LEVEL_COLORS, PORTRAIT_W, document, image, para, table, text
 from reports.tables import NO_DEFENSE, num
-from reports.verdict import RULE, level, pct, threat_verdict
+from reports.verdict import RULE, level, pct, signed_pct, still_leaks, threat_verdict
 from suite.store import load_results
 from suite.threats import THREATS
 
 TITLES = ("1. Verdict per threat", "2. Threat-model matrix", "3. Leakage versus split depth",
-          "4. Privacy versus utility", "5. Reconstructed samples", "6. Attack cost", "7. Methods")
+          "4. Privacy–utility frontier", "5. Reconstructed samples", "6. Attack cost", "7. Methods")
 SAMPLES_STRONGEST, SAMPLES_DEFENDED = 3, 2  # samples shown for each threat's strongest cell / each defense
 
 
@@ -81,62 +83,87 @@ def _run_config(df: pd.DataFrame) -> list:
                                      [2 * cm, PORTRAIT_W - 2 * cm], header=False)]
 
 
-def _per_split_header(entries: list[dict[str, Any]]) -> tuple[str, bool]:
-    """Column title for the per-split token accuracy, and whether values can go without split labels (all
-    rows cover the same splits)."""
-    keys = {tuple(e["by_split"]) for e in entries if e["by_split"]}
-    if len(keys) == 1:
-        splits = next(iter(keys))
-        if len(splits) > 1:
-            return "Tok. acc at " + " / ".join(splits), True
-    return "Tok. acc per split", False
+def _interval(r: Any) -> str:
+    lo, hi = num(r["leak_lo"]), num(r["leak_hi"])
+    return _f(r["leak"], 2) + (f" [{lo:.2f}, {hi:.2f}]" if lo is not None and hi is not None and lo != hi else "")
 
 
-def _verdict(df: pd.DataFrame, threats: list[str]) -> tuple[list, list]:
-    """(the verdict in words, the table of the strongest attack per threat and defense)."""
+def _cost_text(r: Any, key: str = "cost") -> str:
+    v = num(r[key])
+    if v is None:
+        return "–"
+    if key == "cost" and num(r["cost_lo"]) is not None and num(r["cost_hi"]) is not None:
+        return f"{signed_pct(v)} [{signed_pct(num(r['cost_lo']))}, {signed_pct(num(r['cost_hi']))}]"
+    return signed_pct(v)
+
+
+def _verdict(df: pd.DataFrame, threats: list[str], settings: pd.DataFrame) -> tuple[list, list]:
+    """(the verdict in words, the table of the worst split per threat and defense setting)."""
     words = [_section(0), para(escape(RULE), "caption")]
     if df.empty:
         return [*words, para("The results store holds no cells yet.")], []
-    entries = tables.verdict_cells(df, threats)
-    split_head, bare = _per_split_header(entries)
-    head = ["Threat", "Defense", "Strongest attack", "Split", "Tok. acc", "BLEU\u20114", "ROUGE\u20111", "PII",
-            "Utility", split_head]
+    head = ["Threat", "Defense", "Worst split: strongest attack", "Leakage [95 % CI]", "Raw tok. acc", "Blind",
+            "Cost (perplexity)", "vs central.", "Level per split"]
     rows, extra = [[text(h, "head") for h in head]], []
     for threat in threats:
-        mine = [e for e in entries if e["threat"] == threat]
-        lvl, sentence = threat_verdict(mine)
+        mine = settings[settings["threat_label"] == threat]
+        cells = df[df["threat_label"] == threat]
+        if mine.empty:
+            failed = cells[~cells["ok"]]
+            err = str(failed.iloc[0]["error"]) if not failed.empty else "no error recorded"
+            err = err if len(err) <= 120 else err[:119] + "…"
+            lvl, sentence = "unknown", [f"{threat}: every cell failed ({err})."]
+        else:
+            lvl, sentence = threat_verdict(mine)
         badge = "#" + LEVEL_COLORS[lvl].hexval()[2:]
         words.append(para(f'<font backColor="{badge}"><b>&nbsp;{lvl.upper()}&nbsp;</b></font> '
-                          f"{escape(sentence)}", "verdict"))
+                          f"{escape(' '.join(sentence))}", "verdict"))
         first = len(rows)
-        for e in mine:
-            b, i = e["best"], len(rows)
+        for label in tables.defense_order(cells):
+            g = mine[mine["defense_label"] == label]
+            i = len(rows)
             name = para(f"<b>{escape(threat)}</b>" if i == first else f'<font color="#888888">{escape(threat)}</font>',
                         "cell")
-            if b is None:
-                cells = "the only cell" if e["n"] == 1 else f"all {e['n']} cells"
-                rows.append([name, text(e["defense"]), text(f"{cells} failed: {e['error']}"), *[""] * 7])
+            n_failed = int((~cells.loc[cells["defense_label"] == label, "ok"]).sum())
+            if g.empty:
+                err = cells.loc[cells["defense_label"] == label, "error"].iloc[0]
+                rows.append([name, text(label), text(f"all {n_failed} cells failed: {err}"), *[""] * 6])
                 extra += [("SPAN", (2, i), (-1, i)), ("BACKGROUND", (2, i), (-1, i), FAILED_BG)]
                 continue
-            by_split = (" / " if bare else ", ").join(
-                _f(v, 2) if bare else f"{s}: {_f(v, 2)}" for s, v in e["by_split"].items())
-            if e["failed"]:
-                by_split += f" ({e['failed']} of {e['n']} cells failed)"
-            rows.append([name, text(e["defense"]), text(b["attack_label"]), text(b["split"]),
-                         text(_f(b["token_accuracy"], 2), "cellr"), text(_f(b["bleu4"], 1), "cellr"),
-                         text(_f(b["rouge1"], 1), "cellr"), text(_f(b["pii_recovery"], 2), "cellr"),
-                         text(_f(b["utility"], 3), "cellr"), text(by_split)])
-            extra.append(("BACKGROUND", (4, i), (4, i), LEVEL_COLORS[level(num(b["token_accuracy"]))]))
+            w = g.sort_values(["leak_hi", "leak"], ascending=False).iloc[0]
+            per_split = ", ".join(f"{r['split']} {level(num(r['leak_hi']))}" + (" (did not act)" if r["acted"] is False
+                                                                                 else "")
+                                  for _, r in g.sort_values("head_blocks").iterrows())
+            if n_failed:
+                per_split += f" ({n_failed} cells failed)"
+            kind = "" if w["kind"] == "advantage" else " raw"
+            rows.append([name, text(label), text(f"{w['split']}: {w['attack_label']}"),
+                         text(_interval(w) + kind, "cellr"), text(_f(w["raw"], 2), "cellr"),
+                         text(_f(w["blind"], 2), "cellr"), text(_cost_text(w), "cellr"),
+                         text(_cost_text(w, "cost_central"), "cellr"), text(per_split)])
+            extra.append(("BACKGROUND", (3, i), (3, i), LEVEL_COLORS[level(num(w["leak_hi"]))]))
         extra.append(("LINEABOVE", (0, first), (-1, first), 0.8, "#555555"))
-    widths = [2.4 * cm, 3.0 * cm, 2.8 * cm, 0.95 * cm, 1.1 * cm, 1.3 * cm, 1.5 * cm, 0.9 * cm, 1.15 * cm]
+    widths = [2.2 * cm, 2.8 * cm, 3.0 * cm, 2.4 * cm, 1.2 * cm, 1.0 * cm, 2.2 * cm, 1.3 * cm]
     widths.append(PORTRAIT_W - sum(widths))
-    detail = [para("Strongest attack per threat and defense", "h2free"), table(rows, widths, extra),
-              para("Strongest attack = highest token accuracy over attacks and splits among finished cells, "
-                   "shown at the split where it was reached; token accuracy shaded red = leaks, amber = partial, "
-                   "green = little. BLEU/ROUGE 0–100, token accuracy and PII recovery "
-                   "0–1, utility = held-out loss at that split (lower is better). Every cell: section 2; "
-                   "definitions: section 7.", "caption")]
+    detail = [para("Strongest attack per threat and defense setting (worst split)", "h2free"),
+              table(rows, widths, extra),
+              para("Leakage = the strongest attack's token accuracy over every attack the threat ran, as advantage "
+                   "over the blind baseline where measured ('raw' where not), with its 95 % bootstrap interval over "
+                   "records × seeds, at the split where it is worst; shaded by level. Raw tok. acc = that attack's "
+                   "share of tokens recovered; Blind = what the blind attack (no observations) gets on the same "
+                   "records. Cost = held-out perplexity increase over the undefended model at the same split "
+                   "(interval from the held-out loss's); vs central. = over a centralised fine-tune on the same "
+                   "data. Every setting and split: section 4; every cell: section 2.", "caption")]
     return words, detail
+
+
+def _upper(r: Any) -> float | None:
+    """The upper end of a cell's headline leakage (advantage where measured), for shading."""
+    for key in ("adv_token_accuracy_hi", "adv_token_accuracy", "token_accuracy_hi", "token_accuracy"):
+        v = num(r.get(key))
+        if v is not None:
+            return v
+    return None
 
 
 # -- 2. matrix ------------------------------------------------------------------------------------------------
@@ -147,7 +174,7 @@ def _matrix(df: pd.DataFrame, threats: list[str]) -> list:
     if df.empty:
         return [*out, para("No cells.")]
     head = ["Split", "Threat", "Attack", "Defense", "BLEU\u20114", "ROUGE\u20111", "ROUGE\u20112", "ROUGE\u2011L",
-            "Tok. acc", "Exact", "PII", "Utility", "Status / note"]
+            "Tok. acc", "Adv. tok", "Exact", "PII", "Utility", "Status / note"]
     rows, extra, group = [[text(h, "head") for h in head]], [], None
     for _, r in tables.matrix_rows(df, threats).iterrows():
         i = len(rows)
@@ -156,28 +183,30 @@ def _matrix(df: pd.DataFrame, threats: list[str]) -> list:
         group = (r["model"], r["split"])
         base = [text(r["split"]), text(r["threat_label"]), text(r["attack_label"]), text(r["defense_label"])]
         if r["ok"]:
-            metrics = [text(_f(r[m], d), "cellr") for m, d in (("bleu4", 1), ("rouge1", 1), ("rouge2", 1),
-                       ("rougeL", 1), ("token_accuracy", 3), ("exact_match", 3), ("pii_recovery", 3))]
+            metrics = [text(_f(r.get(m), d), "cellr") for m, d in (("bleu4", 1), ("rouge1", 1), ("rouge2", 1),
+                       ("rougeL", 1), ("token_accuracy", 3), ("adv_token_accuracy", 3), ("exact_match", 3),
+                       ("pii_recovery", 3))]
             note = r["note"] if isinstance(r["note"], str) and r["note"] else ""
             status = para("ok" + (f' <font color="#666666">– {escape(note)}</font>' if note else ""), "cell")
             rows.append([*base, *metrics, text(_f(r["utility"], 3), "cellr"), status])
-            extra.append(("BACKGROUND", (8, i), (8, i), LEVEL_COLORS[level(num(r["token_accuracy"]))]))
+            extra.append(("BACKGROUND", (8, i), (9, i), LEVEL_COLORS[level(_upper(r))]))
         else:
             err = para(f'<font color="#a00000"><b>failed:</b> {escape(r["error"] or "no error recorded")}</font>',
                        "cell")
-            rows.append([*base, err, *[""] * 8])
+            rows.append([*base, err, *[""] * 9])
             extra += [("SPAN", (4, i), (-1, i)), ("BACKGROUND", (0, i), (-1, i), FAILED_BG)]
-    widths = [1.1 * cm, 2.4 * cm, 2.8 * cm, 3.6 * cm] + [1.5 * cm] * 7 + [1.25 * cm]
+    widths = [1.1 * cm, 2.4 * cm, 2.8 * cm, 3.6 * cm] + [1.4 * cm] * 8 + [1.25 * cm]
     widths.append(LANDSCAPE_W - sum(widths))
-    return [*out, para("One row per cell; token accuracy shaded by the verdict rule (red = leaks, amber = "
-                       "partial, green = little). Cells whose attack needs more than the threat grants are not "
+    return [*out, para("One row per cell; token accuracy and its advantage over the blind attack on the same "
+                       "records shaded by the verdict rule on the upper end of the interval (red = most, amber = "
+                       "partial, green = little or none). Blind rows are cells of the attack 'blind'. Cells whose attack needs more than the threat grants are not "
                        "run and not listed.", "caption"), table(rows, widths, extra)]
 
 
 # -- 3./4. figures ----------------------------------------------------------------------------------------------
 
 
-def _figures(df: pd.DataFrame) -> list:
+def _figures(df: pd.DataFrame, threats: list[str], settings: pd.DataFrame) -> list:
     out = [_section(2)]
     png = figures.leakage_vs_split(tables.leakage_by_split(df)) if not df.empty else None
     if png is None:
@@ -187,22 +216,71 @@ def _figures(df: pd.DataFrame) -> list:
                 para("Best BLEU-4 and ROUGE-1 of each attack (under each threat) without a defense, for a client "
                      "head of the embedding only (k=0) or the embedding plus k decoder blocks. Higher = more of "
                      "the private text recovered.", "caption")]
-    out.append(_section(3))
-    png = figures.privacy_utility(tables.privacy_utility(df)) if not df.empty else None
-    if png is None:
-        out.append(para("No finished cell with both leakage and utility: nothing to plot."))
-    else:
-        out += [image(png, PORTRAIT_W, 10.5 * cm),
-                para("One point per (defense, parameters, k): the token accuracy of the strongest attack over "
-                     "all threats and attacks versus the held-out loss of the fine-tuned model (lower = better "
-                     "utility). Marker shape = split k; grey = no defense, in every panel for reference. Shaded bands: leaks (red) and little (green). The best "
-                     "place is bottom left.", "caption")]
+    out += _frontier(settings, threats)
+    out += _adaptive(df)
     reports = [(label, rep) for label, rep in tables.defense_reports(df) if rep] if not df.empty else []
     if reports:
         rows = [[text("Defense", "head"), text("What it reports (latest finished cell)", "head")]]
         rows += [[text(label), text(_flat(rep))] for label, rep in reports]
         out += [para("What each defense reports", "h2"), table(rows, [4.5 * cm, PORTRAIT_W - 4.5 * cm])]
     return out
+
+
+def _frontier(settings: pd.DataFrame, threats: list[str]) -> list:
+    out = [_section(3)]
+    if settings.empty or not (~settings["is_none"]).any():
+        return [*out, para("No finished defended cell: no frontier to draw.")]
+    for threat in threats:
+        mine = settings[settings["threat_label"] == threat]
+        if mine.empty or not (~mine["is_none"]).any():
+            continue
+        out.append(para(escape(threat), "h2"))
+        png = figures.frontier_png(mine)
+        if png is not None:
+            out.append(image(png, PORTRAIT_W, 11 * cm))
+        else:
+            out.append(para("No setting with a measured utility: no frontier to draw.", "caption"))
+        front = set(mine.index[pareto(mine.assign(cost=mine["cost"].astype(float)))])
+        head = ["Defense", "Split", "Strongest attack", "Leakage [95 % CI]", "Level", "Blind", "Cost (perplexity)",
+                "vs central.", "Acted"]
+        rows, extra = [[text(h, "head") for h in head]], []
+        for idx, r in mine.sort_values(["is_none", "defense_label", "head_blocks"], ascending=[False, True, True]).iterrows():
+            i = len(rows)
+            lvl = level(num(r["leak_hi"]))
+            acted = {True: "yes", False: "did not act", None: "–"}[r["acted"]] if not r["is_none"] else ""
+            rows.append([text(("◆ " if idx in front else "") + r["defense_label"]), text(r["split"]),
+                         text(r["attack_label"]), text(_interval(r) + ("" if r["kind"] == "advantage" else " raw"),
+                                                       "cellr"),
+                         text(lvl), text(_f(r["blind"], 2), "cellr"), text(_cost_text(r), "cellr"),
+                         text(_cost_text(r, "cost_central"), "cellr"), text(acted + (f" ({r['act_note']})"
+                                                                                     if r["act_note"] else ""))])
+            extra.append(("BACKGROUND", (4, i), (4, i), LEVEL_COLORS[lvl]))
+        widths = [3.0 * cm, 1.0 * cm, 2.6 * cm, 2.4 * cm, 1.2 * cm, 1.0 * cm, 2.3 * cm, 1.4 * cm]
+        widths.append(PORTRAIT_W - sum(widths))
+        out += [table(rows, widths, extra)]
+    out.append(para("Each point is a defense setting at a split: x = held-out perplexity increase over the "
+                    "undefended model at the same split, y = the strongest attack's token accuracy over everything "
+                    "the threat sees, as advantage over the blind baseline where measured; bars = 95 % intervals. "
+                    "Grey = no defense (cost 0). The black line and ringed points (◆ in the tables) are the Pareto "
+                    "frontier: no other tested setting is both cheaper and leaks less. Dashed = the blind "
+                    "baseline. Shaded: most (red) and little (green).", "caption"))
+    return out
+
+
+def _adaptive(df: pd.DataFrame) -> list:
+    pairs = tables.adaptive_pairs(df) if not df.empty else pd.DataFrame()
+    if pairs.empty:
+        return []
+    rows = [[text(h, "head") for h in ("Threat", "Attack", "Defense", "Split", "Tok. acc non-adaptive",
+                                        "Tok. acc adaptive", "Adv. non-adaptive", "Adv. adaptive")]]
+    rows += [[text(r["threat_label"]), text(r["attack"]), text(r["defense_label"]), text(r["split"]),
+              *[text(_f(r[c], 3), "cellr") for c in ("acc_0", "acc_1", "adv_0", "adv_1")]]
+             for _, r in pairs.iterrows()]
+    widths = [2.6 * cm, 3.0 * cm, 3.2 * cm, 1.1 * cm] + [1.9 * cm] * 3
+    widths.append(PORTRAIT_W - sum(widths))
+    return [para("Adaptive versus non-adaptive attackers", "h2"), table(rows, widths),
+            para("The same attack with and without simulating the defense on its own shadow pipeline (public "
+                 "parameters, fresh randomness). The verdict takes the stronger of the two.", "caption")]
 
 
 # -- 5. samples -----------------------------------------------------------------------------------------------
@@ -217,6 +295,31 @@ def _sample_block(title: str, row: pd.Series, n: int) -> list:
     return [KeepTogether([para(escape(title), "h2"), table(rows, [LANDSCAPE_W / 2] * 2)])]
 
 
+def _adv_text(r: Any) -> str:
+    v, lo, hi = num(r.get("adv_token_accuracy")), num(r.get("adv_token_accuracy_lo")), num(r.get("adv_token_accuracy_hi"))
+    if v is None:
+        return ""
+    return f", advantage over blind {v:.2f}" + (f" [{lo:.2f}, {hi:.2f}]" if lo is not None and hi is not None else "")
+
+
+def _deepest_leaking(cells: pd.DataFrame) -> tuple[pd.Series | None, str]:
+    """The strongest undefended cell at the deepest split that still leaks (whole advantage interval above the
+    'little' band), or at the deepest split when none does; and a phrase saying which."""
+    ok = cells[cells["ok"]]
+    if ok.empty:
+        return None, ""
+    lower = [num(r.get("adv_token_accuracy_lo")) if num(r.get("adv_token_accuracy")) is not None else
+             (num(r.get("token_accuracy_lo")) if num(r.get("token_accuracy_lo")) is not None else
+              num(r.get("token_accuracy"))) for _, r in ok.iterrows()]
+    ok = ok.assign(_lower=lower)
+    leaking = ok[[still_leaks(v) for v in ok["_lower"]]]
+    if not leaking.empty:
+        k = leaking["head_blocks"].max()
+        return tables.strongest(leaking[leaking["head_blocks"] == k]), "deepest split that still leaks, no defense"
+    k = ok["head_blocks"].max()
+    return tables.strongest(ok[ok["head_blocks"] == k]), "no split still leaks; the deepest split, no defense"
+
+
 def _samples(df: pd.DataFrame, threats: list[str]) -> list:
     out = [_section(4), para('<font backColor="#ffd6d6" color="#a00000"><b>Bold red</b></font> = a PII value '
                              "the attacker recovered verbatim; <u>underlined</u> = a PII value in the original "
@@ -225,10 +328,10 @@ def _samples(df: pd.DataFrame, threats: list[str]) -> list:
     has = df[[isinstance(s, list) and len(s) > 0 for s in df["samples"]]] if not df.empty else df
     for threat in threats:
         cells = has[(has["threat_label"] == threat) & (has["defense"] == NO_DEFENSE)]
-        b = tables.strongest(cells)
+        b, why = _deepest_leaking(cells)
         if b is not None:
-            title = (f"{threat}: strongest attack without a defense — {b['attack_label']} at {b['split']} "
-                     f"(token accuracy {pct(num(b['token_accuracy']))})")
+            title = (f"{threat}: {why} — {b['attack_label']} at {b['split']} "
+                     f"(token accuracy {pct(num(b['token_accuracy']))}{_adv_text(b)})")
             blocks += _sample_block(title, b, SAMPLES_STRONGEST)
     for label in tables.defense_order(has) if not has.empty else []:
         cells = has[(has["defense_label"] == label) & (has["defense"] != NO_DEFENSE)]
@@ -305,14 +408,15 @@ def build_report(directory: str | Path) -> Path:
     where = str(directory.resolve())
     where = where if len(where) <= 100 else "…" + where[-99:]
     doc = document(path, f"splitleak report — {models}", f"splitleak report — {where}")
-    words, detail = _verdict(df, threats)
+    settings = frontier_settings(df)
+    words, detail = _verdict(df, threats, settings)
     stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     story = [
         para(escape(f"splitleak privacy report — {models}"), "title"),
         para(escape(f"{directory.resolve()} · generated {stamp} · {len(df)} cells"), "subtitle"),
         *words, *(_run_config(df) if not df.empty else []), *detail,
         NextPageTemplate("landscape"), PageBreak(), *_matrix(df, threats),
-        NextPageTemplate("portrait"), PageBreak(), *_figures(df),
+        NextPageTemplate("portrait"), PageBreak(), *_figures(df, threats, settings),
         NextPageTemplate("landscape"), PageBreak(), *_samples(df, threats),
         NextPageTemplate("portrait"), PageBreak(), *_cost(df), Spacer(1, 6), *_methods(df),
     ]

@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from suite.store import METRICS
+from suite.store import ADVANTAGE_COLUMNS, INTERVAL_COLUMNS, METRICS
 
 NO_DEFENSE = "none"
 STRENGTH = ("token_accuracy", "bleu4", "rouge1")  # what "strongest attack" sorts by, in order
@@ -54,8 +54,10 @@ def param_label(name: Any, params: Any) -> str:
 def prepare(df: pd.DataFrame) -> pd.DataFrame:
     """The store with derived columns: ``defense_label``, ``attack_label``, ``split`` (k or k/m), ``ok``."""
     df = df.copy()
-    for col in (*METRICS, "utility", "attack_seconds", "attack_peak_rss_mib"):
-        df[col] = pd.to_numeric(df[col], errors="coerce")
+    for col in (*METRICS, "utility", "attack_seconds", "attack_peak_rss_mib", *INTERVAL_COLUMNS, *ADVANTAGE_COLUMNS,
+                "adaptive", "perplexity", "utility_centralised", "perplexity_centralised"):
+        if col in df:  # columns other work adds to the store are read when present
+            df[col] = pd.to_numeric(df[col], errors="coerce")
     df["defense_label"] = [param_label(n, p) for n, p in zip(df["defense"], df["defense_params"], strict=True)]
     df["attack_label"] = [param_label(n, p) for n, p in zip(df["attack"], df["attack_params"], strict=True)]
     df["ok"] = df["status"] == "ok"
@@ -94,25 +96,6 @@ def strongest(cells: pd.DataFrame) -> pd.Series | None:
     return ok.sort_values(list(STRENGTH), ascending=False, na_position="last").iloc[0]
 
 
-def verdict_cells(df: pd.DataFrame, threats: list[str]) -> list[dict[str, Any]]:
-    """One entry per (threat, defense): the strongest cell (or None), counts, the first error, and the
-    strongest token accuracy per split."""
-    out = []
-    for threat in threats:
-        t = df[df["threat_label"] == threat]
-        for defense in defense_order(t):
-            cells = t[t["defense_label"] == defense]
-            failed = cells[~cells["ok"]]
-            by_split = {s: num(g["token_accuracy"].max()) for s, g in
-                        cells[cells["ok"]].sort_values("head_blocks").groupby("split", sort=False)}
-            out.append({
-                "threat": threat, "defense": defense, "is_none": bool((cells["defense"] == NO_DEFENSE).all()),
-                "best": strongest(cells), "n": len(cells), "failed": len(failed),
-                "error": None if failed.empty else str(failed.iloc[0]["error"]), "by_split": by_split,
-            })
-    return out
-
-
 def matrix_rows(df: pd.DataFrame, threats: list[str]) -> pd.DataFrame:
     """Every cell, sorted split → threat → attack → defense."""
     rank = {t: i for i, t in enumerate(threats)}
@@ -133,21 +116,34 @@ def cost_rows(df: pd.DataFrame) -> pd.DataFrame:
                  rss=("attack_peak_rss_mib", "max")).reset_index()
 
 
+def adaptive_pairs(df: pd.DataFrame) -> pd.DataFrame:
+    """Cells run both with an adaptive and a non-adaptive attacker (same split, threat, attack, defense): the
+    token accuracy and its advantage over blind for each, one row per pair."""
+    cols = ["split", "head_blocks", "threat_label", "attack", "defense_label", "acc_0", "acc_1", "adv_0", "adv_1"]
+    ok = df[df["ok"]] if "adaptive" in df else df.iloc[0:0]
+    ok = ok[ok["adaptive"].notna()] if not ok.empty else ok
+    if ok.empty:
+        return pd.DataFrame(columns=cols)
+    adv = ok["adv_token_accuracy"] if "adv_token_accuracy" in ok else pd.Series(float("nan"), index=ok.index)
+    plain = [param_label(n, {k: v for k, v in _params(p).items() if k != "adaptive"})
+             for n, p in zip(ok["attack"], ok["attack_params"], strict=True)]
+    ok = ok.assign(_mode=ok["adaptive"].astype(int), _adv=adv, _attack=plain)
+    keys = ["model", "head_blocks", "split", "threat_label", "_attack", "defense_label"]
+    out = []
+    for key, g in ok.groupby(keys, sort=True):
+        if set(g["_mode"]) >= {0, 1}:
+            a, b = g[g["_mode"] == 0].iloc[0], g[g["_mode"] == 1].iloc[0]
+            out.append({"split": key[2], "head_blocks": key[1], "threat_label": key[3], "attack": key[4],
+                        "defense_label": key[5], "acc_0": a["token_accuracy"], "acc_1": b["token_accuracy"],
+                        "adv_0": a["_adv"], "adv_1": b["_adv"]})
+    return pd.DataFrame(out, columns=cols)
+
+
 def leakage_by_split(df: pd.DataFrame) -> pd.DataFrame:
     """Undefended finished cells: the best BLEU-4 / ROUGE-1 per (attack, threat, split)."""
     ok = df[df["ok"] & (df["defense"] == NO_DEFENSE)]
     return (ok.groupby(["attack_label", "threat_label", "head_blocks"], sort=True)[["bleu4", "rouge1"]]
               .max().reset_index())
-
-
-def privacy_utility(df: pd.DataFrame) -> pd.DataFrame:
-    """One point per (defense, parameters, split): the strongest attack's token accuracy and the utility."""
-    ok = df[df["ok"]]
-    cols = ["defense", "defense_label", "head_blocks", "token_accuracy", "utility"]
-    if ok.empty:
-        return pd.DataFrame(columns=cols)
-    g = ok.groupby(["defense", "defense_label", "head_blocks"], sort=True)
-    return g.agg(token_accuracy=("token_accuracy", "max"), utility=("utility", "mean")).reset_index()[cols]
 
 
 def defense_reports(df: pd.DataFrame) -> list[tuple[str, dict[str, Any]]]:

@@ -198,15 +198,30 @@ def cmd_baseline(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from reports.gate import check, load_baseline
+    from pathlib import Path
+
+    from reports.gate import check, junit, load_baseline, markdown, never_trip
 
     baseline = load_baseline(args.baseline)
-    problems = check(args.dir, baseline)
-    for line in problems:
-        print(f"REGRESSION {line}")
-    n = len(baseline["cells"])
-    print(f"check: {n} baseline cells, {len(problems)} regressions" + (" -> FAIL" if problems else " -> ok"))
-    return 1 if problems else 0
+    bad = never_trip(baseline)
+    for line in bad:
+        print(f"NEVER TRIPS {line}")
+    if bad:
+        raise SplitleakError(f"baseline {args.baseline} has {len(bad)} bands that can never trip (listed above); "
+                             f"regenerate it with 'splitleak baseline DIR > {args.baseline}'")
+    result = check(args.dir, baseline)
+    if args.junit:
+        try:
+            Path(args.junit).write_bytes(junit(result))
+        except OSError as err:
+            raise SplitleakError(f"cannot write --junit {args.junit}: {err.strerror or err}") from None
+    if args.markdown:
+        print(markdown(result), end="")
+    else:
+        for line in result.problems:
+            print(f"REGRESSION {line}")
+        print(result.summary())
+    return 1 if result.problems else 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -325,15 +340,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", metavar="DIR", help="results directory (holds results.sqlite)")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("baseline", help="print a baseline (metrics with tolerance bands) of a run as JSON")
+    p = sub.add_parser("baseline", help="print a baseline (metrics with bands from their intervals) of a run as JSON")
     p.add_argument("dir", metavar="DIR")
     p.set_defaults(func=cmd_baseline)
 
     p = sub.add_parser("check", help="exit 1 when privacy metrics regress against a baseline (CI gate)",
                        description="Fails when leakage under a defense rises beyond its band, or when an attack "
-                                   "on an undefended split gets weaker beyond its band, naming each cell and metric.")
+                                   "on an undefended split gets weaker beyond its band, naming each cell and metric. "
+                                   "A metric at its floor or ceiling is checked in the direction it can move; a "
+                                   "baseline with a band that can never trip is refused (exit 2).")
     p.add_argument("dir", metavar="DIR")
     p.add_argument("--baseline", required=True, metavar="FILE", help="JSON written by 'splitleak baseline'")
+    p.add_argument("--junit", metavar="FILE", help="also write JUnit XML: one test case per cell and metric")
+    p.add_argument("--markdown", action="store_true", help="print a markdown table (for a pull-request comment) "
+                                                              "instead of plain lines")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("certs", help="create a throwaway CA, server and client certificates (for trying out)")

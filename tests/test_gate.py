@@ -1,11 +1,17 @@
-"""The CI gate passes on a run's own baseline and fails on a doctored one, in each direction."""
+"""The CI gate passes on a run's own baseline and fails on a doctored one, in each direction; bands come from the
+intervals, metrics at their floor or ceiling are checked the way they can move, a band that can never trip is
+refused, and the JUnit / markdown outputs carry one case per cell and metric."""
 
 import json
+import xml.etree.ElementTree as ET
 
 import pytest
+from synthetic_store import cell, sweep_rows, write_store
 
+from reports.gate import DOWN, GATED, UP, check, load_baseline, make_baseline, never_trip
 from suite.cli import main
 from suite.config import parse_config
+from suite.errors import SplitleakError
 from suite.matrix import run_matrix
 
 MATRIX = {
@@ -43,9 +49,9 @@ def test_check_passes_on_its_own_baseline(run_dir, tmp_path, capsys):
 
 def test_check_fails_when_leakage_under_a_defense_rises(run_dir, tmp_path, capsys):
     def lower_defended(data):
-        for label, cell in data["cells"].items():
-            if label.endswith("/encryption") and "eavesdropper" in label:
-                cell["metrics"]["token_accuracy"] = -0.5  # the run now leaks more than the baseline allows
+        for label, c in data["cells"].items():
+            if "/encryption" in label and "eavesdropper" in label:  # the run now leaks more than the band allows
+                c["metrics"]["token_accuracy"].update(value=-0.5, lo=-0.55, hi=-0.45, check="up")
 
     path = _baseline(run_dir, tmp_path, capsys, lower_defended)
     assert main(["check", str(run_dir), "--baseline", str(path)]) == 1
@@ -55,9 +61,9 @@ def test_check_fails_when_leakage_under_a_defense_rises(run_dir, tmp_path, capsy
 
 def test_check_fails_when_an_undefended_attack_gets_weaker(run_dir, tmp_path, capsys):
     def raise_undefended(data):
-        for label, cell in data["cells"].items():
-            if label.endswith("/none") and "nearest_embedding" in label:
-                cell["metrics"]["bleu4"] = 150.0
+        for label, c in data["cells"].items():
+            if "/none" in label and "nearest_embedding" in label:
+                c["metrics"]["bleu4"].update(value=150.0, lo=145.0, hi=155.0, check="down")
 
     path = _baseline(run_dir, tmp_path, capsys, raise_undefended)
     assert main(["check", str(run_dir), "--baseline", str(path)]) == 1
@@ -66,7 +72,8 @@ def test_check_fails_when_an_undefended_attack_gets_weaker(run_dir, tmp_path, ca
 
 def test_check_fails_on_a_missing_cell_and_bad_files(run_dir, tmp_path, capsys):
     def add_cell(data):
-        data["cells"]["ghost k=9 m=1 curious_server/x/none"] = {"defended": False, "metrics": {"bleu4": 1.0}}
+        data["cells"]["ghost k=9 m=1 curious_server/x/none"] = {
+            "defended": False, "metrics": {"bleu4": {"value": 10.0, "lo": 5.0, "hi": 15.0, "check": "down"}}}
 
     path = _baseline(run_dir, tmp_path, capsys, add_cell)
     assert main(["check", str(run_dir), "--baseline", str(path)]) == 1
@@ -75,3 +82,104 @@ def test_check_fails_on_a_missing_cell_and_bad_files(run_dir, tmp_path, capsys):
     (tmp_path / "junk.json").write_text("[1, 2]")
     assert main(["check", str(run_dir), "--baseline", str(tmp_path / "junk.json")]) == 2
     assert "not a splitleak baseline" in capsys.readouterr().err
+
+
+# -- synthetic stores: intervals, advantage, floors and ceilings ------------------------------------------------
+
+
+def _run_check(store_dir, baseline, tmp_path, *extra):
+    path = tmp_path / "baseline.json"
+    path.write_text(json.dumps(baseline))
+    return main(["check", str(store_dir), "--baseline", str(path), *extra])
+
+
+def test_baseline_never_writes_a_band_that_cannot_trip_and_passes_its_own_check(tmp_path, capsys):
+    rows = sweep_rows() + [
+        cell("wide", 1, "curious_server", "inv", "dxp", {"eta": 3}, acc=0.5, loss=3.1),  # interval over all
+        cell("top", 1, "curious_server", "inv", "encryption", {"x": 1}, acc=1.0, loss=3.1, intervals=False),
+    ]
+    rows[-2].update(token_accuracy_lo=0.0, token_accuracy_hi=1.0)
+    store = write_store(tmp_path / "run", rows)
+    assert main(["baseline", str(store)]) == 0
+    baseline = json.loads(capsys.readouterr().out)
+    assert never_trip(baseline) == []
+    assert {m for c in baseline["cells"].values() for m in c["metrics"]} == set(GATED) - {
+        f"adv_{m}" for m in GATED if not m.startswith("adv_") and m != "token_accuracy"}
+    assert _run_check(store, baseline, tmp_path) == 0
+    out = capsys.readouterr().out
+    assert "0 regressions -> ok" in out
+    assert "up (leakage must not rise): " in out and "down (attack must not weaken): " in out
+
+
+def test_bands_come_from_the_intervals(tmp_path, capsys):
+    row = cell("a", 1, "curious_server", "inv", "dxp", {"eta": 1}, acc=0.40, loss=3.0)
+    row.update(token_accuracy_lo=0.30, token_accuracy_hi=0.46)
+    band = make_baseline(write_store(tmp_path / "a", [row]))["cells"]
+    band = next(iter(band.values()))["metrics"]["token_accuracy"]
+    assert (band["lo"], band["hi"], band["check"], band["source"]) == (0.30, 0.46, UP, "interval")
+    baseline = make_baseline(tmp_path / "a")
+    write_store(tmp_path / "a", [{**row, "token_accuracy": 0.45}])  # inside the interval: passes
+    assert _run_check(tmp_path / "a", baseline, tmp_path) == 0
+    write_store(tmp_path / "a", [{**row, "token_accuracy": 0.47}])  # above it: a privacy regression
+    assert _run_check(tmp_path / "a", baseline, tmp_path) == 1
+    assert "leakage under defense rose: token_accuracy 0.4 -> 0.47 (band up to 0.46)" in capsys.readouterr().out
+
+
+def test_a_metric_at_its_floor_or_ceiling_is_checked_the_way_it_can_move(tmp_path, capsys):
+    floor = cell("f", 1, "curious_server", "weak", "none", acc=0.0, loss=3.0)  # undefended attack at 0
+    ceiling = cell("c", 1, "curious_server", "inv", "encryption", acc=1.0, loss=3.0)  # defended, full leakage
+    store = write_store(tmp_path / "run", [floor, ceiling])
+    baseline = make_baseline(store)
+    bands = {label.split("/")[1]: c["metrics"] for label, c in baseline["cells"].items()}
+    assert bands["weak"]["token_accuracy"]["check"] == UP and bands["weak"]["token_accuracy"]["reason"] == "at its floor"
+    assert bands["inv"]["token_accuracy"]["check"] == DOWN
+    assert bands["inv"]["token_accuracy"]["reason"] == "at its ceiling"
+    assert _run_check(store, baseline, tmp_path) == 0
+    capsys.readouterr()
+    write_store(store, [{**floor, "token_accuracy": 0.3}, {**ceiling, "token_accuracy": 0.6}])
+    assert _run_check(store, baseline, tmp_path) == 1
+    out = capsys.readouterr().out
+    assert "weak/none: rose off its floor: token_accuracy 0 -> 0.3" in out
+    assert "inv/encryption: fell from its ceiling: token_accuracy 1 -> 0.6" in out
+
+
+def test_check_refuses_a_baseline_with_a_band_that_can_never_trip(tmp_path, capsys):
+    store = write_store(tmp_path / "run", [cell("f", 1, "curious_server", "weak", "none", acc=0.0, loss=3.0)])
+    legacy = {"format": 1, "tolerance": {"token_accuracy": 0.05},  # today's format: down-only at the floor
+              "cells": {"m k=1 m=1 curious_server/weak/none": {"defended": False, "metrics": {"token_accuracy": 0.0}}}}
+    assert _run_check(store, legacy, tmp_path) == 2
+    captured = capsys.readouterr()
+    assert "NEVER TRIPS m k=1 m=1 curious_server/weak/none: token_accuracy = 0 checked down can never trip" in captured.out
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and "has 1 bands that can never trip (listed above)" in err[0]
+    doctored = make_baseline(store)
+    band = next(iter(doctored["cells"].values()))["metrics"]["bleu4"]
+    band.update(check="up", hi=100.0)
+    assert _run_check(store, doctored, tmp_path) == 2
+    with pytest.raises(SplitleakError, match="can never trip"):
+        check(store, load_baseline(tmp_path / "baseline.json"))
+
+
+def test_junit_and_markdown(tmp_path, capsys):
+    store = write_store(tmp_path / "run", [r for r in sweep_rows() if r["head_blocks"] == 1])
+    baseline = make_baseline(store)
+    n_cases = sum(len(c["metrics"]) for c in baseline["cells"].values())
+    label = next(k for k in baseline["cells"] if k.endswith("/dxp{\"eta\":30}") and "/inv/" in k)
+    baseline["cells"][label]["metrics"]["token_accuracy"].update(value=0.0, lo=-0.1, hi=0.01)
+    junit = tmp_path / "out" / "check.xml"
+    junit.parent.mkdir()
+    assert _run_check(store, baseline, tmp_path, "--junit", str(junit), "--markdown") == 1
+    md = capsys.readouterr().out
+    root = ET.parse(junit).getroot()
+    cases = root.findall("./testsuite/testcase")
+    assert len(cases) == n_cases == int(root.find("testsuite").get("tests"))
+    assert len({(c.get("classname"), c.get("name")) for c in cases}) == n_cases
+    failed = [c for c in cases if c.find("failure") is not None]
+    assert [(c.get("classname"), c.get("name")) for c in failed] == [(label, "token_accuracy (up)")]
+    assert "leakage under defense rose: token_accuracy 0 -> 0.13" in failed[0].find("failure").get("message")
+    assert md.startswith("### splitleak check: FAIL")
+    assert "| Cell | Metric | Check | Baseline | Band | Now | Result |" in md
+    assert f"| {label} | token_accuracy | up | 0 | -0.1 – 0.01 | 0.13 | ❌ leakage under defense rose" in md
+    assert md.count("✅") == n_cases - 1
+    assert main(["check", str(store), "--baseline", str(tmp_path / "baseline.json"), "--junit",
+                 str(tmp_path / "no" / "dir" / "x.xml")]) == 2

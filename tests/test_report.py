@@ -6,7 +6,6 @@ from pypdf import PdfReader
 
 from reports.markup import escape, highlight, sample_markup
 from reports.report import TITLES, build_report
-from reports.verdict import defense_effect, level
 from suite.cli import main
 from suite.config import parse_config
 from suite.matrix import run_matrix
@@ -74,13 +73,15 @@ def test_report_words_the_verdict_and_escapes_untrusted_text(tmp_path):
         _row("e", 0, "eavesdropper", "wire", "none", acc=0.3),
         _row("f", 0, "eavesdropper", "wire", "seal", error="RuntimeError: <boom> & bust"),
     ]
-    text = _text(build_report(_store(tmp_path, rows)))
+    text = " ".join(_text(build_report(_store(tmp_path, rows))).split())
     for title in TITLES:
         assert title in text
-    assert "LEAKS" in text and "PARTIAL" in text
-    assert "inv recovers 97% of tokens at k=0" in text
-    assert "Stops it: noise (sigma=0.5) (2%)" in text
-    assert "Does not help: seal (96%)" in text
+    assert "MOST" in text and "PARTIAL" in text
+    assert "inv, reaches most at k=0 (token accuracy 0.97, no blind baseline; 97% of tokens)" in text
+    assert ("Cheapest tested setting that reaches little or none: noise (sigma=0.5) at k=0 brings every attack to little "
+            "(token accuracy 0.02, no blind baseline) at +65 % held-out perplexity") in text
+    assert "seal did not act at this budget at k=0 (utility and leakage equal to no defense (no intervals" in text
+    assert "does not help" not in text
     assert "RuntimeError: <boom> & bust" in text  # failed cells show their error, escaped
     assert PII_NAME in text  # PII values with markup characters print as written
     assert "python 3.11" in text and "max_length=8" in text  # versions and config on the first page
@@ -131,12 +132,3 @@ def test_markup_escapes_and_highlights():
                               "pii": {"name": ["Ann & Bo", True], "phone": ["555", False]}})
     assert "<b>Ann &amp; Bo</b>" in ref and "<u>555</u>" in ref and "<b>Ann &amp; Bo</b>" in hyp
     assert sample_markup({"reference": None, "reconstruction": "<", "pii": None}) == ("", "&lt;")
-
-
-def test_verdict_rule():
-    assert [level(x) for x in (None, 0.0, 0.099, 0.1, 0.49, 0.5, 1.0)] == [
-        "unknown", "little", "little", "partial", "partial", "leaks", "leaks"]
-    assert defense_effect(0.97, 0.95) == "does not help"
-    assert defense_effect(0.97, 0.02) == "stops it"
-    assert defense_effect(0.97, 0.3) == "reduces it to partial"
-    assert defense_effect(0.05, 0.01) == "does not help"  # within SAME: no measurable change
