@@ -90,6 +90,10 @@ class MatrixSection(_Section):
     finetune: list[Literal["lora", "full", "frozen"]] | None = None
     seeds: list[int] | None = None
     blind: bool = True  # run the blind baseline on every victim set and store each metric's advantage over it
+    # Cells to leave out of the product, e.g. { attack = "fsha", defense = "dxp" }: a cell matching every key
+    # given (threat, attack, defense names; attack_params / defense_params: a subset of its parameters) is
+    # left out and listed with the reason.
+    skip: list[dict[str, Any]] = []
 
     @model_validator(mode="after")
     def _check(self) -> MatrixSection:
@@ -103,6 +107,10 @@ class MatrixSection(_Section):
                 raise ValueError(f"{axis}: {values} repeats a value")
         if self.steps is not None and any(s < 0 for s in self.steps):
             raise ValueError("steps: training steps must be >= 0")
+        allowed = {"threat", "attack", "defense", "attack_params", "defense_params"}
+        for i, rule in enumerate(self.skip):
+            if not rule or set(rule) - allowed:
+                raise ValueError(f"skip[{i}]: give some of {sorted(allowed)}, not {sorted(set(rule) - allowed)}")
         for d in [*self.attacks, *self.defenses]:
             if isinstance(d, dict) and not isinstance(d.get("name"), str):
                 raise ValueError("an attack or defense given as a table needs a 'name'")

@@ -8,6 +8,7 @@ a key that hashes its config, the model revision and the seed, so a killed run r
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -16,7 +17,6 @@ import sys
 import traceback
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-import dataclasses
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -151,6 +151,19 @@ def _entries(cfg: ExperimentConfig) -> tuple[list[tuple[str, dict]], list[tuple[
     return attacks, defenses
 
 
+def _skip_rule(rules: list[dict[str, Any]], threat: str, attack: str, aparams: dict, defense: str,
+               dparams: dict) -> int | None:
+    """The index of the first ``[matrix] skip`` rule the cell matches, or None."""
+    have = {"threat": threat, "attack": attack, "defense": defense}
+    for i, rule in enumerate(rules):
+        names = all(have[k] == v for k, v in rule.items() if k in have)
+        params = all(all(p.get(k) == v for k, v in rule[which].items())
+                     for which, p in (("attack_params", aparams), ("defense_params", dparams)) if which in rule)
+        if names and params:
+            return i
+    return None
+
+
 def expand(cfg: ExperimentConfig) -> tuple[list[Cell], list[tuple[Cell, str]]]:
     """All cells of the matrix, and the left-out cells with the reason each is left out."""
     validate_matrix(cfg)
@@ -167,9 +180,12 @@ def expand(cfg: ExperimentConfig) -> tuple[list[Cell], list[tuple[Cell, str]]]:
                     for steps, finetune, seed in axes:
                         cell = Cell(k, m.tail_blocks, threat_name, attack, _canon(aparams), defense, _canon(dparams),
                                     steps, finetune, seed)
+                        rule = _skip_rule(m.skip, threat_name, attack, aparams, defense, dparams)
                         if missing:
                             reason = f"{attack} needs {', '.join(sorted(c.value for c in missing))}; {threat_name} does not grant it"
                             skipped.append((cell, reason))
+                        elif rule is not None:
+                            skipped.append((cell, f"left out by matrix.skip[{rule}]"))
                         else:
                             cells.append(cell)
     return cells, skipped

@@ -175,10 +175,13 @@ def test_embedded_default_matrix_is_valid():
 
     cfg = load_config(DEFAULT_MATRIX)
     cells, skipped = expand(cfg)
-    assert cfg.model.name == "smollm2-135m" and cfg.matrix.splits == [0, 1, 2]
+    assert cfg.model.name == "smollm2-135m" and cfg.matrix.splits == [1, 2]
     assert {c.threat for c in cells} == {"curious_server", "malicious_server", "colluding_client", "eavesdropper",
                                          "peer_client"}
-    assert {c.defense for c in cells} == {"none", "encryption", "dp_gaussian", "nopeek"}
+    assert {c.defense for c in cells} == {"none", "encryption", "dp_gaussian", "dxp", "nopeek"}
+    for swept in ("dp_gaussian", "dxp", "nopeek"):  # each a sweep of >= 3 settings (the frontier's points)
+        assert len({c.defense_params for c in cells if c.defense == swept}) >= 3
+    assert {c.attack for c in cells} >= {"blind", "fsha", "gradient_inversion", "wire_inversion"}
     assert skipped  # e.g. fsha needs control of the server
     assert cfg.executor.workers == 2  # both cores of a small machine
 

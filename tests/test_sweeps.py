@@ -147,3 +147,15 @@ def test_encryption_reuses_training_and_gives_the_rows_of_an_uncached_run(tmp_pa
     assert cached == uncached
     wire = [r for r in cached if r["threat"] == "eavesdropper" and r["attack"] == "wire_inversion"]
     assert {r["defense"]: r["token_accuracy"] > 0 for r in wire} == {"none": True, "encryption": False}
+
+
+def test_skip_rules_leave_cells_out_and_say_why():
+    cfg = _cfg(threats=["curious_server", "malicious_server"], attacks=["nearest_embedding", "fsha"],
+               defenses=["none", {"name": "dxp", "eta": [10, 100]}],
+               skip=[{"attack": "fsha", "defense": "dxp", "defense_params": {"eta": 10}}], blind=False)
+    cells, skipped = expand(cfg)
+    fsha = [(c.defense, c.defense_params) for c in cells if c.attack == "fsha"]
+    assert fsha == [("none", "{}"), ("dxp", '{"eta":100}')]
+    assert any(r == "left out by matrix.skip[0]" for _, r in skipped)
+    with pytest.raises(ConfigError, match="skip"):
+        _cfg(skip=[{"attak": "fsha"}])
