@@ -108,13 +108,9 @@ class _Priors:
 def _greedy(model: torch.nn.Module, first: int, length: int) -> torch.Tensor:
     """The public LM's greedy continuation of ``first`` to ``length`` tokens [length]."""
     ids = torch.tensor([[first]])
-    with torch.no_grad():
-        past = None
-        step = ids
+    with torch.no_grad():  # at most max_length short forward passes: no KV cache needed
         for _ in range(length - 1):
-            out = model(input_ids=step, past_key_values=past, use_cache=True)
-            past = out.past_key_values
-            step = out.logits[:, -1].argmax(-1, keepdim=True)
+            step = model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)
             ids = torch.cat([ids, step], 1)
     return ids[0]
 
