@@ -409,6 +409,10 @@ def aggregate_seeds(cfg: ExperimentConfig, out: str, cells: list[Cell], revision
             failed = [r for r in mine if r["status"] != "ok"]
             if failed:
                 row.update(status="failed", error=f"seed {failed[0]['seed']} failed: {failed[0]['error']}")
+            elif any(r["record_scores"] is None for r in mine):  # rows of an older version: means only
+                row.update({m: float(np.mean([r[m] for r in mine])) if all(r[m] is not None for r in mine) else None
+                            for m in (*METRICS, "utility")}, status="ok", error=None,
+                           note=f"mean over seeds {seeds} (no per-record scores: no intervals)")
             else:
                 scores = [json.loads(r["record_scores"]) for r in mine]
                 stats = [from_json(s["stats"]) for s in scores]

@@ -159,3 +159,13 @@ def test_skip_rules_leave_cells_out_and_say_why():
     assert any(r == "left out by matrix.skip[0]" for _, r in skipped)
     with pytest.raises(ConfigError, match="skip"):
         _cfg(skip=[{"attak": "fsha"}])
+
+
+def test_training_axes_reach_the_training_run(tmp_path):
+    cfg = _cfg(steps=[0, 3], blind=False)
+    run_matrix(cfg, tmp_path)
+    df = load_results(tmp_path).set_index("steps")
+    assert sorted(df.index) == [0, 3] and set(df.status) == {"ok"}
+    assert df.loc[0, "config"]["training"]["steps"] == 0 and df.loc[3, "config"]["training"]["steps"] == 3
+    assert df.loc[0, "utility"] != df.loc[3, "utility"]  # three steps of training moved the model
+    assert (df.finetune == "lora").all()
