@@ -119,6 +119,7 @@ class EncryptedTransport:
 @register_defense("encryption")
 class EncryptionDefense(Defense):
     Config = EncryptionConfig
+    wire_only = True  # the server decrypts: its view, and training, equal the undefended run's
 
     def __init__(self, config: EncryptionConfig | None = None):
         super().__init__(config)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from reports.intervals import record_stats
 from reports.metrics import LeakageMetrics, leakage_metrics
 from suite.attack import Attack, Cost, Reconstruction, make_attack, timed_reconstruct
 from suite.config import ExperimentConfig
@@ -66,6 +67,8 @@ class TrainedSplit:
     shadow: list[Record]
     base: LoadedModel  # pristine public weights (copies are handed to attacks)
     defense: Defense
+    # per held-out sequence (loss x tokens, tokens) under the same evaluation as ``utility``: its interval
+    utility_scores: list[list[float]] | None = None
 
 
 def capture_traffic(prepared: Prepared, batch_size: int, first_step: int) -> Capture:
@@ -136,7 +139,45 @@ def train_split(
     train(prepared.session)  # a deviating server keeps deviating while the traffic is captured
     capture = capture_traffic(prepared, cfg.training.batch_size, first_step=len(prepared.session.losses))
     utility = eval_loss(prepared.session, prepared.eval_data)
-    return TrainedSplit(prepared, capture, utility, shadow, base, defense)
+    return TrainedSplit(prepared, capture, utility, shadow, base, defense,
+                        utility_scores=per_sequence_loss(prepared.session, prepared.eval_data))
+
+
+def per_sequence_loss(session, data: dict[str, torch.Tensor]) -> list[list[float]]:
+    """(loss x tokens, tokens) of each held-out sequence, each scored by ``eval_loss`` on its own, so the
+    pooled ratio is the utility and the utility interval resamples sequences."""
+    out = []
+    for i in range(data["input_ids"].shape[0]):
+        one = {k: v[i : i + 1] for k, v in data.items()}
+        tokens = int((one["labels"][:, 1:] != -100).sum())
+        if tokens:
+            out.append([eval_loss(session, one) * tokens, float(tokens)])
+    return out
+
+
+def rewire(trained: TrainedSplit, defense: Defense) -> TrainedSplit:
+    """The same trained split under a ``wire_only`` defense: its channel carries the capture's frames. The
+    server's decrypted view, the weights and the utility are those of ``trained`` (such a defense changes
+    only the bytes on the wire), so the frames are replayed in order through a fresh channel of
+    ``defense`` and the bytes it puts on the wire are kept. Handshake frames that open a channel are left
+    out: in a run trained under the defense they crossed the wire during training, before the capture."""
+    if not type(defense).wire_only:
+        raise ValueError(f"defense {defense.name!r} changes more than the wire; it needs its own training run")
+    inner = InProcessTransport()
+    wire = defense.wrap_transport(inner)
+    recorder = Recorder()
+    wire.add_tap(recorder)
+    frames = []
+    for frame in trained.capture.frames:
+        before = len(recorder.frames)
+        wire.send(frame.src, frame.dst, frame.data)
+        frames.append(recorder.frames[-1])  # the message itself; any frames before it opened the channel
+        if len(recorder.frames) - before < 1:
+            raise ValueError(f"defense {defense.name!r} sent nothing for a frame")
+        if wire.recv(frame.dst, frame.src) != frame.data:
+            raise ValueError(f"defense {defense.name!r} did not deliver a replayed frame unchanged")
+    capture = dataclasses.replace(trained.capture, frames=frames)
+    return dataclasses.replace(trained, capture=capture, defense=defense)
 
 
 def _observations(threat, spec, base: LoadedModel, cfg, shadow, prepared: Prepared, capture: Capture | None,
@@ -178,6 +219,7 @@ class CellResult:
     references: list[str]
     defense_report: dict
     records: list[Record]  # the victims' records behind ``references`` (ground truth, for reports)
+    scores: dict | None = None  # per-record statistics of every metric (reports.intervals.record_stats)
 
 
 def attack_trained(trained: TrainedSplit, threat: ThreatModel, attack: Attack, cfg: ExperimentConfig) -> CellResult:
@@ -206,8 +248,10 @@ def attack_trained(trained: TrainedSplit, threat: ThreatModel, attack: Attack, c
         mask=cap.mask,
         pii=[r.pii for r in cap.records],
     )
+    scores = record_stats(references=references, hypotheses=hypotheses, true_ids=cap.true_ids, pred_ids=pred,
+                          mask=cap.mask, pii=[r.pii for r in cap.records])
     return CellResult(threat.name, attack.name, trained.defense.name, metrics, trained.utility, cost, recon,
-                      references, trained.defense.report(), cap.records)
+                      references, trained.defense.report(), cap.records, scores)
 
 
 def run_cell(cfg: ExperimentConfig, spec: SplitSpec, threat_name: str, attack_name: str,

@@ -83,11 +83,34 @@ class MatrixSection(_Section):
     threats: list[str] = ["curious_server", "colluding_client", "malicious_server", "eavesdropper", "peer_client"]
     attacks: list[str | dict[str, Any]] = ["nearest_embedding", "wire_inversion"]
     defenses: list[str | dict[str, Any]] = ["none", "encryption"]
+    # Optional axes, each a list overriding [training] per cell (part of the training run and the cell key):
+    # training budget, what the clients fine-tune, and repeated training seeds (metrics then pool records x
+    # seeds, see README "Sweeps and seeds"). An attack or defense parameter given as a list is a sweep too.
+    steps: list[int] | None = None
+    finetune: list[Literal["lora", "full", "frozen"]] | None = None
+    seeds: list[int] | None = None
+    blind: bool = True  # run the blind baseline on every victim set and store each metric's advantage over it
+    # Cells to leave out of the product, e.g. { attack = "fsha", defense = "dxp" }: a cell matching every key
+    # given (threat, attack, defense names; attack_params / defense_params: a subset of its parameters) is
+    # left out and listed with the reason.
+    skip: list[dict[str, Any]] = []
 
     @model_validator(mode="after")
     def _check(self) -> MatrixSection:
         if any(k < 0 for k in self.splits):
             raise ValueError("splits are client head block counts and must be >= 0")
+        for axis in ("steps", "finetune", "seeds"):
+            values = getattr(self, axis)
+            if values is not None and not values:
+                raise ValueError(f"{axis}: an empty list sweeps nothing; leave it out to use [training]'s value")
+            if values is not None and len(set(values)) != len(values):
+                raise ValueError(f"{axis}: {values} repeats a value")
+        if self.steps is not None and any(s < 0 for s in self.steps):
+            raise ValueError("steps: training steps must be >= 0")
+        allowed = {"threat", "attack", "defense", "attack_params", "defense_params"}
+        for i, rule in enumerate(self.skip):
+            if not rule or set(rule) - allowed:
+                raise ValueError(f"skip[{i}]: give some of {sorted(allowed)}, not {sorted(set(rule) - allowed)}")
         for d in [*self.attacks, *self.defenses]:
             if isinstance(d, dict) and not isinstance(d.get("name"), str):
                 raise ValueError("an attack or defense given as a table needs a 'name'")

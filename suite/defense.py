@@ -44,6 +44,10 @@ class Defense:
     Config: ClassVar[type[DefenseConfig]] = DefenseConfig
     # Config fields an attacker never learns (randomness, keys). Everything else is public (Kerckhoffs).
     secret_fields: ClassVar[frozenset[str]] = frozenset({"seed"})
+    # True when the defense only transforms the bytes on the wire (``wrap_transport``) and installs nothing:
+    # training and the server's decrypted view equal the undefended run's, so the matrix trains once and
+    # replays the captured frames through this defense's channel (``suite.cell.rewire``).
+    wire_only: ClassVar[bool] = False
 
     def __init__(self, config: DefenseConfig | None = None):
         self.config = config if config is not None else self.Config()

@@ -8,7 +8,9 @@ a key that hashes its config, the model revision and the seed, so a killed run r
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import sys
@@ -22,7 +24,7 @@ from typing import Any
 
 from suite.attack import ATTACKS, make_attack
 from suite.config import ExperimentConfig
-from suite.defense import make_defense
+from suite.defense import DEFENSES, make_defense
 from suite.errors import ConfigError
 from suite.split import SplitSpec
 from suite.store import METRICS, ResultsStore
@@ -36,6 +38,40 @@ def _named(entry: str | dict[str, Any]) -> tuple[str, dict[str, Any]]:
     return entry["name"], params
 
 
+def _sweep(where: str, entry: str | dict[str, Any], check: Callable[[str, dict[str, Any]], None]
+           ) -> list[tuple[str, dict[str, Any]]]:
+    """An attack or defense entry with list-valued parameters expands to one entry per combination
+    (several lists: their product, in the order given). ``check`` builds one entry; its error is reported
+    against the parameter and value that caused it (``matrix.defenses[2].eta[1]: ...``)."""
+    name, params = _named(entry)
+    swept = {k: v for k, v in params.items() if isinstance(v, list)}
+    for k, values in swept.items():
+        if not values:
+            raise ConfigError(f"{where}.{k}: an empty list sweeps nothing; give at least one value")
+        if len({_canon({"v": v}) for v in values}) != len(values):
+            raise ConfigError(f"{where}.{k}: {values} repeats a value")
+    first = {k: v[0] for k, v in swept.items()}
+    for k, values in swept.items():  # each value on its own, the other swept parameters at their first
+        for j, v in enumerate(values):
+            try:
+                check(name, {**params, **first, k: v})
+            except ConfigError as err:
+                raise ConfigError(f"{where}.{k}[{j}]: {err}") from None
+    combos = [dict(zip(swept, vals, strict=True)) for vals in itertools.product(*swept.values())]
+    out = []
+    for combo in combos:
+        try:
+            check(name, {**params, **combo})
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err}") from None
+        out.append((name, {**params, **combo}))
+    return out
+
+
+AXES = ("steps", "finetune", "seed")  # training axes a cell may override ([matrix] steps / finetune / seeds)
+SHARE_WIRE_ONLY_TRAINING = True  # a wire_only defense (encryption) reuses the undefended run's training
+
+
 @dataclass(frozen=True)
 class Cell:
     head_blocks: int
@@ -45,6 +81,9 @@ class Cell:
     attack_params: str  # canonical JSON (hashable)
     defense: str
     defense_params: str
+    steps: int | None = None  # None: [training]'s value
+    finetune: str | None = None
+    seed: int | None = None
 
     @property
     def spec(self) -> SplitSpec:
@@ -52,13 +91,30 @@ class Cell:
 
     def label(self) -> str:
         d = self.defense if self.defense_params == "{}" else f"{self.defense}{self.defense_params}"
-        return f"k={self.head_blocks} {self.threat}/{self.attack}/{d}"
+        a = self.attack if self.attack_params == "{}" else f"{self.attack}{self.attack_params}"
+        axes = "".join(f" {k}={getattr(self, k)}" for k in AXES if getattr(self, k) is not None)
+        return f"k={self.head_blocks} {self.threat}/{a}/{d}{axes}"
 
     def training_group(self) -> tuple:
-        """Cells with the same group share one training run and one capture."""
+        """Cells with the same group share one training run (and, but for a wire_only defense's frames, one
+        capture)."""
         active = ATTACKS.get(self.attack).active
-        return (self.head_blocks, self.tail_blocks, self.defense, self.defense_params,
+        defense, params = self.defense, self.defense_params
+        if SHARE_WIRE_ONLY_TRAINING and DEFENSES.get(defense).wire_only:
+            defense, params = "none", "{}"
+        return (self.head_blocks, self.tail_blocks, defense, params, self.steps, self.finetune, self.seed,
                 (self.threat, self.attack, self.attack_params) if active else None)
+
+    def without_seed(self) -> Cell:
+        return dataclasses.replace(self, seed=None)
+
+
+def cell_config(cfg: ExperimentConfig, cell: Cell) -> ExperimentConfig:
+    """``cfg`` with the cell's training axes (steps, finetune, seed) in [training]."""
+    update = {k: getattr(cell, k) for k in AXES if getattr(cell, k) is not None}
+    if not update:
+        return cfg
+    return cfg.model_copy(update={"training": cfg.training.model_copy(update=update)})
 
 
 def _canon(params: dict[str, Any]) -> str:
@@ -71,52 +127,76 @@ def validate_matrix(cfg: ExperimentConfig) -> None:
     for i, t in enumerate(m.threats):
         if t not in THREATS:
             raise ConfigError(f"matrix.threats[{i}]: unknown threat {t!r}; presets are: {', '.join(THREATS)}")
-    for i, entry in enumerate(m.attacks):
-        name, params = _named(entry)
-        try:
-            cls = ATTACKS.get(name)
-            fits = [t for t in THREATS.values() if not t.missing(cls.requires)]
-            make_attack(name, fits[0] if fits else next(iter(THREATS.values())), params)
-        except ConfigError as err:
-            raise ConfigError(f"matrix.attacks[{i}]: {err}") from None
-    for i, entry in enumerate(m.defenses):
-        name, params = _named(entry)
-        try:
-            make_defense(name, params)
-        except ConfigError as err:
-            raise ConfigError(f"matrix.defenses[{i}]: {err}") from None
+    _entries(cfg)
     for k in m.splits:
         if k + m.tail_blocks < 0:
             raise ConfigError(f"matrix.splits: {k} is not a valid head block count")
+
+
+def _check_attack(name: str, params: dict[str, Any]) -> None:
+    cls = ATTACKS.get(name)
+    fits = [t for t in THREATS.values() if not t.missing(cls.requires)]
+    make_attack(name, fits[0] if fits else next(iter(THREATS.values())), params)
+
+
+def _entries(cfg: ExperimentConfig) -> tuple[list[tuple[str, dict]], list[tuple[str, dict]]]:
+    """The matrix's attacks and defenses with every sweep expanded (plus ``blind`` when it is on)."""
+    m = cfg.matrix
+    attacks = [a for i, e in enumerate(m.attacks) for a in _sweep(f"matrix.attacks[{i}]", e, _check_attack)]
+    defenses = [d for i, e in enumerate(m.defenses)
+                for d in _sweep(f"matrix.defenses[{i}]", e, lambda n, p: make_defense(n, p) and None)]
+    if m.blind and "blind" not in {a for a, _ in attacks} and any(ATTACKS.get(a).kind == "inversion"
+                                                                  for a, _ in attacks):
+        attacks.append(("blind", {}))
+    return attacks, defenses
+
+
+def _skip_rule(rules: list[dict[str, Any]], threat: str, attack: str, aparams: dict, defense: str,
+               dparams: dict) -> int | None:
+    """The index of the first ``[matrix] skip`` rule the cell matches, or None."""
+    have = {"threat": threat, "attack": attack, "defense": defense}
+    for i, rule in enumerate(rules):
+        names = all(have[k] == v for k, v in rule.items() if k in have)
+        params = all(all(p.get(k) == v for k, v in rule[which].items())
+                     for which, p in (("attack_params", aparams), ("defense_params", dparams)) if which in rule)
+        if names and params:
+            return i
+    return None
 
 
 def expand(cfg: ExperimentConfig) -> tuple[list[Cell], list[tuple[Cell, str]]]:
     """All cells of the matrix, and the left-out cells with the reason each is left out."""
     validate_matrix(cfg)
     m = cfg.matrix
+    attacks, defenses = _entries(cfg)
+    axes = list(itertools.product(m.steps or [None], m.finetune or [None], m.seeds or [None]))
     cells, skipped = [], []
     for k in m.splits:
         for threat_name in m.threats:
             threat = get_threat(threat_name)
-            for attack_entry in m.attacks:
-                attack, aparams = _named(attack_entry)
+            for attack, aparams in attacks:
                 missing = threat.missing(ATTACKS.get(attack).requires)
-                for defense_entry in m.defenses:
-                    defense, dparams = _named(defense_entry)
-                    cell = Cell(k, m.tail_blocks, threat_name, attack, _canon(aparams), defense, _canon(dparams))
-                    if missing:
-                        reason = f"{attack} needs {', '.join(sorted(c.value for c in missing))}; {threat_name} does not grant it"
-                        skipped.append((cell, reason))
-                    else:
-                        cells.append(cell)
+                for defense, dparams in defenses:
+                    for steps, finetune, seed in axes:
+                        cell = Cell(k, m.tail_blocks, threat_name, attack, _canon(aparams), defense, _canon(dparams),
+                                    steps, finetune, seed)
+                        rule = _skip_rule(m.skip, threat_name, attack, aparams, defense, dparams)
+                        if missing:
+                            reason = f"{attack} needs {', '.join(sorted(c.value for c in missing))}; {threat_name} does not grant it"
+                            skipped.append((cell, reason))
+                        elif rule is not None:
+                            skipped.append((cell, f"left out by matrix.skip[{rule}]"))
+                        else:
+                            cells.append(cell)
     return cells, skipped
 
 
 def cell_key(cell: Cell, cfg: ExperimentConfig, revision: str) -> str:
     """Hash of everything that determines the cell's result: its own axes, the model revision, the data,
     the training setup and the seed."""
+    cfg = cell_config(cfg, cell)  # the axes enter through [training], so an unswept cell keeps its key
     payload = {
-        "cell": cell.__dict__,
+        "cell": {k: v for k, v in cell.__dict__.items() if k not in AXES},
         "model": cfg.model.name,
         "revision": revision,
         "data": cfg.data.model_dump(),
@@ -135,8 +215,18 @@ def versions() -> dict[str, str]:
     return out
 
 
+def aggregate_key(cell: Cell, cfg: ExperimentConfig, revision: str) -> str | None:
+    """The key of the row that pools a cell's seeds, or None when the matrix has at most one seed."""
+    if cell.seed is None or len(cfg.matrix.seeds or ()) < 2:
+        return None
+    return "agg-" + cell_key(cell.without_seed(), cfg, revision)[4:]
+
+
 def _row(cell: Cell, key: str, cfg: ExperimentConfig, revision: str) -> dict[str, Any]:
+    agg = aggregate_key(cell, cfg, revision)
+    cfg = cell_config(cfg, cell)
     return {
+        "steps": cfg.training.steps, "finetune": cfg.training.finetune, "aggregate_key": agg,
         "key": key, "model": cfg.model.name, "revision": revision, "head_blocks": cell.head_blocks,
         "tail_blocks": cell.tail_blocks, "strategy": cfg.training.strategy, "threat": cell.threat,
         "attack": cell.attack, "attack_params": json.loads(cell.attack_params), "defense": cell.defense,
@@ -179,10 +269,11 @@ def run_group(cfg: ExperimentConfig, cells: list[Cell], keys: list[str], out: st
     """Train one group's setup once and run its cells, writing each row to the store in ``out`` as soon as
     it exists (or handing it to ``sink``). Returns the labels of the cells written (ok or failed). Runs in a
     worker process when ``--workers`` > 1, and in a Ray task with the Ray executor."""
-    from suite.cell import attack_trained, train_split
+    from suite.cell import attack_trained, rewire, train_split
     from suite.models import load_model
 
     first = cells[0]
+    gcfg = cell_config(cfg, first)  # every cell of a group has the same training axes
     store = ResultsStore(out) if sink is None else None
     write = sink if sink is not None else store.write
     done = []
@@ -196,12 +287,34 @@ def run_group(cfg: ExperimentConfig, cells: list[Cell], keys: list[str], out: st
             threat = get_threat(first.threat)
             group_attack = make_attack(first.attack, threat, json.loads(first.attack_params))
             active = group_attack if group_attack.active else None
-            defense = make_defense(first.defense, json.loads(first.defense_params))
-            trained = train_split(cfg, first.spec, base, threat, active, defense)
+            trained_as = first.training_group()[2:4]  # a wire_only defense trains as "none" and is rewired
+            defense = make_defense(trained_as[0], json.loads(trained_as[1]))
+            trained = train_split(gcfg, first.spec, base, threat, active, defense)
             train_error = None
         except Exception as err:  # the whole group fails; each cell records why, the run goes on
             trained, train_error = None, _error(err)
-        shared: dict[tuple, tuple[str, dict[str, Any]]] = {}  # observation_key -> (first threat, its fields)
+        variants: dict[tuple[str, str], Any] = {}  # (defense, params) -> the trained split under it
+        blinds: dict[tuple, Any] = {}  # (defense, params, victims) -> blind's CellResult, or why it failed
+
+        def under(cell: Cell):
+            d = (cell.defense, cell.defense_params)
+            if d not in variants:
+                variants[d] = trained if d == trained_as else rewire(trained, make_defense(d[0], json.loads(d[1])))
+            return variants[d]
+
+        def blind_of(cell: Cell):
+            threat = get_threat(cell.threat)
+            victims = tuple(c for c in range(cfg.training.clients) if c != threat.colluder) or (0,)
+            b = (cell.defense, cell.defense_params, victims)
+            if b not in blinds:
+                try:
+                    blinds[b] = attack_trained(under(cell), threat, make_attack("blind", threat), gcfg)
+                except Exception as err:
+                    blinds[b] = _error(err)
+            return blinds[b]
+
+        # (defense, params, observation_key) -> (first threat, its fields)
+        shared: dict[tuple, tuple[str, dict[str, Any]]] = {}
         for cell, key in zip(cells, keys, strict=True):
             row = _row(cell, key, cfg, base.revision)
             if trained is None:
@@ -211,16 +324,26 @@ def run_group(cfg: ExperimentConfig, cells: list[Cell], keys: list[str], out: st
                     threat = get_threat(cell.threat)
                     attack = make_attack(cell.attack, threat, json.loads(cell.attack_params))
                     same = observation_key(cell, cfg.training.clients)
+                    same = None if same is None else (cell.defense, cell.defense_params, same)
                     if same in shared:  # the same attack on the same observations: the same computation
                         first, fields = shared[same]
                         note = f"same observations as {first} (computed once)"
                         row.update(fields, note=f"{fields['note']}; {note}" if fields["note"] else note)
                     else:
-                        result = attack_trained(trained, threat, attack, cfg)
+                        is_blind = cell.attack == "blind" and cell.attack_params == "{}"
+                        blind = blind_of(cell) if cfg.matrix.blind and attack.kind == "inversion" else None
+                        if is_blind and not isinstance(blind, str | type(None)):
+                            result = blind
+                        else:
+                            result = attack_trained(under(cell), threat, attack, gcfg)
                         fields = dict(result.metrics.as_dict(), utility=result.utility,
                                       attack_seconds=result.cost.seconds, attack_peak_rss_mib=result.cost.peak_rss_mib,
                                       status="ok", error=None, note=result.reconstruction.note,
                                       defense_report=result.defense_report, samples=_samples(result))
+                        fields.update(_interval_fields(result, blind, under(cell)))
+                        if isinstance(blind, str):
+                            note = f"no advantage over blind: the blind baseline failed: {blind}"
+                            fields["note"] = f"{fields['note']}; {note}" if fields["note"] else note
                         row.update(fields)
                         if same is not None:
                             shared[same] = (cell.threat, fields)
@@ -234,6 +357,75 @@ def run_group(cfg: ExperimentConfig, cells: list[Cell], keys: list[str], out: st
         if store is not None:
             store.close()
     return done
+
+
+def _interval_fields(result, blind, trained) -> dict[str, Any]:
+    """Bootstrap intervals of the cell's metrics and utility, its advantage over ``blind`` (the blind
+    baseline's CellResult on the same records, or None / an error string), and the per-record statistics
+    behind them (``record_scores``, which the seed aggregation pools)."""
+    import numpy as np
+
+    from reports.intervals import summarize, to_json, utility_summary
+
+    scores: dict[str, Any] = {"stats": to_json(result.scores)}
+    baseline = None
+    if blind is not None and not isinstance(blind, str):
+        baseline = [blind.scores]
+        scores["blind"] = to_json(blind.scores)
+    out = {k: v for k, v in summarize([result.scores], baseline).items() if k not in METRICS}
+    if trained.utility_scores:
+        u = utility_summary([np.asarray(trained.utility_scores)])
+        out.update(utility_lo=u["utility_lo"], utility_hi=u["utility_hi"])
+        scores["utility"] = trained.utility_scores
+    out["record_scores"] = scores
+    return out
+
+
+def aggregate_seeds(cfg: ExperimentConfig, out: str, cells: list[Cell], revision: str) -> int:
+    """For every cell whose seeds have all finished, (re)write its aggregate row: metrics, intervals and
+    advantages over records x seeds from the per-seed rows' ``record_scores``. Returns how many."""
+    import numpy as np
+
+    from reports.intervals import from_json, summarize, utility_summary
+
+    if len(cfg.matrix.seeds or ()) < 2:
+        return 0
+    members: dict[Cell, list[Cell]] = {}
+    for c in cells:
+        members.setdefault(c.without_seed(), []).append(c)
+    written = 0
+    with ResultsStore(out) as store:
+        rows = {r["key"]: r for r in store.rows(per_seed=True)}
+        for cell, seeded in members.items():
+            mine = [rows.get(cell_key(c, cfg, revision)) for c in seeded]
+            if any(r is None for r in mine):
+                continue
+            key = aggregate_key(seeded[0], cfg, revision)
+            row = _row(cell, key, cfg, revision)
+            seeds = [r["seed"] for r in mine]
+            row.update(seed=None, seeds=seeds, aggregate_key=None, defense_report=mine[0]["defense_report"],
+                       samples=mine[0]["samples"], attack_seconds=sum(r["attack_seconds"] or 0 for r in mine),
+                       attack_peak_rss_mib=max(r["attack_peak_rss_mib"] or 0 for r in mine))
+            failed = [r for r in mine if r["status"] != "ok"]
+            if failed:
+                row.update(status="failed", error=f"seed {failed[0]['seed']} failed: {failed[0]['error']}")
+            elif any(r["record_scores"] is None for r in mine):  # rows of an older version: means only
+                row.update({m: float(np.mean([r[m] for r in mine])) if all(r[m] is not None for r in mine) else None
+                            for m in (*METRICS, "utility")}, status="ok", error=None,
+                           note=f"mean over seeds {seeds} (no per-record scores: no intervals)")
+            else:
+                scores = [json.loads(r["record_scores"]) for r in mine]
+                stats = [from_json(s["stats"]) for s in scores]
+                blind = [from_json(s["blind"]) for s in scores] if all("blind" in s for s in scores) else None
+                row.update(summarize(stats, blind), status="ok", error=None,
+                           note=f"mean over records x seeds {seeds}")
+                if all(s.get("utility") for s in scores):
+                    row.update(utility_summary([np.asarray(s["utility"]) for s in scores]))
+                else:
+                    row.update(utility=float(np.mean([r["utility"] for r in mine])))
+            store.write(row)
+            written += 1
+    return written
 
 
 def _error(err: BaseException) -> str:
@@ -297,7 +489,9 @@ def run_matrix(cfg: ExperimentConfig, out: str | Path, *, workers: int = 1, exec
                     landed = store.done() & label_of.keys()
                 for key in sorted(landed, key=label_of.get):
                     cell_done(label_of.pop(key))
-    return {"cells": len(cells), "ran": len(todo), "skipped": skipped, "groups": len(groups)}
+    aggregated = aggregate_seeds(cfg, out, cells, base.revision)
+    return {"cells": len(cells), "ran": len(todo), "skipped": skipped, "groups": len(groups),
+            "aggregated": aggregated}
 
 
 def _import_ray():

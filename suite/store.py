@@ -42,6 +42,14 @@ COLUMNS: dict[str, str] = {
     "utility": "REAL",  # held-out loss of the fine-tuned model (lower is better)
     **{c: "REAL" for c in INTERVAL_COLUMNS},
     **{c: "REAL" for c in ADVANTAGE_COLUMNS},
+    "steps": "INTEGER",  # training steps of the cell (the [matrix] steps axis, else [training] steps)
+    "finetune": "TEXT",  # what the clients fine-tuned (the [matrix] finetune axis, else [training] finetune)
+    # Seeds ([matrix] seeds): one row per seed (``seed``), and once every seed of a cell is done an aggregate
+    # row (``seed`` NULL, ``seeds`` = JSON list) whose metrics, intervals and advantages pool records x seeds.
+    # Per-seed rows name it in ``aggregate_key``; ``rows()``/``load_results`` hide them unless per_seed=True.
+    "seeds": "TEXT",
+    "aggregate_key": "TEXT",
+    "record_scores": "TEXT",  # JSON: per-record statistics (reports.intervals) of the cell and of blind, utility
     "adaptive": "INTEGER",  # 1: the attack simulated the defense (knows its public parameters); 0: it did not
     "attack_seconds": "REAL",
     "attack_peak_rss_mib": "REAL",
@@ -96,10 +104,15 @@ class ResultsStore:
         marks = ", ".join("?" for _ in values)
         self._conn.execute(f"INSERT OR REPLACE INTO cells ({names}) VALUES ({marks})", list(values.values()))
 
-    def rows(self) -> list[dict[str, Any]]:
+    def rows(self, per_seed: bool = False) -> list[dict[str, Any]]:
+        """Every row; per-seed rows whose aggregate row exists only with ``per_seed``."""
         cur = self._conn.execute("SELECT * FROM cells ORDER BY model, head_blocks, threat, attack, defense, key")
         names = [d[0] for d in cur.description]
-        return [dict(zip(names, r, strict=True)) for r in cur]
+        rows = [dict(zip(names, r, strict=True)) for r in cur]
+        if per_seed:
+            return rows
+        keys = {r["key"] for r in rows}
+        return [r for r in rows if r.get("aggregate_key") not in keys]
 
 
 def open_store(directory: str | Path, must_exist: bool = False) -> ResultsStore:
@@ -109,14 +122,16 @@ def open_store(directory: str | Path, must_exist: bool = False) -> ResultsStore:
     return ResultsStore(directory)
 
 
-def load_results(directory: str | Path):
-    """The store as a pandas DataFrame (JSON columns decoded)."""
+def load_results(directory: str | Path, per_seed: bool = False):
+    """The store as a pandas DataFrame (JSON columns decoded). A cell run with several seeds is one
+    aggregate row (records x seeds); ``per_seed=True`` adds its per-seed rows."""
     import pandas as pd
 
     with open_store(directory, must_exist=True) as store:
-        rows = store.rows()
+        rows = store.rows(per_seed=per_seed)
     for row in rows:
-        for k in ("attack_params", "defense_params", "defense_report", "samples", "config", "versions"):
+        for k in ("attack_params", "defense_params", "defense_report", "samples", "config", "versions", "seeds",
+                  "record_scores"):
             if isinstance(row.get(k), str):
                 row[k] = json.loads(row[k])
     return pd.DataFrame(rows, columns=list(COLUMNS))

@@ -45,15 +45,18 @@ defenses = ["none", "encryption"]
 
 def test_expansion_and_capability_filtering():
     cells, skipped = expand(parse_config(MATRIX))
-    assert len(cells) + len(skipped) == 2 * 3 * 2 * 2
+    assert len(cells) + len(skipped) == 2 * 3 * (2 + 1) * 2  # + the blind baseline under every threat
     assert {(c.threat, c.attack) for c in cells} == {
         ("curious_server", "nearest_embedding"), ("colluding_client", "nearest_embedding"),
-        ("eavesdropper", "wire_inversion")}
+        ("eavesdropper", "wire_inversion"),
+        ("curious_server", "blind"), ("colluding_client", "blind"), ("eavesdropper", "blind")}
     reasons = {(c.threat, c.attack): r for c, r in skipped}
     assert "activations" in reasons[("eavesdropper", "nearest_embedding")]
     assert "wire" in reasons[("curious_server", "wire_inversion")]
     groups = {c.training_group() for c in cells}
-    assert len(groups) == 2 * 2  # one training run per split x defense, shared by all passive cells
+    # one training run per split, shared by all passive cells; encryption only changes the wire's bytes, so
+    # its cells reuse the undefended run's training
+    assert len(groups) == 2
 
 
 @pytest.mark.parametrize(
@@ -74,13 +77,13 @@ def test_matrix_validation_names_the_entry(patch, needle):
 
 def test_store_rows_and_dataframe(tmp_path):
     summary = run_matrix(parse_config(MATRIX), tmp_path)
-    assert summary["ran"] == summary["cells"] == 12
+    assert summary["ran"] == summary["cells"] == 24
     df = load_results(tmp_path)
-    assert len(df) == 12 and set(df["status"]) == {"ok"}
+    assert len(df) == 24 and set(df["status"]) == {"ok"}
     for col in ("bleu4", "rouge1", "rouge2", "rougeL", "token_accuracy", "exact_match", "pii_recovery", "utility",
                 "attack_seconds", "key", "config", "versions"):
         assert col in df.columns
-    enc = df[(df.threat == "eavesdropper") & (df.defense == "encryption")]
+    enc = df[(df.threat == "eavesdropper") & (df.defense == "encryption") & (df.attack != "blind")]
     assert (enc.token_accuracy == 0).all()
     assert df.iloc[0]["versions"]["torch"]
     again = run_matrix(parse_config(MATRIX), tmp_path)  # nothing left to do
@@ -102,7 +105,8 @@ def test_passive_cells_with_the_same_observations_are_computed_once(tmp_path, mo
                                 "attacks": ["nearest_embedding"], "defenses": ["none"]}}
     run_matrix(parse_config(cfg), tmp_path)
     assert calls == ["curious_server", "colluding_client"]  # the malicious server's passive view is the curious one's
-    df = load_results(tmp_path).set_index("threat")
+    df = load_results(tmp_path)
+    df = df[df.attack == "nearest_embedding"].set_index("threat")
     assert len(df) == 3 and set(df["status"]) == {"ok"}
     for m in ("token_accuracy", "bleu4", "pii_recovery", "utility"):
         assert df.loc["malicious_server", m] == df.loc["curious_server", m]
@@ -139,7 +143,7 @@ def test_resume_after_kill_gives_identical_rows(tmp_path):
     cmd = [sys.executable, "-m", "suite.cli", "run", str(cfg), "--out"]
     subprocess.run([*cmd, str(reference)], check=True, capture_output=True)
     total = _count(reference / "results.sqlite")
-    assert total == 18
+    assert total == 36  # 18 cells and the blind baseline's 18
 
     stop_after = random.Random(os.getpid()).randint(1, total - 1)
     proc = subprocess.Popen([*cmd, str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -171,10 +175,13 @@ def test_embedded_default_matrix_is_valid():
 
     cfg = load_config(DEFAULT_MATRIX)
     cells, skipped = expand(cfg)
-    assert cfg.model.name == "smollm2-135m" and cfg.matrix.splits == [0, 1, 2]
+    assert cfg.model.name == "smollm2-135m" and cfg.matrix.splits == [1, 2]
     assert {c.threat for c in cells} == {"curious_server", "malicious_server", "colluding_client", "eavesdropper",
                                          "peer_client"}
-    assert {c.defense for c in cells} == {"none", "encryption", "dp_gaussian", "nopeek"}
+    assert {c.defense for c in cells} == {"none", "encryption", "dp_gaussian", "dxp", "nopeek"}
+    for swept in ("dp_gaussian", "dxp", "nopeek"):  # each a sweep of >= 3 settings (the frontier's points)
+        assert len({c.defense_params for c in cells if c.defense == swept}) >= 3
+    assert {c.attack for c in cells} >= {"blind", "fsha", "gradient_inversion", "wire_inversion"}
     assert skipped  # e.g. fsha needs control of the server
     assert cfg.executor.workers == 2  # both cores of a small machine
 

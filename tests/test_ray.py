@@ -35,14 +35,14 @@ def test_ray_executor_gives_the_rows_of_the_serial_runner_and_resumes(local_clus
     cfg = parse_config(MATRIX)
     serial = run_matrix(cfg, tmp_path / "serial")
     on_ray = run_matrix(cfg, tmp_path / "ray", executor="ray")
-    assert on_ray["ran"] == serial["ran"] == on_ray["cells"] == 12
+    assert on_ray["ran"] == serial["ran"] == on_ray["cells"] == 24  # 12 cells and the blind baseline's 12
     assert _rows(tmp_path / "ray") == _rows(tmp_path / "serial")
     # Resume: drop some finished cells; a rerun on Ray computes exactly those again.
     with ResultsStore(tmp_path / "ray") as store:
         store._conn.execute("DELETE FROM cells WHERE head_blocks = 1 AND threat = 'eavesdropper'")
         store._conn.commit()
     again = run_matrix(cfg, tmp_path / "ray", executor="ray")
-    assert again["ran"] == 2
+    assert again["ran"] == 4  # wire_inversion and blind, each under none and encryption
     assert _rows(tmp_path / "ray") == _rows(tmp_path / "serial")
 
 
