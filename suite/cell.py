@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -26,7 +26,8 @@ from suite.parties import Batch
 from suite.protocol import ActivationMsg, GradientMsg
 from suite.split import SplitSpec
 from suite.threats import ObservedBatch, ThreatModel, filter_observations, get_threat
-from suite.training import eval_loss, train
+from suite.training import eval_summary, train
+from suite.utility import centralised_reference, perplexity
 from suite.transport import Frame, InProcessTransport, Recorder, client_endpoint
 
 
@@ -66,6 +67,12 @@ class TrainedSplit:
     shadow: list[Record]
     base: LoadedModel  # pristine public weights (copies are handed to attacks)
     defense: Defense
+    eval_losses: torch.Tensor | None = None  # per held-out sequence, under the deployed defense (for intervals)
+    reference: dict[str, float] = field(default_factory=dict)  # utility_/perplexity_centralised
+
+    @property
+    def perplexity(self) -> float:
+        return perplexity(self.utility)
 
 
 def capture_traffic(prepared: Prepared, batch_size: int, first_step: int) -> Capture:
@@ -135,8 +142,10 @@ def train_split(
         prepared.session.server.policy = attack.server_policy(public)
     train(prepared.session)  # a deviating server keeps deviating while the traffic is captured
     capture = capture_traffic(prepared, cfg.training.batch_size, first_step=len(prepared.session.losses))
-    utility = eval_loss(prepared.session, prepared.eval_data)
-    return TrainedSplit(prepared, capture, utility, shadow, base, defense)
+    # Utility under the defense: the deployed forward pass (noise and every hook that changes what is sent).
+    utility, per_sequence = eval_summary(prepared.session, prepared.eval_data)
+    return TrainedSplit(prepared, capture, utility, shadow, base, defense, per_sequence,
+                        centralised_reference(cfg, base))
 
 
 def _observations(threat, spec, base: LoadedModel, cfg, shadow, prepared: Prepared, capture: Capture | None,
@@ -178,6 +187,15 @@ class CellResult:
     references: list[str]
     defense_report: dict
     records: list[Record]  # the victims' records behind ``references`` (ground truth, for reports)
+    perplexity: float | None = None  # exp(utility)
+    utility_centralised: float | None = None  # held-out loss of a centralised LoRA fine-tune on the same data
+    perplexity_centralised: float | None = None
+    eval_losses: torch.Tensor | None = None  # per held-out sequence (for a utility interval)
+
+    def utility_fields(self) -> dict[str, float | None]:
+        """The utility columns of a results row besides ``utility``."""
+        return {"perplexity": self.perplexity, "utility_centralised": self.utility_centralised,
+                "perplexity_centralised": self.perplexity_centralised}
 
 
 def attack_trained(trained: TrainedSplit, threat: ThreatModel, attack: Attack, cfg: ExperimentConfig) -> CellResult:
@@ -207,7 +225,9 @@ def attack_trained(trained: TrainedSplit, threat: ThreatModel, attack: Attack, c
         pii=[r.pii for r in cap.records],
     )
     return CellResult(threat.name, attack.name, trained.defense.name, metrics, trained.utility, cost, recon,
-                      references, trained.defense.report(), cap.records)
+                      references, trained.defense.report(), cap.records, trained.perplexity,
+                      trained.reference.get("utility_centralised"), trained.reference.get("perplexity_centralised"),
+                      trained.eval_losses)
 
 
 def run_cell(cfg: ExperimentConfig, spec: SplitSpec, threat_name: str, attack_name: str,

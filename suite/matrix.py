@@ -217,7 +217,7 @@ def run_group(cfg: ExperimentConfig, cells: list[Cell], keys: list[str], out: st
                         row.update(fields, note=f"{fields['note']}; {note}" if fields["note"] else note)
                     else:
                         result = attack_trained(trained, threat, attack, cfg)
-                        fields = dict(result.metrics.as_dict(), utility=result.utility,
+                        fields = dict(result.metrics.as_dict(), utility=result.utility, **result.utility_fields(),
                                       attack_seconds=result.cost.seconds, attack_peak_rss_mib=result.cost.peak_rss_mib,
                                       status="ok", error=None, note=result.reconstruction.note,
                                       defense_report=result.defense_report, samples=_samples(result))
