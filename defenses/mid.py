@@ -27,8 +27,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from defenses._learned import (anchor_loss, attach, client_generator, head_outputs, principal_subspace,
-                               simulate)
+from defenses._learned import (
+    anchor_loss,
+    attach,
+    client_generator,
+    head_outputs,
+    principal_subspace,
+    simulate,
+)
 from suite.defense import Defense, DefenseConfig, register_defense
 from suite.parties import Batch
 

@@ -27,8 +27,8 @@ from suite.protocol import ActivationMsg, GradientMsg
 from suite.split import SplitSpec
 from suite.threats import ObservedBatch, ThreatModel, filter_observations, get_threat
 from suite.training import eval_summary, train
-from suite.utility import centralised_reference, perplexity
 from suite.transport import Frame, InProcessTransport, Recorder, client_endpoint
+from suite.utility import centralised_reference, perplexity
 
 
 @dataclass
@@ -127,9 +127,11 @@ def train_split(
     threat: ThreatModel | None = None,
     attack: Attack | None = None,
     defense: Defense | None = None,
+    reference: bool = True,
 ) -> TrainedSplit:
     """Train ``spec`` on a fresh copy of ``base`` under ``defense`` (with the attack's server policy if it is
-    active; ``threat`` is what it may know while training), then capture every client's traffic."""
+    active; ``threat`` is what it may know while training), then capture every client's traffic. Utility is
+    measured under the defense; ``reference``: also the centralised LoRA reference (cached per config)."""
     loaded = dataclasses.replace(base, model=copy.deepcopy(base.model))
     defense = defense if defense is not None else make_defense("none")
     prepared = prepare(cfg, spec, loaded=loaded, transport=defense.wrap_transport(InProcessTransport()))
@@ -145,7 +147,7 @@ def train_split(
     # Utility under the defense: the deployed forward pass (noise and every hook that changes what is sent).
     utility, per_sequence = eval_summary(prepared.session, prepared.eval_data)
     return TrainedSplit(prepared, capture, utility, shadow, base, defense, per_sequence,
-                        centralised_reference(cfg, base))
+                        centralised_reference(cfg, base) if reference else {})
 
 
 def _observations(threat, spec, base: LoadedModel, cfg, shadow, prepared: Prepared, capture: Capture | None,
