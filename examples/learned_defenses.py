@@ -84,6 +84,8 @@ def render(paths: list[str]) -> str:
     lines = ["| defense | setting | held-out loss | perplexity (vs centralised) | nearest_embedding | "
              "learned_inversion linear | adaptive linear | defense report |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = [r for path in paths for r in json.load(open(path))]
+    reference = next((r["perplexity_centralised"] for r in rows if "perplexity_centralised" in r), None)
     for path in paths:
         for r in json.load(open(path)):
             a = r["attacks"]
@@ -93,10 +95,11 @@ def render(paths: list[str]) -> str:
                 pii = "-" if m["pii_recovery"] is None else f"{m['pii_recovery']:.2f}"
                 return f"{m['token_accuracy']:.2f} / {m['rougeL']:.1f} / {pii}"
 
-            rel = 100 * (r["perplexity"] / r["perplexity_centralised"] - 1) if "perplexity_centralised" in r else 0
+            ref = r.get("perplexity_centralised", reference)
+            rel = f"{100 * (r['perplexity'] / ref - 1):+.0f} %" if ref else "n/a"
             rep = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r["defense_report"].items()}
             lines.append(f"| {r['defense']} | {json.dumps(r['params'])} | {r['utility']:.3f} | "
-                         f"{r['perplexity']:.1f} ({rel:+.0f} %) | {cell('nearest_embedding')} | "
+                         f"{r['perplexity']:.1f} ({rel}) | {cell('nearest_embedding')} | "
                          f"{cell('learned_inversion_linear')} | {cell('learned_inversion_linear_adaptive')} | "
                          f"{json.dumps(rep)} |")
     return "\n".join(lines)
@@ -111,6 +114,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, nargs="*", default=[0, 50, 200])
     parser.add_argument("--train-steps", type=int, default=10)
     parser.add_argument("--only", nargs="*", default=None)
+    parser.add_argument("--pick", type=int, default=None, help="only this setting (index) of each defense")
+    parser.add_argument("--no-reference", action="store_true", help="skip the centralised reference")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -118,14 +123,15 @@ def main() -> int:
     rows = []
     if args.part == "table":
         jobs = [(name, p, config(args.train_steps)) for name, ps in SETTINGS.items()
-                if args.only is None or name in args.only for p in ps]
+                if args.only is None or name in args.only for i, p in enumerate(ps)
+                if args.pick is None or i == args.pick]
     else:
         jobs = [("none", {"steps": s}, config(s, "full")) for s in args.steps]
     for name, params, cfg in jobs:
         start = time.time()
         dparams = {} if args.part == "steps" else params
         trained = train_split(cfg, SplitSpec(1, 1), base, defense=make_defense(name, dparams),
-                              reference=args.part == "table")
+                              reference=args.part == "table" and not args.no_reference)
         row = {"defense": name, "params": params, "utility": trained.utility, "perplexity": trained.perplexity,
                **trained.reference, "defense_report": trained.defense.report(),
                "train_loss_last": sum(trained.prepared.session.losses[-1]) / 2 if trained.prepared.session.losses else None}

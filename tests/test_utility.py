@@ -4,6 +4,7 @@ disjoint from training, per-sequence losses, perplexity, and the centralised ref
 import math
 
 import pytest
+import torch
 
 from suite.cell import train_split
 from suite.config import parse_config
@@ -11,7 +12,7 @@ from suite.data import DataError, load_corpus, load_private
 from suite.defense import make_defense
 from suite.models import tiny_model
 from suite.split import SplitSpec
-from suite.training import eval_loss, eval_losses
+from suite.training import FinetuneConfig, TrainConfig, build_session, eval_loss, eval_losses, train
 from suite.utility import _CACHE, centralised_reference
 
 CFG = parse_config({
@@ -27,12 +28,34 @@ def base():
     return tiny_model("llama")
 
 
-def test_held_out_loss_of_a_dp_cell_includes_the_noise(base):
+def _toy(vocab: int, n: int, seed: int) -> dict:
+    """Learnable toy data (a few fixed sequences repeated), so the loss depends on what the trunk receives."""
+    g = torch.Generator().manual_seed(seed)
+    patterns = torch.randint(2, vocab, (3, 12), generator=g)
+    ids = patterns[torch.randint(0, 3, (n,), generator=g)]
+    mask = torch.ones_like(ids)
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids}
+
+
+def test_held_out_loss_of_a_dp_model_is_computed_with_the_noise():
+    model = tiny_model("llama").model
+    vocab = model.config.vocab_size
+    cfg = TrainConfig(clients=1, steps=25, batch_size=4, finetune=FinetuneConfig(lr=1e-2))
+    session = build_session(model, SplitSpec(1, 1), [_toy(vocab, 12, 0)], cfg)
+    train(session)
+    data = _toy(vocab, 64, 0)
+    noise_free = eval_loss(session, data)
+    make_defense("dp_gaussian", {"sigma": 5.0, "clip": 1.0}).install(session)
+    assert eval_loss(session, data, deployed=False) == pytest.approx(noise_free, abs=1e-5)  # the same model
+    deployed = eval_loss(session, data)
+    assert deployed > noise_free + 0.5, (deployed, noise_free)  # skipping the noise would fail this
+    assert float(eval_losses(session, data).mean()) > noise_free + 0.5
+
+
+def test_a_dp_cell_reports_the_deployed_utility(base):
     trained = train_split(CFG, SplitSpec(1, 1), base, defense=make_defense("dp_gaussian", {"sigma": 5.0, "clip": 1.0}))
     session, data = trained.prepared.session, trained.prepared.eval_data
-    noise_free = eval_loss(session, data, deployed=False)  # the same trained model, without the defense's pass
-    assert trained.utility > noise_free + 0.5, (trained.utility, noise_free)
-    assert eval_loss(session, data) > noise_free + 0.5  # the default evaluation is the deployed one
+    assert abs(trained.utility - eval_loss(session, data, deployed=False)) > 1e-3  # not the bare pass
     assert trained.perplexity == pytest.approx(math.exp(trained.utility))
     assert trained.eval_losses.shape == (64,)
 
