@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,8 +27,9 @@ from suite.parties import Batch
 from suite.protocol import ActivationMsg, GradientMsg
 from suite.split import SplitSpec
 from suite.threats import ObservedBatch, ThreatModel, filter_observations, get_threat
-from suite.training import eval_loss, train
+from suite.training import eval_summary, train
 from suite.transport import Frame, InProcessTransport, Recorder, client_endpoint
+from suite.utility import centralised_reference, perplexity
 
 
 @dataclass
@@ -67,8 +68,14 @@ class TrainedSplit:
     shadow: list[Record]
     base: LoadedModel  # pristine public weights (copies are handed to attacks)
     defense: Defense
+    eval_losses: torch.Tensor | None = None  # per held-out sequence, under the deployed defense (for intervals)
+    reference: dict[str, float] = field(default_factory=dict)  # utility_/perplexity_centralised
     # per held-out sequence (loss x tokens, tokens) under the same evaluation as ``utility``: its interval
     utility_scores: list[list[float]] | None = None
+
+    @property
+    def perplexity(self) -> float:
+        return perplexity(self.utility)
 
 
 def capture_traffic(prepared: Prepared, batch_size: int, first_step: int) -> Capture:
@@ -123,9 +130,11 @@ def train_split(
     threat: ThreatModel | None = None,
     attack: Attack | None = None,
     defense: Defense | None = None,
+    reference: bool = True,
 ) -> TrainedSplit:
     """Train ``spec`` on a fresh copy of ``base`` under ``defense`` (with the attack's server policy if it is
-    active; ``threat`` is what it may know while training), then capture every client's traffic."""
+    active; ``threat`` is what it may know while training), then capture every client's traffic. Utility is
+    measured under the defense; ``reference``: also the centralised LoRA reference (cached per config)."""
     loaded = dataclasses.replace(base, model=copy.deepcopy(base.model))
     defense = defense if defense is not None else make_defense("none")
     prepared = prepare(cfg, spec, loaded=loaded, transport=defense.wrap_transport(InProcessTransport()))
@@ -138,21 +147,10 @@ def train_split(
         prepared.session.server.policy = attack.server_policy(public)
     train(prepared.session)  # a deviating server keeps deviating while the traffic is captured
     capture = capture_traffic(prepared, cfg.training.batch_size, first_step=len(prepared.session.losses))
-    utility = eval_loss(prepared.session, prepared.eval_data)
-    return TrainedSplit(prepared, capture, utility, shadow, base, defense,
-                        utility_scores=per_sequence_loss(prepared.session, prepared.eval_data))
-
-
-def per_sequence_loss(session, data: dict[str, torch.Tensor]) -> list[list[float]]:
-    """(loss x tokens, tokens) of each held-out sequence, each scored by ``eval_loss`` on its own, so the
-    pooled ratio is the utility and the utility interval resamples sequences."""
-    out = []
-    for i in range(data["input_ids"].shape[0]):
-        one = {k: v[i : i + 1] for k, v in data.items()}
-        tokens = int((one["labels"][:, 1:] != -100).sum())
-        if tokens:
-            out.append([eval_loss(session, one) * tokens, float(tokens)])
-    return out
+    # Utility under the defense: the deployed forward pass (noise and every hook that changes what is sent).
+    utility, per_sequence, scores = eval_summary(prepared.session, prepared.eval_data)
+    return TrainedSplit(prepared, capture, utility, shadow, base, defense, per_sequence,
+                        centralised_reference(cfg, base) if reference else {}, utility_scores=scores)
 
 
 def rewire(trained: TrainedSplit, defense: Defense) -> TrainedSplit:
@@ -220,6 +218,15 @@ class CellResult:
     defense_report: dict
     records: list[Record]  # the victims' records behind ``references`` (ground truth, for reports)
     scores: dict | None = None  # per-record statistics of every metric (reports.intervals.record_stats)
+    perplexity: float | None = None  # exp(utility)
+    utility_centralised: float | None = None  # held-out loss of a centralised LoRA fine-tune on the same data
+    perplexity_centralised: float | None = None
+    eval_losses: torch.Tensor | None = None  # per held-out sequence (for a utility interval)
+
+    def utility_fields(self) -> dict[str, float | None]:
+        """The utility columns of a results row besides ``utility``."""
+        return {"perplexity": self.perplexity, "utility_centralised": self.utility_centralised,
+                "perplexity_centralised": self.perplexity_centralised}
 
 
 def attack_trained(trained: TrainedSplit, threat: ThreatModel, attack: Attack, cfg: ExperimentConfig) -> CellResult:
@@ -251,7 +258,9 @@ def attack_trained(trained: TrainedSplit, threat: ThreatModel, attack: Attack, c
     scores = record_stats(references=references, hypotheses=hypotheses, true_ids=cap.true_ids, pred_ids=pred,
                           mask=cap.mask, pii=[r.pii for r in cap.records])
     return CellResult(threat.name, attack.name, trained.defense.name, metrics, trained.utility, cost, recon,
-                      references, trained.defense.report(), cap.records, scores)
+                      references, trained.defense.report(), cap.records, scores, trained.perplexity,
+                      trained.reference.get("utility_centralised"), trained.reference.get("perplexity_centralised"),
+                      trained.eval_losses)
 
 
 def run_cell(cfg: ExperimentConfig, spec: SplitSpec, threat_name: str, attack_name: str,

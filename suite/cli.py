@@ -132,6 +132,9 @@ def cmd_attack(args: argparse.Namespace) -> int:
           f"token acc {m.token_accuracy:.3f}  exact {m.exact_match:.3f}  PII {pii}")
     print(f"utility (held-out loss) {result.utility:.3f}   attack cost {result.cost.seconds:.1f} s, "
           f"peak RSS {result.cost.peak_rss_mib:.0f} MiB")
+    if result.utility_centralised is not None:
+        print(f"held-out perplexity {result.perplexity:.2f} under the defense; centralised LoRA reference: loss "
+              f"{result.utility_centralised:.3f}, perplexity {result.perplexity_centralised:.2f}")
     for ref, hyp in list(zip(result.references, result.reconstruction.texts, strict=False))[: args.samples]:
         print(f"  original: {ref}\n  attacker: {hyp}")
     return 0

@@ -58,6 +58,7 @@ class DataSection(_Section):
     max_length: int = Field(default=32, ge=4, le=8192)
     private: CorpusSection = CorpusSection(generator="records", size=64, seed=1)
     shadow: CorpusSection = CorpusSection(generator="records", size=512, seed=2)
+    held_out: int = Field(default=64, ge=1)  # held-out records of the private kind for utility (not trained on)
 
 
 class TrainingSection(_Section):

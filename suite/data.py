@@ -254,6 +254,33 @@ def load_corpus(spec: Mapping[str, Any], *, avoid: Sequence[Record] = ()) -> lis
     return kept[:limit]
 
 
+def load_private(spec: Mapping[str, Any], held_out: int) -> tuple[list[Record], list[Record]]:
+    """The private corpus and ``held_out`` more records of the same kind for measuring utility, disjoint
+    from it (no shared text). Generated corpora generate the extra records after the private ones (the
+    private records are the same as without a held-out set); files and hub datasets take the held-out
+    records from the texts after the private ones (after ``limit``, or the last ``held_out`` texts)."""
+    if held_out < 1:
+        raise DataError(f"data.held_out must be >= 1, got {held_out}")
+    kinds = [k for k in _SPEC_KEYS if k in spec]
+    if kinds == ["generator"]:
+        size = spec.get("size")
+        if isinstance(size, int) and size >= 1:
+            everything = load_corpus({**spec, "size": size + held_out})
+            return everything[:size], everything[size:]
+        return load_corpus(spec), []  # load_corpus raises the one-line error for the bad size
+    limit = spec.get("limit")
+    everything = load_corpus({k: v for k, v in spec.items() if k != "limit"})
+    private = everything[:limit] if limit is not None else everything[: max(0, len(everything) - held_out)]
+    texts = {r.text for r in private}
+    rest = [r for r in everything[len(private):] if r.text not in texts]
+    if len(rest) < held_out or not private:
+        source = spec.get("path") or spec.get("hub")
+        fix = "lower data.private.limit" if limit is not None else "use a larger file"
+        raise DataError(f"corpus '{source}' has {len(everything)} texts: too few for {len(private) or 'any'} private "
+                        f"records plus {held_out} held-out ones for utility; {fix} or lower data.held_out")
+    return private, rest[:held_out]
+
+
 def shard(records: Sequence[Record], clients: int) -> list[list[Record]]:
     """``clients`` disjoint contiguous shards whose sizes differ by at most one (earlier shards get the extra)."""
     if clients < 1:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from suite.config import ExperimentConfig
-from suite.data import Record, load_corpus, shard, tokenize
+from suite.data import Record, load_private, shard, tokenize
 from suite.models import LoadedModel, load_model
 from suite.split import SplitSpec
 from suite.training import FinetuneConfig, Session, TrainConfig, build_session
@@ -44,10 +44,9 @@ def prepare(
     transport: Transport | None = None,
 ) -> Prepared:
     loaded = loaded if loaded is not None else load_model(cfg.model.name)
-    records = load_corpus(cfg.data.private.spec())
-    # Hold out a tenth of the private corpus (same domain) to measure utility; the clients train on the rest.
-    n_eval = max(1, len(records) // 10) if len(records) > cfg.training.clients + 1 else 0
-    train_records, held_out = (records[:-n_eval], records[-n_eval:]) if n_eval else (records, records)
+    # Utility is measured on data.held_out records of the private kind, disjoint from the clients' shards
+    # (which are also the victims' records): generated after them, or taken from after them in the file.
+    train_records, held_out = load_private(cfg.data.private.spec(), cfg.data.held_out)
     shards = shard(train_records, cfg.training.clients)
     max_len = cfg.data.max_length
     tokenized = [tokenize(s, loaded.tokenizer, max_len) for s in shards]

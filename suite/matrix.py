@@ -336,7 +336,7 @@ def run_group(cfg: ExperimentConfig, cells: list[Cell], keys: list[str], out: st
                             result = blind
                         else:
                             result = attack_trained(under(cell), threat, attack, gcfg)
-                        fields = dict(result.metrics.as_dict(), utility=result.utility,
+                        fields = dict(result.metrics.as_dict(), utility=result.utility, **result.utility_fields(),
                                       attack_seconds=result.cost.seconds, attack_peak_rss_mib=result.cost.peak_rss_mib,
                                       status="ok", error=None, note=result.reconstruction.note,
                                       defense_report=result.defense_report, samples=_samples(result))

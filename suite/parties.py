@@ -77,6 +77,7 @@ class StepRejected(Exception):
 
 
 # Hook signatures. Defenses append to these lists on a built client ("wrap, don't replace").
+TokenHook = Callable[[Batch], Batch]  # the private batch -> the batch the client trains on (SanText)
 InputHook = Callable[[torch.Tensor, Batch], torch.Tensor]  # input embeddings -> perturbed (DxP)
 ActivationHook = Callable[[torch.Tensor, Batch], torch.Tensor]  # head output -> what is sent (DP noise)
 HeadLossHook = Callable[[torch.Tensor, torch.Tensor, Batch], torch.Tensor]  # (head out, input embeds) -> loss
@@ -88,7 +89,8 @@ TailGradientHook = Callable[[torch.Tensor, Batch], torch.Tensor]  # tail's gradi
 class Client:
     """Owns the client head and tail, its private shard and its optimiser.
 
-    Defenses attach hooks: ``input_hooks`` perturb the input embeddings; ``activation_hooks`` transform the
+    Defenses attach hooks: ``token_hooks`` replace the batch's tokens before anything is computed (text-level
+    sanitisation: the client then trains on, and sends activations of, the sanitised batch); ``input_hooks`` perturb the input embeddings; ``activation_hooks`` transform the
     head output before it is sent (inside the autograd graph, so the head trains through them);
     ``head_loss_hooks`` add loss terms on the head (NoPeek), backpropagated together with the server's
     gradient; ``hidden_hooks`` and ``gradient_hooks`` inspect what the server sends back and may raise
@@ -113,6 +115,7 @@ class Client:
         self.batches = batches
         self.transport = transport
         self.optimizer = make_optimizer(trainable((head, tail)), lr)
+        self.token_hooks: list[TokenHook] = []
         self.input_hooks: list[InputHook] = []
         self.activation_hooks: list[ActivationHook] = []
         self.head_loss_hooks: list[HeadLossHook] = []
@@ -150,6 +153,8 @@ class Client:
             self.optimizer.zero_grad(set_to_none=True)
         self._rejected = False
         self._batch = batch if batch is not None else self.batches.next()
+        for token_hook in self.token_hooks:
+            self._batch = token_hook(self._batch)
         self._positions = position_ids_for(self._batch.attention_mask)
         embeds = None
         if self.input_hooks or self.head_loss_hooks:

@@ -40,6 +40,9 @@ COLUMNS: dict[str, str] = {
     "seed": "INTEGER",
     **{m: "REAL" for m in METRICS},
     "utility": "REAL",  # held-out loss of the fine-tuned model (lower is better)
+    "perplexity": "REAL",  # exp(utility): held-out perplexity under the deployed defense
+    "utility_centralised": "REAL",  # held-out loss of a centralised LoRA fine-tune on the same data (reference)
+    "perplexity_centralised": "REAL",
     **{c: "REAL" for c in INTERVAL_COLUMNS},
     **{c: "REAL" for c in ADVANTAGE_COLUMNS},
     "steps": "INTEGER",  # training steps of the cell (the [matrix] steps axis, else [training] steps)

@@ -18,11 +18,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
 from suite.errors import ConfigError
-from suite.parties import Batch, Batches, Client, Server, causal_lm_loss, trainable
+from suite.parties import Batch, Batches, Client, Server, trainable
 from suite.split import Family, SplitModel, SplitSpec, lora_targets, position_ids_for, split_model
 from suite.transport import InProcessTransport, Transport
 
@@ -227,23 +228,68 @@ def train(session: Session, steps: int | None = None, on_step: Callable[[StepLog
     return logs
 
 
-@torch.no_grad()
-def eval_loss(session: Session, data: dict[str, torch.Tensor], client_id: int = 0, batch_size: int = 16) -> float:
+def eval_loss(session: Session, data: dict[str, torch.Tensor], client_id: int = 0, batch_size: int = 16,
+              deployed: bool = True) -> float:
     """Mean token loss of one client's fine-tuned model (its head and tail, the server's trunk with that
-    client's adapters) on ``data``: the utility side of every privacy–utility trade-off. Runs locally,
-    not over the wire: evaluation is not part of the protocol being attacked."""
+    client's adapters) on ``data``: the utility side of every privacy-utility trade-off. With ``deployed``
+    (the default) the forward pass is the one the protocol runs, defenses included (see ``eval_losses``)."""
+    sums, counts = _eval_sums(session, data, client_id, batch_size, deployed)
+    return float(sums.sum() / counts.sum().clamp_min(1))
+
+
+def eval_losses(session: Session, data: dict[str, torch.Tensor], client_id: int = 0, batch_size: int = 16,
+                deployed: bool = True) -> torch.Tensor:
+    """Per-sequence mean token loss [N'] on ``data`` (sequences without a target token left out), for
+    intervals over held-out sequences. ``deployed``: run every client hook that changes what is sent
+    (token replacement, input-embedding noise, what the activation hooks do to the head output: DP noise,
+    bottlenecks), with the clients' own randomness, as the deployed protocol would; the loss is always taken
+    against the true text. ``deployed=False`` is the bare fine-tuned model (for comparison only)."""
+    sums, counts = _eval_sums(session, data, client_id, batch_size, deployed)
+    keep = counts > 0
+    return sums[keep] / counts[keep]
+
+
+@torch.no_grad()
+def _eval_sums(session: Session, data: dict[str, torch.Tensor], client_id: int, batch_size: int,
+               deployed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed token loss and target count per sequence. Runs locally, not over the wire: evaluation is not
+    part of the protocol being attacked, but it computes exactly what the protocol would."""
     client = session.clients[client_id]
     server = session.server
     server.activate_for(client_id)
-    total, count = 0.0, 0
+    sums, counts = [], []
     n = data["input_ids"].shape[0]
     for lo in range(0, n, batch_size):
         b = Batch(*(data[k][lo : lo + batch_size] for k in ("input_ids", "attention_mask", "labels")))
+        labels = b.labels
+        if deployed:
+            for token_hook in client.token_hooks:
+                b = token_hook(b)
         pos = position_ids_for(b.attention_mask)
-        hidden = client.head(b.input_ids, b.attention_mask, pos)
+        embeds = None
+        if deployed and client.input_hooks:
+            embeds = client.head.embed_tokens(b.input_ids, pos)
+            for hook in client.input_hooks:
+                embeds = hook(embeds, b)
+        hidden = client.head(b.input_ids, b.attention_mask, pos, inputs_embeds=embeds)
+        if deployed:
+            for hook in client.activation_hooks:
+                hidden = hook(hidden, b)
         hidden = server.trunk(hidden, b.attention_mask, pos)
         logits = client.tail(hidden, b.attention_mask, pos)
-        tokens = int((b.labels[:, 1:] != -100).sum())
-        total += float(causal_lm_loss(logits, b.labels)) * tokens
-        count += tokens
-    return total / max(count, 1)
+        targets = labels[:, 1:]
+        token_loss = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets.clamp_min(0), reduction="none")
+        valid = targets != -100
+        sums.append((token_loss * valid).sum(1))
+        counts.append(valid.sum(1))
+    return torch.cat(sums).double(), torch.cat(counts).double()
+
+
+def eval_summary(session: Session, data: dict[str, torch.Tensor], client_id: int = 0,
+                 deployed: bool = True) -> tuple[float, torch.Tensor, list[list[float]]]:
+    """``(eval_loss, eval_losses, scores)`` from one deployed pass (one draw of the defenses' randomness);
+    ``scores`` holds (summed loss, target tokens) per sequence, so a utility interval resamples sequences."""
+    sums, counts = _eval_sums(session, data, client_id, 16, deployed)
+    keep = counts > 0
+    scores = torch.stack([sums[keep], counts[keep]], 1).tolist()
+    return float(sums.sum() / counts.sum().clamp_min(1)), sums[keep] / counts[keep], scores

@@ -1,6 +1,7 @@
 """DP on the head output: exact no-op at sigma 0, noise as configured, clipping, honest epsilon."""
 
 import math
+from collections import Counter
 
 import pytest
 import torch
@@ -95,8 +96,12 @@ def test_epsilon_matches_a_hand_computed_value():
 def test_report_of_a_training_run(base):
     trained = train_split(CFG, SplitSpec(1, 1), base, defense=make_defense("dp_gaussian", {"sigma": 1.0}))
     report = trained.defense.report()
-    # 3 training steps of batch 2 over shards of 3-4 records, plus one capture pass: each record 2-3 times.
-    assert 1 <= report["releases_per_record"] <= 4
+    # 3 training steps of batch 2 over shards of 4 records, plus one capture pass: each record 2-3 times; the
+    # held-out pass (utility under the defense) releases its rows too, and the tiny character tokenizer's
+    # 12-token rows of a held-out record can equal a training record's row (the same input to the mechanism).
+    # Held-out rows can also equal each other. Any row: <= 4 releases in training, plus its copies held out.
+    held_out = Counter(tuple(r) for r in trained.prepared.eval_data["input_ids"].tolist())
+    assert 1 <= report["releases_per_record"] <= 4 + max(held_out.values())
     assert math.isfinite(report["epsilon"]) and report["epsilon"] > 0
     assert report["measured_noise_std"] == pytest.approx(2.0, rel=0.1)
 
