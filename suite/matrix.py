@@ -24,6 +24,8 @@ from suite.attack import ATTACKS, make_attack
 from suite.config import ExperimentConfig
 from suite.defense import make_defense
 from suite.errors import ConfigError
+from suite.preflight import colluder_problem
+from suite.revision import code_revision, key_part
 from suite.split import SplitSpec
 from suite.store import METRICS, ResultsStore
 from suite.threats import THREATS, Capability, get_threat
@@ -101,10 +103,13 @@ def expand(cfg: ExperimentConfig) -> tuple[list[Cell], list[tuple[Cell, str]]]:
             for attack_entry in m.attacks:
                 attack, aparams = _named(attack_entry)
                 missing = threat.missing(ATTACKS.get(attack).requires)
+                too_few = colluder_problem(threat, cfg.training.clients)
                 for defense_entry in m.defenses:
                     defense, dparams = _named(defense_entry)
                     cell = Cell(k, m.tail_blocks, threat_name, attack, _canon(aparams), defense, _canon(dparams))
-                    if missing:
+                    if too_few:
+                        skipped.append((cell, too_few))
+                    elif missing:
                         reason = f"{attack} needs {', '.join(sorted(c.value for c in missing))}; {threat_name} does not grant it"
                         skipped.append((cell, reason))
                     else:
@@ -112,9 +117,10 @@ def expand(cfg: ExperimentConfig) -> tuple[list[Cell], list[tuple[Cell, str]]]:
     return cells, skipped
 
 
-def cell_key(cell: Cell, cfg: ExperimentConfig, revision: str) -> str:
+def cell_key(cell: Cell, cfg: ExperimentConfig, revision: str, code: str | None = None) -> str:
     """Hash of everything that determines the cell's result: its own axes, the model revision, the data,
-    the training setup and the seed."""
+    the training setup and the seed, and (``code``: ``suite.revision.code_revision()``) the code that computes
+    it. Without ``code`` it is the cell id, which rows of the same cell from other code share."""
     payload = {
         "cell": cell.__dict__,
         "model": cfg.model.name,
@@ -122,6 +128,8 @@ def cell_key(cell: Cell, cfg: ExperimentConfig, revision: str) -> str:
         "data": cfg.data.model_dump(),
         "training": cfg.training.model_dump(exclude={"head_blocks", "tail_blocks"}),
     }
+    if code is not None:
+        payload["code"] = key_part(code)
     return hashlib.sha256(_canon(payload).encode()).hexdigest()[:24]
 
 
@@ -142,6 +150,7 @@ def _row(cell: Cell, key: str, cfg: ExperimentConfig, revision: str) -> dict[str
         "attack": cell.attack, "attack_params": json.loads(cell.attack_params), "defense": cell.defense,
         "defense_params": json.loads(cell.defense_params), "seed": cfg.training.seed,
         "config": cfg.model_dump(), "versions": versions(),
+        "code_revision": code_revision(), "cell_id": cell_key(cell, cfg, revision),
     }
 
 
@@ -244,12 +253,18 @@ def _error(err: BaseException) -> str:
 
 def run_matrix(cfg: ExperimentConfig, out: str | Path, *, workers: int = 1, executor: str = "local",
                address: str | None = None,
-               on_progress: Callable[[int, int, str], None] | None = None) -> dict[str, Any]:
+               on_progress: Callable[[int, int, str], None] | None = None, retry_failed: bool = False,
+               keep_stale: bool = False, on_note: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run every missing cell of ``cfg``'s matrix into ``out``; returns counts and the left-out cells.
 
     ``executor``: ``"local"`` (this process, or ``workers`` processes) or ``"ray"`` (one Ray task per training
     group on the cluster at ``address``, or a local one). Either way rows land in the same store, cell by
-    cell, and a rerun finishes only what is missing."""
+    cell, and a rerun finishes only what is missing.
+
+    Keys include the code revision. Rows of the same cell computed by other code (stale rows) are not reused:
+    their cells run again and the new row replaces the stale one (``keep_stale`` keeps and reuses them
+    instead); ``on_note`` hears how many there are and from which revision. Failed rows count as done
+    unless ``retry_failed``. The summary's ``failed`` counts this matrix's failed rows after the run."""
     from suite.models import load_model
 
     if executor not in ("local", "ray"):
@@ -258,10 +273,29 @@ def run_matrix(cfg: ExperimentConfig, out: str | Path, *, workers: int = 1, exec
     cells, skipped = expand(cfg)
     ray = _import_ray() if executor == "ray" else None
     base = load_model(cfg.model.name)
+    code = code_revision()
     with ResultsStore(out) as store:
-        done = store.done()
-    keys = {c: cell_key(c, cfg, base.revision) for c in cells}
-    todo = [c for c in cells if keys[c] not in done]
+        status = store.statuses()
+        by_cell = store.revisions_by_cell()
+    keys = {c: cell_key(c, cfg, base.revision, code) for c in cells}
+    stale: dict[str, int] = {}  # other code revision -> rows of this matrix's cells it computed
+    stale_cells = set()
+    for c in cells:
+        if keys[c] in status:
+            continue
+        for key, rev in by_cell.get(cell_key(c, cfg, base.revision), []):
+            if key != keys[c]:
+                label = rev or "unknown (written before rows recorded it)"
+                stale[label] = stale.get(label, 0) + 1
+                stale_cells.add(c)
+    note = on_note or (lambda _: None)
+    for rev, n in sorted(stale.items()):
+        verb = "kept and reused (--keep-stale)" if keep_stale else "ignored: recomputed now (--keep-stale reuses them)"
+        note(f"{n} row{'s' if n != 1 else ''} from revision {rev} {'are' if n != 1 else 'is'} {verb}")
+    retry = {c for c in cells if retry_failed and status.get(keys[c]) == "failed"}
+    if retry:
+        note(f"retrying {len(retry)} failed cell{'s' if len(retry) != 1 else ''}")
+    todo = [c for c in cells if (keys[c] not in status and not (keep_stale and c in stale_cells)) or c in retry]
     groups: dict[tuple, list[Cell]] = {}
     for c in todo:
         groups.setdefault(c.training_group(), []).append(c)
@@ -297,7 +331,11 @@ def run_matrix(cfg: ExperimentConfig, out: str | Path, *, workers: int = 1, exec
                     landed = store.done() & label_of.keys()
                 for key in sorted(landed, key=label_of.get):
                     cell_done(label_of.pop(key))
-    return {"cells": len(cells), "ran": len(todo), "skipped": skipped, "groups": len(groups)}
+    with ResultsStore(out) as store:
+        status = store.statuses()
+    failed = sum(1 for c in cells if status.get(keys[c]) == "failed")
+    return {"cells": len(cells), "ran": len(todo), "skipped": skipped, "groups": len(groups), "failed": failed,
+            "stale": stale, "code_revision": code}
 
 
 def _import_ray():
