@@ -180,9 +180,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     bar.close()
     print(f"{summary['cells']} cells ({summary['ran']} run now, {summary['cells'] - summary['ran']} already done, "
           f"{len(summary['skipped'])} left out) in {summary['groups']} training runs -> {args.out}/results.sqlite")
-    from reports.report import build_report
+    if not args.no_report:
+        from reports.report import build_report
 
-    print(f"report -> {build_report(args.out)}")
+        print(f"report -> {build_report(args.out)}")
     if summary["failed"]:
         print(f"splitleak: {summary['failed']} of {summary['cells']} cells failed; see `splitleak results "
               f"{args.out}` (`splitleak run --retry-failed` reruns them)", file=sys.stderr)
@@ -326,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--executor", choices=["local", "ray"], default="local",
                    help="where training groups run: this machine, or Ray tasks (pip install 'splitleak[ray]')")
     p.add_argument("--address", help="Ray cluster address (e.g. ray://head:10001 or auto); default: a local one")
+    p.add_argument("--no-report", action="store_true", help="skip building DIR/report.pdf (`splitleak report DIR` "
+                   "builds it later)")
     p.add_argument("--retry-failed", action="store_true", help="rerun the cells whose stored row failed")
     p.add_argument("--keep-stale", action="store_true", help="reuse rows computed by another code revision "
                    "(default: such rows are reported, recomputed and replaced)")

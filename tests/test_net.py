@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-grpc = pytest.importorskip("grpc")
+import grpc  # a dependency: a broken install fails here instead of skipping the mTLS tests
 
 from suite.cli import _config_from_args, build_parser  # noqa: E402
 from suite.errors import SplitleakError  # noqa: E402
