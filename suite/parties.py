@@ -20,7 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from suite.commitment import commit, digest_tensor, encode_reveal, frozen_digest, tensor_digest, trainable_state
+from suite.commitment import (
+    commit,
+    digest_tensor,
+    encode_reveal,
+    frozen_digest,
+    tensor_digest,
+    trainable_state,
+)
 from suite.errors import ProtocolError
 from suite.protocol import TO_CLIENT, TO_SERVER, ActivationMsg, GradientMsg, decode, encode
 from suite.split import ClientHead, ClientTail, ServerTrunk, position_ids_for
