@@ -91,6 +91,7 @@ def chaos(kills: int, seed: int, work: Path, log=print) -> dict:
     total = len(reference)
     log(f"reference: {total} rows in {ref_seconds:.1f} s (uninterrupted)")
     landed, rounds, lost, duplicated, unequal, attempts = 0, 0, 0, 0, 0, 0
+    full = ref_seconds  # estimated wall time of a whole run: the fastest seen so far (load varies)
     while landed < kills:
         rounds += 1
         out = work / f"round-{rounds}"
@@ -99,7 +100,8 @@ def chaos(kills: int, seed: int, work: Path, log=print) -> dict:
             workers = rng.choice([1, 2])
             before = _count(out)
             # somewhere inside what is left of the run (interpreter start-up included)
-            delay = rng.uniform(0.1, 1.0) * ref_seconds * max(0.3, (total - before) / total)
+            delay = rng.uniform(0.1, 1.0) * full * max(0.3, (total - before) / total)
+            began = time.perf_counter()
             proc = subprocess.Popen(_cmd(config, out, workers), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                     env=env, start_new_session=True)
             try:
@@ -113,6 +115,7 @@ def chaos(kills: int, seed: int, work: Path, log=print) -> dict:
             if finished:
                 if proc.returncode != 0:
                     raise SystemExit(f"chaos: the resumed run exited {proc.returncode}; see `splitleak results {out}`")
+                full = min(full, (time.perf_counter() - began) * total / max(1, total - before))
                 log(f"round {rounds}: finished before its kill ({after} rows)")
                 break
             if after < before:
