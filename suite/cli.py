@@ -147,8 +147,6 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from suite.config import DEFAULT_MATRIX, load_config
     from suite.preflight import check_matrix_run
 
@@ -157,6 +155,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if workers < 1:
         raise SplitleakError(f"--workers must be at least 1, not {workers}")
     cells, skipped = check_matrix_run(cfg, args.out)  # everything checkable, before a store or a model exists
+    from tqdm import tqdm
+
     from suite.matrix import run_matrix  # imports torch: only once the input is known good
     left_out: dict[tuple[str, str, str], int] = {}  # one line per threat/attack pair, not per cell
     for cell, reason in skipped:

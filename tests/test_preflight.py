@@ -4,6 +4,7 @@ the problem, no traceback, and no results store — before any model is trained 
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -171,14 +172,18 @@ def test_bad_data_file_fails_fast_as_a_process(tmp_path, content):
     cfg = tmp_path / "c.toml"
     cfg.write_text(_toml(_private(f"path = '{data}'")))
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "suite.cli", "run", str(cfg), "--out", str(tmp_path / "out")],
                           capture_output=True, text=True, env=env, timeout=60)
     seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "private.csv" in lines[0], proc.stderr
     assert not (tmp_path / "out").exists()
-    assert seconds < 10, seconds
+    # CPU seconds: a shared test machine may stretch wall time; the process itself needs well under 10 s
+    assert cpu < 10 and seconds < 60, (cpu, seconds)
     assert "torch" not in proc.stdout
 
 
