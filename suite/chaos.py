@@ -78,19 +78,24 @@ def _env() -> dict[str, str]:
             "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
 
 
-def chaos(kills: int, seed: int, work: Path, log=print) -> dict:
+def chaos(kills: int, seed: int, work: Path, log=print, reference: tuple[Path, float] | None = None) -> dict:
+    """``reference``: (directory, seconds) of an uninterrupted run of ``MATRIX`` by this code, to reuse."""
     rng = random.Random(seed)
     config = work / "matrix.toml"
     config.write_text(MATRIX)
     env = _env()
-    ref = work / "reference"
-    start = time.perf_counter()
-    subprocess.run(_cmd(config, ref, 1), check=True, capture_output=True, env=env)
-    ref_seconds = time.perf_counter() - start
+    if reference is not None:
+        ref, ref_seconds = reference
+    else:
+        ref = work / "reference"
+        start = time.perf_counter()
+        subprocess.run(_cmd(config, ref, 1), check=True, capture_output=True, env=env)
+        ref_seconds = time.perf_counter() - start
     reference = _rows(ref)
     total = len(reference)
     log(f"reference: {total} rows in {ref_seconds:.1f} s (uninterrupted)")
     landed, rounds, lost, duplicated, unequal, attempts = 0, 0, 0, 0, 0, 0
+    mid = 0  # kills that landed after the attempt had written rows (mid-matrix, not during start-up)
     full = ref_seconds  # estimated wall time of a whole run: the fastest seen so far (load varies)
     while landed < kills:
         rounds += 1
@@ -105,7 +110,7 @@ def chaos(kills: int, seed: int, work: Path, log=print) -> dict:
             proc = subprocess.Popen(_cmd(config, out, workers), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                     env=env, start_new_session=True)
             try:
-                proc.wait(timeout=delay)
+                proc.wait(timeout=delay if before < total else None)  # every row in: let it finish
                 finished = True
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)  # the run and its worker processes, mid-flight
@@ -120,7 +125,8 @@ def chaos(kills: int, seed: int, work: Path, log=print) -> dict:
                 break
             if after < before:
                 lost += before - after
-            landed += after < total  # a kill inside a running matrix (not after its last row)
+            landed += 1  # every row was not yet in: a kill inside a running matrix
+            mid += after > before
             log(f"kill {landed}: after {delay:.1f} s, workers={workers}, rows {before} -> {after}")
             if landed >= kills:
                 subprocess.run(_cmd(config, out, 1), check=True, capture_output=True, env=env)  # finish it
@@ -129,9 +135,9 @@ def chaos(kills: int, seed: int, work: Path, log=print) -> dict:
         lost += len({r["key"] for r in reference} - {r["key"] for r in rows})
         duplicated += _duplicates(out) + max(0, len(rows) - total)
         unequal += rows != reference
-    summary = {"kills": landed, "rounds": rounds, "attempts": attempts, "lost": lost, "duplicated": duplicated,
+    summary = {"kills": landed, "kills_after_new_rows": mid, "rounds": rounds, "attempts": attempts, "lost": lost, "duplicated": duplicated,
                "equal": unequal == 0, "rows": total}
-    log(f"chaos: {landed} kills over {rounds} round(s), {lost} rows lost, {duplicated} duplicated, "
+    log(f"chaos: {landed} kills ({mid} after the attempt had written rows) over {rounds} round(s), {lost} rows lost, {duplicated} duplicated, "
         f"equal to the uninterrupted run: {'yes' if unequal == 0 else 'NO'}")
     return summary
 
@@ -141,15 +147,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kills", type=int, default=20, help="SIGKILLs inside a running matrix")
     parser.add_argument("--seed", type=int, default=None, help="seed of the kill delays (default: random)")
     parser.add_argument("--keep", metavar="DIR", help="work in DIR and keep it (default: a temporary directory)")
+    parser.add_argument("--reference", nargs=2, metavar=("DIR", "SECONDS"),
+                        help="reuse an uninterrupted run of the same matrix by the same code, and its wall time")
     args = parser.parse_args(argv)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 30)
     print(f"chaos: seed {seed}")
+    ref = (Path(args.reference[0]), float(args.reference[1])) if args.reference else None
     if args.keep:
         Path(args.keep).mkdir(parents=True, exist_ok=True)
-        s = chaos(args.kills, seed, Path(args.keep))
+        s = chaos(args.kills, seed, Path(args.keep), reference=ref)
     else:
         with tempfile.TemporaryDirectory(prefix="splitleak-chaos-") as work:
-            s = chaos(args.kills, seed, Path(work))
+            s = chaos(args.kills, seed, Path(work), reference=ref)
     return 0 if s["lost"] == 0 and s["duplicated"] == 0 and s["equal"] else 1
 
 
