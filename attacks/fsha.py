@@ -76,8 +76,13 @@ class FshaConfig(AttackConfig):
     negatives: int = 2048  # tokens outside the shadow vocabulary in each step's sampled softmax
     match_norm: bool = True  # rescale the reply to the honest gradient's norm, row by row
     hijack: bool = True  # False: reply honestly and only train f̃/f̃⁻¹ (a passive learned-inversion ablation)
+    # Evasion of gradient-direction detectors (fsha_detector): reply w * honest + (1 - w) * hijack, both at the
+    # honest norm. w = 0 is plain FSHA; larger w keeps the cosine to the tail gradient up and the hijack weaker.
+    honest_mix: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.honest_mix <= 1.0:
+            raise ValueError(f"honest_mix must be in [0, 1], got {self.honest_mix}")
         if min(self.decoder_lr, self.disc_lr) <= 0 or self.pilot_lr < 0:
             raise ValueError("decoder_lr and disc_lr must be > 0, pilot_lr >= 0")
         if min(self.pilot_rank, self.disc_hidden, self.shadow_batch) < 1 or self.decoder_hidden < 0:
@@ -277,6 +282,8 @@ class FshaPolicy(ServerPolicy):
         if self.config.match_norm:
             norms = grad.flatten(1).norm(dim=1).clamp_min(1e-12)
             grad = grad * (honest.flatten(1).norm(dim=1) / norms).view(-1, 1, 1)
+        if self.config.honest_mix:
+            grad = self.config.honest_mix * honest + (1.0 - self.config.honest_mix) * grad
         self.wasserstein.append(gap)
         self.honest_cos.append(float(F.cosine_similarity(grad.flatten(), honest.flatten(), dim=0)))
         self.hijacked += self.config.hijack

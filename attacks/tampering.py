@@ -10,6 +10,14 @@ and/or the gradient it returns to the client head:
 
 It recovers no text: its effect is on utility, and what matters is whether the integrity defenses catch it.
 The steps it tampered with are kept (``tampered``) as ground truth for detection metrics.
+
+``adaptive = true`` is a server that read the deployed audit's code and public parameters (Kerckhoffs:
+``Observations.defense``) and tampers only where the cheap checks do not look: hidden states only at
+positions past the spot-checked prefix (``spot_tokens``), head gradients only at real positions other than
+the last (keeping the zero-gradient invariant) and with ``scaled_noise`` (keeping the cosine to the tail
+gradient high for small ``scale``). Against an audit whose schedule is drawn from a CSPRNG after the reply,
+it cannot know which steps are fully audited; ``rate`` (tamper probability) and ``scale`` (magnitude) are
+its strength knobs.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ class TamperingConfig(AttackConfig):
     mode: str = "sign_flip"  # sign_flip | random | scaled_noise
     rate: float = 0.2  # fraction of steps tampered with
     scale: float = 0.1  # for scaled_noise: noise std relative to the tensor's std
+    adaptive: bool = False  # tamper only where the deployed audit's cheap checks do not look (see above)
 
     def __post_init__(self) -> None:
         if self.target not in ("hidden", "gradient", "both"):
@@ -49,25 +58,43 @@ def corrupt(x: torch.Tensor, mode: str, scale: float, generator: torch.Generator
 
 
 class TamperPolicy(ServerPolicy):
-    def __init__(self, config: TamperingConfig):
+    def __init__(self, config: TamperingConfig, spot_tokens: int = 0):
         self.config = config
+        self.spot_tokens = spot_tokens  # adaptive: the audit's public spot-check prefix (0: no audit deployed)
         self.rng = random.Random(config.seed)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.tampered: list[tuple[int, str]] = []  # (step, "hidden" | "gradient")
         self.seen: list[tuple[int, str]] = []
 
-    def _maybe(self, step: int, what: str, x: torch.Tensor) -> torch.Tensor:
+    def _where(self, what: str, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+        """Adaptive: the positions the cheap checks never look at (None: everywhere)."""
+        if not self.config.adaptive:
+            return None
+        positions = torch.arange(x.shape[1]).unsqueeze(0)
+        if what == "hidden":
+            keep = (positions >= self.spot_tokens) & mask.bool()
+        else:  # real positions other than the last: the zero-gradient invariant holds
+            keep = positions < (mask.sum(1, keepdim=True) - 1)
+        return keep.unsqueeze(-1)
+
+    def _maybe(self, step: int, what: str, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         self.seen.append((step, what))
         if self.config.target in (what, "both") and self.rng.random() < self.config.rate:
+            bad = corrupt(x, self.config.mode, self.config.scale, self.generator)
+            where = self._where(what, x, mask)
+            if where is not None:
+                if not bool(where.any()):
+                    return x  # nothing to tamper with unseen (a sequence shorter than the prefix)
+                bad = torch.where(where, bad, x)
             self.tampered.append((step, what))
-            return corrupt(x, self.config.mode, self.config.scale, self.generator)
+            return bad
         return x
 
     def on_forward(self, client_ids, step, hidden_in, attention_mask, honest_out):
-        return self._maybe(step, "hidden", honest_out)
+        return self._maybe(step, "hidden", honest_out, attention_mask)
 
     def head_gradient(self, client_ids, step, hidden_in, attention_mask, honest_grad):
-        return self._maybe(step, "gradient", honest_grad)
+        return self._maybe(step, "gradient", honest_grad, attention_mask)
 
 
 @register_attack("tampering")
@@ -82,7 +109,10 @@ class TamperingAttack(Attack):
         self.policy: TamperPolicy | None = None
 
     def server_policy(self, obs: Observations) -> ServerPolicy:
-        self.policy = TamperPolicy(self.config)
+        spot = 0
+        if self.config.adaptive and obs.defense is not None:  # the deployed defense's public parameters
+            spot = int(obs.defense.public_params().get("spot_tokens", 0))
+        self.policy = TamperPolicy(self.config, spot)
         return self.policy
 
     def reconstruct(self, obs: Observations) -> Reconstruction:

@@ -1,45 +1,56 @@
-"""Integrity audit of the server's computation: catch a server that tampers with what it returns.
+"""Integrity audit of the server's computation: catch a server that tampers with what it returns, using only
+what a client can hold.
 
 Lu et al. (2023) recompute every pipeline stage on a redundant copy — 100 % detection for 100 % extra
-compute. This defense gets the same catch rate on whole-tensor tampering for a few percent, with two
-detectors run by a verifier on the client side that holds a commitment to the server's trunk weights (in
-one process: the server's current weights, before its optimiser step of that step):
+compute. This defense spot-checks instead, and never reads the live server: its verifier holds
 
-1. Randomised recomputation.
+* a *replica* of the trunk built from public knowledge (the public base weights and the public split and
+  adapter configuration; in-process, a copy of the trunk taken at install, before training, which holds
+  exactly that), whose frozen weights it hashes once;
+* the *commitment* the server publishes with every hidden-state reply (``ActivationMsg.commitment``: sha256
+  of its frozen-weight digest and the bytes of its trainable state of that step, see ``suite.commitment``);
+* for an audited step, the *revealed* trainable state (``Server.reveal``: safetensors bytes). The verifier
+  hashes the revealed state with its replica's frozen digest and compares the result with the commitment
+  before it loads the state into the replica and re-executes.
+
+Which steps and positions are audited is drawn from the operating system's CSPRNG (``secrets``) after the
+server has replied, so a server that knows the policy (its public parameters) cannot predict which steps are
+safe to tamper with. The detectors:
+
+1. Randomised recomputation on the replica.
    * Every step, a *spot check*: recompute the trunk on the first 1..``spot_tokens`` positions of one random
-     real sequence. Under causal attention those outputs depend on that prefix only, so the check costs
-     ``spot_tokens`` tokens of one forward pass, and any tampering that touches every element of the
-     returned hidden states (sign flip, random replacement, additive noise) changes the checked values.
+     real sequence (under causal attention those outputs depend on that prefix only).
    * With probability ``audit_rate``, a *full audit*: recompute the hidden states of the whole batch and the
-     gradient for the head (forward + backward of the trunk with the committed weights and the gradient the
+     gradient for the head (forward + backward of the replica with the committed state and the gradient the
      tail sent), and compare both.
-2. A structural invariant, free: the causal-LM loss never uses the output at a sequence's last real
-   position (it would predict padding) nor at padding, so an honest gradient for the head is exactly zero
-   there. Noise or random values spread over the whole returned gradient break it at once.
-3. Statistical monitoring (in the spirit of SENTINEL): for the gradient returned to the head, its cosine to
-   the gradient the tail sent — positive and slowly drifting over honest training because the trunk is a
-   stack of residual blocks. A cosine below ``min_cosine`` flags the step; after ``warmup`` steps so does a
-   robust z-score (median / MAD of the last accepted steps) above ``z_threshold``.
+2. A structural invariant, free: an honest head gradient is exactly zero at a sequence's last real position
+   and at padding (the causal-LM loss never uses those outputs).
+3. Statistical monitoring (in the spirit of SENTINEL): the cosine of the returned head gradient to the tail
+   gradient; below ``min_cosine``, or a robust z-score above ``z_threshold`` after ``warmup`` steps, flags.
 
-What is caught: hidden-state tampering of every mode at every step (spot check); gradient sign flips
-(statistics), random replacement and additive noise (invariant, statistics) at every step. A server that
-tampers only where the cheap checks do not look (positions past the spot-checked prefix, gradients that keep
-the invariant and the cosine) is caught only by the full audit, i.e. with probability ``audit_rate`` per
-tampered step: recomputing whole gradients is what costs.
+What an adaptive server can still do (measured in BENCHMARKS.md, "issue 12"): tamper only positions past the
+spot-checked prefix, and gradients in ways that keep the invariant and the cosine; it is then caught by the
+full audit only, i.e. with probability ``audit_rate`` per tampered step, and tampering below ``rtol`` of the
+tensor's scale is not caught at all (nor does it change much). The commitment covers the state a step was
+computed with, not whether the server's optimiser step was honest.
 A flagged step is rejected (the client skips its update) and training continues.
 """
 
 from __future__ import annotations
 
-import random
+import copy
+import secrets
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from suite.commitment import commit, decode_reveal, frozen_digest
 from suite.defense import Defense, DefenseConfig, register_defense
-from suite.parties import Batch, StepRejected, trainable
+from suite.errors import ProtocolError
+from suite.parties import Batch, StepRejected
 from suite.split import position_ids_for
 
 
@@ -51,7 +62,6 @@ class IntegrityAuditConfig(DefenseConfig):
     min_cosine: float = 0.1  # an honest head gradient points along the tail gradient (residual blocks)
     warmup: int = 5  # honest steps before the statistics may flag
     rtol: float = 1e-3  # recomputation tolerance, relative to the tensor's scale
-    seed: int = 0
 
     def __post_init__(self) -> None:
         if not 0 <= self.audit_rate <= 1:
@@ -86,7 +96,7 @@ class _Running:
 @dataclass
 class _ClientState:
     audit: bool = False
-    snapshot: list[torch.Tensor] | None = None
+    revealed: bool = False  # the replica holds the committed state of the current step
     # cosine of the head gradient to the tail gradient: positive and slowly drifting in honest training
     # (residual blocks pass the gradient through), < 0 when flipped, ~0 when replaced. (Norm ratios drift
     # too fast while the tail's loss falls to be a usable statistic.)
@@ -104,7 +114,11 @@ class IntegrityAuditDefense(Defense):
 
     def __init__(self, config: IntegrityAuditConfig | None = None):
         super().__init__(config)
-        self.rng = random.Random(self.config.seed)
+        self.rng = secrets.SystemRandom()  # the audit schedule: unpredictable to the server, never from the config
+        self.replica: torch.nn.Module | None = None
+        self._replica_frozen: bytes = b""
+        self._reveal: Callable[[int, int], bytes] | None = None
+        self.reveals = 0
         self.flags: list[dict] = []  # {"client", "step", "detector", "what"}
         self.served_units = 0.0  # token-passes the server computed (forward = 1, backward = 2)
         self.recomputed_units = 0.0
@@ -116,29 +130,61 @@ class IntegrityAuditDefense(Defense):
         self.flags.append({"client": client.id, "step": step, "detector": detector, "what": what})
         raise StepRejected(f"{detector} flagged the {what} of step {step}")
 
-    def _check_hidden(self, server, client, state: _ClientState, step: int, hidden: torch.Tensor,
-                      batch: Batch) -> torch.Tensor:
+    def _load_committed(self, client, step: int) -> None:
+        """Ask for the state committed to in this step's reply, check it against the commitment, load it into
+        the replica. A missing commitment, an unavailable state or a state that does not hash to the
+        commitment flags the step."""
+        commitment = client.received_commitment
+        if commitment is None:
+            self._flag(client, step, "commitment", "hidden states (no commitment sent)")
+        try:
+            state, adapter = decode_reveal(self._reveal(client.id, step))
+        except ProtocolError:
+            self._flag(client, step, "commitment", "hidden states (state not revealed)")
+        self.reveals += 1
+        if commit(self._replica_frozen, state, adapter) != commitment:
+            self._flag(client, step, "commitment", "hidden states (revealed state does not match the commitment)")
+        replica = self.replica
+        own = dict(replica.named_parameters())
+        if set(state) - set(own):
+            self._flag(client, step, "commitment", "hidden states (revealed tensors the replica does not have)")
+        if adapter is not None:
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            for module in replica.modules():
+                if isinstance(module, BaseTunerLayer):
+                    module.set_adapter(adapter)
+        with torch.no_grad():
+            for name, value in state.items():
+                if own[name].shape != value.shape:
+                    self._flag(client, step, "commitment", "hidden states (revealed tensor of the wrong shape)")
+                own[name].copy_(value)
+
+    def _check_hidden(self, client, state: _ClientState, step: int, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
         start = time.perf_counter()
         sent, mask = client.sent_activation, batch.attention_mask
         tokens = int(mask.sum())
         self.served_units += 3 * tokens
         state.audit = self.rng.random() < self.config.audit_rate
-        server.activate_for(client.id)
+        state.revealed = False
         try:
+            rows = [i for i in range(mask.shape[0]) if mask[i, 0]]
+            spot = bool(self.config.spot_tokens and rows)
+            if state.audit or spot:
+                self._load_committed(client, step)
+                state.revealed = True
             with torch.no_grad():
                 if state.audit:
-                    state.snapshot = [p.detach().clone() for p in trainable([server.trunk])]
-                    want = server.trunk(sent, mask, position_ids_for(mask))
+                    want = self.replica(sent, mask, position_ids_for(mask))
                     self.recomputed_units += tokens
                     real = mask.bool()
                     if not _close(hidden[real], want[real], self.config.rtol):
                         self._flag(client, step, "full_audit", "hidden states")
-                rows = [i for i in range(mask.shape[0]) if mask[i, 0]]
-                if self.config.spot_tokens and rows:
+                if spot:
                     r = self.rng.choice(rows)
                     length = min(self.rng.randint(1, self.config.spot_tokens), int(mask[r].sum()))
                     m = mask[r : r + 1, :length]
-                    want = server.trunk(sent[r : r + 1, :length], m, position_ids_for(m))
+                    want = self.replica(sent[r : r + 1, :length], m, position_ids_for(m))
                     self.recomputed_units += length
                     if not _close(hidden[r : r + 1, :length], want, self.config.rtol):
                         self._flag(client, step, "spot_check", "hidden states")
@@ -146,16 +192,15 @@ class IntegrityAuditDefense(Defense):
             self.audit_seconds += time.perf_counter() - start
         return hidden
 
-    def _check_gradient(self, server, client, state: _ClientState, step: int, grad: torch.Tensor,
+    def _check_gradient(self, client, state: _ClientState, step: int, grad: torch.Tensor,
                         head_out: torch.Tensor, batch: Batch) -> torch.Tensor:
         start = time.perf_counter()
         try:
             mask = batch.attention_mask.bool()
             tail_grad = client.sent_gradient
-            if state.audit and state.snapshot is not None and tail_grad is not None:
-                want = self._recompute_gradient(server, client, state.snapshot, head_out, batch, tail_grad)
+            if state.audit and state.revealed and tail_grad is not None:
+                want = self._recompute_gradient(head_out, batch, tail_grad)
                 self.recomputed_units += 3 * int(mask.sum())
-                state.snapshot = None
                 if not _close(grad[mask], want[mask], self.config.rtol):
                     self._flag(client, step, "full_audit", "head gradient")
             # Structural invariant: the loss never uses the output at the last real position (it would
@@ -179,50 +224,46 @@ class IntegrityAuditDefense(Defense):
             self.audit_seconds += time.perf_counter() - start
         return grad
 
-    @staticmethod
-    def _recompute_gradient(server, client, snapshot, head_out, batch, tail_grad) -> torch.Tensor:
-        """The head gradient an honest server would have sent: trunk backward with the committed weights."""
-        params = trainable([server.trunk])
-        current = [p.detach().clone() for p in params]
-        server.activate_for(client.id)
-        with torch.no_grad():
-            for p, s in zip(params, snapshot, strict=True):
-                p.copy_(s)
-        try:
-            x = head_out.detach().clone().requires_grad_(True)
-            mask = batch.attention_mask
-            out = server.trunk(x, mask, position_ids_for(mask))
-            (grad,) = torch.autograd.grad(out, x, tail_grad)
-        finally:
-            with torch.no_grad():
-                for p, c in zip(params, current, strict=True):
-                    p.copy_(c)
+    def _recompute_gradient(self, head_out, batch, tail_grad) -> torch.Tensor:
+        """The head gradient an honest server would have sent: replica backward with the committed state."""
+        x = head_out.detach().clone().requires_grad_(True)
+        mask = batch.attention_mask
+        out = self.replica(x, mask, position_ids_for(mask))
+        (grad,) = torch.autograd.grad(out, x, tail_grad)
         return grad
 
     # --- wiring ------------------------------------------------------------------------------------
 
     def install(self, session) -> None:
         server = session.server
+        # The replica: public base weights and public adapter configuration, before any training (a client
+        # builds it the same way from the public model). Its frozen weights are hashed here once; every
+        # trainable value it computes with later comes from a reveal checked against a commitment.
+        self.replica = copy.deepcopy(server.trunk)
+        self._replica_frozen = frozen_digest(self.replica)
+        server.commit_state = True  # the protocol this defense runs: commitments on, reveals on request
+        self._reveal = server.reveal  # the reveal request (bytes back), not the server's objects
         for client in session.clients:
             state = _ClientState()
 
             def hidden_hook(step, hidden, batch, client=client, state=state):
-                return self._check_hidden(server, client, state, step, hidden, batch)
+                return self._check_hidden(client, state, step, hidden, batch)
 
             def gradient_hook(step, grad, head_out, batch, client=client, state=state):
-                return self._check_gradient(server, client, state, step, grad, head_out, batch)
+                return self._check_gradient(client, state, step, grad, head_out, batch)
 
             client.hidden_hooks.append(hidden_hook)
             client.gradient_hooks.append(gradient_hook)
 
     def flagged_steps(self) -> set[tuple[int, str]]:
         """(step, "hidden" | "gradient") pairs that were rejected."""
-        return {(f["step"], "hidden" if f["what"] == "hidden states" else "gradient") for f in self.flags}
+        return {(f["step"], "hidden" if f["what"].startswith("hidden") else "gradient") for f in self.flags}
 
     def report(self) -> dict:
         by = {}
         for f in self.flags:
             by[f["detector"]] = by.get(f["detector"], 0) + 1
         return {"audit_rate": self.config.audit_rate, "spot_tokens": self.config.spot_tokens,
-                "flagged": len(self.flags), "flagged_by": by,
+                "flagged": len(self.flags), "flagged_by": by, "reveals": self.reveals,
+                "verifier": "replica + commitments (no access to the live trunk)",
                 "extra_compute": self.recomputed_units / self.served_units if self.served_units else 0.0}

@@ -24,6 +24,7 @@ from suite.defense import Defense, make_defense, public_defense
 from suite.experiment import Prepared, prepare
 from suite.models import LoadedModel
 from suite.parties import Batch
+from suite.preflight import check_threat
 from suite.protocol import ActivationMsg, GradientMsg
 from suite.split import SplitSpec
 from suite.threats import ObservedBatch, ThreatModel, filter_observations, get_threat
@@ -232,7 +233,8 @@ class CellResult:
 def attack_trained(trained: TrainedSplit, threat: ThreatModel, attack: Attack, cfg: ExperimentConfig) -> CellResult:
     """Run ``attack`` on a trained split's capture and score it against the victims' records."""
     prepared = trained.prepared
-    victims = [c for c in range(cfg.training.clients) if c != threat.colluder] or [0]
+    check_threat(threat, cfg.training.clients)  # with one client the colluder would be the victim
+    victims = [c for c in range(cfg.training.clients) if c != threat.colluder]
     cap = trained.capture.of(victims)
     obs = _observations(threat, prepared.session.split.spec, trained.base, cfg, trained.shadow, prepared, cap,
                         trained.defense)
@@ -270,6 +272,7 @@ def run_cell(cfg: ExperimentConfig, spec: SplitSpec, threat_name: str, attack_na
     from suite.models import load_model
 
     threat = get_threat(threat_name)
+    check_threat(threat, cfg.training.clients)
     attack = make_attack(attack_name, threat, params)
     defense = make_defense(defense_name, defense_params)
     base = base if base is not None else load_model(cfg.model.name)

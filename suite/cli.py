@@ -60,6 +60,13 @@ def _config_from_args(args: argparse.Namespace):
     return parse_config(data, "command line")
 
 
+def _preflight_single(cfg, threat: str | None = None) -> None:
+    """Data, model, split (and threat) checked before anything loads: one line and exit 2 on a problem."""
+    from suite.preflight import check_single
+
+    check_single(cfg, threat)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -68,6 +75,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from suite.training import eval_loss, train
 
     cfg = _config_from_args(args)
+    _preflight_single(cfg)
     t = cfg.training
     spec = SplitSpec(t.head_blocks, t.tail_blocks)
     prepared = prepare(cfg, spec)
@@ -119,6 +127,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     from suite.split import SplitSpec
 
     cfg = _config_from_args(args)
+    _preflight_single(cfg, args.threat)
     spec = SplitSpec(cfg.training.head_blocks, cfg.training.tail_blocks)
     result = run_cell(cfg, spec, args.threat, args.attack, _params(args.param),
                       defense_name=args.defense, defense_params=_params(args.defense_param))
@@ -141,16 +150,17 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from suite.config import DEFAULT_MATRIX, load_config
-    from suite.matrix import expand, run_matrix
+    from suite.preflight import check_matrix_run
 
     cfg = load_config(args.config if args.config else DEFAULT_MATRIX)
-    cells, skipped = expand(cfg)  # validate before loading anything
     workers = args.workers if args.workers is not None else cfg.executor.workers
     if workers < 1:
         raise SplitleakError(f"--workers must be at least 1, not {workers}")
+    cells, skipped = check_matrix_run(cfg, args.out)  # everything checkable, before a store or a model exists
+    from tqdm import tqdm
+
+    from suite.matrix import run_matrix  # imports torch: only once the input is known good
     left_out: dict[tuple[str, str, str], int] = {}  # one line per threat/attack pair, not per cell
     for cell, reason in skipped:
         pair = (cell.threat, cell.attack, reason)
@@ -164,14 +174,23 @@ def cmd_run(args: argparse.Namespace) -> int:
         bar.set_postfix_str(current)
         bar.refresh()
 
+    def note(line: str) -> None:
+        bar.write(f"splitleak: {line}", file=sys.stderr)
+
     summary = run_matrix(cfg, args.out, workers=workers, executor=args.executor, address=args.address,
-                         on_progress=progress)
+                         on_progress=progress, retry_failed=args.retry_failed, keep_stale=args.keep_stale,
+                         on_note=note)
     bar.close()
     print(f"{summary['cells']} cells ({summary['ran']} run now, {summary['cells'] - summary['ran']} already done, "
           f"{len(summary['skipped'])} left out) in {summary['groups']} training runs -> {args.out}/results.sqlite")
-    from reports.report import build_report
+    if not args.no_report:
+        from reports.report import build_report
 
-    print(f"report -> {build_report(args.out)}")
+        print(f"report -> {build_report(args.out)}")
+    if summary["failed"]:
+        print(f"splitleak: {summary['failed']} of {summary['cells']} cells failed; see `splitleak results "
+              f"{args.out}` (`splitleak run --retry-failed` reruns them)", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -255,6 +274,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from suite.net.parties import serve
 
     cfg = _config_from_args(args)
+    _preflight_single(cfg)
     t = cfg.training
 
     def ready(port: int, events: list[str]) -> None:
@@ -274,6 +294,7 @@ def cmd_client(args: argparse.Namespace) -> int:
     from suite.net.parties import run_client
 
     cfg = _config_from_args(args)
+    _preflight_single(cfg)
     bar = tqdm(total=cfg.training.steps, desc=f"client {args.id}", unit="step", file=sys.stderr,
                dynamic_ncols=True)
     last = [time.perf_counter()]
@@ -330,6 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--executor", choices=["local", "ray"], default="local",
                    help="where training groups run: this machine, or Ray tasks (pip install 'splitleak[ray]')")
     p.add_argument("--address", help="Ray cluster address (e.g. ray://head:10001 or auto); default: a local one")
+    p.add_argument("--no-report", action="store_true", help="skip building DIR/report.pdf (`splitleak report DIR` "
+                   "builds it later)")
+    p.add_argument("--retry-failed", action="store_true", help="rerun the cells whose stored row failed")
+    p.add_argument("--keep-stale", action="store_true", help="reuse rows computed by another code revision "
+                   "(default: such rows are reported, recomputed and replaced)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("results", help="print the results table of a run directory", epilog=EPILOG)

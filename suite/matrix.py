@@ -26,6 +26,8 @@ from suite.attack import ATTACKS, make_attack
 from suite.config import ExperimentConfig
 from suite.defense import DEFENSES, make_defense
 from suite.errors import ConfigError
+from suite.preflight import colluder_problem
+from suite.revision import code_revision, key_part
 from suite.split import SplitSpec
 from suite.store import METRICS, ResultsStore
 from suite.threats import THREATS, Capability, get_threat
@@ -176,12 +178,15 @@ def expand(cfg: ExperimentConfig) -> tuple[list[Cell], list[tuple[Cell, str]]]:
             threat = get_threat(threat_name)
             for attack, aparams in attacks:
                 missing = threat.missing(ATTACKS.get(attack).requires)
+                too_few = colluder_problem(threat, cfg.training.clients)
                 for defense, dparams in defenses:
                     for steps, finetune, seed in axes:
                         cell = Cell(k, m.tail_blocks, threat_name, attack, _canon(aparams), defense, _canon(dparams),
                                     steps, finetune, seed)
                         rule = _skip_rule(m.skip, threat_name, attack, aparams, defense, dparams)
-                        if missing:
+                        if too_few:
+                            skipped.append((cell, too_few))
+                        elif missing:
                             reason = f"{attack} needs {', '.join(sorted(c.value for c in missing))}; {threat_name} does not grant it"
                             skipped.append((cell, reason))
                         elif rule is not None:
@@ -191,9 +196,10 @@ def expand(cfg: ExperimentConfig) -> tuple[list[Cell], list[tuple[Cell, str]]]:
     return cells, skipped
 
 
-def cell_key(cell: Cell, cfg: ExperimentConfig, revision: str) -> str:
+def cell_key(cell: Cell, cfg: ExperimentConfig, revision: str, code: str | None = None) -> str:
     """Hash of everything that determines the cell's result: its own axes, the model revision, the data,
-    the training setup and the seed."""
+    the training setup and the seed, and (``code``: ``suite.revision.code_revision()``) the code that computes
+    it. Without ``code`` it is the cell id, which rows of the same cell from other code share."""
     cfg = cell_config(cfg, cell)  # the axes enter through [training], so an unswept cell keeps its key
     payload = {
         "cell": {k: v for k, v in cell.__dict__.items() if k not in AXES},
@@ -202,6 +208,8 @@ def cell_key(cell: Cell, cfg: ExperimentConfig, revision: str) -> str:
         "data": cfg.data.model_dump(),
         "training": cfg.training.model_dump(exclude={"head_blocks", "tail_blocks"}),
     }
+    if code is not None:
+        payload["code"] = key_part(code)
     return hashlib.sha256(_canon(payload).encode()).hexdigest()[:24]
 
 
@@ -215,15 +223,15 @@ def versions() -> dict[str, str]:
     return out
 
 
-def aggregate_key(cell: Cell, cfg: ExperimentConfig, revision: str) -> str | None:
+def aggregate_key(cell: Cell, cfg: ExperimentConfig, revision: str, code: str | None = None) -> str | None:
     """The key of the row that pools a cell's seeds, or None when the matrix has at most one seed."""
     if cell.seed is None or len(cfg.matrix.seeds or ()) < 2:
         return None
-    return "agg-" + cell_key(cell.without_seed(), cfg, revision)[4:]
+    return "agg-" + cell_key(cell.without_seed(), cfg, revision, code)[4:]
 
 
 def _row(cell: Cell, key: str, cfg: ExperimentConfig, revision: str) -> dict[str, Any]:
-    agg = aggregate_key(cell, cfg, revision)
+    agg = aggregate_key(cell, cfg, revision, code_revision())
     cfg = cell_config(cfg, cell)
     return {
         "steps": cfg.training.steps, "finetune": cfg.training.finetune, "aggregate_key": agg,
@@ -232,6 +240,7 @@ def _row(cell: Cell, key: str, cfg: ExperimentConfig, revision: str) -> dict[str
         "attack": cell.attack, "attack_params": json.loads(cell.attack_params), "defense": cell.defense,
         "defense_params": json.loads(cell.defense_params), "seed": cfg.training.seed,
         "config": cfg.model_dump(), "versions": versions(),
+        "code_revision": code_revision(), "cell_id": cell_key(cell, cfg, revision),
     }
 
 
@@ -381,7 +390,8 @@ def _interval_fields(result, blind, trained) -> dict[str, Any]:
     return out
 
 
-def aggregate_seeds(cfg: ExperimentConfig, out: str, cells: list[Cell], revision: str) -> int:
+def aggregate_seeds(cfg: ExperimentConfig, out: str, cells: list[Cell], revision: str,
+                    code: str | None = None) -> int:
     """For every cell whose seeds have all finished, (re)write its aggregate row: metrics, intervals and
     advantages over records x seeds from the per-seed rows' ``record_scores``. Returns how many."""
     import numpy as np
@@ -397,10 +407,10 @@ def aggregate_seeds(cfg: ExperimentConfig, out: str, cells: list[Cell], revision
     with ResultsStore(out) as store:
         rows = {r["key"]: r for r in store.rows(per_seed=True)}
         for cell, seeded in members.items():
-            mine = [rows.get(cell_key(c, cfg, revision)) for c in seeded]
+            mine = [rows.get(cell_key(c, cfg, revision, code)) for c in seeded]
             if any(r is None for r in mine):
                 continue
-            key = aggregate_key(seeded[0], cfg, revision)
+            key = aggregate_key(seeded[0], cfg, revision, code)
             row = _row(cell, key, cfg, revision)
             seeds = [r["seed"] for r in mine]
             row.update(seed=None, seeds=seeds, aggregate_key=None, defense_report=mine[0]["defense_report"],
@@ -436,12 +446,18 @@ def _error(err: BaseException) -> str:
 
 def run_matrix(cfg: ExperimentConfig, out: str | Path, *, workers: int = 1, executor: str = "local",
                address: str | None = None,
-               on_progress: Callable[[int, int, str], None] | None = None) -> dict[str, Any]:
+               on_progress: Callable[[int, int, str], None] | None = None, retry_failed: bool = False,
+               keep_stale: bool = False, on_note: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run every missing cell of ``cfg``'s matrix into ``out``; returns counts and the left-out cells.
 
     ``executor``: ``"local"`` (this process, or ``workers`` processes) or ``"ray"`` (one Ray task per training
     group on the cluster at ``address``, or a local one). Either way rows land in the same store, cell by
-    cell, and a rerun finishes only what is missing."""
+    cell, and a rerun finishes only what is missing.
+
+    Keys include the code revision. Rows of the same cell computed by other code (stale rows) are not reused:
+    their cells run again and the new row replaces the stale one (``keep_stale`` keeps and reuses them
+    instead); ``on_note`` hears how many there are and from which revision. Failed rows count as done
+    unless ``retry_failed``. The summary's ``failed`` counts this matrix's failed rows after the run."""
     from suite.models import load_model
 
     if executor not in ("local", "ray"):
@@ -450,10 +466,29 @@ def run_matrix(cfg: ExperimentConfig, out: str | Path, *, workers: int = 1, exec
     cells, skipped = expand(cfg)
     ray = _import_ray() if executor == "ray" else None
     base = load_model(cfg.model.name)
+    code = code_revision()
     with ResultsStore(out) as store:
-        done = store.done()
-    keys = {c: cell_key(c, cfg, base.revision) for c in cells}
-    todo = [c for c in cells if keys[c] not in done]
+        status = store.statuses()
+        by_cell = store.revisions_by_cell()
+    keys = {c: cell_key(c, cfg, base.revision, code) for c in cells}
+    stale: dict[str, int] = {}  # other code revision -> rows of this matrix's cells it computed
+    stale_cells = set()
+    for c in cells:
+        if keys[c] in status:
+            continue
+        for key, rev in by_cell.get(cell_key(c, cfg, base.revision), []):
+            if key != keys[c]:
+                label = rev or "unknown (written before rows recorded it)"
+                stale[label] = stale.get(label, 0) + 1
+                stale_cells.add(c)
+    note = on_note or (lambda _: None)
+    for rev, n in sorted(stale.items()):
+        verb = "kept and reused (--keep-stale)" if keep_stale else "ignored: recomputed now (--keep-stale reuses them)"
+        note(f"{n} row{'s' if n != 1 else ''} from revision {rev} {'are' if n != 1 else 'is'} {verb}")
+    retry = {c for c in cells if retry_failed and status.get(keys[c]) == "failed"}
+    if retry:
+        note(f"retrying {len(retry)} failed cell{'s' if len(retry) != 1 else ''}")
+    todo = [c for c in cells if (keys[c] not in status and not (keep_stale and c in stale_cells)) or c in retry]
     groups: dict[tuple, list[Cell]] = {}
     for c in todo:
         groups.setdefault(c.training_group(), []).append(c)
@@ -489,9 +524,12 @@ def run_matrix(cfg: ExperimentConfig, out: str | Path, *, workers: int = 1, exec
                     landed = store.done() & label_of.keys()
                 for key in sorted(landed, key=label_of.get):
                     cell_done(label_of.pop(key))
-    aggregated = aggregate_seeds(cfg, out, cells, base.revision)
-    return {"cells": len(cells), "ran": len(todo), "skipped": skipped, "groups": len(groups),
-            "aggregated": aggregated}
+    aggregated = aggregate_seeds(cfg, out, cells, base.revision, code)
+    with ResultsStore(out) as store:
+        status = store.statuses()
+    failed = sum(1 for c in cells if status.get(keys[c]) == "failed")
+    return {"cells": len(cells), "ran": len(todo), "skipped": skipped, "groups": len(groups), "failed": failed,
+            "stale": stale, "code_revision": code, "aggregated": aggregated}
 
 
 def _import_ray():

@@ -20,6 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from suite.commitment import (
+    commit,
+    digest_tensor,
+    encode_reveal,
+    frozen_digest,
+    tensor_digest,
+    trainable_state,
+)
 from suite.errors import ProtocolError
 from suite.protocol import TO_CLIENT, TO_SERVER, ActivationMsg, Expect, GradientMsg, decode, encode
 from suite.split import ClientHead, ClientTail, ServerTrunk, position_ids_for
@@ -126,6 +134,7 @@ class Client:
         self.rejected_steps: list[int] = []
         self.sent_activation: torch.Tensor | None = None  # the head output of the current step (for audits)
         self.sent_gradient: torch.Tensor | None = None  # the tail gradient of the current step (for audits)
+        self.received_commitment: bytes | None = None  # the server's commitment of the current step, if any
         self._batch: Batch | None = None
         self._head_out: torch.Tensor | None = None
         self._embeds: torch.Tensor | None = None
@@ -183,6 +192,7 @@ class Client:
             raise ProtocolError(f"server returned hidden states of shape {tuple(msg.hidden.shape)}, "
                                 f"expected {tuple(self._head_out.shape)}")
         received = msg.hidden
+        self.received_commitment = tensor_digest(msg.commitment)
         try:
             for hook in self.hidden_hooks:
                 received = hook(step, received, self._batch)
@@ -262,6 +272,26 @@ class Server:
         # Callbacks that see every decoded message the server receives: a curious server's memory.
         self.inbox_taps: list[Callable[[ActivationMsg | GradientMsg], None]] = []
         self._pending: tuple[list[int], torch.Tensor, torch.Tensor, list[int], list[int], str | None] | None = None
+        # Commitments (suite.commitment): when on, every hidden-state reply carries a digest of the trunk state
+        # it was computed with, and ``reveal`` hands that state out for an audited step.
+        self.commit_state = False
+        self._frozen_digest: bytes | None = None
+        self._committed: dict[int, tuple[int, dict[str, torch.Tensor], str | None]] = {}
+
+    def _commit(self, ids: Sequence[int], steps: Mapping[int, int], adapter: str | None) -> torch.Tensor:
+        if self._frozen_digest is None:
+            self._frozen_digest = frozen_digest(self.trunk)
+        state = trainable_state(self.trunk)
+        for c in ids:
+            self._committed[c] = (steps[c], state, adapter)
+        return digest_tensor(commit(self._frozen_digest, state, adapter))
+
+    def reveal(self, client_id: int, step: int) -> bytes:
+        """The trunk state committed to in ``client_id``'s reply of ``step`` (safetensors bytes)."""
+        entry = self._committed.get(client_id)
+        if entry is None or entry[0] != step:
+            raise ProtocolError(f"no committed state for client {client_id} step {step}")
+        return encode_reveal(entry[1], entry[2])
 
     def activate_for(self, client_id: int) -> None:
         """Switch the trunk to ``client_id``'s own adapter set (no-op when adapters are shared)."""
@@ -316,9 +346,10 @@ class Server:
         lengths = [m.hidden.shape[1] for m in msgs]
         self._pending = (ids, steps, hidden, mask, out, rows, lengths, adapter)
         first = steps[ids[0]]
+        commitment = self._commit(ids, steps, adapter) if self.commit_state else None
         sent = out if self.policy is None else self.policy.on_forward(ids, first, hidden.detach(), mask, out.detach())
         for c, t, part in zip(ids, lengths, sent.split(rows), strict=True):
-            reply = ActivationMsg(c, steps[c], TO_CLIENT, part[:, :t])
+            reply = ActivationMsg(c, steps[c], TO_CLIENT, part[:, :t], commitment=commitment)
             self.transport.send(SERVER, client_endpoint(c), encode(reply))
 
     @property

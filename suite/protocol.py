@@ -65,6 +65,8 @@ class ActivationMsg(_Msg):
     hidden: torch.Tensor
     attention_mask: torch.Tensor | None = None
     position_ids: torch.Tensor | None = None
+    # trunk -> tail, when the server commits (suite.commitment): sha256 of the trunk state of this step, uint8[32]
+    commitment: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,8 @@ COLUMNS: dict[str, str] = {
     "config": "TEXT",  # JSON of the whole run config
     "versions": "TEXT",  # JSON of package versions
     "finished_at": "REAL",
+    "code_revision": "TEXT",  # the code that computed the row (suite.revision.code_revision); part of the key
+    "cell_id": "TEXT",  # the cell's key without the code revision: finds a row of the same cell from other code
 }
 TIMING = ("attack_seconds", "attack_peak_rss_mib", "finished_at")
 
@@ -96,8 +98,21 @@ class ResultsStore:
         """Keys of cells that finished (ok or failed) — a resumed run skips them."""
         return {k for (k,) in self._conn.execute("SELECT key FROM cells")}
 
+    def statuses(self) -> dict[str, str]:
+        """key -> status ("ok" | "failed") of every row."""
+        return {k: s for k, s in self._conn.execute("SELECT key, status FROM cells")}
+
+    def revisions_by_cell(self) -> dict[str, list[tuple[str, str | None]]]:
+        """cell id -> [(key, code revision)] of its rows. A row written before keys held the code revision has
+        no cell id: its key is the cell id (the same hash, without the revision)."""
+        out: dict[str, list[tuple[str, str | None]]] = {}
+        for key, cell_id, rev in self._conn.execute("SELECT key, cell_id, code_revision FROM cells"):
+            out.setdefault(cell_id or key, []).append((key, rev))
+        return out
+
     def write(self, row: dict[str, Any]) -> None:
-        """Insert one finished cell in a single transaction (all or nothing)."""
+        """Insert one finished cell in a single transaction (all or nothing). A row with a ``cell_id``
+        replaces the rows of the same cell computed by other code (stale rows), in the same transaction."""
         unknown = set(row) - set(COLUMNS)
         if unknown:
             raise ValueError(f"unknown result columns {sorted(unknown)}")
@@ -105,7 +120,16 @@ class ResultsStore:
         values = {k: json.dumps(v, sort_keys=True) if isinstance(v, dict | list) else v for k, v in row.items()}
         names = ", ".join(f'"{k}"' for k in values)
         marks = ", ".join("?" for _ in values)
-        self._conn.execute(f"INSERT OR REPLACE INTO cells ({names}) VALUES ({marks})", list(values.values()))
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            if row.get("cell_id"):
+                self._conn.execute("DELETE FROM cells WHERE (cell_id = ? OR key = ?) AND key != ?",
+                                   (row["cell_id"], row["cell_id"], row["key"]))
+            self._conn.execute(f"INSERT OR REPLACE INTO cells ({names}) VALUES ({marks})", list(values.values()))
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
 
     def rows(self, per_seed: bool = False) -> list[dict[str, Any]]:
         """Every row; per-seed rows whose aggregate row exists only with ``per_seed``."""

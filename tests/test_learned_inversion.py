@@ -108,3 +108,21 @@ def test_needs_shadow_data():
                                       frozenset({Capability.ACTIVATIONS, Capability.BASE_WEIGHTS}))
     with pytest.raises(ConfigError, match="needs shadow_data"):
         make_attack("learned_inversion", server_without_text)
+
+
+def test_noise_adaptation_helps_against_noisy_activations(shallow):
+    """BiSR's noise-robust inverter: trained with the noise the observations carry, the linear inverter
+    decodes noisy activations better than the same inverter trained on clean features."""
+    threat = get_threat("curious_server")
+    cap = shallow.capture.of([0, 1])
+    obs = _observations(threat, SplitSpec(2, 1), shallow.base, CFG, shallow.shadow, shallow.prepared, cap)
+    sigma = 1.5 * float(torch.cat([b.hidden[b.attention_mask.bool()] for b in obs.batches]).std())
+    noisy = _noisy(obs, sigma)
+    real = cap.mask.bool()
+
+    def accuracy(params):
+        recon, _ = timed_reconstruct(make_attack("learned_inversion", threat, {"mode": "linear", **params}), noisy)
+        return float((recon.token_ids[real] == cap.true_ids[real]).float().mean())
+
+    plain, adapted = accuracy({}), accuracy({"noise_sigma": sigma})
+    assert adapted > plain + 0.02, (plain, adapted)

@@ -7,21 +7,20 @@ import subprocess
 import sys
 import time
 
+import grpc  # a dependency: a broken install fails here instead of skipping the mTLS tests
 import pytest
 import torch
 
-grpc = pytest.importorskip("grpc")
-
-from suite.cli import _config_from_args, build_parser  # noqa: E402
-from suite.errors import SplitleakError  # noqa: E402
-from suite.experiment import prepare  # noqa: E402
-from suite.net.certs import load_identity, make_certs  # noqa: E402
-from suite.net.link import Link, LinkError, RemoteTransport  # noqa: E402
-from suite.net.parties import build_service, config_hash  # noqa: E402
-from suite.net.server import start_server  # noqa: E402
-from suite.net.tap import WireTap, negotiated_version, tls_records  # noqa: E402
-from suite.split import SplitSpec  # noqa: E402
-from suite.training import train  # noqa: E402
+from suite.cli import _config_from_args, build_parser
+from suite.errors import SplitleakError
+from suite.experiment import prepare
+from suite.net.certs import load_identity, make_certs
+from suite.net.link import Link, LinkError, RemoteTransport
+from suite.net.parties import build_service, config_hash
+from suite.net.server import start_server
+from suite.net.tap import WireTap, negotiated_version, tls_records
+from suite.split import SplitSpec
+from suite.training import train
 
 ARGS = ["--model", "tiny-llama", "-k", "1", "-m", "1", "--clients", "2", "--batch-size", "2", "--max-length", "12",
         "--private-size", "12"]
