@@ -152,6 +152,7 @@ def label_gradient(tail: ClientTail, trunk_out: torch.Tensor, mask: torch.Tensor
 @register_attack("gradient_inversion")
 class GradientInversionAttack(Attack):
     requires = frozenset({Capability.ACTIVATIONS, Capability.GRADIENTS, Capability.BASE_WEIGHTS})
+    uses = frozenset({Capability.COLLUDER_WEIGHTS, Capability.SHADOW_DATA})  # shadow: first-token candidates
     Config = GradientInversionConfig
 
     def reconstruct(self, obs: Observations) -> Reconstruction:

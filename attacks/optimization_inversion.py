@@ -105,6 +105,7 @@ def _adam(params: list[torch.Tensor], lr: float, steps: int, loss, on_step=None)
 @register_attack("optimization_inversion")
 class OptimizationInversionAttack(Attack):
     requires = frozenset({Capability.ACTIVATIONS, Capability.BASE_WEIGHTS})
+    uses = frozenset({Capability.COLLUDER_WEIGHTS, Capability.SHADOW_DATA})  # shadow: the adaptive simulation
     Config = OptimizationInversionConfig
 
     def _head(self, obs: Observations) -> ClientHead:

@@ -52,6 +52,8 @@ class WireInversionConfig(AttackConfig):
 @register_attack("wire_inversion")
 class WireInversionAttack(Attack):
     requires = frozenset({Capability.WIRE, Capability.BASE_WEIGHTS})
+    # Whatever its inner attacks use when granted (public text, a colluding peer's weights and records).
+    uses = frozenset({Capability.SHADOW_DATA, Capability.COLLUDER_WEIGHTS, Capability.COLLUDER_DATA})
     Config = WireInversionConfig
 
     def reconstruct(self, obs: Observations) -> Reconstruction:

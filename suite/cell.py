@@ -131,7 +131,8 @@ def train_split(
     if attack is not None and attack.active:
         if threat is None:
             raise ValueError("an active attack needs the threat it runs under")
-        public = _observations(threat, spec, base, cfg, shadow, prepared, capture=None, defense=defense)
+        public = _observations(threat, spec, base, cfg, shadow, prepared, capture=None, defense=defense,
+                               attack=attack)
         prepared.session.server.policy = attack.server_policy(public)
     train(prepared.session)  # a deviating server keeps deviating while the traffic is captured
     capture = capture_traffic(prepared, cfg.training.batch_size, first_step=len(prepared.session.losses))
@@ -140,7 +141,8 @@ def train_split(
 
 
 def _observations(threat, spec, base: LoadedModel, cfg, shadow, prepared: Prepared, capture: Capture | None,
-                  defense: Defense | None = None):
+                  defense: Defense | None = None, attack: Attack | None = None):
+    """What ``attack`` may see: the threat's grants, narrowed to what the attack declares (``requires | uses``)."""
     colluder = threat.colluder
 
     def base_model():
@@ -152,6 +154,7 @@ def _observations(threat, spec, base: LoadedModel, cfg, shadow, prepared: Prepar
 
     return filter_observations(
         threat,
+        attack.capabilities() if attack is not None else None,
         spec=spec,
         tokenizer=base.tokenizer,
         max_length=cfg.data.max_length,
@@ -178,6 +181,7 @@ class CellResult:
     references: list[str]
     defense_report: dict
     records: list[Record]  # the victims' records behind ``references`` (ground truth, for reports)
+    adaptive: bool | None = None  # the attack simulated the defense (``Reconstruction.extra["adaptive"]``)
 
 
 def attack_trained(trained: TrainedSplit, threat: ThreatModel, attack: Attack, cfg: ExperimentConfig) -> CellResult:
@@ -186,7 +190,7 @@ def attack_trained(trained: TrainedSplit, threat: ThreatModel, attack: Attack, c
     victims = [c for c in range(cfg.training.clients) if c != threat.colluder] or [0]
     cap = trained.capture.of(victims)
     obs = _observations(threat, prepared.session.split.spec, trained.base, cfg, trained.shadow, prepared, cap,
-                        trained.defense)
+                        trained.defense, attack)
     recon, cost = timed_reconstruct(attack, obs)
     tok = trained.base.tokenizer
     references = [tok.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(cap.true_ids, cap.mask,
@@ -206,8 +210,10 @@ def attack_trained(trained: TrainedSplit, threat: ThreatModel, attack: Attack, c
         mask=cap.mask,
         pii=[r.pii for r in cap.records],
     )
+    adaptive = recon.extra.get("adaptive") if isinstance(recon.extra, dict) else None
     return CellResult(threat.name, attack.name, trained.defense.name, metrics, trained.utility, cost, recon,
-                      references, trained.defense.report(), cap.records)
+                      references, trained.defense.report(), cap.records,
+                      None if adaptive is None else bool(adaptive))
 
 
 def run_cell(cfg: ExperimentConfig, spec: SplitSpec, threat_name: str, attack_name: str,

@@ -220,7 +220,8 @@ def run_group(cfg: ExperimentConfig, cells: list[Cell], keys: list[str], out: st
                         fields = dict(result.metrics.as_dict(), utility=result.utility,
                                       attack_seconds=result.cost.seconds, attack_peak_rss_mib=result.cost.peak_rss_mib,
                                       status="ok", error=None, note=result.reconstruction.note,
-                                      defense_report=result.defense_report, samples=_samples(result))
+                                      defense_report=result.defense_report, samples=_samples(result),
+                                      adaptive=None if result.adaptive is None else int(result.adaptive))
                         row.update(fields)
                         if same is not None:
                             shared[same] = (cell.threat, fields)
