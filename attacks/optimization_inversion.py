@@ -58,7 +58,7 @@ class OptimizationInversionConfig(AttackConfig):
     # simulated shadow sequences (defense simulated on shadow text) to choose the public LM prior's weight,
     # then decode the victims' shortlists by beam search over search score + weight x log p_LM.
     adaptive: bool = True
-    adaptive_rows: int = 8
+    adaptive_rows: int = 16
     beam: int = 4
 
     def __post_init__(self) -> None:

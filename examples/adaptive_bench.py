@@ -29,13 +29,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--attacks", nargs="+", default=["learned_inversion"])
     ap.add_argument("--only", nargs="*", default=None, help="setting labels to run")
+    ap.add_argument("--steps", type=int, default=6, help="LoRA training steps per setting")
     args = ap.parse_args()
     torch.set_num_threads(1)
     cfg = parse_config({
         "model": {"name": "smollm2-135m"},
         "data": {"max_length": 32, "private": {"path": "examples/licenses.txt", "limit": 16},
                  "shadow": {"path": "examples/licenses.txt"}},
-        "training": {"clients": 2, "steps": 6, "batch_size": 4},
+        "training": {"clients": 2, "steps": args.steps, "batch_size": 4},
     })
     base = load_model(cfg.model.name, progress=lambda _: None)
     emb = base.model.get_input_embeddings().weight.detach()
@@ -47,9 +48,9 @@ def main() -> None:
                  for s, c in ((0.5, 1.0), (0.5, 0.0), (2.0, 0.0))]
     threat = get_threat("curious_server")
     params = {"learned_inversion": {"mode": "linear"}, "optimization_inversion": {"embed_steps": 20, "relax_steps": 40}}
+    if args.only:  # in the order asked for
+        settings = [s for o in args.only for s in settings if o in s[0]]
     for label, name, dparams in settings:
-        if args.only and not any(o in label for o in args.only):
-            continue
         t0 = time.perf_counter()
         trained = train_split(cfg, SplitSpec(1, 1), base, defense=make_defense(name, dparams))
         print(f"== {label}: held-out loss {trained.utility:.3f} (trained in {time.perf_counter() - t0:.0f} s); "

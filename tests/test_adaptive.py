@@ -85,7 +85,7 @@ def test_dxp_simulate_release_noises_the_embeddings_with_the_public_eta(base):
         plain = head(ids, mask, position_ids_for(mask))
     assert sim.shape == plain.shape and not torch.allclose(sim, plain)
     # k = 0 exposes the noise itself: E||z|| = H / eta.
-    head0 = split_model(copy.deepcopy(base.model), SplitSpec(0, 1)).client_head.eval()
+    head0 = split_model(copy.deepcopy(base.model), SplitSpec(0, 1)).client_head.eval().requires_grad_(False)
     z = defense.simulate_release(head0, ids, mask, torch.Generator().manual_seed(2)) - head0.embed(ids)
     hsize = z.shape[-1]
     assert float(z[mask.bool()].norm(dim=-1).mean()) == pytest.approx(hsize / 300.0, rel=0.05)
