@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attacks import _adaptive
 from attacks._common import decode_rows, nearest_rows, public_head, stacked
 from suite.attack import Attack, AttackConfig, Reconstruction, register_attack
 from suite.split import ClientHead, position_ids_for
@@ -72,6 +73,12 @@ class LearnedInversionConfig(AttackConfig):
     negatives: int = 2048  # neural: random out-of-training-vocabulary tokens in each step's sampled softmax
     noise_sigma: float = 0.0  # std of Gaussian noise added to training activations (raw units); 0 = none
     use_colluder: bool = True  # use the colluder's head / records as extra training pairs when granted
+    # Defence-aware (attacks/_adaptive.py): against a defended cell, simulate the defense on shadow text,
+    # choose clean-fit / noise-fit / mixed features and the ridge strength (and linear vs neural) on a
+    # held-out part of that simulation, and decode with the public LM's prior (beam search).
+    adaptive: bool = True
+    prior_candidates: int = 32  # adaptive: inverter candidates per position for the LM-prior beam
+    beam: int = 4  # adaptive: beam width of the LM-prior decoder
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -187,6 +194,7 @@ class _Inverter(nn.Module):
 @register_attack("learned_inversion")
 class LearnedInversionAttack(Attack):
     requires = frozenset({Capability.ACTIVATIONS, Capability.BASE_WEIGHTS, Capability.SHADOW_DATA})
+    uses = frozenset({Capability.COLLUDER_WEIGHTS, Capability.COLLUDER_DATA})
     Config = LearnedInversionConfig
 
     def reconstruct(self, obs: Observations) -> Reconstruction:
@@ -211,7 +219,12 @@ class LearnedInversionAttack(Attack):
             raise ValueError(f"victim sequences ({length}) are longer than max_length ({x.shape[1]})")
         vx = (hidden - mu) / sd
         extra: dict = {"mode": cfg.mode, "training_sequences": int(x.shape[0]),
-                       "training_tokens": int(real.sum()), "sources": pairs.sources}
+                       "training_tokens": int(real.sum()), "sources": pairs.sources, "adaptive": bool(cfg.adaptive),
+                       "simulated_defense": False}
+        if cfg.adaptive and _adaptive.defended(obs):
+            ids = self._adaptive(obs, pairs, head, table, hidden, vmask, gen, extra)
+            extra["seconds"] = time.perf_counter() - start
+            return Reconstruction(ids, decode_rows(obs.tokenizer, ids, vmask), extra=extra)
 
         if cfg.mode == "linear":
             w = self._fit_linear(x, real, targets, noise, cfg.position_feature)
@@ -226,6 +239,99 @@ class LearnedInversionAttack(Attack):
         extra["seconds"] = time.perf_counter() - start
         return Reconstruction(ids, decode_rows(obs.tokenizer, ids, vmask), extra=extra)
 
+    def _adaptive(self, obs, pairs: _Pairs, head, table, hidden, vmask, gen, extra) -> torch.Tensor:
+        """Model selection under the simulated defense, then the LM-prior beam (see the config's ``adaptive``)."""
+        cfg: LearnedInversionConfig = self.config
+        released = _adaptive.simulate_shadow(obs, head, pairs.ids, pairs.mask, cfg.seed)
+        fit, held = _adaptive.split_rows(pairs.ids.shape[0], cfg.seed)
+        real = pairs.mask.bool()
+        targets = F.normalize(table, dim=-1)[pairs.ids]
+        length = pairs.ids.shape[1]
+
+        def stats(f: torch.Tensor, m: torch.Tensor):
+            flat = f[m]
+            mu, sd = flat.mean(0), flat.std(0)
+            return mu, sd.clamp_min(float(sd.median()) * 1e-2 + 1e-6)
+
+        # Candidate feature sets to fit on; "clean" with the configured noise and ridge is the non-adaptive attack.
+        feature_sets = {"clean": (pairs.feats, pairs.ids, real, targets),
+                        "noise": (released, pairs.ids, real, targets)}
+        lambdas = sorted({cfg.ridge_lambda, 1e-3, 1e-2, 1e-1, 1.0})
+        lambdas.remove(cfg.ridge_lambda)
+        lambdas = [cfg.ridge_lambda, *lambdas]
+        held_x_raw, held_ids, held_mask = released[held], pairs.ids[held], pairs.mask[held]
+        table_sel: dict[str, float] = {}
+        best = None
+        for fs_name in ("clean", "noise", "mixed"):
+            if fs_name == "mixed":
+                f = torch.cat([pairs.feats[fit], released[fit]])
+                i, r, tg = torch.cat([pairs.ids[fit]] * 2), torch.cat([real[fit]] * 2), torch.cat([targets[fit]] * 2)
+            else:
+                f_all, _, _, _ = feature_sets[fs_name]
+                f, i, r, tg = f_all[fit], pairs.ids[fit], real[fit], targets[fit]
+            mu, sd = stats(f, r)
+            x = (f - mu) / sd
+            noise = (cfg.noise_sigma / sd) if fs_name == "clean" else torch.zeros_like(sd)
+            hx = self._features((held_x_raw - mu) / sd, cfg.position_feature, length)
+            for lam in lambdas:
+                w = self._fit_linear(x, r, tg, noise, cfg.position_feature, lam)
+                acc = _adaptive.token_accuracy(nearest_rows(hx @ w, table), held_ids, held_mask)
+                table_sel[f"{fs_name}/ridge={lam:g}"] = acc
+                if best is None or acc > best[0] + 1e-9:
+                    best = (acc, fs_name, lam, mu, sd, w)
+        acc, fs_name, lam, mu, sd, w = best
+        choice = {"features": fs_name, "ridge_lambda": lam, "method": "linear", "held_accuracy": acc}
+
+        def predict_linear(raw: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+            return self._features((raw - mu) / sd, cfg.position_feature, length) @ w
+
+        predict = predict_linear
+        if cfg.mode == "neural":
+            if fs_name == "mixed":
+                f = torch.cat([pairs.feats[fit], released[fit]])
+                i, r, tg = torch.cat([pairs.ids[fit]] * 2), torch.cat([real[fit]] * 2), torch.cat([targets[fit]] * 2)
+            else:
+                f = feature_sets[fs_name][0][fit]
+                i, r, tg = pairs.ids[fit], real[fit], targets[fit]
+            x = (f - mu) / sd
+            noise = (cfg.noise_sigma / sd) if fs_name == "clean" else torch.zeros_like(sd)
+            model = self._fit_neural(x, i, r, tg, noise, table, gen, extra)
+            model.eval()
+
+            def predict_neural(raw: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+                with torch.no_grad():
+                    v = (raw - mu) / sd
+                    return torch.cat([model(v[lo : lo + 64], m[lo : lo + 64]) for lo in range(0, v.shape[0], 64)])
+
+            acc_n = _adaptive.token_accuracy(nearest_rows(predict_neural(held_x_raw, held_mask), table), held_ids,
+                                             held_mask)
+            table_sel["neural"] = acc_n
+            if acc_n > acc + 1e-9:
+                choice.update(method="neural", held_accuracy=acc_n)
+                predict = predict_neural
+        # The LM-prior decoder: its weight chosen on the simulated held-out rows (teacher-forced).
+        prior = _adaptive.LMPrior(obs.base_model())
+        held_scores, held_cand = _adaptive.cosine_scores(predict(held_x_raw, held_mask), table, cfg.prior_candidates)
+        weight, weights = _adaptive.choose_prior_weight(prior, held_scores, held_cand, held_ids, held_mask)
+        if choice["method"] == "linear":  # refit the chosen candidate on every simulated row now that it is chosen
+            if fs_name == "mixed":
+                f, i, r, tg = (torch.cat([pairs.feats, released]), torch.cat([pairs.ids] * 2),
+                               torch.cat([real] * 2), torch.cat([targets] * 2))
+            else:
+                f, i, r, tg = feature_sets[fs_name]
+            mu, sd = stats(f, r)
+            noise = (cfg.noise_sigma / sd) if fs_name == "clean" else torch.zeros_like(sd)
+            w = self._fit_linear((f - mu) / sd, r, tg, noise, cfg.position_feature, lam)
+        scores, cand = _adaptive.cosine_scores(predict(hidden, vmask), table, cfg.prior_candidates)
+        if weight > 0:
+            ids = prior.beam(scores, cand, vmask, weight, cfg.beam)
+        else:
+            ids = cand[..., 0]
+        ids = ids.masked_fill(~vmask.bool(), obs.tokenizer.pad_token_id or 0)
+        extra.update(simulated_defense=True, selection=table_sel, choice=choice, prior_weight=weight,
+                     prior_selection=weights)
+        return ids
+
     @staticmethod
     def _features(x: torch.Tensor, position: bool, max_len: int) -> torch.Tensor:
         """[N, T, H] -> [N, T, H (+ max_len) + 1]: features, optional one-hot position, constant 1."""
@@ -236,11 +342,11 @@ class LearnedInversionAttack(Attack):
         parts.append(torch.ones(*x.shape[:2], 1))
         return torch.cat(parts, -1)
 
-    def _fit_linear(self, x, real, targets, noise, position: bool) -> torch.Tensor:
+    def _fit_linear(self, x, real, targets, noise, position: bool, lam: float | None = None) -> torch.Tensor:
         feats = self._features(x, position, x.shape[1])[real]
         extra_diag = torch.zeros(feats.shape[1])
         extra_diag[: x.shape[-1]] = feats.shape[0] * noise**2  # E[(X+N)^T (X+N)] = X^T X + n diag(var N)
-        return _ridge(feats, targets[real], self.config.ridge_lambda, extra_diag)
+        return _ridge(feats, targets[real], self.config.ridge_lambda if lam is None else lam, extra_diag)
 
     def _fit_neural(self, x, ids, real, targets, noise, table, gen, extra) -> _Inverter:
         cfg: LearnedInversionConfig = self.config

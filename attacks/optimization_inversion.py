@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from attacks import _adaptive
 from attacks._common import (
     decode_rows,
     nearest_rows,
@@ -53,6 +54,12 @@ class OptimizationInversionConfig(AttackConfig):
     tau_end: float = 0.05  # ... annealed geometrically to this
     mse_weight: float = 1.0
     use_colluder: bool = True  # use the colluder's fine-tuned head when COLLUDER_WEIGHTS is granted
+    # Defence-aware (attacks/_adaptive.py): against a defended cell, run the same search on ``adaptive_rows``
+    # simulated shadow sequences (defense simulated on shadow text) to choose the public LM prior's weight,
+    # then decode the victims' shortlists by beam search over search score + weight x log p_LM.
+    adaptive: bool = True
+    adaptive_rows: int = 16
+    beam: int = 4
 
     def __post_init__(self) -> None:
         if self.candidates < 1:
@@ -105,6 +112,7 @@ def _adam(params: list[torch.Tensor], lr: float, steps: int, loss, on_step=None)
 @register_attack("optimization_inversion")
 class OptimizationInversionAttack(Attack):
     requires = frozenset({Capability.ACTIVATIONS, Capability.BASE_WEIGHTS})
+    uses = frozenset({Capability.COLLUDER_WEIGHTS, Capability.SHADOW_DATA})  # shadow: the adaptive simulation
     Config = OptimizationInversionConfig
 
     def _head(self, obs: Observations) -> ClientHead:
@@ -119,10 +127,31 @@ class OptimizationInversionAttack(Attack):
         torch.manual_seed(cfg.seed)
         hidden, mask = stacked(obs)
         head = self._head(obs)
+        extra = {"adaptive": bool(cfg.adaptive), "simulated_defense": False}
+        ids, cand, logits, final = self._search(head, hidden, mask)
+        extra["match_loss"] = final
+        if cfg.adaptive and _adaptive.defended(obs) and obs.shadow and cand is not None:
+            sh_ids, sh_mask = _adaptive.tokenize(obs, tuple(obs.shadow)[: cfg.adaptive_rows])
+            released = _adaptive.simulate_shadow(obs, head, sh_ids, sh_mask, cfg.seed)
+            h_ids, h_cand, h_logits, _ = self._search(head, released, sh_mask)
+            prior = _adaptive.LMPrior(obs.base_model())
+            h_scores = torch.log_softmax(h_logits, dim=-1)
+            weight, table = _adaptive.choose_prior_weight(prior, h_scores, h_cand, sh_ids, sh_mask)
+            extra.update(simulated_defense=True, prior_weight=weight, prior_selection=table,
+                         held_accuracy=_adaptive.token_accuracy(h_ids, sh_ids, sh_mask))
+            if weight > 0:
+                ids = prior.beam(torch.log_softmax(logits, dim=-1), cand, mask, weight, cfg.beam)
+                ids = ids.masked_fill(~mask.bool(), 0)
+        return Reconstruction(ids, decode_rows(obs.tokenizer, ids, mask), extra=extra)
+
+    def _search(self, head: ClientHead, hidden: torch.Tensor, mask: torch.Tensor):
+        """The two-stage search for ``hidden`` [N, T, H]: (ids, shortlist [N, T, K], final logits over it,
+        final match loss). Shortlist and logits are None at k = 0 (nothing to search)."""
+        cfg = self.config
         table = token_embeddings(head)  # [V, H]
         start = nearest_rows(without_positions(head, hidden, mask), table)
         if len(head.blocks.layers) == 0:  # k = 0: the activations are the embeddings; nothing to optimise
-            return Reconstruction(start, decode_rows(obs.tokenizer, start, mask))
+            return start, None, None, 0.0
         match = _Matcher(head, hidden, mask, cfg.mse_weight)
 
         # Stage 1: free input embeddings, from the nearest-embedding guess.
@@ -155,4 +184,4 @@ class OptimizationInversionAttack(Attack):
         ids = cand.gather(-1, logits.detach().argmax(-1, keepdim=True)).squeeze(-1)
         with torch.no_grad():
             final = match.loss(table[ids]).item()
-        return Reconstruction(ids, decode_rows(obs.tokenizer, ids, mask), extra={"match_loss": final})
+        return ids, cand, logits.detach(), final

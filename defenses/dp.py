@@ -123,6 +123,7 @@ class _DPHook:
 class _DPDefense(Defense):
     Config = DPConfig
     norm = 2
+    secret_fields = frozenset({"seed"})  # the noise seed; sigma, clip, delta are public
 
     def __init__(self, config: DPConfig | None = None):
         super().__init__(config)
@@ -141,6 +142,14 @@ class _DPDefense(Defense):
                 self.grad_hooks.append(grad_hook)
             if self.config.hide_lengths:
                 client.hide_lengths = True
+
+    def simulate_release(self, head, input_ids, attention_mask, generator):
+        """The attacker's shadow activations clipped and noised by the same hook the clients install (same
+        public sigma / clip / norm), its noise drawn from the attacker's ``generator``, never the clients'."""
+        plain = super().simulate_release(head, input_ids, attention_mask, generator)
+        hook = _DPHook(self.config, self.norm, generator)
+        with torch.no_grad():
+            return hook(plain, Batch(input_ids, attention_mask, input_ids))
 
     def _grad_clip(self) -> float:
         return self.config.clip if self.config.grad_clip is None else self.config.grad_clip

@@ -44,6 +44,7 @@ def dx_noise(shape: torch.Size, eta: float, generator: torch.Generator) -> torch
 @register_defense("dxp")
 class DxPDefense(Defense):
     Config = DxPConfig
+    secret_fields = frozenset({"seed"})  # the noise seed; eta is public
 
     def __init__(self, config: DxPConfig | None = None):
         super().__init__(config)
@@ -60,6 +61,18 @@ class DxPDefense(Defense):
                 return embeds + noise
 
             client.input_hooks.append(perturb)
+
+    def simulate_release(self, head, input_ids, attention_mask, generator):
+        """The attacker's shadow input embeddings perturbed with the same ``dx_noise`` and public eta (noise
+        from the attacker's ``generator``), then run through ``head``: what the server would see."""
+        from suite.split import position_ids_for
+
+        positions = position_ids_for(attention_mask)
+        with torch.no_grad():
+            embeds = head.embed_tokens(input_ids, positions)
+            noise = dx_noise(embeds.shape, self.config.eta, generator).to(embeds.dtype)
+            embeds = embeds + noise * attention_mask.unsqueeze(-1).to(embeds.dtype)
+            return head(input_ids, attention_mask, positions, inputs_embeds=embeds)
 
     def report(self) -> dict:
         return {"eta": self.config.eta,

@@ -9,6 +9,7 @@ client's head-loss hook, so it shapes the head without touching the server or th
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -58,6 +59,45 @@ class NoPeekDefense(Defense):
     def install(self, session) -> None:
         for client in session.clients:
             client.head_loss_hooks.append(self._loss)
+
+    # The attacker's simulation of a NoPeek-trained head: bounded and cheap (a few Adam steps on shadow batches).
+    sim_steps = 8
+    sim_lr = 1e-3
+    sim_batch = 8
+
+    def simulate_head(self, head, input_ids, attention_mask, generator):
+        """A copy of the attacker's head fine-tuned with the same penalty (``alpha`` · dCor(embeddings, output))
+        on its shadow batch. The attacker has no victim task loss to pair it with, so an anchor term (relative
+        squared distance to the original head's output, the features the frozen rest of the model expects)
+        stands in for it, as the task loss keeps a real head useful. ``head`` itself is never modified."""
+        from suite.split import position_ids_for
+
+        sim = copy.deepcopy(head)
+        sim.train()
+        for p in sim.parameters():
+            p.requires_grad_(True)
+        if self.config.alpha == 0 or input_ids.shape[0] < 2 or not any(True for _ in sim.parameters()):
+            return sim.eval()
+        params = [p for p in sim.parameters() if p.is_floating_point()]
+        opt = torch.optim.Adam(params, lr=self.sim_lr)
+        n = input_ids.shape[0]
+        for _ in range(self.sim_steps):
+            idx = torch.randperm(n, generator=generator)[: min(self.sim_batch, n)]
+            ids, mask = input_ids[idx], attention_mask[idx]
+            positions = position_ids_for(mask)
+            m = mask.unsqueeze(-1).float()
+            with torch.no_grad():
+                ref = head(ids, mask, positions).float()
+            embeds = sim.embed_tokens(ids, positions)
+            out = sim(ids, mask, positions, inputs_embeds=embeds).float()
+            anchor = ((out - ref) * m).pow(2).sum() / (ref * m).pow(2).sum().clamp_min(1e-12)
+            loss = self.config.alpha * distance_correlation(embeds.detach() * m, out * m) + anchor
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        for p in sim.parameters():
+            p.requires_grad_(False)
+        return sim.eval()
 
     def report(self) -> dict:
         tail = self.history[-10:]

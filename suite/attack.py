@@ -62,6 +62,9 @@ class Attack:
 
     name: ClassVar[str] = ""
     requires: ClassVar[frozenset[Capability]] = frozenset()
+    # Optional capabilities the attack uses when its threat grants them (e.g. a colluder's weights). The
+    # runner hands an attack only ``(requires | uses) & threat.grants``; public fields always come.
+    uses: ClassVar[frozenset[Capability]] = frozenset()
     Config: ClassVar[type[AttackConfig]] = AttackConfig
     active: ClassVar[bool] = False  # True when the attack needs a ServerPolicy during training
     # "inversion": recovers the client's text (scored by leakage metrics); "integrity": corrupts training
@@ -70,6 +73,11 @@ class Attack:
 
     def __init__(self, config: AttackConfig | None = None):
         self.config = config if config is not None else self.Config()
+
+    @classmethod
+    def capabilities(cls) -> frozenset[Capability]:
+        """Everything this attack may be handed: what it requires plus what it uses when granted."""
+        return frozenset(cls.requires) | frozenset(cls.uses)
 
     def server_policy(self, obs: Observations) -> ServerPolicy | None:
         """Active attacks: the policy the server follows during training (``obs`` holds no victim traffic

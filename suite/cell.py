@@ -144,7 +144,8 @@ def train_split(
     if attack is not None and attack.active:
         if threat is None:
             raise ValueError("an active attack needs the threat it runs under")
-        public = _observations(threat, spec, base, cfg, shadow, prepared, capture=None, defense=defense)
+        public = _observations(threat, spec, base, cfg, shadow, prepared, capture=None, defense=defense,
+                               attack=attack)
         prepared.session.server.policy = attack.server_policy(public)
     train(prepared.session)  # a deviating server keeps deviating while the traffic is captured
     capture = capture_traffic(prepared, cfg.training.batch_size, first_step=len(prepared.session.losses))
@@ -180,7 +181,8 @@ def rewire(trained: TrainedSplit, defense: Defense) -> TrainedSplit:
 
 
 def _observations(threat, spec, base: LoadedModel, cfg, shadow, prepared: Prepared, capture: Capture | None,
-                  defense: Defense | None = None):
+                  defense: Defense | None = None, attack: Attack | None = None):
+    """What ``attack`` may see: the threat's grants, narrowed to what the attack declares (``requires | uses``)."""
     colluder = threat.colluder
 
     def base_model():
@@ -192,6 +194,7 @@ def _observations(threat, spec, base: LoadedModel, cfg, shadow, prepared: Prepar
 
     return filter_observations(
         threat,
+        attack.capabilities() if attack is not None else None,
         spec=spec,
         tokenizer=base.tokenizer,
         max_length=cfg.data.max_length,
@@ -223,6 +226,7 @@ class CellResult:
     utility_centralised: float | None = None  # held-out loss of a centralised LoRA fine-tune on the same data
     perplexity_centralised: float | None = None
     eval_losses: torch.Tensor | None = None  # per held-out sequence (for a utility interval)
+    adaptive: bool | None = None  # the attack simulated the defense (``Reconstruction.extra["adaptive"]``)
 
     def utility_fields(self) -> dict[str, float | None]:
         """The utility columns of a results row besides ``utility``."""
@@ -237,7 +241,7 @@ def attack_trained(trained: TrainedSplit, threat: ThreatModel, attack: Attack, c
     victims = [c for c in range(cfg.training.clients) if c != threat.colluder]
     cap = trained.capture.of(victims)
     obs = _observations(threat, prepared.session.split.spec, trained.base, cfg, trained.shadow, prepared, cap,
-                        trained.defense)
+                        trained.defense, attack)
     recon, cost = timed_reconstruct(attack, obs)
     tok = trained.base.tokenizer
     references = [tok.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(cap.true_ids, cap.mask,
@@ -259,10 +263,11 @@ def attack_trained(trained: TrainedSplit, threat: ThreatModel, attack: Attack, c
     )
     scores = record_stats(references=references, hypotheses=hypotheses, true_ids=cap.true_ids, pred_ids=pred,
                           mask=cap.mask, pii=[r.pii for r in cap.records])
+    adaptive = recon.extra.get("adaptive") if isinstance(recon.extra, dict) else None
     return CellResult(threat.name, attack.name, trained.defense.name, metrics, trained.utility, cost, recon,
                       references, trained.defense.report(), cap.records, scores, trained.perplexity,
                       trained.reference.get("utility_centralised"), trained.reference.get("perplexity_centralised"),
-                      trained.eval_losses)
+                      trained.eval_losses, None if adaptive is None else bool(adaptive))
 
 
 def run_cell(cfg: ExperimentConfig, spec: SplitSpec, threat_name: str, attack_name: str,

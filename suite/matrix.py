@@ -348,7 +348,8 @@ def run_group(cfg: ExperimentConfig, cells: list[Cell], keys: list[str], out: st
                         fields = dict(result.metrics.as_dict(), utility=result.utility, **result.utility_fields(),
                                       attack_seconds=result.cost.seconds, attack_peak_rss_mib=result.cost.peak_rss_mib,
                                       status="ok", error=None, note=result.reconstruction.note,
-                                      defense_report=result.defense_report, samples=_samples(result))
+                                      defense_report=result.defense_report, samples=_samples(result),
+                                      adaptive=None if result.adaptive is None else int(result.adaptive))
                         fields.update(_interval_fields(result, blind, under(cell)))
                         if isinstance(blind, str):
                             note = f"no advantage over blind: the blind baseline failed: {blind}"

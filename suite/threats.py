@@ -143,9 +143,12 @@ class Observations:
             raise ConfigError(f"threat {self.threat.name!r} does not grant gradients")
 
 
-def filter_observations(threat: ThreatModel, **available) -> Observations:
-    """Build ``Observations`` from everything the runner captured, keeping only what ``threat`` grants."""
-    g = threat.grants
+def filter_observations(threat: ThreatModel, capabilities: frozenset[Capability] | None = None,
+                        **available) -> Observations:
+    """Build ``Observations`` from everything the runner captured, keeping only what ``threat`` grants and,
+    when ``capabilities`` is given (an attack's ``requires | uses``), only what the attack declares. Public
+    fields (spec, tokenizer, max_length, defense, lengths) always come."""
+    g = threat.grants if capabilities is None else threat.grants & frozenset(capabilities)
     batches = available.get("batches")
     if batches is not None and C.GRADIENTS not in g:
         batches = tuple(ObservedBatch(b.client_id, b.step, b.hidden, b.attention_mask) for b in batches)

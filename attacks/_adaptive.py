@@ -1,0 +1,186 @@
+"""Defence-aware attacker machinery shared by the learned and search attacks (DESIGN §3, "Attacker
+simulation"; issue 10 item 3).
+
+An adaptive attacker knows the deployed defense's mechanism and public parameters (``Observations.defense``,
+Kerckhoffs), never its secret randomness. It
+
+1. **simulates the defense on its own shadow pipeline**: ``simulate_head`` (a head trained under the defense
+   on shadow text, e.g. NoPeek) then ``simulate_release`` (what would leave that head: DP clipping + noise,
+   DxP embedding noise), with randomness from the attacker's own generator (:func:`simulate_shadow`);
+2. **chooses and tunes its method by how well it does there**: every candidate (e.g. a clean-fit or a
+   noise-fit ridge inverter, ridge strengths, the LM-prior weight) is scored on a held-out part of the
+   *simulated* shadow text (:func:`split_rows`). Victims' data is never used for selection, and because the
+   non-adaptive method is always among the candidates, the attacker is never weaker on its own simulation;
+3. **decodes with a noise-aware likelihood combined with the public LM's prior** over the next token given
+   the recovered prefix: beam search over ``score(token) + weight * log p_LM(token | prefix)``, the public LM
+   being the base model's full forward with a KV cache (:class:`LMPrior`). The weight is chosen on the
+   simulated held-out shadow text (teacher-forced), and 0 (no prior) is always a candidate.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from suite.defense import Defense
+from suite.split import position_ids_for
+from suite.threats import Observations
+
+# Relative weights of the public LM's log-probability against the inverter's score, tried on the simulation.
+PRIOR_WEIGHTS = (0.0, 0.003, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.0)
+
+
+def defended(obs: Observations) -> bool:
+    """True when the deployed defense changes what an attacker's simulation sees (it overrides
+    ``simulate_head`` or ``simulate_release``). Encryption and detectors do not: the server sees plain
+    activations, so an adaptive attack there is its non-adaptive self (without the LM prior's cost)."""
+    d = obs.defense
+    if d is None:
+        return False
+    cls = type(d)
+    return cls.simulate_release is not Defense.simulate_release or cls.simulate_head is not Defense.simulate_head
+
+
+def tokenize(obs: Observations, texts: tuple[str, ...] | list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """As the clients tokenise (right padding to max_length), so position t means the same everywhere."""
+    enc = obs.tokenizer(list(texts), padding="max_length", truncation=True, max_length=obs.max_length,
+                        padding_side="right", return_tensors="pt")
+    return enc["input_ids"].long(), enc["attention_mask"].long()
+
+
+def simulate_shadow(obs: Observations, head: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, seed: int,
+                    chunk: int = 64) -> torch.Tensor:
+    """[N, T, H]: what would leave ``head`` under the deployed defense for the attacker's shadow batch
+    (``simulate_head`` on the shadow batch, then ``simulate_release``), randomness from a generator seeded
+    by the attacker's own ``seed``."""
+    gen = torch.Generator().manual_seed(int(seed) * 7919 + 17)
+    defense = obs.defense
+    sim_head = defense.simulate_head(head, ids, mask, gen)
+    out = [defense.simulate_release(sim_head, ids[lo : lo + chunk], mask[lo : lo + chunk], gen).detach().float()
+           for lo in range(0, ids.shape[0], chunk)]
+    return torch.cat(out)
+
+
+def split_rows(n: int, seed: int, held_fraction: float = 0.25) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed random split of the attacker's ``n`` shadow rows into (fit, held-out)."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed) + 4049))
+    held = max(1, min(n - 1, round(n * held_fraction))) if n > 1 else 0
+    return perm[held:], perm[:held]
+
+
+def token_accuracy(pred: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> float:
+    real = mask.bool()
+    return float((pred[real] == ids[real]).float().mean()) if real.any() else 0.0
+
+
+class LMPrior:
+    """The public LM (the base model's full forward) as a prior over the next token given the prefix."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model.eval()
+        self.model.requires_grad_(False)
+
+    @torch.no_grad()
+    def teacher_forced(self, ids: torch.Tensor, mask: torch.Tensor, cand: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+        """[N, T, C]: log p_LM(cand[n, t, c] | ids[n, :t]) under the true prefix; 0 at position 0 (no prefix)."""
+        out = torch.zeros(cand.shape, dtype=torch.float32)
+        for lo in range(0, ids.shape[0], chunk):
+            sl = slice(lo, lo + chunk)
+            logits = self.model(input_ids=ids[sl], attention_mask=mask[sl]).logits.float()
+            logp = torch.log_softmax(logits[:, :-1], dim=-1)
+            out[sl, 1:] = logp.gather(-1, cand[sl, 1:])
+        return out
+
+    @torch.no_grad()
+    def beam(self, scores: torch.Tensor, cand: torch.Tensor, mask: torch.Tensor, weight: float, width: int = 4,
+             chunk: int = 16) -> torch.Tensor:
+        """Beam search over ``sum_t scores[n, t, c_t] + weight * log p_LM(c_t | c_<t)``; ``cand`` [N, T, C] the
+        candidate tokens per position, ``scores`` their (noise-aware) scores. Returns [N, T] token ids."""
+        out = torch.empty(mask.shape, dtype=torch.long)
+        for lo in range(0, mask.shape[0], chunk):
+            sl = slice(lo, lo + chunk)
+            out[sl] = self._beam(scores[sl], cand[sl], mask[sl], weight, width)
+        return out
+
+    def _beam(self, scores, cand, mask, weight, width):
+        n, length, c = cand.shape
+        b = min(width, c)
+        real = mask.bool()
+        # Position 0: no prefix, the inverter's scores alone.
+        top, idx = scores[:, 0].topk(b, dim=-1)  # [n, b]
+        total = top.clone()
+        seqs = cand[:, 0].gather(-1, idx).unsqueeze(-1)  # [n, b, 1]
+        flat = seqs.reshape(n * b, 1)
+        res = self.model(input_ids=flat, attention_mask=torch.ones_like(flat), use_cache=True)
+        cache, logits = res.past_key_values, res.logits[:, -1].float()
+        rows = torch.arange(n).unsqueeze(-1)
+        for t in range(1, length):
+            logp = torch.log_softmax(logits, dim=-1).view(n, b, -1)  # [n, b, V]
+            cand_t = cand[:, t]  # [n, c]
+            lm = logp.gather(-1, cand_t.unsqueeze(1).expand(n, b, c))  # [n, b, c]
+            step = scores[:, t].unsqueeze(1) + weight * lm  # [n, b, c]
+            step = torch.where(real[:, t].view(n, 1, 1), step, torch.zeros_like(step))
+            pad_row = ~real[:, t]
+            cand_score = total.unsqueeze(-1) + step  # [n, b, c]
+            if pad_row.any():  # past the end of a row: keep the beams as they are (first candidate, no score)
+                keep = torch.full_like(cand_score, float("-inf"))
+                keep[:, :, 0] = total
+                cand_score = torch.where(pad_row.view(n, 1, 1), keep, cand_score)
+            best, pick = cand_score.view(n, b * c).topk(b, dim=-1)  # [n, b]
+            src, which = pick // c, pick % c
+            token = cand_t.gather(-1, which)  # [n, b]
+            seqs = torch.cat([seqs[rows, src], token.unsqueeze(-1)], -1)
+            total = best
+            order = (src + torch.arange(n).unsqueeze(-1) * b).reshape(-1)
+            cache.reorder_cache(order)
+            step_in = token.reshape(n * b, 1)
+            am = torch.ones(n * b, t + 1, dtype=torch.long)
+            res = self.model(input_ids=step_in, attention_mask=am, past_key_values=cache, use_cache=True)
+            cache, logits = res.past_key_values, res.logits[:, -1].float()
+        return seqs[:, 0]
+
+
+def candidates(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` (scores, token ids) per position of full-vocabulary ``scores`` [N, T, V]."""
+    return scores.topk(min(k, scores.shape[-1]), dim=-1)
+
+
+def choose_prior_weight(prior: LMPrior, held_scores: torch.Tensor, held_cand: torch.Tensor, held_ids: torch.Tensor,
+                        held_mask: torch.Tensor) -> tuple[float, dict[str, float]]:
+    """The LM-prior weight with the best teacher-forced token accuracy on the simulated held-out shadow text
+    (ties go to the smaller weight; 0 is a candidate, so adding the prior is never chosen when it hurts). A
+    non-zero weight must beat no prior by a margin (1 % and two tokens), so selection noise on a small held-out
+    set does not switch the prior on."""
+    lm = prior.teacher_forced(held_ids, held_mask, held_cand)
+    real = held_mask.bool()
+    table: dict[str, float] = {}
+    best_w, best_acc = 0.0, -1.0
+    margin = max(0.01, 2.0 / max(int(real.sum()), 1))
+    for w in PRIOR_WEIGHTS:
+        pred = held_cand.gather(-1, (held_scores + w * lm).argmax(-1, keepdim=True)).squeeze(-1)
+        acc = float((pred[real] == held_ids[real]).float().mean()) if real.any() else 0.0
+        table[str(w)] = acc
+        if acc > best_acc + (margin if w > 0 and best_w == 0 else 1e-9):
+            best_w, best_acc = w, acc
+    return best_w, table
+
+
+def cosine_scores(pred: torch.Tensor, table: torch.Tensor, k: int, chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """For predicted embedding-space vectors [N, T, E]: the top-``k`` cosine similarities to the rows of
+    ``table`` [V, E] and their token ids, each [N, T, k] (never the full [N, T, V] at once)."""
+    flat = F.normalize(pred.reshape(-1, pred.shape[-1]).float(), dim=-1)
+    rows = F.normalize(table.float(), dim=-1)
+    k = min(k, rows.shape[0])
+    vals = torch.empty(flat.shape[0], k)
+    idx = torch.empty(flat.shape[0], k, dtype=torch.long)
+    for lo in range(0, flat.shape[0], chunk):
+        v, i = (flat[lo : lo + chunk] @ rows.T).topk(k, dim=-1)
+        vals[lo : lo + chunk], idx[lo : lo + chunk] = v, i
+    return vals.reshape(*pred.shape[:-1], k), idx.reshape(*pred.shape[:-1], k)
+
+
+def run_head(head: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([head(ids[lo : lo + chunk], mask[lo : lo + chunk],
+                               position_ids_for(mask[lo : lo + chunk])).float()
+                          for lo in range(0, ids.shape[0], chunk)])
