@@ -144,11 +144,13 @@ def _observations(threat, spec, base: LoadedModel, cfg, shadow, prepared: Prepar
     colluder = threat.colluder
 
     def base_model():
-        return copy.deepcopy(base.model)
+        model = copy.deepcopy(base.model)
+        return model.float() if model.dtype != torch.float32 else model  # attacks compute in fp32 on the host
 
     def colluder_head_tail():
         c = prepared.session.clients[colluder]
-        return copy.deepcopy((c.head, c.tail))
+        head, tail = copy.deepcopy((c.head, c.tail))
+        return head.to("cpu", torch.float32), tail.to("cpu", torch.float32)  # in place: ties survive
 
     return filter_observations(
         threat,
@@ -214,11 +216,11 @@ def run_cell(cfg: ExperimentConfig, spec: SplitSpec, threat_name: str, attack_na
              params: dict | None = None, base: LoadedModel | None = None, defense_name: str = "none",
              defense_params: dict | None = None) -> CellResult:
     """One cell from scratch: refuse it early if the attack needs more than the threat grants."""
-    from suite.models import load_model
+    from suite.experiment import load_for
 
     threat = get_threat(threat_name)
     attack = make_attack(attack_name, threat, params)
     defense = make_defense(defense_name, defense_params)
-    base = base if base is not None else load_model(cfg.model.name)
+    base = base if base is not None else load_for(cfg)
     trained = train_split(cfg, spec, base, threat, attack if attack.active else None, defense)
     return attack_trained(trained, threat, attack, cfg)

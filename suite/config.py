@@ -21,6 +21,20 @@ class _Section(BaseModel):
 
 class ModelSection(_Section):
     name: str = "smollm2-135m"  # the embedded default, a hub id, a local directory or a .gguf file
+    # Where the clients compute ("auto" = the first GPU if one is visible, else the CPU), where the server's
+    # trunk computes (None = the same as ``device``), and the floating-point type of every party's weights.
+    device: str = "auto"
+    server_device: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    @model_validator(mode="after")
+    def _devices(self) -> ModelSection:
+        from suite.device import check_device_name
+
+        check_device_name(self.device)
+        if self.server_device is not None:
+            check_device_name(self.server_device)
+        return self
 
 
 class CorpusSection(_Section):
@@ -97,8 +111,8 @@ class MatrixSection(_Section):
 class ExecutorSection(_Section):
     """How the matrix runs. ``workers``: local worker processes, one training group each (``--workers``
     overrides it). ``cpus_per_task``/``gpus_per_task``: what each Ray task (one training group) asks the
-    cluster for. The engine computes on the CPU; ``gpus_per_task`` reserves GPUs for a task (Ray sets
-    CUDA_VISIBLE_DEVICES) without moving the model onto them."""
+    cluster for. The engine computes on ``[model] device``: with ``device = "auto"`` a Ray task given
+    ``gpus_per_task`` computes on its GPU (Ray sets CUDA_VISIBLE_DEVICES), and on the CPU without one."""
 
     workers: int = Field(default=1, ge=1, le=256)
     cpus_per_task: float = Field(default=1.0, gt=0)

@@ -122,6 +122,8 @@ def cell_key(cell: Cell, cfg: ExperimentConfig, revision: str) -> str:
         "data": cfg.data.model_dump(),
         "training": cfg.training.model_dump(exclude={"head_blocks", "tail_blocks"}),
     }
+    if cfg.model.dtype != "float32":  # the arithmetic changes results; fp32 keys stay as they were
+        payload["dtype"] = cfg.model.dtype
     return hashlib.sha256(_canon(payload).encode()).hexdigest()[:24]
 
 
@@ -170,7 +172,7 @@ def observation_key(cell: Cell, clients: int) -> tuple | None:
     return (cell.attack, cell.attack_params, victims, threat.grants - {Capability.CONTROL_SERVER})
 
 
-_BASES: dict[str, Any] = {}  # the base model of a worker process, kept between the groups it runs
+_BASES: dict[tuple[str, str], Any] = {}  # the base model of a worker process, kept between the groups it runs
 
 
 def run_group(cfg: ExperimentConfig, cells: list[Cell], keys: list[str], out: str | None, base=None,
@@ -180,7 +182,7 @@ def run_group(cfg: ExperimentConfig, cells: list[Cell], keys: list[str], out: st
     it exists (or handing it to ``sink``). Returns the labels of the cells written (ok or failed). Runs in a
     worker process when ``--workers`` > 1, and in a Ray task with the Ray executor."""
     from suite.cell import attack_trained, train_split
-    from suite.models import load_model
+    from suite.experiment import load_for
 
     first = cells[0]
     store = ResultsStore(out) if sink is None else None
@@ -188,10 +190,10 @@ def run_group(cfg: ExperimentConfig, cells: list[Cell], keys: list[str], out: st
     done = []
     try:
         if base is None:  # a worker process or Ray task: load once per process, reuse for its next groups
-            if cfg.model.name not in _BASES:
+            if (cfg.model.name, cfg.model.dtype) not in _BASES:
                 _BASES.clear()
-                _BASES[cfg.model.name] = load_model(cfg.model.name, progress=lambda _: None)
-            base = _BASES[cfg.model.name]
+                _BASES[(cfg.model.name, cfg.model.dtype)] = load_for(cfg, progress=lambda _: None)
+            base = _BASES[(cfg.model.name, cfg.model.dtype)]
         try:
             threat = get_threat(first.threat)
             group_attack = make_attack(first.attack, threat, json.loads(first.attack_params))
@@ -250,14 +252,14 @@ def run_matrix(cfg: ExperimentConfig, out: str | Path, *, workers: int = 1, exec
     ``executor``: ``"local"`` (this process, or ``workers`` processes) or ``"ray"`` (one Ray task per training
     group on the cluster at ``address``, or a local one). Either way rows land in the same store, cell by
     cell, and a rerun finishes only what is missing."""
-    from suite.models import load_model
+    from suite.experiment import load_for
 
     if executor not in ("local", "ray"):
         raise ConfigError(f"unknown executor {executor!r}; choose 'local' or 'ray'")
     out = str(out)
     cells, skipped = expand(cfg)
     ray = _import_ray() if executor == "ray" else None
-    base = load_model(cfg.model.name)
+    base = load_for(cfg)
     with ResultsStore(out) as store:
         done = store.done()
     keys = {c: cell_key(c, cfg, base.revision) for c in cells}

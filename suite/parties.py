@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from suite.device import module_device
 from suite.errors import ProtocolError
 from suite.protocol import TO_CLIENT, TO_SERVER, ActivationMsg, GradientMsg, decode, encode
 from suite.split import ClientHead, ClientTail, ServerTrunk, position_ids_for
@@ -52,6 +53,11 @@ class Batch:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor
+
+    def to(self, device: torch.device) -> Batch:
+        if self.input_ids.device == device:
+            return self
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
 
 
 class Batches:
@@ -102,10 +108,12 @@ class Client:
         batches: Batches,
         transport: Transport,
         lr: float,
+        device: torch.device | None = None,
     ):
         self.id = client_id
         self.endpoint = client_endpoint(client_id)
         self.head, self.tail = head, tail
+        self.device = device if device is not None else module_device(head)  # where this client computes; received tensors land here
         self.batches = batches
         self.transport = transport
         self.optimizer = make_optimizer(trainable((head, tail)), lr)
@@ -124,7 +132,7 @@ class Client:
         self._rejected = False
 
     def _recv(self, step: int, kind: type) -> ActivationMsg | GradientMsg:
-        msg = decode(self.transport.recv(self.endpoint, SERVER))
+        msg = decode(self.transport.recv(self.endpoint, SERVER), self.device)
         if not isinstance(msg, kind) or msg.client_id != self.id or msg.step != step or msg.direction != TO_CLIENT:
             raise ProtocolError(
                 f"client {self.id} expected a {kind.__name__} for step {step}, got {type(msg).__name__} "
@@ -142,7 +150,7 @@ class Client:
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
         self._rejected = False
-        self._batch = batch if batch is not None else self.batches.next()
+        self._batch = (batch if batch is not None else self.batches.next()).to(self.device)
         self._positions = position_ids_for(self._batch.attention_mask)
         embeds = None
         if self.input_hooks or self.head_loss_hooks:
@@ -226,9 +234,11 @@ class Server:
         transport: Transport,
         lr: float,
         adapters: dict[int, str] | None = None,
+        device: torch.device | None = None,
     ):
         self.trunk = trunk
         self.transport = transport
+        self.device = device if device is not None else module_device(trunk)  # where the trunk computes; received tensors land here
         self.adapters = adapters or {}
         self.optimizers: dict[str | None, torch.optim.Optimizer | None] = {}
         if self.adapters:
@@ -259,7 +269,7 @@ class Server:
                 module.set_adapter(adapter)
 
     def _recv(self, client_id: int, step: int, kind: type) -> ActivationMsg | GradientMsg:
-        msg = decode(self.transport.recv(SERVER, client_endpoint(client_id)))
+        msg = decode(self.transport.recv(SERVER, client_endpoint(client_id)), self.device)
         if not isinstance(msg, kind) or msg.client_id != client_id or msg.step != step or msg.direction != TO_SERVER:
             raise ProtocolError(
                 f"server expected a {kind.__name__} from client {client_id} for step {step}, got "

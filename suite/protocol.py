@@ -76,7 +76,7 @@ Message = ActivationMsg | GradientMsg
 
 
 def encode(msg: Message) -> bytes:
-    """Serialise a message to bytes (tensors are detached and made contiguous on the CPU)."""
+    """Serialise a message to bytes (tensors are detached, copied to the host and made contiguous)."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in msg.tensors().items()}
     meta = {
         f.name: getattr(msg, f.name) for f in fields(msg) if not isinstance(getattr(msg, f.name), torch.Tensor)
@@ -100,8 +100,9 @@ def peek(data: bytes) -> tuple[str, dict]:
         raise ProtocolError(f"malformed splitleak message header: {exc}") from None
 
 
-def decode(data: bytes) -> Message:
-    """Parse bytes produced by :func:`encode`; anything else raises ``ProtocolError``."""
+def decode(data: bytes, device: torch.device | str | None = None) -> Message:
+    """Parse bytes produced by :func:`encode`; anything else raises ``ProtocolError``. ``device``: where the
+    receiver computes (the tensors are placed there; default: the CPU)."""
     if len(data) < _PREFIX.size:
         raise ProtocolError(f"message too short ({len(data)} bytes): not a splitleak message")
     magic, version, header_len = _PREFIX.unpack_from(data)
@@ -119,6 +120,8 @@ def decode(data: bytes) -> Message:
             raise ValueError(f"tensor fields {sorted(tensors)} do not match the header")
         if not set(header["meta"]) <= {"client_id", "step", "direction"}:
             raise ValueError(f"unknown metadata {sorted(header['meta'])}")
+        if device is not None and torch.device(device).type != "cpu":
+            tensors = {k: v.to(device) for k, v in tensors.items()}
         return cls(**header["meta"], **tensors)
     except ProtocolError:
         raise
