@@ -73,7 +73,7 @@ class _DPHook:
         if self.config.sigma == 0:
             return out
         scale = self.config.sigma * (self.sensitivity if self.config.clip > 0 else 1.0)
-        noise = self._noise(out.shape, scale) * mask
+        noise = self._noise(out.shape, scale).to(out.device, out.dtype) * mask  # drawn on the host, seeded
         self.noise_sq_sum += float((noise**2).sum())
         self.noise_count += int(mask.sum()) * out.shape[-1]
         return out + noise

@@ -123,7 +123,15 @@ def train_split(
 ) -> TrainedSplit:
     """Train ``spec`` on a fresh copy of ``base`` under ``defense`` (with the attack's server policy if it is
     active; ``threat`` is what it may know while training), then capture every client's traffic."""
-    loaded = dataclasses.replace(base, model=copy.deepcopy(base.model))
+    # The run's own model: its modules are copied, but when the server trains only adapters (or nothing)
+    # and stays on the base's device, the frozen base weights are shared with ``base`` instead of copied.
+    from suite.experiment import devices
+    from suite.split import frozen_memo
+
+    server_device = devices(cfg)[1]
+    share = cfg.training.server_finetune != "full" and server_device == next(base.model.parameters()).device
+    frozen = base.model.requires_grad_(False) if share else None
+    loaded = dataclasses.replace(base, model=copy.deepcopy(base.model, frozen_memo(frozen) if share else None))
     defense = defense if defense is not None else make_defense("none")
     prepared = prepare(cfg, spec, loaded=loaded, transport=defense.wrap_transport(InProcessTransport()))
     defense.install(prepared.session)
@@ -144,7 +152,7 @@ def _observations(threat, spec, base: LoadedModel, cfg, shadow, prepared: Prepar
     colluder = threat.colluder
 
     def base_model():
-        model = copy.deepcopy(base.model)
+        model = copy.deepcopy(base.model).requires_grad_(True)  # a fresh, trainable copy, as loaded
         return model.float() if model.dtype != torch.float32 else model  # attacks compute in fp32 on the host
 
     def colluder_head_tail():

@@ -297,7 +297,8 @@ def load_model(
     ``progress`` hears about the slow first-time steps (fetch, conversion) only."""
     name = os.fspath(name)
     if name.startswith("tiny-") and not Path(name).exists():
-        return tiny_model(name.removeprefix("tiny-"))
+        tiny = tiny_model(name.removeprefix("tiny-"))
+        return tiny if dtype == torch.float32 else _finish(tiny.model, tiny.tokenizer, tiny.name, tiny.revision, dtype)
     if name == DEFAULT_MODEL:
         dest = cache_dir() / DEFAULT_MODEL
         if not (dest / "config.json").is_file():
@@ -419,3 +420,39 @@ def tiny_model(family: str, *, num_layers: int = 4, seed: int = 0) -> LoadedMode
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     return _finish(model, tokenizer, f"tiny-{family}", f"tiny-{family}-L{num_layers}-s{seed}")
+
+
+# --- large-model shapes without weights (benchmarks) -----------------------------------------------
+
+MODEL_CONFIGS_DIR = Path(__file__).with_name("model_configs")
+
+
+def bundled_configs() -> list[str]:
+    return sorted(p.stem for p in MODEL_CONFIGS_DIR.glob("*.json"))
+
+
+def random_model(config_name: str, *, layers: int | None = None, dtype: torch.dtype = torch.float32,
+                 seed: int = 0, device: torch.device | str = "cpu") -> LoadedModel:
+    """A randomly initialised model with the shapes of a bundled config (``llama-1b``: Llama-3.2-1B,
+    ``llama-8b``: Llama-3.1-8B), for timing and memory only: nothing is downloaded. ``layers`` keeps only
+    that many decoder blocks (the per-block cost is unchanged; the embedding and LM head stay full size).
+    The tokenizer is the tiny test tokenizer: benchmarks feed random token ids. The weights are created and
+    initialised directly on ``device`` (an 8B model never passes through host memory on a GPU)."""
+    import json
+
+    path = MODEL_CONFIGS_DIR / f"{config_name}.json"
+    if not path.is_file():
+        raise ModelError(f"no bundled model config '{config_name}'; choose one of {', '.join(bundled_configs())}")
+    data = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+    if layers is not None:
+        if not 1 <= layers <= data["num_hidden_layers"]:
+            raise ModelError(f"--layers must be 1..{data['num_hidden_layers']} for {config_name}, not {layers}")
+        data["num_hidden_layers"] = layers
+    config = transformers.AutoConfig.for_model(**data)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    suffix = f"-L{layers}" if layers is not None else ""
+    return _finish(model, tiny_tokenizer(), f"config:{config_name}{suffix}", f"random-{config_name}{suffix}-s{seed}",
+                   dtype)

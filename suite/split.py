@@ -260,9 +260,12 @@ class SplitModel:
     family: Family
     config: object
 
-    def client_copy(self) -> tuple[ClientHead, ClientTail]:
-        """A fresh (head, tail) pair for one more client. Copied together so tied weights stay tied."""
-        return copy.deepcopy((self.client_head, self.client_tail))
+    def client_copy(self, share_frozen: bool = False) -> tuple[ClientHead, ClientTail]:
+        """A fresh (head, tail) pair for one more client. Copied together so tied weights stay tied.
+        ``share_frozen``: parameters that do not require grad (the frozen base under LoRA) are shared with
+        this split's parts instead of copied — the modules and anything trained later are the client's own."""
+        return copy.deepcopy((self.client_head, self.client_tail), frozen_memo(self.client_head, self.client_tail)
+                             if share_frozen else None)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Logits of the split model run locally (no wire): the reference for equality tests."""
@@ -270,6 +273,12 @@ class SplitModel:
         hidden = self.client_head(input_ids, attention_mask, positions)
         hidden = self.server_trunk(hidden, attention_mask, positions)
         return self.client_tail(hidden, attention_mask, positions)
+
+
+def frozen_memo(*modules: nn.Module) -> dict[int, nn.Parameter]:
+    """A ``copy.deepcopy`` memo that maps every frozen parameter of ``modules`` to itself: the copy gets its
+    own modules (and its own trainable parameters) but shares the frozen weights, which nobody writes."""
+    return {id(p): p for m in modules for p in m.parameters() if not p.requires_grad}
 
 
 def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -165,7 +165,8 @@ def build_session(
 
     clients = []
     for i, shard in enumerate(shards):
-        head, tail = split.client_copy()
+        # Under LoRA (or frozen) the clients' base weights are never written: share them, copy the modules.
+        head, tail = split.client_copy(share_frozen=ft.client != "full" and client_device == home)
         for part in (head, tail):
             if ft.client == "full":
                 part.requires_grad_(True)
