@@ -10,7 +10,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from suite.errors import ConfigError
 
@@ -27,14 +27,12 @@ class ModelSection(_Section):
     server_device: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
-    @model_validator(mode="after")
-    def _devices(self) -> ModelSection:
+    @field_validator("device", "server_device")
+    @classmethod
+    def _device_name(cls, value: str | None) -> str | None:
         from suite.device import check_device_name
 
-        check_device_name(self.device)
-        if self.server_device is not None:
-            check_device_name(self.server_device)
-        return self
+        return value if value is None else check_device_name(value)
 
 
 class CorpusSection(_Section):
