@@ -161,3 +161,25 @@ def test_loss_is_computed_in_fp32_from_bf16_logits():
     loss.backward()
     assert logits.grad.dtype == torch.bfloat16
     assert Batch(labels, labels, labels).to(torch.device("cpu")).input_ids is labels
+
+
+@pytest.mark.parametrize("client", ["lora", "full"])
+def test_clients_share_frozen_base_weights_only(client):
+    """Memory: under LoRA the clients' copies share the frozen base weights (one copy of the embedding, not
+    one per client) and never write them; a client that trains its whole head gets its own weights."""
+    model = tiny_model("llama", num_layers=4).model
+    vocab = model.config.vocab_size
+    cfg = TrainConfig(clients=2, steps=2, batch_size=4, finetune=FinetuneConfig(client=client, lr=1e-2))
+    session = build_session(model, SplitSpec(1, 1), [_shard(vocab, 8, i) for i in range(2)], cfg)
+    heads = [c.head for c in session.clients]
+    before = heads[0].embed.weight.detach().clone()
+    shared = heads[0].embed.weight is heads[1].embed.weight
+    assert shared == (client == "lora")
+    own = [{id(p) for p in h.parameters() if p.requires_grad} for h in heads]
+    assert own[0] and not own[0] & own[1]  # what a client trains is its own
+    train(session)
+    if client == "lora":
+        assert torch.equal(heads[0].embed.weight, before) and heads[0].embed.weight is model.model.embed_tokens.weight
+    else:
+        assert not torch.equal(heads[0].embed.weight, before)
+        assert not torch.equal(heads[0].embed.weight, heads[1].embed.weight)
