@@ -26,6 +26,7 @@ from peft import inject_adapter_in_model
 
 from suite.defense import make_defense
 from suite.device import peak_accelerator_memory, resolve_device, synchronize
+from suite.errors import ConfigError
 from suite.models import load_model
 from suite.parties import Batch, causal_lm_loss
 from suite.protocol import ActivationMsg, decode, encode
@@ -288,6 +289,9 @@ def run_bench(*, model: str, batch_size: int, max_length: int, reps: int, head_b
     do_steps = step_times
     dev = resolve_device(device)  # refuse an absent device before building anything
     spec = SplitSpec(head_blocks, tail_blocks)
+    if layers is not None and layers <= head_blocks + tail_blocks:
+        raise ConfigError(f"--layers {layers} leaves the server no block with -k {head_blocks} -m {tail_blocks}; "
+                          f"use --layers {head_blocks + tail_blocks + 1} or more")
     t0 = time.perf_counter()
     loaded = load_bench_model(model, model_config, layers, dtype, device=str(dev))
     n_params = sum(p.numel() for p in loaded.model.parameters())
