@@ -105,7 +105,7 @@ class _DPHook:
             return out
         scale = self.config.sigma * (self.sensitivity if self.clip > 0 else 1.0)
         where = torch.ones_like(mask) if self.config.hide_lengths else mask
-        noise = self._noise(out.shape, scale).to(out.dtype) * where
+        noise = self._noise(out.shape, scale).to(out.device, out.dtype) * where  # drawn on the host
         self.noise_sq_sum += float((noise**2).sum())
         self.noise_count += int(where.sum()) * out.shape[-1]
         return out + noise

@@ -55,7 +55,7 @@ class DxPDefense(Defense):
             generator = client_generator(self.config.seed, client.id)
 
             def perturb(embeds: torch.Tensor, batch: Batch, generator=generator) -> torch.Tensor:
-                noise = dx_noise(embeds.shape, self.config.eta, generator).to(embeds.dtype)
+                noise = dx_noise(embeds.shape, self.config.eta, generator).to(embeds.device, embeds.dtype)
                 noise = noise * batch.attention_mask.unsqueeze(-1).to(embeds.dtype)
                 self.norms.append(float(noise.norm(dim=-1).sum() / batch.attention_mask.sum().clamp_min(1)))
                 return embeds + noise

@@ -206,7 +206,7 @@ class IntegrityAuditDefense(Defense):
             # Structural invariant: the loss never uses the output at the last real position (it would
             # predict a padding token) nor at padding, so an honest head gradient is exactly zero there.
             last = mask.sum(1, keepdim=True) - 1
-            silent = torch.arange(mask.shape[1]).unsqueeze(0) >= last
+            silent = torch.arange(mask.shape[1], device=mask.device).unsqueeze(0) >= last
             if bool(silent.any()) and float(grad[silent].abs().max()) != 0.0:
                 self._flag(client, step, "invariant", "head gradient")
             if tail_grad is not None:

@@ -136,7 +136,15 @@ def train_split(
     """Train ``spec`` on a fresh copy of ``base`` under ``defense`` (with the attack's server policy if it is
     active; ``threat`` is what it may know while training), then capture every client's traffic. Utility is
     measured under the defense; ``reference``: also the centralised LoRA reference (cached per config)."""
-    loaded = dataclasses.replace(base, model=copy.deepcopy(base.model))
+    # The run's own model: its modules are copied, but when the server trains only adapters (or nothing)
+    # and stays on the base's device, the frozen base weights are shared with ``base`` instead of copied.
+    from suite.experiment import devices
+    from suite.split import frozen_memo
+
+    server_device = devices(cfg)[1]
+    share = cfg.training.server_finetune != "full" and server_device == next(base.model.parameters()).device
+    frozen = base.model.requires_grad_(False) if share else None
+    loaded = dataclasses.replace(base, model=copy.deepcopy(base.model, frozen_memo(frozen) if share else None))
     defense = defense if defense is not None else make_defense("none")
     prepared = prepare(cfg, spec, loaded=loaded, transport=defense.wrap_transport(InProcessTransport()))
     defense.install(prepared.session)
@@ -186,11 +194,13 @@ def _observations(threat, spec, base: LoadedModel, cfg, shadow, prepared: Prepar
     colluder = threat.colluder
 
     def base_model():
-        return copy.deepcopy(base.model)
+        model = copy.deepcopy(base.model).requires_grad_(True)  # a fresh, trainable copy, as loaded
+        return model.float() if model.dtype != torch.float32 else model  # attacks compute in fp32 on the host
 
     def colluder_head_tail():
         c = prepared.session.clients[colluder]
-        return copy.deepcopy((c.head, c.tail))
+        head, tail = copy.deepcopy((c.head, c.tail))
+        return head.to("cpu", torch.float32), tail.to("cpu", torch.float32)  # in place: ties survive
 
     return filter_observations(
         threat,
@@ -274,12 +284,12 @@ def run_cell(cfg: ExperimentConfig, spec: SplitSpec, threat_name: str, attack_na
              params: dict | None = None, base: LoadedModel | None = None, defense_name: str = "none",
              defense_params: dict | None = None) -> CellResult:
     """One cell from scratch: refuse it early if the attack needs more than the threat grants."""
-    from suite.models import load_model
+    from suite.experiment import load_for
 
     threat = get_threat(threat_name)
     check_threat(threat, cfg.training.clients)
     attack = make_attack(attack_name, threat, params)
     defense = make_defense(defense_name, defense_params)
-    base = base if base is not None else load_model(cfg.model.name)
+    base = base if base is not None else load_for(cfg)
     trained = train_split(cfg, spec, base, threat, attack if attack.active else None, defense)
     return attack_trained(trained, threat, attack, cfg)

@@ -28,6 +28,15 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", type=int, help="tokens per sequence (right-padded/truncated)")
     p.add_argument("--private-size", type=int, help="generated private records (when the config generates them)")
     p.add_argument("--seed", type=int, help="seed for adapters and batch order")
+    _add_device_options(p)
+
+
+def _add_device_options(p: argparse.ArgumentParser, server: bool = True) -> None:
+    p.add_argument("--device", help="where to compute: auto (a GPU if one is visible, else the CPU), cpu, cuda, "
+                   "cuda:N or mps")
+    if server:
+        p.add_argument("--server-device", help="where the server's trunk computes (default: --device)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights' floating-point type")
 
 
 def _config_from_args(args: argparse.Namespace):
@@ -47,6 +56,9 @@ def _config_from_args(args: argparse.Namespace):
         ("training", "finetune"): args.finetune,
         ("training", "seed"): args.seed,
         ("data", "max_length"): args.max_length,
+        ("model", "device"): getattr(args, "device", None),
+        ("model", "server_device"): getattr(args, "server_device", None),
+        ("model", "dtype"): getattr(args, "dtype", None),
     }
     for (section, key), value in overrides.items():
         if value is not None:
@@ -154,6 +166,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from suite.preflight import check_matrix_run
 
     cfg = load_config(args.config if args.config else DEFAULT_MATRIX)
+    cfg = _with_devices(cfg, args)
     workers = args.workers if args.workers is not None else cfg.executor.workers
     if workers < 1:
         raise SplitleakError(f"--workers must be at least 1, not {workers}")
@@ -192,6 +205,22 @@ def cmd_run(args: argparse.Namespace) -> int:
               f"{args.out}` (`splitleak run --retry-failed` reruns them)", file=sys.stderr)
         return 1
     return 0
+
+
+def _with_devices(cfg, args: argparse.Namespace):
+    """``--device``/``--server-device``/``--dtype`` over a loaded config; the device must exist here."""
+    from suite.config import parse_config
+    from suite.experiment import devices
+
+    data = cfg.model_dump()
+    for key in ("device", "server_device", "dtype"):
+        if getattr(args, key, None) is not None:
+            data["model"][key] = getattr(args, key)
+    for part in ("private", "shadow"):
+        data["data"][part] = {k: v for k, v in data["data"][part].items() if v is not None}
+    cfg = parse_config(data, "command line")
+    devices(cfg)
+    return cfg
 
 
 def cmd_results(args: argparse.Namespace) -> int:
@@ -257,7 +286,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     run_bench(model=args.model, batch_size=args.batch_size, max_length=args.max_length, reps=args.reps,
               head_blocks=args.head_blocks, tail_blocks=args.tail_blocks, memory=not args.no_memory,
-              remote=not args.no_remote)
+              remote=not args.no_remote, device=args.device or "auto", dtype=args.dtype or "float32",
+              model_config=args.model_config, layers=args.layers,
+              strategies=not args.no_strategies, strategy_clients=tuple(args.strategy_clients),
+              step_times=not args.no_step_times)
     return 0
 
 
@@ -273,6 +305,8 @@ def cmd_certs(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from suite.net.parties import serve
 
+    if args.device is not None and args.server_device is None:
+        args.server_device = args.device  # `serve --device` is the server's own device
     cfg = _config_from_args(args)
     _preflight_single(cfg)
     t = cfg.training
@@ -356,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retry-failed", action="store_true", help="rerun the cells whose stored row failed")
     p.add_argument("--keep-stale", action="store_true", help="reuse rows computed by another code revision "
                    "(default: such rows are reported, recomputed and replaced)")
+    _add_device_options(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("results", help="print the results table of a run directory", epilog=EPILOG)
@@ -429,6 +464,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fuzz", type=int, metavar="N", help="instead: N seeded fuzz cases against the receiving end "
                    "(channel + decoder); prints how many were rejected and how many reached the model")
     p.add_argument("--fuzz-seed", type=int, default=0, help="seed of the --fuzz cases")
+    _add_device_options(p, server=False)
+    p.add_argument("--model-config", metavar="NAME", help="a bundled config built with random weights instead of "
+                   "--model (no download): llama-1b (Llama-3.2-1B shapes), llama-8b (Llama-3.1-8B shapes)")
+    p.add_argument("--layers", type=int, help="with --model-config: keep only this many decoder blocks (CPU timing "
+                   "of a model too large for memory; the per-block cost is unchanged)")
+    p.add_argument("--no-strategies", action="store_true", help="skip the strategy throughput table")
+    p.add_argument("--strategy-clients", type=int, nargs="+", default=[1, 2, 4, 8], metavar="N",
+                   help="client counts of the strategy throughput table (default 1 2 4 8)")
+    p.add_argument("--no-step-times", action="store_true", help="skip the split/centralised step times")
     p.set_defaults(func=cmd_bench)
     return parser
 

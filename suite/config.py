@@ -10,7 +10,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from suite.errors import ConfigError
 
@@ -21,6 +21,18 @@ class _Section(BaseModel):
 
 class ModelSection(_Section):
     name: str = "smollm2-135m"  # the embedded default, a hub id, a local directory or a .gguf file
+    # Where the clients compute ("auto" = the first GPU if one is visible, else the CPU), where the server's
+    # trunk computes (None = the same as ``device``), and the floating-point type of every party's weights.
+    device: str = "auto"
+    server_device: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    @field_validator("device", "server_device")
+    @classmethod
+    def _device_name(cls, value: str | None) -> str | None:
+        from suite.device import check_device_name
+
+        return value if value is None else check_device_name(value)
 
 
 class CorpusSection(_Section):
@@ -121,8 +133,8 @@ class MatrixSection(_Section):
 class ExecutorSection(_Section):
     """How the matrix runs. ``workers``: local worker processes, one training group each (``--workers``
     overrides it). ``cpus_per_task``/``gpus_per_task``: what each Ray task (one training group) asks the
-    cluster for. The engine computes on the CPU; ``gpus_per_task`` reserves GPUs for a task (Ray sets
-    CUDA_VISIBLE_DEVICES) without moving the model onto them."""
+    cluster for. The engine computes on ``[model] device``: with ``device = "auto"`` a Ray task given
+    ``gpus_per_task`` computes on its GPU (Ray sets CUDA_VISIBLE_DEVICES), and on the CPU without one."""
 
     workers: int = Field(default=1, ge=1, le=256)
     cpus_per_task: float = Field(default=1.0, gt=0)

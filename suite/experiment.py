@@ -18,6 +18,22 @@ from suite.training import FinetuneConfig, Session, TrainConfig, build_session
 from suite.transport import Transport
 
 
+def load_for(cfg: ExperimentConfig, **kwargs) -> LoadedModel:
+    """The config's model in the config's dtype, on the host (``prepare`` places each party on its device)."""
+    from suite.device import resolve_dtype
+
+    return load_model(cfg.model.name, dtype=resolve_dtype(cfg.model.dtype), **kwargs)
+
+
+def devices(cfg: ExperimentConfig) -> tuple[torch.device, torch.device]:
+    """(client device, server device) of a config; an absent device is a one-line ``ConfigError``."""
+    from suite.device import resolve_device
+
+    client = resolve_device(cfg.model.device)
+    server = resolve_device(cfg.model.server_device) if cfg.model.server_device is not None else client
+    return client, server
+
+
 def train_config(cfg: ExperimentConfig) -> TrainConfig:
     t = cfg.training
     ft = FinetuneConfig(client=t.finetune, server=t.server_finetune, rank=t.lora_rank, alpha=t.lora_alpha, lr=t.lr,
@@ -43,12 +59,14 @@ def prepare(
     loaded: LoadedModel | None = None,
     transport: Transport | None = None,
 ) -> Prepared:
-    loaded = loaded if loaded is not None else load_model(cfg.model.name)
+    client_device, server_device = devices(cfg)  # refuse an absent device before loading anything
+    loaded = loaded if loaded is not None else load_for(cfg)
     # Utility is measured on data.held_out records of the private kind, disjoint from the clients' shards
     # (which are also the victims' records): generated after them, or taken from after them in the file.
     train_records, held_out = load_private(cfg.data.private.spec(), cfg.data.held_out)
     shards = shard(train_records, cfg.training.clients)
     max_len = cfg.data.max_length
     tokenized = [tokenize(s, loaded.tokenizer, max_len) for s in shards]
-    session = build_session(loaded.model, spec, tokenized, train_config(cfg), transport=transport)
+    session = build_session(loaded.model, spec, tokenized, train_config(cfg), transport=transport,
+                            client_device=client_device, server_device=server_device)
     return Prepared(loaded, session, shards, tokenize(held_out, loaded.tokenizer, max_len))

@@ -210,6 +210,8 @@ def cell_key(cell: Cell, cfg: ExperimentConfig, revision: str, code: str | None 
     }
     if code is not None:
         payload["code"] = key_part(code)
+    if cfg.model.dtype != "float32":  # the arithmetic changes results; fp32 keys stay as they were
+        payload["dtype"] = cfg.model.dtype
     return hashlib.sha256(_canon(payload).encode()).hexdigest()[:24]
 
 
@@ -269,7 +271,7 @@ def observation_key(cell: Cell, clients: int) -> tuple | None:
     return (cell.attack, cell.attack_params, victims, threat.grants - {Capability.CONTROL_SERVER})
 
 
-_BASES: dict[str, Any] = {}  # the base model of a worker process, kept between the groups it runs
+_BASES: dict[tuple[str, str], Any] = {}  # the base model of a worker process, kept between the groups it runs
 
 
 def run_group(cfg: ExperimentConfig, cells: list[Cell], keys: list[str], out: str | None, base=None,
@@ -279,7 +281,7 @@ def run_group(cfg: ExperimentConfig, cells: list[Cell], keys: list[str], out: st
     it exists (or handing it to ``sink``). Returns the labels of the cells written (ok or failed). Runs in a
     worker process when ``--workers`` > 1, and in a Ray task with the Ray executor."""
     from suite.cell import attack_trained, rewire, train_split
-    from suite.models import load_model
+    from suite.experiment import load_for
 
     first = cells[0]
     gcfg = cell_config(cfg, first)  # every cell of a group has the same training axes
@@ -288,10 +290,10 @@ def run_group(cfg: ExperimentConfig, cells: list[Cell], keys: list[str], out: st
     done = []
     try:
         if base is None:  # a worker process or Ray task: load once per process, reuse for its next groups
-            if cfg.model.name not in _BASES:
+            if (cfg.model.name, cfg.model.dtype) not in _BASES:
                 _BASES.clear()
-                _BASES[cfg.model.name] = load_model(cfg.model.name, progress=lambda _: None)
-            base = _BASES[cfg.model.name]
+                _BASES[(cfg.model.name, cfg.model.dtype)] = load_for(cfg, progress=lambda _: None)
+            base = _BASES[(cfg.model.name, cfg.model.dtype)]
         try:
             threat = get_threat(first.threat)
             group_attack = make_attack(first.attack, threat, json.loads(first.attack_params))
@@ -459,14 +461,14 @@ def run_matrix(cfg: ExperimentConfig, out: str | Path, *, workers: int = 1, exec
     their cells run again and the new row replaces the stale one (``keep_stale`` keeps and reuses them
     instead); ``on_note`` hears how many there are and from which revision. Failed rows count as done
     unless ``retry_failed``. The summary's ``failed`` counts this matrix's failed rows after the run."""
-    from suite.models import load_model
+    from suite.experiment import load_for
 
     if executor not in ("local", "ray"):
         raise ConfigError(f"unknown executor {executor!r}; choose 'local' or 'ray'")
     out = str(out)
     cells, skipped = expand(cfg)
     ray = _import_ray() if executor == "ray" else None
-    base = load_model(cfg.model.name)
+    base = load_for(cfg)
     code = code_revision()
     with ResultsStore(out) as store:
         status = store.statuses()

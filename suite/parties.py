@@ -28,6 +28,7 @@ from suite.commitment import (
     tensor_digest,
     trainable_state,
 )
+from suite.device import module_device
 from suite.errors import ProtocolError
 from suite.protocol import TO_CLIENT, TO_SERVER, ActivationMsg, Expect, GradientMsg, decode, encode
 from suite.split import ClientHead, ClientTail, ServerTrunk, position_ids_for
@@ -60,6 +61,11 @@ class Batch:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor
+
+    def to(self, device: torch.device) -> Batch:
+        if self.input_ids.device == device:
+            return self
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
 
 
 class Batches:
@@ -116,10 +122,12 @@ class Client:
         batches: Batches,
         transport: Transport,
         lr: float,
+        device: torch.device | None = None,
     ):
         self.id = client_id
         self.endpoint = client_endpoint(client_id)
         self.head, self.tail = head, tail
+        self.device = device if device is not None else module_device(head)  # where this client computes; received tensors land here
         self.batches = batches
         self.transport = transport
         self.optimizer = make_optimizer(trainable((head, tail)), lr)
@@ -143,7 +151,7 @@ class Client:
 
     def _recv(self, step: int, kind: type) -> ActivationMsg | GradientMsg:
         sent = self._head_out.shape if self._head_out is not None else None
-        msg = decode(self.transport.recv(self.endpoint, SERVER), Expect(shape=sent))
+        msg = decode(self.transport.recv(self.endpoint, SERVER), Expect(shape=sent), self.device)
         if not isinstance(msg, kind) or msg.client_id != self.id or msg.step != step or msg.direction != TO_CLIENT:
             raise ProtocolError(
                 f"client {self.id} expected a {kind.__name__} for step {step}, got {type(msg).__name__} "
@@ -161,7 +169,7 @@ class Client:
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
         self._rejected = False
-        self._batch = batch if batch is not None else self.batches.next()
+        self._batch = (batch if batch is not None else self.batches.next()).to(self.device)
         for token_hook in self.token_hooks:
             self._batch = token_hook(self._batch)
         self._positions = position_ids_for(self._batch.attention_mask)
@@ -254,9 +262,11 @@ class Server:
         transport: Transport,
         lr: float,
         adapters: dict[int, str] | None = None,
+        device: torch.device | None = None,
     ):
         self.trunk = trunk
         self.transport = transport
+        self.device = device if device is not None else module_device(trunk)  # where the trunk computes; received tensors land here
         self.adapters = adapters or {}
         self.optimizers: dict[str | None, torch.optim.Optimizer | None] = {}
         if self.adapters:
@@ -313,7 +323,7 @@ class Server:
 
     def _recv(self, client_id: int, step: int, kind: type,
               shape: tuple[int, ...] | None = None) -> ActivationMsg | GradientMsg:
-        msg = decode(self.transport.recv(SERVER, client_endpoint(client_id)), self.expect(shape))
+        msg = decode(self.transport.recv(SERVER, client_endpoint(client_id)), self.expect(shape), self.device)
         if not isinstance(msg, kind) or msg.client_id != client_id or msg.step != step or msg.direction != TO_SERVER:
             raise ProtocolError(
                 f"server expected a {kind.__name__} from client {client_id} for step {step}, got "

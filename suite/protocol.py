@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import ClassVar
 
 import torch
@@ -147,7 +147,7 @@ Message = ActivationMsg | GradientMsg
 
 
 def encode(msg: Message) -> bytes:
-    """Serialise a message to bytes (tensors are detached and made contiguous on the CPU)."""
+    """Serialise a message to bytes (tensors are detached, copied to the host and made contiguous)."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in msg.tensors().items()}
     meta = {
         f.name: getattr(msg, f.name) for f in fields(msg) if not isinstance(getattr(msg, f.name), torch.Tensor)
@@ -171,9 +171,10 @@ def peek(data: bytes) -> tuple[str, dict]:
         raise ProtocolError(f"malformed splitleak message header: {exc}") from None
 
 
-def decode(data: bytes, expect: Expect | None = None) -> Message:
+def decode(data: bytes, expect: Expect | None = None, device: torch.device | str | None = None) -> Message:
     """Parse bytes produced by :func:`encode`; anything else raises ``ProtocolError``. With ``expect``, the
-    message must also satisfy the receiver's policy (:func:`check`)."""
+    message must also satisfy the receiver's policy (:func:`check`). ``device``: where the receiver computes
+    (the tensors are placed there after every check; default: the CPU)."""
     msg = _decode(data)
     _check_structure(msg)
     if encode(msg) != bytes(data):
@@ -181,6 +182,9 @@ def decode(data: bytes, expect: Expect | None = None) -> Message:
                             "bytes)")
     if expect is not None:
         check(msg, expect)
+    if device is not None and torch.device(device).type != "cpu":
+        msg = replace(msg, **{f.name: getattr(msg, f.name).to(device) for f in fields(msg)
+                              if isinstance(getattr(msg, f.name), torch.Tensor)})
     return msg
 
 

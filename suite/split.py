@@ -76,6 +76,7 @@ class Family:
     lora_targets: tuple[str, ...] = ()  # every linear layer inside a block (LoRA targets = "all")
     lora_attention: tuple[str, ...] = ()  # peft's default targets for the family (LoRA targets = "attention")
     conv1d: bool = False  # GPT-2 stores linear weights transposed (Conv1D): LoRA needs fan_in_fan_out
+    rotary_per_layer_type: bool = False  # Gemma 3: local (sliding) and global layers use different rope bases
 
 
 _LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -89,6 +90,20 @@ FAMILIES: tuple[Family, ...] = (
         rotary="rotary_emb",
         lora_targets=_LLAMA_TARGETS,
         lora_attention=("q_proj", "v_proj"),
+    ),
+    Family(
+        # Gemma 3 (text): sliding-window and global attention layers alternate (5:1), each kind with its own
+        # rotary base (10k local, 1M global); q/k RMS norms live inside the attention modules and the
+        # sqrt(hidden) embedding scale inside the embedding module, so both travel with their parts; the
+        # optional final logit soft-capping is applied by the tail.
+        "gemma3",
+        ("gemma3_text",),
+        layers="layers",
+        norm="norm",
+        rotary="rotary_emb",
+        lora_targets=_LLAMA_TARGETS,
+        lora_attention=("q_proj", "v_proj"),
+        rotary_per_layer_type=True,
     ),
     Family(
         "gpt2",
@@ -152,18 +167,23 @@ class _Blocks(nn.Module):
         if len(self.layers) == 0:
             return hidden
         masks: dict[str, object] = {}
+        rope: dict[str, object] = {}
         kwargs: dict[str, object] = {"position_ids": position_ids}
-        if self._rotary:
+        if self._rotary and not self.fam.rotary_per_layer_type:
             kwargs["position_embeddings"] = self._rotary[0](hidden, position_ids=position_ids)
         for offset, layer in enumerate(self.layers):
             kind = self._layer_type(self.first + offset)
+            if self._rotary and self.fam.rotary_per_layer_type:
+                if kind not in rope:
+                    rope[kind] = self._rotary[0](hidden, position_ids, kind)
+                kwargs["position_embeddings"] = rope[kind]
             if kind not in masks:
                 make = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
                 masks[kind] = make(
                     config=self.config,
                     inputs_embeds=hidden,
                     attention_mask=attention_mask,
-                    past_key_values=None,
+                    cache=None,
                     position_ids=position_ids,
                 )
             out = layer(hidden, attention_mask=masks[kind], **kwargs)
@@ -222,7 +242,11 @@ class ClientTail(nn.Module):
         self.lm_head = lm_head
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.norm(self.blocks(hidden, attention_mask, position_ids)))
+        logits = self.lm_head(self.norm(self.blocks(hidden, attention_mask, position_ids)))
+        cap = getattr(self.blocks.config, "final_logit_softcapping", None)
+        if cap is not None:  # Gemma 2/3: tanh soft-capping of the logits, as the unsplit model does
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
 
 @dataclass
@@ -236,9 +260,12 @@ class SplitModel:
     family: Family
     config: object
 
-    def client_copy(self) -> tuple[ClientHead, ClientTail]:
-        """A fresh (head, tail) pair for one more client. Copied together so tied weights stay tied."""
-        return copy.deepcopy((self.client_head, self.client_tail))
+    def client_copy(self, share_frozen: bool = False) -> tuple[ClientHead, ClientTail]:
+        """A fresh (head, tail) pair for one more client. Copied together so tied weights stay tied.
+        ``share_frozen``: parameters that do not require grad (the frozen base under LoRA) are shared with
+        this split's parts instead of copied — the modules and anything trained later are the client's own."""
+        return copy.deepcopy((self.client_head, self.client_tail), frozen_memo(self.client_head, self.client_tail)
+                             if share_frozen else None)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Logits of the split model run locally (no wire): the reference for equality tests."""
@@ -246,6 +273,12 @@ class SplitModel:
         hidden = self.client_head(input_ids, attention_mask, positions)
         hidden = self.server_trunk(hidden, attention_mask, positions)
         return self.client_tail(hidden, attention_mask, positions)
+
+
+def frozen_memo(*modules: nn.Module) -> dict[int, nn.Parameter]:
+    """A ``copy.deepcopy`` memo that maps every frozen parameter of ``modules`` to itself: the copy gets its
+    own modules (and its own trainable parameters) but shares the frozen weights, which nobody writes."""
+    return {id(p): p for m in modules for p in m.parameters() if not p.requires_grad}
 
 
 def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -263,6 +296,9 @@ def _get(obj: object, path: str) -> nn.Module:
 def split_model(model: PreTrainedModel, spec: SplitSpec) -> SplitModel:
     """Carve ``model`` per ``spec``; checks loudly that every parameter lands in exactly one party."""
     fam = family_of(model)
+    if getattr(model.config, "use_bidirectional_attention", False):
+        raise ModelError("cannot split a model with bidirectional attention (use_bidirectional_attention=True): "
+                         "the split protocol trains causal LMs")
     base = model.base_model
     layers = list(_get(base, fam.layers))
     spec.check(len(layers))

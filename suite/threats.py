@@ -102,6 +102,16 @@ class ObservedBatch:
     attention_mask: torch.Tensor  # [B, T], 1 = real token (the padding pattern crosses the wire)
     gradient: torch.Tensor | None = None  # [B, T, H] gradient the tail sent for the trunk's output
 
+    def __post_init__(self) -> None:
+        # Attacks do their math in float32 on the host, whatever device and dtype the parties computed in
+        # (bf16 observations would lose precision in every inversion); a no-op for fp32 CPU tensors.
+        for name in ("hidden", "gradient"):
+            t = getattr(self, name)
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and (t.dtype != torch.float32 or t.is_cuda):
+                object.__setattr__(self, name, t.detach().to("cpu", torch.float32))
+        if isinstance(self.attention_mask, torch.Tensor) and self.attention_mask.device.type != "cpu":
+            object.__setattr__(self, "attention_mask", self.attention_mask.cpu())
+
 
 @dataclass(frozen=True)
 class Observations:

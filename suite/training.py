@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
+from suite.device import module_device
 from suite.errors import ConfigError
 from suite.parties import Batch, Batches, Client, Server, trainable
 from suite.split import Family, SplitModel, SplitSpec, lora_targets, position_ids_for, split_model
@@ -141,11 +142,16 @@ def build_session(
     shards: Sequence[dict[str, torch.Tensor]],
     config: TrainConfig,
     transport: Transport | None = None,
+    *,
+    client_device: torch.device | str | None = None,
+    server_device: torch.device | str | None = None,
 ) -> Session:
     """Carve ``model``, give every client its own copy of head and tail, attach adapters, wire it up.
 
     ``shards[i]`` is client i's tokenised private data (``suite.data.tokenize``). The base weights are
     frozen; only adapters (or, with ``finetune.client == "full"``, the client's whole head and tail) train.
+    ``client_device`` / ``server_device``: where the clients' parts and the server's trunk compute (default:
+    where ``model`` is); the shards stay on the host and each batch moves to its client's device.
     """
     if len(shards) != config.clients:
         raise ConfigError(f"{config.clients} clients need {config.clients} data shards, got {len(shards)}")
@@ -154,24 +160,31 @@ def build_session(
     model.requires_grad_(False)
     split = split_model(model, spec)
     transport = transport if transport is not None else InProcessTransport()
+    home = module_device(model)
+    client_device = torch.device(client_device) if client_device is not None else home
+    server_device = torch.device(server_device) if server_device is not None else home
 
     clients = []
     for i, shard in enumerate(shards):
-        head, tail = split.client_copy()
+        # Under LoRA (or frozen) the clients' base weights are never written: share them, copy the modules.
+        head, tail = split.client_copy(share_frozen=ft.client != "full" and client_device == home)
         for part in (head, tail):
             if ft.client == "full":
                 part.requires_grad_(True)
             elif ft.client == "lora":
                 _lora(part, split.family, ft)
+        head.to(client_device), tail.to(client_device)  # in place: a tied embedding / LM head stays tied
         batches = Batches(shard, config.batch_size, seed=config.seed * 1000 + i)
-        clients.append(Client(i, head, tail, batches, transport, ft.lr))
+        clients.append(Client(i, head, tail, batches, transport, ft.lr, device=client_device))
 
-    server = build_server(split, config, transport)
+    server = build_server(split, config, transport, device=server_device)
     return Session(split, clients, server, transport, config)
 
 
-def build_server(split: SplitModel, config: TrainConfig, transport: Transport) -> Server:
-    """The server over ``split``'s trunk: shared adapters, or one adapter set per client for ``per_client``."""
+def build_server(split: SplitModel, config: TrainConfig, transport: Transport,
+                 device: torch.device | str | None = None) -> Server:
+    """The server over ``split``'s trunk: shared adapters, or one adapter set per client for ``per_client``;
+    the trunk (with its adapters) computes on ``device`` (default: where it is)."""
     ft = config.finetune
     trunk = split.server_trunk
     adapters = None
@@ -184,7 +197,9 @@ def build_server(split: SplitModel, config: TrainConfig, transport: Transport) -
                 _lora(trunk, split.family, ft, adapter=name)
         else:
             _lora(trunk, split.family, ft)
-    return Server(trunk, transport, ft.lr, adapters=adapters)
+    device = torch.device(device) if device is not None else module_device(trunk)
+    trunk.to(device)
+    return Server(trunk, transport, ft.lr, adapters=adapters, device=device)
 
 
 def fedavg(clients: Sequence[Client]) -> None:
@@ -261,6 +276,7 @@ def _eval_sums(session: Session, data: dict[str, torch.Tensor], client_id: int, 
     n = data["input_ids"].shape[0]
     for lo in range(0, n, batch_size):
         b = Batch(*(data[k][lo : lo + batch_size] for k in ("input_ids", "attention_mask", "labels")))
+        b = b.to(client.device)
         labels = b.labels
         if deployed:
             for token_hook in client.token_hooks:
@@ -275,8 +291,8 @@ def _eval_sums(session: Session, data: dict[str, torch.Tensor], client_id: int, 
         if deployed:
             for hook in client.activation_hooks:
                 hidden = hook(hidden, b)
-        hidden = server.trunk(hidden, b.attention_mask, pos)
-        logits = client.tail(hidden, b.attention_mask, pos)
+        hidden = server.trunk(hidden.to(server.device), b.attention_mask.to(server.device), pos.to(server.device))
+        logits = client.tail(hidden.to(client.device), b.attention_mask, pos)
         targets = labels[:, 1:]
         token_loss = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets.clamp_min(0), reduction="none")
         valid = targets != -100

@@ -51,6 +51,6 @@ def load(path: str | Path) -> dict[str, Any] | None:
     if not path.exists():
         return None
     try:
-        return torch.load(path, weights_only=True)
+        return torch.load(path, weights_only=True, map_location="cpu")  # each party places it itself
     except Exception as err:  # a file that is not ours: say so, do not guess
         raise SplitleakError(f"cannot read checkpoint {path}: {type(err).__name__}; delete it to start afresh") from None

@@ -23,9 +23,12 @@ from suite.net.link import DEFAULT_MAX_MESSAGE_MIB, Link, LinkError, RemoteTrans
 
 def config_hash(cfg: ExperimentConfig) -> str:
     """What client and server must agree on: model, data and training, except the number of steps each side
-    runs. The matrix and executor sections do not touch a training run and are left out."""
+    runs. The matrix and executor sections do not touch a training run and are left out, and so are the
+    devices (each side chooses its own; the dtype must agree)."""
     data = cfg.model_dump(include={"model", "data", "training"})
     data["training"].pop("steps", None)
+    data["model"].pop("device", None)  # each side computes where it likes: tensors cross as bytes
+    data["model"].pop("server_device", None)
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -40,10 +43,15 @@ def refuse_unsafe_seeds(cfg: ExperimentConfig) -> None:
                              "noise: remove 'seed' from the config (it is for tests only)")
 
 
-def _prepare(cfg: ExperimentConfig):
+def _prepare(cfg: ExperimentConfig, role: str = "server"):
+    """Build the run on this process's own device: the server's (``server_device``, else ``device``) in
+    ``serve``, the client's (``device``) in ``client``; the other side's parts are built there too but unused."""
     from suite.experiment import prepare
     from suite.split import SplitSpec
 
+    own = cfg.model.device if role == "client" else (cfg.model.server_device or cfg.model.device)
+    model = cfg.model.model_copy(update={"device": own, "server_device": None})
+    cfg = cfg.model_copy(update={"model": model})
     return prepare(cfg, SplitSpec(cfg.training.head_blocks, cfg.training.tail_blocks))
 
 
@@ -95,7 +103,7 @@ def run_client(cfg: ExperimentConfig, client_id: int, address: str, certs: str |
                              f"0..{cfg.training.clients - 1})")
     refuse_unsafe_seeds(cfg)
     identity = load_identity(certs, client_name(client_id))
-    prepared = _prepare(cfg)
+    prepared = _prepare(cfg, "client")
     client = prepared.session.clients[client_id]
     link = Link(address, identity, max_message_mib=max_message_mib)
     transport = RemoteTransport(link, client_id, config_hash(cfg))
