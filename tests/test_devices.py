@@ -80,7 +80,7 @@ def test_split_equals_unsplit_in_bf16(family):
 def test_bf16_wire_round_trip_keeps_dtype_and_lands_on_the_receivers_device():
     hidden = torch.randn(2, 5, 8, dtype=torch.bfloat16)
     msg = ActivationMsg(0, 3, "to_server", hidden, torch.ones(2, 5, dtype=torch.long), torch.arange(5).expand(2, 5))
-    out = decode(encode(msg), torch.device("cpu"))
+    out = decode(encode(msg), device=torch.device("cpu"))
     assert out.hidden.dtype == torch.bfloat16 and torch.equal(out.hidden, hidden)
     assert out.hidden.device.type == "cpu"
 
