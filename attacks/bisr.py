@@ -72,7 +72,7 @@ class BiSRAttack(Attack):
 
     def reconstruct(self, obs: Observations) -> Reconstruction:
         cfg: BiSRConfig = self.config
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         if not obs.batches or any(b.gradient is None for b in obs.batches):
             raise ValueError("bisr needs the tail's gradients for every observed batch")
         target, mask = stacked(obs)
@@ -85,7 +85,8 @@ class BiSRAttack(Attack):
         lam, sim = self._choose_lambda(obs, trunk, tail)
         ids, extra = prefix_invert(obs, cfg, target, mask, bonus=lam * evidence, more=more)
         ids = ids.masked_fill(~mask.bool(), obs.tokenizer.pad_token_id or 0)
-        extra.update({"lambda": lam, "shadow_accuracy_by_lambda": sim, "seconds": time.perf_counter() - start})
+        extra.update({"lambda": lam, "shadow_accuracy_by_lambda": sim, "seconds": time.perf_counter() - start,
+                      "cpu_seconds": time.process_time() - cpu})
         return Reconstruction(ids, decode_rows(obs.tokenizer, ids, mask), extra=extra)
 
     def _trunk_tail(self, obs: Observations):
