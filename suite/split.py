@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.cache_utils import Cache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from suite.errors import ModelError
@@ -163,12 +164,19 @@ class _Blocks(nn.Module):
             return "sliding_attention"
         return "full_attention"
 
-    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                cache: Cache | None = None) -> torch.Tensor:
+        """``cache`` (optional, a ``transformers`` ``Cache``): incremental decoding. ``hidden`` then holds only
+        the new positions, ``attention_mask`` covers cached + new positions, and the blocks' keys/values for
+        the new positions are appended to ``cache`` (layers keep their global index)."""
         if len(self.layers) == 0:
             return hidden
         masks: dict[str, object] = {}
         rope: dict[str, object] = {}
         kwargs: dict[str, object] = {"position_ids": position_ids}
+        if cache is not None:
+            kwargs["layer_past" if self.fam.name == "gpt_neox" else "cache"] = cache
+            kwargs["use_cache"] = True
         if self._rotary and not self.fam.rotary_per_layer_type:
             kwargs["position_embeddings"] = self._rotary[0](hidden, position_ids=position_ids)
         for offset, layer in enumerate(self.layers):
@@ -183,7 +191,7 @@ class _Blocks(nn.Module):
                     config=self.config,
                     inputs_embeds=hidden,
                     attention_mask=attention_mask,
-                    cache=None,
+                    cache=cache,
                     position_ids=position_ids,
                 )
             out = layer(hidden, attention_mask=masks[kind], **kwargs)
@@ -214,11 +222,14 @@ class ClientHead(nn.Module):
         attention_mask: torch.Tensor,
         position_ids: torch.Tensor,
         inputs_embeds: torch.Tensor | None = None,
+        cache: Cache | None = None,
     ) -> torch.Tensor:
+        """With ``cache``: incremental decoding (``input_ids`` / ``position_ids`` only the new positions,
+        ``attention_mask`` over cached + new ones; see ``_Blocks.forward``)."""
         hidden = self.embed_tokens(input_ids, position_ids) if inputs_embeds is None else inputs_embeds
         if self.dropout is not None:
             hidden = self.dropout(hidden)
-        return self.blocks(hidden, attention_mask, position_ids)
+        return self.blocks(hidden, attention_mask, position_ids, cache)
 
 
 class ServerTrunk(nn.Module):

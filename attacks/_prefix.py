@@ -1,0 +1,342 @@
+"""Prefix inversion machinery shared by ``prefix_inversion`` and ``bisr`` (SipIt-style, position by position).
+
+A causal head's output at position ``t`` depends only on tokens ``0..t``. With the prefix ``0..t-1`` already
+recovered (its keys/values in a ``transformers`` KV cache), every candidate for token ``t`` is verified by one
+incremental step of the reference head (public, or the colluder's fine-tuned head) and the candidate whose
+output is closest to the observed one is kept. Candidates come from
+
+* a proposer: the closed-form linear inverter (ridge from standardised head outputs to the normalised input
+  embedding of the token, fitted on shadow text through the public head: ``attacks.learned_inversion``'s
+  training pairs), its top ``candidates`` tokens at each position; and
+* widening, where the best match is poor: the gradient of the match score with respect to the input
+  embedding at ``t`` (evaluated at the current best token, one backward step through the cached head) ranks
+  the **whole vocabulary** by the first-order change ``g · (E_v - E_best)``; the top ``widen`` unseen tokens
+  are verified, for up to ``widen_rounds`` rounds (GCG / SipIt-style coordinate search).
+
+A beam of width ``beam`` keeps the best prefixes by summed score (a wrong early token changes every later
+output, so a beam can recover from a near-tie).
+
+Score: cosine similarity of standardised vectors ``w ⊙ (x - mu)``, with ``mu`` the mean and ``w = 1 /
+sqrt(rho² sd² + noise_var)`` per hidden dimension (statistics of the reference head's outputs on shadow text;
+``noise_var`` the per-dimension variance the deployed defense adds, measured on the attacker's own simulation
+of it, 0 for none). Standardising keeps SmolLM2's few "massive activation" dimensions from dominating;
+cosine tolerates the scale changes of fine-tuning drift and of norm clipping; ``noise_var`` down-weights
+dimensions the defense drowns in noise (a Gaussian likelihood's weighting).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from attacks._common import token_embeddings
+from suite.split import ClientHead
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    candidates: int = 32  # proposer's top tokens verified at every position
+    beam: int = 1  # prefixes kept per sequence
+    widen: int = 64  # tokens per widening round (gradient-ranked over the whole vocabulary)
+    widen_rounds: int = 3  # widening rounds at most, where the best match stays poor
+    widen_below: float = 0.98  # widen where the best score (cosine) is below this
+    chunk: int = 1024  # rows per incremental forward
+
+
+@dataclass
+class Scorer:
+    """Cosine similarity of ``w ⊙ (x - mu)`` (see the module docstring)."""
+
+    mu: torch.Tensor  # [H]
+    w: torch.Tensor  # [H]
+
+    def normed(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize((x.float() - self.mu) * self.w, dim=-1)
+
+    def score(self, target: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+        """``target`` [..., H], ``cand`` [..., H] (broadcast) -> [...]."""
+        return (self.normed(target) * self.normed(cand)).sum(-1)
+
+    @staticmethod
+    def fit(feats: torch.Tensor, mask: torch.Tensor, noise_var: torch.Tensor | None = None,
+            rho: float = 1.0) -> Scorer:
+        flat = feats[mask.bool()].float()
+        mu, sd = flat.mean(0), flat.std(0)
+        sd = sd.clamp_min(float(sd.median()) * 1e-2 + 1e-6)
+        var = (rho * sd) ** 2 + (noise_var if noise_var is not None else 0.0)
+        return Scorer(mu, var.rsqrt())
+
+
+def select(cache: DynamicCache, index: torch.Tensor) -> DynamicCache:
+    """A new cache holding rows ``index`` of ``cache`` (the original is left untouched)."""
+    new = copy.copy(cache)
+    new.layers = [copy.copy(layer) for layer in cache.layers]
+    new.batch_select_indices(index)
+    return new
+
+
+class PrefixSearch:
+    """Position-by-position search over a reference ``head`` (frozen, eval mode)."""
+
+    def __init__(self, head: ClientHead, config, scorer: Scorer, options: SearchOptions):
+        self.head, self.config, self.scorer, self.opt = head, config, scorer, options
+        self.table = token_embeddings(head)  # [V, E] rows as the first block sees them (no positions)
+        self.vocab = self.table.shape[0]
+        self.stats = {"verified": 0, "widened_positions": 0, "positions": 0}
+
+    # -- one incremental step ------------------------------------------------------------------------------
+
+    def _step(self, cache: DynamicCache | None, tokens: torch.Tensor, t: int) -> torch.Tensor:
+        """Head outputs at position ``t`` for ``tokens`` [R] appended to ``cache`` rows (one per token; the
+        cache grows by one position). Returns [R, H]."""
+        rows = tokens.shape[0]
+        mask = torch.ones(rows, t + 1, dtype=torch.long)
+        pos = torch.full((rows, 1), t, dtype=torch.long)
+        return self.head(tokens[:, None], mask, pos, cache=cache)[:, 0].float()
+
+    def _verify(self, cache: DynamicCache | None, rows: torch.Tensor, tokens: torch.Tensor, t: int,
+                target: torch.Tensor) -> torch.Tensor:
+        """Scores [R] of ``tokens`` [R] appended to the prefixes ``rows`` [R] (indices into ``cache``),
+        against ``target`` [R, H]. Chunked; the cache is not modified."""
+        out = torch.empty(tokens.shape[0])
+        step = self.opt.chunk
+        with torch.no_grad():
+            for lo in range(0, tokens.shape[0], step):
+                sub = select(cache, rows[lo : lo + step]) if cache is not None else self._fresh()
+                h = self._step(sub, tokens[lo : lo + step], t)
+                out[lo : lo + step] = self.scorer.score(target[lo : lo + step], h)
+        self.stats["verified"] += int(tokens.shape[0])
+        return out
+
+    def _fresh(self) -> DynamicCache:
+        return DynamicCache(config=self.config)
+
+    def _gradient(self, cache: DynamicCache, tokens: torch.Tensor, t: int, target: torch.Tensor) -> torch.Tensor:
+        """d score / d (token embedding at ``t``) at ``tokens`` [R] (cache rows = prefixes, restored after)."""
+        rows = tokens.shape[0]
+        sub = select(cache, torch.arange(rows)) if cache is not None else self._fresh()
+        pos = torch.full((rows, 1), t, dtype=torch.long)
+        with torch.enable_grad():
+            emb = self.head.embed(tokens[:, None]).detach().float().requires_grad_(True)
+            x = emb if self.head.pos_embed is None else emb + self.head.pos_embed(pos)
+            mask = torch.ones(rows, t + 1, dtype=torch.long)
+            h = self.head(tokens[:, None], mask, pos, inputs_embeds=x, cache=sub)[:, 0]
+            score = self.scorer.score(target, h).sum()
+            (grad,) = torch.autograd.grad(score, emb)
+        return grad[:, 0]
+
+    # -- the search ----------------------------------------------------------------------------------------
+
+    def run(self, target: torch.Tensor, mask: torch.Tensor, proposals: torch.Tensor | None,
+            bonus: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``target`` [N, T, H] observed outputs, ``mask`` [N, T], ``proposals`` [N, T, K] candidate tokens
+        (or None: widening only, starting from the nearest embedding row of the target). ``bonus`` [N, T, V]
+        (optional): other evidence added to every candidate's score (``bisr``: the gradient's). Returns the
+        best token ids [N, T] and their per-position scores [N, T]."""
+        n, length, _ = target.shape
+        beam = self.opt.beam
+        ids = torch.zeros(n * beam, length, dtype=torch.long)  # rows: sequence-major, beam-minor
+        scores = torch.zeros(n * beam, length)
+        total = torch.zeros(n * beam)
+        total[torch.arange(n * beam) % beam != 0] = -1e9  # at t = 0 only the first beam is alive
+        seq_of_row = torch.arange(n * beam) // beam
+        cache: DynamicCache | None = None
+        last = int(mask.sum(1).max())
+        for t in range(last):
+            tgt = target[seq_of_row, t]  # [NB, H]
+            if proposals is not None:
+                cand = proposals[seq_of_row, t]  # [NB, K]
+            else:
+                cand = (F.normalize(tgt[:, : self.table.shape[1]], dim=-1)
+                        @ F.normalize(self.table, dim=-1).T).topk(1, dim=-1).indices
+            rows = torch.arange(n * beam).repeat_interleave(cand.shape[1])
+            s = self._verify(cache, rows, cand.reshape(-1), t, tgt[rows]).reshape(cand.shape)
+            cand, s = self._widen(cache, cand, s, t, tgt)
+            if bonus is not None:
+                s = s + bonus[seq_of_row, t].gather(1, cand)
+            self.stats["positions"] += n
+            # Beam step: per sequence, the best `beam` of (beam row, candidate) by summed score.
+            joint = (total[:, None] + s).reshape(n, -1)  # [N, B*C]
+            width = cand.shape[1]
+            best = joint.topk(beam, dim=-1).indices  # [N, B]
+            parent = (torch.arange(n)[:, None] * beam + best // width).reshape(-1)
+            choice = (best % width).reshape(-1)
+            token = cand[parent, choice]
+            ids = ids[parent]
+            scores = scores[parent]
+            ids[:, t] = token
+            scores[:, t] = s[parent, choice]
+            total = joint.gather(1, best).reshape(-1)
+            # Extend the kept prefixes' cache by their chosen token.
+            with torch.no_grad():
+                cache = select(cache, parent) if cache is not None else self._fresh()
+                self._step(cache, token, t)
+        top = total.reshape(n, beam).argmax(-1) + torch.arange(n) * beam
+        return ids[top].masked_fill(~mask.bool(), 0), scores[top]
+
+    def forced(self, target: torch.Tensor, mask: torch.Tensor, cand: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced scores [N, T, C] of candidates ``cand`` [N, T, C] with the true prefix ``truth``
+        [N, T] (the attacker's own shadow text): what the search would see at each position."""
+        n, length, c = cand.shape
+        out = torch.zeros(n, length, c)
+        cache: DynamicCache | None = None
+        rows = torch.arange(n).repeat_interleave(c)
+        for t in range(int(mask.sum(1).max())):
+            out[:, t] = self._verify(cache, rows, cand[:, t].reshape(-1), t, target[rows, t]).reshape(n, c)
+            with torch.no_grad():
+                cache = cache if cache is not None else self._fresh()
+                self._step(cache, truth[:, t], t)
+        return out
+
+    def _widen(self, cache, cand: torch.Tensor, s: torch.Tensor, t: int, tgt: torch.Tensor):
+        """Gradient-guided widening over the whole vocabulary for rows whose best score is below the bar."""
+        opt = self.opt
+        if opt.widen_rounds == 0 or opt.widen == 0:
+            return cand, s
+        tried = [cand]
+        scores = [s]
+        widened = False
+        s = s.clone()
+        for _ in range(opt.widen_rounds):
+            cat_c, cat_s = torch.cat(tried, 1), torch.cat(scores, 1)
+            best_s, arg = cat_s.max(1)
+            poor = (best_s < opt.widen_below).nonzero().squeeze(1)
+            if poor.numel() == 0:
+                break
+            widened = True
+            best_tok = cat_c[poor, arg[poor]]
+            sub = select(cache, poor) if cache is not None else None
+            grad = self._gradient(sub, best_tok, t, tgt[poor])  # [P, E]
+            gain = grad @ self.table.T  # [P, V]: first-order score change, up to a per-row constant
+            gain.scatter_(1, cat_c[poor], float("-inf"))  # never re-verify a token
+            new = gain.topk(opt.widen, dim=-1).indices  # [P, W]
+            rows = poor.repeat_interleave(new.shape[1])
+            ns = self._verify(cache, rows, new.reshape(-1), t, tgt[rows]).reshape(new.shape)
+            full_c = cat_c.new_zeros(cand.shape[0], opt.widen)
+            full_s = torch.full((cand.shape[0], opt.widen), float("-inf"))
+            full_c[poor], full_s[poor] = new, ns
+            tried.append(full_c)
+            scores.append(full_s)
+        if widened:
+            self.stats["widened_positions"] += int((s.max(1).values < opt.widen_below).sum())
+        return torch.cat(tried, 1), torch.cat(scores, 1)
+
+
+# -- what the attacks around the search share ------------------------------------------------------------------
+
+
+def reference_head(obs, use_colluder: bool = True) -> tuple[ClientHead, object]:
+    """The head candidates are verified on: the colluder's fine-tuned head when granted (closest to the
+    victims'), else the public one. Returns (head, model config)."""
+    base = obs.base_model()
+    base.requires_grad_(False)
+    config = base.config
+    if use_colluder and obs.colluder_head_tail is not None:
+        head, _ = obs.colluder_head_tail()
+    else:
+        from suite.split import split_model
+
+        head = split_model(base, obs.spec).client_head
+    head.requires_grad_(False)
+    return head.eval(), config
+
+
+def shadow_batch(obs) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The shadow text tokenised as the clients tokenise (right padding to ``max_length``), or None."""
+    if not obs.shadow:
+        return None
+    enc = obs.tokenizer(list(obs.shadow), padding="max_length", truncation=True, max_length=obs.max_length,
+                        padding_side="right", return_tensors="pt")
+    return enc["input_ids"].long(), enc["attention_mask"].long()
+
+
+@torch.no_grad()
+def run_head(head, ids: torch.Tensor, mask: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    from suite.split import position_ids_for
+
+    return torch.cat([head(ids[lo : lo + chunk], mask[lo : lo + chunk],
+                           position_ids_for(mask[lo : lo + chunk])).float() for lo in range(0, ids.shape[0], chunk)])
+
+
+def defense_noise(obs, head, ids: torch.Tensor, mask: torch.Tensor, seed: int) -> tuple[torch.Tensor, dict]:
+    """Per-dimension variance of what the deployed defense adds to the head output, measured on the attacker's
+    own simulation (``Defense.simulate_release`` on shadow text, two independent draws: half the variance of
+    their difference) and the simulated releases' statistics. Zero where the defense adds no randomness."""
+    defense = obs.defense
+    g1, g2 = torch.Generator().manual_seed(seed + 101), torch.Generator().manual_seed(seed + 202)
+    with torch.no_grad():
+        r1 = defense.simulate_release(head, ids, mask, g1).float()
+        r2 = defense.simulate_release(head, ids, mask, g2).float()
+    real = mask.bool()
+    var = ((r1 - r2)[real].pow(2).mean(0) / 2).clamp_min(0)
+    return var, {"defense": getattr(defense, "name", type(defense).__name__),
+                 "simulated_noise_rms": float(var.mean().sqrt())}
+
+
+def fit_linear_proposer(obs, head: ClientHead, k: int, lam: float = 1e-2):
+    """The closed-form linear inverter of ``learned_inversion`` (mode="linear"): ridge from standardised
+    [features, one-hot position, 1] to the normalised input-embedding row, on (shadow text x public head)
+    pairs. Returns a function ``propose(target [N, T, H]) -> [N, T, k]`` top-``k`` tokens by cosine."""
+    from attacks.learned_inversion import _ridge, training_pairs
+
+    pairs, base = training_pairs(obs, use_colluder=True)
+    table = token_embeddings(base)
+    real = pairs.mask.bool()
+    flat = pairs.feats[real]
+    mu, sd = flat.mean(0), flat.std(0)
+    sd = sd.clamp_min(float(sd.median()) * 1e-2 + 1e-6)
+    length = pairs.feats.shape[1]
+
+    def features(x: torch.Tensor) -> torch.Tensor:
+        x = (x - mu) / sd
+        onehot = torch.eye(length)[: x.shape[1]].expand(x.shape[0], -1, -1)
+        return torch.cat([x, onehot, torch.ones(*x.shape[:2], 1)], -1)
+
+    rows = F.normalize(table, dim=-1)
+    w = _ridge(features(pairs.feats)[real], rows[pairs.ids][real], lam)
+
+    def propose(target: torch.Tensor) -> torch.Tensor:
+        pred = F.normalize(features(target.float()) @ w, dim=-1)  # [N, T, E]
+        out = torch.empty(*pred.shape[:2], k, dtype=torch.long)
+        for i in range(pred.shape[0]):
+            out[i] = (pred[i] @ rows.T).topk(k, dim=-1).indices
+        return out
+
+    return propose
+
+
+def prefix_invert(obs, cfg, target: torch.Tensor, mask: torch.Tensor, bonus: torch.Tensor | None = None,
+                  more: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """The search on ``target`` [N, T, H] (observed head outputs), as configured by ``cfg`` (fields of
+    ``PrefixInversionConfig``). ``bonus`` [N, T, V]: other evidence added to every candidate's score;
+    ``more`` [N, T, M]: extra candidate tokens. Returns token ids [N, T] and diagnostics."""
+    head, config = reference_head(obs, cfg.use_colluder)
+    shadow = shadow_batch(obs)
+    extra: dict = {"reference": "colluder" if cfg.use_colluder and obs.colluder_head_tail is not None else "base",
+                   "adaptive": bool(cfg.adaptive and obs.defense is not None)}
+    noise = None
+    if extra["adaptive"] and shadow is not None:
+        noise, info = defense_noise(obs, head, *shadow, seed=cfg.seed)
+        extra.update(info)
+    if shadow is not None:
+        scorer = Scorer.fit(run_head(head, *shadow), shadow[1], noise, cfg.rho)
+    else:
+        scorer = Scorer.fit(target, mask, noise, cfg.rho)
+    proposals = None
+    if obs.shadow:
+        propose = fit_linear_proposer(obs, head, min(cfg.candidates, head.embed.num_embeddings))
+        proposals = propose(target)
+    if more is not None:
+        proposals = more if proposals is None else torch.cat([proposals, more], -1)
+    options = SearchOptions(candidates=cfg.candidates, beam=cfg.beam, widen=cfg.widen,
+                            widen_rounds=cfg.widen_rounds, widen_below=cfg.widen_below)
+    search = PrefixSearch(head, config, scorer, options)
+    ids, scores = search.run(target, mask, proposals, bonus)
+    real = mask.bool()
+    extra.update(search.stats)
+    extra["mean_score"] = float(scores[real].mean()) if real.any() else None
+    return ids, extra

@@ -1,0 +1,62 @@
+"""White-box prefix inversion of the client head's output (SipIt, 2025; the verification idea of PIA, S&P 2025).
+
+Decoder-only LMs are injective on prompts: the head output at position ``t`` is a function of tokens ``0..t``
+alone, so with the prefix recovered, token ``t`` is the candidate whose recomputed output matches the observed
+one. ``attacks._prefix`` holds the search (KV-cached incremental verification, a beam, and gradient-guided
+widening over the whole vocabulary where the proposer's candidates all match poorly); this module wires it
+to what the threat grants:
+
+* reference head: the colluder's fine-tuned head with ``COLLUDER_WEIGHTS``, else the public base head;
+* proposer: the closed-form linear inverter fitted on shadow text with ``SHADOW_DATA`` (else widening alone,
+  started from the nearest input-embedding row);
+* defended cells (``adaptive=True``, the default): the deployed defense's public mechanism is simulated on
+  the attacker's shadow text (``Defense.simulate_release``) and the per-dimension noise it adds enters the
+  score's weighting (see ``attacks._prefix``); ``adaptive=False`` ignores the defense.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from attacks._common import decode_rows, stacked
+from attacks._prefix import prefix_invert
+from suite.attack import Attack, AttackConfig, Reconstruction, register_attack
+from suite.threats import Capability, Observations
+
+
+@dataclass(frozen=True)
+class PrefixInversionConfig(AttackConfig):
+    candidates: int = 32  # proposer (linear inverter) tokens verified at every position
+    beam: int = 1  # prefixes kept per sequence
+    widen: int = 64  # gradient-ranked tokens per widening round
+    widen_rounds: int = 3  # widening rounds at most per position
+    widen_below: float = 0.98  # widen where the best cosine score is below this
+    rho: float = 1.0  # drift allowance: weight of the head's own spread in the score's per-dimension scale
+    adaptive: bool = True  # simulate the deployed defense (its public mechanism) when scoring
+    use_colluder: bool = True  # verify on the colluder's fine-tuned head when COLLUDER_WEIGHTS is granted
+
+    def __post_init__(self) -> None:
+        if self.candidates < 1 or self.beam < 1:
+            raise ValueError("candidates and beam must be >= 1")
+        if self.widen < 0 or self.widen_rounds < 0:
+            raise ValueError("widen and widen_rounds must be >= 0")
+        if not -1.0 <= self.widen_below <= 1.0:
+            raise ValueError("widen_below is a cosine score: choose it in [-1, 1]")
+        if not self.rho > 0:
+            raise ValueError("rho must be > 0")
+
+
+@register_attack("prefix_inversion")
+class PrefixInversionAttack(Attack):
+    requires = frozenset({Capability.ACTIVATIONS, Capability.BASE_WEIGHTS})
+    Config = PrefixInversionConfig
+
+    def reconstruct(self, obs: Observations) -> Reconstruction:
+        start, cpu = time.perf_counter(), time.process_time()
+        target, mask = stacked(obs)
+        ids, extra = prefix_invert(obs, self.config, target, mask)
+        ids = ids.masked_fill(~mask.bool(), obs.tokenizer.pad_token_id or 0)
+        extra["seconds"] = time.perf_counter() - start
+        extra["cpu_seconds"] = time.process_time() - cpu  # CPU time of this process (wall time suffers contention)
+        return Reconstruction(ids, decode_rows(obs.tokenizer, ids, mask), extra=extra)

@@ -1,0 +1,75 @@
+"""Measure prefix_inversion and bisr on SmolLM2-135M (issue 10's targets); results go to BENCHMARKS.md.
+
+  # prefix inversion: 16 natural-text victims (licenses.txt), shadow = generated records (another domain)
+  PYTHONPATH=. python examples/prefix_bench.py target -k 1 2 4 8 15
+  # held-out text (never developed on): other sentences of licenses.txt, or generated records
+  sed -n 101,116p examples/licenses.txt > /tmp/heldout.txt
+  PYTHONPATH=. python examples/prefix_bench.py target -k 8 --private '{"path": "/tmp/heldout.txt"}'
+  # bisr vs forward-only vs gradient-only on defended cells (default-matrix sizes: 16 records, 6 steps)
+  PYTHONPATH=. python examples/prefix_bench.py fused -k 1 --defense dp_gaussian '{"sigma": 0.5, "clip": 1.0}'
+
+Each line printed is one cell: token accuracy, wall seconds and CPU seconds of the attack (the machine is
+shared: CPU seconds are the attack's own work, wall seconds include waiting for the CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+import attacks  # noqa: F401  (registers the attacks)
+from suite.attack import make_attack
+from suite.cell import attack_trained, train_split
+from suite.config import parse_config
+from suite.defense import make_defense
+from suite.models import load_model
+from suite.split import SplitSpec
+from suite.threats import get_threat
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("mode", choices=["target", "fused"])
+    p.add_argument("-k", type=int, nargs="+", required=True)
+    p.add_argument("--private", default=None, help="JSON corpus section for the victims")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: 10 target, 6 fused)")
+    p.add_argument("--defense", nargs=2, action="append", default=[], metavar=("NAME", "JSON"))
+    p.add_argument("--params", default="{}", help="JSON attack parameters for prefix_inversion / bisr")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    if args.mode == "target":
+        private = json.loads(args.private) if args.private else {"path": "examples/licenses.txt", "limit": 16}
+        steps = args.steps or 10
+    else:
+        private = json.loads(args.private) if args.private else {"generator": "records", "size": 16, "seed": 1}
+        steps = args.steps or 6
+    cfg = parse_config({"model": {"name": "smollm2-135m"},
+                        "data": {"max_length": 32, "private": private,
+                                 "shadow": {"generator": "records", "size": 256, "seed": 2}},
+                        "training": {"clients": 2, "steps": steps, "batch_size": 4}})
+    base = load_model("smollm2-135m")
+    threat = get_threat("curious_server")
+    params = json.loads(args.params)
+    defenses = [(n, json.loads(j)) for n, j in args.defense] or [("none", {})]
+    names = ["prefix_inversion"] if args.mode == "target" else ["gradient_inversion", "prefix_inversion", "bisr"]
+    for k in args.k:
+        for dname, dparams in defenses:
+            start = time.perf_counter()
+            trained = train_split(cfg, SplitSpec(k, 1), base, defense=make_defense(dname, dparams))
+            train_s = time.perf_counter() - start
+            for name in names:
+                attack = make_attack(name, threat, params if name != "gradient_inversion" else {})
+                r = attack_trained(trained, threat, attack, cfg)
+                ex = r.reconstruction.extra
+                keep = {key: ex[key] for key in ("widened_positions", "positions", "verified", "mean_score",
+                                                  "lambda", "shadow_accuracy_by_lambda") if key in ex}
+                print(f"k={k} defense={dname}{dparams} attack={name} token_accuracy={r.metrics.token_accuracy:.4f} "
+                      f"wall_s={r.cost.seconds:.1f} cpu_s={ex.get('cpu_seconds', float('nan')):.1f} "
+                      f"train_wall_s={train_s:.0f} {keep}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
