@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from attacks._common import decode_rows, stacked
-from attacks._gradient import gradient_evidence, simulate_gradient
+from attacks._gradients import gradient_evidence, simulate_gradient
 from attacks._prefix import (
     PrefixSearch,
     Scorer,
