@@ -281,7 +281,7 @@ def fit_linear_proposer(obs, head: ClientHead, k: int, lam: float = 1e-2):
     """The closed-form linear inverter of ``learned_inversion`` (mode="linear"): ridge from standardised
     [features, one-hot position, 1] to the normalised input-embedding row, on (shadow text x public head)
     pairs. Returns a function ``propose(target [N, T, H]) -> [N, T, k]`` top-``k`` tokens by cosine."""
-    from attacks.learned_inversion import _ridge, training_pairs
+    from attacks._pairs import _ridge, training_pairs
 
     pairs, base = training_pairs(obs, use_colluder=True)
     table = token_embeddings(base)

@@ -166,11 +166,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from suite.preflight import check_matrix_run
 
     cfg = load_config(args.config if args.config else DEFAULT_MATRIX)
-    cfg = _with_devices(cfg, args)
+    cfg = _with_devices(cfg, args, check=False)
     workers = args.workers if args.workers is not None else cfg.executor.workers
     if workers < 1:
         raise SplitleakError(f"--workers must be at least 1, not {workers}")
     cells, skipped = check_matrix_run(cfg, args.out)  # everything checkable, before a store or a model exists
+    _with_devices(cfg, args)  # the device exists here (imports torch: only once the input is known good)
     from tqdm import tqdm
 
     from suite.matrix import run_matrix  # imports torch: only once the input is known good
@@ -207,10 +208,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _with_devices(cfg, args: argparse.Namespace):
-    """``--device``/``--server-device``/``--dtype`` over a loaded config; the device must exist here."""
+def _with_devices(cfg, args: argparse.Namespace, check: bool = True):
+    """``--device``/``--server-device``/``--dtype`` over a loaded config; the device must exist here
+    (``check=False``: the caller checks it later, after the checks that need no torch)."""
     from suite.config import parse_config
-    from suite.experiment import devices
 
     data = cfg.model_dump()
     for key in ("device", "server_device", "dtype"):
@@ -219,7 +220,10 @@ def _with_devices(cfg, args: argparse.Namespace):
     for part in ("private", "shadow"):
         data["data"][part] = {k: v for k, v in data["data"][part].items() if v is not None}
     cfg = parse_config(data, "command line")
-    devices(cfg)
+    if check:
+        from suite.experiment import devices
+
+        devices(cfg)
     return cfg
 
 

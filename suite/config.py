@@ -6,6 +6,7 @@ never break. Values a section does not give take the defaults below, which are t
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -13,6 +14,15 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from suite.errors import ConfigError
+
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def check_device_name(name: str) -> str:
+    """Syntax only (config validation, no torch): 'auto', 'cpu', 'mps', 'cuda' or 'cuda:N'."""
+    if not isinstance(name, str) or not DEVICE_PATTERN.match(name):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', not {name!r}")
+    return name
 
 
 class _Section(BaseModel):
@@ -30,8 +40,6 @@ class ModelSection(_Section):
     @field_validator("device", "server_device")
     @classmethod
     def _device_name(cls, value: str | None) -> str | None:
-        from suite.device import check_device_name
-
         return value if value is None else check_device_name(value)
 
 

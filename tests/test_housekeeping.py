@@ -14,7 +14,8 @@ ONE_CELL = {
     "data": {"max_length": 12, "private": {"generator": "records", "size": 8, "seed": 1},
              "shadow": {"generator": "records", "size": 16, "seed": 2}},
     "training": {"clients": 2, "steps": 1, "batch_size": 2},
-    "matrix": {"splits": [0], "threats": ["curious_server"], "attacks": ["nearest_embedding"], "defenses": ["none"]},
+    "matrix": {"splits": [0], "threats": ["curious_server"], "attacks": ["nearest_embedding"], "defenses": ["none"],
+               "blind": False},  # one cell: no blind baseline row beside it
 }
 
 
@@ -57,7 +58,7 @@ def test_failed_cells_make_run_exit_1_and_are_retried_on_request(tmp_path, monke
         '[model]\nname = "tiny-llama"\n[data]\nmax_length = 12\n'
         'private = { generator = "records", size = 8, seed = 1 }\nshadow = { generator = "records", size = 16 }\n'
         '[training]\nclients = 2\nsteps = 1\nbatch_size = 2\n'
-        '[matrix]\nsplits = [0]\nthreats = ["curious_server"]\nattacks = ["nearest_embedding"]\ndefenses = ["none"]\n')
+        '[matrix]\nsplits = [0]\nthreats = ["curious_server"]\nattacks = ["nearest_embedding"]\ndefenses = ["none"]\nblind = false\n')
     out = tmp_path / "out"
     original = ne.NearestEmbeddingAttack.reconstruct
 

@@ -15,7 +15,7 @@ from suite.training import FinetuneConfig, TrainConfig, build_session, eval_loss
 SETTINGS = {
     "mid": {"lam": 0.01, "dim": 8, "seed": 1},
     "bottleneck": {"rank": 4, "seed": 1},
-    "santext": {"epsilon": 40.0, "seed": 1},
+    "santext": {"epsilon": 60.0, "seed": 1},
 }
 
 

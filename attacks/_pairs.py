@@ -1,0 +1,75 @@
+"""Shadow training pairs for the inverters (``learned_inversion``, ``prefix_inversion``'s proposer): every
+available head (the public one, a colluder's fine-tuned one) over every available text (public shadow text, a
+colluder's records), and the closed-form ridge solve they are fitted with."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from attacks._common import public_head
+from suite.split import ClientHead, position_ids_for
+from suite.threats import Observations
+
+
+@dataclass
+class _Pairs:
+    """Training pairs: head outputs [N, T, H], their tokens [N, T] and padding mask [N, T]."""
+
+    feats: torch.Tensor
+    ids: torch.Tensor
+    mask: torch.Tensor
+    sources: dict[str, int]  # "head x texts" -> sequences contributed
+
+
+def _tokenize(obs: Observations, texts: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    # As the clients tokenise (suite.data.tokenize): right padding to max_length, so position t means the same
+    # thing in the shadow pairs and in the victims' traffic.
+    enc = obs.tokenizer(list(texts), padding="max_length", truncation=True, max_length=obs.max_length,
+                        padding_side="right", return_tensors="pt")
+    return enc["input_ids"].long(), enc["attention_mask"].long()
+
+
+@torch.no_grad()
+def _run_head(head: nn.Module, ids: torch.Tensor, mask: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    return torch.cat([head(ids[lo : lo + chunk], mask[lo : lo + chunk], position_ids_for(mask[lo : lo + chunk])).float()
+                      for lo in range(0, ids.shape[0], chunk)])
+
+
+def training_pairs(obs: Observations, use_colluder: bool = True) -> tuple[_Pairs, ClientHead]:
+    """Every available head over every available text (see the module docstring). Also returns the public
+    head, whose input embedding is the decoding table."""
+    base = public_head(obs)
+    heads: list[tuple[str, nn.Module]] = [("base", base)]
+    corpora: list[tuple[str, tuple[str, ...]]] = [("shadow", tuple(obs.shadow or ()))]
+    if use_colluder and obs.colluder_head_tail is not None:
+        colluder_head, _ = obs.colluder_head_tail()
+        colluder_head.requires_grad_(False)
+        heads.append(("colluder", colluder_head.eval()))
+    if use_colluder and obs.colluder_records:
+        corpora.append(("colluder_records", tuple(obs.colluder_records)))
+    feats, ids, masks, sources = [], [], [], {}
+    for text_name, texts in corpora:
+        if not texts:
+            continue
+        tok_ids, tok_mask = _tokenize(obs, texts)
+        for head_name, head in heads:
+            feats.append(_run_head(head, tok_ids, tok_mask))
+            ids.append(tok_ids)
+            masks.append(tok_mask)
+            sources[f"{head_name} x {text_name}"] = tok_ids.shape[0]
+    if not feats:
+        raise ValueError("learned_inversion needs shadow text (or colluder records) to train on")
+    return _Pairs(torch.cat(feats), torch.cat(ids), torch.cat(masks), sources), base
+
+
+def _ridge(x: torch.Tensor, y: torch.Tensor, lam: float, extra_diag: torch.Tensor | None = None) -> torch.Tensor:
+    """argmin_W |x W - y|^2 + lam' |W|^2 (+ the expected noise term), in float64; lam' = lam * mean diag."""
+    x, y = x.double(), y.double()
+    gram = x.T @ x
+    if extra_diag is not None:
+        gram = gram + torch.diag(extra_diag.double())
+    gram = gram + torch.eye(gram.shape[0], dtype=gram.dtype) * (lam * gram.diagonal().mean().clamp_min(1e-12))
+    return torch.linalg.solve(gram, x.T @ y).float()
