@@ -106,13 +106,15 @@ class _Priors:
 
 
 def _greedy(model: torch.nn.Module, first: int, length: int) -> torch.Tensor:
-    """The public LM's greedy continuation of ``first`` to ``length`` tokens [length]."""
+    """The public LM's greedy continuation of ``first`` to ``length`` tokens [length] (transformers'
+    ``generate`` with its KV cache; no early stop, so every row has a guess at every position)."""
     ids = torch.tensor([[first]])
-    with torch.no_grad():  # at most max_length short forward passes: no KV cache needed
-        for _ in range(length - 1):
-            step = model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)
-            ids = torch.cat([ids, step], 1)
-    return ids[0]
+    if length <= 1:
+        return ids[0]
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=length - 1,
+                             min_new_tokens=length - 1, do_sample=False, pad_token_id=first)
+    return out[0, :length]
 
 
 def _accuracy(guess: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> float:
@@ -127,6 +129,7 @@ class BlindAttack(Attack):
     Config = BlindConfig
 
     def reconstruct(self, obs: Observations) -> Reconstruction:
+        self._greedy_texts: dict[int, torch.Tensor] = {}  # first token -> the public LM's greedy text
         if obs.lengths is None:
             raise ValueError("the blind baseline needs the victims' public sequence lengths (obs.lengths)")
         if not obs.shadow:
@@ -156,6 +159,7 @@ class BlindAttack(Attack):
             return priors.guess(candidate, lengths)
         if obs.base_model is None:
             raise ValueError("candidate 'lm_greedy' needs the public base weights")
-        model = obs.base_model().eval()
-        text = _greedy(model, int(priors.position[0]), obs.max_length)
-        return text.expand(len(lengths), -1).clone()
+        first = int(priors.position[0])
+        if first not in self._greedy_texts:  # the same text for selection and guess: decode it once
+            self._greedy_texts[first] = _greedy(obs.base_model().eval(), first, obs.max_length)
+        return self._greedy_texts[first].expand(len(lengths), -1).clone()
