@@ -175,7 +175,7 @@ def test_embedded_default_matrix_is_valid():
 
     cfg = load_config(DEFAULT_MATRIX)
     cells, skipped = expand(cfg)
-    assert cfg.model.name == "smollm2-135m" and cfg.matrix.splits == [1, 2]
+    assert cfg.model.name == "smollm2-135m" and cfg.matrix.splits == [1]  # FL-GLM's one-block claim
     assert {c.threat for c in cells} == {"curious_server", "malicious_server", "colluding_client", "eavesdropper",
                                          "peer_client"}
     assert {c.defense for c in cells} == {"none", "encryption", "dp_gaussian", "dxp", "nopeek"}
