@@ -9,12 +9,13 @@ import sys
 import time
 
 import pytest
+from store_rows import comparable_rows
 
 from suite.cli import main
 from suite.config import parse_config
 from suite.errors import ConfigError
 from suite.matrix import expand, run_matrix
-from suite.store import ResultsStore, comparable, load_results
+from suite.store import ResultsStore, load_results
 
 MATRIX = {
     "model": {"name": "tiny-llama"},
@@ -195,16 +196,7 @@ def test_worker_processes_give_the_rows_of_one_process(tmp_path):
 
 
 def _rows(path):
-    """The rows a run left, less the package versions (which say nothing about the cells)."""
-    with ResultsStore(path) as store:
-        # Utility is a held-out loss over 64 sequences: a worker's thread count changes the float summation
-        # order in its last bits, so utility columns (and the per-sequence scores under record_scores) are
-        # compared to 6 significant digits; every leakage column must match exactly.
-        def same(k, v):
-            return float(f"{v:.6g}") if isinstance(v, float) and k.startswith(("utility", "perplexity")) else v
-
-        return [{k: same(k, v) for k, v in r.items() if k not in ("versions", "record_scores")}
-                for r in comparable(store.rows())]
+    return comparable_rows(path)
 
 
 def test_workers_below_one_is_a_one_line_error(tmp_path, capsys):

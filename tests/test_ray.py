@@ -4,10 +4,12 @@ import pytest
 
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'splitleak[ray]'")
 
+from store_rows import comparable_rows  # noqa: E402
+
 from suite.config import parse_config  # noqa: E402
 from suite.errors import ConfigError  # noqa: E402
 from suite.matrix import run_matrix  # noqa: E402
-from suite.store import ResultsStore, comparable  # noqa: E402
+from suite.store import ResultsStore  # noqa: E402
 
 MATRIX = {
     "model": {"name": "tiny-llama"},
@@ -27,15 +29,7 @@ def local_cluster():
 
 
 def _rows(path):
-    with ResultsStore(path) as store:
-        # Utility is a held-out loss over 64 sequences: a Ray task's thread count changes the float summation
-        # order in its last bits, so utility columns (and the per-sequence scores under record_scores) are
-        # compared to 6 significant digits; every leakage column must match exactly.
-        def same(k, v):
-            return float(f"{v:.6g}") if isinstance(v, float) and k.startswith(("utility", "perplexity")) else v
-
-        return [{k: same(k, v) for k, v in r.items() if k not in ("versions", "record_scores")}
-                for r in comparable(store.rows())]
+    return comparable_rows(path)
 
 
 def test_ray_executor_gives_the_rows_of_the_serial_runner_and_resumes(local_cluster, tmp_path):
