@@ -123,6 +123,7 @@ class IntegrityAuditDefense(Defense):
         self.served_units = 0.0  # token-passes the server computed (forward = 1, backward = 2)
         self.recomputed_units = 0.0
         self.audit_seconds = 0.0
+        self.audited: list[tuple[int, int]] = []  # (client, step) of every full audit, in order
 
     # --- verifier ----------------------------------------------------------------------------------
 
@@ -167,6 +168,8 @@ class IntegrityAuditDefense(Defense):
         self.served_units += 3 * tokens
         state.audit = self.rng.random() < self.config.audit_rate
         state.revealed = False
+        if state.audit:
+            self.audited.append((client.id, step))
         try:
             rows = [i for i in range(mask.shape[0]) if mask[i, 0]]
             spot = bool(self.config.spot_tokens and rows)
