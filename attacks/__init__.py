@@ -1,4 +1,4 @@
-"""Attacks, one module each, registered by name in ``suite.attack.ATTACKS`` when this package is imported."""
+"""Attacks, one module each, registered by name in ``suite.interfaces.attack.ATTACKS`` when this package is imported."""
 
 import importlib
 import pkgutil

@@ -22,9 +22,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from suite.defense import Defense
-from suite.split import position_ids_for
-from suite.threats import Observations
+from suite.engine.split import position_ids_for
+from suite.interfaces.defense import Defense
+from suite.interfaces.threats import Observations
 
 # Relative weights of the public LM's log-probability against the inverter's score, tried on the simulation.
 PRIOR_WEIGHTS = (0.0, 0.003, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.0)

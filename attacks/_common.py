@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from suite.split import ClientHead, position_ids_for, split_model
-from suite.threats import Observations
+from suite.engine.split import ClientHead, position_ids_for, split_model
+from suite.interfaces.threats import Observations
 
 
 def stacked(obs: Observations) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from attacks._common import decode_rows, token_embeddings, without_positions
-from suite.split import ClientHead, ClientTail, ServerTrunk, position_ids_for, split_model
-from suite.threats import Observations, ObservedBatch
+from suite.engine.split import ClientHead, ClientTail, ServerTrunk, position_ids_for, split_model
+from suite.interfaces.threats import Observations, ObservedBatch
 
 
 @dataclass(frozen=True)

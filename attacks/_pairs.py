@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from attacks._common import public_head
-from suite.split import ClientHead, position_ids_for
-from suite.threats import Observations
+from suite.engine.split import ClientHead, position_ids_for
+from suite.interfaces.threats import Observations
 
 
 @dataclass
@@ -25,7 +25,7 @@ class _Pairs:
 
 
 def _tokenize(obs: Observations, texts: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    # As the clients tokenise (suite.data.tokenize): right padding to max_length, so position t means the same
+    # As the clients tokenise (suite.experiment.data.tokenize): right padding to max_length, so position t means the same
     # thing in the shadow pairs and in the victims' traffic.
     enc = obs.tokenizer(list(texts), padding="max_length", truncation=True, max_length=obs.max_length,
                         padding_side="right", return_tensors="pt")

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from attacks._common import token_embeddings
-from suite.split import ClientHead
+from suite.engine.split import ClientHead
 
 
 @dataclass(frozen=True)
@@ -238,7 +238,7 @@ def reference_head(obs, use_colluder: bool = True) -> tuple[ClientHead, object]:
     if use_colluder and obs.colluder_head_tail is not None:
         head, _ = obs.colluder_head_tail()
     else:
-        from suite.split import split_model
+        from suite.engine.split import split_model
 
         head = split_model(base, obs.spec).client_head
     head.requires_grad_(False)
@@ -256,7 +256,7 @@ def shadow_batch(obs) -> tuple[torch.Tensor, torch.Tensor] | None:
 
 @torch.no_grad()
 def run_head(head, ids: torch.Tensor, mask: torch.Tensor, chunk: int = 64) -> torch.Tensor:
-    from suite.split import position_ids_for
+    from suite.engine.split import position_ids_for
 
     return torch.cat([head(ids[lo : lo + chunk], mask[lo : lo + chunk],
                            position_ids_for(mask[lo : lo + chunk])).float() for lo in range(0, ids.shape[0], chunk)])

@@ -37,9 +37,9 @@ from attacks._prefix import (
     run_head,
     shadow_batch,
 )
-from suite.attack import Attack, AttackConfig, Reconstruction, register_attack
-from suite.split import split_model
-from suite.threats import Capability, Observations
+from suite.engine.split import split_model
+from suite.interfaces.attack import Attack, AttackConfig, Reconstruction, register_attack
+from suite.interfaces.threats import Capability, Observations
 
 LAMBDAS = (0.0, 0.03, 0.1, 0.3, 1.0, 3.0, 1e4)
 
@@ -68,6 +68,8 @@ class BiSRConfig(AttackConfig):
 @register_attack("bisr")
 class BiSRAttack(Attack):
     requires = frozenset({Capability.ACTIVATIONS, Capability.GRADIENTS, Capability.BASE_WEIGHTS})
+    # the linear proposer is fitted on shadow text (+ a colluder's records); a colluder's head verifies
+    uses = frozenset({Capability.SHADOW_DATA, Capability.COLLUDER_WEIGHTS, Capability.COLLUDER_DATA})
     Config = BiSRConfig
 
     def reconstruct(self, obs: Observations) -> Reconstruction:

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import torch
 
 from attacks._common import decode_rows
-from suite.attack import Attack, AttackConfig, Reconstruction, register_attack
-from suite.threats import Capability, Observations
+from suite.interfaces.attack import Attack, AttackConfig, Reconstruction, register_attack
+from suite.interfaces.threats import Capability, Observations
 
 
 @dataclass(frozen=True)

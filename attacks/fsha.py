@@ -30,7 +30,7 @@ shadow batches, ``disc_steps`` critic steps against the client's features, then 
 ``d(-mean D(s(h)))/dh`` over its real positions — rescaled per row to the norm of the honest gradient, so the
 reply looks ordinary in size — instead of the honest gradient. ``on_forward`` stays honest: the client tail
 still trains on its task, but the head receives no task signal at all, and the task loss suffers (that is
-what ``suite.cell`` reports as ``utility`` and what the ``fsha_detector`` defense watches). Before training,
+what ``suite.experiment.cell`` reports as ``utility`` and what the ``fsha_detector`` defense watches). Before training,
 ``warmup_steps`` autoencoder steps run on public data only.
 
 Reconstruction: f̃⁻¹ applied to the victims' captured head outputs, argmax over the full vocabulary.
@@ -55,9 +55,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from attacks._common import decode_rows, public_head, stacked
-from suite.attack import Attack, AttackConfig, Reconstruction, ServerPolicy, register_attack
-from suite.split import position_ids_for
-from suite.threats import Capability, Observations
+from suite.engine.split import position_ids_for
+from suite.interfaces.attack import Attack, AttackConfig, Reconstruction, ServerPolicy, register_attack
+from suite.interfaces.threats import Capability, Observations
 
 
 @dataclass(frozen=True)

@@ -48,8 +48,8 @@ from dataclasses import dataclass
 import torch
 
 from attacks._gradients import FirstToken, NormShape, decode_labels, invert_gradients, label_gradient
-from suite.attack import Attack, AttackConfig, Reconstruction, register_attack
-from suite.threats import Capability, Observations
+from suite.interfaces.attack import Attack, AttackConfig, Reconstruction, register_attack
+from suite.interfaces.threats import Capability, Observations
 
 __all__ = ["FirstToken", "GradientInversionAttack", "NormShape", "decode_labels", "label_gradient"]
 

@@ -51,8 +51,8 @@ from torch import nn
 from attacks import _adaptive
 from attacks._common import decode_rows, nearest_rows, stacked
 from attacks._pairs import _Pairs, _ridge, _run_head, _tokenize, training_pairs  # noqa: F401 (re-exported)
-from suite.attack import Attack, AttackConfig, Reconstruction, register_attack
-from suite.threats import Capability, Observations
+from suite.interfaces.attack import Attack, AttackConfig, Reconstruction, register_attack
+from suite.interfaces.threats import Capability, Observations
 
 MODES = ("linear", "neural")
 

@@ -17,8 +17,8 @@ from attacks._common import (
     token_embeddings,
     without_positions,
 )
-from suite.attack import Attack, AttackConfig, Reconstruction, register_attack
-from suite.threats import Capability, Observations
+from suite.interfaces.attack import Attack, AttackConfig, Reconstruction, register_attack
+from suite.interfaces.threats import Capability, Observations
 
 
 @dataclass(frozen=True)

@@ -38,9 +38,9 @@ from attacks._common import (
     token_embeddings,
     without_positions,
 )
-from suite.attack import Attack, AttackConfig, Reconstruction, register_attack
-from suite.split import ClientHead, position_ids_for
-from suite.threats import Capability, Observations
+from suite.engine.split import ClientHead, position_ids_for
+from suite.interfaces.attack import Attack, AttackConfig, Reconstruction, register_attack
+from suite.interfaces.threats import Capability, Observations
 
 
 @dataclass(frozen=True)

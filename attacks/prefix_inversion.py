@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 from attacks._common import decode_rows, stacked
 from attacks._prefix import prefix_invert
-from suite.attack import Attack, AttackConfig, Reconstruction, register_attack
-from suite.threats import Capability, Observations
+from suite.interfaces.attack import Attack, AttackConfig, Reconstruction, register_attack
+from suite.interfaces.threats import Capability, Observations
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,8 @@ class PrefixInversionConfig(AttackConfig):
 @register_attack("prefix_inversion")
 class PrefixInversionAttack(Attack):
     requires = frozenset({Capability.ACTIVATIONS, Capability.BASE_WEIGHTS})
+    # the linear proposer is fitted on shadow text (+ a colluder's records); a colluder's head verifies
+    uses = frozenset({Capability.SHADOW_DATA, Capability.COLLUDER_WEIGHTS, Capability.COLLUDER_DATA})
     Config = PrefixInversionConfig
 
     def reconstruct(self, obs: Observations) -> Reconstruction:

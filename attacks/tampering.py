@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from suite.attack import Attack, AttackConfig, Reconstruction, ServerPolicy, register_attack
-from suite.threats import Capability, Observations
+from suite.interfaces.attack import Attack, AttackConfig, Reconstruction, ServerPolicy, register_attack
+from suite.interfaces.threats import Capability, Observations
 
 
 @dataclass(frozen=True)

@@ -26,11 +26,11 @@ import torch
 
 from attacks._common import decode_rows
 from attacks._gradients import gradient_residuals, invert_gradients
-from suite.attack import ATTACKS, Attack, AttackConfig, Reconstruction, register_attack
+from suite.engine.protocol import TO_SERVER, ActivationMsg, GradientMsg, decode
+from suite.engine.transport import SERVER
 from suite.errors import ProtocolError
-from suite.protocol import TO_SERVER, ActivationMsg, GradientMsg, decode
-from suite.threats import Capability, Observations, ObservedBatch, ThreatModel
-from suite.transport import SERVER
+from suite.interfaces.attack import ATTACKS, Attack, AttackConfig, Reconstruction, register_attack
+from suite.interfaces.threats import Capability, Observations, ObservedBatch, ThreatModel
 
 # Parameters an inner attack gets unless ``inner_params`` says otherwise: the learned inverter runs in its
 # closed-form mode, the strongest cheap attack an eavesdropper with public weights and text can mount.
@@ -158,7 +158,7 @@ def _activation_match(obs: Observations, batches: tuple[ObservedBatch, ...],
     the head output on the wire, each standardised per hidden dimension by its own statistics (so the few
     massive dimensions of pretrained LMs, and a defence's rescaling, do not decide)."""
     from attacks._common import public_head, stacked
-    from suite.split import position_ids_for
+    from suite.engine.split import position_ids_for
 
     head = public_head(obs)
     if obs.colluder_head_tail is not None:

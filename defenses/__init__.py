@@ -1,4 +1,4 @@
-"""Defenses, one module each, registered by name in ``suite.defense.DEFENSES`` when this package is imported."""
+"""Defenses, one module each, registered by name in ``suite.interfaces.defense.DEFENSES`` when this package is imported."""
 
 import importlib
 import pkgutil

@@ -21,8 +21,8 @@ import os
 import torch
 from torch import nn
 
-from suite.parties import make_optimizer
-from suite.split import position_ids_for
+from suite.engine.parties import make_optimizer
+from suite.engine.split import position_ids_for
 
 
 def client_generator(seed: int | None) -> torch.Generator:

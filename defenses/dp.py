@@ -20,7 +20,7 @@ most-released record.
 guarantee is reported either — the run still measures what the noise does to leakage and utility.
 
 Noise source. Each client draws from its own generator seeded from the OS CSPRNG (``secrets``) when the
-defense is installed (``suite.defense.client_generator``): the server knows the config, so noise seeded from
+defense is installed (``suite.interfaces.defense.client_generator``): the server knows the config, so noise seeded from
 it could be regenerated and subtracted. ``seed`` (an integer) is for reproducible tests only, UNSAFE, and
 refused by ``splitleak serve``/``client``.
 
@@ -49,8 +49,8 @@ from dataclasses import dataclass
 
 import torch
 
-from suite.defense import Defense, DefenseConfig, client_generator, register_defense
-from suite.parties import Batch
+from suite.engine.parties import Batch
+from suite.interfaces.defense import Defense, DefenseConfig, client_generator, register_defense
 
 
 @dataclass(frozen=True)

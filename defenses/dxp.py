@@ -6,7 +6,7 @@ e^{η·d}-indistinguishable per token; larger η means less noise. The perturbat
 so the server only ever sees activations of the perturbed embeddings.
 
 Noise source: each client's generator is seeded from the OS CSPRNG when the defense is installed
-(``suite.defense.client_generator``), never from the config the server also holds. ``seed`` (an integer) is
+(``suite.interfaces.defense.client_generator``), never from the config the server also holds. ``seed`` (an integer) is
 for reproducible tests only, UNSAFE, and refused by ``splitleak serve``/``client``. Pad positions get no
 noise; what leaves there is a function of the perturbed real embeddings and the public pad token only.
 """
@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from suite.defense import Defense, DefenseConfig, client_generator, register_defense
-from suite.parties import Batch
+from suite.engine.parties import Batch
+from suite.interfaces.defense import Defense, DefenseConfig, client_generator, register_defense
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ class DxPDefense(Defense):
     def simulate_release(self, head, input_ids, attention_mask, generator):
         """The attacker's shadow input embeddings perturbed with the same ``dx_noise`` and public eta (noise
         from the attacker's ``generator``), then run through ``head``: what the server would see."""
-        from suite.split import position_ids_for
+        from suite.engine.split import position_ids_for
 
         positions = position_ids_for(attention_mask)
         with torch.no_grad():

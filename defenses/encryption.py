@@ -29,10 +29,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from suite.channel import ClientEnd, IntegrityError, ServerEnd, ServerKeys, _Channel
-from suite.defense import Defense, DefenseConfig, register_defense
+from suite.engine.channel import ClientEnd, IntegrityError, ServerEnd, ServerKeys, _Channel
+from suite.engine.transport import SERVER, Tap, Transport
 from suite.errors import ProtocolError
-from suite.transport import SERVER, Tap, Transport
+from suite.interfaces.defense import Defense, DefenseConfig, register_defense
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from suite.defense import Defense, DefenseConfig, register_defense
-from suite.parties import StepRejected
+from suite.engine.parties import StepRejected
+from suite.interfaces.defense import Defense, DefenseConfig, register_defense
 
 
 @dataclass(frozen=True)

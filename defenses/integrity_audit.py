@@ -8,7 +8,7 @@ compute. This defense spot-checks instead, and never reads the live server: its 
   adapter configuration; in-process, a copy of the trunk taken at install, before training, which holds
   exactly that), whose frozen weights it hashes once;
 * the *commitment* the server publishes with every hidden-state reply (``ActivationMsg.commitment``: sha256
-  of its frozen-weight digest and the bytes of its trainable state of that step, see ``suite.commitment``);
+  of its frozen-weight digest and the bytes of its trainable state of that step, see ``suite.engine.commitment``);
 * for an audited step, the *revealed* trainable state (``Server.reveal``: safetensors bytes). The verifier
   hashes the revealed state with its replica's frozen digest and compares the result with the commitment
   before it loads the state into the replica and re-executes.
@@ -47,11 +47,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from suite.commitment import commit, decode_reveal, frozen_digest
-from suite.defense import Defense, DefenseConfig, register_defense
+from suite.engine.commitment import commit, decode_reveal, frozen_digest
+from suite.engine.parties import Batch, StepRejected
+from suite.engine.split import position_ids_for
 from suite.errors import ProtocolError
-from suite.parties import Batch, StepRejected
-from suite.split import position_ids_for
+from suite.interfaces.defense import Defense, DefenseConfig, register_defense
 
 
 @dataclass(frozen=True)

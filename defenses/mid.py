@@ -35,8 +35,8 @@ from defenses._learned import (
     principal_subspace,
     simulate,
 )
-from suite.defense import Defense, DefenseConfig, register_defense
-from suite.parties import Batch
+from suite.engine.parties import Batch
+from suite.interfaces.defense import Defense, DefenseConfig, register_defense
 
 NAME = "defense_mid"
 
@@ -150,7 +150,7 @@ class MIDDefense(Defense):
                         self.config.sim_steps, self.config.lr)
 
     def simulate_release(self, head, input_ids, attention_mask, generator):
-        from suite.split import position_ids_for
+        from suite.engine.split import position_ids_for
 
         with torch.no_grad():
             out = head(input_ids, attention_mask, position_ids_for(attention_mask))

@@ -1,6 +1,6 @@
 """The undefended baseline: plaintext channel, nothing added. Every other defense is compared to it."""
 
-from suite.defense import Defense, register_defense
+from suite.interfaces.defense import Defense, register_defense
 
 
 @register_defense("none")

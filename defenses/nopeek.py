@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from suite.defense import Defense, DefenseConfig, register_defense
-from suite.parties import Batch
+from suite.engine.parties import Batch
+from suite.interfaces.defense import Defense, DefenseConfig, register_defense
 
 
 def distance_correlation(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -70,7 +70,7 @@ class NoPeekDefense(Defense):
         on its shadow batch. The attacker has no victim task loss to pair it with, so an anchor term (relative
         squared distance to the original head's output, the features the frozen rest of the model expects)
         stands in for it, as the task loss keeps a real head useful. ``head`` itself is never modified."""
-        from suite.split import position_ids_for
+        from suite.engine.split import position_ids_for
 
         sim = copy.deepcopy(head)
         sim.train()

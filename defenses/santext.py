@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import torch
 
 from defenses._learned import client_generator
-from suite.defense import Defense, DefenseConfig, register_defense
-from suite.parties import Batch
+from suite.engine.parties import Batch
+from suite.interfaces.defense import Defense, DefenseConfig, register_defense
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,7 @@ class SanTextDefense(Defense):
                 "replaced_fraction": self.replaced / self.tokens if self.tokens else None}
 
     def simulate_release(self, head, input_ids, attention_mask, generator):
-        from suite.split import position_ids_for
+        from suite.engine.split import position_ids_for
 
         with torch.no_grad():
             ids = sanitise(input_ids, attention_mask, head.embed.weight.detach(), self.config.epsilon, generator)

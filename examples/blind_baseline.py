@@ -7,10 +7,10 @@ import copy
 import torch
 
 from attacks.blind import BlindAttack, BlindConfig, _accuracy, _tokenize
-from suite.data import generate_records, generate_shadow
-from suite.models import load_model
-from suite.split import SplitSpec
-from suite.threats import Observations, get_threat
+from suite.engine.models import load_model
+from suite.engine.split import SplitSpec
+from suite.experiment.data import generate_records, generate_shadow
+from suite.interfaces.threats import Observations, get_threat
 
 
 def main() -> None:

@@ -24,13 +24,13 @@ import torch
 
 import attacks.learned_inversion as li
 from attacks._common import public_head
-from suite.attack import make_attack
-from suite.cell import attack_trained, train_split
-from suite.config import parse_config
-from suite.defense import make_defense
-from suite.models import load_model
-from suite.split import SplitSpec
-from suite.threats import get_threat
+from suite.engine.models import load_model
+from suite.engine.split import SplitSpec
+from suite.experiment.cell import attack_trained, train_split
+from suite.experiment.config import parse_config
+from suite.interfaces.attack import make_attack
+from suite.interfaces.defense import make_defense
+from suite.interfaces.threats import get_threat
 
 SETTINGS = {
     "none": [{}],

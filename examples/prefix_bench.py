@@ -21,13 +21,13 @@ import time
 import torch
 
 import attacks  # noqa: F401  (registers the attacks)
-from suite.attack import make_attack
-from suite.cell import attack_trained, train_split
-from suite.config import parse_config
-from suite.defense import make_defense
-from suite.models import load_model
-from suite.split import SplitSpec
-from suite.threats import get_threat
+from suite.engine.models import load_model
+from suite.engine.split import SplitSpec
+from suite.experiment.cell import attack_trained, train_split
+from suite.experiment.config import parse_config
+from suite.interfaces.attack import make_attack
+from suite.interfaces.defense import make_defense
+from suite.interfaces.threats import get_threat
 
 
 def main() -> None:

@@ -1,10 +1,15 @@
 """Peak RSS of one default-matrix worker running its largest passive training group (k = 1, no defense:
 every passive attack under every threat), in one process, as a `splitleak run` worker does."""
-import resource, sys, time
+import resource
+import sys
+import time
+
 import torch
+
 torch.set_num_threads(1)
-from suite.config import DEFAULT_MATRIX, load_config
-from suite.matrix import expand, run_group
+from suite.experiment.config import DEFAULT_MATRIX, load_config
+from suite.experiment.matrix import expand, run_group
+
 k = int(sys.argv[1]) if len(sys.argv) > 1 else 1
 cfg = load_config(DEFAULT_MATRIX)
 cells, _ = expand(cfg)
@@ -15,7 +20,6 @@ group = max((cs for cs in groups.values() if cs[0].head_blocks == k and cs[0].de
 rows = []
 t = time.time()
 run_group(cfg, group, [str(i) for i in range(len(group))], None, sink=rows.append)
-from suite.models import load_model
 print(f"cells {len(rows)} ok {sum(r['status'] == 'ok' for r in rows)} in {time.time() - t:.0f} s; "
       f"peak_rss_mib {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}")
 for r in rows:

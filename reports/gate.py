@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from suite.errors import SplitleakError
-from suite.store import METRICS, open_store
+from suite.experiment.store import METRICS, open_store
 
 # Absolute bands: BLEU/ROUGE are on 0-100, rates on 0-1.
 DEFAULT_TOLERANCE = {"bleu4": 5.0, "rouge1": 5.0, "rouge2": 5.0, "rougeL": 5.0, "token_accuracy": 0.05,

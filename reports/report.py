@@ -11,7 +11,7 @@ Pages, for someone deciding whether a split configuration is safe:
 6. the cost of each attack;
 7. methods: metric definitions and what each threat model grants.
 
-Reads only the results store (``suite.store.load_results``) and the public threat presets.
+Reads only the results store (``suite.experiment.store.load_results``) and the public threat presets.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from reports.markup import escape, sample_markup
 from reports.pdf import FAILED_BG, LANDSCAPE_W, LEVEL_COLORS, PORTRAIT_W, document, image, para, table, text
 from reports.tables import NO_DEFENSE, num
 from reports.verdict import RULE, level, pct, signed_pct, still_leaks, threat_verdict
-from suite.store import load_results
-from suite.threats import THREATS
+from suite.experiment.store import load_results
+from suite.interfaces.threats import THREATS
 
 TITLES = ("1. Verdict per threat", "2. Threat-model matrix", "3. Leakage versus split depth",
           "4. Privacy–utility frontier", "5. Reconstructed samples", "6. Attack cost", "7. Methods")

@@ -1,5 +1,5 @@
 """The results store reshaped for the report: labels, the strongest attack per threat and defense, the matrix,
-attack costs, and the run's config. Pure pandas; reads only what ``suite.store.load_results`` returns.
+attack costs, and the run's config. Pure pandas; reads only what ``suite.experiment.store.load_results`` returns.
 
 "Strongest" means the highest token accuracy (ties broken by BLEU-4, then ROUGE-1) among finished cells.
 Nothing here knows attack or defense names except ``NO_DEFENSE``, the store's name for "no defense".
@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from suite.store import ADVANTAGE_COLUMNS, INTERVAL_COLUMNS, METRICS
+from suite.experiment.store import ADVANTAGE_COLUMNS, INTERVAL_COLUMNS, METRICS
 
 NO_DEFENSE = "none"
 STRENGTH = ("token_accuracy", "bleu4", "rouge1")  # what "strongest attack" sorts by, in order

@@ -40,7 +40,7 @@ def _add_device_options(p: argparse.ArgumentParser, server: bool = True) -> None
 
 
 def _config_from_args(args: argparse.Namespace):
-    from suite.config import load_config, parse_config
+    from suite.experiment.config import load_config, parse_config
 
     cfg = load_config(args.config)
     data = cfg.model_dump()
@@ -74,7 +74,7 @@ def _config_from_args(args: argparse.Namespace):
 
 def _preflight_single(cfg, threat: str | None = None) -> None:
     """Data, model, split (and threat) checked before anything loads: one line and exit 2 on a problem."""
-    from suite.preflight import check_single
+    from suite.experiment.preflight import check_single
 
     check_single(cfg, threat)
 
@@ -82,9 +82,9 @@ def _preflight_single(cfg, threat: str | None = None) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from suite.experiment import prepare
-    from suite.split import SplitSpec
-    from suite.training import eval_loss, train
+    from suite.engine.split import SplitSpec
+    from suite.engine.training import eval_loss, train
+    from suite.experiment.prepared import prepare
 
     cfg = _config_from_args(args)
     _preflight_single(cfg)
@@ -135,8 +135,8 @@ def _params(pairs: Sequence[str]) -> dict:
 
 
 def cmd_attack(args: argparse.Namespace) -> int:
-    from suite.cell import run_cell
-    from suite.split import SplitSpec
+    from suite.engine.split import SplitSpec
+    from suite.experiment.cell import run_cell
 
     cfg = _config_from_args(args)
     _preflight_single(cfg, args.threat)
@@ -162,8 +162,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from suite.config import DEFAULT_MATRIX, load_config
-    from suite.preflight import check_matrix_run
+    from suite.experiment.config import DEFAULT_MATRIX, load_config
+    from suite.experiment.preflight import check_matrix_run
 
     cfg = load_config(args.config if args.config else DEFAULT_MATRIX)
     cfg = _with_devices(cfg, args, check=False)
@@ -174,7 +174,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     _with_devices(cfg, args)  # the device exists here (imports torch: only once the input is known good)
     from tqdm import tqdm
 
-    from suite.matrix import run_matrix  # imports torch: only once the input is known good
+    from suite.experiment.matrix import run_matrix  # imports torch: only once the input is known good
     left_out: dict[tuple[str, str, str], int] = {}  # one line per threat/attack pair, not per cell
     for cell, reason in skipped:
         pair = (cell.threat, cell.attack, reason)
@@ -211,7 +211,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _with_devices(cfg, args: argparse.Namespace, check: bool = True):
     """``--device``/``--server-device``/``--dtype`` over a loaded config; the device must exist here
     (``check=False``: the caller checks it later, after the checks that need no torch)."""
-    from suite.config import parse_config
+    from suite.experiment.config import parse_config
 
     data = cfg.model_dump()
     for key in ("device", "server_device", "dtype"):
@@ -221,15 +221,15 @@ def _with_devices(cfg, args: argparse.Namespace, check: bool = True):
         data["data"][part] = {k: v for k, v in data["data"][part].items() if v is not None}
     cfg = parse_config(data, "command line")
     if check:
-        from suite.experiment import devices
+        from suite.experiment.prepared import devices
 
         devices(cfg)
     return cfg
 
 
 def cmd_results(args: argparse.Namespace) -> int:
-    from suite.matrix import summary_table
-    from suite.store import open_store
+    from suite.experiment.matrix import summary_table
+    from suite.experiment.store import open_store
 
     with open_store(args.dir, must_exist=True) as store:
         print(summary_table(store.rows()))
@@ -281,12 +281,12 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.fuzz is not None:
-        from suite.fuzz import run_fuzz
+        from suite.harness.fuzz import run_fuzz
 
         result = run_fuzz(args.fuzz, seed=args.fuzz_seed)
         print(result.summary())
         return 0 if result.reached == 0 and result.controls_accepted == result.controls else 1
-    from suite.bench import run_bench
+    from suite.harness.bench import run_bench
 
     run_bench(model=args.model, batch_size=args.batch_size, max_length=args.max_length, reps=args.reps,
               head_blocks=args.head_blocks, tail_blocks=args.tail_blocks, memory=not args.no_memory,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 
-from suite.store import ResultsStore
+from suite.experiment.store import ResultsStore
 
 CONFIG = {"model": {"name": "m"}, "data": {"max_length": 8}, "training": {"steps": 2}}
 BLIND_ACC = 0.10

@@ -8,14 +8,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from suite.attack import Attack, Reconstruction, make_attack
-from suite.cell import attack_trained, train_split
-from suite.config import parse_config
-from suite.defense import make_defense, public_defense
-from suite.models import tiny_model
-from suite.parties import Batch
-from suite.split import SplitSpec, position_ids_for, split_model
-from suite.threats import Capability, get_threat
+from suite.engine.models import tiny_model
+from suite.engine.parties import Batch
+from suite.engine.split import SplitSpec, position_ids_for, split_model
+from suite.experiment.cell import attack_trained, train_split
+from suite.experiment.config import parse_config
+from suite.interfaces.attack import Attack, Reconstruction, make_attack
+from suite.interfaces.defense import make_defense, public_defense
+from suite.interfaces.threats import Capability, get_threat
 
 CFG = parse_config({
     "model": {"name": "tiny-llama"},

@@ -3,13 +3,13 @@ grants what it needs, and is refused under a threat that grants less. The list c
 
 import pytest
 
-from suite.attack import ATTACKS, make_attack
-from suite.cell import attack_trained, train_split
-from suite.config import parse_config
+from suite.engine.models import tiny_model
+from suite.engine.split import SplitSpec
 from suite.errors import ConfigError
-from suite.models import tiny_model
-from suite.split import SplitSpec
-from suite.threats import THREATS, Capability, Observations, get_threat
+from suite.experiment.cell import attack_trained, train_split
+from suite.experiment.config import parse_config
+from suite.interfaces.attack import ATTACKS, make_attack
+from suite.interfaces.threats import THREATS, Capability, Observations, get_threat
 
 CFG = parse_config({
     "model": {"name": "tiny-llama"},
@@ -65,7 +65,7 @@ def test_attack_exceeding_its_threat_is_refused(name):
 def test_observations_hold_only_what_is_granted(base, honest):
     threat = get_threat("eavesdropper")
     trained = honest
-    from suite.cell import _observations
+    from suite.experiment.cell import _observations
 
     obs = _observations(threat, SplitSpec(1, 1), base, CFG, trained.shadow, trained.prepared, trained.capture)
     assert obs.batches is None and obs.colluder_records is None and obs.frames
@@ -117,7 +117,7 @@ def test_gradient_inversion_keeps_the_best_iterate_when_richardson_diverges(base
     import torch
 
     from attacks.gradient_inversion import label_gradient
-    from suite.split import position_ids_for, split_model
+    from suite.engine.split import position_ids_for, split_model
 
     model = copy.deepcopy(base.model)
     tail = split_model(model, SplitSpec(1, 1)).client_tail

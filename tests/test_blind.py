@@ -5,12 +5,12 @@ import pytest
 import torch
 
 from attacks.blind import BlindAttack, BlindConfig
-from suite.attack import make_attack
-from suite.cell import attack_trained, train_split
-from suite.config import parse_config
-from suite.models import tiny_model
-from suite.split import SplitSpec
-from suite.threats import Capability, get_threat
+from suite.engine.models import tiny_model
+from suite.engine.split import SplitSpec
+from suite.experiment.cell import attack_trained, train_split
+from suite.experiment.config import parse_config
+from suite.interfaces.attack import make_attack
+from suite.interfaces.threats import Capability, get_threat
 
 CFG = parse_config({
     "model": {"name": "tiny-llama"},

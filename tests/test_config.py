@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from suite.config import ExperimentConfig, load_config
 from suite.errors import ConfigError
+from suite.experiment.config import ExperimentConfig, load_config
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from suite.data import (
+from suite.errors import DataError
+from suite.experiment.data import (
     PII_FIELDS,
     Record,
     generate_records,
@@ -21,7 +22,6 @@ from suite.data import (
     shard,
     tokenize,
 )
-from suite.errors import DataError
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def test_generated_records_are_deterministic_per_seed():
 
 
 def test_generated_records_are_identical_across_processes():
-    code = "from suite.data import generate_records as g; print([r.text for r in g(20, 7)])"
+    code = "from suite.experiment.data import generate_records as g; print([r.text for r in g(20, 7)])"
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
                               env={**os.environ, "PYTHONHASHSEED": h}) for h in ("1", "2")]
     outs = {p.communicate()[0] for p in procs}

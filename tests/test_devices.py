@@ -7,16 +7,16 @@ import pytest
 import torch
 
 from suite.cli import main
-from suite.config import parse_config
-from suite.device import resolve_device, resolve_dtype
+from suite.engine.device import resolve_device, resolve_dtype
+from suite.engine.models import tiny_model
+from suite.engine.parties import Batch, causal_lm_loss
+from suite.engine.protocol import ActivationMsg, decode, encode
+from suite.engine.split import SplitSpec, split_model
+from suite.engine.training import FinetuneConfig, TrainConfig, build_session, eval_loss, train
 from suite.errors import ConfigError
-from suite.experiment import devices, prepare
-from suite.models import tiny_model
-from suite.parties import Batch, causal_lm_loss
-from suite.protocol import ActivationMsg, decode, encode
-from suite.split import SplitSpec, split_model
-from suite.threats import ObservedBatch
-from suite.training import FinetuneConfig, TrainConfig, build_session, eval_loss, train
+from suite.experiment.config import parse_config
+from suite.experiment.prepared import devices, prepare
+from suite.interfaces.threats import ObservedBatch
 
 
 def _shard(vocab: int, n: int, seed: int) -> dict[str, torch.Tensor]:
@@ -99,7 +99,7 @@ def test_config_device_dtype_and_prepare_places_the_parties():
                         "data": {"max_length": 16, "private": {"generator": "records", "size": 8, "seed": 1}},
                         "training": {"steps": 1, "clients": 2, "batch_size": 2}})
     assert devices(cfg) == (torch.device("cpu"), torch.device("cpu"))
-    from suite.experiment import load_for
+    from suite.experiment.prepared import load_for
 
     prepared = prepare(cfg, SplitSpec(1, 1), loaded=load_for(cfg))
     session = prepared.session

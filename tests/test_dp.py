@@ -7,15 +7,15 @@ import pytest
 import torch
 
 from defenses.dp import DPConfig, GaussianDPDefense, _DPHook
-from suite.attack import make_attack
-from suite.cell import attack_trained, train_split
-from suite.config import parse_config
-from suite.defense import make_defense
+from suite.engine.models import tiny_model
+from suite.engine.parties import Batch
+from suite.engine.split import SplitSpec
 from suite.errors import ConfigError
-from suite.models import tiny_model
-from suite.parties import Batch
-from suite.split import SplitSpec
-from suite.threats import get_threat
+from suite.experiment.cell import attack_trained, train_split
+from suite.experiment.config import parse_config
+from suite.interfaces.attack import make_attack
+from suite.interfaces.defense import make_defense
+from suite.interfaces.threats import get_threat
 
 CFG = parse_config({
     "model": {"name": "tiny-llama"},
@@ -209,7 +209,7 @@ def test_both_directions_noise_the_tail_gradient_and_account_for_it():
 
 def test_hide_lengths_computes_exactly_the_same_model(base):
     """Right padding + causal attention: treating every position as real changes nothing a real token sees."""
-    from suite.split import split_model
+    from suite.engine.split import split_model
 
     cfg = parse_config({**CFG.model_dump(include={"model", "data", "training"}),
                         "data": {**CFG.data.model_dump(), "max_length": 48}})  # records shorter than 48: padding

@@ -6,15 +6,15 @@ import pytest
 import torch
 
 from defenses.encryption import EncryptedTransport, EncryptionConfig, IntegrityError
-from suite.cell import attack_trained, train_split
-from suite.config import parse_config
-from suite.defense import make_defense
+from suite.engine.models import tiny_model
+from suite.engine.protocol import TO_SERVER, ActivationMsg, decode, encode
+from suite.engine.split import SplitSpec
+from suite.engine.transport import SERVER, InProcessTransport, Recorder
 from suite.errors import ConfigError, ProtocolError
-from suite.models import tiny_model
-from suite.protocol import TO_SERVER, ActivationMsg, decode, encode
-from suite.split import SplitSpec
-from suite.threats import get_threat
-from suite.transport import SERVER, InProcessTransport, Recorder
+from suite.experiment.cell import attack_trained, train_split
+from suite.experiment.config import parse_config
+from suite.interfaces.defense import make_defense
+from suite.interfaces.threats import get_threat
 
 CFG = parse_config({
     "model": {"name": "tiny-llama"},
@@ -132,7 +132,7 @@ def test_reordered_frames_are_rejected():
 def test_one_client_cannot_read_another_clients_traffic():
     from cryptography.exceptions import InvalidTag
 
-    from suite.channel import _unframe
+    from suite.engine.channel import _unframe
 
     channel, _, _, other_client, _ = _armed()
     header, aad, body = _unframe(other_client)
@@ -167,7 +167,7 @@ def _wire_index(frames) -> set[bytes]:
 def test_encryption_is_transparent_to_training_and_no_tensor_byte_crosses_the_wire(monkeypatch):
     """Every activation and gradient either party received, searched for on the wire as 16-byte windows of its
     raw buffer: all found on a plaintext wire (so the search works), none on the encrypted one."""
-    import suite.parties
+    import suite.engine.parties
 
     received = []
 
@@ -176,7 +176,7 @@ def test_encryption_is_transparent_to_training_and_no_tensor_byte_crosses_the_wi
         received.append(msg)
         return msg
 
-    monkeypatch.setattr(suite.parties, "decode", recording)
+    monkeypatch.setattr(suite.engine.parties, "decode", recording)
     base = tiny_model("llama")
     threat = get_threat("eavesdropper")
     runs = {}
@@ -194,7 +194,7 @@ def test_encryption_is_transparent_to_training_and_no_tensor_byte_crosses_the_wi
         else:
             assert found == 0  # no 16 bytes of any activation or gradient appear in the ciphertext
     assert runs["encrypted"].prepared.session.losses == runs["plain"].prepared.session.losses  # bit-identical
-    from suite.attack import make_attack
+    from suite.interfaces.attack import make_attack
 
     wire = make_attack("wire_inversion", threat)
     leaked = attack_trained(runs["plain"], threat, wire, CFG).metrics

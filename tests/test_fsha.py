@@ -9,15 +9,15 @@ import pytest
 import torch
 
 from attacks.fsha import FshaConfig, FshaPolicy
-from suite.attack import make_attack
-from suite.cell import attack_trained, train_split
-from suite.config import parse_config
-from suite.data import load_corpus
-from suite.defense import Defense
+from suite.engine.models import tiny_model
+from suite.engine.split import SplitSpec
 from suite.errors import ConfigError
-from suite.models import tiny_model
-from suite.split import SplitSpec
-from suite.threats import filter_observations, get_threat
+from suite.experiment.cell import attack_trained, train_split
+from suite.experiment.config import parse_config
+from suite.experiment.data import load_corpus
+from suite.interfaces.attack import make_attack
+from suite.interfaces.defense import Defense
+from suite.interfaces.threats import filter_observations, get_threat
 
 CFG = parse_config({
     "model": {"name": "tiny-llama"},

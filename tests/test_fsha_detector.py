@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from suite.attack import ATTACKS, Attack, AttackConfig, Reconstruction, ServerPolicy
-from suite.cell import train_split
-from suite.config import parse_config
-from suite.defense import make_defense
-from suite.models import tiny_model
-from suite.split import SplitSpec
-from suite.threats import Capability, get_threat
+from suite.engine.models import tiny_model
+from suite.engine.split import SplitSpec
+from suite.experiment.cell import train_split
+from suite.experiment.config import parse_config
+from suite.interfaces.attack import ATTACKS, Attack, AttackConfig, Reconstruction, ServerPolicy
+from suite.interfaces.defense import make_defense
+from suite.interfaces.threats import Capability, get_threat
 
 
 def _cfg(steps, finetune="lora"):
@@ -66,7 +66,7 @@ def test_synthetic_hijacking_is_flagged_within_20_steps(base, finetune):
 
 
 def test_real_fsha_is_flagged_within_20_steps(base):
-    from suite.attack import make_attack
+    from suite.interfaces.attack import make_attack
 
     assert "fsha" in ATTACKS.names()  # registered: this test runs, it never skips
     threat = get_threat("malicious_server")

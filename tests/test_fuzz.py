@@ -6,10 +6,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from suite.channel import ClientEnd, IntegrityError, ServerEnd, ServerKeys
+from suite.engine.channel import ClientEnd, IntegrityError, ServerEnd, ServerKeys
+from suite.engine.protocol import TO_SERVER, ActivationMsg, Expect, decode, encode
 from suite.errors import ProtocolError
-from suite.fuzz import INSIDER_KINDS, WIRE_KINDS, run_fuzz
-from suite.protocol import TO_SERVER, ActivationMsg, Expect, decode, encode
+from suite.harness.fuzz import INSIDER_KINDS, WIRE_KINDS, run_fuzz
 
 SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 EXPECT = Expect(hidden_size=8)

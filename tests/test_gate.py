@@ -10,9 +10,9 @@ from synthetic_store import cell, sweep_rows, write_store
 
 from reports.gate import DOWN, GATED, UP, check, load_baseline, make_baseline, never_trip
 from suite.cli import main
-from suite.config import parse_config
 from suite.errors import SplitleakError
-from suite.matrix import run_matrix
+from suite.experiment.config import parse_config
+from suite.experiment.matrix import run_matrix
 
 MATRIX = {
     "model": {"name": "tiny-llama"},

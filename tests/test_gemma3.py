@@ -6,11 +6,11 @@ import copy
 import pytest
 import torch
 
+from suite.engine.models import GEMMA3_WHEELS, random_model, tiny_model
+from suite.engine.parties import Batch, Batches, Client, Server, causal_lm_loss
+from suite.engine.split import SplitSpec, family_of, split_model
+from suite.engine.transport import InProcessTransport
 from suite.errors import ModelError
-from suite.models import GEMMA3_WHEELS, random_model, tiny_model
-from suite.parties import Batch, Batches, Client, Server, causal_lm_loss
-from suite.split import SplitSpec, family_of, split_model
-from suite.transport import InProcessTransport
 
 
 def _batch(vocab: int, length: int = 12) -> Batch:
@@ -93,7 +93,7 @@ def test_bundled_large_configs_have_the_llama_shapes():
 
 @pytest.mark.slow
 def test_gemma3_270m_loads_offline_and_splits_exactly():
-    from suite.models import load_model
+    from suite.engine.models import load_model
 
     loaded = load_model("gemma3-270m")
     model = loaded.model

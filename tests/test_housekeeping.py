@@ -4,10 +4,10 @@ cells are retried on request, and `run` exits 1 naming how many cells failed (is
 import pytest
 
 from suite.cli import main
-from suite.config import parse_config
-from suite.matrix import run_matrix
-from suite.revision import code_revision, key_part, source_hash
-from suite.store import ResultsStore
+from suite.experiment.config import parse_config
+from suite.experiment.matrix import run_matrix
+from suite.experiment.revision import code_revision, key_part, source_hash
+from suite.experiment.store import ResultsStore
 
 ONE_CELL = {
     "model": {"name": "tiny-llama"},
@@ -35,7 +35,7 @@ def test_rows_from_other_code_are_reported_recomputed_and_replaced(tmp_path, mon
     [old] = _rows(tmp_path)
     assert old["code_revision"] == code_revision() and old["cell_id"]
 
-    monkeypatch.setattr("suite.matrix.code_revision", lambda: "9.9.9+src-0123456789abcdef")
+    monkeypatch.setattr("suite.experiment.matrix.code_revision", lambda: "9.9.9+src-0123456789abcdef")
     notes = []
     kept = run_matrix(cfg, tmp_path, keep_stale=True, on_note=notes.append)
     assert kept["ran"] == 0 and kept["stale"] == {old["code_revision"]: 1}
@@ -82,7 +82,7 @@ def test_failed_cells_make_run_exit_1_and_are_retried_on_request(tmp_path, monke
 @pytest.mark.parametrize("kills", [1])
 def test_chaos_script_loses_nothing(tmp_path, kills):
     """The kill-chaos script itself (one kill, to stay fast): nothing lost or duplicated, rows equal."""
-    from suite.chaos import chaos
+    from suite.harness.chaos import chaos
 
     summary = chaos(kills, seed=5, work=tmp_path, log=lambda _: None)
     assert summary["kills"] == kills and summary["lost"] == 0 and summary["duplicated"] == 0 and summary["equal"]

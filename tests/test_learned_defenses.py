@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 
-from suite.defense import make_defense, public_defense
-from suite.models import tiny_model
+from suite.engine.models import tiny_model
+from suite.engine.split import SplitSpec, position_ids_for
+from suite.engine.training import FinetuneConfig, TrainConfig, build_session, eval_loss, train
+from suite.interfaces.defense import make_defense, public_defense
 from suite.net.checkpoint import trainable_state
-from suite.split import SplitSpec, position_ids_for
-from suite.training import FinetuneConfig, TrainConfig, build_session, eval_loss, train
 
 SETTINGS = {
     "mid": {"lam": 0.01, "dim": 8, "seed": 1},
@@ -49,7 +49,7 @@ def _one_step(session, batch, step=0):
 
 
 def _batch(session):
-    from suite.parties import Batch
+    from suite.engine.parties import Batch
 
     data = session.clients[0].batches.data
     return Batch(*(data[k][:4] for k in ("input_ids", "attention_mask", "labels")))
@@ -156,7 +156,7 @@ def test_attacker_simulation_uses_public_parameters_and_its_own_randomness(name)
     public = public_defense(defense)
     assert "seed" not in public.public_params()
     model = tiny_model("llama", num_layers=4).model
-    from suite.split import split_model
+    from suite.engine.split import split_model
 
     head = split_model(model, SplitSpec(1, 1)).client_head.eval()
     shadow = _shard(model.config.vocab_size, 16, 5)

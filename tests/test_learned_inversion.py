@@ -6,13 +6,13 @@ against noisy activations."""
 import pytest
 import torch
 
-from suite.attack import make_attack, timed_reconstruct
-from suite.cell import _observations, attack_trained, train_split
-from suite.config import parse_config
+from suite.engine.models import tiny_model
+from suite.engine.split import SplitSpec
 from suite.errors import ConfigError
-from suite.models import tiny_model
-from suite.split import SplitSpec
-from suite.threats import Capability, ThreatModel, get_threat
+from suite.experiment.cell import _observations, attack_trained, train_split
+from suite.experiment.config import parse_config
+from suite.interfaces.attack import make_attack, timed_reconstruct
+from suite.interfaces.threats import Capability, ThreatModel, get_threat
 
 CFG = parse_config({
     "model": {"name": "tiny-llama"},

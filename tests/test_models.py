@@ -7,9 +7,8 @@ import zipfile
 import pytest
 import torch
 
-import suite.models as models
-from suite.errors import ModelError
-from suite.models import (
+import suite.engine.models as models
+from suite.engine.models import (
     DEFAULT_MODEL,
     SMOLLM2_GGUF,
     SMOLLM2_REVISION,
@@ -19,6 +18,7 @@ from suite.models import (
     tiny_model,
     tiny_tokenizer,
 )
+from suite.errors import ModelError
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)

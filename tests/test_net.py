@@ -12,15 +12,15 @@ import pytest
 import torch
 
 from suite.cli import _config_from_args, build_parser
+from suite.engine.split import SplitSpec
+from suite.engine.training import train
 from suite.errors import SplitleakError
-from suite.experiment import prepare
+from suite.experiment.prepared import prepare
 from suite.net.certs import load_identity, make_certs
 from suite.net.link import Link, LinkError, RemoteTransport
 from suite.net.parties import build_service, config_hash
 from suite.net.server import start_server
 from suite.net.tap import WireTap, negotiated_version, tls_records
-from suite.split import SplitSpec
-from suite.training import train
 
 ARGS = ["--model", "tiny-llama", "-k", "1", "-m", "1", "--clients", "2", "--batch-size", "2", "--max-length", "12",
         "--private-size", "12"]
@@ -205,7 +205,7 @@ def test_bad_client_input_is_a_one_line_error(certs, tmp_path):
 
 
 def test_the_config_hash_survives_a_round_trip_and_ignores_steps_and_matrix():
-    from suite.config import parse_config
+    from suite.experiment.config import parse_config
 
     built = parse_config({"model": {"name": "tiny-llama"}, "data": {"max_length": 12},
                           "training": {"clients": 2, "batch_size": 2, "steps": 3}})

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from suite.cli import _config_from_args, build_parser
+from suite.engine.protocol import TO_SERVER, ActivationMsg, GradientMsg, decode, encode
+from suite.engine.transport import SERVER
 from suite.net.certs import load_identity, make_certs
 from suite.net.link import Link, LinkError, RemoteTransport
 from suite.net.parties import build_service, config_hash, run_client
 from suite.net.server import start_server
-from suite.protocol import TO_SERVER, ActivationMsg, GradientMsg, decode, encode
-from suite.transport import SERVER
 
 ARGS = ["--model", "tiny-llama", "-k", "1", "-m", "1", "--clients", "4", "--batch-size", "2", "--max-length", "12",
         "--private-size", "16", "--strategy", "batch_parallel", "--steps", "3"]

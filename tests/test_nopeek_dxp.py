@@ -5,14 +5,14 @@ import torch
 
 from defenses.dxp import dx_noise
 from defenses.nopeek import distance_correlation
-from suite.attack import make_attack
-from suite.cell import attack_trained, train_split
-from suite.config import parse_config
-from suite.defense import make_defense
+from suite.engine.models import tiny_model
+from suite.engine.split import SplitSpec
 from suite.errors import ConfigError
-from suite.models import tiny_model
-from suite.split import SplitSpec
-from suite.threats import get_threat
+from suite.experiment.cell import attack_trained, train_split
+from suite.experiment.config import parse_config
+from suite.interfaces.attack import make_attack
+from suite.interfaces.defense import make_defense
+from suite.interfaces.threats import get_threat
 
 CFG = parse_config({
     "model": {"name": "tiny-llama"},

@@ -5,13 +5,13 @@ import torch
 from transformers import DynamicCache
 
 from attacks._prefix import PrefixSearch, Scorer, SearchOptions
-from suite.attack import make_attack
-from suite.cell import attack_trained, train_split
-from suite.config import parse_config
-from suite.defense import make_defense
-from suite.models import tiny_model
-from suite.split import SplitSpec, position_ids_for, split_model
-from suite.threats import get_threat
+from suite.engine.models import tiny_model
+from suite.engine.split import SplitSpec, position_ids_for, split_model
+from suite.experiment.cell import attack_trained, train_split
+from suite.experiment.config import parse_config
+from suite.interfaces.attack import make_attack
+from suite.interfaces.defense import make_defense
+from suite.interfaces.threats import get_threat
 
 FAMILIES = ["llama", "gpt2", "gpt_neox", "gemma"]
 

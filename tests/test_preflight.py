@@ -214,8 +214,8 @@ def test_colluder_threat_with_one_client_is_refused_for_a_single_cell(capsys):
 
 
 def test_colluder_threat_in_a_list_is_left_out_with_the_reason():
-    from suite.config import parse_config
-    from suite.matrix import expand
+    from suite.experiment.config import parse_config
+    from suite.experiment.matrix import expand
 
     cfg = parse_config({"model": {"name": "tiny-llama"}, "training": {"clients": 1},
                         "matrix": {"splits": [0], "threats": ["curious_server", "colluding_client", "peer_client"],
@@ -229,10 +229,10 @@ def test_colluder_threat_in_a_list_is_left_out_with_the_reason():
 
 def test_attack_trained_refuses_a_colluder_that_would_be_the_victim():
     """Below the CLI: the cell itself refuses instead of handing the colluder's own records to the attack."""
-    from suite.cell import run_cell
-    from suite.config import parse_config
+    from suite.engine.split import SplitSpec
     from suite.errors import ConfigError
-    from suite.split import SplitSpec
+    from suite.experiment.cell import run_cell
+    from suite.experiment.config import parse_config
 
     cfg = parse_config({"model": {"name": "tiny-llama"}, "training": {"clients": 1, "steps": 0}})
     with pytest.raises(ConfigError, match="at least 2 clients"):
@@ -240,8 +240,8 @@ def test_attack_trained_refuses_a_colluder_that_would_be_the_victim():
 
 
 def test_good_config_passes_preflight(tmp_path):
-    from suite.config import load_config
-    from suite.preflight import check_matrix_run
+    from suite.experiment.config import load_config
+    from suite.experiment.preflight import check_matrix_run
 
     cfg = tmp_path / "c.toml"
     (tmp_path / "good.csv").write_text("text\n" + "".join(f"record number {i}\n" for i in range(6)))

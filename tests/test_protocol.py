@@ -5,9 +5,9 @@ import struct
 import pytest
 import torch
 
+from suite.engine.protocol import TO_CLIENT, TO_SERVER, ActivationMsg, GradientMsg, decode, encode
+from suite.engine.transport import Frame, InProcessTransport, Recorder
 from suite.errors import ProtocolError
-from suite.protocol import TO_CLIENT, TO_SERVER, ActivationMsg, GradientMsg, decode, encode
-from suite.transport import Frame, InProcessTransport, Recorder
 
 
 def _bits(t: torch.Tensor) -> bytes:

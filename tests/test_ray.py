@@ -4,12 +4,12 @@ import pytest
 
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'splitleak[ray]'")
 
-from store_rows import comparable_rows  # noqa: E402
+from store_rows import comparable_rows, differences  # noqa: E402
 
-from suite.config import parse_config  # noqa: E402
 from suite.errors import ConfigError  # noqa: E402
-from suite.matrix import run_matrix  # noqa: E402
-from suite.store import ResultsStore  # noqa: E402
+from suite.experiment.config import parse_config  # noqa: E402
+from suite.experiment.matrix import run_matrix  # noqa: E402
+from suite.experiment.store import ResultsStore  # noqa: E402
 
 MATRIX = {
     "model": {"name": "tiny-llama"},
@@ -37,14 +37,14 @@ def test_ray_executor_gives_the_rows_of_the_serial_runner_and_resumes(local_clus
     serial = run_matrix(cfg, tmp_path / "serial")
     on_ray = run_matrix(cfg, tmp_path / "ray", executor="ray")
     assert on_ray["ran"] == serial["ran"] == on_ray["cells"] == 24  # 12 cells and the blind baseline's 12
-    assert _rows(tmp_path / "ray") == _rows(tmp_path / "serial")
+    assert not differences(_rows(tmp_path / "ray"), _rows(tmp_path / "serial"))
     # Resume: drop some finished cells; a rerun on Ray computes exactly those again.
     with ResultsStore(tmp_path / "ray") as store:
         store._conn.execute("DELETE FROM cells WHERE head_blocks = 1 AND threat = 'eavesdropper'")
         store._conn.commit()
     again = run_matrix(cfg, tmp_path / "ray", executor="ray")
     assert again["ran"] == 4  # wire_inversion and blind, each under none and encryption
-    assert _rows(tmp_path / "ray") == _rows(tmp_path / "serial")
+    assert not differences(_rows(tmp_path / "ray"), _rows(tmp_path / "serial"))
 
 
 def test_unknown_executor_is_a_one_line_error(tmp_path):

@@ -7,12 +7,12 @@ import dataclasses
 import pytest
 import torch
 
-from suite.config import parse_config
-from suite.experiment import prepare
-from suite.models import load_model
-from suite.parties import causal_lm_loss
-from suite.split import SplitSpec, split_model
-from suite.training import eval_loss, train
+from suite.engine.models import load_model
+from suite.engine.parties import causal_lm_loss
+from suite.engine.split import SplitSpec, split_model
+from suite.engine.training import eval_loss, train
+from suite.experiment.config import parse_config
+from suite.experiment.prepared import prepare
 
 pytestmark = pytest.mark.slow
 

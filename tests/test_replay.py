@@ -5,9 +5,9 @@ import pytest
 import torch
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-import suite.channel as channel_mod
-from suite.channel import ClientEnd, IntegrityError, ServerEnd, ServerKeys
-from suite.protocol import TO_CLIENT, TO_SERVER, ActivationMsg, GradientMsg, decode, encode
+import suite.engine.channel as channel_mod
+from suite.engine.channel import ClientEnd, IntegrityError, ServerEnd, ServerKeys
+from suite.engine.protocol import TO_CLIENT, TO_SERVER, ActivationMsg, GradientMsg, decode, encode
 
 
 class _CountingAESGCM:

@@ -7,9 +7,9 @@ from pypdf import PdfReader
 from reports.markup import escape, highlight, sample_markup
 from reports.report import TITLES, build_report
 from suite.cli import main
-from suite.config import parse_config
-from suite.matrix import run_matrix
-from suite.store import ResultsStore
+from suite.experiment.config import parse_config
+from suite.experiment.matrix import run_matrix
+from suite.experiment.store import ResultsStore
 
 PII_NAME = 'Bob <"Al"> & Co'
 CONFIG = {"model": {"name": "m"}, "data": {"max_length": 8}, "training": {"steps": 2}}

@@ -5,11 +5,11 @@ import copy
 import pytest
 import torch
 
+from suite.engine.models import TINY_FAMILIES, tiny_model
+from suite.engine.parties import Batch, Batches, Client, Server, causal_lm_loss
+from suite.engine.split import SplitSpec, _check_partition, split_model
+from suite.engine.transport import InProcessTransport
 from suite.errors import ModelError
-from suite.models import TINY_FAMILIES, tiny_model
-from suite.parties import Batch, Batches, Client, Server, causal_lm_loss
-from suite.split import SplitSpec, _check_partition, split_model
-from suite.transport import InProcessTransport
 
 
 def _batch(vocab: int, seed: int = 0) -> Batch:

@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from suite.config import parse_config
 from suite.errors import ConfigError
-from suite.matrix import cell_key, expand, run_matrix
-from suite.store import ADVANTAGE_COLUMNS, METRICS, ResultsStore, comparable, load_results
+from suite.experiment.config import parse_config
+from suite.experiment.matrix import cell_key, expand, run_matrix
+from suite.experiment.store import ADVANTAGE_COLUMNS, METRICS, ResultsStore, comparable, load_results
 
 TINY = {
     "model": {"name": "tiny-llama"},
@@ -118,21 +118,21 @@ def test_seeds_give_per_seed_rows_and_one_aggregate_row(tmp_path):
 
 
 def test_encryption_reuses_training_and_gives_the_rows_of_an_uncached_run(tmp_path, monkeypatch):
-    import suite.matrix as matrix
+    import suite.experiment.matrix as matrix
 
     cfg = parse_config({**TINY, "matrix": {"splits": [1], "threats": ["curious_server", "eavesdropper"],
                                            "attacks": ["nearest_embedding", "wire_inversion"],
                                            "defenses": ["none", "encryption"]}})
     trained = []
-    import suite.cell
+    import suite.experiment.cell
 
-    real = suite.cell.train_split
+    real = suite.experiment.cell.train_split
 
     def counted(*args, **kwargs):
         trained.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(suite.cell, "train_split", counted)
+    monkeypatch.setattr(suite.experiment.cell, "train_split", counted)
     run_matrix(cfg, tmp_path / "cached")
     assert len(trained) == 1
     monkeypatch.setattr(matrix, "SHARE_WIRE_ONLY_TRAINING", False)

@@ -5,13 +5,13 @@ import copy
 import pytest
 import torch
 
+from suite.engine.models import tiny_model
+from suite.engine.parties import Batch, trainable
+from suite.engine.protocol import decode, encode
+from suite.engine.split import SplitSpec
+from suite.engine.training import FinetuneConfig, TrainConfig, build_session, eval_loss, train
+from suite.engine.transport import Recorder
 from suite.errors import ConfigError, ProtocolError
-from suite.models import tiny_model
-from suite.parties import Batch, trainable
-from suite.protocol import decode, encode
-from suite.split import SplitSpec
-from suite.training import FinetuneConfig, TrainConfig, build_session, eval_loss, train
-from suite.transport import Recorder
 
 
 def _shard(vocab: int, n: int, seed: int) -> dict[str, torch.Tensor]:

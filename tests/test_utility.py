@@ -6,14 +6,14 @@ import math
 import pytest
 import torch
 
-from suite.cell import train_split
-from suite.config import parse_config
-from suite.data import DataError, load_corpus, load_private
-from suite.defense import make_defense
-from suite.models import tiny_model
-from suite.split import SplitSpec
-from suite.training import FinetuneConfig, TrainConfig, build_session, eval_loss, eval_losses, train
-from suite.utility import _CACHE, centralised_reference
+from suite.engine.models import tiny_model
+from suite.engine.split import SplitSpec
+from suite.engine.training import FinetuneConfig, TrainConfig, build_session, eval_loss, eval_losses, train
+from suite.experiment.cell import train_split
+from suite.experiment.config import parse_config
+from suite.experiment.data import DataError, load_corpus, load_private
+from suite.experiment.utility import _CACHE, centralised_reference
+from suite.interfaces.defense import make_defense
 
 CFG = parse_config({
     "model": {"name": "tiny-llama"},

@@ -12,7 +12,7 @@ from reports import figures, tables
 from reports.frontier import pareto, settings
 from reports.report import TITLES, build_report
 from reports.verdict import level, still_leaks, threat_verdict
-from suite.store import load_results
+from suite.experiment.store import load_results
 
 
 def _settings(tmp_path, rows):

@@ -6,8 +6,8 @@ Three unary methods under ``/splitleak.v1.Split/``, each moving raw bytes (no pr
   the server answers with its strategy and the public half of the application-level channel (session id,
   key-exchange mode, public key) plus a fresh one-time challenge (server nonce) for the next handshake.
   TLS has authenticated the server, so that key is authentic.
-* ``Handshake`` — the client's AEAD handshake frame (``suite.channel.ClientEnd``), answering the challenge;
-  a replayed one is refused (``suite.channel.ServerEnd.accept``).
+* ``Handshake`` — the client's AEAD handshake frame (``suite.engine.channel.ClientEnd``), answering the challenge;
+  a replayed one is refused (``suite.engine.channel.ServerEnd.accept``).
 * ``Exchange`` — one round trip of the split protocol: an encrypted ``ActivationMsg`` or ``GradientMsg``
   (the in-process byte encoding, sealed with AES-256-GCM) in, the server's encrypted reply out.
 
@@ -24,11 +24,11 @@ from dataclasses import dataclass
 
 import grpc
 
-from suite.channel import ClientEnd
+from suite.engine.channel import ClientEnd
+from suite.engine.protocol import peek
+from suite.engine.transport import SERVER, Frame, Tap
 from suite.errors import SplitleakError
 from suite.net.certs import Identity
-from suite.protocol import peek
-from suite.transport import SERVER, Frame, Tap
 
 SERVICE = "splitleak.v1.Split"
 HELLO, HANDSHAKE, EXCHANGE = (f"/{SERVICE}/{m}" for m in ("Hello", "Handshake", "Exchange"))

@@ -14,8 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from suite.config import ExperimentConfig
 from suite.errors import SplitleakError
+from suite.experiment.config import ExperimentConfig
 from suite.net import checkpoint
 from suite.net.certs import client_name, load_identity
 from suite.net.link import DEFAULT_MAX_MESSAGE_MIB, Link, LinkError, RemoteTransport
@@ -35,7 +35,7 @@ def config_hash(cfg: ExperimentConfig) -> str:
 def refuse_unsafe_seeds(cfg: ExperimentConfig) -> None:
     """A deployment must never fix a defense's noise seed: the server holds the config and could redraw the
     noise. Such configs are for reproducible tests only."""
-    from suite.defense import unsafe_seeds
+    from suite.interfaces.defense import unsafe_seeds
 
     named = unsafe_seeds(cfg.matrix.defenses)
     if named:
@@ -46,8 +46,8 @@ def refuse_unsafe_seeds(cfg: ExperimentConfig) -> None:
 def _prepare(cfg: ExperimentConfig, role: str = "server"):
     """Build the run on this process's own device: the server's (``server_device``, else ``device``) in
     ``serve``, the client's (``device``) in ``client``; the other side's parts are built there too but unused."""
-    from suite.experiment import prepare
-    from suite.split import SplitSpec
+    from suite.engine.split import SplitSpec
+    from suite.experiment.prepared import prepare
 
     own = cfg.model.device if role == "client" else (cfg.model.server_device or cfg.model.device)
     model = cfg.model.model_copy(update={"device": own, "server_device": None})

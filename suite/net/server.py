@@ -9,7 +9,7 @@ decides:
 * ``batch_parallel`` — a *round* collects the activations of the clients due (all of them, or those that
   arrived within ``round_timeout`` of the first), runs the trunk once over them (rows in client order) and
   waits for their gradients the same way; a client that died in between contributes a zero gradient.
-  Every message is checked (shapes, dtypes, hidden size, finite values; ``suite.protocol.Expect``) before it
+  Every message is checked (shapes, dtypes, hidden size, finite values; ``suite.engine.protocol.Expect``) before it
   joins a round: a client that sends a malformed one is told so (INVALID_ARGUMENT) and dropped until it says
   Hello again, and the round goes on without it (its gradient counts as zero). Should the trunk pass fail
   anyway, the round is void and every client in it is told to retry (ABORTED): a round never wedges.
@@ -31,14 +31,14 @@ from pathlib import Path
 import grpc
 import torch
 
-from suite.channel import IntegrityError, ServerEnd, ServerKeys
+from suite.engine.channel import IntegrityError, ServerEnd, ServerKeys
+from suite.engine.parties import Server
+from suite.engine.protocol import TO_SERVER, GradientMsg, decode, encode, peek
+from suite.engine.transport import SERVER, InProcessTransport, client_endpoint
 from suite.errors import ProtocolError
 from suite.net import checkpoint
 from suite.net.certs import Identity
 from suite.net.link import DEFAULT_MAX_MESSAGE_MIB, channel_options, generic_handler, server_credentials
-from suite.parties import Server
-from suite.protocol import TO_SERVER, GradientMsg, decode, encode, peek
-from suite.transport import SERVER, InProcessTransport, client_endpoint
 
 
 @dataclass
@@ -54,7 +54,7 @@ class _Round:
 
 
 class SplitService:
-    """The gRPC side of a ``suite.parties.Server``: decrypts, orders and feeds it the clients' messages."""
+    """The gRPC side of a ``suite.engine.parties.Server``: decrypts, orders and feeds it the clients' messages."""
 
     def __init__(self, server: Server, strategy: str, clients: int, config_hash: str, *,
                  key_exchange: str = "x25519", turn_timeout: float = 30.0,

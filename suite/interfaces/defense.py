@@ -29,9 +29,9 @@ from typing import Any, ClassVar
 
 import torch
 
+from suite.engine.transport import Transport
 from suite.errors import ConfigError
 from suite.registry import Registry
-from suite.transport import Transport
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class Defense:
     secret_fields: ClassVar[frozenset[str]] = frozenset({"seed"})
     # True when the defense only transforms the bytes on the wire (``wrap_transport``) and installs nothing:
     # training and the server's decrypted view equal the undefended run's, so the matrix trains once and
-    # replays the captured frames through this defense's channel (``suite.cell.rewire``).
+    # replays the captured frames through this defense's channel (``suite.experiment.cell.rewire``).
     wire_only: ClassVar[bool] = False
 
     def __init__(self, config: DefenseConfig | None = None):
@@ -57,7 +57,7 @@ class Defense:
         return transport
 
     def install(self, session) -> None:
-        """Attach hooks to a built ``suite.training.Session`` (default: nothing)."""
+        """Attach hooks to a built ``suite.engine.training.Session`` (default: nothing)."""
 
     def report(self) -> dict[str, Any]:
         """What the defense measured or guarantees (e.g. DP epsilon), recorded with each cell."""
@@ -78,10 +78,10 @@ class Defense:
 
     def simulate_release(self, head: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                          generator: torch.Generator) -> torch.Tensor:
-        """What leaves ``head`` (a ``suite.split.ClientHead``) under this defense for the attacker's own
+        """What leaves ``head`` (a ``suite.engine.split.ClientHead``) under this defense for the attacker's own
         batch: [N, T, H], with the mechanism's randomness drawn from ``generator``. Default: the plain head
         output (the defense does not change what is sent, e.g. encryption as seen after decryption)."""
-        from suite.split import position_ids_for
+        from suite.engine.split import position_ids_for
 
         with torch.no_grad():
             return head(input_ids, attention_mask, position_ids_for(attention_mask))

@@ -1,7 +1,7 @@
 """Integrity defenses against servers that adapt to them: curves of attack strength vs detection.
 
-    python -m suite.audit_bench                  # tiny-llama, a few minutes on 2 CPU cores
-    python -m suite.audit_bench --json out.json
+    python -m suite.harness.audit_bench                  # tiny-llama, a few minutes on 2 CPU cores
+    python -m suite.harness.audit_bench --json out.json
 
 1. ``integrity_audit`` (replica + commitments, no access to the live trunk) against the ``tampering`` server,
    plain and ``adaptive`` (it read the audit's public parameters and tampers only past the spot-checked
@@ -23,13 +23,13 @@ import time
 
 import torch
 
-from suite.attack import make_attack
-from suite.cell import attack_trained, train_split
-from suite.config import parse_config
-from suite.defense import make_defense
-from suite.models import load_model
-from suite.split import SplitSpec
-from suite.threats import get_threat
+from suite.engine.models import load_model
+from suite.engine.split import SplitSpec
+from suite.experiment.cell import attack_trained, train_split
+from suite.experiment.config import parse_config
+from suite.interfaces.attack import make_attack
+from suite.interfaces.defense import make_defense
+from suite.interfaces.threats import get_threat
 
 
 def _cfg(model: str, steps: int, clients: int, finetune: str = "lora"):
@@ -73,7 +73,7 @@ def fsha_run(base, model: str, steps: int, mix: float, detector: bool) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m suite.audit_bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m suite.harness.audit_bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="tiny-llama")
     parser.add_argument("--steps", type=int, default=60, help="training steps per audit run")
     parser.add_argument("--fsha-steps", type=int, default=25, help="training steps per FSHA run")

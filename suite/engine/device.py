@@ -3,7 +3,7 @@
 ``[model] device`` is the device of the clients (and of the whole run unless ``server_device`` says
 otherwise); ``[model] server_device`` puts the server's trunk elsewhere in the same process (e.g. clients on
 the CPU, trunk on ``cuda:1``). ``splitleak serve`` and ``splitleak client`` are separate processes and each
-takes its own ``--device``. Tensors cross the wire as bytes either way: ``suite.protocol.encode`` copies to
+takes its own ``--device``. Tensors cross the wire as bytes either way: ``suite.engine.protocol.encode`` copies to
 the host, ``decode`` places on the receiver's device.
 
 ``auto`` is the first CUDA device if one is visible (under Ray's ``gpus_per_task`` Ray sets
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from suite.config import DEVICE_PATTERN, check_device_name  # noqa: F401 (syntax lives with the config)
+from suite.engine.device_names import DEVICE_PATTERN, check_device_name  # noqa: F401 (torch-free syntax check)
 from suite.errors import ConfigError
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

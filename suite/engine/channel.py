@@ -21,9 +21,9 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa, x25519
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from suite.engine.protocol import peek
+from suite.engine.transport import SERVER
 from suite.errors import ProtocolError
-from suite.protocol import peek
-from suite.transport import SERVER
 
 MAGIC = b"SPLE"
 VERSION = 1

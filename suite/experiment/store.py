@@ -64,7 +64,7 @@ COLUMNS: dict[str, str] = {
     "config": "TEXT",  # JSON of the whole run config
     "versions": "TEXT",  # JSON of package versions
     "finished_at": "REAL",
-    "code_revision": "TEXT",  # the code that computed the row (suite.revision.code_revision); part of the key
+    "code_revision": "TEXT",  # the code that computed the row (suite.experiment.revision.code_revision); part of the key
     "cell_id": "TEXT",  # the cell's key without the code revision: finds a row of the same cell from other code
 }
 TIMING = ("attack_seconds", "attack_peak_rss_mib", "finished_at")

@@ -17,9 +17,9 @@ from enum import StrEnum
 
 import torch
 
+from suite.engine.split import SplitSpec
+from suite.engine.transport import Frame
 from suite.errors import ConfigError
-from suite.split import SplitSpec
-from suite.transport import Frame
 
 
 class Capability(StrEnum):
@@ -128,7 +128,7 @@ class Observations:
     colluder_head_tail: Callable[[], tuple[torch.nn.Module, torch.nn.Module]] | None = None  # COLLUDER_WEIGHTS
     colluder_records: tuple[str, ...] | None = None  # COLLUDER_DATA
     # Always public (Kerckhoffs): the deployed defense as a fresh instance built from its public parameters
-    # (``suite.defense.public_defense``: no secret randomness, never installed), so a knowing attacker can
+    # (``suite.interfaces.defense.public_defense``: no secret randomness, never installed), so a knowing attacker can
     # simulate it with ``simulate_head`` / ``simulate_release``; None when the runner has none to give.
     defense: object | None = None
     # Public: the victims' sequence lengths, one per reconstructed row in the order of the reconstruction

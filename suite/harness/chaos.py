@@ -1,7 +1,7 @@
 """Kill chaos: SIGKILL a small matrix run at random moments, resume it each time, compare with an uninterrupted run.
 
-    python -m suite.chaos --kills 20            # the BENCHMARKS.md figure
-    python -m suite.chaos --kills 3             # what CI runs
+    python -m suite.harness.chaos --kills 20            # the BENCHMARKS.md figure
+    python -m suite.harness.chaos --kills 3             # what CI runs
 
 An uninterrupted reference run comes first (its wall time sets the range of the random delays; no run
 builds its report, so kills land among the cells). Then
@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from suite.store import ResultsStore, comparable
+from suite.experiment.store import ResultsStore, comparable
 
 MATRIX = """
 [model]
@@ -73,7 +73,7 @@ def _duplicates(out: Path) -> int:
 
 
 def _env() -> dict[str, str]:
-    root = str(Path(__file__).resolve().parent.parent)
+    root = str(Path(__file__).resolve().parents[2])
     return {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""),
             "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
 
@@ -143,7 +143,7 @@ def chaos(kills: int, seed: int, work: Path, log=print, reference: tuple[Path, f
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m suite.chaos", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m suite.harness.chaos", description=__doc__.split("\n\n")[0])
     parser.add_argument("--kills", type=int, default=20, help="SIGKILLs inside a running matrix")
     parser.add_argument("--seed", type=int, default=None, help="seed of the kill delays (default: random)")
     parser.add_argument("--keep", metavar="DIR", help="work in DIR and keep it (default: a temporary directory)")

@@ -17,11 +17,11 @@ import hashlib
 import json
 import math
 
-from suite.config import ExperimentConfig
-from suite.data import load_private, tokenize
-from suite.models import LoadedModel
-from suite.split import SplitSpec
-from suite.training import FinetuneConfig, TrainConfig, build_session, eval_summary, train
+from suite.engine.models import LoadedModel
+from suite.engine.split import SplitSpec
+from suite.engine.training import FinetuneConfig, TrainConfig, build_session, eval_summary, train
+from suite.experiment.config import ExperimentConfig
+from suite.experiment.data import load_private, tokenize
 
 _CACHE: dict[str, dict[str, float]] = {}
 

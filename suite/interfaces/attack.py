@@ -17,8 +17,8 @@ from typing import Any, ClassVar
 import torch
 
 from suite.errors import ConfigError
+from suite.interfaces.threats import Capability, Observations, ThreatModel
 from suite.registry import Registry
-from suite.threats import Capability, Observations, ThreatModel
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from suite.config import parse_config
-from suite.defense import make_defense
+from suite.engine.transport import InProcessTransport
 from suite.errors import SplitleakError
-from suite.transport import InProcessTransport
+from suite.experiment.config import parse_config
+from suite.interfaces.defense import make_defense
 
 
 def _free_port() -> int:
@@ -31,12 +31,12 @@ def _free_port() -> int:
 
 def grpc_step_times(model: str, batch_size: int, max_length: int, reps: int, head_blocks: int,
                     tail_blocks: int) -> dict:
-    from suite.bench import _batch
-    from suite.experiment import prepare
+    from suite.engine.split import SplitSpec
+    from suite.experiment.prepared import prepare
+    from suite.harness.bench import _batch
     from suite.net.certs import load_identity, make_certs
     from suite.net.link import Link, RemoteTransport
     from suite.net.parties import config_hash
-    from suite.split import SplitSpec
 
     cfg = parse_config({"model": {"name": model}, "data": {"max_length": max_length},
                         "training": {"clients": 1, "batch_size": batch_size, "head_blocks": head_blocks,
@@ -102,7 +102,7 @@ def ray_overhead() -> dict:
         import ray
     except ImportError:
         return {"ray": "not installed (pip install 'splitleak[ray]')"}
-    from suite.matrix import run_matrix
+    from suite.experiment.matrix import run_matrix
 
     cfg = parse_config(RAY_MATRIX)
     with tempfile.TemporaryDirectory() as tmp:

@@ -22,15 +22,15 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from suite.attack import ATTACKS, make_attack
-from suite.config import ExperimentConfig
-from suite.defense import DEFENSES, make_defense
+from suite.engine.split import SplitSpec
 from suite.errors import ConfigError
-from suite.preflight import colluder_problem
-from suite.revision import code_revision, key_part
-from suite.split import SplitSpec
-from suite.store import METRICS, ResultsStore
-from suite.threats import THREATS, Capability, get_threat
+from suite.experiment.config import ExperimentConfig
+from suite.experiment.preflight import colluder_problem
+from suite.experiment.revision import code_revision, key_part
+from suite.experiment.store import METRICS, ResultsStore
+from suite.interfaces.attack import ATTACKS, make_attack
+from suite.interfaces.defense import DEFENSES, make_defense
+from suite.interfaces.threats import THREATS, Capability, get_threat
 
 
 def _named(entry: str | dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -198,7 +198,7 @@ def expand(cfg: ExperimentConfig) -> tuple[list[Cell], list[tuple[Cell, str]]]:
 
 def cell_key(cell: Cell, cfg: ExperimentConfig, revision: str, code: str | None = None) -> str:
     """Hash of everything that determines the cell's result: its own axes, the model revision, the data,
-    the training setup and the seed, and (``code``: ``suite.revision.code_revision()``) the code that computes
+    the training setup and the seed, and (``code``: ``suite.experiment.revision.code_revision()``) the code that computes
     it. Without ``code`` it is the cell id, which rows of the same cell from other code share."""
     cfg = cell_config(cfg, cell)  # the axes enter through [training], so an unswept cell keeps its key
     payload = {
@@ -280,8 +280,8 @@ def run_group(cfg: ExperimentConfig, cells: list[Cell], keys: list[str], out: st
     """Train one group's setup once and run its cells, writing each row to the store in ``out`` as soon as
     it exists (or handing it to ``sink``). Returns the labels of the cells written (ok or failed). Runs in a
     worker process when ``--workers`` > 1, and in a Ray task with the Ray executor."""
-    from suite.cell import attack_trained, rewire, train_split
-    from suite.experiment import load_for
+    from suite.experiment.cell import attack_trained, rewire, train_split
+    from suite.experiment.prepared import load_for
 
     first = cells[0]
     gcfg = cell_config(cfg, first)  # every cell of a group has the same training axes
@@ -461,7 +461,7 @@ def run_matrix(cfg: ExperimentConfig, out: str | Path, *, workers: int = 1, exec
     their cells run again and the new row replaces the stale one (``keep_stale`` keeps and reuses them
     instead); ``on_note`` hears how many there are and from which revision. Failed rows count as done
     unless ``retry_failed``. The summary's ``failed`` counts this matrix's failed rows after the run."""
-    from suite.experiment import load_for
+    from suite.experiment.prepared import load_for
 
     if executor not in ("local", "ray"):
         raise ConfigError(f"unknown executor {executor!r}; choose 'local' or 'ray'")

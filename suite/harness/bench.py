@@ -7,7 +7,7 @@
 2. Memory of ``per_client`` with 1 vs 8 clients: the peak resident memory of a server process holding the
    trunk with one adapter set (and optimiser) per client and serving one step per client. Each count runs
    in its own fresh process, so peaks do not mask each other.
-3. Leaving the process (``suite.net.bench``): a split step over loopback gRPC + mTLS vs in-process, and the
+3. Leaving the process (``suite.harness.net_bench``): a split step over loopback gRPC + mTLS vs in-process, and the
    Ray executor's overhead per cell.
 """
 
@@ -24,15 +24,22 @@ import time
 import torch
 from peft import inject_adapter_in_model
 
-from suite.defense import make_defense
-from suite.device import peak_accelerator_memory, resolve_device, synchronize
+from suite.engine.device import peak_accelerator_memory, resolve_device, synchronize
+from suite.engine.models import load_model
+from suite.engine.parties import Batch, causal_lm_loss
+from suite.engine.protocol import ActivationMsg, decode, encode
+from suite.engine.split import SplitSpec, family_of, frozen_memo, split_model
+from suite.engine.training import (
+    STRATEGIES,
+    FinetuneConfig,
+    TrainConfig,
+    build_server,
+    build_session,
+    lora_config,
+)
+from suite.engine.transport import SERVER, InProcessTransport, client_endpoint
 from suite.errors import ConfigError
-from suite.models import load_model
-from suite.parties import Batch, causal_lm_loss
-from suite.protocol import ActivationMsg, decode, encode
-from suite.split import SplitSpec, family_of, frozen_memo, split_model
-from suite.training import STRATEGIES, FinetuneConfig, TrainConfig, build_server, build_session, lora_config
-from suite.transport import SERVER, InProcessTransport, client_endpoint
+from suite.interfaces.defense import make_defense
 
 
 def _batch(vocab: int, batch_size: int, length: int) -> Batch:
@@ -61,8 +68,8 @@ def _split_step(session, batch: Batch, step: int) -> None:
 def load_bench_model(model_name: str, model_config: str | None = None, layers: int | None = None,
                      dtype: str = "float32", progress=None, device: str = "cpu"):
     """``--model`` (a real model) or ``--model-config`` (random weights in a bundled config's shapes)."""
-    from suite.device import resolve_dtype
-    from suite.models import random_model
+    from suite.engine.device import resolve_dtype
+    from suite.engine.models import random_model
 
     dt = resolve_dtype(dtype)
     if model_config:
@@ -196,7 +203,7 @@ def _memprobe(model_name: str, clients: int, batch_size: int, max_length: int, m
 def peak_memory(model_name: str, clients: int, batch_size: int, max_length: int, model_config: str | None = None,
                 layers: int | None = None, dtype: str = "float32", device: str = "cpu") -> dict[str, int]:
     code = (
-        "import json; from suite.bench import _memprobe; "
+        "import json; from suite.harness.bench import _memprobe; "
         f"print(json.dumps(_memprobe({model_name!r}, {clients}, {batch_size}, {max_length}, {model_config!r}, "
         f"{layers!r}, {dtype!r}, {device!r})))"
     )
@@ -350,7 +357,7 @@ def _print_steps(result: dict) -> None:
 
 def _remote(result: dict, model: str, batch_size: int, max_length: int, reps: int, head_blocks: int,
             tail_blocks: int) -> None:
-    from suite.net.bench import grpc_step_times, ray_overhead
+    from suite.harness.net_bench import grpc_step_times, ray_overhead
 
     if True:  # keeps the block as it was (a merge-friendly move out of run_bench)
         g = grpc_step_times(model, batch_size, max_length, reps, head_blocks, tail_blocks)

@@ -1,5 +1,5 @@
-"""Fuzzing the receiving end of the protocol: the secure channel (``suite.channel``) and the message decoder
-(``suite.protocol``), driven the way the server drives them (``suite.parties.Server._recv``).
+"""Fuzzing the receiving end of the protocol: the secure channel (``suite.engine.channel``) and the message decoder
+(``suite.engine.protocol``), driven the way the server drives them (``suite.engine.parties.Server._recv``).
 
 Every case is a frame the server must refuse. Two families:
 
@@ -31,10 +31,28 @@ from dataclasses import dataclass, field
 
 import torch
 
-from suite.channel import ClientEnd, IntegrityError, ServerEnd, ServerKeys, _Channel, _frame, _seal, _unframe
+from suite.engine.channel import (
+    ClientEnd,
+    IntegrityError,
+    ServerEnd,
+    ServerKeys,
+    _Channel,
+    _frame,
+    _seal,
+    _unframe,
+)
+from suite.engine.protocol import (
+    TO_CLIENT,
+    TO_SERVER,
+    ActivationMsg,
+    Expect,
+    GradientMsg,
+    decode,
+    encode,
+    peek,
+)
+from suite.engine.transport import SERVER
 from suite.errors import ProtocolError
-from suite.protocol import TO_CLIENT, TO_SERVER, ActivationMsg, Expect, GradientMsg, decode, encode, peek
-from suite.transport import SERVER
 
 HIDDEN, ROWS, LENGTH = 16, 2, 6
 ME, OTHER = "client/0", "client/1"

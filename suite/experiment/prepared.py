@@ -10,24 +10,24 @@ from dataclasses import dataclass
 
 import torch
 
-from suite.config import ExperimentConfig
-from suite.data import Record, load_private, shard, tokenize
-from suite.models import LoadedModel, load_model
-from suite.split import SplitSpec
-from suite.training import FinetuneConfig, Session, TrainConfig, build_session
-from suite.transport import Transport
+from suite.engine.models import LoadedModel, load_model
+from suite.engine.split import SplitSpec
+from suite.engine.training import FinetuneConfig, Session, TrainConfig, build_session
+from suite.engine.transport import Transport
+from suite.experiment.config import ExperimentConfig
+from suite.experiment.data import Record, load_private, shard, tokenize
 
 
 def load_for(cfg: ExperimentConfig, **kwargs) -> LoadedModel:
     """The config's model in the config's dtype, on the host (``prepare`` places each party on its device)."""
-    from suite.device import resolve_dtype
+    from suite.engine.device import resolve_dtype
 
     return load_model(cfg.model.name, dtype=resolve_dtype(cfg.model.dtype), **kwargs)
 
 
 def devices(cfg: ExperimentConfig) -> tuple[torch.device, torch.device]:
     """(client device, server device) of a config; an absent device is a one-line ``ConfigError``."""
-    from suite.device import resolve_device
+    from suite.engine.device import resolve_device
 
     client = resolve_device(cfg.model.device)
     server = resolve_device(cfg.model.server_device) if cfg.model.server_device is not None else client

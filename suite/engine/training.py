@@ -22,11 +22,11 @@ import torch.nn.functional as F
 from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
-from suite.device import module_device
+from suite.engine.device import module_device
+from suite.engine.parties import Batch, Batches, Client, Server, trainable
+from suite.engine.split import Family, SplitModel, SplitSpec, lora_targets, position_ids_for, split_model
+from suite.engine.transport import InProcessTransport, Transport
 from suite.errors import ConfigError
-from suite.parties import Batch, Batches, Client, Server, trainable
-from suite.split import Family, SplitModel, SplitSpec, lora_targets, position_ids_for, split_model
-from suite.transport import InProcessTransport, Transport
 
 
 @dataclass(frozen=True)
@@ -148,7 +148,7 @@ def build_session(
 ) -> Session:
     """Carve ``model``, give every client its own copy of head and tail, attach adapters, wire it up.
 
-    ``shards[i]`` is client i's tokenised private data (``suite.data.tokenize``). The base weights are
+    ``shards[i]`` is client i's tokenised private data (``suite.experiment.data.tokenize``). The base weights are
     frozen; only adapters (or, with ``finetune.client == "full"``, the client's whole head and tail) train.
     ``client_device`` / ``server_device``: where the clients' parts and the server's trunk compute (default:
     where ``model`` is); the shards stay on the host and each batch moves to its client's device.

@@ -17,20 +17,20 @@ import torch
 
 from reports.intervals import record_stats
 from reports.metrics import LeakageMetrics, leakage_metrics
-from suite.attack import Attack, Cost, Reconstruction, make_attack, timed_reconstruct
-from suite.config import ExperimentConfig
-from suite.data import Record, load_corpus
-from suite.defense import Defense, make_defense, public_defense
-from suite.experiment import Prepared, prepare
-from suite.models import LoadedModel
-from suite.parties import Batch
-from suite.preflight import check_threat
-from suite.protocol import ActivationMsg, GradientMsg
-from suite.split import SplitSpec
-from suite.threats import ObservedBatch, ThreatModel, filter_observations, get_threat
-from suite.training import eval_summary, train
-from suite.transport import Frame, InProcessTransport, Recorder, client_endpoint
-from suite.utility import centralised_reference, perplexity
+from suite.engine.models import LoadedModel
+from suite.engine.parties import Batch
+from suite.engine.protocol import ActivationMsg, GradientMsg
+from suite.engine.split import SplitSpec
+from suite.engine.training import eval_summary, train
+from suite.engine.transport import Frame, InProcessTransport, Recorder, client_endpoint
+from suite.experiment.config import ExperimentConfig
+from suite.experiment.data import Record, load_corpus
+from suite.experiment.preflight import check_threat
+from suite.experiment.prepared import Prepared, prepare
+from suite.experiment.utility import centralised_reference, perplexity
+from suite.interfaces.attack import Attack, Cost, Reconstruction, make_attack, timed_reconstruct
+from suite.interfaces.defense import Defense, make_defense, public_defense
+from suite.interfaces.threats import ObservedBatch, ThreatModel, filter_observations, get_threat
 
 
 @dataclass
@@ -138,8 +138,8 @@ def train_split(
     measured under the defense; ``reference``: also the centralised LoRA reference (cached per config)."""
     # The run's own model: its modules are copied, but when the server trains only adapters (or nothing)
     # and stays on the base's device, the frozen base weights are shared with ``base`` instead of copied.
-    from suite.experiment import devices
-    from suite.split import frozen_memo
+    from suite.engine.split import frozen_memo
+    from suite.experiment.prepared import devices
 
     server_device = devices(cfg)[1]
     share = cfg.training.server_finetune != "full" and server_device == next(base.model.parameters()).device
@@ -284,7 +284,7 @@ def run_cell(cfg: ExperimentConfig, spec: SplitSpec, threat_name: str, attack_na
              params: dict | None = None, base: LoadedModel | None = None, defense_name: str = "none",
              defense_params: dict | None = None) -> CellResult:
     """One cell from scratch: refuse it early if the attack needs more than the threat grants."""
-    from suite.experiment import load_for
+    from suite.experiment.prepared import load_for
 
     threat = get_threat(threat_name)
     check_threat(threat, cfg.training.clients)

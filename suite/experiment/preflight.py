@@ -18,11 +18,11 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from suite.config import CorpusSection, ExperimentConfig
 from suite.errors import ConfigError, DataError, ModelError, SplitleakError
+from suite.experiment.config import CorpusSection, ExperimentConfig
 
 if TYPE_CHECKING:  # torch is slow to import: the data checks run before it is needed
-    from suite.threats import ThreatModel
+    from suite.interfaces.threats import ThreatModel
 
 MIN_CLIENTS_WITH_COLLUDER = 2
 
@@ -177,7 +177,7 @@ def check_data(cfg: ExperimentConfig) -> None:
 def model_layers(name: str) -> int | None:
     """The model's decoder block count, resolved without loading weights where possible; raises ModelError
     when the name cannot resolve. None: resolvable, depth known only after loading (a GGUF file)."""
-    from suite import models
+    from suite.engine import models
 
     if name.startswith("tiny-") and not Path(name).exists():
         family = name.removeprefix("tiny-")
@@ -235,7 +235,7 @@ def check_single(cfg: ExperimentConfig, threat_name: str | None = None) -> None:
     """Before ``train``/``attack``/``serve``/``client``: data, model, split (and the threat's client count)."""
     check_data(cfg)  # first: no torch import needed
     if threat_name is not None:
-        from suite.threats import get_threat
+        from suite.interfaces.threats import get_threat
 
         check_threat(get_threat(threat_name), cfg.training.clients)
     layers = model_layers(cfg.model.name)
@@ -248,7 +248,7 @@ def check_matrix_run(cfg: ExperimentConfig, out: str | os.PathLike) -> tuple[lis
     raises when no cell is left to run."""
     check_out(out)
     check_data(cfg)  # before expand, which imports torch and every attack: a bad file fails in a second
-    from suite.matrix import expand
+    from suite.experiment.matrix import expand
 
     cells, skipped = expand(cfg)
     listed = {a if isinstance(a, str) else a.get("name") for a in cfg.matrix.attacks}

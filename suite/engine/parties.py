@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from suite.commitment import (
+from suite.engine.commitment import (
     commit,
     digest_tensor,
     encode_reveal,
@@ -28,11 +28,11 @@ from suite.commitment import (
     tensor_digest,
     trainable_state,
 )
-from suite.device import module_device
+from suite.engine.device import module_device
+from suite.engine.protocol import TO_CLIENT, TO_SERVER, ActivationMsg, Expect, GradientMsg, decode, encode
+from suite.engine.split import ClientHead, ClientTail, ServerTrunk, position_ids_for
+from suite.engine.transport import SERVER, Transport, client_endpoint
 from suite.errors import ProtocolError
-from suite.protocol import TO_CLIENT, TO_SERVER, ActivationMsg, Expect, GradientMsg, decode, encode
-from suite.split import ClientHead, ClientTail, ServerTrunk, position_ids_for
-from suite.transport import SERVER, Transport, client_endpoint
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -277,12 +277,12 @@ class Server:
             self.optimizers[None] = make_optimizer(trainable([trunk]), lr)
         # (client ids, trunk input, trunk output, rows per client, sequence length per client, adapter)
         # A server that deviates from the protocol (FSHA, tampering) replaces its replies through this;
-        # see suite.attack.ServerPolicy. None = honest.
+        # see suite.interfaces.attack.ServerPolicy. None = honest.
         self.policy = None
         # Callbacks that see every decoded message the server receives: a curious server's memory.
         self.inbox_taps: list[Callable[[ActivationMsg | GradientMsg], None]] = []
         self._pending: tuple[list[int], torch.Tensor, torch.Tensor, list[int], list[int], str | None] | None = None
-        # Commitments (suite.commitment): when on, every hidden-state reply carries a digest of the trunk state
+        # Commitments (suite.engine.commitment): when on, every hidden-state reply carries a digest of the trunk state
         # it was computed with, and ``reveal`` hands that state out for an audited step.
         self.commit_state = False
         self._frozen_digest: bytes | None = None

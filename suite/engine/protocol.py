@@ -59,13 +59,13 @@ class _Msg:
 @dataclass(frozen=True)
 class ActivationMsg(_Msg):
     """Hidden states crossing the split. Head → trunk carries the padding mask and positions too (they leak
-    sequence lengths, see ``suite.split``); trunk → tail carries hidden states only."""
+    sequence lengths, see ``suite.engine.split``); trunk → tail carries hidden states only."""
 
     kind: ClassVar[str] = "activation"
     hidden: torch.Tensor
     attention_mask: torch.Tensor | None = None
     position_ids: torch.Tensor | None = None
-    # trunk -> tail, when the server commits (suite.commitment): sha256 of the trunk state of this step, uint8[32]
+    # trunk -> tail, when the server commits (suite.engine.commitment): sha256 of the trunk state of this step, uint8[32]
     commitment: torch.Tensor | None = None
 
 

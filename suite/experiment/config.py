@@ -6,23 +6,14 @@ never break. Values a section does not give take the defaults below, which are t
 
 from __future__ import annotations
 
-import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from suite.engine.device_names import check_device_name
 from suite.errors import ConfigError
-
-DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-
-
-def check_device_name(name: str) -> str:
-    """Syntax only (config validation, no torch): 'auto', 'cpu', 'mps', 'cuda' or 'cuda:N'."""
-    if not isinstance(name, str) or not DEVICE_PATTERN.match(name):
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', not {name!r}")
-    return name
 
 
 class _Section(BaseModel):
@@ -70,7 +61,7 @@ class CorpusSection(_Section):
         return self
 
     def spec(self) -> dict[str, Any]:
-        """The spec dict ``suite.data.load_corpus`` takes."""
+        """The spec dict ``suite.experiment.data.load_corpus`` takes."""
         return self.model_dump(exclude_none=True)
 
 
