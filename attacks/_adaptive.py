@@ -19,6 +19,8 @@ Kerckhoffs), never its secret randomness. It
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 
@@ -102,6 +104,14 @@ class LMPrior:
             out[sl] = self._beam(scores[sl], cand[sl], mask[sl], weight, width)
         return out
 
+    def _step(self, ids: torch.Tensor, mask: torch.Tensor, cache):
+        """One cached forward: (the grown KV cache, next-token logits [R, V]). transformers 5 names the cache
+        argument and output ``cache`` (``past_key_values`` is deprecated); older releases only know the latter."""
+        kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        res = self.model(input_ids=ids, attention_mask=mask, use_cache=True, **({kw: cache} if cache is not None else {}))
+        grown = res.cache if kw == "cache" else res.past_key_values
+        return grown, res.logits[:, -1].float()
+
     def _beam(self, scores, cand, mask, weight, width):
         n, length, c = cand.shape
         b = min(width, c)
@@ -111,8 +121,7 @@ class LMPrior:
         total = top.clone()
         seqs = cand[:, 0].gather(-1, idx).unsqueeze(-1)  # [n, b, 1]
         flat = seqs.reshape(n * b, 1)
-        res = self.model(input_ids=flat, attention_mask=torch.ones_like(flat), use_cache=True)
-        cache, logits = res.past_key_values, res.logits[:, -1].float()
+        cache, logits = self._step(flat, torch.ones_like(flat), None)
         rows = torch.arange(n).unsqueeze(-1)
         for t in range(1, length):
             logp = torch.log_softmax(logits, dim=-1).view(n, b, -1)  # [n, b, V]
@@ -135,8 +144,7 @@ class LMPrior:
             cache.reorder_cache(order)
             step_in = token.reshape(n * b, 1)
             am = torch.ones(n * b, t + 1, dtype=torch.long)
-            res = self.model(input_ids=step_in, attention_mask=am, past_key_values=cache, use_cache=True)
-            cache, logits = res.past_key_values, res.logits[:, -1].float()
+            cache, logits = self._step(step_in, am, cache)
         return seqs[:, 0]
 
 

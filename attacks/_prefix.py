@@ -27,6 +27,7 @@ dimensions the defense drowns in noise (a Gaussian likelihood's weighting).
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from attacks._common import token_embeddings
-from suite.engine.split import ClientHead
+from suite.engine.split import ClientHead, position_ids_for
 
 
 @dataclass(frozen=True)
@@ -256,8 +257,6 @@ def shadow_batch(obs) -> tuple[torch.Tensor, torch.Tensor] | None:
 
 @torch.no_grad()
 def run_head(head, ids: torch.Tensor, mask: torch.Tensor, chunk: int = 64) -> torch.Tensor:
-    from suite.engine.split import position_ids_for
-
     return torch.cat([head(ids[lo : lo + chunk], mask[lo : lo + chunk],
                            position_ids_for(mask[lo : lo + chunk])).float() for lo in range(0, ids.shape[0], chunk)])
 
@@ -309,6 +308,51 @@ def fit_linear_proposer(obs, head: ClientHead, k: int, lam: float = 1e-2):
     return propose
 
 
+def calibrate(head: ClientHead, config, ids: torch.Tensor, mask: torch.Tensor, target: torch.Tensor,
+              scores: torch.Tensor, scorer: Scorer, steps: int, lr: float = 1e-3, rank: int = 8,
+              keep: float = 0.9) -> ClientHead:
+    """The victims' head drifted from the reference by fine-tuning: estimate the drift from their own traffic.
+
+    A LoRA adapter (rank ``rank`` on the family's attention projections, the public training recipe's targets)
+    is fitted to a copy of ``head`` so that its outputs on the recovered text ``ids`` match the observed
+    ``target`` under the search's score; positions whose first-pass score is in the lowest ``1 - keep``
+    fraction (the likely wrong tokens) are left out of the fit. Returns the calibrated head (frozen, eval)."""
+    import types
+
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from suite.engine.split import family_of, lora_targets
+
+    model = copy.deepcopy(head)
+    targets = lora_targets(model, family_of(types.SimpleNamespace(config=config)), "attention")
+    real = mask.bool()
+    if not targets or steps <= 0 or not real.any():
+        return head
+    with warnings.catch_warnings():  # a colluder's head already carries its own adapter: this one joins it
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets),
+                                model, adapter_name="calibration")
+    params = [p for n, p in model.named_parameters() if "lora_" in n]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    bar = torch.quantile(scores[real].float(), 1.0 - keep) if keep < 1 else torch.tensor(-2.0)
+    use = real & (scores >= bar)
+    pos = position_ids_for(mask)
+    opt = torch.optim.Adam(params, lr=lr)
+    model.train()
+    with torch.enable_grad():
+        for _ in range(steps):
+            opt.zero_grad()
+            out = model(ids, mask, pos)
+            loss = (1 - scorer.score(target[use], out[use])).mean()
+            loss.backward()
+            opt.step()
+    model.requires_grad_(False)
+    return model.eval()
+
+
 def prefix_invert(obs, cfg, target: torch.Tensor, mask: torch.Tensor, bonus: torch.Tensor | None = None,
                   more: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """The search on ``target`` [N, T, H] (observed head outputs), as configured by ``cfg`` (fields of
@@ -337,6 +381,16 @@ def prefix_invert(obs, cfg, target: torch.Tensor, mask: torch.Tensor, bonus: tor
     search = PrefixSearch(head, config, scorer, options)
     ids, scores = search.run(target, mask, proposals, bonus)
     real = mask.bool()
+    steps = getattr(cfg, "calibrate_steps", 0)
+    noisy = noise is not None and float(noise.sum()) > 0  # drowned in defense noise: there is no drift to fit
+    if steps > 0 and real.any() and not noisy and float(scores[real].mean()) < getattr(cfg, "calibrate_below", 1.0):
+        # Second pass on a reference head calibrated to the victims' drift (see ``calibrate``).
+        extra["first_pass_mean_score"] = float(scores[real].mean())
+        tuned = calibrate(head, config, ids.masked_fill(~real, 0), mask, target, scores, scorer, steps)
+        first = dict(search.stats)
+        search = PrefixSearch(tuned, config, scorer, options)
+        ids, scores = search.run(target, mask, proposals, bonus)
+        extra["first_pass"] = first
     extra.update(search.stats)
     extra["mean_score"] = float(scores[real].mean()) if real.any() else None
     return ids, extra

@@ -57,8 +57,15 @@ class BiSRConfig(AttackConfig):
     shadow_sequences: int = 8  # shadow sequences in the simulation that picks the fusion weight
     adaptive: bool = True
     use_colluder: bool = True
+    # Fine-tuning moves deep heads away from the public weights. Where the first pass's mean score stays below
+    # ``calibrate_below``, a LoRA drift estimate is fitted to the reference head on the first pass's text
+    # (``calibrate_steps`` Adam steps) and a second pass runs on it (0 steps: one pass only).
+    calibrate_steps: int = 30
+    calibrate_below: float = 0.995
 
     def __post_init__(self) -> None:
+        if self.calibrate_steps < 0:
+            raise ValueError("calibrate_steps must be >= 0")
         if min(self.candidates, self.beam, self.shadow_sequences) < 1 or self.gradient_candidates < 0:
             raise ValueError("candidates, beam and shadow_sequences must be >= 1, gradient_candidates >= 0")
         if self.widen < 0 or self.widen_rounds < 0 or self.solve_steps < 0 or not self.rho > 0:

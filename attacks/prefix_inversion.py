@@ -35,8 +35,15 @@ class PrefixInversionConfig(AttackConfig):
     rho: float = 1.0  # drift allowance: weight of the head's own spread in the score's per-dimension scale
     adaptive: bool = True  # simulate the deployed defense (its public mechanism) when scoring
     use_colluder: bool = True  # verify on the colluder's fine-tuned head when COLLUDER_WEIGHTS is granted
+    # Fine-tuning moves deep heads away from the public weights. Where the first pass's mean score stays below
+    # ``calibrate_below``, a LoRA drift estimate is fitted to the reference head on the first pass's text
+    # (``calibrate_steps`` Adam steps) and a second pass runs on it (0 steps: one pass only).
+    calibrate_steps: int = 30
+    calibrate_below: float = 0.995
 
     def __post_init__(self) -> None:
+        if self.calibrate_steps < 0:
+            raise ValueError("calibrate_steps must be >= 0")
         if self.candidates < 1 or self.beam < 1:
             raise ValueError("candidates and beam must be >= 1")
         if self.widen < 0 or self.widen_rounds < 0:

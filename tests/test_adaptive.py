@@ -183,3 +183,31 @@ def test_eavesdropper_uses_gradients_on_a_plaintext_wire_and_nothing_under_encry
     assert ex["parsed_gradients"] == ex["parsed_activations"] == 0 and ex["unparsed_frames"] > 0
     assert sealed.reconstruction.token_ids.numel() == 0 and "ciphertext" in sealed.reconstruction.note
     assert sealed.metrics.token_accuracy == 0.0
+
+
+def test_lm_prior_beam_with_its_kv_cache_finds_the_exhaustive_optimum():
+    """With a beam as wide as every prefix, the cached beam search returns the exact argmax of
+    ``sum_t score + weight * log p_LM`` found by scoring every sequence with a full forward (no cache)."""
+    import itertools
+
+    from attacks._adaptive import LMPrior
+    from suite.engine.models import tiny_model
+
+    model = tiny_model("llama").model
+    prior = LMPrior(model)
+    gen = torch.Generator().manual_seed(4)
+    cand = torch.randint(0, model.config.vocab_size, (2, 3, 3), generator=gen)
+    scores = torch.randn(2, 3, 3, generator=gen)
+    mask = torch.ones(2, 3, dtype=torch.long)
+    got = prior.beam(scores, cand, mask, weight=2.0, width=9)
+    for n in range(2):
+        best, arg = -float("inf"), None
+        for choice in itertools.product(range(3), repeat=3):
+            seq = torch.tensor([[int(cand[n, t, c]) for t, c in enumerate(choice)]])
+            with torch.no_grad():
+                logp = torch.log_softmax(model(input_ids=seq).logits[0, :-1].float(), -1)
+            total = sum(float(scores[n, t, c]) for t, c in enumerate(choice))
+            total += 2.0 * sum(float(logp[t - 1, seq[0, t]]) for t in range(1, 3))
+            if total > best:
+                best, arg = total, seq[0]
+        assert torch.equal(got[n], arg), (n, got[n], arg)

@@ -67,3 +67,18 @@ def test_bench_prints_ratios_and_a_json_line(capsys):
         assert result[key] > 0, key
     assert result["trainable_params_central"] == result["trainable_params_split"]  # same fine-tuning method
     assert any("split/centralised" in line for line in lines)
+
+
+def test_library_warnings_are_silenced_in_cli_processes_and_user_warnings_are_not():
+    import warnings
+
+    from suite.engine.quiet import quiet_libraries
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_libraries()
+        warnings.warn_explicit("`past_key_values` is deprecated and will be removed in version 5.40.0", FutureWarning,
+                               "module.py", 1789, module="torch.nn.modules.module")
+        warnings.warn_explicit("Already found a `peft_config`", UserWarning, "tuners_utils.py", 1, module="peft.tuners")
+        warnings.warn_explicit("your data has only 3 records", UserWarning, "mine.py", 1, module="mine")
+    assert [str(w.message) for w in caught] == ["your data has only 3 records"]

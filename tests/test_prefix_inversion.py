@@ -110,3 +110,42 @@ def test_bisr_beats_forward_only_when_activations_are_noised(base):
     fused = attack_trained(trained, threat, make_attack("bisr", threat, {"widen_rounds": 1}), CFG)
     assert fused.metrics.token_accuracy > forward.metrics.token_accuracy + 0.1, (fused.metrics, forward.metrics)
     assert fused.reconstruction.extra["lambda"] > 0
+
+
+def test_calibration_follows_a_fine_tuned_head_the_public_one_misses():
+    """The victims' head drifted from the public weights (a LoRA update the attacker never sees). The first
+    pass on the public head gets some tokens wrong; ``calibrate`` fits a drift estimate to the victims' own
+    traffic and the second pass recovers more, and its outputs match the observed ones more closely."""
+    import copy
+
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from attacks._prefix import calibrate
+
+    loaded = tiny_model("llama", num_layers=4)
+    head = split_model(loaded.model, SplitSpec(2, 1)).client_head.eval().requires_grad_(False)
+    victim = copy.deepcopy(head)
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), victim)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in victim.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    ids = torch.randint(0, loaded.model.config.vocab_size, (8, 12), generator=gen)
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        target = victim(ids, mask, position_ids_for(mask))
+        public = head(ids, mask, position_ids_for(mask))
+    scorer = Scorer.fit(public, mask)
+    options = SearchOptions(candidates=4, widen=16, widen_rounds=2, widen_below=0.9999)
+    prop = torch.randint(0, loaded.model.config.vocab_size, (8, 12, 4), generator=gen)
+    prop[..., 0] = ids  # the proposer holds the truth; which candidate matches is the verifier's call
+    first, scores = PrefixSearch(head, loaded.model.config, scorer, options).run(target, mask, prop)
+    tuned = calibrate(head, loaded.model.config, first, mask, target, scores, scorer, steps=60)
+    second, _ = PrefixSearch(tuned, loaded.model.config, scorer, options).run(target, mask, prop)
+    acc1, acc2 = float((first == ids).float().mean()), float((second == ids).float().mean())
+    with torch.no_grad():
+        fit_before = float(scorer.score(target, public).mean())
+        fit_after = float(scorer.score(target, tuned(ids, mask, position_ids_for(mask))).mean())
+    assert acc1 < 0.95, acc1  # the drift is large enough to mislead the public head
+    assert acc2 > acc1 + 0.05 and fit_after > fit_before, (acc1, acc2, fit_before, fit_after)

@@ -587,6 +587,9 @@ def _run_on_ray(ray, cfg: ExperimentConfig, groups: list[list[Cell]], keys: dict
 def _worker_init(threads: int) -> None:
     import torch
 
+    from suite.engine.quiet import quiet_libraries
+
+    quiet_libraries()
     torch.set_num_threads(threads)
 
 
