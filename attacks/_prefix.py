@@ -50,26 +50,45 @@ class SearchOptions:
 
 @dataclass
 class Scorer:
-    """Cosine similarity of ``w ⊙ (x - mu)`` (see the module docstring)."""
+    """Cosine similarity of ``w ⊙ (x - mu)`` (see the module docstring). Position 0 has statistics of its own
+    (``mu0``, ``w0``): with nothing before it to attend to, its output lives elsewhere (the attention-sink
+    dimensions dominate it), and standardising it with the other positions' statistics would flatten the
+    differences between candidate first tokens."""
 
     mu: torch.Tensor  # [H]
     w: torch.Tensor  # [H]
+    mu0: torch.Tensor | None = None  # [H], position 0
+    w0: torch.Tensor | None = None
 
-    def normed(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize((x.float() - self.mu) * self.w, dim=-1)
+    def normed(self, x: torch.Tensor, first: bool = False) -> torch.Tensor:
+        mu, w = (self.mu0, self.w0) if first and self.mu0 is not None else (self.mu, self.w)
+        return F.normalize((x.float() - mu) * w, dim=-1)
 
-    def score(self, target: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
-        """``target`` [..., H], ``cand`` [..., H] (broadcast) -> [...]."""
-        return (self.normed(target) * self.normed(cand)).sum(-1)
+    def score(self, target: torch.Tensor, cand: torch.Tensor, first: bool = False) -> torch.Tensor:
+        """``target`` [..., H], ``cand`` [..., H] (broadcast) -> [...]; ``first``: both are at position 0."""
+        return (self.normed(target, first) * self.normed(cand, first)).sum(-1)
+
+    def score_positions(self, target: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+        """``target``, ``cand`` [N, T, H] aligned by position -> [N, T] (position 0 with its own statistics)."""
+        out = self.score(target, cand)
+        return torch.cat([self.score(target[:, :1], cand[:, :1], first=True), out[:, 1:]], 1)
+
+    @staticmethod
+    def _weights(flat: torch.Tensor, noise_var: torch.Tensor | None, rho: float) -> tuple[torch.Tensor, torch.Tensor]:
+        mu, sd = flat.mean(0), flat.std(0)
+        sd = sd.clamp_min(float(sd.median()) * 1e-2 + 1e-6)
+        var = (rho * sd) ** 2 + (noise_var if noise_var is not None else 0.0)
+        return mu, var.rsqrt()
 
     @staticmethod
     def fit(feats: torch.Tensor, mask: torch.Tensor, noise_var: torch.Tensor | None = None,
             rho: float = 1.0) -> Scorer:
-        flat = feats[mask.bool()].float()
-        mu, sd = flat.mean(0), flat.std(0)
-        sd = sd.clamp_min(float(sd.median()) * 1e-2 + 1e-6)
-        var = (rho * sd) ** 2 + (noise_var if noise_var is not None else 0.0)
-        return Scorer(mu, var.rsqrt())
+        mu, w = Scorer._weights(feats[mask.bool()].float(), noise_var, rho)
+        first = feats[:, 0][mask[:, 0].bool()].float()
+        if first.shape[0] < 8:  # too few sequences for position-0 statistics: share the others'
+            return Scorer(mu, w)
+        mu0, w0 = Scorer._weights(first, noise_var, rho)
+        return Scorer(mu, w, mu0, w0)
 
 
 def select(cache: DynamicCache, index: torch.Tensor) -> DynamicCache:
@@ -109,7 +128,7 @@ class PrefixSearch:
             for lo in range(0, tokens.shape[0], step):
                 sub = select(cache, rows[lo : lo + step]) if cache is not None else self._fresh()
                 h = self._step(sub, tokens[lo : lo + step], t)
-                out[lo : lo + step] = self.scorer.score(target[lo : lo + step], h)
+                out[lo : lo + step] = self.scorer.score(target[lo : lo + step], h, first=t == 0)
         self.stats["verified"] += int(tokens.shape[0])
         return out
 
@@ -126,7 +145,7 @@ class PrefixSearch:
             x = emb if self.head.pos_embed is None else emb + self.head.pos_embed(pos)
             mask = torch.ones(rows, t + 1, dtype=torch.long)
             h = self.head(tokens[:, None], mask, pos, inputs_embeds=x, cache=sub)[:, 0]
-            score = self.scorer.score(target, h).sum()
+            score = self.scorer.score(target, h, first=t == 0).sum()
             (grad,) = torch.autograd.grad(score, emb)
         return grad[:, 0]
 
@@ -346,7 +365,7 @@ def calibrate(head: ClientHead, config, ids: torch.Tensor, mask: torch.Tensor, t
         for _ in range(steps):
             opt.zero_grad()
             out = model(ids, mask, pos)
-            loss = (1 - scorer.score(target[use], out[use])).mean()
+            loss = (1 - scorer.score_positions(target, out)[use]).mean()
             loss.backward()
             opt.step()
     model.requires_grad_(False)
