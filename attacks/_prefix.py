@@ -327,6 +327,37 @@ def fit_linear_proposer(obs, head: ClientHead, k: int, lam: float = 1e-2):
     return propose
 
 
+@torch.no_grad()
+def refine_first(head: ClientHead, scorer: Scorer, target: torch.Tensor, mask: torch.Tensor, ids: torch.Tensor,
+                 cand: torch.Tensor, bonus: torch.Tensor | None = None, window: int = 8,
+                 chunk: int = 256) -> tuple[torch.Tensor, int]:
+    """Re-decide the first token with what follows it. At position 0 a deep head's output sits in the
+    attention-sink dimensions and barely depends on the token, so the first token is the one the position-
+    by-position search gets wrong most. Every candidate ``cand`` [N, C] for it is scored with the recovered
+    tokens ``1..window-1`` after it, summed over those positions (every later output attends to token 0).
+    ``bonus`` [N, T, V]: other evidence for each token (``bisr``'s), added at position 0 as in the search.
+    Returns the ids with the best first token and how many first tokens changed."""
+    n, c = cand.shape
+    width = min(window, ids.shape[1])
+    cand = torch.cat([ids[:, :1], cand], 1)  # the current choice first: ties keep it
+    rows = torch.arange(n).repeat_interleave(c + 1)
+    seqs = ids[rows, :width].clone()
+    seqs[:, 0] = cand.reshape(-1)
+    m = mask[rows, :width]
+    total = torch.empty(rows.shape[0])
+    for lo in range(0, rows.shape[0], chunk):
+        sl = slice(lo, lo + chunk)
+        out = head(seqs[sl], m[sl], position_ids_for(m[sl])).float()
+        total[sl] = (scorer.score_positions(target[rows[sl], :width], out) * m[sl]).sum(1)
+    total = total.view(n, c + 1)
+    if bonus is not None:
+        total = total + bonus[:, 0].gather(1, cand)
+    best = total.argmax(1)
+    new = ids.clone()
+    new[:, 0] = cand[torch.arange(n), best]
+    return new, int((new[:, 0] != ids[:, 0]).sum())
+
+
 def calibrate(head: ClientHead, config, ids: torch.Tensor, mask: torch.Tensor, target: torch.Tensor,
               scores: torch.Tensor, scorer: Scorer, steps: int, lr: float = 1e-3, rank: int = 8,
               keep: float = 0.9) -> ClientHead:
@@ -410,6 +441,9 @@ def prefix_invert(obs, cfg, target: torch.Tensor, mask: torch.Tensor, bonus: tor
         search = PrefixSearch(tuned, config, scorer, options)
         ids, scores = search.run(target, mask, proposals, bonus)
         extra["first_pass"] = first
+    if proposals is not None and real[:, 0].any():
+        ids, extra["first_tokens_changed"] = refine_first(search.head, scorer, target, mask, ids, proposals[:, 0],
+                                                          bonus)
     extra.update(search.stats)
     extra["mean_score"] = float(scores[real].mean()) if real.any() else None
     return ids, extra
