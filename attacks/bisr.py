@@ -60,7 +60,7 @@ class BiSRConfig(AttackConfig):
     # Fine-tuning moves deep heads away from the public weights. Where the first pass's mean score stays below
     # ``calibrate_below``, a LoRA drift estimate is fitted to the reference head on the first pass's text
     # (``calibrate_steps`` Adam steps) and a second pass runs on it (0 steps: one pass only).
-    calibrate_steps: int = 30
+    calibrate_steps: int = 0
     calibrate_below: float = 0.995
 
     def __post_init__(self) -> None:
