@@ -382,7 +382,7 @@ def calibrate(head: ClientHead, config, ids: torch.Tensor, mask: torch.Tensor, t
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
         inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets),
                                 model, adapter_name="calibration")
-    params = [p for n, p in model.named_parameters() if "lora_" in n]
+    params = [p for n, p in model.named_parameters() if "lora_" in n and ".calibration" in n]  # never a colluder's own
     for p in model.parameters():
         p.requires_grad_(False)
     for p in params:
