@@ -11,7 +11,7 @@ import statistics
 import sys
 import time
 
-from suite import channel as new
+from suite.engine import channel as new
 
 
 def _load(path: str):

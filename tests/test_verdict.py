@@ -47,7 +47,7 @@ def test_verdict_names_the_cheapest_setting_that_reaches_little(tmp_path):
 def test_cost_quotes_the_centralised_reference_when_the_store_has_it(tmp_path, monkeypatch):
     import math
 
-    from suite import store
+    from suite.experiment import store
 
     monkeypatch.setitem(store.COLUMNS, "utility_centralised", "REAL")  # a store from work that adds the column
     rows = [{**r, "utility_centralised": 3.0 - math.log(1.25)} for r in sweep_rows()]  # ppl(k=0) is 25 % above
