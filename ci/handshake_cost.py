@@ -1,8 +1,8 @@
 """Cost of the replay-proof handshake: this tree's suite.engine.channel against an older channel.py without the
-server challenge (path given on the command line, e.g. one written by ``git show f64fc2f:suite/engine/channel.py``),
+server challenge (path given on the command line, e.g. one written by ``git show f64fc2f:suite/channel.py``),
 both ends of one handshake, measured interleaved in one process. Prints medians and their ratio.
 
-    git show f64fc2f:suite/engine/channel.py > /tmp/old_channel.py
+    git show f64fc2f:suite/channel.py > /tmp/old_channel.py
     PYTHONPATH=. python ci/handshake_cost.py /tmp/old_channel.py
 """
 
