@@ -24,7 +24,6 @@ import inspect
 import torch
 import torch.nn.functional as F
 
-from suite.engine.split import position_ids_for
 from suite.interfaces.defense import Defense
 from suite.interfaces.threats import Observations
 
@@ -185,10 +184,3 @@ def cosine_scores(pred: torch.Tensor, table: torch.Tensor, k: int, chunk: int = 
         v, i = (flat[lo : lo + chunk] @ rows.T).topk(k, dim=-1)
         vals[lo : lo + chunk], idx[lo : lo + chunk] = v, i
     return vals.reshape(*pred.shape[:-1], k), idx.reshape(*pred.shape[:-1], k)
-
-
-def run_head(head: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, chunk: int = 64) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([head(ids[lo : lo + chunk], mask[lo : lo + chunk],
-                               position_ids_for(mask[lo : lo + chunk])).float()
-                          for lo in range(0, ids.shape[0], chunk)])

@@ -55,3 +55,10 @@ def nearest_rows(vectors: torch.Tensor, table: torch.Tensor, chunk: int = 4096) 
 def decode_rows(tokenizer, token_ids: torch.Tensor, mask: torch.Tensor) -> tuple[str, ...]:
     return tuple(tokenizer.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(token_ids, mask,
                                                                                                strict=True))
+
+
+@torch.no_grad()
+def run_head(head: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    """``head``'s outputs [N, T, H] (fp32) on right-padded ``ids`` / ``mask``, ``chunk`` sequences at a time."""
+    return torch.cat([head(ids[lo : lo + chunk], mask[lo : lo + chunk], position_ids_for(mask[lo : lo + chunk])).float()
+                      for lo in range(0, ids.shape[0], chunk)])

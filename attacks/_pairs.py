@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from attacks._common import public_head
-from suite.engine.split import ClientHead, position_ids_for
+from attacks._common import public_head, run_head
+from suite.engine.split import ClientHead
 from suite.interfaces.threats import Observations
 
 
@@ -32,12 +32,6 @@ def _tokenize(obs: Observations, texts: tuple[str, ...]) -> tuple[torch.Tensor, 
     return enc["input_ids"].long(), enc["attention_mask"].long()
 
 
-@torch.no_grad()
-def _run_head(head: nn.Module, ids: torch.Tensor, mask: torch.Tensor, chunk: int = 64) -> torch.Tensor:
-    return torch.cat([head(ids[lo : lo + chunk], mask[lo : lo + chunk], position_ids_for(mask[lo : lo + chunk])).float()
-                      for lo in range(0, ids.shape[0], chunk)])
-
-
 def training_pairs(obs: Observations, use_colluder: bool = True) -> tuple[_Pairs, ClientHead]:
     """Every available head over every available text (see the module docstring). Also returns the public
     head, whose input embedding is the decoding table."""
@@ -56,7 +50,7 @@ def training_pairs(obs: Observations, use_colluder: bool = True) -> tuple[_Pairs
             continue
         tok_ids, tok_mask = _tokenize(obs, texts)
         for head_name, head in heads:
-            feats.append(_run_head(head, tok_ids, tok_mask))
+            feats.append(run_head(head, tok_ids, tok_mask))
             ids.append(tok_ids)
             masks.append(tok_mask)
             sources[f"{head_name} x {text_name}"] = tok_ids.shape[0]

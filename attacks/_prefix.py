@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from attacks._common import token_embeddings
+from attacks._common import run_head, token_embeddings
 from suite.engine.split import ClientHead, position_ids_for
 
 
@@ -272,12 +272,6 @@ def shadow_batch(obs) -> tuple[torch.Tensor, torch.Tensor] | None:
     enc = obs.tokenizer(list(obs.shadow), padding="max_length", truncation=True, max_length=obs.max_length,
                         padding_side="right", return_tensors="pt")
     return enc["input_ids"].long(), enc["attention_mask"].long()
-
-
-@torch.no_grad()
-def run_head(head, ids: torch.Tensor, mask: torch.Tensor, chunk: int = 64) -> torch.Tensor:
-    return torch.cat([head(ids[lo : lo + chunk], mask[lo : lo + chunk],
-                           position_ids_for(mask[lo : lo + chunk])).float() for lo in range(0, ids.shape[0], chunk)])
 
 
 def defense_noise(obs, head, ids: torch.Tensor, mask: torch.Tensor, seed: int) -> tuple[torch.Tensor, dict]:

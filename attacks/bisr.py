@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from attacks._common import decode_rows, stacked
+from attacks._common import decode_rows, run_head, stacked
 from attacks._gradients import gradient_evidence, simulate_gradient
 from attacks._prefix import (
     PrefixSearch,
@@ -34,7 +34,6 @@ from attacks._prefix import (
     fit_linear_proposer,
     prefix_invert,
     reference_head,
-    run_head,
     shadow_batch,
 )
 from suite.engine.split import split_model

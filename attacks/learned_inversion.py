@@ -50,7 +50,7 @@ from torch import nn
 
 from attacks import _adaptive
 from attacks._common import decode_rows, nearest_rows, stacked
-from attacks._pairs import _Pairs, _ridge, _run_head, _tokenize, training_pairs  # noqa: F401 (re-exported)
+from attacks._pairs import _Pairs, _ridge, _tokenize, training_pairs  # noqa: F401 (re-exported)
 from suite.interfaces.attack import Attack, AttackConfig, Reconstruction, register_attack
 from suite.interfaces.threats import Capability, Observations
 
