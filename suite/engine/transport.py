@@ -44,12 +44,10 @@ class Transport(Protocol):
     def remove_tap(self, tap: Tap) -> None: ...
 
 
-class InProcessTransport:
-    """FIFO queues per (src, dst). ``recv`` with nothing queued is a protocol error, not a hang: in one
-    process every message must have been sent before it is read."""
+class Tapped:
+    """The taps a transport shows its frames to, and the bytes it has sent: what every transport shares."""
 
     def __init__(self) -> None:
-        self._queues: dict[tuple[str, str], deque[bytes]] = defaultdict(deque)
         self._taps: list[Tap] = []
         self.bytes_sent = 0
 
@@ -59,12 +57,24 @@ class InProcessTransport:
     def remove_tap(self, tap: Tap) -> None:
         self._taps.remove(tap)
 
+    def _show(self, src: str, dst: str, data: bytes) -> None:
+        for tap in self._taps:
+            tap(Frame(src, dst, data))
+
+
+class InProcessTransport(Tapped):
+    """FIFO queues per (src, dst). ``recv`` with nothing queued is a protocol error, not a hang: in one
+    process every message must have been sent before it is read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._queues: dict[tuple[str, str], deque[bytes]] = defaultdict(deque)
+
     def send(self, src: str, dst: str, data: bytes) -> None:
         if not isinstance(data, bytes | bytearray | memoryview):
             raise TypeError(f"transports move bytes, not {type(data).__name__}")
         data = bytes(data)
-        for tap in self._taps:
-            tap(Frame(src, dst, data))
+        self._show(src, dst, data)
         self.bytes_sent += len(data)
         self._queues[(src, dst)].append(data)
 

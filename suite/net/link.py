@@ -26,7 +26,7 @@ import grpc
 
 from suite.engine.channel import ClientEnd
 from suite.engine.protocol import peek
-from suite.engine.transport import SERVER, Frame, Tap
+from suite.engine.transport import SERVER, Tapped
 from suite.errors import SplitleakError
 from suite.net.certs import Identity
 
@@ -80,12 +80,13 @@ class Link:
         self.channel.close()
 
 
-class RemoteTransport:
+class RemoteTransport(Tapped):
     """The ``Transport`` a client talks through when the server is another process. ``send`` seals the
     frame and holds it; the matching ``recv`` makes the call and opens the reply. Taps see what crosses the
     wire inside TLS: sealed frames."""
 
     def __init__(self, link: Link, client_id: int, config_hash: str):
+        super().__init__()
         self.link = link
         self.client_id = client_id
         self.config_hash = config_hash
@@ -93,14 +94,6 @@ class RemoteTransport:
         self.end: ClientEnd | None = None
         self.server_info: dict = {}
         self._out: bytes | None = None
-        self._taps: list[Tap] = []
-        self.bytes_sent = 0
-
-    def add_tap(self, tap: Tap) -> None:
-        self._taps.append(tap)
-
-    def remove_tap(self, tap: Tap) -> None:
-        self._taps.remove(tap)
 
     def connect(self, hello_timeout: float = 60.0) -> dict:
         """Hello and a fresh AEAD channel (also after a server restart: a new session, new keys)."""
@@ -117,8 +110,7 @@ class RemoteTransport:
         if self._out is not None:
             raise SplitleakError("a remote client sends one message per call; the previous one was not answered")
         self._out = self.end.seal(bytes(data))
-        for tap in self._taps:
-            tap(Frame(src, dst, self._out))
+        self._show(src, dst, self._out)
         self.bytes_sent += len(self._out)
 
     def recv(self, dst: str, src: str) -> bytes:
@@ -126,8 +118,7 @@ class RemoteTransport:
             raise SplitleakError(f"{dst} expected a reply from {src} but sent nothing")
         out, self._out = self._out, None
         reply = self.link.call(EXCHANGE, out)
-        for tap in self._taps:
-            tap(Frame(SERVER, dst, reply))
+        self._show(SERVER, dst, reply)
         return self.end.open(reply)
 
 
