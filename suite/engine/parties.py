@@ -190,15 +190,19 @@ class Client:
             msg = ActivationMsg(self.id, step, TO_SERVER, out, self._batch.attention_mask, self._positions)
         self.transport.send(self.endpoint, SERVER, encode(msg))
 
+    def _expect_head_shape(self, tensor: torch.Tensor, what: str) -> None:
+        """The server's reply must have the shape of what this head sent (else a one-line protocol error)."""
+        if tensor.shape != self._head_out.shape:
+            raise ProtocolError(f"server returned {what} of shape {tuple(tensor.shape)}, "
+                                f"expected {tuple(self._head_out.shape)}")
+
     def receive_hidden(self, step: int) -> float:
         """Round trip 1, back, and round trip 2, out: tail forward, loss, backward; send the gradient.
         Returns the loss, or NaN when a hook rejected the server's hidden states."""
         if self._batch is None or self._head_out is None:
             raise ProtocolError(f"client {self.id} received hidden states before sending activations")
         msg = self._recv(step, ActivationMsg)
-        if msg.hidden.shape != self._head_out.shape:
-            raise ProtocolError(f"server returned hidden states of shape {tuple(msg.hidden.shape)}, "
-                                f"expected {tuple(self._head_out.shape)}")
+        self._expect_head_shape(msg.hidden, "hidden states")
         received = msg.hidden
         self.received_commitment = tensor_digest(msg.commitment)
         try:
@@ -227,9 +231,7 @@ class Client:
         if self._head_out is None:
             raise ProtocolError(f"client {self.id} received a gradient it did not ask for")
         msg = self._recv(step, GradientMsg)
-        if msg.grad.shape != self._head_out.shape:
-            raise ProtocolError(f"server returned a gradient of shape {tuple(msg.grad.shape)}, "
-                                f"expected {tuple(self._head_out.shape)}")
+        self._expect_head_shape(msg.grad, "a gradient")
         grad = msg.grad
         if not self._rejected:
             try:
