@@ -29,6 +29,16 @@ class Registry(Generic[T]):
 
         return add
 
+    def register_named(self, name: str) -> Callable[[T], T]:
+        """Class decorator: register the class under ``name`` and set its ``name`` attribute to it."""
+        add = self.register(name)
+
+        def named(cls: T) -> T:
+            cls.name = name
+            return add(cls)
+
+        return named
+
     def _load(self) -> None:
         __import__(self.package)
 

@@ -94,11 +94,7 @@ ATTACKS: Registry[type[Attack]] = Registry("attack", "attacks")
 def register_attack(name: str):
     """Class decorator: ``@register_attack("nearest_embedding")``."""
 
-    def add(cls: type[Attack]) -> type[Attack]:
-        cls.name = name
-        return ATTACKS.register(name)(cls)
-
-    return add
+    return ATTACKS.register_named(name)
 
 
 def make_attack(name: str, threat: ThreatModel, params: dict[str, Any] | None = None) -> Attack:

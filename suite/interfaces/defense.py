@@ -107,11 +107,8 @@ DEFENSES: Registry[type[Defense]] = Registry("defense", "defenses")
 
 
 def register_defense(name: str):
-    def add(cls: type[Defense]) -> type[Defense]:
-        cls.name = name
-        return DEFENSES.register(name)(cls)
-
-    return add
+    """Class decorator: ``@register_defense("dp_gaussian")``."""
+    return DEFENSES.register_named(name)
 
 
 def make_defense(name: str, params: dict[str, Any] | None = None) -> Defense:
