@@ -11,7 +11,15 @@ output is closest to the observed one is kept. Candidates come from
 * widening, where the best match is poor: the gradient of the match score with respect to the input
   embedding at ``t`` (evaluated at the current best token, one backward step through the cached head) ranks
   the **whole vocabulary** by the first-order change ``g · (E_v - E_best)``; the top ``widen`` unseen tokens
-  are verified, for up to ``widen_rounds`` rounds (GCG / SipIt-style coordinate search).
+  are verified, for up to ``widen_rounds`` rounds (GCG / SipIt-style coordinate search);
+* a continuous step after the first gradient round, where the match is still poor (``relax_steps``): a free
+  input embedding at ``t``, started at the best token's row, is optimised (Adam) to match the observed output
+  and its nearest vocabulary rows are verified (SipIt's relaxation). Measured on SmolLM2 at k = 8 it finds the
+  tokens the first-order ranking misses (BENCHMARKS.md, issue 10);
+* optionally (``prior``), the public LM's most likely next tokens given the recovered prefix, verified first.
+
+The first token is re-decided last (``refine_first``) over the proposer's candidates and whole-vocabulary
+candidates ranked by the gradient of the outputs after it (``first_candidates``).
 
 A beam of width ``beam`` keeps the best prefixes by summed score (a wrong early token changes every later
 output, so a beam can recover from a near-tie).
@@ -45,6 +53,8 @@ class SearchOptions:
     widen: int = 64  # tokens per widening round (gradient-ranked over the whole vocabulary)
     widen_rounds: int = 3  # widening rounds at most, where the best match stays poor
     widen_below: float = 0.98  # widen where the best score (cosine) is below this
+    prior: int = 0  # the public LM's most likely next tokens given the recovered prefix, verified first when widening
+    relax_steps: int = 0  # where still poor after the first round: optimise a free embedding, verify its nearest rows
     chunk: int = 1024  # rows per incremental forward
 
 
@@ -102,11 +112,16 @@ def select(cache: DynamicCache, index: torch.Tensor) -> DynamicCache:
 class PrefixSearch:
     """Position-by-position search over a reference ``head`` (frozen, eval mode)."""
 
-    def __init__(self, head: ClientHead, config, scorer: Scorer, options: SearchOptions):
+    def __init__(self, head: ClientHead, config, scorer: Scorer, options: SearchOptions,
+                 lm: torch.nn.Module | None = None, start_token: int | None = None):
         self.head, self.config, self.scorer, self.opt = head, config, scorer, options
         self.table = token_embeddings(head)  # [V, E] rows as the first block sees them (no positions)
         self.vocab = self.table.shape[0]
         self.stats = {"verified": 0, "widened_positions": 0, "positions": 0}
+        # The public LM (full model) proposes the likely next tokens given each recovered prefix; it is read
+        # after ``start_token`` (the document separator it was pre-trained with), so position 0 has a prior too.
+        self.lm = lm if lm is not None and options.prior > 0 and start_token is not None else None
+        self.start_token = start_token
 
     # -- one incremental step ------------------------------------------------------------------------------
 
@@ -135,6 +150,15 @@ class PrefixSearch:
     def _fresh(self) -> DynamicCache:
         return DynamicCache(config=self.config)
 
+    def _lm_step(self, cache, tokens: torch.Tensor, length: int):
+        """The LM's (grown cache, next-token logits [R, V]) after appending ``tokens`` [R] to ``cache``'s rows,
+        ``length`` tokens already cached."""
+        from attacks._adaptive import LMPrior
+
+        with torch.no_grad():
+            return LMPrior(self.lm)._step(tokens[:, None], torch.ones(tokens.shape[0], length + 1, dtype=torch.long),
+                                          cache)
+
     def _gradient(self, cache: DynamicCache, tokens: torch.Tensor, t: int, target: torch.Tensor) -> torch.Tensor:
         """d score / d (token embedding at ``t``) at ``tokens`` [R] (cache rows = prefixes, restored after)."""
         rows = tokens.shape[0]
@@ -148,6 +172,25 @@ class PrefixSearch:
             score = self.scorer.score(target, h, first=t == 0).sum()
             (grad,) = torch.autograd.grad(score, emb)
         return grad[:, 0]
+
+    def _relax(self, cache: DynamicCache | None, tokens: torch.Tensor, t: int, target: torch.Tensor) -> torch.Tensor:
+        """A free input embedding at ``t`` optimised (Adam, ``relax_steps``) to match ``target`` [R, H] after the
+        cached prefixes, started at ``tokens`` [R]' rows (SipIt's continuous step). Returns it [R, E]."""
+        rows = tokens.shape[0]
+        pos = torch.full((rows, 1), t, dtype=torch.long)
+        mask = torch.ones(rows, t + 1, dtype=torch.long)
+        emb = self.head.embed(tokens[:, None]).detach().float().clone().requires_grad_(True)
+        opt = torch.optim.Adam([emb], lr=0.1 * float(self.table.std()))
+        with torch.enable_grad():
+            for _ in range(self.opt.relax_steps):
+                sub = select(cache, torch.arange(rows)) if cache is not None else self._fresh()
+                x = emb if self.head.pos_embed is None else emb + self.head.pos_embed(pos)
+                h = self.head(tokens[:, None], mask, pos, inputs_embeds=x, cache=sub)[:, 0]
+                loss = -self.scorer.score(target, h, first=t == 0).sum()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        return emb.detach()[:, 0]
 
     # -- the search ----------------------------------------------------------------------------------------
 
@@ -165,6 +208,8 @@ class PrefixSearch:
         total[torch.arange(n * beam) % beam != 0] = -1e9  # at t = 0 only the first beam is alive
         seq_of_row = torch.arange(n * beam) // beam
         cache: DynamicCache | None = None
+        lm_cache, lm_logits = (None, None) if self.lm is None else self._lm_step(
+            None, torch.full((n * beam,), self.start_token, dtype=torch.long), 0)
         last = int(mask.sum(1).max())
         for t in range(last):
             tgt = target[seq_of_row, t]  # [NB, H]
@@ -175,7 +220,7 @@ class PrefixSearch:
                         @ F.normalize(self.table, dim=-1).T).topk(1, dim=-1).indices
             rows = torch.arange(n * beam).repeat_interleave(cand.shape[1])
             s = self._verify(cache, rows, cand.reshape(-1), t, tgt[rows]).reshape(cand.shape)
-            cand, s = self._widen(cache, cand, s, t, tgt)
+            cand, s = self._widen(cache, cand, s, t, tgt, lm_logits)
             if bonus is not None:
                 s = s + bonus[seq_of_row, t].gather(1, cand)
             self.stats["positions"] += n
@@ -195,6 +240,8 @@ class PrefixSearch:
             with torch.no_grad():
                 cache = select(cache, parent) if cache is not None else self._fresh()
                 self._step(cache, token, t)
+            if self.lm is not None and t + 1 < last:
+                lm_cache, lm_logits = self._lm_step(select(lm_cache, parent), token, t + 1)
         top = total.reshape(n, beam).argmax(-1) + torch.arange(n) * beam
         return ids[top].masked_fill(~mask.bool(), 0), scores[top]
 
@@ -212,16 +259,23 @@ class PrefixSearch:
                 self._step(cache, truth[:, t], t)
         return out
 
-    def _widen(self, cache, cand: torch.Tensor, s: torch.Tensor, t: int, tgt: torch.Tensor):
-        """Gradient-guided widening over the whole vocabulary for rows whose best score is below the bar."""
+    def _widen(self, cache, cand: torch.Tensor, s: torch.Tensor, t: int, tgt: torch.Tensor,
+               lm_logits: torch.Tensor | None = None):
+        """Widening where the best score is below the bar: first the public LM's most likely next tokens
+        (``prior``, when an LM is given), then gradient-guided rounds over the whole vocabulary."""
         opt = self.opt
-        if opt.widen_rounds == 0 or opt.widen == 0:
+        rounds = [("gradient", opt.widen)] * opt.widen_rounds if opt.widen > 0 else []
+        if opt.relax_steps > 0 and opt.widen > 0:
+            rounds = rounds[:1] + [("relax", opt.widen)] + rounds[1:]
+        if lm_logits is not None:
+            rounds = [("lm", opt.prior)] + rounds
+        if not rounds:
             return cand, s
         tried = [cand]
         scores = [s]
         widened = False
         s = s.clone()
-        for _ in range(opt.widen_rounds):
+        for kind, width in rounds:
             cat_c, cat_s = torch.cat(tried, 1), torch.cat(scores, 1)
             best_s, arg = cat_s.max(1)
             poor = (best_s < opt.widen_below).nonzero().squeeze(1)
@@ -230,14 +284,20 @@ class PrefixSearch:
             widened = True
             best_tok = cat_c[poor, arg[poor]]
             sub = select(cache, poor) if cache is not None else None
-            grad = self._gradient(sub, best_tok, t, tgt[poor])  # [P, E]
-            gain = grad @ self.table.T  # [P, V]: first-order score change, up to a per-row constant
+            if kind == "lm":
+                gain = lm_logits[poor].clone()
+            elif kind == "relax":  # nearest rows to the optimised free embedding
+                gain = F.normalize(self._relax(sub, best_tok, t, tgt[poor]), dim=-1) @ F.normalize(self.table, dim=-1).T
+            else:
+                grad = self._gradient(sub, best_tok, t, tgt[poor])  # [P, E]
+                gain = grad @ self.table.T  # [P, V]: first-order score change, up to a per-row constant
+            gain = gain[:, : self.vocab]
             gain.scatter_(1, cat_c[poor], float("-inf"))  # never re-verify a token
-            new = gain.topk(opt.widen, dim=-1).indices  # [P, W]
+            new = gain.topk(min(width, self.vocab), dim=-1).indices  # [P, W]
             rows = poor.repeat_interleave(new.shape[1])
             ns = self._verify(cache, rows, new.reshape(-1), t, tgt[rows]).reshape(new.shape)
-            full_c = cat_c.new_zeros(cand.shape[0], opt.widen)
-            full_s = torch.full((cand.shape[0], opt.widen), float("-inf"))
+            full_c = cat_c.new_zeros(cand.shape[0], new.shape[1])
+            full_s = torch.full((cand.shape[0], new.shape[1]), float("-inf"))
             full_c[poor], full_s[poor] = new, ns
             tried.append(full_c)
             scores.append(full_s)
@@ -249,11 +309,12 @@ class PrefixSearch:
 # -- what the attacks around the search share ------------------------------------------------------------------
 
 
-def reference_head(obs, use_colluder: bool = True) -> tuple[ClientHead, object]:
+def reference_head(obs, use_colluder: bool = True) -> tuple[ClientHead, object, torch.nn.Module]:
     """The head candidates are verified on: the colluder's fine-tuned head when granted (closest to the
-    victims'), else the public one. Returns (head, model config)."""
+    victims'), else the public one. Returns (head, model config, the public model: the LM prior's)."""
     base = obs.base_model()
     base.requires_grad_(False)
+    base.eval()
     config = base.config
     if use_colluder and obs.colluder_head_tail is not None:
         head, _ = obs.colluder_head_tail()
@@ -262,7 +323,16 @@ def reference_head(obs, use_colluder: bool = True) -> tuple[ClientHead, object]:
 
         head = split_model(base, obs.spec).client_head
     head.requires_grad_(False)
-    return head.eval(), config
+    return head.eval(), config, base
+
+
+def start_token(tokenizer) -> int | None:
+    """The token a public LM reads a document start after: the end-of-text separator it was pre-trained with
+    (GPT-2, SmolLM), else its beginning-of-sequence token."""
+    for tok in (tokenizer.eos_token_id, tokenizer.bos_token_id):
+        if tok is not None:
+            return int(tok)
+    return None
 
 
 def shadow_batch(obs) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -321,6 +391,31 @@ def fit_linear_proposer(obs, head: ClientHead, k: int, lam: float = 1e-2):
     return propose
 
 
+def window_score(head: ClientHead, scorer: Scorer, target: torch.Tensor, mask: torch.Tensor,
+                 seqs: torch.Tensor, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    """Summed score [N] of the head's outputs for ``seqs`` [N, W] against ``target`` [N, W, H] over the
+    window's real positions (``mask`` [N, W])."""
+    out = head(seqs, mask, position_ids_for(mask), inputs_embeds=inputs_embeds).float()
+    return (scorer.score_positions(target, out) * mask).sum(1)
+
+
+def first_candidates(head: ClientHead, scorer: Scorer, target: torch.Tensor, mask: torch.Tensor, ids: torch.Tensor,
+                     k: int, window: int = 8) -> torch.Tensor:
+    """Whole-vocabulary candidates [N, k] for the first token, ranked by what follows it: the gradient of the
+    window's summed score (tokens ``1..window-1`` as recovered) with respect to the first token's input
+    embedding ranks every vocabulary row by its first-order gain ``g · E_v``. Position 0's own output barely
+    depends on its token (the attention sink), but every later output attends to it."""
+    width = min(window, ids.shape[1])
+    seqs, m = ids[:, :width], mask[:, :width]
+    table = token_embeddings(head)
+    with torch.enable_grad():
+        emb = head.embed(seqs).detach().float().requires_grad_(True)
+        x = emb if head.pos_embed is None else emb + head.pos_embed(position_ids_for(m))
+        (grad,) = torch.autograd.grad(window_score(head, scorer, target[:, :width], m, seqs, x).sum(), emb)
+    gain = grad[:, 0] @ table.T  # [N, V]
+    return gain.topk(min(k, table.shape[0]), dim=-1).indices
+
+
 @torch.no_grad()
 def refine_first(head: ClientHead, scorer: Scorer, target: torch.Tensor, mask: torch.Tensor, ids: torch.Tensor,
                  cand: torch.Tensor, bonus: torch.Tensor | None = None, window: int = 8,
@@ -341,8 +436,7 @@ def refine_first(head: ClientHead, scorer: Scorer, target: torch.Tensor, mask: t
     total = torch.empty(rows.shape[0])
     for lo in range(0, rows.shape[0], chunk):
         sl = slice(lo, lo + chunk)
-        out = head(seqs[sl], m[sl], position_ids_for(m[sl])).float()
-        total[sl] = (scorer.score_positions(target[rows[sl], :width], out) * m[sl]).sum(1)
+        total[sl] = window_score(head, scorer, target[rows[sl], :width], m[sl], seqs[sl])
     total = total.view(n, c + 1)
     if bonus is not None:
         total = total + bonus[:, 0].gather(1, cand)
@@ -402,7 +496,7 @@ def prefix_invert(obs, cfg, target: torch.Tensor, mask: torch.Tensor, bonus: tor
     """The search on ``target`` [N, T, H] (observed head outputs), as configured by ``cfg`` (fields of
     ``PrefixInversionConfig``). ``bonus`` [N, T, V]: other evidence added to every candidate's score;
     ``more`` [N, T, M]: extra candidate tokens. Returns token ids [N, T] and diagnostics."""
-    head, config = reference_head(obs, cfg.use_colluder)
+    head, config, lm = reference_head(obs, cfg.use_colluder)
     shadow = shadow_batch(obs)
     extra: dict = {"reference": "colluder" if cfg.use_colluder and obs.colluder_head_tail is not None else "base",
                    "adaptive": bool(cfg.adaptive and obs.defense is not None)}
@@ -421,8 +515,9 @@ def prefix_invert(obs, cfg, target: torch.Tensor, mask: torch.Tensor, bonus: tor
     if more is not None:
         proposals = more if proposals is None else torch.cat([proposals, more], -1)
     options = SearchOptions(candidates=cfg.candidates, beam=cfg.beam, widen=cfg.widen,
-                            widen_rounds=cfg.widen_rounds, widen_below=cfg.widen_below)
-    search = PrefixSearch(head, config, scorer, options)
+                            widen_rounds=cfg.widen_rounds, widen_below=cfg.widen_below,
+                            prior=getattr(cfg, "prior", 0), relax_steps=getattr(cfg, "relax_steps", 0))
+    search = PrefixSearch(head, config, scorer, options, lm, start_token(obs.tokenizer))
     ids, scores = search.run(target, mask, proposals, bonus)
     real = mask.bool()
     steps = getattr(cfg, "calibrate_steps", 0)
@@ -432,12 +527,17 @@ def prefix_invert(obs, cfg, target: torch.Tensor, mask: torch.Tensor, bonus: tor
         extra["first_pass_mean_score"] = float(scores[real].mean())
         tuned = calibrate(head, config, ids.masked_fill(~real, 0), mask, target, scores, scorer, steps)
         first = dict(search.stats)
-        search = PrefixSearch(tuned, config, scorer, options)
+        search = PrefixSearch(tuned, config, scorer, options, lm, start_token(obs.tokenizer))
         ids, scores = search.run(target, mask, proposals, bonus)
         extra["first_pass"] = first
-    if proposals is not None and real[:, 0].any():
-        ids, extra["first_tokens_changed"] = refine_first(search.head, scorer, target, mask, ids, proposals[:, 0],
-                                                          bonus)
+    if real[:, 0].any():
+        first = [] if proposals is None else [proposals[:, 0]]
+        if getattr(cfg, "first_widen", 0) > 0:
+            first.append(first_candidates(search.head, scorer, target, mask, ids.masked_fill(~real, 0),
+                                          cfg.first_widen))
+        if first:
+            ids, extra["first_tokens_changed"] = refine_first(search.head, scorer, target, mask, ids,
+                                                              torch.cat(first, 1), bonus)
     extra.update(search.stats)
     extra["mean_score"] = float(scores[real].mean()) if real.any() else None
     return ids, extra

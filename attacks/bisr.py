@@ -49,8 +49,11 @@ class BiSRConfig(AttackConfig):
     gradient_candidates: int = 8  # the gradient's best labels added per position
     beam: int = 1
     widen: int = 64
-    widen_rounds: int = 3
+    widen_rounds: int = 2
     widen_below: float = 0.98
+    first_widen: int = 128  # whole-vocabulary candidates for the first token, ranked by what follows it
+    prior: int = 0  # the public LM's most likely next tokens, verified first where widening
+    relax_steps: int = 10  # SipIt's continuous step after the first gradient round, where still poor
     rho: float = 1.0
     solve_steps: int = 8  # Richardson steps undoing the tail blocks (as gradient_inversion)
     shadow_sequences: int = 8  # shadow sequences in the simulation that picks the fusion weight
@@ -67,8 +70,9 @@ class BiSRConfig(AttackConfig):
             raise ValueError("calibrate_steps must be >= 0")
         if min(self.candidates, self.beam, self.shadow_sequences) < 1 or self.gradient_candidates < 0:
             raise ValueError("candidates, beam and shadow_sequences must be >= 1, gradient_candidates >= 0")
-        if self.widen < 0 or self.widen_rounds < 0 or self.solve_steps < 0 or not self.rho > 0:
-            raise ValueError("widen, widen_rounds and solve_steps must be >= 0 and rho > 0")
+        knobs = (self.widen, self.widen_rounds, self.solve_steps, self.first_widen, self.prior, self.relax_steps)
+        if min(knobs) < 0 or not self.rho > 0:
+            raise ValueError("widen, widen_rounds, first_widen, prior, relax_steps and solve_steps must be >= 0, rho > 0")
 
 
 @register_attack("bisr")
@@ -116,7 +120,7 @@ class BiSRAttack(Attack):
         if shadow is None:
             return 1.0, {}
         ids, mask = (x[: cfg.shadow_sequences] for x in shadow)
-        head, config = reference_head(obs, cfg.use_colluder)
+        head, config, _ = reference_head(obs, cfg.use_colluder)
         gen = torch.Generator().manual_seed(cfg.seed + 7)
         adaptive = cfg.adaptive and obs.defense is not None
         noise = None

@@ -8,7 +8,10 @@ to what the threat grants:
 
 * reference head: the colluder's fine-tuned head with ``COLLUDER_WEIGHTS``, else the public base head;
 * proposer: the closed-form linear inverter fitted on shadow text with ``SHADOW_DATA`` (else widening alone,
-  started from the nearest input-embedding row);
+  started from the nearest input-embedding row); where its candidates all match poorly, a gradient-ranked
+  round over the whole vocabulary, a continuous step (a free embedding optimised to match, its nearest rows
+  verified: SipIt's) and another gradient round; the first token is re-decided over whole-vocabulary
+  candidates ranked by the outputs after it;
 * defended cells (``adaptive=True``, the default): the deployed defense's public mechanism is simulated on
   the attacker's shadow text (``Defense.simulate_release``) and the per-dimension noise it adds enters the
   score's weighting (see ``attacks._prefix``); ``adaptive=False`` ignores the defense.
@@ -30,8 +33,11 @@ class PrefixInversionConfig(AttackConfig):
     candidates: int = 32  # proposer (linear inverter) tokens verified at every position
     beam: int = 1  # prefixes kept per sequence
     widen: int = 64  # gradient-ranked tokens per widening round
-    widen_rounds: int = 3  # widening rounds at most per position
+    widen_rounds: int = 2  # gradient widening rounds at most per position
     widen_below: float = 0.98  # widen where the best cosine score is below this
+    prior: int = 0  # the public LM's most likely next tokens given the recovered prefix, verified first where widening
+    relax_steps: int = 10  # SipIt's continuous step after the first gradient round, where still poor (0: off)
+    first_widen: int = 128  # gradient-ranked whole-vocabulary candidates for the first token (see refine_first)
     rho: float = 1.0  # drift allowance: weight of the head's own spread in the score's per-dimension scale
     adaptive: bool = True  # simulate the deployed defense (its public mechanism) when scoring
     use_colluder: bool = True  # verify on the colluder's fine-tuned head when COLLUDER_WEIGHTS is granted
@@ -46,8 +52,8 @@ class PrefixInversionConfig(AttackConfig):
             raise ValueError("calibrate_steps must be >= 0")
         if self.candidates < 1 or self.beam < 1:
             raise ValueError("candidates and beam must be >= 1")
-        if self.widen < 0 or self.widen_rounds < 0:
-            raise ValueError("widen and widen_rounds must be >= 0")
+        if min(self.widen, self.widen_rounds, self.first_widen, self.prior, self.relax_steps) < 0:
+            raise ValueError("widen, widen_rounds, first_widen, prior and relax_steps must be >= 0")
         if not -1.0 <= self.widen_below <= 1.0:
             raise ValueError("widen_below is a cosine score: choose it in [-1, 1]")
         if not self.rho > 0:

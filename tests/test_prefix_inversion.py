@@ -30,7 +30,7 @@ def test_incremental_head_with_kv_cache_equals_full_forward(family, k):
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5)
 
 
-def _exact_search(family: str, k: int, options: SearchOptions, proposals: bool = True):
+def _exact_search(family: str, k: int, options: SearchOptions, proposals: bool = True, lm: bool = False):
     """Invert an un-fine-tuned head's output with the same head (what SipIt proves exact)."""
     loaded = tiny_model(family, num_layers=4)
     head = split_model(loaded.model, SplitSpec(k, 1)).client_head.eval()
@@ -43,7 +43,8 @@ def _exact_search(family: str, k: int, options: SearchOptions, proposals: bool =
     with torch.no_grad():
         target = head(ids, mask, position_ids_for(mask))
     scorer = Scorer.fit(target, mask)
-    search = PrefixSearch(head, loaded.model.config, scorer, options)
+    search = PrefixSearch(head, loaded.model.config, scorer, options, loaded.model.eval() if lm else None,
+                          start_token=0)
     # A proposer that usually misses: random candidates (the truth only by chance), so widening must work.
     prop = torch.randint(0, vocab, (4, 10, options.candidates), generator=gen) if proposals else None
     got, scores = search.run(target, mask, prop)
@@ -65,6 +66,16 @@ def test_without_widening_random_candidates_are_not_enough():
     got, ids, mask, _ = _exact_search("llama", 1, SearchOptions(candidates=4, widen_rounds=0))
     real = mask.bool()
     assert (got[real] == ids[real]).float().mean() < 0.5
+
+
+def test_the_lm_prior_round_verifies_the_lms_next_tokens():
+    """Widening by the public LM alone (no gradient rounds): with every token in its top list the search is
+    exact where random candidates alone fail (the control above), so its proposals are verified, per prefix."""
+    options = SearchOptions(candidates=4, widen_rounds=0, prior=10_000, widen_below=0.9999)
+    got, ids, mask, search = _exact_search("llama", 1, options, lm=True)
+    real = mask.bool()
+    assert torch.equal(got[real], ids[real])
+    assert search.stats["widened_positions"] > 0
 
 
 def test_beam_and_candidate_options():
