@@ -1,7 +1,8 @@
 """Held-out natural text for re-measuring attacks on text nobody developed them on: the opening paragraphs of
 the docstrings of Python standard-library modules (English prose, another domain than examples/licenses.txt).
 
-    python examples/heldout_text.py > /tmp/heldout.txt     # one paragraph per line, 16 lines
+    python examples/heldout_text.py > /tmp/heldout.txt     # one paragraph per line (66 with Python 3.11)
+    # the attack reads the first 16 (``"limit": 16``); the next 16 measure utility
 """
 
 import importlib
@@ -13,7 +14,7 @@ SKIP = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "ms
         "ensurepip", "venv", "lib2to3", "pydoc_data", "nt", "msvcrt", "_winapi"}
 
 
-def paragraphs(limit: int = 16) -> list[str]:
+def paragraphs(limit: int = 96) -> list[str]:
     out = []
     for name in sorted(sys.stdlib_module_names):
         if name.startswith("_") or name in SKIP:

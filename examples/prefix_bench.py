@@ -3,8 +3,8 @@
   # prefix inversion: 16 natural-text victims (licenses.txt), shadow = generated records (another domain)
   PYTHONPATH=. python examples/prefix_bench.py target -k 1 2 4 8 15
   # held-out text (never developed on): other sentences of licenses.txt, or generated records
-  sed -n 101,116p examples/licenses.txt > /tmp/heldout.txt
-  PYTHONPATH=. python examples/prefix_bench.py target -k 8 --private '{"path": "/tmp/heldout.txt"}'
+  python examples/heldout_text.py > /tmp/heldout.txt   # Python standard-library docstrings
+  PYTHONPATH=. python examples/prefix_bench.py target -k 8 --private '{"path": "/tmp/heldout.txt", "limit": 16}'
   # bisr vs forward-only vs gradient-only on defended cells (default-matrix sizes: 16 records, 6 steps)
   PYTHONPATH=. python examples/prefix_bench.py fused -k 1 --defense dp_gaussian '{"sigma": 0.5, "clip": 1.0}'
 
@@ -47,7 +47,7 @@ def main() -> None:
         private = json.loads(args.private) if args.private else {"generator": "records", "size": 16, "seed": 1}
         steps = args.steps or 6
     cfg = parse_config({"model": {"name": "smollm2-135m"},
-                        "data": {"max_length": 32, "private": private,
+                        "data": {"max_length": 32, "private": private, "held_out": 16,  # utility is not the point here
                                  "shadow": {"generator": "records", "size": 256, "seed": 2}},
                         "training": {"clients": 2, "steps": steps, "batch_size": 4}})
     base = load_model("smollm2-135m")

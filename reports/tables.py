@@ -43,6 +43,10 @@ def _value(v: Any) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
+def _axis_value(v: Any) -> str:
+    return str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
+
+
 def param_label(name: Any, params: Any) -> str:
     """``dp_gaussian (clip=1, sigma=0.5)``; just the name without parameters. The space lets table cells
     wrap before the parameters."""
@@ -59,6 +63,10 @@ def prepare(df: pd.DataFrame) -> pd.DataFrame:
         if col in df:  # columns other work adds to the store are read when present
             df[col] = pd.to_numeric(df[col], errors="coerce")
     df["defense_label"] = [param_label(n, p) for n, p in zip(df["defense"], df["defense_params"], strict=True)]
+    for axis in ("steps", "finetune"):  # a swept training axis is part of the setting, never averaged over
+        if axis in df and df[axis].nunique(dropna=True) > 1:
+            df["defense_label"] = [label if pd.isna(v) else f"{label} [{axis}={_axis_value(v)}]"
+                                   for label, v in zip(df["defense_label"], df[axis], strict=True)]
     df["attack_label"] = [param_label(n, p) for n, p in zip(df["attack"], df["attack_params"], strict=True)]
     df["ok"] = df["status"] == "ok"
     df["head_blocks"] = pd.to_numeric(df["head_blocks"], errors="coerce").fillna(-1).astype(int)

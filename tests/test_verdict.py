@@ -133,6 +133,20 @@ def test_old_store_without_intervals_or_blind_reads_the_raw_metric(tmp_path):
     assert "nopeek (alpha=0.5) did not act at this budget" in text
 
 
+def test_a_swept_training_budget_is_its_own_setting(tmp_path):
+    """A store with steps swept (issue 11): each budget is a setting of its own in the frontier and the
+    verdict, never averaged with the others."""
+    rows = []
+    for i, (steps, acc) in enumerate(((0, 0.95), (50, 0.30))):
+        for attack, a in (("inv", acc), ("blind", 0.1)):
+            rows.append({**cell(f"{attack}{i}", 1, "curious_server", attack, "none", acc=a, loss=3.0 + i),
+                         "steps": steps})
+    s = _settings(tmp_path, rows)
+    assert sorted(s["defense_label"]) == ["none [steps=0]", "none [steps=50]"]
+    by = dict(zip(s["defense_label"], s["raw"], strict=True))
+    assert by["none [steps=0]"] == pytest.approx(0.95) and by["none [steps=50]"] == pytest.approx(0.30)
+
+
 def test_pareto_frontier():
     import pandas as pd
 
