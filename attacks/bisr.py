@@ -13,7 +13,9 @@ simulation (never on the victims): shadow text through the reference head, relea
 defense's public mechanism (``Defense.simulate_release``, when ``adaptive``), its gradient recomputed with
 the public trunk and tail; candidates are scored teacher-forced and the ``lam`` of the grid that recovers
 the most shadow tokens wins. The grid runs from 0 (forward only) to "gradient only", so on its own simulation
-the fused attack is never worse than either view alone.
+the fused attack is never worse than either view alone; a fused weight must beat the better single view by
+more than one standard error there (``choose_lambda``), else that view alone is used (the gradient-only
+view is ``gradient_inversion``'s decoding).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from attacks._common import decode_rows, run_head, stacked
-from attacks._gradients import gradient_evidence, simulate_gradient
+from attacks._gradients import gradient_evidence, invert_gradients, simulate_gradient
 from attacks._prefix import (
     PrefixSearch,
     Scorer,
@@ -41,6 +43,20 @@ from suite.interfaces.attack import Attack, AttackConfig, Reconstruction, regist
 from suite.interfaces.threats import Capability, Observations
 
 LAMBDAS = (0.0, 0.03, 0.1, 0.3, 1.0, 3.0, 1e4)
+FIRST_TOKEN_CANDIDATES = 64  # gradient_inversion's default, for the gradient-only view
+
+
+def choose_lambda(acc: dict[float, float], tokens: int) -> float:
+    """The fusion weight from its shadow accuracies ``acc`` (over ``tokens`` shadow tokens). A fused weight
+    wins only where it beats the better single view (0: forward only, the largest: gradient only) by more than
+    one standard error of that accuracy: a tie on a small simulation is noise, and fusing in a view that adds
+    nothing (the forward view under heavy noise) can only cost tokens on the victims."""
+    ends = (LAMBDAS[0], LAMBDAS[-1])
+    single = max(ends, key=lambda lam: acc[lam])
+    p = acc[single]
+    margin = (p * (1 - p) / max(tokens, 1)) ** 0.5
+    fused = max((lam for lam in LAMBDAS if lam not in ends), key=lambda lam: (acc[lam], -abs(lam - 1.0)))
+    return fused if acc[fused] > p + margin else single
 
 
 @dataclass(frozen=True)
@@ -56,7 +72,7 @@ class BiSRConfig(AttackConfig):
     relax_steps: int = 10  # SipIt's continuous step after the first gradient round, where still poor
     rho: float = 1.0
     solve_steps: int = 8  # Richardson steps undoing the tail blocks (as gradient_inversion)
-    shadow_sequences: int = 8  # shadow sequences in the simulation that picks the fusion weight
+    shadow_sequences: int = 16  # shadow sequences in the simulation that picks the fusion weight
     adaptive: bool = True
     use_colluder: bool = True
     # Fine-tuning moves deep heads away from the public weights. Where the first pass's mean score stays below
@@ -95,7 +111,12 @@ class BiSRAttack(Attack):
                               for b in obs.batches])  # [N, T, V]
         more = evidence.topk(cfg.gradient_candidates, dim=-1).indices if cfg.gradient_candidates else None
         lam, sim = self._choose_lambda(obs, trunk, tail)
-        ids, extra = prefix_invert(obs, cfg, target, mask, bonus=lam * evidence, more=more)
+        if lam == LAMBDAS[-1]:  # the simulation says the forward view adds nothing: the gradient-only attack
+            ids, _, _ = invert_gradients(obs, obs.batches, cfg.solve_steps, FIRST_TOKEN_CANDIDATES, cfg.use_colluder)
+            ids, extra = F.pad(ids, (0, length - ids.shape[1])), {"view": "gradient only"}
+        else:
+            ids, extra = prefix_invert(obs, cfg, target, mask, bonus=lam * evidence, more=more)
+            extra["view"] = "forward only" if lam == 0 else "fused"
         ids = ids.masked_fill(~mask.bool(), obs.tokenizer.pad_token_id or 0)
         extra.update({"lambda": lam, "shadow_accuracy_by_lambda": sim, "seconds": time.perf_counter() - start,
                       "cpu_seconds": time.process_time() - cpu})
@@ -143,5 +164,4 @@ class BiSRAttack(Attack):
         for lam in LAMBDAS:
             pick = cand.gather(2, (forward + lam * bonus).argmax(-1, keepdim=True))[..., 0]
             acc[lam] = float((pick == ids)[real].float().mean())
-        best = max(LAMBDAS, key=lambda lam: (acc[lam], -abs(lam - 1.0)))
-        return best, {str(k): round(v, 4) for k, v in acc.items()}
+        return choose_lambda(acc, int(real.sum())), {str(k): round(v, 4) for k, v in acc.items()}

@@ -173,3 +173,12 @@ def test_calibration_follows_a_fine_tuned_head_the_public_one_misses():
         fit_after = float(scorer.score(target, tuned(ids, mask, position_ids_for(mask))).mean())
     assert acc1 < 0.95, acc1  # the drift is large enough to mislead the public head
     assert acc2 > acc1 + 0.05 and fit_after > fit_before, (acc1, acc2, fit_before, fit_after)
+
+
+def test_bisr_fuses_only_where_the_simulation_shows_a_real_gain():
+    from attacks.bisr import LAMBDAS, choose_lambda
+
+    flat = {lam: 0.80 for lam in LAMBDAS}
+    assert choose_lambda({**flat, 1.0: 0.81}, 400) == LAMBDAS[0]  # within one standard error (0.02): a tie
+    assert choose_lambda({**flat, LAMBDAS[-1]: 0.85, 1.0: 0.86}, 400) == LAMBDAS[-1]  # gradient only
+    assert choose_lambda({**flat, 0.3: 0.90}, 400) == 0.3  # fusion clearly better on the simulation
