@@ -175,7 +175,7 @@ class PrefixSearch:
 
     def _relax(self, cache: DynamicCache | None, tokens: torch.Tensor, t: int, target: torch.Tensor) -> torch.Tensor:
         """A free input embedding at ``t`` optimised (Adam, ``relax_steps``) to match ``target`` [R, H] after the
-        cached prefixes, started at ``tokens`` [R]' rows (SipIt's continuous step). Returns it [R, E]."""
+        cached prefixes, started at the rows of ``tokens`` [R] (SipIt's continuous step). Returns it [R, E]."""
         rows = tokens.shape[0]
         pos = torch.full((rows, 1), t, dtype=torch.long)
         mask = torch.ones(rows, t + 1, dtype=torch.long)
@@ -531,13 +531,13 @@ def prefix_invert(obs, cfg, target: torch.Tensor, mask: torch.Tensor, bonus: tor
         ids, scores = search.run(target, mask, proposals, bonus)
         extra["first_pass"] = first
     if real[:, 0].any():
-        first = [] if proposals is None else [proposals[:, 0]]
+        firsts = [] if proposals is None else [proposals[:, 0]]
         if getattr(cfg, "first_widen", 0) > 0:
-            first.append(first_candidates(search.head, scorer, target, mask, ids.masked_fill(~real, 0),
-                                          cfg.first_widen))
-        if first:
+            firsts.append(first_candidates(search.head, scorer, target, mask, ids.masked_fill(~real, 0),
+                                           cfg.first_widen))
+        if firsts:
             ids, extra["first_tokens_changed"] = refine_first(search.head, scorer, target, mask, ids,
-                                                              torch.cat(first, 1), bonus)
+                                                              torch.cat(firsts, 1), bonus)
     extra.update(search.stats)
     extra["mean_score"] = float(scores[real].mean()) if real.any() else None
     return ids, extra
