@@ -68,7 +68,7 @@ class BiSRConfig(AttackConfig):
     widen_rounds: int = 2
     widen_below: float = 0.98
     first_widen: int = 128  # whole-vocabulary candidates for the first token, ranked by what follows it
-    prior: int = 0  # the public LM's most likely next tokens, verified first where widening
+    prior: int = 64  # the public LM's most likely next tokens, verified first where widening
     relax_steps: int = 10  # SipIt's continuous step after the first gradient round, where still poor
     rho: float = 1.0
     solve_steps: int = 8  # Richardson steps undoing the tail blocks (as gradient_inversion)

@@ -35,7 +35,7 @@ class PrefixInversionConfig(AttackConfig):
     widen: int = 64  # gradient-ranked tokens per widening round
     widen_rounds: int = 2  # gradient widening rounds at most per position
     widen_below: float = 0.98  # widen where the best cosine score is below this
-    prior: int = 0  # the public LM's most likely next tokens given the recovered prefix, verified first where widening
+    prior: int = 64  # the public LM's most likely next tokens given the recovered prefix, verified first where widening
     relax_steps: int = 10  # SipIt's continuous step after the first gradient round, where still poor (0: off)
     first_widen: int = 128  # gradient-ranked whole-vocabulary candidates for the first token (see refine_first)
     rho: float = 1.0  # drift allowance: weight of the head's own spread in the score's per-dimension scale
