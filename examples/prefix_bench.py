@@ -2,7 +2,7 @@
 
   # prefix inversion: 16 natural-text victims (licenses.txt), shadow = generated records (another domain)
   PYTHONPATH=. python examples/prefix_bench.py target -k 1 2 4 8 15
-  # held-out text (never developed on): other sentences of licenses.txt, or generated records
+  # held-out text (never developed on): docstrings of the Python standard library
   python examples/heldout_text.py > /tmp/heldout.txt   # Python standard-library docstrings
   PYTHONPATH=. python examples/prefix_bench.py target -k 8 --private '{"path": "/tmp/heldout.txt", "limit": 16}'
   # bisr vs forward-only vs gradient-only on defended cells (default-matrix sizes: 16 records, 6 steps)
