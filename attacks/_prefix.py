@@ -122,6 +122,9 @@ class PrefixSearch:
         # after ``start_token`` (the document separator it was pre-trained with), so position 0 has a prior too.
         self.lm = lm if lm is not None and options.prior > 0 and start_token is not None else None
         self.start_token = start_token
+        self._prior = None
+        self._unit_table: torch.Tensor | None = None  # normalised rows, for the continuous step's nearest rows
+        self._relax_lr = 0.0  # set with _unit_table: a tenth of the rows' per-coordinate spread
 
     # -- one incremental step ------------------------------------------------------------------------------
 
@@ -153,11 +156,12 @@ class PrefixSearch:
     def _lm_step(self, cache, tokens: torch.Tensor, length: int):
         """The LM's (grown cache, next-token logits [R, V]) after appending ``tokens`` [R] to ``cache``'s rows,
         ``length`` tokens already cached."""
-        from attacks._adaptive import LMPrior
+        if self._prior is None:
+            from attacks._adaptive import LMPrior
 
+            self._prior = LMPrior(self.lm)
         with torch.no_grad():
-            return LMPrior(self.lm)._step(tokens[:, None], torch.ones(tokens.shape[0], length + 1, dtype=torch.long),
-                                          cache)
+            return self._prior._step(tokens[:, None], torch.ones(tokens.shape[0], length + 1, dtype=torch.long), cache)
 
     def _gradient(self, cache: DynamicCache, tokens: torch.Tensor, t: int, target: torch.Tensor) -> torch.Tensor:
         """d score / d (token embedding at ``t``) at ``tokens`` [R] (cache rows = prefixes, restored after)."""
@@ -179,8 +183,11 @@ class PrefixSearch:
         rows = tokens.shape[0]
         pos = torch.full((rows, 1), t, dtype=torch.long)
         mask = torch.ones(rows, t + 1, dtype=torch.long)
+        if self._unit_table is None:
+            self._unit_table = F.normalize(self.table, dim=-1)
+            self._relax_lr = 0.1 * float(self.table.std())
         emb = self.head.embed(tokens[:, None]).detach().float().clone().requires_grad_(True)
-        opt = torch.optim.Adam([emb], lr=0.1 * float(self.table.std()))
+        opt = torch.optim.Adam([emb], lr=self._relax_lr)
         with torch.enable_grad():
             for _ in range(self.opt.relax_steps):
                 sub = select(cache, torch.arange(rows)) if cache is not None else self._fresh()
@@ -287,7 +294,7 @@ class PrefixSearch:
             if kind == "lm":
                 gain = lm_logits[poor].clone()
             elif kind == "relax":  # nearest rows to the optimised free embedding
-                gain = F.normalize(self._relax(sub, best_tok, t, tgt[poor]), dim=-1) @ F.normalize(self.table, dim=-1).T
+                gain = F.normalize(self._relax(sub, best_tok, t, tgt[poor]), dim=-1) @ self._unit_table.T
             else:
                 grad = self._gradient(sub, best_tok, t, tgt[poor])  # [P, E]
                 gain = grad @ self.table.T  # [P, V]: first-order score change, up to a per-row constant
