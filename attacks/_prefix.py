@@ -19,7 +19,9 @@ output is closest to the observed one is kept. Candidates come from
 * optionally (``prior``), the public LM's most likely next tokens given the recovered prefix, verified first.
 
 The first token is re-decided last (``refine_first``) over the proposer's candidates and whole-vocabulary
-candidates ranked by the gradient of the outputs after it (``first_candidates``).
+candidates ranked by the gradient of the outputs after it (``first_candidates``); then every near-tie (a
+runner-up within ``tie_margin`` of the chosen token's score) is re-decided by the match of the few outputs
+after it (``refine_ties``).
 
 A beam of width ``beam`` keeps the best prefixes by summed score (a wrong early token changes every later
 output, so a beam can recover from a near-tie).
@@ -55,6 +57,7 @@ class SearchOptions:
     widen_below: float = 0.98  # widen where the best score (cosine) is below this
     prior: int = 0  # the public LM's most likely next tokens given the recovered prefix, verified first when widening
     relax_steps: int = 0  # where still poor after the first round: optimise a free embedding, verify its nearest rows
+    alternatives: int = 4  # runner-up tokens kept per position (``PrefixSearch.alternatives``, for ``refine_ties``)
     chunk: int = 1024  # rows per incremental forward
 
 
@@ -125,6 +128,9 @@ class PrefixSearch:
         self._prior = None
         self._unit_table: torch.Tensor | None = None  # normalised rows, for the continuous step's nearest rows
         self._relax_lr = 0.0  # set with _unit_table: a tenth of the rows' per-coordinate spread
+        # After ``run``: each position's best ``options.alternatives`` candidates [N, T, M] and their scores
+        # (on the kept prefix), the runner-ups ``refine_ties`` re-decides near-ties among.
+        self.alternatives: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # -- one incremental step ------------------------------------------------------------------------------
 
@@ -214,6 +220,9 @@ class PrefixSearch:
         total = torch.zeros(n * beam)
         total[torch.arange(n * beam) % beam != 0] = -1e9  # at t = 0 only the first beam is alive
         seq_of_row = torch.arange(n * beam) // beam
+        keep = max(1, self.opt.alternatives)
+        alt_ids = torch.zeros(n * beam, length, keep, dtype=torch.long)
+        alt_s = torch.full((n * beam, length, keep), float("-inf"))
         cache: DynamicCache | None = None
         lm_cache, lm_logits = (None, None) if self.lm is None else self._lm_step(
             None, torch.full((n * beam,), self.start_token, dtype=torch.long), 0)
@@ -242,6 +251,10 @@ class PrefixSearch:
             scores = scores[parent]
             ids[:, t] = token
             scores[:, t] = s[parent, choice]
+            runner = s.topk(min(keep, width), dim=-1)
+            alt_ids, alt_s = alt_ids[parent], alt_s[parent]
+            alt_ids[:, t, : runner.indices.shape[1]] = cand.gather(1, runner.indices)[parent]
+            alt_s[:, t, : runner.indices.shape[1]] = runner.values[parent]
             total = joint.gather(1, best).reshape(-1)
             # Extend the kept prefixes' cache by their chosen token.
             with torch.no_grad():
@@ -250,6 +263,7 @@ class PrefixSearch:
             if self.lm is not None and t + 1 < last:
                 lm_cache, lm_logits = self._lm_step(select(lm_cache, parent), token, t + 1)
         top = total.reshape(n, beam).argmax(-1) + torch.arange(n) * beam
+        self.alternatives = (alt_ids[top], alt_s[top])
         return ids[top].masked_fill(~mask.bool(), 0), scores[top]
 
     def forced(self, target: torch.Tensor, mask: torch.Tensor, cand: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
@@ -453,6 +467,51 @@ def refine_first(head: ClientHead, scorer: Scorer, target: torch.Tensor, mask: t
     return new, int((new[:, 0] != ids[:, 0]).sum())
 
 
+@torch.no_grad()
+def refine_ties(head: ClientHead, scorer: Scorer, target: torch.Tensor, mask: torch.Tensor, ids: torch.Tensor,
+                alternatives: tuple[torch.Tensor, torch.Tensor], margin: float, bonus: torch.Tensor | None = None,
+                window: int = 4, chunk: int = 256) -> tuple[torch.Tensor, int]:
+    """Re-decide near-ties with what follows them. Where a runner-up's own score came within ``margin`` of the
+    chosen token's (inflections such as ``supports`` / `` supporting`` match one position almost equally), the
+    outputs after it tell them apart: every later output attends to it. Left to right from position 1, each
+    near-tie's candidates are scored by the summed match of the ``window`` positions from it on, with the
+    recovered continuation after it (``bonus`` [N, T, V], other evidence for the token, added as in the
+    search); the best replaces the choice, ties keep it. ``alternatives``: ``PrefixSearch.alternatives``.
+    Returns the ids and how many tokens changed."""
+    alt_ids, alt_s = alternatives
+    n, length = ids.shape
+    ids = ids.clone()
+    real = mask.bool()
+    changed = 0
+    for t in range(1, length):
+        chosen = alt_s[:, t].max(1).values
+        near = real[:, t, None] & (alt_s[:, t] >= chosen[:, None] - margin) & (alt_ids[:, t] != ids[:, t, None])
+        rows = near.any(1).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            continue
+        end = min(length, t + window)
+        cand = torch.cat([ids[rows, t, None], alt_ids[rows, t]], 1)  # [R, 1 + M]: the current choice first
+        ok = torch.cat([torch.ones(rows.numel(), 1, dtype=torch.bool), near[rows]], 1)
+        r = rows.repeat_interleave(cand.shape[1])
+        seqs = ids[r, :end].clone()
+        seqs[:, t] = cand.reshape(-1)
+        m = mask[r, :end]
+        total = torch.empty(r.shape[0])
+        for lo in range(0, r.shape[0], chunk):
+            sl = slice(lo, lo + chunk)
+            out = head(seqs[sl], m[sl], position_ids_for(m[sl])).float()
+            part = scorer.score_positions(target[r[sl], :end], out)[:, t:end]
+            total[sl] = (part * m[sl, t:end]).sum(1)
+        total = total.view(cand.shape)
+        if bonus is not None:
+            total = total + bonus[rows, t].gather(1, cand)
+        best = total.masked_fill(~ok, float("-inf")).argmax(1)
+        new = cand[torch.arange(rows.numel()), best]
+        changed += int((new != ids[rows, t]).sum())
+        ids[rows, t] = new
+    return ids, changed
+
+
 def calibrate(head: ClientHead, config, ids: torch.Tensor, mask: torch.Tensor, target: torch.Tensor,
               scores: torch.Tensor, scorer: Scorer, steps: int, lr: float = 1e-3, rank: int = 8,
               keep: float = 0.9) -> ClientHead:
@@ -523,7 +582,8 @@ def prefix_invert(obs, cfg, target: torch.Tensor, mask: torch.Tensor, bonus: tor
         proposals = more if proposals is None else torch.cat([proposals, more], -1)
     options = SearchOptions(candidates=cfg.candidates, beam=cfg.beam, widen=cfg.widen,
                             widen_rounds=cfg.widen_rounds, widen_below=cfg.widen_below,
-                            prior=getattr(cfg, "prior", 0), relax_steps=getattr(cfg, "relax_steps", 0))
+                            prior=getattr(cfg, "prior", 0), relax_steps=getattr(cfg, "relax_steps", 0),
+                            alternatives=getattr(cfg, "tie_alternatives", 4))
     search = PrefixSearch(head, config, scorer, options, lm, start_token(obs.tokenizer))
     ids, scores = search.run(target, mask, proposals, bonus)
     real = mask.bool()
@@ -545,6 +605,10 @@ def prefix_invert(obs, cfg, target: torch.Tensor, mask: torch.Tensor, bonus: tor
         if firsts:
             ids, extra["first_tokens_changed"] = refine_first(search.head, scorer, target, mask, ids,
                                                               torch.cat(firsts, 1), bonus)
+    margin = getattr(cfg, "tie_margin", 0.0)
+    if margin > 0 and search.alternatives is not None:
+        ids, extra["ties_changed"] = refine_ties(search.head, scorer, target, mask, ids, search.alternatives,
+                                                 margin, bonus)
     extra.update(search.stats)
     extra["mean_score"] = float(scores[real].mean()) if real.any() else None
     return ids, extra

@@ -13,13 +13,14 @@ simulation (never on the victims): shadow text through the reference head, relea
 defense's public mechanism (``Defense.simulate_release``, when ``adaptive``), its gradient recomputed with
 the public trunk and tail; candidates are scored teacher-forced and the ``lam`` of the grid that recovers
 the most shadow tokens wins. The grid runs from 0 (forward only) to "gradient only", so on its own simulation
-the fused attack is never worse than either view alone; a fused weight must beat the better single view by
-more than one standard error there (``choose_lambda``), else that view alone is used (the gradient-only
-view is ``gradient_inversion``'s decoding).
+the fused attack is never worse than either view alone; a fused weight must beat the better single view there
+by a paired test on the tokens they disagree on (``choose_lambda``), else that view alone is used (the
+gradient-only view is ``gradient_inversion``'s decoding).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -46,17 +47,29 @@ LAMBDAS = (0.0, 0.03, 0.1, 0.3, 1.0, 3.0, 1e4)
 FIRST_TOKEN_CANDIDATES = 64  # gradient_inversion's default, for the gradient-only view
 
 
-def choose_lambda(acc: dict[float, float], tokens: int) -> float:
-    """The fusion weight from its shadow accuracies ``acc`` (over ``tokens`` shadow tokens). A fused weight
-    wins only where it beats the better single view (0: forward only, the largest: gradient only) by more than
-    one standard error of that accuracy: a tie on a small simulation is noise, and fusing in a view that adds
-    nothing (the forward view under heavy noise) can only cost tokens on the victims."""
+def paired_gain_p(wins: int, losses: int) -> float:
+    """One-sided exact McNemar test: the chance of at least ``wins`` of ``wins + losses`` discordant tokens
+    going one way if both choices were equally good (each discordant token a fair coin)."""
+    n = wins + losses
+    return sum(math.comb(n, i) for i in range(wins, n + 1)) / 2 ** n if n else 1.0
+
+
+def choose_lambda(correct: dict[float, torch.Tensor], alpha: float = 0.05) -> float:
+    """The fusion weight from each weight's per-token correctness on the shadow simulation (``correct[lam]``:
+    a bool tensor over the same shadow tokens). The better single view (0: forward only, the largest: gradient
+    only) is the default; the fused weight with the most tokens right replaces it only where it wins on the
+    tokens the two disagree on by a paired (McNemar) test at ``alpha``, Bonferroni-corrected over the fused
+    weights tried. A tie on a small simulation is noise, and fusing in a view that adds nothing (the forward
+    view under heavy noise) can only cost tokens on the victims; pairing the tokens makes a small real gain
+    (the two views agree on most tokens) detectable where comparing two accuracies is not."""
     ends = (LAMBDAS[0], LAMBDAS[-1])
-    single = max(ends, key=lambda lam: acc[lam])
-    p = acc[single]
-    margin = (p * (1 - p) / max(tokens, 1)) ** 0.5
-    fused = max((lam for lam in LAMBDAS if lam not in ends), key=lambda lam: (acc[lam], -abs(lam - 1.0)))
-    return fused if acc[fused] > p + margin else single
+    hits = {lam: int(c.sum()) for lam, c in correct.items()}
+    single = max(ends, key=lambda lam: hits[lam])
+    fused_grid = [lam for lam in LAMBDAS if lam not in ends]
+    fused = max(fused_grid, key=lambda lam: (hits[lam], -abs(lam - 1.0)))
+    wins = int((correct[fused] & ~correct[single]).sum())
+    losses = int((correct[single] & ~correct[fused]).sum())
+    return fused if paired_gain_p(wins, losses) < alpha / len(fused_grid) else single
 
 
 @dataclass(frozen=True)
@@ -68,11 +81,13 @@ class BiSRConfig(AttackConfig):
     widen_rounds: int = 2
     widen_below: float = 0.98
     first_widen: int = 128  # whole-vocabulary candidates for the first token, ranked by what follows it
+    tie_margin: float = 0.1  # re-decide runner-ups within this score of the choice by the outputs after them (0: off)
+    tie_alternatives: int = 4  # runner-ups kept per position for that
     prior: int = 64  # the public LM's most likely next tokens, verified first where widening
     relax_steps: int = 10  # SipIt's continuous step after the first gradient round, where still poor
     rho: float = 1.0
     solve_steps: int = 8  # Richardson steps undoing the tail blocks (as gradient_inversion)
-    shadow_sequences: int = 16  # shadow sequences in the simulation that picks the fusion weight
+    shadow_sequences: int = 64  # shadow sequences in the simulation that picks the fusion weight
     adaptive: bool = True
     use_colluder: bool = True
     # Fine-tuning moves deep heads away from the public weights. Where the first pass's mean score stays below
@@ -84,8 +99,10 @@ class BiSRConfig(AttackConfig):
     def __post_init__(self) -> None:
         if self.calibrate_steps < 0:
             raise ValueError("calibrate_steps must be >= 0")
-        if min(self.candidates, self.beam, self.shadow_sequences) < 1 or self.gradient_candidates < 0:
-            raise ValueError("candidates, beam and shadow_sequences must be >= 1, gradient_candidates >= 0")
+        if min(self.candidates, self.beam, self.shadow_sequences, self.tie_alternatives) < 1 \
+                or min(self.gradient_candidates, self.tie_margin) < 0:
+            raise ValueError("candidates, beam, shadow_sequences and tie_alternatives must be >= 1, "
+                             "gradient_candidates and tie_margin >= 0")
         knobs = (self.widen, self.widen_rounds, self.solve_steps, self.first_widen, self.prior, self.relax_steps)
         if min(knobs) < 0 or not self.rho > 0:
             raise ValueError("widen, widen_rounds, first_widen, prior, relax_steps and solve_steps must be >= 0, rho > 0")
@@ -160,8 +177,9 @@ class BiSRAttack(Attack):
         forward = search.forced(released, mask, cand, ids)  # [S, T, C]
         bonus = evidence.gather(2, cand)
         real = mask.bool()
-        acc = {}
+        correct = {}
         for lam in LAMBDAS:
             pick = cand.gather(2, (forward + lam * bonus).argmax(-1, keepdim=True))[..., 0]
-            acc[lam] = float((pick == ids)[real].float().mean())
-        return choose_lambda(acc, int(real.sum())), {str(k): round(v, 4) for k, v in acc.items()}
+            correct[lam] = (pick == ids)[real]
+        acc = {str(k): round(float(v.float().mean()), 4) for k, v in correct.items()}
+        return choose_lambda(correct), acc

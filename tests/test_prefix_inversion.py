@@ -176,9 +176,58 @@ def test_calibration_follows_a_fine_tuned_head_the_public_one_misses():
 
 
 def test_bisr_fuses_only_where_the_simulation_shows_a_real_gain():
-    from attacks.bisr import LAMBDAS, choose_lambda
+    """The fusion weight replaces the better single view only on a paired gain: a one-token edge or an edge
+    bought with as many losses is noise; a small gain on tokens the single view gets wrong, with no losses,
+    is real even where the two accuracies' intervals overlap."""
+    from attacks.bisr import LAMBDAS, choose_lambda, paired_gain_p
 
-    flat = {lam: 0.80 for lam in LAMBDAS}
-    assert choose_lambda({**flat, 1.0: 0.81}, 400) == LAMBDAS[0]  # within one standard error (0.02): a tie
-    assert choose_lambda({**flat, LAMBDAS[-1]: 0.85, 1.0: 0.86}, 400) == LAMBDAS[-1]  # gradient only
-    assert choose_lambda({**flat, 0.3: 0.90}, 400) == 0.3  # fusion clearly better on the simulation
+    def hits(wrong=()):  # 400 shadow tokens, these indices wrong
+        c = torch.ones(400, dtype=torch.bool)
+        c[list(wrong)] = False
+        return c
+
+    base = set(range(80))  # 0.80 right
+    flat = {lam: hits(base) for lam in LAMBDAS}
+    assert choose_lambda({**flat, 1.0: hits(base - {0})}) == LAMBDAS[0]  # one token: a tie
+    swap = (base - set(range(10))) | set(range(100, 110))  # 10 gained, 10 lost elsewhere
+    assert choose_lambda({**flat, 0.3: hits(swap)}) == LAMBDAS[0]
+    assert choose_lambda({**flat, 0.3: hits(base - set(range(8)))}) == 0.3  # 8 gained, none lost: p = 1/256
+    assert choose_lambda({**flat, LAMBDAS[-1]: hits(set(range(60))),
+                          1.0: hits(set(range(59)))}) == LAMBDAS[-1]  # gradient only; fusion adds 1
+    assert paired_gain_p(0, 0) == 1.0 and abs(paired_gain_p(3, 0) - 0.125) < 1e-12
+    assert abs(paired_gain_p(2, 2) - 11 / 16) < 1e-12
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_near_ties_are_re_decided_by_the_outputs_after_them(family):
+    """A wrong token that matched its own position slightly better than the truth (an inflection near-tie) is
+    replaced by the runner-up the later outputs agree with; right tokens stay right even where a wrong
+    runner-up came close; and outside the margin nothing is re-decided (the control)."""
+    from attacks._prefix import refine_ties
+
+    loaded = tiny_model(family, num_layers=4)
+    head = split_model(loaded.model, SplitSpec(2, 1)).client_head.eval()
+    head.requires_grad_(False)
+    gen = torch.Generator().manual_seed(5)
+    vocab = loaded.model.config.vocab_size
+    truth = torch.randint(0, vocab, (3, 10), generator=gen)
+    mask = torch.ones_like(truth)
+    mask[2, 8:] = 0
+    with torch.no_grad():
+        target = head(truth, mask, position_ids_for(mask))
+    scorer = Scorer.fit(target, mask)
+    decoys = torch.randint(0, vocab, truth.shape, generator=gen)
+    decoys[decoys == truth] = (decoys[decoys == truth] + 1) % vocab
+    got = truth.clone()
+    wrong = [(0, 3), (1, 6), (2, 7)]
+    alt_ids = torch.stack([truth, decoys], -1)  # runner-ups: the truth and a decoy at every position
+    alt_s = torch.stack([torch.full(truth.shape, 0.90), torch.full(truth.shape, 0.88)], -1)
+    for n, t in wrong:  # the search chose the decoy there: it scored 0.90, the truth 0.85
+        got[n, t] = decoys[n, t]
+        alt_ids[n, t] = torch.stack([decoys[n, t], truth[n, t]])
+        alt_s[n, t] = torch.tensor([0.90, 0.85])
+    fixed, changed = refine_ties(head, scorer, target, mask, got, (alt_ids, alt_s), margin=0.1)
+    real = mask.bool()
+    assert torch.equal(fixed[real], truth[real]) and changed == len(wrong)
+    same, changed = refine_ties(head, scorer, target, mask, got, (alt_ids, alt_s), margin=0.01)
+    assert torch.equal(same, got) and changed == 0
