@@ -18,8 +18,9 @@ output is closest to the observed one is kept. Candidates come from
   tokens the first-order ranking misses (BENCHMARKS.md, issue 10);
 * optionally (``prior``), the public LM's most likely next tokens given the recovered prefix, verified first.
 
-The first token is re-decided last (``refine_first``) over the proposer's candidates and whole-vocabulary
-candidates ranked by the gradient of the outputs after it (``first_candidates``); then every near-tie (a
+The first token, and the next ``early_positions - 1`` where their match stayed poor, are re-decided last
+(``refine_first``) over the proposer's candidates and whole-vocabulary candidates ranked by the gradient of the
+outputs after them (``first_candidates``); then every near-tie (a
 runner-up within ``tie_margin`` of the chosen token's score) is re-decided by the match of the few outputs
 after it (``refine_ties``).
 
@@ -413,58 +414,60 @@ def fit_linear_proposer(obs, head: ClientHead, k: int, lam: float = 1e-2):
 
 
 def window_score(head: ClientHead, scorer: Scorer, target: torch.Tensor, mask: torch.Tensor,
-                 seqs: torch.Tensor, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+                 seqs: torch.Tensor, inputs_embeds: torch.Tensor | None = None, start: int = 0) -> torch.Tensor:
     """Summed score [N] of the head's outputs for ``seqs`` [N, W] against ``target`` [N, W, H] over the
-    window's real positions (``mask`` [N, W])."""
+    window's real positions from ``start`` on (``mask`` [N, W])."""
     out = head(seqs, mask, position_ids_for(mask), inputs_embeds=inputs_embeds).float()
-    return (scorer.score_positions(target, out) * mask).sum(1)
+    return (scorer.score_positions(target, out) * mask)[:, start:].sum(1)
 
 
 def first_candidates(head: ClientHead, scorer: Scorer, target: torch.Tensor, mask: torch.Tensor, ids: torch.Tensor,
-                     k: int, window: int = 8) -> torch.Tensor:
-    """Whole-vocabulary candidates [N, k] for the first token, ranked by what follows it: the gradient of the
-    window's summed score (tokens ``1..window-1`` as recovered) with respect to the first token's input
-    embedding ranks every vocabulary row by its first-order gain ``g · E_v``. Position 0's own output barely
-    depends on its token (the attention sink), but every later output attends to it."""
-    width = min(window, ids.shape[1])
+                     k: int, window: int = 8, t: int = 0) -> torch.Tensor:
+    """Whole-vocabulary candidates [N, k] for token ``t`` (the first, by default), ranked by what follows it:
+    the gradient of the summed score of positions ``t..t+window-1`` (the recovered tokens around it) with
+    respect to token ``t``'s input embedding ranks every vocabulary row by its first-order gain ``g · E_v``.
+    The first outputs of a deep head barely depend on their own token (the attention sink), but every later
+    output attends to it."""
+    width = min(t + window, ids.shape[1])
     seqs, m = ids[:, :width], mask[:, :width]
     table = token_embeddings(head)
     with torch.enable_grad():
         emb = head.embed(seqs).detach().float().requires_grad_(True)
         x = emb if head.pos_embed is None else emb + head.pos_embed(position_ids_for(m))
-        (grad,) = torch.autograd.grad(window_score(head, scorer, target[:, :width], m, seqs, x).sum(), emb)
-    gain = grad[:, 0] @ table.T  # [N, V]
+        score = window_score(head, scorer, target[:, :width], m, seqs, x, start=t).sum()
+        (grad,) = torch.autograd.grad(score, emb)
+    gain = grad[:, t] @ table.T  # [N, V]
     return gain.topk(min(k, table.shape[0]), dim=-1).indices
 
 
 @torch.no_grad()
 def refine_first(head: ClientHead, scorer: Scorer, target: torch.Tensor, mask: torch.Tensor, ids: torch.Tensor,
                  cand: torch.Tensor, bonus: torch.Tensor | None = None, window: int = 8,
-                 chunk: int = 256) -> tuple[torch.Tensor, int]:
-    """Re-decide the first token with what follows it. At position 0 a deep head's output sits in the
-    attention-sink dimensions and barely depends on the token, so the first token is the one the position-
-    by-position search gets wrong most. Every candidate ``cand`` [N, C] for it is scored with the recovered
-    tokens ``1..window-1`` after it, summed over those positions (every later output attends to token 0).
-    ``bonus`` [N, T, V]: other evidence for each token (``bisr``'s), added at position 0 as in the search.
-    Returns the ids with the best first token and how many first tokens changed."""
+                 chunk: int = 256, t: int = 0) -> tuple[torch.Tensor, int]:
+    """Re-decide token ``t`` (the first, by default) with what follows it. At the first positions a deep
+    head's output sits in the attention-sink dimensions and barely depends on the token, so they are the ones
+    the position-by-position search gets wrong most. Every candidate ``cand`` [N, C] for it is scored with the
+    recovered tokens around it, summed over positions ``t..t+window-1`` (every later output attends to token
+    ``t``). ``bonus`` [N, T, V]: other evidence for each token (``bisr``'s), added at ``t`` as in the search.
+    Returns the ids with the best token ``t`` and how many changed."""
     n, c = cand.shape
-    width = min(window, ids.shape[1])
-    cand = torch.cat([ids[:, :1], cand], 1)  # the current choice first: ties keep it
+    width = min(t + window, ids.shape[1])
+    cand = torch.cat([ids[:, t : t + 1], cand], 1)  # the current choice first: ties keep it
     rows = torch.arange(n).repeat_interleave(c + 1)
     seqs = ids[rows, :width].clone()
-    seqs[:, 0] = cand.reshape(-1)
+    seqs[:, t] = cand.reshape(-1)
     m = mask[rows, :width]
     total = torch.empty(rows.shape[0])
     for lo in range(0, rows.shape[0], chunk):
         sl = slice(lo, lo + chunk)
-        total[sl] = window_score(head, scorer, target[rows[sl], :width], m[sl], seqs[sl])
+        total[sl] = window_score(head, scorer, target[rows[sl], :width], m[sl], seqs[sl], start=t)
     total = total.view(n, c + 1)
     if bonus is not None:
-        total = total + bonus[:, 0].gather(1, cand)
+        total = total + bonus[:, t].gather(1, cand)
     best = total.argmax(1)
     new = ids.clone()
-    new[:, 0] = cand[torch.arange(n), best]
-    return new, int((new[:, 0] != ids[:, 0]).sum())
+    new[:, t] = cand[torch.arange(n), best]
+    return new, int((new[:, t] != ids[:, t]).sum())
 
 
 @torch.no_grad()
@@ -597,14 +600,26 @@ def prefix_invert(obs, cfg, target: torch.Tensor, mask: torch.Tensor, bonus: tor
         search = PrefixSearch(tuned, config, scorer, options, lm, start_token(obs.tokenizer))
         ids, scores = search.run(target, mask, proposals, bonus)
         extra["first_pass"] = first
-    if real[:, 0].any():
-        firsts = [] if proposals is None else [proposals[:, 0]]
+    # The first positions, re-decided with what follows them (position 0 always; later early positions where
+    # the search's own match stayed poor): the proposer's candidates, the search's runner-ups and
+    # whole-vocabulary candidates ranked by the gradient of the outputs after them.
+    extra["first_tokens_changed"] = extra["early_tokens_changed"] = 0
+    for t in range(min(getattr(cfg, "early_positions", 1), ids.shape[1])):
+        rows = (real[:, t] if t == 0 else real[:, t] & (scores[:, t] < cfg.widen_below)).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            continue
+        found = [] if proposals is None else [proposals[rows, t]]
+        if t > 0 and search.alternatives is not None:
+            found.append(search.alternatives[0][rows, t])
         if getattr(cfg, "first_widen", 0) > 0:
-            firsts.append(first_candidates(search.head, scorer, target, mask, ids.masked_fill(~real, 0),
-                                           cfg.first_widen))
-        if firsts:
-            ids, extra["first_tokens_changed"] = refine_first(search.head, scorer, target, mask, ids,
-                                                              torch.cat(firsts, 1), bonus)
+            found.append(first_candidates(search.head, scorer, target[rows], mask[rows],
+                                          ids[rows].masked_fill(~real[rows], 0), cfg.first_widen, t=t))
+        if found:
+            sub = None if bonus is None else bonus[rows]
+            new, changed = refine_first(search.head, scorer, target[rows], mask[rows], ids[rows],
+                                        torch.cat(found, 1), sub, t=t)
+            ids[rows] = new
+            extra["first_tokens_changed" if t == 0 else "early_tokens_changed"] += changed
     margin = getattr(cfg, "tie_margin", 0.0)
     if margin > 0 and search.alternatives is not None:
         ids, extra["ties_changed"] = refine_ties(search.head, scorer, target, mask, ids, search.alternatives,

@@ -81,6 +81,7 @@ class BiSRConfig(AttackConfig):
     widen_rounds: int = 2
     widen_below: float = 0.98
     first_widen: int = 128  # whole-vocabulary candidates for the first token, ranked by what follows it
+    early_positions: int = 4  # the first positions re-decided that way (where poor; 1: the first token only)
     tie_margin: float = 0.1  # re-decide runner-ups within this score of the choice by the outputs after them (0: off)
     tie_alternatives: int = 4  # runner-ups kept per position for that
     prior: int = 64  # the public LM's most likely next tokens, verified first where widening
@@ -100,9 +101,9 @@ class BiSRConfig(AttackConfig):
         if self.calibrate_steps < 0:
             raise ValueError("calibrate_steps must be >= 0")
         if min(self.candidates, self.beam, self.shadow_sequences, self.tie_alternatives) < 1 \
-                or min(self.gradient_candidates, self.tie_margin) < 0:
+                or min(self.gradient_candidates, self.tie_margin, self.early_positions) < 0:
             raise ValueError("candidates, beam, shadow_sequences and tie_alternatives must be >= 1, "
-                             "gradient_candidates and tie_margin >= 0")
+                             "gradient_candidates, tie_margin and early_positions >= 0")
         knobs = (self.widen, self.widen_rounds, self.solve_steps, self.first_widen, self.prior, self.relax_steps)
         if min(knobs) < 0 or not self.rho > 0:
             raise ValueError("widen, widen_rounds, first_widen, prior, relax_steps and solve_steps must be >= 0, rho > 0")

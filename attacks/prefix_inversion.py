@@ -38,6 +38,7 @@ class PrefixInversionConfig(AttackConfig):
     prior: int = 64  # the public LM's most likely next tokens given the recovered prefix, verified first where widening
     relax_steps: int = 10  # SipIt's continuous step after the first gradient round, where still poor (0: off)
     first_widen: int = 128  # gradient-ranked whole-vocabulary candidates for the first token (see refine_first)
+    early_positions: int = 4  # the first positions re-decided that way (where poor; 1: the first token only)
     tie_margin: float = 0.1  # re-decide runner-ups within this score of the choice by the outputs after them (0: off)
     tie_alternatives: int = 4  # runner-ups kept per position for that
     rho: float = 1.0  # drift allowance: weight of the head's own spread in the score's per-dimension scale
@@ -54,8 +55,11 @@ class PrefixInversionConfig(AttackConfig):
             raise ValueError("calibrate_steps must be >= 0")
         if self.candidates < 1 or self.beam < 1:
             raise ValueError("candidates and beam must be >= 1")
-        if min(self.widen, self.widen_rounds, self.first_widen, self.prior, self.relax_steps, self.tie_margin) < 0:
-            raise ValueError("widen, widen_rounds, first_widen, prior, relax_steps and tie_margin must be >= 0")
+        knobs = (self.widen, self.widen_rounds, self.first_widen, self.prior, self.relax_steps, self.tie_margin,
+                 self.early_positions)
+        if min(knobs) < 0:
+            raise ValueError("widen, widen_rounds, first_widen, prior, relax_steps, tie_margin and early_positions "
+                             "must be >= 0")
         if self.tie_alternatives < 1:
             raise ValueError("tie_alternatives must be >= 1")
         if not -1.0 <= self.widen_below <= 1.0:

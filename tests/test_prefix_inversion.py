@@ -231,3 +231,34 @@ def test_near_ties_are_re_decided_by_the_outputs_after_them(family):
     assert torch.equal(fixed[real], truth[real]) and changed == len(wrong)
     same, changed = refine_ties(head, scorer, target, mask, got, (alt_ids, alt_s), margin=0.01)
     assert torch.equal(same, got) and changed == 0
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_an_early_token_is_re_decided_by_the_outputs_after_it(family):
+    """A wrong token at an early position (where a deep head's own output says little about it) is found
+    again among whole-vocabulary candidates ranked by the gradient of the outputs after it, and re-decided by
+    them; a right token is kept against 64 random decoys."""
+    from attacks._prefix import first_candidates, refine_first
+
+    loaded = tiny_model(family, num_layers=4)
+    head = split_model(loaded.model, SplitSpec(2, 1)).client_head.eval()
+    head.requires_grad_(False)
+    gen = torch.Generator().manual_seed(8)
+    vocab = loaded.model.config.vocab_size
+    truth = torch.randint(0, vocab, (6, 12), generator=gen)
+    mask = torch.ones_like(truth)
+    with torch.no_grad():
+        target = head(truth, mask, position_ids_for(mask))
+    scorer = Scorer.fit(target, mask)
+    t = 2
+    got = truth.clone()
+    got[:, t] = (truth[:, t] + torch.randint(1, vocab, (6,), generator=gen)) % vocab
+    cand = first_candidates(head, scorer, target, mask, got, 64, t=t)
+    assert (cand == truth[:, t, None]).any(1).all()  # the truth is among the 64 of 512
+    fixed, changed = refine_first(head, scorer, target, mask, got, cand, t=t)
+    assert torch.equal(fixed, truth) and changed == 6
+    decoys = torch.randint(0, vocab, (6, 64), generator=gen)
+    decoys[decoys == truth[:, t, None]] = (truth[:, t].repeat_interleave(64).view(6, 64)[decoys == truth[:, t, None]]
+                                           + 1) % vocab
+    kept, changed = refine_first(head, scorer, target, mask, truth, decoys, t=t)  # right tokens stay right
+    assert torch.equal(kept, truth) and changed == 0
