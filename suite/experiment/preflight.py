@@ -165,10 +165,12 @@ def check_data(cfg: ExperimentConfig) -> None:
                         f"{clients} clients (each needs a shard); add records or use fewer clients")
     corpus_size(cfg.data.shadow, "shadow")
     p, s = cfg.data.private, cfg.data.shadow
-    if p.path is not None and s.path is not None and Path(p.path).expanduser().resolve() == \
+    # One file may hold both when the private set is its first ``limit`` texts: the shadow set is then the
+    # rest (the loader drops every private text from it), an attacker with public text of the same domain.
+    if p.path is not None and s.path is not None and p.limit is None and Path(p.path).expanduser().resolve() == \
             Path(s.path).expanduser().resolve():
         raise DataError(f"data.shadow.path is the private file {p.path}: the attacker's public text must not be "
-                        "the victims' records; give another shadow file")
+                        "the victims' records; give another shadow file, or a private limit (the rest is shadow)")
 
 
 # --- model ---------------------------------------------------------------------------------------------
