@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from suite.engine.split import ClientHead, position_ids_for, split_model
@@ -18,6 +20,24 @@ def stacked(obs: Observations) -> tuple[torch.Tensor, torch.Tensor]:
     mask = torch.cat([torch.nn.functional.pad(b.attention_mask, (0, length - b.attention_mask.shape[1]))
                       for b in obs.batches])
     return hidden, mask
+
+
+def shared_base(obs: Observations) -> Observations:
+    """``obs`` whose ``base_model()`` returns one frozen copy for the whole reconstruction instead of a fresh
+    deep copy per call. For attacks whose every use of the base only reads it (split views, the LM prior;
+    ``calibrate`` copies the head it tunes): bisr took five copies of the model, one per helper."""
+    if obs.base_model is None:
+        return obs
+    made: list[torch.nn.Module] = []
+
+    def once() -> torch.nn.Module:
+        if not made:
+            model = obs.base_model()
+            model.requires_grad_(False)
+            made.append(model.eval())
+        return made[0]
+
+    return dataclasses.replace(obs, base_model=once)
 
 
 def public_head(obs: Observations) -> ClientHead:

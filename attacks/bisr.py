@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from attacks._common import decode_rows, run_head, stacked
+from attacks._common import decode_rows, run_head, shared_base, stacked
 from attacks._gradients import gradient_evidence, invert_gradients, simulate_gradient
 from attacks._prefix import (
     PrefixSearch,
@@ -121,6 +121,7 @@ class BiSRAttack(Attack):
         start, cpu = time.perf_counter(), time.process_time()
         if not obs.batches or any(b.gradient is None for b in obs.batches):
             raise ValueError("bisr needs the tail's gradients for every observed batch")
+        obs = shared_base(obs)
         target, mask = stacked(obs)
         trunk, tail = self._trunk_tail(obs)
         length = target.shape[1]

@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from attacks._common import decode_rows, stacked
+from attacks._common import decode_rows, shared_base, stacked
 from attacks._prefix import prefix_invert
 from suite.interfaces.attack import Attack, AttackConfig, Reconstruction, register_attack
 from suite.interfaces.threats import Capability, Observations
@@ -77,6 +77,7 @@ class PrefixInversionAttack(Attack):
 
     def reconstruct(self, obs: Observations) -> Reconstruction:
         start, cpu = time.perf_counter(), time.process_time()
+        obs = shared_base(obs)
         target, mask = stacked(obs)
         ids, extra = prefix_invert(obs, self.config, target, mask)
         ids = ids.masked_fill(~mask.bool(), obs.tokenizer.pad_token_id or 0)

@@ -1,5 +1,7 @@
 """Prefix inversion (SipIt-style search with a KV cache) and BiSR on tiny models built from configs."""
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -134,6 +136,29 @@ def test_bisr_beats_forward_only_when_activations_are_noised(base):
     fused = attack_trained(trained, threat, make_attack("bisr", threat, {"widen_rounds": 1}), CFG)
     assert fused.metrics.token_accuracy > forward.metrics.token_accuracy + 0.1, (fused.metrics, forward.metrics)
     assert fused.reconstruction.extra["lambda"] > 0
+
+
+def test_search_attacks_copy_the_base_model_once(base, monkeypatch):
+    """Every helper of prefix_inversion and bisr reads the public model; one frozen copy per reconstruction
+    serves them all (bisr took five ~0.5 GB copies of SmolLM2), and the attack still works."""
+    from suite.experiment import cell
+
+    threat = get_threat("curious_server")
+    trained = train_split(CFG, SplitSpec(1, 1), base)
+    copies = []
+    real = cell._observations
+
+    def counting(*args, **kwargs):
+        obs = real(*args, **kwargs)
+        make = obs.base_model
+        return dataclasses.replace(obs, base_model=lambda: copies.append(1) or make())
+
+    monkeypatch.setattr(cell, "_observations", counting)
+    for name in ("prefix_inversion", "bisr"):
+        copies.clear()
+        result = attack_trained(trained, threat, make_attack(name, threat, {"widen_rounds": 1}), CFG)
+        assert len(copies) == 1, (name, len(copies))
+        assert result.metrics.token_accuracy > 0.5, (name, result.metrics)
 
 
 def test_calibration_follows_a_fine_tuned_head_the_public_one_misses():
