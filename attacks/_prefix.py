@@ -16,7 +16,8 @@ output is closest to the observed one is kept. Candidates come from
   input embedding at ``t``, started at the best token's row, is optimised (Adam) to match the observed output
   and its nearest vocabulary rows are verified (SipIt's relaxation). Measured on SmolLM2 at k = 8 it finds the
   tokens the first-order ranking misses (BENCHMARKS.md, issue 10);
-* optionally (``prior``), the public LM's most likely next tokens given the recovered prefix, verified first.
+* optionally (``prior``), the public LM's most likely next tokens given the recovered prefix, verified last,
+  where the rounds above left the match poor.
 
 The first token, and the next ``early_positions - 1`` where their match stayed poor, are re-decided last
 (``refine_first``) over the proposer's candidates and whole-vocabulary candidates ranked by the gradient of the
@@ -283,14 +284,15 @@ class PrefixSearch:
 
     def _widen(self, cache, cand: torch.Tensor, s: torch.Tensor, t: int, tgt: torch.Tensor,
                lm_logits: torch.Tensor | None = None):
-        """Widening where the best score is below the bar: first the public LM's most likely next tokens
-        (``prior``, when an LM is given), then gradient-guided rounds over the whole vocabulary."""
+        """Widening where the best score is below the bar: gradient-guided rounds over the whole vocabulary
+        (SipIt's continuous step after the first), then the public LM's most likely next tokens (``prior``,
+        when an LM is given)."""
         opt = self.opt
         rounds = [("gradient", opt.widen)] * opt.widen_rounds if opt.widen > 0 else []
         if opt.relax_steps > 0 and opt.widen > 0:
             rounds = rounds[:1] + [("relax", opt.widen)] + rounds[1:]
-        if lm_logits is not None:
-            rounds = [("lm", opt.prior)] + rounds
+        if lm_logits is not None:  # last: the gradient rounds start from the proposer's best, as without it
+            rounds = rounds + [("lm", opt.prior)]
         if not rounds:
             return cand, s
         tried = [cand]
