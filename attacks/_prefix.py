@@ -57,7 +57,7 @@ class SearchOptions:
     widen: int = 64  # tokens per widening round (gradient-ranked over the whole vocabulary)
     widen_rounds: int = 3  # widening rounds at most, where the best match stays poor
     widen_below: float = 0.98  # widen where the best score (cosine) is below this
-    prior: int = 0  # the public LM's most likely next tokens given the recovered prefix, verified first when widening
+    prior: int = 0  # the public LM's most likely next tokens given the recovered prefix, verified last when widening
     relax_steps: int = 0  # where still poor after the first round: optimise a free embedding, verify its nearest rows
     alternatives: int = 4  # runner-up tokens kept per position (``PrefixSearch.alternatives``, for ``refine_ties``)
     chunk: int = 1024  # rows per incremental forward

@@ -84,7 +84,7 @@ class BiSRConfig(AttackConfig):
     early_positions: int = 4  # the first positions re-decided that way (where poor; 1: the first token only)
     tie_margin: float = 0.1  # re-decide runner-ups within this score of the choice by the outputs after them (0: off)
     tie_alternatives: int = 4  # runner-ups kept per position for that
-    prior: int = 64  # the public LM's most likely next tokens, verified first where widening
+    prior: int = 64  # the public LM's most likely next tokens, verified last where widening leaves the match poor
     relax_steps: int = 10  # SipIt's continuous step after the first gradient round, where still poor
     rho: float = 1.0
     solve_steps: int = 8  # Richardson steps undoing the tail blocks (as gradient_inversion)
