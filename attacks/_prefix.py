@@ -484,7 +484,7 @@ def refine_ties(head: ClientHead, scorer: Scorer, target: torch.Tensor, mask: to
     search); the best replaces the choice, ties keep it. ``alternatives``: ``PrefixSearch.alternatives``.
     Returns the ids and how many tokens changed."""
     alt_ids, alt_s = alternatives
-    n, length = ids.shape
+    length = ids.shape[1]
     ids = ids.clone()
     real = mask.bool()
     changed = 0
@@ -494,26 +494,12 @@ def refine_ties(head: ClientHead, scorer: Scorer, target: torch.Tensor, mask: to
         rows = near.any(1).nonzero().squeeze(1)
         if rows.numel() == 0:
             continue
-        end = min(length, t + window)
-        cand = torch.cat([ids[rows, t, None], alt_ids[rows, t]], 1)  # [R, 1 + M]: the current choice first
-        ok = torch.cat([torch.ones(rows.numel(), 1, dtype=torch.bool), near[rows]], 1)
-        r = rows.repeat_interleave(cand.shape[1])
-        seqs = ids[r, :end].clone()
-        seqs[:, t] = cand.reshape(-1)
-        m = mask[r, :end]
-        total = torch.empty(r.shape[0])
-        for lo in range(0, r.shape[0], chunk):
-            sl = slice(lo, lo + chunk)
-            out = head(seqs[sl], m[sl], position_ids_for(m[sl])).float()
-            part = scorer.score_positions(target[r[sl], :end], out)[:, t:end]
-            total[sl] = (part * m[sl, t:end]).sum(1)
-        total = total.view(cand.shape)
-        if bonus is not None:
-            total = total + bonus[rows, t].gather(1, cand)
-        best = total.masked_fill(~ok, float("-inf")).argmax(1)
-        new = cand[torch.arange(rows.numel()), best]
-        changed += int((new != ids[rows, t]).sum())
-        ids[rows, t] = new
+        # Runner-ups outside the margin stand in as the current choice: refine_first keeps it on a tie.
+        cand = torch.where(near[rows], alt_ids[rows, t], ids[rows, t, None])
+        new, n = refine_first(head, scorer, target[rows], mask[rows], ids[rows], cand,
+                              None if bonus is None else bonus[rows], window, chunk, t=t)
+        ids[rows] = new
+        changed += n
     return ids, changed
 
 
