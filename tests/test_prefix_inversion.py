@@ -223,6 +223,23 @@ def test_bisr_fuses_only_where_the_simulation_shows_a_real_gain():
     assert abs(paired_gain_p(2, 2) - 11 / 16) < 1e-12
 
 
+def _tiny_capture(family: str, seed: int, shape: tuple[int, int], short: tuple[int, int] | None = None):
+    """A frozen k = 2 head of a tiny model, random true ids of ``shape`` (row ``short[0]`` padded from
+    ``short[1]``), its outputs and a scorer fitted on them; also the generator and the vocabulary size."""
+    loaded = tiny_model(family, num_layers=4)
+    head = split_model(loaded.model, SplitSpec(2, 1)).client_head.eval()
+    head.requires_grad_(False)
+    gen = torch.Generator().manual_seed(seed)
+    vocab = loaded.model.config.vocab_size
+    truth = torch.randint(0, vocab, shape, generator=gen)
+    mask = torch.ones_like(truth)
+    if short is not None:
+        mask[short[0], short[1]:] = 0
+    with torch.no_grad():
+        target = head(truth, mask, position_ids_for(mask))
+    return head, truth, mask, target, Scorer.fit(target, mask), gen, vocab
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_near_ties_are_re_decided_by_the_outputs_after_them(family):
     """A wrong token that matched its own position slightly better than the truth (an inflection near-tie) is
@@ -230,17 +247,7 @@ def test_near_ties_are_re_decided_by_the_outputs_after_them(family):
     runner-up came close; and outside the margin nothing is re-decided (the control)."""
     from attacks._prefix import refine_ties
 
-    loaded = tiny_model(family, num_layers=4)
-    head = split_model(loaded.model, SplitSpec(2, 1)).client_head.eval()
-    head.requires_grad_(False)
-    gen = torch.Generator().manual_seed(5)
-    vocab = loaded.model.config.vocab_size
-    truth = torch.randint(0, vocab, (3, 10), generator=gen)
-    mask = torch.ones_like(truth)
-    mask[2, 8:] = 0
-    with torch.no_grad():
-        target = head(truth, mask, position_ids_for(mask))
-    scorer = Scorer.fit(target, mask)
+    head, truth, mask, target, scorer, gen, vocab = _tiny_capture(family, 5, (3, 10), short=(2, 8))
     decoys = torch.randint(0, vocab, truth.shape, generator=gen)
     decoys[decoys == truth] = (decoys[decoys == truth] + 1) % vocab
     got = truth.clone()
@@ -265,16 +272,7 @@ def test_an_early_token_is_re_decided_by_the_outputs_after_it(family):
     them; a right token is kept against 64 random decoys."""
     from attacks._prefix import first_candidates, refine_first
 
-    loaded = tiny_model(family, num_layers=4)
-    head = split_model(loaded.model, SplitSpec(2, 1)).client_head.eval()
-    head.requires_grad_(False)
-    gen = torch.Generator().manual_seed(8)
-    vocab = loaded.model.config.vocab_size
-    truth = torch.randint(0, vocab, (6, 12), generator=gen)
-    mask = torch.ones_like(truth)
-    with torch.no_grad():
-        target = head(truth, mask, position_ids_for(mask))
-    scorer = Scorer.fit(target, mask)
+    head, truth, mask, target, scorer, gen, vocab = _tiny_capture(family, 8, (6, 12))
     t = 2
     got = truth.clone()
     got[:, t] = (truth[:, t] + torch.randint(1, vocab, (6,), generator=gen)) % vocab
