@@ -32,9 +32,11 @@ def _tokenize(obs: Observations, texts: tuple[str, ...]) -> tuple[torch.Tensor, 
     return enc["input_ids"].long(), enc["attention_mask"].long()
 
 
-def training_pairs(obs: Observations, use_colluder: bool = True) -> tuple[_Pairs, ClientHead]:
+def training_pairs(obs: Observations, use_colluder: bool = True,
+                   known: dict[str, torch.Tensor] | None = None) -> tuple[_Pairs, ClientHead]:
     """Every available head over every available text (see the module docstring). Also returns the public
-    head, whose input embedding is the decoding table."""
+    head, whose input embedding is the decoding table. ``known``: head outputs a caller already computed, by
+    source ("colluder x shadow"), used instead of running that head again."""
     base = public_head(obs)
     heads: list[tuple[str, nn.Module]] = [("base", base)]
     corpora: list[tuple[str, tuple[str, ...]]] = [("shadow", tuple(obs.shadow or ()))]
@@ -50,10 +52,12 @@ def training_pairs(obs: Observations, use_colluder: bool = True) -> tuple[_Pairs
             continue
         tok_ids, tok_mask = _tokenize(obs, texts)
         for head_name, head in heads:
-            feats.append(run_head(head, tok_ids, tok_mask))
+            source = f"{head_name} x {text_name}"
+            done = (known or {}).get(source)
+            feats.append(done if done is not None else run_head(head, tok_ids, tok_mask))
             ids.append(tok_ids)
             masks.append(tok_mask)
-            sources[f"{head_name} x {text_name}"] = tok_ids.shape[0]
+            sources[source] = tok_ids.shape[0]
     if not feats:
         raise ValueError("learned_inversion needs shadow text (or colluder records) to train on")
     return _Pairs(torch.cat(feats), torch.cat(ids), torch.cat(masks), sources), base

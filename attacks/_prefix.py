@@ -350,6 +350,11 @@ def reference_head(obs, use_colluder: bool = True) -> tuple[ClientHead, object, 
     return head.eval(), config, base
 
 
+def reference_source(obs, use_colluder: bool = True) -> str:
+    """``training_pairs``' name for ``reference_head``'s outputs on shadow text."""
+    return f"{'colluder' if use_colluder and obs.colluder_head_tail is not None else 'base'} x shadow"
+
+
 def start_token(tokenizer) -> int | None:
     """The token a public LM reads a document start after: the end-of-text separator it was pre-trained with
     (GPT-2, SmolLM), else its beginning-of-sequence token."""
@@ -383,13 +388,14 @@ def defense_noise(obs, head, ids: torch.Tensor, mask: torch.Tensor, seed: int) -
                  "simulated_noise_rms": float(var.mean().sqrt())}
 
 
-def fit_linear_proposer(obs, head: ClientHead, k: int, lam: float = 1e-2):
+def fit_linear_proposer(obs, k: int, lam: float = 1e-2, known: dict[str, torch.Tensor] | None = None):
     """The closed-form linear inverter of ``learned_inversion`` (mode="linear"): ridge from standardised
     [features, one-hot position, 1] to the normalised input-embedding row, on (shadow text x public head)
-    pairs. Returns a function ``propose(target [N, T, H]) -> [N, T, k]`` top-``k`` tokens by cosine."""
+    pairs. ``known``: head outputs on shadow text already computed (``training_pairs``). Returns a function
+    ``propose(target [N, T, H]) -> [N, T, k]`` top-``k`` tokens by cosine."""
     from attacks._pairs import _ridge, training_pairs
 
-    pairs, base = training_pairs(obs, use_colluder=True)
+    pairs, base = training_pairs(obs, use_colluder=True, known=known)
     table = token_embeddings(base)
     real = pairs.mask.bool()
     flat = pairs.feats[real]
@@ -443,6 +449,35 @@ def first_candidates(head: ClientHead, scorer: Scorer, target: torch.Tensor, mas
 
 
 @torch.no_grad()
+def window_totals(head: ClientHead, scorer: Scorer, target: torch.Tensor, mask: torch.Tensor, ids: torch.Tensor,
+                  cand: torch.Tensor, t: int, window: int = 8, chunk: int = 256, cached: bool = True) -> torch.Tensor:
+    """Summed score [N, C] over positions ``t..t+window-1`` of ``ids`` [N, T] with token ``t`` replaced by each
+    of ``cand`` [N, C]. ``cached``: the shared prefix ``0..t-1`` of each row runs through the head once (a KV
+    cache every candidate reads) and only the window runs per candidate; the same figures as the full
+    forward (``cached=False``), at a fraction of the cost for ``t > 0``."""
+    n, c = cand.shape
+    width = min(t + window, ids.shape[1])
+    rows = torch.arange(n).repeat_interleave(c)
+    seqs = ids[rows, :width].clone()
+    seqs[:, t] = cand.reshape(-1)
+    m = mask[rows, :width]
+    prefix = None
+    if cached and t > 0:  # rows with position t real have every earlier position real (right padding)
+        prefix = DynamicCache(config=head.blocks.config)
+        head(ids[:, :t], torch.ones(n, t, dtype=torch.long), position_ids_for(ids[:, :t]), cache=prefix)
+    pos = torch.arange(t, width)
+    total = torch.empty(rows.shape[0])
+    for lo in range(0, rows.shape[0], chunk):
+        sl = slice(lo, lo + chunk)
+        if prefix is None:
+            total[sl] = window_score(head, scorer, target[rows[sl], :width], m[sl], seqs[sl], start=t)
+            continue
+        out = head(seqs[sl, t:], m[sl], pos.expand(seqs[sl].shape[0], -1), cache=select(prefix, rows[sl])).float()
+        total[sl] = (scorer.score(target[rows[sl], t:width], out) * m[sl, t:]).sum(1)
+    return total.view(n, c)
+
+
+@torch.no_grad()
 def refine_first(head: ClientHead, scorer: Scorer, target: torch.Tensor, mask: torch.Tensor, ids: torch.Tensor,
                  cand: torch.Tensor, bonus: torch.Tensor | None = None, window: int = 8,
                  chunk: int = 256, t: int = 0) -> tuple[torch.Tensor, int]:
@@ -452,18 +487,9 @@ def refine_first(head: ClientHead, scorer: Scorer, target: torch.Tensor, mask: t
     recovered tokens around it, summed over positions ``t..t+window-1`` (every later output attends to token
     ``t``). ``bonus`` [N, T, V]: other evidence for each token (``bisr``'s), added at ``t`` as in the search.
     Returns the ids with the best token ``t`` and how many changed."""
-    n, c = cand.shape
-    width = min(t + window, ids.shape[1])
+    n = cand.shape[0]
     cand = torch.cat([ids[:, t : t + 1], cand], 1)  # the current choice first: ties keep it
-    rows = torch.arange(n).repeat_interleave(c + 1)
-    seqs = ids[rows, :width].clone()
-    seqs[:, t] = cand.reshape(-1)
-    m = mask[rows, :width]
-    total = torch.empty(rows.shape[0])
-    for lo in range(0, rows.shape[0], chunk):
-        sl = slice(lo, lo + chunk)
-        total[sl] = window_score(head, scorer, target[rows[sl], :width], m[sl], seqs[sl], start=t)
-    total = total.view(n, c + 1)
+    total = window_totals(head, scorer, target, mask, ids, cand, t, window, chunk)
     if bonus is not None:
         total = total + bonus[:, t].gather(1, cand)
     best = total.argmax(1)
@@ -555,19 +581,22 @@ def prefix_invert(obs, cfg, target: torch.Tensor, mask: torch.Tensor, bonus: tor
     ``more`` [N, T, M]: extra candidate tokens. Returns token ids [N, T] and diagnostics."""
     head, config, lm = reference_head(obs, cfg.use_colluder)
     shadow = shadow_batch(obs)
-    extra: dict = {"reference": "colluder" if cfg.use_colluder and obs.colluder_head_tail is not None else "base",
+    extra: dict = {"reference": reference_source(obs, cfg.use_colluder).split()[0],
                    "adaptive": bool(cfg.adaptive and obs.defense is not None)}
     noise = None
     if extra["adaptive"] and shadow is not None:
         noise, info = defense_noise(obs, head, *shadow, seed=cfg.seed)
         extra.update(info)
+    known = {}
     if shadow is not None:
-        scorer = Scorer.fit(run_head(head, *shadow), shadow[1], noise, cfg.rho)
+        outputs = run_head(head, *shadow)
+        known[reference_source(obs, cfg.use_colluder)] = outputs  # the proposer's training pairs too
+        scorer = Scorer.fit(outputs, shadow[1], noise, cfg.rho)
     else:
         scorer = Scorer.fit(target, mask, noise, cfg.rho)
     proposals = None
     if obs.shadow:
-        propose = fit_linear_proposer(obs, head, min(cfg.candidates, head.embed.num_embeddings))
+        propose = fit_linear_proposer(obs, min(cfg.candidates, head.embed.num_embeddings), known=known)
         proposals = propose(target)
     if more is not None:
         proposals = more if proposals is None else torch.cat([proposals, more], -1)

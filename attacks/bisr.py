@@ -37,6 +37,7 @@ from attacks._prefix import (
     fit_linear_proposer,
     prefix_invert,
     reference_head,
+    reference_source,
     shadow_batch,
 )
 from suite.engine.split import split_model
@@ -169,10 +170,12 @@ class BiSRAttack(Attack):
             noise, _ = defense_noise(obs, head, *shadow, seed=cfg.seed)
         else:
             released = run_head(head, ids, mask)
-        scorer = Scorer.fit(run_head(head, *shadow), shadow[1], noise, cfg.rho)
+        outputs = run_head(head, *shadow)
+        scorer = Scorer.fit(outputs, shadow[1], noise, cfg.rho)
         grad = simulate_gradient(trunk, tail, released, ids, mask)
         evidence = gradient_evidence(trunk, tail, released, mask, grad, cfg.solve_steps)
-        cand = fit_linear_proposer(obs, head, cfg.candidates)(released)
+        known = {reference_source(obs, cfg.use_colluder): outputs}  # the proposer's training pairs too
+        cand = fit_linear_proposer(obs, cfg.candidates, known=known)(released)
         if cfg.gradient_candidates:
             cand = torch.cat([cand, evidence.topk(cfg.gradient_candidates, dim=-1).indices], -1)
         search = PrefixSearch(head, config, scorer, SearchOptions(widen_rounds=0))

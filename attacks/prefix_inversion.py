@@ -35,9 +35,9 @@ class PrefixInversionConfig(AttackConfig):
     widen: int = 64  # gradient-ranked tokens per widening round
     widen_rounds: int = 2  # gradient widening rounds at most per position
     widen_below: float = 0.98  # widen where the best cosine score is below this
-    prior: int = 64  # the public LM's likely next tokens given the recovered prefix, verified last where still poor
+    prior: int = 32  # the public LM's likely next tokens given the recovered prefix, verified last where still poor
     relax_steps: int = 10  # SipIt's continuous step after the first gradient round, where still poor (0: off)
-    first_widen: int = 128  # gradient-ranked whole-vocabulary candidates for the first token (see refine_first)
+    first_widen: int = 64  # gradient-ranked whole-vocabulary candidates for the first token (see refine_first)
     early_positions: int = 4  # the first positions re-decided that way (where poor; 1: the first token only)
     tie_margin: float = 0.1  # re-decide runner-ups within this score of the choice by the outputs after them (0: off)
     tie_alternatives: int = 4  # runner-ups kept per position for that

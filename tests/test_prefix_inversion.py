@@ -161,6 +161,28 @@ def test_search_attacks_copy_the_base_model_once(base, monkeypatch):
         assert result.metrics.token_accuracy > 0.5, (name, result.metrics)
 
 
+@pytest.mark.parametrize("threat_name, heads_over_shadow", [("curious_server", 1), ("colluding_client", 2)])
+def test_the_reference_heads_shadow_outputs_are_computed_once(base, monkeypatch, threat_name, heads_over_shadow):
+    """The score's statistics and the linear proposer's training pairs both read the reference head's outputs
+    on the shadow text (the public head, or the colluder's when granted): one pass serves both. A colluder
+    adds its own head's pass (the public head's pairs are still needed)."""
+    import attacks._pairs
+    import attacks._prefix
+
+    threat = get_threat(threat_name)
+    trained = train_split(CFG, SplitSpec(1, 1), base)
+    rows = []
+    for module in (attacks._pairs, attacks._prefix):
+        def counting(head, ids, mask, *args, real=module.run_head, **kwargs):
+            rows.append(ids.shape[0])
+            return real(head, ids, mask, *args, **kwargs)
+
+        monkeypatch.setattr(module, "run_head", counting)
+    result = attack_trained(trained, threat, make_attack("prefix_inversion", threat, {"widen_rounds": 1}), CFG)
+    assert rows.count(len(trained.shadow)) == heads_over_shadow, rows
+    assert result.metrics.token_accuracy > 0.5, result.metrics
+
+
 def test_calibration_follows_a_fine_tuned_head_the_public_one_misses():
     """The victims' head drifted from the public weights (a LoRA update the attacker never sees). The first
     pass on the public head gets some tokens wrong; ``calibrate`` fits a drift estimate to the victims' own
@@ -285,3 +307,19 @@ def test_an_early_token_is_re_decided_by_the_outputs_after_it(family):
                                            + 1) % vocab
     kept, changed = refine_first(head, scorer, target, mask, truth, decoys, t=t)  # right tokens stay right
     assert torch.equal(kept, truth) and changed == 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("t", [1, 4])
+def test_window_scores_with_a_cached_prefix_equal_the_full_forward(family, t):
+    """The early-position and near-tie re-decisions run each row's recovered prefix through the head once and
+    only the window per candidate: the scores are the full forward's, padding inside the window included."""
+    from attacks._prefix import window_totals
+
+    head, truth, mask, target, scorer, gen, vocab = _tiny_capture(family, 5, (3, 10), short=(1, 7))
+    cand = torch.randint(0, vocab, (3, 6), generator=gen)
+    cand[:, 0] = truth[:, t]
+    args = (head, scorer, target, mask, truth, cand, t)
+    cached, full = window_totals(*args, chunk=5), window_totals(*args, cached=False)
+    torch.testing.assert_close(cached, full, rtol=1e-4, atol=1e-4)
+    assert bool((cached.argmax(1) == 0).all())  # and the truth wins its window (an un-fine-tuned head)
