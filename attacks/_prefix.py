@@ -57,6 +57,7 @@ class SearchOptions:
     widen: int = 64  # tokens per widening round (gradient-ranked over the whole vocabulary)
     widen_rounds: int = 3  # widening rounds at most, where the best match stays poor
     widen_below: float = 0.98  # widen where the best score (cosine) is below this
+    widen_again_below: float | None = None  # the bar for the rounds after the first (None: widen_below)
     prior: int = 0  # the public LM's most likely next tokens given the recovered prefix, verified last when widening
     relax_steps: int = 0  # where still poor after the first round: optimise a free embedding, verify its nearest rows
     alternatives: int = 4  # runner-up tokens kept per position (``PrefixSearch.alternatives``, for ``refine_ties``)
@@ -236,9 +237,14 @@ class PrefixSearch:
             else:
                 cand = (F.normalize(tgt[:, : self.table.shape[1]], dim=-1)
                         @ F.normalize(self.table, dim=-1).T).topk(1, dim=-1).indices
-            rows = torch.arange(n * beam).repeat_interleave(cand.shape[1])
-            s = self._verify(cache, rows, cand.reshape(-1), t, tgt[rows]).reshape(cand.shape)
-            cand, s = self._widen(cache, cand, s, t, tgt, lm_logits)
+            # Sequences that have ended (padding) are not searched: their first candidate stands in, at a score
+            # that never counts as poor (the result is masked there).
+            live = mask[seq_of_row, t].bool()
+            rows = live.nonzero().squeeze(1).repeat_interleave(cand.shape[1])
+            s = torch.full(cand.shape, float("-inf"))
+            s[~live, 0] = 1.0
+            s[live] = self._verify(cache, rows, cand[live].reshape(-1), t, tgt[rows]).reshape(-1, cand.shape[1])
+            cand, s = self._widen(cache, cand, s, t, tgt, lm_logits, live)
             if bonus is not None:
                 s = s + bonus[seq_of_row, t].gather(1, cand)
             self.stats["positions"] += n
@@ -283,7 +289,7 @@ class PrefixSearch:
         return out
 
     def _widen(self, cache, cand: torch.Tensor, s: torch.Tensor, t: int, tgt: torch.Tensor,
-               lm_logits: torch.Tensor | None = None):
+               lm_logits: torch.Tensor | None = None, live: torch.Tensor | None = None):
         """Widening where the best score is below the bar: gradient-guided rounds over the whole vocabulary
         (SipIt's continuous step after the first), then the public LM's most likely next tokens (``prior``,
         when an LM is given)."""
@@ -299,10 +305,12 @@ class PrefixSearch:
         scores = [s]
         widened = False
         s = s.clone()
-        for kind, width in rounds:
+        again = opt.widen_below if opt.widen_again_below is None else min(opt.widen_again_below, opt.widen_below)
+        for i, (kind, width) in enumerate(rounds):
             cat_c, cat_s = torch.cat(tried, 1), torch.cat(scores, 1)
             best_s, arg = cat_s.max(1)
-            poor = (best_s < opt.widen_below).nonzero().squeeze(1)
+            poor = best_s < (opt.widen_below if i == 0 else again)
+            poor = (poor if live is None else poor & live).nonzero().squeeze(1)
             if poor.numel() == 0:
                 break
             widened = True
@@ -326,7 +334,8 @@ class PrefixSearch:
             tried.append(full_c)
             scores.append(full_s)
         if widened:
-            self.stats["widened_positions"] += int((s.max(1).values < opt.widen_below).sum())
+            low = s.max(1).values < opt.widen_below
+            self.stats["widened_positions"] += int((low if live is None else low & live).sum())
         return torch.cat(tried, 1), torch.cat(scores, 1)
 
 
@@ -602,6 +611,7 @@ def prefix_invert(obs, cfg, target: torch.Tensor, mask: torch.Tensor, bonus: tor
         proposals = more if proposals is None else torch.cat([proposals, more], -1)
     options = SearchOptions(candidates=cfg.candidates, beam=cfg.beam, widen=cfg.widen,
                             widen_rounds=cfg.widen_rounds, widen_below=cfg.widen_below,
+                            widen_again_below=getattr(cfg, "widen_again_below", None),
                             prior=getattr(cfg, "prior", 0), relax_steps=getattr(cfg, "relax_steps", 0),
                             alternatives=getattr(cfg, "tie_alternatives", 4))
     search = PrefixSearch(head, config, scorer, options, lm, start_token(obs.tokenizer))

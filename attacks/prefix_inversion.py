@@ -35,6 +35,9 @@ class PrefixInversionConfig(AttackConfig):
     widen: int = 64  # gradient-ranked tokens per widening round
     widen_rounds: int = 2  # gradient widening rounds at most per position
     widen_below: float = 0.98  # widen where the best cosine score is below this
+    # The later rounds (continuous step, second gradient round, LM) only where the first left the match below
+    # this: a wrong token scores far lower than a drifted right one (measured: wrong <= 0.90, right >= 0.95)
+    widen_again_below: float | None = 0.95
     prior: int = 32  # the public LM's likely next tokens given the recovered prefix, verified last where still poor
     relax_steps: int = 10  # SipIt's continuous step after the first gradient round, where still poor (0: off)
     first_widen: int = 64  # gradient-ranked whole-vocabulary candidates for the first token (see refine_first)
@@ -64,6 +67,8 @@ class PrefixInversionConfig(AttackConfig):
             raise ValueError("tie_alternatives must be >= 1")
         if not -1.0 <= self.widen_below <= 1.0:
             raise ValueError("widen_below is a cosine score: choose it in [-1, 1]")
+        if self.widen_again_below is not None and not -1.0 <= self.widen_again_below <= self.widen_below:
+            raise ValueError("widen_again_below is a cosine score: choose it in [-1, widen_below] (or none)")
         if not self.rho > 0:
             raise ValueError("rho must be > 0")
 

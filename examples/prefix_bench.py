@@ -7,6 +7,8 @@
   # held-out text (never developed on): docstrings of the Python standard library
   python examples/heldout_text.py > /tmp/heldout.txt   # Python standard-library docstrings
   PYTHONPATH=. python examples/prefix_bench.py target -k 8 --private '{"path": "/tmp/heldout.txt", "limit": 16}'
+  # the second family: the same cell on Gemma 3 270M
+  PYTHONPATH=. python examples/prefix_bench.py target -k 8 --model gemma3-270m
   # bisr vs forward-only vs gradient-only on defended cells (default-matrix sizes: 16 records, 6 steps)
   PYTHONPATH=. python examples/prefix_bench.py fused -k 1 --defense dp_gaussian '{"sigma": 0.5, "clip": 1.0}'
 
@@ -41,6 +43,7 @@ def main() -> None:
     p.add_argument("--defense", nargs=2, action="append", default=[], metavar=("NAME", "JSON"))
     p.add_argument("--params", default="{}", help="JSON attack parameters for prefix_inversion / bisr")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: the shared-machine figures)")
+    p.add_argument("--model", default="smollm2-135m", help="model name (e.g. gemma3-270m: the second family)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.mode == "target":
@@ -49,11 +52,11 @@ def main() -> None:
     else:
         private = json.loads(args.private) if args.private else {"generator": "records", "size": 16, "seed": 1}
         steps = args.steps or 6
-    cfg = parse_config({"model": {"name": "smollm2-135m"},
+    cfg = parse_config({"model": {"name": args.model},
                         "data": {"max_length": 32, "private": private, "held_out": 16,  # utility is not the point here
                                  "shadow": {"generator": "records", "size": 256, "seed": 2}},
                         "training": {"clients": 2, "steps": steps, "batch_size": 4}})
-    base = load_model("smollm2-135m")
+    base = load_model(args.model)
     threat = get_threat("curious_server")
     params = json.loads(args.params)
     defenses = [(n, json.loads(j)) for n, j in args.defense] or [("none", {})]

@@ -93,6 +93,27 @@ def test_the_lm_prior_round_verifies_the_lms_next_tokens():
     assert search.stats["widened_positions"] > 0
 
 
+def test_padding_is_not_searched():
+    """Positions after a sequence's end are never verified or widened (sequence 2 ends at 7 of 10): without
+    widening the search verifies exactly the proposer's candidates at the real positions."""
+    got, ids, mask, search = _exact_search("llama", 1, SearchOptions(candidates=4, widen_rounds=0))
+    assert search.stats["verified"] == 4 * int(mask.sum())
+    assert torch.equal(got[~mask.bool()], torch.zeros_like(got[~mask.bool()]))
+    _, _, _, widened = _exact_search("llama", 1, SearchOptions(candidates=4, widen=16, widen_rounds=1,
+                                                               widen_below=1.01))  # every real position is poor
+    assert widened.stats["verified"] == (4 + 16) * int(mask.sum())
+
+
+def test_later_widening_rounds_use_their_own_bar():
+    """``widen_again_below``: the first round widens where the match is below ``widen_below``; the later
+    rounds only where it is still below the second bar (here none: every match is above -1)."""
+    opts = dict(candidates=4, widen=16, widen_rounds=3, widen_below=1.01)
+    _, _, mask, once = _exact_search("llama", 1, SearchOptions(**opts, widen_again_below=-1.0))
+    assert once.stats["verified"] == (4 + 16) * int(mask.sum())
+    _, _, _, thrice = _exact_search("llama", 1, SearchOptions(**opts))
+    assert thrice.stats["verified"] == (4 + 3 * 16) * int(mask.sum())
+
+
 def test_beam_and_candidate_options():
     options = SearchOptions(candidates=4, beam=3, widen=16, widen_rounds=8, widen_below=0.9999)
     got, ids, mask, search = _exact_search("llama", 2, options)
