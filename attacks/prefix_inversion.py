@@ -36,7 +36,8 @@ class PrefixInversionConfig(AttackConfig):
     widen_rounds: int = 2  # gradient widening rounds at most per position
     widen_below: float = 0.98  # widen where the best cosine score is below this
     # The later rounds (continuous step, second gradient round, LM) only where the first left the match below
-    # this: a wrong token scores far lower than a drifted right one (measured: wrong <= 0.90, right >= 0.95)
+    # this (set it to widen_below to widen as deep everywhere): a wrong token scores far lower than a drifted
+    # right one (measured at k = 8: wrong <= 0.90, right >= 0.95)
     widen_again_below: float | None = 0.95
     prior: int = 32  # the public LM's likely next tokens given the recovered prefix, verified last where still poor
     relax_steps: int = 10  # SipIt's continuous step after the first gradient round, where still poor (0: off)
