@@ -237,8 +237,8 @@ class PrefixSearch:
             else:
                 cand = (F.normalize(tgt[:, : self.table.shape[1]], dim=-1)
                         @ F.normalize(self.table, dim=-1).T).topk(1, dim=-1).indices
-            # Sequences that have ended (padding) are not searched: their first candidate stands in, at a score
-            # that never counts as poor (the result is masked there).
+            # Sequences that have ended (padding) are neither verified nor widened: their first candidate stands
+            # in at a finite score, so the beam step stays defined (the result is masked there).
             live = mask[seq_of_row, t].bool()
             rows = live.nonzero().squeeze(1).repeat_interleave(cand.shape[1])
             s = torch.full(cand.shape, float("-inf"))
@@ -289,10 +289,10 @@ class PrefixSearch:
         return out
 
     def _widen(self, cache, cand: torch.Tensor, s: torch.Tensor, t: int, tgt: torch.Tensor,
-               lm_logits: torch.Tensor | None = None, live: torch.Tensor | None = None):
-        """Widening where the best score is below the bar: gradient-guided rounds over the whole vocabulary
-        (SipIt's continuous step after the first), then the public LM's most likely next tokens (``prior``,
-        when an LM is given)."""
+               lm_logits: torch.Tensor | None, live: torch.Tensor):
+        """Widening of the ``live`` rows where the best score is below the bar: gradient-guided rounds over the
+        whole vocabulary (SipIt's continuous step after the first), then the public LM's most likely next tokens
+        (``prior``, when an LM is given)."""
         opt = self.opt
         rounds = [("gradient", opt.widen)] * opt.widen_rounds if opt.widen > 0 else []
         if opt.relax_steps > 0 and opt.widen > 0:
@@ -309,8 +309,7 @@ class PrefixSearch:
         for i, (kind, width) in enumerate(rounds):
             cat_c, cat_s = torch.cat(tried, 1), torch.cat(scores, 1)
             best_s, arg = cat_s.max(1)
-            poor = best_s < (opt.widen_below if i == 0 else again)
-            poor = (poor if live is None else poor & live).nonzero().squeeze(1)
+            poor = ((best_s < (opt.widen_below if i == 0 else again)) & live).nonzero().squeeze(1)
             if poor.numel() == 0:
                 break
             widened = True
@@ -334,8 +333,7 @@ class PrefixSearch:
             tried.append(full_c)
             scores.append(full_s)
         if widened:
-            low = s.max(1).values < opt.widen_below
-            self.stats["widened_positions"] += int((low if live is None else low & live).sum())
+            self.stats["widened_positions"] += int(((s.max(1).values < opt.widen_below) & live).sum())
         return torch.cat(tried, 1), torch.cat(scores, 1)
 
 
