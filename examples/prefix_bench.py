@@ -7,6 +7,8 @@
   # held-out text (never developed on): docstrings of the Python standard library
   python examples/heldout_text.py > /tmp/heldout.txt   # Python standard-library docstrings
   PYTHONPATH=. python examples/prefix_bench.py target -k 8 --private '{"path": "/tmp/heldout.txt", "limit": 16}'
+  # the time ratio against the search without the second widening bar, on the same capture
+  PYTHONPATH=. python examples/prefix_bench.py target -k 8 --threads 2 --compare '{"widen_again_below": 0.98}'
   # the second family: the same cell on Gemma 3 270M
   PYTHONPATH=. python examples/prefix_bench.py target -k 8 --model gemma3-270m
   # bisr vs forward-only vs gradient-only on defended cells (default-matrix sizes: 16 records, 6 steps)
@@ -43,6 +45,8 @@ def main() -> None:
     p.add_argument("--defense", nargs=2, action="append", default=[], metavar=("NAME", "JSON"))
     p.add_argument("--params", default="{}", help="JSON attack parameters for prefix_inversion / bisr")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: the shared-machine figures)")
+    p.add_argument("--compare", default=None,
+                   help="JSON prefix_inversion parameters run on the same capture too; prints the time ratio")
     p.add_argument("--model", default="smollm2-135m", help="model name (e.g. gemma3-270m: the second family)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -75,6 +79,11 @@ def main() -> None:
                 print(f"k={k} defense={dname}{dparams} attack={name} token_accuracy={r.metrics.token_accuracy:.4f} "
                       f"wall_s={r.cost.seconds:.1f} cpu_s={ex.get('cpu_seconds', float('nan')):.1f} "
                       f"train_wall_s={train_s:.0f} {keep}", flush=True)
+                if args.compare and name == "prefix_inversion":
+                    other = attack_trained(trained, threat, make_attack(name, threat, json.loads(args.compare)), cfg)
+                    print(f"  same capture with {args.compare}: token_accuracy={other.metrics.token_accuracy:.4f} "
+                          f"wall_s={other.cost.seconds:.1f}; time ratio defaults / that = "
+                          f"{r.cost.seconds / other.cost.seconds:.2f}", flush=True)
 
 
 if __name__ == "__main__":
