@@ -16,19 +16,13 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 
 import torch
 from torch import nn
 
+from suite.engine.noise import NoiseStream, as_stream
 from suite.engine.parties import make_optimizer
 from suite.engine.split import position_ids_for
-
-
-def client_generator(seed: int | None) -> torch.Generator:
-    """A generator the server cannot regenerate: seeded from the OS CSPRNG unless a test fixes ``seed``."""
-    value = seed if seed is not None else int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)
-    return torch.Generator().manual_seed(value)
 
 
 @torch.no_grad()
@@ -41,7 +35,7 @@ def head_outputs(head: nn.Module, input_ids: torch.Tensor, attention_mask: torch
 
 
 @torch.no_grad()
-def principal_subspace(x: torch.Tensor, rank: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+def principal_subspace(x: torch.Tensor, rank: int, source: NoiseStream | torch.Generator) -> tuple[torch.Tensor, ...]:
     """Mean [H], orthonormal basis [H, r] of the top-r principal directions of ``x`` [n, H] (completed with
     random orthonormal directions when there are fewer than r samples), and each direction's std [r]."""
     x = x.double()
@@ -50,7 +44,7 @@ def principal_subspace(x: torch.Tensor, rank: int, generator: torch.Generator) -
     k = min(rank, vh.shape[0])
     basis, std = vh[:k].T, s[:k] / math.sqrt(max(x.shape[0] - 1, 1))
     if k < rank:
-        extra = torch.randn(x.shape[1], rank - k, generator=generator, dtype=torch.float64)
+        extra = as_stream(source).normal((x.shape[1], rank - k))
         basis = torch.linalg.qr(torch.cat([basis, extra], 1))[0]
         std = torch.cat([std, std.new_full((rank - k,), float(std.mean()) if k else 1.0)])
     return mean.float(), basis.float(), std.clamp_min(1e-6 * float(std.max().clamp_min(1e-12))).float()

@@ -23,11 +23,11 @@ from torch import nn
 from defenses._learned import (
     anchor_loss,
     attach,
-    client_generator,
     head_outputs,
     principal_subspace,
     simulate,
 )
+from suite.engine.noise import NoiseStream, client_stream
 from suite.engine.parties import Batch
 from suite.interfaces.defense import Defense, DefenseConfig, register_defense
 
@@ -57,8 +57,8 @@ class LowRankBottleneck(nn.Module):
         self.up = nn.Linear(rank, hidden)
 
     @torch.no_grad()
-    def fit(self, sample: torch.Tensor, generator: torch.Generator) -> LowRankBottleneck:
-        mean, basis, std = principal_subspace(sample, self.down.out_features, generator)
+    def fit(self, sample: torch.Tensor, source: NoiseStream | torch.Generator) -> LowRankBottleneck:
+        mean, basis, std = principal_subspace(sample, self.down.out_features, source)
         self.down.weight.copy_((basis / std).T)
         self.down.bias.copy_(-(mean @ basis) / std)
         self.up.weight.copy_(basis * std)
@@ -88,11 +88,11 @@ class BottleneckDefense(Defense):
         self.samples: list[torch.Tensor] = []
 
     def install(self, session) -> None:
-        gen = client_generator(self.config.seed)
         for client in session.clients:
             data = client.batches.data
             sample = head_outputs(client.head, data["input_ids"], data["attention_mask"])
-            module = LowRankBottleneck(sample.shape[-1], self.config.rank).fit(sample, gen)
+            module = LowRankBottleneck(sample.shape[-1], self.config.rank).fit(
+                sample, client_stream(self.config.seed, client.id))
             attach(client, NAME, module, self.config.lr)
             self.modules.append(module)
             self.samples.append(sample)

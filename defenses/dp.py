@@ -19,10 +19,27 @@ most-released record.
 ``sigma = 0`` (no noise) gives ε = ∞; with ``clip = 0`` (no clipping) no finite sensitivity exists, so no
 guarantee is reported either — the run still measures what the noise does to leakage and utility.
 
-Noise source. Each client draws from its own generator seeded from the OS CSPRNG (``secrets``) when the
-defense is installed (``suite.interfaces.defense.client_generator``): the server knows the config, so noise seeded from
-it could be regenerated and subtracted. ``seed`` (an integer) is for reproducible tests only, UNSAFE, and
-refused by ``splitleak serve``/``client``.
+Noise source. Each client draws from its own ChaCha20 keystream keyed from ``os.urandom`` when the defense is
+installed (``suite.engine.noise``): the server knows the config, so noise seeded from it, or from a generator
+with a searchable seed, could be regenerated and subtracted. ``seed`` (an integer) is for reproducible tests
+only, UNSAFE, and refused by ``splitleak serve``/``client``.
+
+Floating point (Mironov 2012). Textbook Laplace sampling in floating point leaks the input through which
+low-order bits of the output can occur. Laplace outputs are therefore *snapped*: the clipped value is clamped
+to ±B, the noise added, the sum rounded to the nearest multiple of Λ (the smallest power of two ≥ the noise
+scale b) and clamped to ±B again, with B = max(2^20 Λ, 2C). Following Mironov's Theorem 1 each coordinate
+costs 2^-49 B / b on top of its share of Δ₁ / b; the report's ε includes that term for every coordinate of
+a release. The bound assumes a correctly rounded logarithm; torch's is faithful to about 1 ulp, which the
+theorem does not formally cover (the report says so). Gaussian sampling is not snapped: floating-point
+attacks on it are not covered, and the report says that too.
+
+Trained parts (the guarantee's premise). A release is a function of its record only if what produces it
+does not depend on other records. With a trained client head, every later activation of *any* record
+depends on record x through the head's weights, so per-record counting does not bound anything. The
+default ``freeze = true`` therefore freezes the client head on install (and the tail too under
+``direction = "both"``): the effective ``finetune`` of those parts is "frozen", and the report says so.
+With ``freeze = false`` and a trainable head (or tail under "both") ε is reported as ∞ with
+``guarantee = "none: the head is trained on the private data"``; DP-SGD for trained parts is ``dp_sgd``'s job.
 
 Padding. Padding positions are released as exact zeros (no function of the record's content leaves there);
 with ``hide_lengths`` they are noised like real positions instead and no mask is sent (below).
@@ -35,9 +52,12 @@ Which releases ε covers (``report()["covers"]``):
   and noised with the same ``sigma``; it is accounted on its own (releases per record, ε) and composed with
   the activations into the total ε.
 * ``hide_lengths``: no attention mask (and no positions) is sent; every sequence already has ``max_length``
-  positions, the pad positions are noised like real ones, so the sequence length is inside the released
-  tensor and covered. The server computes exactly the same result: with right padding and causal attention
-  no real token ever attends to a pad, so it may treat every position as real. Without it the mask (every
+  positions, the pad positions of *both* released tensors (activations and the tail's gradient) are noised
+  like real ones, so the sequence length is inside the released tensors and covered. It therefore requires
+  ``direction = "both"`` and ``sigma > 0``: otherwise the gradient the tail returns (exactly zero from each
+  sequence's last real token on) or the un-noised padding would show every length, and the config is
+  refused. The server computes exactly the same result: with right padding and causal attention no real
+  token ever attends to a pad, so it may treat every position as real. Without it the mask (every
   sequence's length) crosses in the clear: not covered.
 """
 
@@ -49,8 +69,11 @@ from dataclasses import dataclass
 
 import torch
 
-from suite.engine.parties import Batch
-from suite.interfaces.defense import Defense, DefenseConfig, client_generator, register_defense
+from suite.engine.noise import NoiseStream, as_stream, client_stream
+from suite.engine.parties import Batch, make_optimizer, trainable
+from suite.interfaces.defense import Defense, DefenseConfig, register_defense
+
+SNAP_RANGE = 2**20  # B = max(SNAP_RANGE x Λ, 2C): noise beyond B is clamped (probability e^-(2^20): never)
 
 
 @dataclass(frozen=True)
@@ -60,7 +83,8 @@ class DPConfig(DefenseConfig):
     delta: float = 1e-5
     direction: str = "activations"  # "activations" or "both" (also the gradient the tail sends)
     grad_clip: float | None = None  # per-sequence norm bound of the tail gradient ("both"); None = clip
-    hide_lengths: bool = False  # send no attention mask; noise the pad positions too (lengths covered)
+    hide_lengths: bool = False  # send no attention mask; noise the pad positions too (needs "both", sigma > 0)
+    freeze: bool = True  # freeze the client head (and tail under "both"): the premise of the per-record ε
     seed: int | None = None  # UNSAFE, tests only: fixes the noise (None = fresh OS randomness per client)
 
     def __post_init__(self) -> None:
@@ -74,20 +98,26 @@ class DPConfig(DefenseConfig):
             raise ValueError(f"clip must be >= 0 (0 = off), got {self.clip}")
         if not 0 < self.delta < 1:
             raise ValueError(f"delta must be in (0, 1), got {self.delta}")
+        if self.hide_lengths and self.direction != "both":
+            raise ValueError("hide_lengths needs direction = 'both': the un-noised gradient the tail returns is "
+                             "exactly zero from each sequence's last real token on and shows every length")
+        if self.hide_lengths and self.sigma == 0:
+            raise ValueError("hide_lengths needs sigma > 0: un-noised padding shows every length")
 
 
 class _DPHook:
     """Clip each sequence's tensor (head activation or tail gradient) and add noise; count releases per
     record. Pad positions leave as zeros, or (``hide_lengths``) noised like the real ones."""
 
-    def __init__(self, config: DPConfig, norm: int, generator: torch.Generator, clip: float | None = None):
+    def __init__(self, config: DPConfig, norm: int, stream: NoiseStream | torch.Generator, clip: float | None = None):
         self.config = config
         self.norm = norm  # 2 (Gaussian) or 1 (Laplace)
-        self.generator = generator
+        self.stream = as_stream(stream)
         self.clip = config.clip if clip is None else clip
         self.releases: Counter[tuple[int, ...]] = Counter()
         self.noise_sq_sum = 0.0
         self.noise_count = 0
+        self.coordinates = 0  # the most coordinates one record's release had (for the snapping term)
 
     @property
     def sensitivity(self) -> float:
@@ -105,19 +135,34 @@ class _DPHook:
             return out
         scale = self.config.sigma * (self.sensitivity if self.clip > 0 else 1.0)
         where = torch.ones_like(mask) if self.config.hide_lengths else mask
-        noise = self._noise(out.shape, scale).to(out.device, out.dtype) * where  # drawn on the host
-        self.noise_sq_sum += float((noise**2).sum())
-        self.noise_count += int(where.sum()) * out.shape[-1]
-        return out + noise
-
-    def _noise(self, shape: torch.Size, scale: float) -> torch.Tensor:
+        self.coordinates = max(self.coordinates, int(where.sum(1).max()) * out.shape[-1] if len(where) else 0)
         if self.norm == 2:
-            return torch.randn(shape, generator=self.generator) * scale
-        u = torch.rand(shape, generator=self.generator) - 0.5  # Laplace by inverse CDF
-        return -scale * torch.sign(u) * torch.log1p(-2 * u.abs())
+            noise = (self.stream.normal(out.shape) * scale).to(out.device, out.dtype) * where  # drawn on the host
+            noised = out + noise
+        else:
+            noised = torch.where(where.bool(), self._snapped_laplace(out, scale), out)
+            noise = (noised - out) * where
+        self.noise_sq_sum += float((noise.float() ** 2).sum())
+        self.noise_count += int(where.sum()) * out.shape[-1]
+        return noised
+
+    def _snapped_laplace(self, out: torch.Tensor, scale: float) -> torch.Tensor:
+        """Mironov's snapping mechanism per coordinate: clamp to ±B, add Laplace(scale), round to a multiple
+        of Λ (the smallest power of two ≥ scale), clamp to ±B, in float64; the noise is a constant for
+        autograd (the head trains through the clipped value, as under Gaussian noise)."""
+        lam, bound = snap_grid(scale, self.clip)
+        value = out.detach().double().cpu().clamp(-bound, bound)
+        snapped = (torch.round((value + scale * self.stream.laplace(out.shape)) / lam) * lam).clamp(-bound, bound)
+        return snapped.to(out.device, out.dtype) + (out - out.detach())  # exactly the snapped value, forward
 
     def measured_std(self) -> float:
         return math.sqrt(self.noise_sq_sum / self.noise_count) if self.noise_count else 0.0
+
+
+def snap_grid(scale: float, clip: float) -> tuple[float, float]:
+    """Λ (the smallest power of two ≥ ``scale``) and the clamp bound B of the snapping mechanism."""
+    lam = 2.0 ** math.ceil(math.log2(scale))
+    return lam, max(SNAP_RANGE * lam, 2.0 * clip)
 
 
 class _DPDefense(Defense):
@@ -129,25 +174,48 @@ class _DPDefense(Defense):
         super().__init__(config)
         self.hooks: list[_DPHook] = []  # head activations, one per client
         self.grad_hooks: list[_DPHook] = []  # tail gradients ("both"), one per client
+        self.trained_parts: list[str] = []  # parts that kept training under freeze = false (no guarantee)
+        self.noise_source = "os_random" if self.config.seed is None else "fixed_seed_UNSAFE"
 
     def install(self, session) -> None:
+        self.trained_parts = []
         for client in session.clients:
-            gen = client_generator(self.config.seed, client.id)
-            hook = _DPHook(self.config, self.norm, gen)
+            stream = client_stream(self.config.seed, client.id)
+            self.noise_source = stream.source
+            self._freeze(client)
+            hook = _DPHook(self.config, self.norm, stream)
             client.activation_hooks.append(hook)
             self.hooks.append(hook)
             if self.config.direction == "both":
-                grad_hook = _DPHook(self.config, self.norm, gen, clip=self._grad_clip())
+                grad_hook = _DPHook(self.config, self.norm, stream, clip=self._grad_clip())
                 client.tail_gradient_hooks.append(grad_hook)
                 self.grad_hooks.append(grad_hook)
             if self.config.hide_lengths:
                 client.hide_lengths = True
 
+    def _parts(self, client) -> dict:
+        """The client parts whose training would break the per-record premise of ε."""
+        return {"head": client.head, **({"tail": client.tail} if self.config.direction == "both" else {})}
+
+    def _freeze(self, client) -> None:
+        """Freeze the parts the guarantee needs frozen (``freeze``), or record which of them train."""
+        parts = self._parts(client)
+        if not self.config.freeze:
+            self.trained_parts = sorted(set(self.trained_parts)
+                                        | {n for n, p in parts.items() if any(q.requires_grad for q in p.parameters())})
+            return
+        for part in parts.values():
+            part.requires_grad_(False)
+        params = trainable((client.head, client.tail))
+        lr = client.optimizer.param_groups[0]["lr"] if client.optimizer is not None else 0.0
+        client.optimizer = make_optimizer(params, lr) if params else None
+
     def simulate_release(self, head, input_ids, attention_mask, generator):
         """The attacker's shadow activations clipped and noised by the same hook the clients install (same
-        public sigma / clip / norm), its noise drawn from the attacker's ``generator``, never the clients'."""
+        public sigma / clip / norm), its noise drawn from a stream keyed by the attacker's ``generator``,
+        never the clients'."""
         plain = super().simulate_release(head, input_ids, attention_mask, generator)
-        hook = _DPHook(self.config, self.norm, generator)
+        hook = _DPHook(self.config, self.norm, as_stream(generator))
         with torch.no_grad():
             return hook(plain, Batch(input_ids, attention_mask, input_ids))
 
@@ -159,17 +227,37 @@ class _DPDefense(Defense):
         hooks = self.hooks if hooks is None else hooks
         return max((max(h.releases.values(), default=0) for h in hooks), default=0)
 
-    def epsilon(self) -> float:
-        """ε of everything this defense noises (activations, plus tail gradients under "both")."""
-        return self._epsilon([(self.config.clip, self.releases())]
-                             + ([(self._grad_clip(), self.releases(self.grad_hooks))]
-                                if self.config.direction == "both" else []))
+    def _coordinates(self, hooks: list[_DPHook]) -> int:
+        return max((h.coordinates for h in hooks), default=0)
 
-    def _epsilon(self, parts: list[tuple[float, int]]) -> float:
-        """ε of the composition of ``parts``: (clip, releases per record) of each kind of release."""
+    def _kinds(self) -> list[tuple[float, int, int]]:
+        """(clip, releases per record, coordinates per release) of each kind of release that is noised."""
+        kinds = [(self.config.clip, self.releases(), self._coordinates(self.hooks))]
+        if self.config.direction == "both":
+            kinds.append((self._grad_clip(), self.releases(self.grad_hooks), self._coordinates(self.grad_hooks)))
+        return kinds
+
+    def guarantee(self) -> str:
+        """Whether ε is a guarantee: not when a part the releases depend on trained on the private data."""
+        if self.trained_parts:
+            return f"none: the {' and '.join(self.trained_parts)} trained on the private data (freeze = false)"
+        if self.config.sigma == 0 or any(clip == 0 for clip, k, _ in self._kinds() if k):
+            return "none: no noise or no clipping"
+        return "per record, " + ("pure ε" if self.norm == 1 else f"(ε, δ = {self.config.delta:g})")
+
+    def epsilon(self) -> float:
+        """ε of everything this defense noises (activations, plus tail gradients under "both"); ∞ when the
+        premise does not hold (a trained head or tail, no noise, no clipping)."""
+        return math.inf if self.trained_parts else self._epsilon(self._kinds())
+
+    def _epsilon(self, parts: list[tuple[float, int, int]]) -> float:
+        """ε of the composition of ``parts``: (clip, releases per record, coordinates) of each kind."""
         raise NotImplementedError
 
     def covers(self) -> str:
+        if self.trained_parts:
+            return ("covers: nothing formally (the " + " and ".join(self.trained_parts)
+                    + " trained on the private data, so every release depends on every record)")
         k = self.releases()
         covered = [f"head activations ({k} releases/record)"]
         missing = []
@@ -178,33 +266,43 @@ class _DPDefense(Defense):
         else:
             missing.append("tail gradients")
         (covered if self.config.hide_lengths else missing).append("sequence lengths")
-        return f"covers: {', '.join(covered)}; not covered: {', '.join(missing) or 'nothing else crosses'}"
+        if self.norm == 2:
+            missing.append("floating-point attacks on Gaussian sampling")
+        return f"covers: {', '.join(covered)}; not covered: {', '.join(missing)}"
 
     def report(self) -> dict:
         noise = [h.measured_std() for h in self.hooks if h.noise_count]
+        kinds = self._kinds()
         report = {
             "sigma": self.config.sigma, "clip": self.config.clip, "delta": self.config.delta,
             "sensitivity": 2 * self.config.clip, "releases_per_record": self.releases(),
             "epsilon": self.epsilon(), "measured_noise_std": sum(noise) / len(noise) if noise else 0.0,
-            "epsilon_activations": self._epsilon([(self.config.clip, self.releases())]),
-            "covers": self.covers(), "hide_lengths": self.config.hide_lengths,
-            "noise_source": "os_random" if self.config.seed is None else "fixed_seed_UNSAFE",
+            "epsilon_activations": math.inf if self.trained_parts else self._epsilon(kinds[:1]),
+            "guarantee": self.guarantee(), "covers": self.covers(), "hide_lengths": self.config.hide_lengths,
+            "frozen_for_guarantee": sorted(self._part_names()) if self.config.freeze else [],
+            "noise_source": self.noise_source,
         }
+        if self.norm == 1:
+            report["floating_point"] = ("snapped (Mironov 2012): rounded to multiples of Λ and clamped to ±B; "
+                                        "ε includes 2^-49·B/b per coordinate; assumes a correctly rounded log")
         if self.config.direction == "both":
             report["grad_clip"] = self._grad_clip()
             report["grad_releases_per_record"] = self.releases(self.grad_hooks)
-            report["epsilon_gradients"] = self._epsilon([(self._grad_clip(), self.releases(self.grad_hooks))])
+            report["epsilon_gradients"] = math.inf if self.trained_parts else self._epsilon(kinds[1:])
         return report
+
+    def _part_names(self) -> set[str]:
+        return {"head", "tail"} if self.config.direction == "both" else {"head"}
 
 
 @register_defense("dp_gaussian")
 class GaussianDPDefense(_DPDefense):
     norm = 2
 
-    def _epsilon(self, parts: list[tuple[float, int]]) -> float:
-        if self.config.sigma == 0 or any(clip == 0 for clip, k in parts if k):
+    def _epsilon(self, parts: list[tuple[float, int, int]]) -> float:
+        if self.config.sigma == 0 or any(clip == 0 for clip, k, _ in parts if k):
             return math.inf
-        history = [(self.config.sigma, 1.0, k) for _, k in parts if k]  # (noise multiplier, rate, steps)
+        history = [(self.config.sigma, 1.0, k) for _, k, _ in parts if k]  # (noise multiplier, rate, steps)
         if not history:
             return 0.0
         from opacus.accountants import RDPAccountant
@@ -218,7 +316,16 @@ class GaussianDPDefense(_DPDefense):
 class LaplaceDPDefense(_DPDefense):
     norm = 1
 
-    def _epsilon(self, parts: list[tuple[float, int]]) -> float:
-        if self.config.sigma == 0 or any(clip == 0 for clip, k in parts if k):
+    def _epsilon(self, parts: list[tuple[float, int, int]]) -> float:
+        """Pure ε, basic composition over releases; each release is 1/sigma (= Δ₁ / b) plus the snapping
+        term 2^-49·B/b for each of its coordinates (Mironov 2012, Theorem 1, which needs b < B < 2^46 b)."""
+        if self.config.sigma == 0 or any(clip == 0 for clip, k, _ in parts if k):
             return math.inf
-        return sum(k for _, k in parts) / self.config.sigma  # pure epsilon, basic composition
+        total = 0.0
+        for clip, k, coordinates in parts:
+            scale = self.config.sigma * 2 * clip
+            _, bound = snap_grid(scale, clip)
+            if not scale < bound < 2.0**46 * scale:
+                return math.inf
+            total += k * (1 / self.config.sigma + coordinates * 2.0**-49 * bound / scale)
+        return total

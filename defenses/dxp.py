@@ -5,8 +5,8 @@ Gamma(shape = H, scale = 1/η), H the hidden size. Two inputs at embedding dista
 e^{η·d}-indistinguishable per token; larger η means less noise. The perturbation happens on the client,
 so the server only ever sees activations of the perturbed embeddings.
 
-Noise source: each client's generator is seeded from the OS CSPRNG when the defense is installed
-(``suite.interfaces.defense.client_generator``), never from the config the server also holds. ``seed`` (an integer) is
+Noise source: each client's own ChaCha20 keystream keyed from ``os.urandom`` when the defense is installed
+(``suite.engine.noise``), never from the config the server also holds. ``seed`` (an integer) is
 for reproducible tests only, UNSAFE, and refused by ``splitleak serve``/``client``. Pad positions get no
 noise; what leaves there is a function of the perturbed real embeddings and the public pad token only.
 """
@@ -17,8 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
+from suite.engine.noise import NoiseStream, as_stream, client_stream
 from suite.engine.parties import Batch
-from suite.interfaces.defense import Defense, DefenseConfig, client_generator, register_defense
+from suite.interfaces.defense import Defense, DefenseConfig, register_defense
 
 
 @dataclass(frozen=True)
@@ -31,14 +32,14 @@ class DxPConfig(DefenseConfig):
             raise ValueError(f"eta must be > 0, got {self.eta}")
 
 
-def dx_noise(shape: torch.Size, eta: float, generator: torch.Generator) -> torch.Tensor:
+def dx_noise(shape: torch.Size, eta: float, source: NoiseStream | torch.Generator) -> torch.Tensor:
     """Noise with density ∝ exp(−eta ‖z‖) over the last dimension (size H): a uniform direction times a
-    Gamma(H, 1/eta) magnitude, drawn as a sum of H exponentials so the seeded generator drives it."""
-    direction = torch.randn(shape, generator=generator)
+    Gamma(H, 1/eta) magnitude, drawn as a sum of H exponentials, all from ``source``'s stream (float32)."""
+    stream = as_stream(source)
+    direction = stream.normal(shape)
     direction = direction / direction.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    uniform = torch.rand(shape, generator=generator).clamp_min(1e-12)
-    magnitude = -torch.log(uniform).sum(-1, keepdim=True) / eta
-    return direction * magnitude
+    magnitude = stream.exponential(shape).sum(-1, keepdim=True) / eta
+    return (direction * magnitude).float()
 
 
 @register_defense("dxp")
@@ -52,10 +53,10 @@ class DxPDefense(Defense):
 
     def install(self, session) -> None:
         for client in session.clients:
-            generator = client_generator(self.config.seed, client.id)
+            stream = client_stream(self.config.seed, client.id)
 
-            def perturb(embeds: torch.Tensor, batch: Batch, generator=generator) -> torch.Tensor:
-                noise = dx_noise(embeds.shape, self.config.eta, generator).to(embeds.device, embeds.dtype)
+            def perturb(embeds: torch.Tensor, batch: Batch, stream=stream) -> torch.Tensor:
+                noise = dx_noise(embeds.shape, self.config.eta, stream).to(embeds.device, embeds.dtype)
                 noise = noise * batch.attention_mask.unsqueeze(-1).to(embeds.dtype)
                 self.norms.append(float(noise.norm(dim=-1).sum() / batch.attention_mask.sum().clamp_min(1)))
                 return embeds + noise

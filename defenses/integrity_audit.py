@@ -15,14 +15,17 @@ compute. This defense spot-checks instead, and never reads the live server: its 
 
 Which steps and positions are audited is drawn from the operating system's CSPRNG (``secrets``) after the
 server has replied, so a server that knows the policy (its public parameters) cannot predict which steps are
-safe to tamper with. The detectors:
+safe to tamper with. The full-audit decision, and the reveal request it makes, come only once the server has
+sent *both* replies of the step (hidden states and head gradient): a reveal request before the gradient
+would tell the server which steps to compute the gradient honestly on. The detectors:
 
 1. Randomised recomputation on the replica.
-   * Every step, a *spot check*: recompute the trunk on the first 1..``spot_tokens`` positions of one random
-     real sequence (under causal attention those outputs depend on that prefix only).
-   * With probability ``audit_rate``, a *full audit*: recompute the hidden states of the whole batch and the
-     gradient for the head (forward + backward of the replica with the committed state and the gradient the
-     tail sent), and compare both.
+   * Every step, a *spot check* when the hidden states arrive: recompute the trunk on the first
+     1..``spot_tokens`` positions of one random real sequence (under causal attention those outputs depend
+     on that prefix only). It asks for a reveal on every step, so it says nothing of the full-audit schedule.
+   * With probability ``audit_rate``, drawn when the head gradient has arrived, a *full audit*: recompute the
+     hidden states of the whole batch and the gradient for the head (forward + backward of the replica with
+     the committed state and the gradient the tail sent), and compare both.
 2. A structural invariant, free: an honest head gradient is exactly zero at a sequence's last real position
    and at padding (the causal-LM loss never uses those outputs).
 3. Statistical monitoring (in the spirit of SENTINEL): the cosine of the returned head gradient to the tail
@@ -95,8 +98,8 @@ class _Running:
 
 @dataclass
 class _ClientState:
-    audit: bool = False
     revealed: bool = False  # the replica holds the committed state of the current step
+    hidden: torch.Tensor | None = None  # the hidden states the server sent this step (for the full audit)
     # cosine of the head gradient to the tail gradient: positive and slowly drifting in honest training
     # (residual blocks pass the gradient through), < 0 when flipped, ~0 when replaced. (Norm ratios drift
     # too fast while the tail's loss falls to be a usable statistic.)
@@ -164,25 +167,15 @@ class IntegrityAuditDefense(Defense):
     def _check_hidden(self, client, state: _ClientState, step: int, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
         start = time.perf_counter()
         sent, mask = client.sent_activation, batch.attention_mask
-        tokens = int(mask.sum())
-        self.served_units += 3 * tokens
-        state.audit = self.rng.random() < self.config.audit_rate
-        state.revealed = False
-        if state.audit:
-            self.audited.append((client.id, step))
+        self.served_units += 3 * int(mask.sum())
+        state.revealed, state.hidden = False, hidden
         try:
             rows = [i for i in range(mask.shape[0]) if mask[i, 0]]
             spot = bool(self.config.spot_tokens and rows)
-            if state.audit or spot:
+            if spot:
                 self._load_committed(client, step)
                 state.revealed = True
             with torch.no_grad():
-                if state.audit:
-                    want = self.replica(sent, mask, position_ids_for(mask))
-                    self.recomputed_units += tokens
-                    real = mask.bool()
-                    if not _close(hidden[real], want[real], self.config.rtol):
-                        self._flag(client, step, "full_audit", "hidden states")
                 if spot:
                     r = self.rng.choice(rows)
                     length = min(self.rng.randint(1, self.config.spot_tokens), int(mask[r].sum()))
@@ -201,7 +194,20 @@ class IntegrityAuditDefense(Defense):
         try:
             mask = batch.attention_mask.bool()
             tail_grad = client.sent_gradient
-            if state.audit and state.revealed and tail_grad is not None:
+            # Both replies of the step are in: only now is the full audit drawn (and its reveal requested).
+            audit = self.rng.random() < self.config.audit_rate
+            if audit:
+                self.audited.append((client.id, step))
+                if not state.revealed:
+                    self._load_committed(client, step)
+                    state.revealed = True
+                with torch.no_grad():
+                    want = self.replica(client.sent_activation, batch.attention_mask,
+                                        position_ids_for(batch.attention_mask))
+                self.recomputed_units += int(mask.sum())
+                if state.hidden is None or not _close(state.hidden[mask], want[mask], self.config.rtol):
+                    self._flag(client, step, "full_audit", "hidden states")
+            if audit and tail_grad is not None:
                 want = self._recompute_gradient(head_out, batch, tail_grad)
                 self.recomputed_units += 3 * int(mask.sum())
                 if not _close(grad[mask], want[mask], self.config.rtol):

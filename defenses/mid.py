@@ -3,7 +3,8 @@ output, trained with the task.
 
 The head output h [B, T, H] goes through a client-owned encoder to the mean and log-variance of a
 ``dim``-dimensional z per token; z = mu + sigma * eps is sampled (reparameterised) with client-side
-randomness the server cannot regenerate (a generator seeded from the OS CSPRNG), and a client-owned decoder
+randomness the server cannot regenerate (each client's own ChaCha20 keystream keyed from ``os.urandom``, see
+``suite.engine.noise``), and a client-owned decoder
 lifts z back to H, which is what is sent. The client's loss gains ``lam`` times the KL divergence
 KL(N(mu, sigma^2) || N(0, I)) per token, which upper-bounds the mutual information I(h; z) that the variational
 bound allows to pass per token (Alemi et al. 2017); ``lam`` is the sweep axis.
@@ -30,11 +31,11 @@ from torch import nn
 from defenses._learned import (
     anchor_loss,
     attach,
-    client_generator,
     head_outputs,
     principal_subspace,
     simulate,
 )
+from suite.engine.noise import NoiseStream, as_stream, client_stream
 from suite.engine.parties import Batch
 from suite.interfaces.defense import Defense, DefenseConfig, register_defense
 
@@ -70,19 +71,19 @@ class VariationalBottleneck(nn.Module):
             self.logvar.bias.fill_(init_logvar)
 
     @torch.no_grad()
-    def fit(self, sample: torch.Tensor, generator: torch.Generator) -> VariationalBottleneck:
-        mean, basis, std = principal_subspace(sample, self.mu.out_features, generator)
+    def fit(self, sample: torch.Tensor, source: NoiseStream | torch.Generator) -> VariationalBottleneck:
+        mean, basis, std = principal_subspace(sample, self.mu.out_features, source)
         self.mu.weight.copy_((basis / std).T)
         self.mu.bias.copy_(-(mean @ basis) / std)
         self.up.weight.copy_(basis * std)
         self.up.bias.copy_(mean)
         return self
 
-    def forward(self, h: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, h: torch.Tensor, stream: NoiseStream) -> tuple[torch.Tensor, torch.Tensor]:
         """What is sent [B, T, H] and the KL per token [B, T]."""
         x = h.float()
         mu, logvar = self.mu(x), self.logvar(x).clamp(-20.0, 10.0)
-        eps = torch.randn(mu.shape, generator=generator)
+        eps = stream.normal(mu.shape).to(mu.device, mu.dtype)
         z = mu + torch.exp(0.5 * logvar) * eps
         kl = 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1).sum(-1)
         return self.up(z).to(h.dtype), kl
@@ -104,15 +105,15 @@ class MIDDefense(Defense):
         self._kl: dict[int, torch.Tensor] = {}  # the current step's KL per client (for its loss hook)
 
     def install(self, session) -> None:
-        gen = client_generator(self.config.seed)
         for client in session.clients:
+            gen = client_stream(self.config.seed, client.id)  # each client its own stream
             data = client.batches.data
             sample = head_outputs(client.head, data["input_ids"], data["attention_mask"])
             module = VariationalBottleneck(sample.shape[-1], self.config.dim, self.config.init_logvar)
             module.fit(sample, gen)
             attach(client, NAME, module, self.config.lr)
 
-            def bottleneck(out: torch.Tensor, batch: Batch, module=module, cid=client.id) -> torch.Tensor:
+            def bottleneck(out: torch.Tensor, batch: Batch, module=module, cid=client.id, gen=gen) -> torch.Tensor:
                 sent, kl = module(out, gen)
                 self._kl[cid] = _token_mean(kl, batch.attention_mask)
                 return sent
@@ -141,9 +142,10 @@ class MIDDefense(Defense):
 
     def simulate_head(self, head, input_ids, attention_mask, generator):
         module = self._module(head_outputs(head, input_ids, attention_mask), generator)
+        stream = as_stream(generator)
 
         def objective(m, out, mask, gen):
-            sent, kl = m(out, gen)
+            sent, kl = m(out, stream)
             return anchor_loss(sent, out, mask) + self.config.lam * _token_mean(kl, mask)
 
         return simulate(head, NAME, module, objective, input_ids, attention_mask, generator,
@@ -157,4 +159,4 @@ class MIDDefense(Defense):
             module = getattr(head, NAME, None)
             if module is None:  # a head without the attacker's own MID: fit one (untrained) on this batch
                 module = self._module(out.float()[attention_mask.bool()], generator)
-            return module(out, generator)[0]
+            return module(out, as_stream(generator))[0]

@@ -15,8 +15,8 @@ ratio of the probabilities of any output under x and x' is at most exp(epsilon *
 diameter of the embedding table, each token is (epsilon * D)-LDP, and a record of n tokens is epsilon *
 sum_i d(x_i, x'_i) <= n * epsilon * D by composition. The report gives epsilon per unit distance, an upper
 bound on D (twice the largest row norm), the per-token and per-record bounds at the longest record sent, and
-the measured fraction of tokens replaced. Randomness comes from a generator seeded from the OS CSPRNG (the
-server cannot regenerate it); ``seed`` is for tests and secret.
+the measured fraction of tokens replaced. Randomness comes from each client's own ChaCha20 keystream keyed from
+``os.urandom`` (``suite.engine.noise``: the server cannot regenerate it); ``seed`` is for tests and secret.
 
 Attacker simulation: the mechanism is public (epsilon and the public table), so the attacker sanitises its own
 shadow text the same way, with its own generator, and runs its head on that.
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from defenses._learned import client_generator
+from suite.engine.noise import NoiseStream, as_stream, client_stream
 from suite.engine.parties import Batch
 from suite.interfaces.defense import Defense, DefenseConfig, register_defense
 
@@ -45,8 +45,9 @@ class SanTextConfig(DefenseConfig):
 
 @torch.no_grad()
 def sanitise(ids: torch.Tensor, mask: torch.Tensor, table: torch.Tensor, epsilon: float,
-             generator: torch.Generator, chunk: int = 256) -> torch.Tensor:
+             source: NoiseStream | torch.Generator, chunk: int = 256) -> torch.Tensor:
     """Replace every real token of ``ids`` [N, T] by a draw from p(y | x) ∝ exp(-epsilon/2 · ‖E_x - E_y‖)."""
+    stream = as_stream(source)
     out = ids.clone()
     real = mask.bool()
     tokens = ids[real]
@@ -59,7 +60,7 @@ def sanitise(ids: torch.Tensor, mask: torch.Tensor, table: torch.Tensor, epsilon
         x = table[tokens[lo : lo + chunk]]
         dist = (x.pow(2).sum(-1, keepdim=True) + sq - 2 * x @ table.T).clamp_min(0).sqrt()
         probs = torch.softmax(-0.5 * epsilon * dist, dim=-1)
-        drawn[lo : lo + chunk] = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        drawn[lo : lo + chunk] = stream.categorical(probs).to(drawn.device)
     out[real] = drawn
     return out
 
@@ -76,14 +77,14 @@ class SanTextDefense(Defense):
         self.table_norm = 0.0
 
     def install(self, session) -> None:
-        gen = client_generator(self.config.seed)
         # The public table: the base model's input embeddings as published (read before any fine-tuning).
         table = session.clients[0].head.embed.weight.detach().clone()
         self.table_norm = float(table.float().norm(dim=-1).max())
         for client in session.clients:
             cache: dict[tuple[int, ...], torch.Tensor] = {}  # each record is sanitised once
+            gen = client_stream(self.config.seed, client.id)  # each client its own stream
 
-            def replace(batch: Batch, cache=cache) -> Batch:
+            def replace(batch: Batch, cache=cache, gen=gen) -> Batch:
                 rows = []
                 for row, m in zip(batch.input_ids, batch.attention_mask, strict=True):
                     key = tuple(row.tolist())

@@ -17,6 +17,7 @@ Reads only the results store (``suite.experiment.store.load_results``) and the p
 from __future__ import annotations
 
 import datetime as _dt
+import os
 from pathlib import Path
 from typing import Any
 
@@ -407,7 +408,11 @@ def build_report(directory: str | Path) -> Path:
     models = ", ".join(sorted(map(str, df["model"].dropna().unique()))) or "no model"
     where = str(directory.resolve())
     where = where if len(where) <= 100 else "…" + where[-99:]
-    doc = document(path, f"splitleak report — {models}", f"splitleak report — {where}")
+    # the report quotes victims' text: built in a file created 0600 (whatever the umask), renamed when whole
+    tmp = directory / ".report.pdf.tmp"
+    tmp.unlink(missing_ok=True)
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600))
+    doc = document(tmp, f"splitleak report — {models}", f"splitleak report — {where}")
     settings = frontier_settings(df)
     words, detail = _verdict(df, threats, settings)
     stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
@@ -420,5 +425,9 @@ def build_report(directory: str | Path) -> Path:
         NextPageTemplate("landscape"), PageBreak(), *_samples(df, threats),
         NextPageTemplate("portrait"), PageBreak(), *_cost(df), Spacer(1, 6), *_methods(df),
     ]
-    doc.build(story)
+    try:
+        doc.build(story)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path

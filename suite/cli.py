@@ -301,8 +301,10 @@ def cmd_certs(args: argparse.Namespace) -> int:
     from suite.net.certs import make_certs
 
     out = make_certs(args.dir, args.clients, hosts=tuple(args.host))
-    print(f"throwaway CA, server and {args.clients} client certificates -> {out} (for trying things out only: "
-          "the CA key lies next to them)")
+    print(f"throwaway CA, server and {args.clients} client certificates -> {out} (for trying things out only):\n"
+          f"  {out / 'ca'}: the CA and its key; keep it, hand it to nobody\n"
+          f"  {out / 'server'}: to the server only (`splitleak serve --certs {out / 'server'}`)\n"
+          f"  {out / 'client-<i>'}: to client i only (`splitleak client --certs {out / 'client-<i>'} --id <i>`)")
     return 0
 
 
@@ -424,7 +426,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                               "instead of plain lines")
     p.set_defaults(func=cmd_check)
 
-    p = sub.add_parser("certs", help="create a throwaway CA, server and client certificates (for trying out)")
+    p = sub.add_parser("certs", help="create a throwaway CA, server and client certificates (for trying out)",
+                       description="Writes DIR/ca (the CA key: hand it to nobody), DIR/server (for `serve --certs`) "
+                       "and DIR/client-<i> (for `client --certs ... --id <i>`): each party gets only its own "
+                       "directory.")
     p.add_argument("dir", metavar="DIR")
     p.add_argument("--clients", type=int, default=2, help="client certificates to create (client-0 ...)")
     p.add_argument("--host", action="append", default=["localhost", "127.0.0.1"],
@@ -436,7 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=helptext, epilog="Client and server must be started from the same config "
                            "(model, split, data, training); the server refuses a client built from another.")
         _add_run_options(p)
-        p.add_argument("--certs", required=True, metavar="DIR", help="certificates (see `splitleak certs`)")
+        p.add_argument("--certs", required=True, metavar="DIR", help="this party's certificate directory, DIR/server "
+                       "or DIR/client-<i> of `splitleak certs DIR`")
         p.add_argument("--checkpoint", metavar="DIR", help="checkpoint directory: resume from it after a crash")
         p.add_argument("--max-message-mib", type=int, default=256, help="largest message either side accepts")
         if name == "serve":

@@ -52,7 +52,7 @@ def test_dp_simulate_release_matches_the_mechanism_but_not_the_clients_noise(bas
     defense = make_defense("dp_gaussian", {"sigma": 0.7, "clip": 0.2, "seed": 3})
     assert "seed" not in defense.public_params()  # the noise seed is secret; sigma and clip are public
     # The client's release, through the hook the defense installs on a client.
-    client = SimpleNamespace(id=0, activation_hooks=[])
+    client = SimpleNamespace(id=0, activation_hooks=[], head=head, tail=torch.nn.Identity(), optimizer=None)
     defense.install(SimpleNamespace(clients=[client]))
     with torch.no_grad():
         plain = head(ids, mask, position_ids_for(mask))

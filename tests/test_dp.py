@@ -1,5 +1,6 @@
 """DP on the head output: exact no-op at sigma 0, noise as configured, clipping, honest epsilon."""
 
+import copy
 import math
 from collections import Counter
 
@@ -8,13 +9,14 @@ import torch
 
 from defenses.dp import DPConfig, GaussianDPDefense, _DPHook
 from suite.engine.models import tiny_model
+from suite.engine.noise import NoiseStream
 from suite.engine.parties import Batch
 from suite.engine.split import SplitSpec
 from suite.errors import ConfigError
 from suite.experiment.cell import attack_trained, train_split
 from suite.experiment.config import parse_config
 from suite.interfaces.attack import make_attack
-from suite.interfaces.defense import make_defense
+from suite.interfaces.defense import Defense, make_defense
 from suite.interfaces.threats import get_threat
 
 CFG = parse_config({
@@ -32,7 +34,8 @@ def base():
 
 def test_sigma_zero_without_clipping_matches_the_undefended_run(base):
     plain = train_split(CFG, SplitSpec(1, 1), base)
-    dp = train_split(CFG, SplitSpec(1, 1), base, defense=make_defense("dp_gaussian", {"sigma": 0, "clip": 0}))
+    dp = train_split(CFG, SplitSpec(1, 1), base,
+                     defense=make_defense("dp_gaussian", {"sigma": 0, "clip": 0, "freeze": False}))
     assert dp.prepared.session.losses == plain.prepared.session.losses
     assert dp.utility == plain.utility
 
@@ -127,6 +130,7 @@ class _FakeClient:
     def __init__(self, cid):
         self.id = cid
         self.activation_hooks, self.tail_gradient_hooks, self.hide_lengths = [], [], False
+        self.head, self.tail, self.optimizer = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), None
 
 
 class _FakeSession:
@@ -143,13 +147,14 @@ def _release(params, out, batch):
 
 
 def _regenerate_and_subtract(received, params, out, batch):
-    """The server's attack: it holds the config, so it redraws the noise the way the config says (the old
-    derivation seed * 1009 + client id, with the config's seed or the default 0) and subtracts it. Returns the
-    residual noise std of the best guess, against the clipped activation (ground truth, for scoring only)."""
+    """The server's attack: it holds the config, so it redraws the noise the way the config says (the test-only
+    derivation from the config's seed and the client id, with the config's seed or the default 0) and
+    subtracts it. Returns the residual noise std of the best guess, against the clipped activation (ground
+    truth, for scoring only)."""
     clipped = _DPHook(DPConfig(sigma=0.0, clip=params["clip"]), 2, torch.Generator())(out, batch)
     best = math.inf
     for seed in {params.get("seed") or 0, 0}:
-        redrawn = _DPHook(DPConfig(**{**params, "seed": seed}), 2, torch.Generator().manual_seed(seed * 1009 + 0))
+        redrawn = _DPHook(DPConfig(**{**params, "seed": seed}), 2, NoiseStream.for_tests(seed, 0))
         guess = received - (redrawn(out, batch) - clipped)  # the redrawn noise, subtracted
         best = min(best, float((guess - clipped)[batch.attention_mask == 1].std()))
     return best
@@ -171,17 +176,69 @@ def test_two_runs_with_the_same_config_draw_different_noise_and_the_server_canno
 
 
 def test_hide_lengths_noises_padding_and_sends_no_mask():
-    cfg = DPConfig(sigma=0.5, clip=1.0, hide_lengths=True)
+    cfg = DPConfig(sigma=0.5, clip=1.0, hide_lengths=True, direction="both")
     hook = _DPHook(cfg, 2, torch.Generator().manual_seed(0))
     batch = _batch()
     noisy = hook(torch.randn(64, 8, 32), batch)
     pad = batch.attention_mask == 0
     assert noisy[pad].std() == pytest.approx(1.0, rel=0.05)  # pads look like noise, not like zeros
-    defense = make_defense("dp_gaussian", {"hide_lengths": True})
+    defense = make_defense("dp_gaussian", {"hide_lengths": True, "direction": "both"})
     session = _FakeSession()
     defense.install(session)
     assert all(c.hide_lengths for c in session.clients)
+    grad = session.clients[0].tail_gradient_hooks[0](torch.zeros(64, 8, 32), batch)
+    assert grad[pad].std() == pytest.approx(1.0, rel=0.05)  # the tail's gradient is noised at the pads too
     assert "covers: head activations" in defense.covers() and "sequence lengths" in defense.covers().split(";")[0]
+
+
+@pytest.mark.parametrize(("params", "needle"), [
+    ({"hide_lengths": True}, "direction = 'both'"),  # the old default: the gradient's zeros show the lengths
+    ({"hide_lengths": True, "direction": "both", "sigma": 0}, "sigma > 0"),
+])
+def test_hide_lengths_is_refused_with_the_setting_that_would_leak_them(params, needle):
+    with pytest.raises(ConfigError, match=needle):
+        make_defense("dp_gaussian", params)
+
+
+def _read_lengths(batch) -> torch.Tensor:
+    """A server reading each row's length from what it received: the mask if sent; otherwise the last position
+    whose activation or returned gradient is not exactly zero; otherwise the last position whose energy
+    stands above the pure-noise level of the batch's final position (which is padding for most rows)."""
+    if not batch.attention_mask.all():
+        return batch.attention_mask.sum(1)
+    tensors = [batch.hidden] + ([batch.gradient] if batch.gradient is not None else [])
+    for t, after in zip(tensors, (1, 2)[: len(tensors)], strict=True):  # an honest gradient is zero from the last real position on
+        nonzero = t.abs().sum(-1) > 0  # [B, T]
+        if not nonzero.all():
+            return torch.where(nonzero.any(1), nonzero.int().cumsum(1).argmax(1) + after, 0)
+    energy = sum(t.pow(2).sum(-1) for t in tensors)  # [B, T]
+    floor = energy[:, -1:].median()
+    above = energy > 1.5 * floor
+    return above.int().cumsum(1).argmax(1) + 1
+
+
+def _length_accuracy(trained) -> float:
+    batches = trained.capture.batches
+    read = torch.cat([_read_lengths(b) for b in batches])
+    return float((read == trained.capture.mask.sum(1)).float().mean())
+
+
+def test_the_server_cannot_read_lengths_from_anything_it_receives_under_hide_lengths(base):
+    """Every message the server received (activations, the tail's gradients, masks) is read for lengths. With
+    hide_lengths (direction "both", the only form allowed now) the reader is at chance; the old default
+    (hide_lengths with direction "activations", built here past the new refusal) gives every length away."""
+    cfg = parse_config({**CFG.model_dump(include={"model", "data", "training"}),
+                        "data": {**CFG.data.model_dump(), "max_length": 40}})
+    params = {"sigma": 0.5, "clip": 1.0, "hide_lengths": True, "direction": "both"}
+    hidden = train_split(cfg, SplitSpec(1, 1), base, defense=make_defense("dp_gaussian", params))
+    lengths = hidden.capture.mask.sum(1)
+    chance = float((lengths == lengths.mode().values).float().mean())  # always guessing the commonest length
+    assert all(b.attention_mask.all() for b in hidden.capture.batches)
+    assert _length_accuracy(hidden) <= chance + 0.15
+    old = make_defense("dp_gaussian", params)
+    object.__setattr__(old.config, "direction", "activations")  # the configuration the old code accepted
+    leaky = train_split(cfg, SplitSpec(1, 1), base, defense=old)
+    assert _length_accuracy(leaky) == 1.0
 
 
 def test_both_directions_noise_the_tail_gradient_and_account_for_it():
@@ -201,10 +258,19 @@ def test_both_directions_noise_the_tail_gradient_and_account_for_it():
     assert report["epsilon_gradients"] == pytest.approx(report["epsilon_activations"])
     assert report["epsilon"] == pytest.approx(_rdp_epsilon(2.0, 20, 1e-5), rel=1e-3)  # both, composed
     assert report["covers"] == ("covers: head activations (10 releases/record), tail gradients "
-                                "(10 releases/record); not covered: sequence lengths")
+                                "(10 releases/record); not covered: sequence lengths, "
+                                "floating-point attacks on Gaussian sampling")
     only = make_defense("dp_laplace", {"sigma": 2.0})
     only.install(_FakeSession(1))
     assert "not covered: tail gradients, sequence lengths" in only.covers()
+
+
+class _HideLengthsOnly(Defense):
+    """The engine's hide_lengths switch alone (no noise): what the server computes must not change."""
+
+    def install(self, session) -> None:
+        for client in session.clients:
+            client.hide_lengths = True
 
 
 def test_hide_lengths_computes_exactly_the_same_model(base):
@@ -213,9 +279,8 @@ def test_hide_lengths_computes_exactly_the_same_model(base):
 
     cfg = parse_config({**CFG.model_dump(include={"model", "data", "training"}),
                         "data": {**CFG.data.model_dump(), "max_length": 48}})  # records shorter than 48: padding
-    plain = train_split(cfg, SplitSpec(1, 1), base, defense=make_defense("dp_gaussian", {"sigma": 0, "clip": 0}))
-    hidden = train_split(cfg, SplitSpec(1, 1), base,
-                         defense=make_defense("dp_gaussian", {"sigma": 0, "clip": 0, "hide_lengths": True}))
+    plain = train_split(cfg, SplitSpec(1, 1), base)
+    hidden = train_split(cfg, SplitSpec(1, 1), base, defense=_HideLengthsOnly())
     assert hidden.prepared.session.losses == plain.prepared.session.losses
     assert hidden.utility == plain.utility
     assert all(b.attention_mask.all() for b in hidden.capture.batches)  # the server never saw a length
@@ -237,3 +302,39 @@ def test_serve_and_client_refuse_a_fixed_noise_seed():
     with pytest.raises(SplitleakError, match="fixes its noise 'seed'"):
         refuse_unsafe_seeds(cfg)
     refuse_unsafe_seeds(CFG)  # the default has no seed
+
+
+def _clipped_base_release(base, capture, clip: float) -> torch.Tensor:
+    """What the untouched public head releases for the captured rows, clipped as the hook clips (no noise)."""
+    from suite.engine.split import position_ids_for, split_model
+
+    head = split_model(copy.deepcopy(base.model), SplitSpec(1, 1)).client_head
+    with torch.no_grad():
+        out = head(capture.true_ids, capture.mask, position_ids_for(capture.mask))
+    return _DPHook(DPConfig(sigma=0.0, clip=clip), 2, torch.Generator())(out, Batch(capture.true_ids, capture.mask,
+                                                                                     capture.true_ids))
+
+
+def test_activation_dp_freezes_the_head_so_a_release_depends_on_its_own_record_only(base):
+    """With a LoRA-trained head (the old behaviour, now freeze = false) every later release of any record
+    depends on the other records through the head's weights, so per-record counting bounds nothing: ε is
+    then reported as ∞ with no guarantee. By default the head is frozen and each release is exactly the
+    clipped public head's output for that record."""
+    frozen = train_split(CFG, SplitSpec(1, 1), base, defense=make_defense("dp_gaussian", {"sigma": 0, "clip": 1.0}))
+    released = torch.cat([b.hidden for b in frozen.capture.batches])
+    assert torch.allclose(released, _clipped_base_release(base, frozen.capture, 1.0), atol=1e-5)
+    assert frozen.defense.report()["frozen_for_guarantee"] == ["head"]
+    trained = train_split(CFG, SplitSpec(1, 1), base,
+                          defense=make_defense("dp_gaussian", {"sigma": 0, "clip": 1.0, "freeze": False}))
+    released = torch.cat([b.hidden for b in trained.capture.batches])
+    assert not torch.allclose(released, _clipped_base_release(base, trained.capture, 1.0), atol=1e-5)
+    noisy = train_split(CFG, SplitSpec(1, 1), base,
+                        defense=make_defense("dp_gaussian", {"sigma": 1.0, "freeze": False}))
+    report = noisy.defense.report()
+    assert report["epsilon"] == math.inf and report["guarantee"].startswith("none: the head trained")
+    assert report["covers"].startswith("covers: nothing formally")
+    both = train_split(CFG, SplitSpec(1, 1), base, defense=make_defense("dp_gaussian", {"direction": "both"}))
+    assert both.defense.report()["frozen_for_guarantee"] == ["head", "tail"]
+    assert all(not p.requires_grad for c in both.prepared.session.clients
+               for p in [*c.head.parameters(), *c.tail.parameters()])
+    assert math.isfinite(both.defense.report()["epsilon"])

@@ -183,3 +183,40 @@ def test_adaptive_tamperer_evades_spot_checks_and_is_measured(base):
     assert recall_plain >= 0.99
     assert 0.05 <= recall_adaptive <= 0.6  # caught by full audits only (audit_rate 0.25)
     assert defense.report()["flagged_by"].get("spot_check", 0) == 0
+
+
+def test_the_full_audit_schedule_is_revealed_only_after_the_head_gradient(base):
+    """A server that watches the reveal requests computes the head gradient honestly on the steps it was asked
+    to reveal and scales it (caught by the full audit only: the invariant and the cosine still hold)
+    elsewhere. With spot checks off, the old code asked for the reveal when the hidden states arrived,
+    before the gradient: this server was never caught. Now the audit is drawn after both replies."""
+    from suite.interfaces.attack import ServerPolicy
+
+    defense = make_defense("integrity_audit", {"audit_rate": 0.5, "spot_tokens": 0})
+    loaded = dataclasses.replace(base, model=copy.deepcopy(base.model))
+    prepared = prepare(_cfg(30), SplitSpec(1, 1), loaded=loaded)
+    server = prepared.session.server
+    asked: set[tuple[int, int]] = set()
+    honest_reveal = server.reveal
+
+    def watched_reveal(client_id, step):
+        asked.add((client_id, step))
+        return honest_reveal(client_id, step)
+
+    server.reveal = watched_reveal
+
+    class ScheduleReader(ServerPolicy):
+        tampered: set[int] = set()
+
+        def head_gradient(self, client_ids, step, hidden_in, attention_mask, honest_grad):
+            if (client_ids[0], step) in asked:
+                return honest_grad  # the server knows this step is checked
+            self.tampered.add(step)
+            return honest_grad * 3.0
+
+    server.policy = policy = ScheduleReader()
+    defense.install(prepared.session)
+    train(prepared.session)
+    audited = {s for _, s in defense.audited}
+    assert policy.tampered and audited & policy.tampered  # the server could not avoid the audited steps
+    assert audited & policy.tampered <= {s for s, what in defense.flagged_steps() if what == "gradient"}

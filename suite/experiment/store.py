@@ -3,12 +3,15 @@
 Each row is keyed by the cell key (a hash of the cell's config, model revision and seed), so a run killed at
 any moment — even ``kill -9`` — and started again with the same command skips the finished cells and ends
 with the rows an uninterrupted run has. SQLite's journal makes every ``INSERT`` all-or-nothing.
-Reports read only this store.
+Reports read only this store. The store holds victims' text (samples), so it is created 0600, and so are its
+``-wal``/``-shm`` side files (SQLite gives them the database's mode); a store found with a wider mode is
+narrowed to 0600.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Iterable
@@ -75,6 +78,7 @@ class ResultsStore:
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / "results.sqlite"
+        _private(self.path)
         self._conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
@@ -140,6 +144,21 @@ class ResultsStore:
             return rows
         keys = {r["key"] for r in rows}
         return [r for r in rows if r.get("aggregate_key") not in keys]
+
+
+def _private(path: Path) -> None:
+    """Create the database file 0600 before SQLite does (it would use 0644 less the umask), and narrow an
+    existing one and its side files to 0600 (best effort: a store owned by someone else is left alone)."""
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    except OSError:
+        return  # read-only, or not ours: sqlite3.connect reports what is wrong
+    for p in (path, *(path.with_name(path.name + s) for s in ("-wal", "-shm", "-journal"))):
+        try:
+            if p.stat().st_mode & 0o077:
+                p.chmod(0o600)
+        except OSError:
+            pass
 
 
 def open_store(directory: str | Path, must_exist: bool = False) -> ResultsStore:

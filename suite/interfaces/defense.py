@@ -23,7 +23,6 @@ public parameters, so an attack can simulate the mechanism but never holds the c
 from __future__ import annotations
 
 import dataclasses
-import secrets
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -85,17 +84,6 @@ class Defense:
 
         with torch.no_grad():
             return head(input_ids, attention_mask, position_ids_for(attention_mask))
-
-
-def client_generator(seed: int | None, client_id: int) -> torch.Generator:
-    """The generator a client draws its defense noise from. ``seed=None`` (the default, and the only setting
-    fit for a deployment): seeded with 64 bits from the operating system's CSPRNG (``secrets``), fresh per
-    client and per run, so nobody who knows the config (the server does) can regenerate and subtract the
-    noise. An integer ``seed`` makes runs reproducible for tests only and is UNSAFE: the server can redraw
-    the noise from the config (``splitleak serve``/``client`` refuse it)."""
-    if seed is None:
-        return torch.Generator().manual_seed(secrets.randbits(64))
-    return torch.Generator().manual_seed(seed * 1009 + client_id)
 
 
 def unsafe_seeds(defenses: list) -> list[str]:

@@ -1,11 +1,14 @@
 """Throwaway certificates for trying split training across processes: a CA, a server and one per client.
 
 For experiments on one machine or a lab network only. A real deployment gets its certificates from the
-organisations' own PKI; nothing here is fit for that (the CA key lies next to the certificates it signs).
+organisations' own PKI; nothing here is fit for that.
 
-Files written to DIR: ``ca.pem`` (+ ``ca.key``), ``server.pem``/``server.key`` and ``client-<i>.pem``/
-``client-<i>.key``. The server accepts only clients whose certificate the CA signed, and takes a client's
-identity from its certificate's common name (``client-<i>``), never from what the client claims.
+Directories written to DIR, one per holder: ``DIR/ca/`` (``ca.pem`` + ``ca.key``: the CA key, which signs
+certificates, stays with whoever ran ``splitleak certs`` and is handed to nobody), ``DIR/server/``
+(``ca.pem``, ``server.pem``, ``server.key``) and ``DIR/client-<i>/`` (``ca.pem``, ``client-<i>.pem``,
+``client-<i>.key``): each party gets only its own directory, with its own key and no other. Private keys are
+0600, the directories 0700. The server accepts only clients whose certificate the CA signed, and takes a
+client's identity from its certificate's common name (``client-<i>``), never from what the client claims.
 """
 
 from __future__ import annotations
@@ -75,11 +78,18 @@ def _issue(cn: str, key, ca_name: x509.Name, ca_key, *, server: bool, hosts: tup
 
 def make_certs(out: str | Path, clients: int, hosts: tuple[str, ...] = ("localhost", "127.0.0.1"),
                days: int = 30) -> Path:
-    """Write a fresh CA, a server certificate for ``hosts`` and ``clients`` client certificates to ``out``."""
+    """Write a fresh CA to ``out/ca``, a server certificate for ``hosts`` to ``out/server`` and ``clients``
+    client certificates to ``out/client-<i>`` (see the module docstring); returns ``out``."""
     if clients < 1:
         raise SplitleakError("certs: --clients must be at least 1")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+
+    def own_dir(name: str) -> Path:
+        d = out / name
+        d.mkdir(mode=0o700, exist_ok=True)
+        return d
+
     ca_key = _key()
     ca_name = _name("splitleak throwaway CA")
     now = dt.datetime.now(dt.UTC)
@@ -88,13 +98,16 @@ def make_certs(out: str | Path, clients: int, hosts: tuple[str, ...] = ("localho
           .not_valid_after(now + dt.timedelta(days=days))
           .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
           .sign(ca_key, hashes.SHA256()))
-    _write(out / "ca.pem", ca.public_bytes(serialization.Encoding.PEM))
-    _write(out / "ca.key", _pem_key(ca_key), private=True)
+    ca_pem = ca.public_bytes(serialization.Encoding.PEM)
+    _write(own_dir("ca") / "ca.pem", ca_pem)
+    _write(out / "ca" / "ca.key", _pem_key(ca_key), private=True)
     for cn, server in [("server", True)] + [(client_name(i), False) for i in range(clients)]:
         key = _key()
         cert = _issue(cn, key, ca_name, ca_key, server=server, hosts=hosts, days=days)
-        _write(out / f"{cn}.pem", cert.public_bytes(serialization.Encoding.PEM))
-        _write(out / f"{cn}.key", _pem_key(key), private=True)
+        party = own_dir(cn)
+        _write(party / "ca.pem", ca_pem)
+        _write(party / f"{cn}.pem", cert.public_bytes(serialization.Encoding.PEM))
+        _write(party / f"{cn}.key", _pem_key(key), private=True)
     return out
 
 
@@ -108,11 +121,21 @@ class Identity:
 
 
 def load_identity(certs: str | Path, name: str) -> Identity:
-    """``name`` is ``"server"`` or ``client-<i>``; a missing file is a one-line error naming the fix."""
+    """``name`` is ``"server"`` or ``client-<i>``; ``certs`` is that party's own directory (``DIR/<name>``
+    of ``splitleak certs DIR``), or DIR itself when every party runs on the machine that made them. A missing
+    file, or a directory that also holds another private key (the CA's, another party's: the old flat
+    layout), is a one-line error naming the fix."""
     certs = Path(certs)
+    if (certs / name).is_dir():
+        certs = certs / name
     paths = [certs / "ca.pem", certs / f"{name}.pem", certs / f"{name}.key"]
     for p in paths:
         if not p.is_file():
             raise SplitleakError(f"missing certificate file {p}; create throwaway ones with "
-                                 f"`splitleak certs {certs} --clients N`")
+                                 f"`splitleak certs DIR --clients N` and pass DIR/{name}")
+    others = sorted(p.name for p in certs.glob("*.key") if p.name != f"{name}.key")
+    if others:
+        raise SplitleakError(f"{certs} holds private keys that are not {name}'s ({', '.join(others)}): each party "
+                             f"must get only its own; recreate them with `splitleak certs DIR --clients N` and pass "
+                             f"DIR/{name} (the CA key stays in DIR/ca)")
     return Identity(*(p.read_bytes() for p in paths))

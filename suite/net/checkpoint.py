@@ -1,8 +1,9 @@
 """Atomic checkpoints of one party's trainable state (LoRA or full weights, optimiser state, step).
 
 Written to a temporary file, flushed to disk and renamed over the old one, so a process killed at any
-moment leaves either the previous checkpoint or the new one, never a torn file. Loaded with
-``torch.load(weights_only=True)``: tensors, numbers and containers only, no code.
+moment leaves either the previous checkpoint or the new one, never a torn file. The file is created 0600
+(a client's weights were trained on its private data): readable by its owner only, whatever the umask. Loaded
+with ``torch.load(weights_only=True)``: tensors, numbers and containers only, no code.
 """
 
 from __future__ import annotations
@@ -37,9 +38,11 @@ def load_trainable(modules: dict[str, nn.Module], state: dict[str, torch.Tensor]
 
 def save(path: str | Path, payload: dict[str, Any]) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
+    tmp.unlink(missing_ok=True)  # a leftover could have a wider mode: the file is always created afresh, 0600
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    with os.fdopen(fd, "wb") as fh:
         torch.save(payload, fh)
         fh.flush()
         os.fsync(fh.fileno())
