@@ -324,7 +324,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
               f"{t.clients} clients, gRPC + mutual TLS on port {port}; Ctrl-C stops", file=sys.stderr, flush=True)
 
     serve(cfg, args.certs, args.listen, args.checkpoint, max_message_mib=args.max_message_mib, on_ready=ready,
-          turn_timeout=args.turn_timeout, round_timeout=args.round_timeout)
+          turn_timeout=args.turn_timeout, round_timeout=args.round_timeout, bound_margin=args.bound_margin)
     return 0
 
 
@@ -450,7 +450,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--turn-timeout", type=float, default=30.0,
                            help="seconds a silent client keeps its turn (serial, per_client)")
             p.add_argument("--round-timeout", type=float, default=30.0,
-                           help="seconds a batch_parallel round waits for the clients due")
+                           help="seconds a batch_parallel round waits for the clients due, in each of its states")
+            p.add_argument("--bound-margin", type=float, default=100.0,
+                           help="the magnitude bound on every message: this many times the largest per-position "
+                           "norm of the public base model's activations and gradients on public text")
             p.set_defaults(func=cmd_serve)
         else:
             p.add_argument("--server", default="127.0.0.1:50051", help="the server's host:port")

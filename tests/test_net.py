@@ -155,15 +155,32 @@ def test_a_client_without_a_valid_certificate_is_refused(certs, tmp_path):
         # no client certificate at all: the TLS handshake fails, nothing reaches the service
         anonymous = Link(f"127.0.0.1:{port}", good, timeout=3)
         anonymous.channel.close()
-        anonymous.channel = grpc.secure_channel(f"127.0.0.1:{port}", grpc.ssl_channel_credentials(good.ca))
-        anonymous._calls = {m: anonymous.channel.unary_unary(m) for m in anonymous._calls}
-        with pytest.raises(LinkError):
+        anonymous.credentials = grpc.ssl_channel_credentials(good.ca)
+        anonymous._open()
+        with pytest.raises(LinkError, match="server refused this client's certificate") as err:
             RemoteTransport(anonymous, 0, config_hash(cfg)).connect(hello_timeout=3)
-        # a certificate from another CA
-        other = load_identity(make_certs(tmp_path / "other", clients=1), "client-0")
+        assert not err.value.transient
+        # a certificate from another CA: one clear, final line at once, not DEADLINE_EXCEEDED after the
+        # whole retry budget (run_client retries transient errors for give_up_after = 300 s)
+        from suite.net.parties import run_client
+
+        other_dir = make_certs(tmp_path / "other", clients=1)
+        other = load_identity(other_dir, "client-0")
         stranger = Link(f"127.0.0.1:{port}", type(good)(good.ca, other.cert, other.key), timeout=3)
-        with pytest.raises(LinkError):
-            RemoteTransport(stranger, 0, config_hash(cfg)).connect(hello_timeout=3)
+        with pytest.raises(LinkError, match="server refused this client's certificate.*--certs DIR/client-") as err:
+            RemoteTransport(stranger, 0, config_hash(cfg)).connect(hello_timeout=60)
+        assert not err.value.transient and "DEADLINE_EXCEEDED" not in str(err.value)
+        (tmp_path / "mixed").mkdir()  # the whole client, as `splitleak client` runs it, with its retries
+        for name, data in (("ca.pem", good.ca), ("client-0.pem", other.cert), ("client-0.key", other.key)):
+            (tmp_path / "mixed" / name).write_bytes(data)
+        start = time.monotonic()
+        with pytest.raises(LinkError, match="server refused this client's certificate"):
+            run_client(cfg, 0, f"127.0.0.1:{port}", tmp_path / "mixed")
+        assert time.monotonic() - start < 30  # at once, well inside the 300 s retry budget
+        # and a client that does not trust the server's certificate (another CA's ca.pem) is told that
+        distrust = Link(f"127.0.0.1:{port}", type(good)(other.ca, good.cert, good.key), timeout=3)
+        with pytest.raises(LinkError, match="does not accept the server's certificate"):
+            RemoteTransport(distrust, 0, config_hash(cfg)).connect(hello_timeout=60)
         # a valid certificate of client 1 claiming to be client 0
         with pytest.raises(LinkError, match="PERMISSION_DENIED.*certificate is client-1"):
             RemoteTransport(Link(f"127.0.0.1:{port}", load_identity(certs, "client-1")), 0,

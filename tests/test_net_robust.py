@@ -124,8 +124,8 @@ def test_a_tls_1_2_client_completes_no_call(tmp_path):
     service = build_service(cfg)
     server, port = start_server(service, load_identity(certs, "server"), "127.0.0.1:0")
     try:
-        ctx = ssl.create_default_context(cafile=str(certs / "ca.pem"))
-        ctx.load_cert_chain(certs / "client-0.pem", certs / "client-0.key")
+        ctx = ssl.create_default_context(cafile=str(certs / "client-0" / "ca.pem"))
+        ctx.load_cert_chain(certs / "client-0" / "client-0.pem", certs / "client-0" / "client-0.key")
         ctx.maximum_version = ssl.TLSVersion.TLSv1_2
         ctx.set_alpn_protocols(["h2"])
         with socket.create_connection(("127.0.0.1", port)) as raw, ctx.wrap_socket(raw, server_hostname="localhost") as s:
@@ -146,3 +146,29 @@ def test_a_tls_1_2_client_completes_no_call(tmp_path):
         assert status == b"7"  # PERMISSION_DENIED
     finally:
         server.stop(grace=0)
+
+
+@pytest.mark.parametrize("encoding", ["bit_255_flipped", "u_at_least_p"])
+def test_a_non_canonical_x25519_key_is_refused_and_the_victims_channel_survives(encoding):
+    """A replayed handshake whose X25519 key is another encoding of a key (bit 255 flipped: the victim's
+    own key; or u + p, here of the base point 9), with a fresh client nonce and the current challenge, is
+    refused with a clear error, and the victim's channel goes on."""
+    import os
+
+    from suite.engine.channel import ClientEnd, IntegrityError, ServerEnd, ServerKeys, _frame, _unframe
+
+    server = ServerEnd(ServerKeys("x25519"))
+    victim = ClientEnd("client/0", server.public_for("client/0"))
+    server.accept("client/0", victim.handshake)
+    header, _, key = _unframe(victim.handshake)
+    if encoding == "bit_255_flipped":
+        other = key[:31] + bytes([key[31] ^ 0x80])
+    else:
+        other = (2**255 - 19 + 9).to_bytes(32, "little")
+    forged = _frame({**header, "server_nonce": server.public_for("client/0")["challenge"],
+                     "client_nonce": os.urandom(16).hex()}, other)
+    with pytest.raises(IntegrityError, match="X25519 public key is not canonical"):
+        server.accept("client/0", forged)
+    msg = _act(0, torch.randn(1, 3, 8))
+    assert server.open("client/0", victim.seal(msg)) == msg  # the victim's channel survived
+    assert victim.open(server.seal("client/0", msg)) == msg

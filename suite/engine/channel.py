@@ -102,6 +102,21 @@ def _derive(secret: bytes, salt: bytes, client: str) -> dict[str, AESGCM]:
 
 
 _NONCE_BYTES = 16
+_P25519 = 2**255 - 19
+
+
+def x25519_public(raw: bytes, whose: str) -> x25519.X25519PublicKey:
+    """An X25519 public key from its 32 bytes, refusing every non-canonical encoding: bit 255 set, or u >=
+    2^255 - 19. X25519 ignores bit 255 and reduces u mod p, so such bytes name the same key as another
+    encoding: a replayed handshake with one bit flipped would slip past the record of key payloads seen
+    (``ServerEnd.accept``) and reset the victim's channel."""
+    if len(raw) != 32:
+        raise ValueError(f"{whose} X25519 public key is {len(raw)} bytes, not 32")
+    if raw[31] & 0x80:
+        raise ValueError(f"{whose} X25519 public key is not canonical (bit 255 is set)")
+    if int.from_bytes(raw, "little") >= _P25519:
+        raise ValueError(f"{whose} X25519 public key is not canonical (u >= 2^255 - 19)")
+    return x25519.X25519PublicKey.from_public_bytes(raw)
 
 
 def _fresh(keys: dict[str, AESGCM]) -> _Channel:
@@ -155,7 +170,10 @@ class ClientEnd:
         salt = bytes.fromhex(self.session) + bytes.fromhex(challenge) + client_nonce
         if mode == "x25519":
             eph = x25519.X25519PrivateKey.generate()
-            secret = eph.exchange(x25519.X25519PublicKey.from_public_bytes(key))
+            try:
+                secret = eph.exchange(x25519_public(key, "the server's"))
+            except ValueError as err:
+                raise ProtocolError(f"refused the server's public info: {err}") from None
             payload = eph.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
         elif mode == "rsa":
             secret = os.urandom(32)
@@ -179,9 +197,9 @@ class ServerEnd:
 
     Replay protection: before each handshake the server issues the client a fresh random ``challenge``
     (server nonce) that enters the key derivation and is good for one handshake only; it also remembers
-    every client nonce and every key-exchange payload it ever accepted under its key. A replayed handshake
-    is refused, so the server never derives the same keys twice and never seals two frames with one
-    (key, nonce) pair."""
+    every client nonce and every key-exchange payload it ever accepted under its key, and refuses an X25519
+    key in any but its canonical encoding (``x25519_public``). A replayed handshake is refused, so the
+    server never derives the same keys twice and never seals two frames with one (key, nonce) pair."""
 
     def __init__(self, keys: ServerKeys):
         self.keys = keys
@@ -227,7 +245,7 @@ class ServerEnd:
         salt = self.keys.session + bytes.fromhex(server_nonce) + nonce
         try:
             if mode == "x25519":
-                secret = self.keys.x25519.exchange(x25519.X25519PublicKey.from_public_bytes(body))
+                secret = self.keys.x25519.exchange(x25519_public(body, "its"))
             else:
                 if len(body) != self.keys.rsa.key_size // 8:
                     raise ValueError("wrapped key of the wrong size")

@@ -29,7 +29,16 @@ from suite.engine.commitment import (
     trainable_state,
 )
 from suite.engine.device import module_device
-from suite.engine.protocol import TO_CLIENT, TO_SERVER, ActivationMsg, Expect, GradientMsg, decode, encode
+from suite.engine.protocol import (
+    TO_CLIENT,
+    TO_SERVER,
+    ActivationMsg,
+    Bounds,
+    Expect,
+    GradientMsg,
+    decode,
+    encode,
+)
 from suite.engine.split import ClientHead, ClientTail, ServerTrunk, position_ids_for
 from suite.engine.transport import SERVER, Transport, client_endpoint
 from suite.errors import ProtocolError
@@ -254,6 +263,16 @@ class Client:
         self._head_out = None
 
 
+class UpdateRefused(ProtocolError):
+    """``Server.backward`` refused the gradients of ``clients`` (client -> why): applied, they would have
+    made a trunk value (or the head gradient sent back) non-finite. Their update was not applied and they got
+    no reply; every other client of the pass got its reply and the update computed without them."""
+
+    def __init__(self, clients: Mapping[int, str]):
+        self.clients = dict(clients)
+        super().__init__("; ".join(f"client {c}: {why}" for c, why in self.clients.items()))
+
+
 class Server:
     """Owns the server trunk. ``adapters`` maps a client id to the name of its own LoRA adapter set
     (``per_client``); without it all clients share one set of trainable weights."""
@@ -281,6 +300,8 @@ class Server:
         # A server that deviates from the protocol (FSHA, tampering) replaces its replies through this;
         # see suite.interfaces.attack.ServerPolicy. None = honest.
         self.policy = None
+        # What any client may send (rows, length, magnitude); unbounded in process, set by `splitleak serve`.
+        self.bounds = Bounds()
         # Callbacks that see every decoded message the server receives: a curious server's memory.
         self.inbox_taps: list[Callable[[ActivationMsg | GradientMsg], None]] = []
         self._pending: tuple[list[int], torch.Tensor, torch.Tensor, list[int], list[int], str | None] | None = None
@@ -318,14 +339,22 @@ class Server:
             if isinstance(module, BaseTunerLayer):
                 module.set_adapter(adapter)
 
-    def expect(self, shape: tuple[int, ...] | None = None) -> Expect:
-        """What the trunk accepts: its hidden size, finite values of a float dtype (``shape``: exactly)."""
+    def expect(self, shape: tuple[int, ...] | None = None, kind: str | None = None) -> Expect:
+        """What the trunk accepts of an ``kind`` message ("activation", or "gradient": the default when
+        ``shape`` is given): exactly its hidden size, finite values of a float dtype, ``shape`` exactly, and
+        this server's ``bounds`` (rows and length of an activation, the magnitude of both)."""
         config = getattr(getattr(self.trunk, "blocks", None), "config", None)
-        return Expect(hidden_size=getattr(config, "hidden_size", None), shape=shape)
+        hidden_size = getattr(config, "hidden_size", None)
+        b = self.bounds
+        if (kind or ("gradient" if shape is not None else "activation")) == "gradient":
+            return Expect(hidden_size=hidden_size, shape=shape, max_norm=b.gradient_norm)
+        return Expect(hidden_size=hidden_size, shape=shape, max_rows=b.rows, max_length=b.length,
+                      max_norm=b.activation_norm)
 
     def _recv(self, client_id: int, step: int, kind: type,
               shape: tuple[int, ...] | None = None) -> ActivationMsg | GradientMsg:
-        msg = decode(self.transport.recv(SERVER, client_endpoint(client_id)), self.expect(shape), self.device)
+        expect = self.expect(shape, "gradient" if kind is GradientMsg else "activation")
+        msg = decode(self.transport.recv(SERVER, client_endpoint(client_id)), expect, self.device)
         if not isinstance(msg, kind) or msg.client_id != client_id or msg.step != step or msg.direction != TO_SERVER:
             raise ProtocolError(
                 f"server expected a {kind.__name__} from client {client_id} for step {step}, got "
@@ -375,7 +404,13 @@ class Server:
 
     def backward(self, step: int | None = None) -> None:
         """Receive each client's gradient, backpropagate through the trunk once, take one optimiser step
-        (gradients of the clients in one pass add up), and send each client the gradient of its input."""
+        (gradients of the clients in one pass add up), and send each client the gradient of its input.
+
+        An update that would make any trunk value non-finite is never applied: when the pass's parameter
+        gradients (or the head gradients) are not finite, with their squares summed in float32 so that
+        AdamW's second moment stays finite too, each client's rows are run alone through the (unchanged)
+        trunk to find the ones that cause it; those get no reply (``UpdateRefused`` names them, raised after
+        the others were served) and the step is taken with the other clients' gradients only."""
         if self._pending is None:
             raise ProtocolError("server.backward called without a pending forward pass")
         ids, steps, hidden, mask, out, rows, lengths, adapter = self._pending
@@ -391,15 +426,77 @@ class Server:
         optimizer = self.optimizers[adapter]
         if optimizer is not None:
             optimizer.zero_grad(set_to_none=True)
-        out.backward(torch.cat([_pad(g, length, 0.0) for g in grads]))
-        if optimizer is not None:
-            optimizer.step()
+        full = torch.cat([_pad(g, length, 0.0) for g in grads])
+        out.backward(full)
+        del out
         grad = hidden.grad
+        refused: dict[int, str] = {}
+        if not self._finite_update(optimizer, grad):
+            grad, refused = self._without_culprits(optimizer, ids, rows, hidden.detach(), mask, full)
+        if optimizer is not None:
+            if len(refused) < len(ids):
+                optimizer.step()
+            else:
+                optimizer.zero_grad(set_to_none=True)
         if self.policy is not None:
             grad = self.policy.head_gradient(ids, steps[ids[0]], hidden.detach(), mask, grad)
         for c, part, t in zip(ids, grad.split(rows), lengths, strict=True):
+            if c in refused:
+                continue
             reply = GradientMsg(c, steps[c], TO_CLIENT, part[:, :t])
             self.transport.send(SERVER, client_endpoint(c), encode(reply))
+        if refused:
+            raise UpdateRefused(refused)
+
+    @staticmethod
+    def _finite_update(optimizer: torch.optim.Optimizer | None, head_grad: torch.Tensor) -> bool:
+        """Whether the gradients now on the optimiser's parameters, and ``head_grad``, have a finite sum of
+        squares in float32 (so every value, and AdamW's second moment after the step, is finite)."""
+        params = [p for g in optimizer.param_groups for p in g["params"]] if optimizer is not None else []
+        squares = [p.grad.detach().float().square().sum() for p in params if p.grad is not None]
+        squares.append(head_grad.detach().float().square().sum())
+        return bool(torch.isfinite(torch.stack([s.to(squares[-1].device) for s in squares]).sum()))
+
+    def _pass(self, optimizer: torch.optim.Optimizer | None, hidden: torch.Tensor, mask: torch.Tensor,
+              grad: torch.Tensor) -> torch.Tensor | None:
+        """A fresh trunk pass over ``hidden`` backpropagating ``grad``: the head gradient, with the parameter
+        gradients left in place, or None (and none left) when that update would not be finite."""
+        if optimizer is not None:
+            optimizer.zero_grad(set_to_none=True)
+        h = hidden.detach().requires_grad_(True)
+        self.trunk(h, mask, position_ids_for(mask)).backward(grad)
+        if self._finite_update(optimizer, h.grad):
+            return h.grad
+        if optimizer is not None:
+            optimizer.zero_grad(set_to_none=True)
+        return None
+
+    def _without_culprits(self, optimizer, ids: list[int], rows: list[int], hidden: torch.Tensor,
+                          mask: torch.Tensor, full: torch.Tensor) -> tuple[torch.Tensor, dict[int, str]]:
+        """The pass's update was not finite: find the clients whose rows make it so (each alone), and leave
+        the update of the others on the parameters. Returns the head gradient (zero on refused rows) and the
+        refused clients."""
+        starts = [sum(rows[:i]) for i in range(len(rows))]
+        spans = {c: (a, n) for c, a, n in zip(ids, starts, rows, strict=True)}
+        why = "its gradient would have made trunk values non-finite; the update was not applied"
+        refused = {c: why for c, (a, n) in spans.items()
+                   if self._pass(optimizer, hidden[a:a + n], mask[a:a + n], full[a:a + n]) is None}
+        if not refused:  # no one alone: together, then (all of them are refused)
+            refused = dict.fromkeys(ids, "the gradients of this pass together would have made trunk values "
+                                         "non-finite; the update was not applied")
+        keep = torch.tensor([i for c in ids if c not in refused for i in range(spans[c][0], sum(spans[c]))],
+                            dtype=torch.long, device=hidden.device)
+        grad = torch.zeros_like(hidden)
+        if len(keep):
+            kept = self._pass(optimizer, hidden[keep], mask[keep], full[keep])
+            if kept is None:
+                refused = dict.fromkeys(ids, "the gradients of this pass would have made trunk values "
+                                             "non-finite; the update was not applied")
+            else:
+                grad[keep] = kept
+        elif optimizer is not None:
+            optimizer.zero_grad(set_to_none=True)
+        return grad, refused
 
 
 def _pad(x: torch.Tensor, length: int, value: float) -> torch.Tensor:

@@ -10,7 +10,8 @@ checks magic, version, kind and the exact set of tensors before building a messa
 exactly what :func:`encode` makes of that message (no slack for smuggled or ambiguous bytes), and that the
 tensors fit together (3-D hidden states and gradients; mask and positions [B, T] of integers matching the
 hidden states; a 0/1 mask). A party that knows what it expects passes an :class:`Expect`: hidden size,
-exact shape, row and length bounds, an allow-list of dtypes and finite values only.
+exact shape, row and length bounds, a bound on every position's L2 norm (the magnitude), an allow-list of
+dtypes and finite values only.
 """
 
 from __future__ import annotations
@@ -89,8 +90,22 @@ class Expect:
     shape: tuple[int, ...] | None = None  # exact [B, T, H] (a reply to what this party sent)
     max_rows: int | None = None
     max_length: int | None = None
+    max_norm: float | None = None  # largest L2 norm of one position's vector [H] (the magnitude bound)
     dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES
     finite: bool = True
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """A server's bounds on what any client may send it (None = unbounded): ``rows`` (the batch size),
+    ``length`` (the configured max_length) and the largest L2 norm of one position's vector of an activation
+    and of a gradient (the magnitude bound; ``suite.net.server.public_bounds`` measures it on public text).
+    The hidden size is always exactly the model's (``suite.engine.parties.Server.expect``)."""
+
+    rows: int | None = None
+    length: int | None = None
+    activation_norm: float | None = None
+    gradient_norm: float | None = None
 
 
 def _check_structure(msg: _Msg) -> None:
@@ -135,11 +150,17 @@ def check(msg: _Msg, expect: Expect) -> None:
     if expect.hidden_size is not None and h != expect.hidden_size:
         raise ProtocolError(f"{msg.kind} hidden size {h}, expected {expect.hidden_size}")
     if expect.max_rows is not None and b > expect.max_rows:
-        raise ProtocolError(f"{msg.kind} of {b} rows, at most {expect.max_rows} expected")
+        raise ProtocolError(f"{msg.kind} of {b} rows exceeds the row bound: at most {expect.max_rows} (the batch size)")
     if expect.max_length is not None and t > expect.max_length:
-        raise ProtocolError(f"{msg.kind} of length {t}, at most {expect.max_length} expected")
+        raise ProtocolError(f"{msg.kind} of length {t} exceeds the length bound: at most {expect.max_length} "
+                            "(the configured max_length)")
     if expect.finite and not bool(torch.isfinite(main).all()):
         raise ProtocolError(f"{msg.kind} holds NaN or infinite values")
+    if expect.max_norm is not None:
+        worst = float(torch.linalg.vector_norm(main.float(), dim=-1).max())  # inf when the float32 sum overflows
+        if not worst <= expect.max_norm:
+            raise ProtocolError(f"{msg.kind} position norm {worst:.3g} exceeds the magnitude bound "
+                                f"{expect.max_norm:.3g}")
 
 
 MESSAGE_TYPES: dict[str, type[_Msg]] = {cls.kind: cls for cls in (ActivationMsg, GradientMsg)}

@@ -11,9 +11,10 @@ Every case is a frame the server must refuse. Two families:
 * **From inside the channel** (a malicious client holding the keys, sealing whatever it likes at the right
   counter): mutated and truncated message headers and safetensors headers, wrong hidden size, dtype, rank or
   batch/length agreement between hidden states and mask, a mask that is not 0/1, positions out of range, NaN
-  or infinite values, extra tensors, the wrong kind, step, client or direction. Flips in the tensor *values*
-  of an otherwise valid message are not in this family: such a message is a valid message, which an
-  insider may always send.
+  or infinite values, a position whose norm breaks the magnitude bound, more rows or positions than the
+  server's bounds, extra tensors, the wrong kind, step, client or direction. Flips in the tensor *values*
+  of an otherwise valid message within the bounds are not in this family: such a message is a valid
+  message, which an insider may always send.
 
 A case "reached the model" when the receive path returned a message for the trunk. Between cases the
 harness delivers genuine frames as controls and checks they are accepted, so a receiver that refuses
@@ -55,13 +56,14 @@ from suite.engine.transport import SERVER
 from suite.errors import ProtocolError
 
 HIDDEN, ROWS, LENGTH = 16, 2, 6
+NORM = 1000.0  # the receiver's magnitude bound (genuine positions have norms near 4)
 ME, OTHER = "client/0", "client/1"
 
 WIRE_KINDS = ("bitflip", "truncate", "extend", "insert_delete", "header_rewrite", "reorder", "replay",
               "wrong_key_client", "wrong_key_session", "handshake_replay")
 INSIDER_KINDS = ("msg_header_flip", "msg_truncate", "tensor_header_flip", "hidden_size", "dtype", "rank",
                  "mask_shape", "mask_values", "positions", "non_finite", "extra_tensor", "wrong_kind",
-                 "wrong_step", "wrong_client", "wrong_direction")
+                 "wrong_step", "wrong_client", "wrong_direction", "magnitude", "rows", "length")
 
 
 @dataclass
@@ -92,7 +94,7 @@ class _Receiver:
 
     def receive(self, frame: bytes) -> ActivationMsg:
         plain = self.server.open(ME, frame)
-        msg = decode(plain, Expect(hidden_size=HIDDEN))
+        msg = decode(plain, Expect(hidden_size=HIDDEN, max_rows=ROWS, max_length=LENGTH, max_norm=NORM))
         if (not isinstance(msg, ActivationMsg) or msg.client_id != 0 or msg.step != self.step
                 or msg.direction != TO_SERVER):
             raise ProtocolError(f"expected client 0's activation for step {self.step}")
@@ -175,6 +177,14 @@ def _insider(kind: str, rng: random.Random, step: int) -> bytes:
         hidden[rng.randrange(ROWS), rng.randrange(LENGTH), rng.randrange(HIDDEN)] = rng.choice(
             [float("nan"), float("inf"), float("-inf")])
         return encode(_good(step, hidden=hidden))
+    if kind == "magnitude":  # finite, but one position far beyond the bound (3e38 once poisoned the trunk)
+        hidden[rng.randrange(ROWS), rng.randrange(LENGTH)] = rng.choice([1e4, 1e20, 3e38, -3e38])
+        return encode(_good(step, hidden=hidden))
+    if kind in ("rows", "length"):  # well-formed, but more rows or positions than the server's bounds
+        rows, length = (ROWS + rng.choice([1, 62]), LENGTH) if kind == "rows" else (ROWS, LENGTH + rng.choice([1, 500]))
+        mask = torch.ones(rows, length, dtype=torch.long)
+        return encode(_good(step, hidden=torch.randn(rows, length, HIDDEN), attention_mask=mask,
+                            position_ids=torch.arange(length).expand(rows, length).contiguous()))
     if kind == "extra_tensor":  # a tensor field the message type does not have, smuggled into the payload
         from safetensors.torch import save as st_save
 
@@ -258,13 +268,18 @@ def run_fuzz(n: int, seed: int = 0, control_every: int = 50) -> FuzzResult:
         elif kind == "handshake_replay":
             result.cases += 1
             result.by_kind[kind] += 1
-            mode = rng.randrange(3)
+            mode = rng.randrange(4)
             replay = captured_handshake
             if mode >= 1:  # the attacker first obtains a fresh challenge (a proxy relaying Hello)
                 fresh = rx.server.public_for(ME)["challenge"]
                 if mode == 2:  # and writes it into the old handshake
                     header, _, body = _unframe(replay)
                     replay = _frame({**header, "server_nonce": fresh}, body)
+                if mode == 3:  # and a fresh client nonce, with the key's bit 255 flipped (the same X25519 key)
+                    header, _, body = _unframe(replay)
+                    body = body[:31] + bytes([body[31] ^ 0x80])
+                    replay = _frame({**header, "server_nonce": fresh, "client_nonce": rng.randbytes(16).hex()},
+                                    body)
             try:
                 rx.server.accept(ME, replay)
                 result.reached += 1  # a replayed handshake accepted: the channel would be reset

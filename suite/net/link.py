@@ -19,6 +19,8 @@ Message sizes are capped explicitly on both sides (``max_message_mib``).
 from __future__ import annotations
 
 import json
+import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -33,6 +35,9 @@ from suite.net.certs import Identity
 SERVICE = "splitleak.v1.Split"
 HELLO, HANDSHAKE, EXCHANGE = (f"/{SERVICE}/{m}" for m in ("Hello", "Handshake", "Exchange"))
 DEFAULT_MAX_MESSAGE_MIB = 256
+# A client's channel tries a server that was down again within a second (gRPC's default backoff grows to 120 s).
+_RECONNECT = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
+              ("grpc.max_reconnect_backoff_ms", 1000)]
 
 
 def channel_options(max_message_mib: int) -> list[tuple[str, int]]:
@@ -62,19 +67,63 @@ class Link:
     timeout: float = 120.0  # seconds one call may take (a serial server may make a client wait its turn)
 
     def __post_init__(self) -> None:
-        creds = grpc.ssl_channel_credentials(root_certificates=self.identity.ca, private_key=self.identity.key,
-                                             certificate_chain=self.identity.cert)
-        self.channel = grpc.secure_channel(self.address, creds, options=channel_options(self.max_message_mib))
+        self.credentials = grpc.ssl_channel_credentials(root_certificates=self.identity.ca,
+                                                        private_key=self.identity.key,
+                                                        certificate_chain=self.identity.cert)
+        self._open()
+
+    def _open(self) -> None:
+        """A fresh channel (a new TCP connection and TLS handshake on the next call)."""
+        self.channel = grpc.secure_channel(self.address, self.credentials,
+                                           options=channel_options(self.max_message_mib) + _RECONNECT)
         self._calls = {m: self.channel.unary_unary(m) for m in (HELLO, HANDSHAKE, EXCHANGE)}
 
+    def _error(self, method: str, err: grpc.RpcError) -> LinkError:
+        code, detail = err.code(), (err.details() or "").strip().splitlines()
+        return LinkError(f"{method.rsplit('/', 1)[-1]} to {self.address} failed: {code.name}"
+                         f"{': ' + detail[0] if detail else ''}", transient=code in _TRANSIENT)
+
     def call(self, method: str, data: bytes, timeout: float | None = None) -> bytes:
+        timeout = self.timeout if timeout is None else timeout
+        if method == HELLO:
+            return self._hello(data, timeout)
         try:
-            return self._calls[method](data, timeout=self.timeout if timeout is None else timeout,
-                                       wait_for_ready=method == HELLO)
+            return self._calls[method](data, timeout=timeout)
         except grpc.RpcError as err:
-            code, detail = err.code(), (err.details() or "").strip().splitlines()
-            raise LinkError(f"{method.rsplit('/', 1)[-1]} to {self.address} failed: {code.name}"
-                            f"{': ' + detail[0] if detail else ''}", transient=code in _TRANSIENT) from None
+            raise self._error(method, err) from None
+
+    def _hello(self, data: bytes, timeout: float) -> bytes:
+        """Hello, retried for up to ``timeout`` seconds while the server cannot be reached (not up yet), but
+        a TLS handshake that fails is one clear, final line at once: the server refused this client's
+        certificate (it closed two fresh handshakes in a row: a certificate from another CA, or none), or
+        this client does not accept the server's (another CA, another host name, not TLS at all)."""
+        deadline = time.monotonic() + timeout
+        closed = 0
+        while True:
+            try:
+                return self._calls[HELLO](data, timeout=max(0.1, deadline - time.monotonic()))
+            except grpc.RpcError as err:
+                problem = _tls_problem(err)
+                if problem == "closed":
+                    closed += 1
+                    if closed >= 2:
+                        raise LinkError(f"Hello to {self.address} failed: the server refused this client's "
+                                        "certificate (it closed the TLS handshake): use the certificate the "
+                                        "server's CA signed for this client, --certs DIR/client-<i> of the "
+                                        "`splitleak certs DIR` that made the server's", transient=False) from None
+                    self.channel.close()
+                    self._open()  # a fresh handshake: one closed connection may be chance (a server restarting)
+                    continue
+                closed = 0
+                if problem is not None:
+                    raise LinkError(f"Hello to {self.address} failed: the TLS handshake failed on this side "
+                                    f"({problem}): this client does not accept the server's certificate, or "
+                                    f"{self.address} does not speak TLS; use the ca.pem of the `splitleak certs "
+                                    "DIR` that made the server's certificate (--certs DIR/client-<i>) and check "
+                                    "the address", transient=False) from None
+                if err.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() >= deadline:
+                    raise self._error(HELLO, err) from None
+                time.sleep(0.2)  # not reachable (yet): try again
 
     def close(self) -> None:
         self.channel.close()
@@ -120,6 +169,22 @@ class RemoteTransport(Tapped):
         reply = self.link.call(EXCHANGE, out)
         self._show(SERVER, dst, reply)
         return self.end.open(reply)
+
+
+def _tls_problem(err: grpc.RpcError) -> str | None:
+    """Why a call never got past TLS: "closed" when the server hung up during the handshake (what it does to
+    a client certificate it refuses), the reason when this side's handshake failed, None otherwise (the
+    server is not reachable, or the call got through)."""
+    detail = err.details() or ""
+    if err.code() != grpc.StatusCode.UNAVAILABLE or "failed to connect" not in detail:
+        return None
+    if detail.rstrip().endswith("Socket closed"):
+        return "closed"
+    low = detail.lower()
+    if "handshake failed" in low or "ssl_error" in low or "certificate" in low:
+        found = re.search(r"OPENSSL_internal:([A-Z0-9_]+)", detail)
+        return found.group(1) if found else "TLS handshake failed"
+    return None
 
 
 def frame_kind(data: bytes) -> str:

@@ -56,14 +56,20 @@ def _prepare(cfg: ExperimentConfig, role: str = "server"):
 
 
 def build_service(cfg: ExperimentConfig, checkpoint_dir: str | Path | None = None, *, turn_timeout: float = 30.0,
-                  round_timeout: float = 30.0, checkpoint_every: int = 1):
-    from suite.net.server import SplitService
+                  round_timeout: float = 30.0, checkpoint_every: int = 1, bound_margin: float | None = None):
+    """The service for ``cfg``. Every message it accepts is bounded (``suite.net.server.public_bounds``):
+    rows by the batch size, length by ``max_length``, magnitude by ``bound_margin`` (default 100) times the
+    largest per-position norm of the public base model's activations and gradients on public text."""
+    from suite.net.server import DEFAULT_BOUND_MARGIN, SplitService, public_bounds
 
     prepared = _prepare(cfg)
+    margin = DEFAULT_BOUND_MARGIN if bound_margin is None else bound_margin
+    bounds = public_bounds(prepared.session.split, prepared.loaded.tokenizer, cfg.data.max_length,
+                           cfg.training.batch_size, margin)  # before a checkpoint restores trained adapters
     path = Path(checkpoint_dir) / "server.pt" if checkpoint_dir else None
     return SplitService(prepared.session.server, cfg.training.strategy, cfg.training.clients, config_hash(cfg),
                         turn_timeout=turn_timeout, round_timeout=round_timeout, checkpoint_path=path,
-                        checkpoint_every=checkpoint_every)
+                        checkpoint_every=checkpoint_every, bounds=bounds)
 
 
 def serve(cfg: ExperimentConfig, certs: str | Path, listen: str, checkpoint_dir: str | Path | None = None,

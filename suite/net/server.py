@@ -8,11 +8,23 @@ decides:
   place). A client that dies holding the turn loses it after ``turn_timeout`` seconds without a word.
 * ``batch_parallel`` — a *round* collects the activations of the clients due (all of them, or those that
   arrived within ``round_timeout`` of the first), runs the trunk once over them (rows in client order) and
-  waits for their gradients the same way; a client that died in between contributes a zero gradient.
-  Every message is checked (shapes, dtypes, hidden size, finite values; ``suite.engine.protocol.Expect``) before it
-  joins a round: a client that sends a malformed one is told so (INVALID_ARGUMENT) and dropped until it says
-  Hello again, and the round goes on without it (its gradient counts as zero). Should the trunk pass fail
-  anyway, the round is void and every client in it is told to retry (ABORTED): a round never wedges.
+  waits for their gradients the same way. The round is a state machine with a deadline of ``round_timeout``
+  in every state (``_Round``), moved on by every handler that touches or waits on it, so no client, silent,
+  malformed or crashed, holds the others beyond ``round_timeout``: a client that sends no gradient in time,
+  or says Hello again (it restarted), is dropped from the round and its rows count as a zero gradient (the
+  others' update is applied: the partial-update rule); a round in which no gradient came is aborted with
+  nothing applied, and its clients retry the step (ABORTED). Should the trunk pass fail anyway, the round
+  is aborted the same way. A client a round closed without at its deadline is not waited for again until it
+  sends (one that stopped, or finished, holds up one round, not every one). A client that sends a malformed message is told so (INVALID_ARGUMENT) and
+  dropped until it says Hello again (its gradient counts as zero).
+
+Every message is checked before it reaches the trunk (``suite.engine.protocol.Expect``): shapes, dtypes,
+exactly the model's hidden size, finite values, at most ``batch_size`` rows and ``max_length`` positions,
+and a magnitude bound: no position's L2 norm above ``bound_margin`` (default 100) times the largest one the
+public base model gives on a fixed public text sample (``public_bounds``: activations through the public
+head, gradients of the summed token loss through the public tail). And an update that would make a trunk
+value non-finite is never applied (``suite.engine.parties.Server.backward``): the client that caused it is
+dropped from that step with an error; the others' update goes on.
 
 A killed client reconnects (new AEAD channel) and resumes from its own checkpoint; the other clients never
 stop. The server checkpoints its trainable weights and optimisers every ``checkpoint_every`` completed
@@ -32,25 +44,94 @@ import grpc
 import torch
 
 from suite.engine.channel import IntegrityError, ServerEnd, ServerKeys
-from suite.engine.parties import Server
-from suite.engine.protocol import TO_SERVER, GradientMsg, decode, encode, peek
+from suite.engine.parties import Server, UpdateRefused
+from suite.engine.protocol import TO_SERVER, ActivationMsg, Bounds, GradientMsg, decode, encode, peek
 from suite.engine.transport import SERVER, InProcessTransport, client_endpoint
 from suite.errors import ProtocolError
 from suite.net import checkpoint
 from suite.net.certs import Identity
 from suite.net.link import DEFAULT_MAX_MESSAGE_MIB, channel_options, generic_handler, server_credentials
 
+DEFAULT_BOUND_MARGIN = 100.0
+
+# Public text for measuring the base model's magnitudes: public-domain prose, code, and lines in the shape of
+# the records the suite generates (names, dates, numbers, addresses, e-mail), all invented or public.
+PUBLIC_SAMPLE = (
+    "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in "
+    "want of a wife.",
+    "We hold these truths to be self-evident, that all men are created equal.",
+    "Call me Ishmael. Some years ago, never mind how long precisely, having little or no money in my purse.",
+    "In the beginning God created the heaven and the earth.",
+    "The quick brown fox jumps over the lazy dog 1234567890 times; 3.14159 + 2.71828 = 5.85987.",
+    "Patient Jane Doe, born 1970-01-01, phone 555-0100, jane.doe@example.com, 1 Main Street, Springfield.",
+    "Account 0000 1111 2222 3333 of John Smith, 221B Baker Street, London NW1 6XE, diagnosed with asthma.",
+    "def main():\n    print('hello, world')\n    return 0\n",
+)
+
+
+def public_bounds(split, tokenizer, max_length: int, rows: int, margin: float = DEFAULT_BOUND_MARGIN) -> Bounds:
+    """The bounds a server holds every client to, from public things only: ``rows`` (the batch size), the
+    configured ``max_length``, and magnitudes measured on ``PUBLIC_SAMPLE`` through the *public base* model
+    (``split``'s own head, trunk and tail, never a client's trained copy): ``margin`` times the largest L2
+    norm of one position of the head's output (activations), and of the gradient of the *summed* token loss
+    with respect to the trunk's output (gradients: a client's loss is a mean over at least one token, so its
+    gradients are no larger than that sum's, up to the tail's training). The margin leaves room for the
+    clients' fine-tuning; a deployment whose clients add noise to what they send (DP) must size it for that."""
+    import torch.nn.functional as F
+
+    from suite.engine.device import module_device
+    from suite.engine.split import position_ids_for
+    from suite.experiment.data import Record, tokenize
+
+    if not margin > 0:
+        raise ProtocolError(f"the bound margin must be > 0, got {margin}")
+    enc = tokenize([Record(t) for t in PUBLIC_SAMPLE], tokenizer, max_length)
+    mask, positions = enc["attention_mask"], position_ids_for(enc["attention_mask"])
+
+    def on(module, *tensors):
+        device = module_device(module)
+        return [t.to(device) for t in tensors]
+
+    head, trunk, tail = split.client_head, split.server_trunk, split.client_tail
+    with torch.no_grad():
+        acts = head(*on(head, enc["input_ids"], mask, positions))
+        out = trunk(*on(trunk, acts, mask, positions))
+    out = out.detach().to(module_device(tail)).requires_grad_(True)
+    logits = tail(out, *on(tail, mask, positions))
+    labels = enc["labels"].to(logits.device)
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(), labels[:, 1:].reshape(-1),
+                           ignore_index=-100, reduction="sum")
+    (grad,) = torch.autograd.grad(loss, out)
+    act = float(torch.linalg.vector_norm(acts.float(), dim=-1).max())
+    grd = float(torch.linalg.vector_norm(grad.float(), dim=-1).max())
+    return Bounds(rows=rows, length=max_length, activation_norm=margin * act, gradient_norm=margin * grd)
+
 
 @dataclass
 class _Round:
+    """One ``batch_parallel`` round: a state machine with a deadline in every state, ``round_timeout`` after
+    the state began (``SplitService._advance``).
+
+    * ``collecting`` — activations arrive; closed by the last client due, or at the deadline (counted from
+      the first arrival), by one trunk pass over the rows: ``forwarded`` (``aborted`` if the pass fails).
+    * ``forwarded`` — gradients arrive; closed by the last one, or at the deadline: a client that sent none
+      by then is dropped from the round and its rows count as a zero gradient. Backward pass: ``answered``;
+      ``aborted`` (nothing applied) when no gradient came at all or the pass failed.
+    * ``answered`` — each client whose update was applied collects its reply; closed when all have, or at
+      the deadline (a reply nobody collected is dropped). Then the next round opens.
+    * ``aborted`` — every client still waiting in it is told to retry its step (ABORTED); the next round
+      opens at once.
+    """
+
     arrived: dict[int, int] = field(default_factory=dict)  # client -> step
     shapes: dict[int, tuple[int, ...]] = field(default_factory=dict)
-    state: str = "collecting"  # collecting -> forwarded -> answered
-    opened: float = 0.0
-    forwarded: float = 0.0
-    grads: set[int] = field(default_factory=set)
-    bad: set[int] = field(default_factory=set)  # clients dropped from this round for a malformed gradient
+    state: str = "collecting"  # collecting -> forwarded -> answered, or aborted
+    since: float = 0.0  # when the current state began (collecting: at the first arrival)
+    grads: set[int] = field(default_factory=set)  # clients whose gradient is queued for the backward pass
+    dropped: dict[int, str] = field(default_factory=dict)  # clients dropped from this round -> why
+    answered: set[int] = field(default_factory=set)  # clients with a reply to the gradient to collect
     replied: set[int] = field(default_factory=set)
+    why: str = ""  # why the round was aborted
 
 
 class SplitService:
@@ -58,8 +139,11 @@ class SplitService:
 
     def __init__(self, server: Server, strategy: str, clients: int, config_hash: str, *,
                  key_exchange: str = "x25519", turn_timeout: float = 30.0,
-                 round_timeout: float = 30.0, checkpoint_path: str | Path | None = None, checkpoint_every: int = 1):
+                 round_timeout: float = 30.0, checkpoint_path: str | Path | None = None, checkpoint_every: int = 1,
+                 bounds: Bounds | None = None):
         self.server = server
+        if bounds is not None:
+            server.bounds = bounds  # rows, length, magnitude of every message (``public_bounds``)
         self.queue = InProcessTransport()
         server.transport = self.queue
         self.strategy = strategy
@@ -75,7 +159,8 @@ class SplitService:
         self.last_seen = 0.0
         self.round = _Round()
         self.completed: dict[int, int] = {}  # client -> completed steps served
-        self.dropped: set[int] = set()  # clients dropped for malformed input, until their next Hello
+        self.dropped: dict[int, str] = {}  # clients dropped (malformed, silent, refused) -> why, until they call again
+        self.absent: set[int] = set()  # clients a round closed without at its deadline: not waited for until they send
         self.events: list[str] = []  # what happened to whom (for logs and tests)
         self._restore()
 
@@ -112,7 +197,8 @@ class SplitService:
                           "training): start both from the same config file")
         with self.cv:
             self._forget(client, "hello")
-            self.dropped.discard(client)
+            self.dropped.pop(client, None)
+            self.absent.discard(client)
             public = self.end.public_for(client_endpoint(client))  # with a fresh one-time handshake challenge
         return json.dumps({**public, "strategy": self.strategy, "clients": self.clients}).encode()
 
@@ -127,6 +213,18 @@ class SplitService:
 
     def _forget(self, client: int, why: str) -> None:
         """A client (re)connected: whatever it left half-done is void."""
+        rnd = self.round
+        if self.strategy == "batch_parallel" and client in rnd.arrived and client not in rnd.dropped:
+            if rnd.state == "collecting":  # not yet in a trunk pass: it simply leaves
+                del rnd.arrived[client], rnd.shapes[client]
+                self._drain(client)
+                self.events.append(f"client {client} left the collecting round ({why})")
+            elif rnd.state == "forwarded" and client not in rnd.grads:
+                self._leave(rnd, client, f"it reconnected before sending its gradient ({why})")
+            else:
+                rnd.replied.add(client)  # it will not collect its reply
+            self._advance()
+            self.cv.notify_all()
         if self.holder == client:
             self.server.discard_pending()
             self._drain(client)
@@ -171,13 +269,16 @@ class SplitService:
 
     def _wait(self, context: grpc.ServicerContext, until, deadline: float | None = None) -> bool:
         """Wait (releasing the lock) until ``until()``; False on deadline or when the caller went away."""
-        while not until():
+        while True:
+            if self.strategy == "batch_parallel":
+                self._advance()
+            if until():
+                return True
             if not context.is_active():
                 return False
             if deadline is not None and time.monotonic() >= deadline:
                 return False
             self.cv.wait(timeout=0.05)
-        return True
 
     def _turn(self, client: int, kind: str, step: int, plain: bytes, context) -> bytes:
         ep = client_endpoint(client)
@@ -207,93 +308,167 @@ class SplitService:
         self.cv.notify_all()
         return reply
 
-    def _drop(self, client: int, err: ProtocolError, context) -> None:
-        """Drop a client that sent a malformed message: the round goes on without it; it is told why."""
-        self.dropped.add(client)
+    def _drop(self, client: int, err: ProtocolError, context, rnd: _Round | None = None) -> None:
+        """Drop a client that sent a malformed message (from ``rnd`` too, if given): the round goes on
+        without it; it is told why."""
+        self.dropped[client] = str(err)
         self.events.append(f"client {client} dropped from batch_parallel: {err}")
+        if rnd is not None:
+            rnd.dropped[client] = str(err)
+            self._advance()
         self.cv.notify_all()
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"dropped from the round: {err}")
 
+    def _leave(self, rnd: _Round, client: int, why: str) -> None:
+        """Drop ``client`` from ``rnd`` (it is told ``why`` when it next calls) and from the rounds after it
+        until it sends again; its rows count as a zero gradient."""
+        rnd.dropped[client] = why
+        self.dropped[client] = why
+        self.events.append(f"client {client} dropped from batch_parallel round: {why}")
+
     def _due(self, rnd: _Round) -> int:
-        """How many clients the collecting round waits for: all, less those dropped and not in it."""
-        return self.clients - len(self.dropped - set(rnd.arrived))
+        """How many clients the collecting round waits for: all, less those dropped or absent and not in it
+        (so a client that stopped sending, or finished, holds up one round, not every one)."""
+        return self.clients - len((self.dropped.keys() | self.absent) - rnd.arrived.keys())
+
+    def _advance(self) -> None:
+        """Move the current round on when its state is complete or its deadline has passed (under the lock;
+        every ``batch_parallel`` handler calls it, waiting or not, so a round moves on without its clients)."""
+        rnd = self.round
+        late = time.monotonic() >= rnd.since + self.round_timeout
+        if rnd.state == "collecting" and rnd.arrived and (late or len(rnd.arrived) >= self._due(rnd)):
+            self._forward(rnd)
+        elif rnd.state == "forwarded":
+            waiting = set(rnd.arrived) - rnd.grads - set(rnd.dropped)
+            if waiting and late:
+                for c in sorted(waiting):
+                    self._leave(rnd, c, f"it sent no gradient within the round timeout ({self.round_timeout:g} s)")
+                waiting = set()
+            if not waiting:
+                self._backward(rnd)
+        elif rnd.state == "answered" and (late or rnd.replied >= rnd.answered):
+            self._next_round()
+
+    def _forward(self, rnd: _Round) -> None:
+        ids = sorted(rnd.arrived)
+        missing = sorted(set(range(self.clients)) - set(ids) - self.dropped.keys() - self.absent)
+        if len(ids) < self._due(rnd) and missing:  # closed at the deadline without them
+            self.absent.update(missing)
+            self.events.append(f"round closed at its deadline without clients {missing}: not waited for until "
+                               "they send")
+        try:
+            self.server.forward(ids, dict(rnd.arrived))
+        except Exception as err:  # abort the round rather than leave it collecting forever
+            self.server.discard_pending()
+            self._abort(rnd, f"the trunk pass failed ({err})")
+            return
+        rnd.state, rnd.since = "forwarded", time.monotonic()
+        self.cv.notify_all()
+
+    def _backward(self, rnd: _Round) -> None:
+        good = sorted(rnd.grads)
+        if not good:
+            self.server.discard_pending()
+            self._abort(rnd, "no client of the round sent a usable gradient; nothing was applied")
+            return
+        for m in sorted(set(rnd.arrived) - rnd.grads):  # dropped from the round: a zero gradient
+            zero = GradientMsg(m, rnd.arrived[m], TO_SERVER, torch.zeros(rnd.shapes[m]))
+            self.queue.send(client_endpoint(m), SERVER, encode(zero))
+            self.events.append(f"client {m} sent no gradient in its round: counted as zero")
+        refused: dict[int, str] = {}
+        try:
+            self.server.backward()
+        except UpdateRefused as err:  # the others were served; these get an error
+            refused = err.clients
+        except Exception as err:  # abort the round rather than leave it forwarded forever
+            self.server.discard_pending()
+            self._abort(rnd, f"the backward pass failed ({err})")
+            return
+        for c, why in refused.items():
+            self._leave(rnd, c, why)
+        rnd.answered = set(good) - set(refused)
+        rnd.state, rnd.since = "answered", time.monotonic()
+        if rnd.answered:
+            self._completed(sorted(rnd.answered))
+        self._advance()
+        self.cv.notify_all()
+
+    def _abort(self, rnd: _Round, why: str) -> None:
+        rnd.state, rnd.why = "aborted", why
+        self.events.append(f"round of clients {sorted(rnd.arrived)} aborted: {why}")
+        self._next_round()
+
+    def _next_round(self) -> None:
+        """Open the next round; whatever the old one left in the queues (replies nobody collected) goes."""
+        for c in self.round.arrived:
+            self._drain(c)
+        self.round = _Round()
+        self.cv.notify_all()
+
+    def _left(self, rnd: _Round, client: int, context) -> None:
+        """Tell a client waiting in ``rnd`` that it is no longer served there, if so."""
+        if rnd.state == "aborted":
+            context.abort(grpc.StatusCode.ABORTED, f"the round was aborted ({rnd.why}); retry the step")
+        if client in rnd.dropped:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"dropped from the round: {rnd.dropped[client]}")
+        if client not in rnd.arrived or rnd is not self.round:
+            context.abort(grpc.StatusCode.ABORTED, "the round went on without this call (the client reconnected "
+                          "or was too slow); retry the step")
+
+    @staticmethod
+    def _check_own(msg, kind: type, step: int) -> None:
+        """What ``Server._recv`` would refuse inside the round (voiding it for all) is refused here."""
+        if not isinstance(msg, kind) or msg.step != step or msg.direction != TO_SERVER:
+            raise ProtocolError(f"expected a {kind.__name__} to the server for step {step}, got a "
+                                f"{type(msg).__name__} {msg.direction} for step {msg.step}")
 
     def _parallel(self, client: int, kind: str, step: int, plain: bytes, context) -> bytes:
         ep = client_endpoint(client)
         if kind == "activation":
             try:
-                msg = decode(plain, self.server.expect())
+                msg = decode(plain, self.server.expect(kind="activation"))
+                self._check_own(msg, ActivationMsg, step)
             except ProtocolError as err:
                 self._drop(client, err, context)
             if not self._wait(context, lambda: self.round.state == "collecting" and client not in self.round.arrived):
                 context.abort(grpc.StatusCode.CANCELLED, "gave up waiting for a round")
-            self.dropped.discard(client)
             rnd = self.round
             if not rnd.arrived:
-                rnd.opened = time.monotonic()
+                rnd.since = time.monotonic()
             rnd.arrived[client] = step
             rnd.shapes[client] = tuple(msg.hidden.shape)
+            self.dropped.pop(client, None)
+            self.absent.discard(client)
             self.queue.send(ep, SERVER, plain)
             self.cv.notify_all()
-            self._wait(context, lambda: rnd.state != "collecting" or len(rnd.arrived) >= self._due(rnd),
-                       rnd.opened + self.round_timeout)
-            if rnd.state == "collecting":  # this handler closes the round: one trunk pass over all rows
-                ids = sorted(rnd.arrived)
-                try:
-                    self.server.forward(ids, {c: rnd.arrived[c] for c in ids})
-                except Exception as err:  # void the round rather than leave it collecting forever
-                    self.server.discard_pending()
-                    for c in ids:
-                        self._drain(c)
-                    rnd.state = "failed"
-                    self.round = _Round()
-                    self.events.append(f"round of clients {ids} failed in the trunk ({err}); voided")
+            if not self._wait(context, lambda: rnd.state != "collecting" or client not in rnd.arrived):
+                if rnd.state == "collecting" and client in rnd.arrived:  # gone before the pass: it leaves
+                    del rnd.arrived[client], rnd.shapes[client]
+                    self._drain(client)
                     self.cv.notify_all()
-                    context.abort(grpc.StatusCode.ABORTED, "the round failed on the server; retry the step")
-                rnd.state, rnd.forwarded = "forwarded", time.monotonic()
-                self.cv.notify_all()
-            if rnd.state == "failed":
-                context.abort(grpc.StatusCode.ABORTED, "the round failed on the server; retry the step")
+                context.abort(grpc.StatusCode.CANCELLED, "gave up waiting for the round")
+            self._left(rnd, client, context)
             return self.queue.recv(ep, SERVER)
+        self._advance()
         rnd = self.round
-        if rnd.state != "forwarded" or client not in rnd.arrived or client in rnd.grads or client in rnd.bad:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"gradient from client {client} outside its round")
+        if rnd.state != "forwarded" or client not in rnd.arrived or client in rnd.grads or client in rnd.dropped:
+            why = self.dropped.get(client)
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"gradient from client {client} outside its round"
+                          + (f" (dropped from it: {why})" if why else ""))
         try:
-            decode(plain, self.server.expect(rnd.shapes[client]))
+            msg = decode(plain, self.server.expect(rnd.shapes[client], "gradient"))
+            self._check_own(msg, GradientMsg, rnd.arrived[client])
         except ProtocolError as err:
-            rnd.bad.add(client)
-            self._drop(client, err, context)
+            self._drop(client, err, context, rnd)
         self.queue.send(ep, SERVER, plain)
         rnd.grads.add(client)
         self.cv.notify_all()
-        self._wait(context, lambda: rnd.state != "forwarded" or rnd.grads | rnd.bad == set(rnd.arrived),
-                   rnd.forwarded + self.round_timeout)
-        if rnd.state == "forwarded":  # close: a client that died or was dropped since the forward adds nothing
-            missing = sorted(set(rnd.arrived) - rnd.grads)
-            for m in missing:
-                zero = GradientMsg(m, rnd.arrived[m], TO_SERVER, torch.zeros(rnd.shapes[m]))
-                self.queue.send(client_endpoint(m), SERVER, encode(zero))
-                self.events.append(f"client {m} sent no gradient in its round: counted as zero")
-            try:
-                self.server.backward()
-            except Exception as err:  # void the round rather than leave it forwarded forever
-                for c in rnd.arrived:
-                    self._drain(c)
-                rnd.state = "failed"
-                self.round = _Round()
-                self.events.append(f"round of clients {sorted(rnd.arrived)} failed in backward ({err}); voided")
-                self.cv.notify_all()
-                context.abort(grpc.StatusCode.ABORTED, "the round failed on the server; retry the step")
-            for m in missing:
-                self.queue.recv(client_endpoint(m), SERVER)
-            rnd.state = "answered"
-            self._completed(sorted(rnd.grads))
-        if rnd.state == "failed":
-            context.abort(grpc.StatusCode.ABORTED, "the round failed on the server; retry the step")
+        if not self._wait(context, lambda: rnd.state != "forwarded"):
+            context.abort(grpc.StatusCode.CANCELLED, "gave up waiting for the round")  # its gradient still counts
+        self._left(rnd, client, context)
         reply = self.queue.recv(ep, SERVER)
         rnd.replied.add(client)
-        if rnd.replied == rnd.grads:
-            self.round = _Round()
+        self._advance()
         self.cv.notify_all()
         return reply
 
