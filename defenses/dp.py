@@ -25,13 +25,19 @@ with a searchable seed, could be regenerated and subtracted. ``seed`` (an intege
 only, UNSAFE, and refused by ``splitleak serve``/``client``.
 
 Floating point (Mironov 2012). Textbook Laplace sampling in floating point leaks the input through which
-low-order bits of the output can occur. Laplace outputs are therefore *snapped*: the clipped value is clamped
-to ±B, the noise added, the sum rounded to the nearest multiple of Λ (the smallest power of two ≥ the noise
-scale b) and clamped to ±B again, with B = max(2^20 Λ, 2C). Following Mironov's Theorem 1 each coordinate
-costs 2^-49 B / b on top of its share of Δ₁ / b; the report's ε includes that term for every coordinate of
-a release. The bound assumes a correctly rounded logarithm; torch's is faithful to about 1 ulp, which the
-theorem does not formally cover (the report says so). Gaussian sampling is not snapped: floating-point
-attacks on it are not covered, and the report says that too.
+low-order bits of the output can occur, and a sampler built on finite-precision uniforms has a bounded
+support (here |noise| ≤ 52 ln 2 · b ≈ 36 b), so far enough out some outputs are reachable from one input
+and not from its neighbour. Laplace outputs are therefore *snapped*: the clipped value (|x_i| ≤ C) gets the
+noise, the sum is rounded to the nearest multiple of Λ (the smallest power of two ≥ the noise scale b) and
+clamped to ±B, B = Λ·floor((16 b − C) / Λ): well inside the support, so every output in [−B, B] is reachable
+from every input. Each output is then a grid cell (or a clamped tail) whose preimage in the sampler's 2^52
+uniforms holds at least c = 2^52 e^{−(B + C + Λ/2)/b} (1 − e^{−Λ/b}) − 1 points; rounding in log, scaling,
+adding and rounding moves each cell boundary by under a point or two, so a cell's probability is the ideal
+Laplace mass times (1 ± 4/c), and each coordinate costs ln((1 + 4/c)/(1 − 4/c)) on top of its share of
+Δ₁ / b (about 4e-8 per coordinate at the default sizes). The report's ε includes that term for every
+coordinate of a release. A sigma so small that B < Λ (C ≥ 16 b − Λ, about sigma < 1/30) gets no guarantee
+(ε = ∞). Gaussian sampling is not snapped: floating-point attacks on it are not covered, and the report says
+so.
 
 Trained parts (the guarantee's premise). A release is a function of its record only if what produces it
 does not depend on other records. With a trained client head, every later activation of *any* record
@@ -73,7 +79,7 @@ from suite.engine.noise import NoiseStream, as_stream, client_stream
 from suite.engine.parties import Batch, make_optimizer, trainable
 from suite.interfaces.defense import Defense, DefenseConfig, register_defense
 
-SNAP_RANGE = 2**20  # B = max(SNAP_RANGE x Λ, 2C): noise beyond B is clamped (probability e^-(2^20): never)
+SNAP_SUPPORT = 16.0  # the Laplace clamp B sits inside 16 noise scales (probability beyond: e^-15 at most)
 
 
 @dataclass(frozen=True)
@@ -103,18 +109,26 @@ class DPConfig(DefenseConfig):
                              "exactly zero from each sequence's last real token on and shows every length")
         if self.hide_lengths and self.sigma == 0:
             raise ValueError("hide_lengths needs sigma > 0: un-noised padding shows every length")
+        if self.hide_lengths and (self.clip == 0 or self.grad_clip == 0):
+            raise ValueError("hide_lengths needs clip > 0 and grad_clip > 0: unclipped releases have no finite "
+                             "sensitivity, so nothing (the lengths included) is covered")
 
 
 class _DPHook:
     """Clip each sequence's tensor (head activation or tail gradient) and add noise; count releases per
     record. Pad positions leave as zeros, or (``hide_lengths``) noised like the real ones."""
 
-    def __init__(self, config: DPConfig, norm: int, stream: NoiseStream | torch.Generator, clip: float | None = None):
+    def __init__(self, config: DPConfig, norm: int, stream: NoiseStream, clip: float | None = None,
+                 releases: Counter | None = None):
+        if not isinstance(stream, NoiseStream):  # a torch.Generator's seed can be searched (torch keeps 32 bits)
+            raise TypeError(f"DP noise comes from a NoiseStream, not a {type(stream).__name__}")
         self.config = config
         self.norm = norm  # 2 (Gaussian) or 1 (Laplace)
-        self.stream = as_stream(stream)
+        self.stream = stream
         self.clip = config.clip if clip is None else clip
-        self.releases: Counter[tuple[int, ...]] = Counter()
+        # Releases per record, shared by every client's hook of one kind: a record two clients hold is one
+        # record released by both.
+        self.releases: Counter[tuple[int, ...]] = releases if releases is not None else Counter()
         self.noise_sq_sum = 0.0
         self.noise_count = 0
         self.coordinates = 0  # the most coordinates one record's release had (for the snapping term)
@@ -129,8 +143,7 @@ class _DPHook:
             self.releases[tuple(row.tolist())] += 1
         out = out * mask  # padding carries nothing of the record
         if self.clip > 0:
-            norms = out.flatten(1).norm(p=self.norm, dim=1).clamp_min(1e-12)
-            out = out * (self.clip / norms).clamp(max=1.0).view(-1, 1, 1)
+            out = self._clipped(out)
         if self.config.sigma == 0:
             return out
         scale = self.config.sigma * (self.sensitivity if self.clip > 0 else 1.0)
@@ -146,12 +159,26 @@ class _DPHook:
         self.noise_count += int(where.sum()) * out.shape[-1]
         return noised
 
+    def _clipped(self, out: torch.Tensor) -> torch.Tensor:
+        """Each sequence scaled to norm at most ``clip`` *as sent*: the norm is taken in float32 or better and
+        the target shrunk by a few ulps of the tensor's dtype, then checked again in float64 after the cast
+        (bf16 rounding alone would otherwise exceed the bound by up to ~0.5 %)."""
+        margin = 1.0 - 4 * torch.finfo(out.dtype).eps
+        norms = out.float().flatten(1).norm(p=self.norm, dim=1).clamp_min(1e-30)
+        clipped = out * (self.clip * margin / norms).clamp(max=1.0).to(out.dtype).view(-1, 1, 1)
+        for _ in range(8):  # still over after the cast (never seen with this margin): shrink those rows again
+            sent = clipped.detach().double().flatten(1).norm(p=self.norm, dim=1)
+            if not bool((sent > self.clip).any()):
+                return clipped
+            clipped = clipped * (self.clip * margin / sent).clamp(max=1.0).to(out.device, out.dtype).view(-1, 1, 1)
+        raise RuntimeError(f"cannot clip to norm {self.clip} in {out.dtype}")
+
     def _snapped_laplace(self, out: torch.Tensor, scale: float) -> torch.Tensor:
-        """Mironov's snapping mechanism per coordinate: clamp to ±B, add Laplace(scale), round to a multiple
-        of Λ (the smallest power of two ≥ scale), clamp to ±B, in float64; the noise is a constant for
-        autograd (the head trains through the clipped value, as under Gaussian noise)."""
+        """The snapping mechanism per coordinate (module docstring): add Laplace(scale), round to a multiple
+        of Λ, clamp to ±B, in float64; the noise is a constant for autograd (the head trains through the
+        clipped value, as under Gaussian noise)."""
         lam, bound = snap_grid(scale, self.clip)
-        value = out.detach().double().cpu().clamp(-bound, bound)
+        value = out.detach().double().cpu()
         snapped = (torch.round((value + scale * self.stream.laplace(out.shape)) / lam) * lam).clamp(-bound, bound)
         return snapped.to(out.device, out.dtype) + (out - out.detach())  # exactly the snapped value, forward
 
@@ -160,9 +187,19 @@ class _DPHook:
 
 
 def snap_grid(scale: float, clip: float) -> tuple[float, float]:
-    """Λ (the smallest power of two ≥ ``scale``) and the clamp bound B of the snapping mechanism."""
+    """Λ (the smallest power of two ≥ ``scale``) and the clamp bound B (a multiple of Λ inside the sampler's
+    support; < Λ when ``clip`` is too large for the scale: no guarantee)."""
     lam = 2.0 ** math.ceil(math.log2(scale))
-    return lam, max(SNAP_RANGE * lam, 2.0 * clip)
+    return lam, lam * math.floor((SNAP_SUPPORT * scale - clip) / lam)
+
+
+def snap_term(scale: float, clip: float) -> float:
+    """The ε each snapped coordinate costs beyond its share of Δ₁ / b (module docstring); ∞ without a grid."""
+    lam, bound = snap_grid(scale, clip)
+    if bound < lam:
+        return math.inf
+    cells = 2.0**52 * math.exp(-(bound + clip + lam / 2) / scale) * -math.expm1(-lam / scale) - 1
+    return math.log((1 + 4 / cells) / (1 - 4 / cells)) if cells > 4 else math.inf
 
 
 class _DPDefense(Defense):
@@ -179,15 +216,17 @@ class _DPDefense(Defense):
 
     def install(self, session) -> None:
         self.trained_parts = []
+        counts: Counter = Counter()  # releases per record, across every client (a record two clients hold)
+        grad_counts: Counter = Counter()
         for client in session.clients:
             stream = client_stream(self.config.seed, client.id)
             self.noise_source = stream.source
             self._freeze(client)
-            hook = _DPHook(self.config, self.norm, stream)
+            hook = _DPHook(self.config, self.norm, stream, releases=counts)
             client.activation_hooks.append(hook)
             self.hooks.append(hook)
             if self.config.direction == "both":
-                grad_hook = _DPHook(self.config, self.norm, stream, clip=self._grad_clip())
+                grad_hook = _DPHook(self.config, self.norm, stream, clip=self._grad_clip(), releases=grad_counts)
                 client.tail_gradient_hooks.append(grad_hook)
                 self.grad_hooks.append(grad_hook)
             if self.config.hide_lengths:
@@ -243,6 +282,8 @@ class _DPDefense(Defense):
             return f"none: the {' and '.join(self.trained_parts)} trained on the private data (freeze = false)"
         if self.config.sigma == 0 or any(clip == 0 for clip, k, _ in self._kinds() if k):
             return "none: no noise or no clipping"
+        if math.isinf(self._epsilon(self._kinds())):
+            return "none: sigma too small for the snapped Laplace sampler's grid (B < Λ)"
         return "per record, " + ("pure ε" if self.norm == 1 else f"(ε, δ = {self.config.delta:g})")
 
     def epsilon(self) -> float:
@@ -255,9 +296,8 @@ class _DPDefense(Defense):
         raise NotImplementedError
 
     def covers(self) -> str:
-        if self.trained_parts:
-            return ("covers: nothing formally (the " + " and ".join(self.trained_parts)
-                    + " trained on the private data, so every release depends on every record)")
+        if not self.guarantee().startswith("per record"):
+            return f"covers: nothing formally ({self.guarantee().removeprefix('none: ')})"
         k = self.releases()
         covered = [f"head activations ({k} releases/record)"]
         missing = []
@@ -283,8 +323,11 @@ class _DPDefense(Defense):
             "noise_source": self.noise_source,
         }
         if self.norm == 1:
-            report["floating_point"] = ("snapped (Mironov 2012): rounded to multiples of Λ and clamped to ±B; "
-                                        "ε includes 2^-49·B/b per coordinate; assumes a correctly rounded log")
+            lam, bound = snap_grid(self.config.sigma * 2 * self.config.clip, self.config.clip)
+            report["floating_point"] = (f"snapped (Mironov 2012): rounded to multiples of Λ = {lam:g} and clamped "
+                                        f"to ±{bound:g}, inside the sampler's support; ε includes "
+                                        f"{snap_term(self.config.sigma * 2 * self.config.clip, self.config.clip):.2g} "
+                                        "per coordinate")
         if self.config.direction == "both":
             report["grad_clip"] = self._grad_clip()
             report["grad_releases_per_record"] = self.releases(self.grad_hooks)
@@ -318,14 +361,11 @@ class LaplaceDPDefense(_DPDefense):
 
     def _epsilon(self, parts: list[tuple[float, int, int]]) -> float:
         """Pure ε, basic composition over releases; each release is 1/sigma (= Δ₁ / b) plus the snapping
-        term 2^-49·B/b for each of its coordinates (Mironov 2012, Theorem 1, which needs b < B < 2^46 b)."""
+        term (``snap_term``) for each of its coordinates."""
         if self.config.sigma == 0 or any(clip == 0 for clip, k, _ in parts if k):
             return math.inf
         total = 0.0
         for clip, k, coordinates in parts:
-            scale = self.config.sigma * 2 * clip
-            _, bound = snap_grid(scale, clip)
-            if not scale < bound < 2.0**46 * scale:
-                return math.inf
-            total += k * (1 / self.config.sigma + coordinates * 2.0**-49 * bound / scale)
+            if k:
+                total += k * (1 / self.config.sigma + coordinates * snap_term(self.config.sigma * 2 * clip, clip))
         return total

@@ -49,12 +49,12 @@ def _batch(n=64, t=8):
 
 def test_measured_noise_matches_sigma_and_clipping_bounds_norms():
     cfg = DPConfig(sigma=0.7, clip=2.0)
-    hook = _DPHook(cfg, 2, torch.Generator().manual_seed(0))
+    hook = _DPHook(cfg, 2, NoiseStream.for_tests(0))
     batch = _batch()
     out = torch.randn(64, 8, 32) * 10
     noisy = hook(out, batch)
     assert hook.measured_std() == pytest.approx(0.7 * 4.0, rel=0.03)  # sigma x sensitivity (2C)
-    clipper = _DPHook(DPConfig(sigma=0.0, clip=2.0), 2, torch.Generator())
+    clipper = _DPHook(DPConfig(sigma=0.0, clip=2.0), 2, NoiseStream.fresh())
     clipped = clipper(out, batch)
     norms = (clipped * batch.attention_mask.unsqueeze(-1)).flatten(1).norm(dim=1)
     assert torch.all(norms <= 2.0 + 1e-5)
@@ -64,7 +64,7 @@ def test_measured_noise_matches_sigma_and_clipping_bounds_norms():
 
 
 def test_laplace_noise_scale():
-    hook = _DPHook(DPConfig(sigma=0.5, clip=1.0), 1, torch.Generator().manual_seed(0))
+    hook = _DPHook(DPConfig(sigma=0.5, clip=1.0), 1, NoiseStream.for_tests(0))
     hook(torch.zeros(64, 8, 32), _batch())
     b = 0.5 * 2.0
     assert hook.measured_std() == pytest.approx(math.sqrt(2) * b, rel=0.03)  # Laplace std = sqrt(2) b
@@ -82,7 +82,7 @@ def _rdp_epsilon(sigma: float, k: int, delta: float) -> float:
 
 def test_epsilon_matches_a_hand_computed_value():
     defense = GaussianDPDefense(DPConfig(sigma=2.0, clip=1.0, delta=1e-5))
-    hook = _DPHook(defense.config, 2, torch.Generator())
+    hook = _DPHook(defense.config, 2, NoiseStream.fresh())
     defense.hooks.append(hook)
     batch = _batch(4)
     for _ in range(10):
@@ -90,7 +90,7 @@ def test_epsilon_matches_a_hand_computed_value():
     assert defense.releases() == 10
     assert defense.epsilon() == pytest.approx(_rdp_epsilon(2.0, 10, 1e-5), rel=1e-3)
     more = GaussianDPDefense(defense.config)
-    more.hooks.append(_DPHook(defense.config, 2, torch.Generator()))
+    more.hooks.append(_DPHook(defense.config, 2, NoiseStream.fresh()))
     for _ in range(40):
         more.hooks[0](torch.randn(4, 8, 32), batch)
     assert math.isfinite(defense.epsilon()) and more.epsilon() > defense.epsilon()
@@ -151,7 +151,7 @@ def _regenerate_and_subtract(received, params, out, batch):
     derivation from the config's seed and the client id, with the config's seed or the default 0) and
     subtracts it. Returns the residual noise std of the best guess, against the clipped activation (ground
     truth, for scoring only)."""
-    clipped = _DPHook(DPConfig(sigma=0.0, clip=params["clip"]), 2, torch.Generator())(out, batch)
+    clipped = _DPHook(DPConfig(sigma=0.0, clip=params["clip"]), 2, NoiseStream.fresh())(out, batch)
     best = math.inf
     for seed in {params.get("seed") or 0, 0}:
         redrawn = _DPHook(DPConfig(**{**params, "seed": seed}), 2, NoiseStream.for_tests(seed, 0))
@@ -177,7 +177,7 @@ def test_two_runs_with_the_same_config_draw_different_noise_and_the_server_canno
 
 def test_hide_lengths_noises_padding_and_sends_no_mask():
     cfg = DPConfig(sigma=0.5, clip=1.0, hide_lengths=True, direction="both")
-    hook = _DPHook(cfg, 2, torch.Generator().manual_seed(0))
+    hook = _DPHook(cfg, 2, NoiseStream.for_tests(0))
     batch = _batch()
     noisy = hook(torch.randn(64, 8, 32), batch)
     pad = batch.attention_mask == 0
@@ -194,6 +194,8 @@ def test_hide_lengths_noises_padding_and_sends_no_mask():
 @pytest.mark.parametrize(("params", "needle"), [
     ({"hide_lengths": True}, "direction = 'both'"),  # the old default: the gradient's zeros show the lengths
     ({"hide_lengths": True, "direction": "both", "sigma": 0}, "sigma > 0"),
+    ({"hide_lengths": True, "direction": "both", "clip": 0}, "clip > 0"),
+    ({"hide_lengths": True, "direction": "both", "grad_clip": 0}, "clip > 0"),
 ])
 def test_hide_lengths_is_refused_with_the_setting_that_would_leak_them(params, needle):
     with pytest.raises(ConfigError, match=needle):
@@ -235,6 +237,11 @@ def test_the_server_cannot_read_lengths_from_anything_it_receives_under_hide_len
     chance = float((lengths == lengths.mode().values).float().mean())  # always guessing the commonest length
     assert all(b.attention_mask.all() for b in hidden.capture.batches)
     assert _length_accuracy(hidden) <= chance + 0.15
+    from suite.experiment.cell import _observations
+
+    seen = _observations(get_threat("curious_server"), SplitSpec(1, 1), base, cfg, hidden.shadow, hidden.prepared,
+                         hidden.capture, hidden.defense)
+    assert set(seen.lengths) == {40}  # attacks are handed the lengths the server saw, not the clients' own
     old = make_defense("dp_gaussian", params)
     object.__setattr__(old.config, "direction", "activations")  # the configuration the old code accepted
     leaky = train_split(cfg, SplitSpec(1, 1), base, defense=old)
@@ -311,7 +318,7 @@ def _clipped_base_release(base, capture, clip: float) -> torch.Tensor:
     head = split_model(copy.deepcopy(base.model), SplitSpec(1, 1)).client_head
     with torch.no_grad():
         out = head(capture.true_ids, capture.mask, position_ids_for(capture.mask))
-    return _DPHook(DPConfig(sigma=0.0, clip=clip), 2, torch.Generator())(out, Batch(capture.true_ids, capture.mask,
+    return _DPHook(DPConfig(sigma=0.0, clip=clip), 2, NoiseStream.fresh())(out, Batch(capture.true_ids, capture.mask,
                                                                                      capture.true_ids))
 
 
@@ -338,3 +345,56 @@ def test_activation_dp_freezes_the_head_so_a_release_depends_on_its_own_record_o
     assert all(not p.requires_grad for c in both.prepared.session.clients
                for p in [*c.head.parameters(), *c.tail.parameters()])
     assert math.isfinite(both.defense.report()["epsilon"])
+
+
+def test_a_record_two_clients_hold_is_counted_across_both():
+    """Releases are counted per record over every client: the same record released by two clients has been
+    released twice (the old per-client counters reported the larger of the two counts)."""
+    defense = make_defense("dp_gaussian", {"sigma": 1.0})
+    session = _FakeSession(2)
+    defense.install(session)
+    batch = _batch(4)
+    for client in session.clients:
+        for _ in range(3):
+            client.activation_hooks[0](torch.randn(4, 8, 32), batch)
+    assert defense.releases() == 6
+
+
+def test_no_noise_or_no_clipping_covers_nothing():
+    for params in ({"sigma": 0.0}, {"clip": 0.0}):
+        defense = make_defense("dp_gaussian", params)
+        session = _FakeSession(1)
+        defense.install(session)
+        session.clients[0].activation_hooks[0](torch.randn(4, 8, 32), _batch(4))
+        assert defense.covers().startswith("covers: nothing formally") and defense.epsilon() == math.inf
+
+
+def test_a_reply_that_overflows_the_tail_sends_nothing_of_it(base):
+    """A server that replies with huge hidden states makes the tail's loss and gradient non-finite for the
+    rows it chooses. The client rejects the step and sends a zero gradient through the same noise as any
+    other, so neither the NaN pattern nor an un-noised value crosses; its parameters stay finite."""
+    import dataclasses
+
+    from suite.engine.training import train
+    from suite.experiment.prepared import prepare
+    from suite.interfaces.attack import ServerPolicy
+
+    class Overflow(ServerPolicy):
+        def on_forward(self, client_ids, step, hidden_in, attention_mask, honest_out):
+            out = honest_out.clone()
+            out[0] = 3e38  # one row only
+            return out
+
+    loaded = dataclasses.replace(base, model=copy.deepcopy(base.model))
+    prepared = prepare(CFG, SplitSpec(1, 1), loaded=loaded)
+    make_defense("dp_gaussian", {"sigma": 1.0, "direction": "both", "freeze": False}).install(prepared.session)
+    sent = []
+    prepared.session.server.inbox_taps.append(lambda msg: sent.append(msg))
+    prepared.session.server.policy = Overflow()
+    train(prepared.session, 2)
+    grads = [m.grad for m in sent if hasattr(m, "grad")]
+    assert grads and all(bool(torch.isfinite(g).all()) for g in grads)
+    assert all(float(g.std()) > 0.5 for g in grads)  # noise (sigma x 2C = 2) on every gradient message
+    client = prepared.session.clients[0]
+    assert client.rejected_steps == [0, 1]
+    assert all(bool(torch.isfinite(p).all()) for p in [*client.head.parameters(), *client.tail.parameters()])

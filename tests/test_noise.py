@@ -146,7 +146,7 @@ def test_laplace_outputs_are_snapped_to_the_grid():
     batch.attention_mask[0, 5:] = 0
     noisy = hook(torch.randn(4, 8, 32), batch).double()
     lam, bound = snap_grid(0.3 * 2.0, 1.0)
-    assert lam == 1.0 and bound == 2.0**20
+    assert lam == 1.0 and bound == 8.0  # floor(16 x 0.6 - 1)
     real = batch.attention_mask.bool()
     assert torch.equal(noisy[real], torch.round(noisy[real] / lam) * lam)
     assert float(noisy.abs().max()) <= bound
@@ -184,3 +184,93 @@ def test_no_deployment_noise_is_drawn_through_a_seeded_torch_generator(base, mon
     state = torch.get_rng_state()
     train(prepared.session, 1)
     assert torch.equal(torch.get_rng_state(), state), "deployment noise drawn from the global torch RNG"
+
+
+@pytest.mark.parametrize("byte", [0x00, 0xFF])
+def test_uniforms_stay_strictly_inside_the_unit_interval_and_exact(byte):
+    u = _ExtremeStream(byte).uniform((4,))
+    assert float(u.min()) > 0 and float(u.max()) < 1
+    assert torch.equal(u, torch.full((4,), 2.0**-53 if byte == 0 else 1 - 2.0**-53, dtype=torch.float64))
+
+
+def test_a_long_stream_moves_to_a_fresh_nonce_before_the_block_counter_wraps(monkeypatch):
+    import suite.engine.noise as noise
+
+    monkeypatch.setattr(noise, "SUBSTREAM_BYTES", 64)
+    one = NoiseStream(bytes(32)).random_bytes(200)
+    parts = NoiseStream(bytes(32))
+    assert b"".join(parts.random_bytes(n) for n in (10, 100, 90)) == one  # however the draws are cut
+    blocks = [one[i : i + 64] for i in range(0, 192, 64)]
+    assert len(set(blocks)) == 3  # no sub-stream repeats another's keystream
+
+
+def test_laplace_signs_are_single_fair_bits():
+    stream = NoiseStream.fresh()
+    before = stream.drawn
+    bits = stream.bits((80_000,))
+    assert stream.drawn - before == 10_000  # one bit per sign
+    assert float(bits.float().mean()) == pytest.approx(0.5, abs=0.01)
+
+
+class _LargestNoise(NoiseStream):
+    """All-zero uniform words (the largest Laplace magnitude), then signs from ``sign_byte``."""
+
+    def __init__(self, sign_byte: int):
+        super().__init__(bytes(32))
+        self.sign_byte, self.calls = sign_byte, 0
+
+    def random_bytes(self, n: int) -> bytes:
+        self.calls += 1
+        return bytes(n) if self.calls == 1 else bytes([self.sign_byte]) * n  # magnitude, then sign
+
+
+def _extreme_outputs(x: float, config: DPConfig) -> set[float]:
+    """The outputs of the snapped Laplace hook for a 1-coordinate release of value ``x`` at the sampler's
+    largest noise magnitude (an all-zero uniform word), both signs."""
+    out = set()
+    for sign_byte in (0x00, 0xFF):
+        hook = _DPHook(config, 1, _LargestNoise(sign_byte))
+        batch = Batch(torch.ones(1, 1, dtype=torch.long), torch.ones(1, 1, dtype=torch.long), torch.ones(1, 1))
+        out.add(float(hook(torch.full((1, 1, 1), x), batch)))
+    return out
+
+
+def test_every_snapped_output_is_reachable_from_every_input():
+    """The sampler's noise is bounded (|z| <= 36 b): with the old clamp far outside that range, the largest
+    output of x = +C could not occur for x = -C (an infinite privacy loss). The clamp now sits inside it."""
+    config = DPConfig(sigma=0.25, clip=1.0)
+    assert _extreme_outputs(1.0, config) == _extreme_outputs(-1.0, config)
+    lam, bound = snap_grid(0.25 * 2.0, 1.0)
+    assert _extreme_outputs(1.0, config) == {bound, -bound}
+    old_bound = max(2**20 * lam, 2.0)  # the old clamp: the extremes differed by the inputs' distance
+    old = [round((x + 0.5 * 52 * math.log(2)) / lam) * lam for x in (1.0, -1.0)]
+    assert old[0] != old[1] and max(old) < old_bound
+
+
+def test_a_sigma_too_small_for_the_grid_has_no_guarantee():
+    from defenses.dp import LaplaceDPDefense
+
+    defense = LaplaceDPDefense(DPConfig(sigma=0.02, clip=1.0))  # C = 25 b: beyond the clamp's room
+    hook = _DPHook(defense.config, 1, NoiseStream.fresh())
+    defense.hooks.append(hook)
+    hook(torch.randn(2, 4, 8), _batch(2, 4))
+    assert defense.epsilon() == math.inf and defense.guarantee().startswith("none: sigma too small")
+    fine = LaplaceDPDefense(DPConfig(sigma=0.5, clip=1.0))
+    fine.hooks.append(_DPHook(fine.config, 1, NoiseStream.fresh()))
+    fine.hooks[0](torch.randn(2, 4, 8), _batch(2, 4))
+    assert 2.0 < fine.epsilon() < 2.0 + 1e-4  # 1 release: 1/sigma plus 32 coordinates' snapping terms
+
+
+def test_dp_hooks_refuse_a_torch_generator():
+    with pytest.raises(TypeError, match="NoiseStream"):
+        _DPHook(DPConfig(), 2, torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("norm", [1, 2])
+def test_clipping_holds_in_the_dtype_that_is_sent(dtype, norm):
+    hook = _DPHook(DPConfig(sigma=0.0, clip=1.0), norm, NoiseStream.fresh())
+    out = (torch.randn(64, 8, 32) * 7).to(dtype)
+    sent = hook(out, _batch(64))
+    assert sent.dtype == dtype
+    assert float(sent.double().flatten(1).norm(p=norm, dim=1).max()) <= 1.0

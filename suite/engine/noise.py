@@ -7,14 +7,19 @@ noise bit for bit and subtract it. A ``NoiseStream`` is ChaCha20 (from ``cryptog
 from ``os.urandom``, fresh per client and per run; nothing about the key crosses the wire or sits in the
 config, so knowing every public parameter and every earlier output says nothing of the next draw.
 
-Samplers (all computed in float64 from 53-bit uniforms on the open interval (0, 1), so no logarithm ever sees
+Samplers (all computed in float64 from 52-bit uniforms on the open interval (0, 1), so no logarithm ever sees
 0 or 1 and no sample is infinite):
 
-* ``uniform``: (k + 1/2) / 2^53 for a 53-bit keystream word k;
+* ``uniform``: (k + 1/2) / 2^52 for a 52-bit keystream word k: exact in float64, in [2^-53, 1 - 2^-53];
 * ``normal``: Box–Muller, both halves used;
-* ``exponential``: −log(u);
+* ``exponential``: −log(u), so at most 52·ln 2 ≈ 36.04 (the support is bounded: ``defenses.dp`` accounts
+  for that);
 * ``laplace``: a keystream sign bit times an exponential;
 * ``categorical``: inverse CDF over each row of a probability table.
+
+One ChaCha20 key serves many sub-streams (the 96-bit nonce counts them): each carries at most 2^36 bytes,
+far below the 2^32 blocks (256 GiB) after which ChaCha20's block counter would wrap, so a long run never
+reuses keystream.
 
 ``NoiseStream.for_tests(seed, *labels)`` derives the key from an integer (sha256), for reproducible tests
 only: anyone who knows the seed can regenerate the noise, so ``splitleak serve`` / ``client`` refuse it.
@@ -31,7 +36,8 @@ import os
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
-_MASK53 = (1 << 53) - 1
+_MASK52 = (1 << 52) - 1
+SUBSTREAM_BYTES = 2**36  # keystream bytes per nonce (ChaCha20's 32-bit block counter allows 2^38)
 
 
 class NoiseStream:
@@ -40,7 +46,10 @@ class NoiseStream:
     def __init__(self, key: bytes):
         if len(key) != 32:
             raise ValueError(f"a NoiseStream key is 32 bytes, got {len(key)}")
-        self._keystream = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor()
+        self._key = key
+        self._substream = -1
+        self._left = 0  # bytes left in the current sub-stream
+        self._keystream = None
         self.drawn = 0  # keystream bytes consumed (for tests and accounting)
         self.source = "os_random"
 
@@ -67,8 +76,19 @@ class NoiseStream:
     # -- raw material ---------------------------------------------------------------------------------------
 
     def random_bytes(self, n: int) -> bytes:
-        self.drawn += n
-        return self._keystream.update(bytes(n))
+        out = []
+        while n > 0:
+            if self._left == 0:  # the next sub-stream: a fresh nonce, its block counter from 0
+                self._substream += 1
+                nonce = bytes(4) + self._substream.to_bytes(12, "little")
+                self._keystream = Cipher(algorithms.ChaCha20(self._key, nonce), mode=None).encryptor()
+                self._left = SUBSTREAM_BYTES
+            take = min(n, self._left)
+            out.append(self._keystream.update(bytes(take)))
+            self._left -= take
+            self.drawn += take
+            n -= take
+        return b"".join(out)
 
     def _words(self, n: int) -> torch.Tensor:
         """``n`` 64-bit keystream words as int64."""
@@ -79,10 +99,10 @@ class NoiseStream:
     # -- samplers (float64, on the host; callers cast and move) ---------------------------------------------
 
     def uniform(self, shape) -> torch.Tensor:
-        """Uniform on the open interval (0, 1): never 0, never 1."""
+        """Uniform on the 2^52 points (k + 1/2) / 2^52 of the open interval (0, 1): never 0, never 1."""
         shape = torch.Size(shape)
-        k = (self._words(shape.numel()) >> 11) & _MASK53  # the top 53 bits of each word
-        return ((k.double() + 0.5) * 2.0**-53).view(shape)
+        k = (self._words(shape.numel()) >> 12) & _MASK52  # the top 52 bits of each word
+        return ((k.double() + 0.5) * 2.0**-52).view(shape)
 
     def normal(self, shape) -> torch.Tensor:
         """Standard normal (Box–Muller)."""
@@ -102,8 +122,16 @@ class NoiseStream:
         """Standard Laplace (scale 1): a fair keystream sign times an exponential magnitude."""
         shape = torch.Size(shape)
         magnitude = self.exponential(shape)
-        signs = torch.frombuffer(bytearray(self.random_bytes(shape.numel())), dtype=torch.uint8)
-        return torch.where((signs & 1).bool().view(shape), magnitude, -magnitude)
+        return torch.where(self.bits(shape), magnitude, -magnitude)
+
+    def bits(self, shape) -> torch.Tensor:
+        """Fair coin flips (bool), one keystream bit each."""
+        shape = torch.Size(shape)
+        n = shape.numel()
+        packed = torch.frombuffer(bytearray(self.random_bytes((n + 7) // 8)), dtype=torch.uint8) if n else \
+            torch.empty(0, dtype=torch.uint8)
+        unpacked = (packed.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1
+        return unpacked.flatten()[:n].bool().view(shape)
 
     def categorical(self, probs: torch.Tensor) -> torch.Tensor:
         """One index per row of ``probs`` [N, V] (rows need not be normalised), by inverse CDF: [N] int64."""

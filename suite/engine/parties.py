@@ -219,20 +219,29 @@ class Client:
                 received = hook(step, received, self._batch)
         except StepRejected:
             self._reject(step)
-            zero = torch.zeros_like(msg.hidden)
-            self.sent_gradient = zero
-            self.transport.send(self.endpoint, SERVER, encode(GradientMsg(self.id, step, TO_SERVER, zero)))
+            self._send_gradient(step, torch.zeros_like(msg.hidden))
             return float("nan")
         hidden = received.detach().requires_grad_(True)
         logits = self.tail(hidden, self._batch.attention_mask, self._positions)
         loss = causal_lm_loss(logits, self._batch.labels)
         loss.backward()
         grad = hidden.grad
+        if not bool(torch.isfinite(grad).all()) or not bool(torch.isfinite(loss)):
+            # The server's reply overflowed the tail: never send (or train on) what came of it. The zero
+            # gradient below goes through the same hooks (noise) as any other, so the message's form says
+            # nothing of which rows overflowed.
+            self._reject(step)
+            self._send_gradient(step, torch.zeros_like(hidden))
+            return float("nan")
+        self._send_gradient(step, grad)
+        return float(loss.detach())
+
+    def _send_gradient(self, step: int, grad: torch.Tensor) -> None:
+        """The tail's gradient, through every tail-gradient hook (DP noise), to the server."""
         for tail_hook in self.tail_gradient_hooks:
             grad = tail_hook(grad, self._batch)
         self.sent_gradient = grad
         self.transport.send(self.endpoint, SERVER, encode(GradientMsg(self.id, step, TO_SERVER, grad)))
-        return float(loss.detach())
 
     def receive_gradient(self, step: int) -> None:
         """Round trip 2, back: head backward with the server's gradient (plus any head loss terms), then

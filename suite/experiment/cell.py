@@ -215,7 +215,8 @@ def _observations(threat, spec, base: LoadedModel, cfg, shadow, prepared: Prepar
         colluder_head_tail=colluder_head_tail if colluder is not None else None,
         colluder_records=tuple(r.text for r in prepared.private[colluder]) if colluder is not None else None,
         defense=public_defense(defense) if defense is not None else None,
-        lengths=tuple(int(n) for n in capture.mask.sum(1)) if capture else None,
+        # the lengths the server saw (every row max_length under hide_lengths), never the clients' own masks
+        lengths=tuple(int(n) for b in capture.batches for n in b.attention_mask.sum(1)) if capture else None,
     )
 
 
