@@ -139,6 +139,10 @@ class Client:
         self.gradient_hooks: list[GradientHook] = []
         self.tail_gradient_hooks: list[TailGradientHook] = []
         self.hide_lengths = False
+        # False while traffic is captured (``suite.engine.training.no_updates``): every message is computed and
+        # sent as in a training step, but no optimiser steps, so the capture adds no training.
+        self.updates = True
+        self.optimizer_steps = 0  # optimiser steps taken (the training budget, checked per party)
         self.rejected_steps: list[int] = []
         self.sent_activation: torch.Tensor | None = None  # the head output of the current step (for audits)
         self.sent_gradient: torch.Tensor | None = None  # the tail gradient of the current step (for audits)
@@ -239,7 +243,7 @@ class Client:
                     grad = hook(step, grad, self._head_out.detach(), self._batch)
             except StepRejected:
                 self._reject(step)
-        if self._rejected:
+        if self._rejected or not self.updates:
             if self.optimizer is not None:
                 self.optimizer.zero_grad(set_to_none=True)
             self._head_out = None
@@ -251,6 +255,7 @@ class Client:
             objective.backward()
         if self.optimizer is not None:
             self.optimizer.step()
+            self.optimizer_steps += 1
         self._head_out = None
 
 
@@ -281,6 +286,8 @@ class Server:
         # A server that deviates from the protocol (FSHA, tampering) replaces its replies through this;
         # see suite.interfaces.attack.ServerPolicy. None = honest.
         self.policy = None
+        self.updates = True  # False while traffic is captured: gradients are computed and sent, nothing steps
+        self.optimizer_steps: dict[str | None, int] = dict.fromkeys(self.optimizers, 0)  # per adapter set
         # Callbacks that see every decoded message the server receives: a curious server's memory.
         self.inbox_taps: list[Callable[[ActivationMsg | GradientMsg], None]] = []
         self._pending: tuple[list[int], torch.Tensor, torch.Tensor, list[int], list[int], str | None] | None = None
@@ -392,8 +399,11 @@ class Server:
         if optimizer is not None:
             optimizer.zero_grad(set_to_none=True)
         out.backward(torch.cat([_pad(g, length, 0.0) for g in grads]))
-        if optimizer is not None:
+        if optimizer is not None and self.updates:
             optimizer.step()
+            self.optimizer_steps[adapter] += 1
+        elif optimizer is not None:
+            optimizer.zero_grad(set_to_none=True)
         grad = hidden.grad
         if self.policy is not None:
             grad = self.policy.head_gradient(ids, steps[ids[0]], hidden.detach(), mask, grad)
