@@ -148,6 +148,10 @@ class Client:
         self.gradient_hooks: list[GradientHook] = []
         self.tail_gradient_hooks: list[TailGradientHook] = []
         self.hide_lengths = False
+        # False while traffic is captured (``suite.engine.training.no_updates``): every message is computed and
+        # sent as in a training step, but no optimiser steps, so the capture adds no training.
+        self.updates = True
+        self.optimizer_steps = 0  # optimiser steps taken (the training budget, checked per party)
         self.rejected_steps: list[int] = []
         self.sent_activation: torch.Tensor | None = None  # the head output of the current step (for audits)
         self.sent_gradient: torch.Tensor | None = None  # the tail gradient of the current step (for audits)
@@ -257,7 +261,7 @@ class Client:
                     grad = hook(step, grad, self._head_out.detach(), self._batch)
             except StepRejected:
                 self._reject(step)
-        if self._rejected:
+        if self._rejected or not self.updates:
             if self.optimizer is not None:
                 self.optimizer.zero_grad(set_to_none=True)
             self._head_out = None
@@ -269,6 +273,7 @@ class Client:
             objective.backward()
         if self.optimizer is not None:
             self.optimizer.step()
+            self.optimizer_steps += 1
         self._head_out = None
 
 
@@ -311,6 +316,8 @@ class Server:
         self.policy = None
         # What any client may send (rows, length, magnitude); unbounded in process, set by `splitleak serve`.
         self.bounds = Bounds()
+        self.updates = True  # False while traffic is captured: gradients are computed and sent, nothing steps
+        self.optimizer_steps: dict[str | None, int] = dict.fromkeys(self.optimizers, 0)  # per adapter set
         # Callbacks that see every decoded message the server receives: a curious server's memory.
         self.inbox_taps: list[Callable[[ActivationMsg | GradientMsg], None]] = []
         self._pending: tuple[list[int], torch.Tensor, torch.Tensor, list[int], list[int], str | None] | None = None
@@ -443,8 +450,9 @@ class Server:
         if not self._finite_update(optimizer, grad):
             grad, refused = self._without_culprits(optimizer, ids, rows, hidden.detach(), mask, full)
         if optimizer is not None:
-            if len(refused) < len(ids):
+            if len(refused) < len(ids) and self.updates:
                 optimizer.step()
+                self.optimizer_steps[adapter] += 1
             else:
                 optimizer.zero_grad(set_to_none=True)
         if self.policy is not None:

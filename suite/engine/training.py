@@ -12,6 +12,9 @@ Each strategy is one function that runs one step for every client; ``train`` is 
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -127,13 +130,31 @@ def lora_config(ft: FinetuneConfig, targets: list[str], fam: Family) -> LoraConf
                       fan_in_fan_out=fam.conv1d)
 
 
-def _lora(module: nn.Module, fam: Family, ft: FinetuneConfig, adapter: str = "default") -> None:
+def lora_init_seed(seed: int, key: str) -> int:
+    """The seed of one LoRA A matrix: a function of the run's seed and the module's place in the *unsplit*
+    model (``"<global block index>.<path inside the block>"``, e.g. ``"7.self_attn.q_proj"``), so the
+    initialisation does not depend on how the model is split, in which order parties are built, or which
+    party holds the block. The centralised reference derives the same seeds on its own."""
+    return int.from_bytes(hashlib.sha256(f"splitleak lora {seed} {key}".encode()).digest()[:8], "little") >> 1
+
+
+def _lora(module: nn.Module, fam: Family, ft: FinetuneConfig, seed: int, adapter: str = "default") -> None:
+    """LoRA on ``module``'s (a part's) blocks; each A matrix drawn as peft draws it (Kaiming-uniform, a = √5)
+    from its own generator (``lora_init_seed``), B zero as peft sets it."""
     targets = lora_targets(module, fam, ft.targets)
-    if targets:
-        with warnings.catch_warnings():
-            # peft warns when a second adapter set joins a module: per_client does that on purpose.
-            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-            inject_adapter_in_model(lora_config(ft, targets, fam), module, adapter_name=adapter)
+    if not targets:
+        return
+    with warnings.catch_warnings():
+        # peft warns when a second adapter set joins a module: per_client does that on purpose.
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        inject_adapter_in_model(lora_config(ft, targets, fam), module, adapter_name=adapter)
+    first = module.blocks.first
+    for name in targets:
+        index, inner = name.removeprefix("blocks.layers.").split(".", 1)
+        weight = module.get_submodule(name).lora_A[adapter].weight
+        generator = torch.Generator().manual_seed(lora_init_seed(seed, f"{first + int(index)}.{inner}"))
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)
 
 
 def build_session(
@@ -172,7 +193,7 @@ def build_session(
             if ft.client == "full":
                 part.requires_grad_(True)
             elif ft.client == "lora":
-                _lora(part, split.family, ft)
+                _lora(part, split.family, ft, config.seed)
         head.to(client_device), tail.to(client_device)  # in place: a tied embedding / LM head stays tied
         batches = Batches(shard, config.batch_size, seed=config.seed * 1000 + i)
         clients.append(Client(i, head, tail, batches, transport, ft.lr, device=client_device))
@@ -194,9 +215,9 @@ def build_server(split: SplitModel, config: TrainConfig, transport: Transport,
         if config.strategy == "per_client" and lora_targets(trunk, split.family, ft.targets):
             adapters = {i: f"client{i}" for i in range(config.clients)}
             for name in adapters.values():
-                _lora(trunk, split.family, ft, adapter=name)
+                _lora(trunk, split.family, ft, config.seed, adapter=name)
         else:
-            _lora(trunk, split.family, ft)
+            _lora(trunk, split.family, ft, config.seed)
     device = torch.device(device) if device is not None else module_device(trunk)
     trunk.to(device)
     return Server(trunk, transport, ft.lr, adapters=adapters, device=device)
@@ -222,6 +243,27 @@ class StepLog:
     @property
     def loss(self) -> float:
         return sum(self.losses) / len(self.losses)
+
+
+@contextlib.contextmanager
+def no_updates(session: Session):
+    """Within the block, the parties run the protocol exactly (every message computed and sent, the server's
+    policy included) but no party takes an optimiser step: capturing traffic adds no training."""
+    parties = [*session.clients, session.server]
+    before = [p.updates for p in parties]
+    for p in parties:
+        p.updates = False
+    try:
+        yield session
+    finally:
+        for p, was in zip(parties, before, strict=True):
+            p.updates = was
+
+
+def optimizer_steps(session: Session) -> dict:
+    """Optimiser steps each party took: ``{"server": {adapter set: n}, "clients": [n, ...]}``."""
+    return {"server": {str(k) if k is not None else "shared": v for k, v in session.server.optimizer_steps.items()},
+            "clients": [c.optimizer_steps for c in session.clients]}
 
 
 def train(session: Session, steps: int | None = None, on_step: Callable[[StepLog], None] | None = None) -> list[StepLog]:

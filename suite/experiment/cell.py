@@ -21,7 +21,7 @@ from suite.engine.models import LoadedModel
 from suite.engine.parties import Batch
 from suite.engine.protocol import ActivationMsg, GradientMsg
 from suite.engine.split import SplitSpec
-from suite.engine.training import eval_summary, train
+from suite.engine.training import eval_summary, no_updates, optimizer_steps, train
 from suite.engine.transport import Frame, InProcessTransport, Recorder, client_endpoint
 from suite.experiment.config import ExperimentConfig
 from suite.experiment.data import Record, load_corpus
@@ -73,6 +73,8 @@ class TrainedSplit:
     reference: dict[str, float] = field(default_factory=dict)  # utility_/perplexity_centralised
     # per held-out sequence (loss x tokens, tokens) under the same evaluation as ``utility``: its interval
     utility_scores: list[list[float]] | None = None
+    # optimiser steps each party took in training ({"server": {...}, "clients": [...]}, plus the reference's)
+    optimizer_steps: dict | None = None
 
     @property
     def perplexity(self) -> float:
@@ -80,9 +82,12 @@ class TrainedSplit:
 
 
 def capture_traffic(prepared: Prepared, batch_size: int, first_step: int) -> Capture:
-    """Each client sends its whole shard once more through the protocol (a real training step, batches in
-    order) while a tap on the wire and a tap on the server's inbox record what crosses the split. Every
-    client is captured, so which clients are victims is decided per threat without retraining."""
+    """Each client sends its whole shard once more through the protocol (batches in order) while a tap on the
+    wire and a tap on the server's inbox record what crosses the split. Every message is the one a training
+    step would send (activations, hidden states, both gradients, a deviating server's replies), but no party
+    takes an optimiser step (``no_updates``): the capture observes the model the training budget produced and
+    adds no training to it. Every client is captured, so which clients are victims is decided per threat
+    without retraining."""
     session = prepared.session
     server = session.server
     recorder = Recorder()
@@ -100,22 +105,23 @@ def capture_traffic(prepared: Prepared, batch_size: int, first_step: int) -> Cap
     ids, masks, records, order, row_client = [], [], [], [], []
     step = first_step
     try:
-        for v in range(len(session.clients)):
-            client = session.clients[v]
-            data = client.batches.data  # the victim's tokenised shard, in order
-            for lo in range(0, data["input_ids"].shape[0], batch_size):
-                batch = Batch(*(data[k][lo : lo + batch_size] for k in ("input_ids", "attention_mask", "labels")))
-                client.send_activations(step, batch)
-                server.forward([v], step)
-                client.receive_hidden(step)
-                server.backward(step)
-                client.receive_gradient(step)
-                ids.append(batch.input_ids)
-                masks.append(batch.attention_mask)
-                order.append((v, step))
-                row_client += [v] * batch.input_ids.shape[0]
-                step += 1
-            records += prepared.private[v]
+        with no_updates(session):
+            for v in range(len(session.clients)):
+                client = session.clients[v]
+                data = client.batches.data  # the victim's tokenised shard, in order
+                for lo in range(0, data["input_ids"].shape[0], batch_size):
+                    batch = Batch(*(data[k][lo : lo + batch_size] for k in ("input_ids", "attention_mask", "labels")))
+                    client.send_activations(step, batch)
+                    server.forward([v], step)
+                    client.receive_hidden(step)
+                    server.backward(step)
+                    client.receive_gradient(step)
+                    ids.append(batch.input_ids)
+                    masks.append(batch.attention_mask)
+                    order.append((v, step))
+                    row_client += [v] * batch.input_ids.shape[0]
+                    step += 1
+                records += prepared.private[v]
     finally:
         server.inbox_taps.remove(keep)
         session.transport.remove_tap(recorder)
@@ -156,11 +162,20 @@ def train_split(
                                attack=attack)
         prepared.session.server.policy = attack.server_policy(public)
     train(prepared.session)  # a deviating server keeps deviating while the traffic is captured
-    capture = capture_traffic(prepared, cfg.training.batch_size, first_step=len(prepared.session.losses))
-    # Utility under the defense: the deployed forward pass (noise and every hook that changes what is sent).
+    steps = optimizer_steps(prepared.session)
+    # Utility under the defense: the deployed forward pass (noise and every hook that changes what is sent),
+    # on the model the training budget produced.
     utility, per_sequence, scores = eval_summary(prepared.session, prepared.eval_data)
+    capture = capture_traffic(prepared, cfg.training.batch_size, first_step=len(prepared.session.losses))
+    if optimizer_steps(prepared.session) != steps:  # the capture must add no training
+        raise RuntimeError(f"the traffic capture changed the optimiser steps: {steps} -> "
+                           f"{optimizer_steps(prepared.session)}")
+    ref = centralised_reference(cfg, base) if reference else {}
+    if "optimizer_steps_centralised" in ref:
+        steps["reference"] = ref["optimizer_steps_centralised"]
     return TrainedSplit(prepared, capture, utility, shadow, base, defense, per_sequence,
-                        centralised_reference(cfg, base) if reference else {}, utility_scores=scores)
+                        {k: v for k, v in ref.items() if k != "optimizer_steps_centralised"},
+                        utility_scores=scores, optimizer_steps=steps)
 
 
 def rewire(trained: TrainedSplit, defense: Defense) -> TrainedSplit:
@@ -238,11 +253,12 @@ class CellResult:
     perplexity_centralised: float | None = None
     eval_losses: torch.Tensor | None = None  # per held-out sequence (for a utility interval)
     adaptive: bool | None = None  # the attack simulated the defense (``Reconstruction.extra["adaptive"]``)
+    optimizer_steps: dict | None = None  # TrainedSplit.optimizer_steps
 
-    def utility_fields(self) -> dict[str, float | None]:
+    def utility_fields(self) -> dict[str, float | dict | None]:
         """The utility columns of a results row besides ``utility``."""
         return {"perplexity": self.perplexity, "utility_centralised": self.utility_centralised,
-                "perplexity_centralised": self.perplexity_centralised}
+                "perplexity_centralised": self.perplexity_centralised, "optimizer_steps": self.optimizer_steps}
 
 
 def attack_trained(trained: TrainedSplit, threat: ThreatModel, attack: Attack, cfg: ExperimentConfig) -> CellResult:
@@ -278,7 +294,7 @@ def attack_trained(trained: TrainedSplit, threat: ThreatModel, attack: Attack, c
     return CellResult(threat.name, attack.name, trained.defense.name, metrics, trained.utility, cost, recon,
                       references, trained.defense.report(), cap.records, scores, trained.perplexity,
                       trained.reference.get("utility_centralised"), trained.reference.get("perplexity_centralised"),
-                      trained.eval_losses, None if adaptive is None else bool(adaptive))
+                      trained.eval_losses, None if adaptive is None else bool(adaptive), trained.optimizer_steps)
 
 
 def run_cell(cfg: ExperimentConfig, spec: SplitSpec, threat_name: str, attack_name: str,

@@ -46,6 +46,9 @@ COLUMNS: dict[str, str] = {
     "perplexity": "REAL",  # exp(utility): held-out perplexity under the deployed defense
     "utility_centralised": "REAL",  # held-out loss of a centralised LoRA fine-tune on the same data (reference)
     "perplexity_centralised": "REAL",
+    # JSON: optimiser steps each party took ({"server": {adapter set: n}, "clients": [n, ...], "reference": n});
+    # the capture of the traffic adds none
+    "optimizer_steps": "TEXT",
     **{c: "REAL" for c in INTERVAL_COLUMNS},
     **{c: "REAL" for c in ADVANTAGE_COLUMNS},
     "steps": "INTEGER",  # training steps of the cell (the [matrix] steps axis, else [training] steps)
@@ -177,7 +180,7 @@ def load_results(directory: str | Path, per_seed: bool = False):
         rows = store.rows(per_seed=per_seed)
     for row in rows:
         for k in ("attack_params", "defense_params", "defense_report", "samples", "config", "versions", "seeds",
-                  "record_scores"):
+                  "record_scores", "optimizer_steps"):
             if isinstance(row.get(k), str):
                 row[k] = json.loads(row[k])
     return pd.DataFrame(rows, columns=list(COLUMNS))
