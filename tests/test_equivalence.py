@@ -117,3 +117,40 @@ def test_every_party_takes_exactly_its_budget_of_optimiser_steps(strategy, serve
     base = tiny_model("llama")
     trained = train_split(_cfg("llama", 3, clients=2, strategy=strategy), SplitSpec(1, 1), base)
     assert trained.optimizer_steps == {"server": server, "clients": [3, 3], "reference": 6}
+
+
+@pytest.fixture(scope="module", params=["smollm2-135m", "gemma3-270m"])
+def real(request):
+    from suite.engine.models import load_model
+
+    return request.param, load_model(request.param)
+
+
+def _real_cfg(name: str, steps: int):
+    return parse_config({
+        "model": {"name": name},
+        "data": {"max_length": 16, "held_out": 4, "private": {"generator": "records", "size": 4, "seed": 1},
+                 "shadow": {"generator": "records", "size": 4, "seed": 2}},
+        "training": {"clients": 1, "steps": steps, "batch_size": 2, "lr": 1e-3},
+    })
+
+
+@pytest.mark.slow
+def test_real_models_count_the_same_updates_as_the_reference(real):
+    """SmolLM2-135M and Gemma 3 270M: zero steps is the base model for split and reference; two steps of split
+    training (k = 1, m = 1) hold the reference's LoRA values and give its held-out loss."""
+    name, base = real
+    zero = train_split(_real_cfg(name, 0), SplitSpec(1, 1), base)
+    cfg = _real_cfg(name, 0)
+    _, held_out = load_private(cfg.data.private.spec(), cfg.data.held_out)
+    untouched = _token_loss(copy.deepcopy(base.model), tokenize(held_out, base.tokenizer, cfg.data.max_length))
+    assert zero.utility == pytest.approx(untouched, abs=1e-4)
+    assert zero.reference["utility_centralised"] == pytest.approx(untouched, abs=1e-4)
+    cfg = _real_cfg(name, 2)
+    trained = train_split(cfg, SplitSpec(1, 1), base, reference=False)
+    split = _split_lora(trained.prepared.session)
+    _, taken, ref, ref_loss = _reference(cfg, base, 2)
+    assert set(split) == set(ref) and taken == 2
+    worst = max(float((split[k] - ref[k]).abs().max()) for k in ref)
+    assert worst <= 1e-5, f"{name}: max |split - reference| = {worst:.2e}"
+    assert trained.utility == pytest.approx(ref_loss, abs=1e-4)
