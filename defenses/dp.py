@@ -26,7 +26,7 @@ only, UNSAFE, and refused by ``splitleak serve``/``client``.
 
 Floating point (Mironov 2012). Textbook Laplace sampling in floating point leaks the input through which
 low-order bits of the output can occur, and a sampler built on finite-precision uniforms has a bounded
-support (here |noise| ≤ 52 ln 2 · b ≈ 36 b), so far enough out some outputs are reachable from one input
+support (here |noise| ≤ 53 ln 2 · b ≈ 36.7 b), so far enough out some outputs are reachable from one input
 and not from its neighbour. Laplace outputs are therefore *snapped*: the clipped value (|x_i| ≤ C) gets the
 noise, the sum is rounded to the nearest multiple of Λ (the smallest power of two ≥ the noise scale b) and
 clamped to ±B, B = Λ·floor((16 b − C) / Λ): well inside the support, so every output in [−B, B] is reachable
@@ -55,7 +55,9 @@ Which releases ε covers (``report()["covers"]``):
 * ``direction = "activations"``: the head activations only. The gradient the tail sends back is a function
   of the record's tokens and goes out without noise: not covered.
 * ``direction = "both"``: also the tail's gradient, clipped per sequence to ``grad_clip`` (default: ``clip``)
-  and noised with the same ``sigma``; it is accounted on its own (releases per record, ε) and composed with
+  and noised with the same ``sigma``. The gradient of the batch's mean loss scales each row by one over the
+  real targets of the *whole batch*, which would make a row's release depend on the other records: it is
+  rescaled to one over ``max_length - 1`` per row before clipping; it is accounted on its own (releases per record, ε) and composed with
   the activations into the total ε.
 * ``hide_lengths``: no attention mask (and no positions) is sent; every sequence already has ``max_length``
   positions, the pad positions of *both* released tensors (activations and the tail's gradient) are noised
@@ -98,6 +100,10 @@ class DPConfig(DefenseConfig):
             raise ValueError(f"direction must be 'activations' or 'both', not {self.direction!r}")
         if self.grad_clip is not None and self.grad_clip < 0:
             raise ValueError(f"grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
+        for name in ("sigma", "clip", "delta", "grad_clip"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value}")
         if self.sigma < 0:
             raise ValueError(f"sigma must be >= 0, got {self.sigma}")
         if self.clip < 0:
@@ -119,7 +125,7 @@ class _DPHook:
     record. Pad positions leave as zeros, or (``hide_lengths``) noised like the real ones."""
 
     def __init__(self, config: DPConfig, norm: int, stream: NoiseStream, clip: float | None = None,
-                 releases: Counter | None = None):
+                 releases: Counter | None = None, tail: bool = False):
         if not isinstance(stream, NoiseStream):  # a torch.Generator's seed can be searched (torch keeps 32 bits)
             raise TypeError(f"DP noise comes from a NoiseStream, not a {type(stream).__name__}")
         self.config = config
@@ -129,6 +135,9 @@ class _DPHook:
         # Releases per record, shared by every client's hook of one kind: a record two clients hold is one
         # record released by both.
         self.releases: Counter[tuple[int, ...]] = releases if releases is not None else Counter()
+        # The tail's gradient of the batch-mean loss scales each row by 1 / (real targets of the whole batch):
+        # rescaled to 1 / (max_length - 1) per row, a row's release depends on its own record only.
+        self.tail = tail
         self.noise_sq_sum = 0.0
         self.noise_count = 0
         self.coordinates = 0  # the most coordinates one record's release had (for the snapping term)
@@ -142,6 +151,9 @@ class _DPHook:
         for row in batch.input_ids[batch.attention_mask.bool().any(-1)]:
             self.releases[tuple(row.tolist())] += 1
         out = out * mask  # padding carries nothing of the record
+        if self.tail and out.shape[1] > 1:
+            targets = int((batch.labels[:, 1:] != -100).sum())
+            out = out * (targets / (out.shape[1] - 1))
         if self.clip > 0:
             out = self._clipped(out)
         if self.config.sigma == 0:
@@ -226,7 +238,8 @@ class _DPDefense(Defense):
             client.activation_hooks.append(hook)
             self.hooks.append(hook)
             if self.config.direction == "both":
-                grad_hook = _DPHook(self.config, self.norm, stream, clip=self._grad_clip(), releases=grad_counts)
+                grad_hook = _DPHook(self.config, self.norm, stream, clip=self._grad_clip(), releases=grad_counts,
+                                    tail=True)
                 client.tail_gradient_hooks.append(grad_hook)
                 self.grad_hooks.append(grad_hook)
             if self.config.hide_lengths:

@@ -398,3 +398,36 @@ def test_a_reply_that_overflows_the_tail_sends_nothing_of_it(base):
     client = prepared.session.clients[0]
     assert client.rejected_steps == [0, 1]
     assert all(bool(torch.isfinite(p).all()) for p in [*client.head.parameters(), *client.tail.parameters()])
+
+
+@pytest.mark.parametrize("params", [{"clip": float("nan")}, {"grad_clip": float("nan"), "direction": "both"},
+                                    {"sigma": float("inf")}, {"clip": float("inf")}, {"delta": float("nan")}])
+def test_non_finite_dp_parameters_are_refused(params):
+    with pytest.raises(ConfigError, match="finite"):
+        make_defense("dp_gaussian", params)
+
+
+def test_a_released_tail_gradient_depends_on_its_own_record_only(base):
+    """The batch-mean loss scales every row's gradient by one over the whole batch's real targets: without the
+    per-row rescaling, shortening the *other* rows changed record 0's release by about 3x."""
+    import dataclasses
+
+    from suite.experiment.prepared import prepare
+
+    loaded = dataclasses.replace(base, model=copy.deepcopy(base.model))
+    prepared = prepare(CFG, SplitSpec(1, 1), loaded=loaded)
+    make_defense("dp_gaussian", {"sigma": 0.0, "clip": 100.0, "direction": "both"}).install(prepared.session)
+    client, server = prepared.session.clients[0], prepared.session.server
+    ids = torch.randint(5, 100, (4, 12))
+    sent = []
+    server.updates = False  # the same trunk for both batches
+    for step, others in enumerate((12, 2)):
+        mask = torch.ones(4, 12, dtype=torch.long)
+        mask[1:, others:] = 0
+        client.send_activations(step, Batch(ids, mask, ids.masked_fill(mask == 0, -100)))
+        server.forward([0], step)
+        client.receive_hidden(step)
+        sent.append(client.sent_gradient[0].clone())
+        server.backward(step)
+        client.receive_gradient(step)
+    torch.testing.assert_close(sent[0], sent[1], rtol=1e-4, atol=1e-7)

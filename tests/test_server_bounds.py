@@ -223,3 +223,41 @@ def test_in_one_pass_only_the_poisoning_client_is_refused():
     assert changed  # the honest client's update was applied
     bad = [n for n, p in server.trunk.named_parameters() if not bool(torch.isfinite(p).all())]
     assert not bad
+
+
+def test_an_activation_in_another_dtype_is_cast_to_the_trunks_or_refused():
+    """A float32 activation sent to a bfloat16 trunk used to break the whole trunk pass (every client's round
+    aborted); it is cast to the trunk's dtype, and refused in one line when its values overflow that dtype."""
+    from suite.engine.models import tiny_model
+    from suite.engine.parties import Server
+    from suite.engine.protocol import TO_SERVER, ActivationMsg, encode
+    from suite.engine.split import SplitSpec, split_model
+    from suite.engine.transport import SERVER, InProcessTransport, client_endpoint
+    from suite.errors import ProtocolError
+
+    mask = torch.ones(2, 6, dtype=torch.long)
+    for step, (dtype, value) in enumerate(((torch.bfloat16, 0.5), (torch.float16, 1e5))):
+        model = tiny_model("llama").model.to(dtype)
+        transport = InProcessTransport()
+        server = Server(split_model(model, SplitSpec(1, 1)).server_trunk, transport, lr=1e-3)
+        hidden = torch.full((2, 6, 64), value, dtype=torch.float32)
+        transport.send(client_endpoint(0), SERVER, encode(ActivationMsg(0, step, TO_SERVER, hidden, mask)))
+        if dtype == torch.bfloat16:
+            server.forward([0], step)  # the pass runs, in the trunk's dtype
+            assert server._pending[2].dtype == torch.bfloat16
+        else:
+            with pytest.raises(ProtocolError, match="does not fit the trunk's torch.float16"):
+                server.forward([0], step)
+
+
+def test_float16_training_is_refused_in_one_line():
+    from suite.engine.models import tiny_model
+    from suite.engine.split import SplitSpec
+    from suite.engine.training import TrainConfig, build_session
+    from suite.errors import ConfigError
+
+    model = tiny_model("llama").model.to(torch.float16)
+    data = {"input_ids": torch.ones(2, 4, dtype=torch.long), "attention_mask": torch.ones(2, 4, dtype=torch.long),
+            "labels": torch.ones(2, 4, dtype=torch.long)}
+    with pytest.raises(ConfigError, match="float16 weights cannot be fine-tuned"):
+        build_session(model, SplitSpec(1, 1), [data], TrainConfig(clients=1, steps=1))

@@ -12,7 +12,7 @@ Samplers (all computed in float64 from 52-bit uniforms on the open interval (0, 
 
 * ``uniform``: (k + 1/2) / 2^52 for a 52-bit keystream word k: exact in float64, in [2^-53, 1 - 2^-53];
 * ``normal``: Box–Muller, both halves used;
-* ``exponential``: −log(u), so at most 52·ln 2 ≈ 36.04 (the support is bounded: ``defenses.dp`` accounts
+* ``exponential``: −log(u), so at most 53·ln 2 ≈ 36.7 (the support is bounded: ``defenses.dp`` accounts
   for that);
 * ``laplace``: a keystream sign bit times an exponential;
 * ``categorical``: inverse CDF over each row of a probability table.

@@ -13,6 +13,7 @@ client on one shared frozen base (``per_client``).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -376,12 +377,27 @@ class Server:
                 f"server expected a {kind.__name__} from client {client_id} for step {step}, got "
                 f"{type(msg).__name__} from client {msg.client_id} step {msg.step}"
             )
+        msg = self._in_trunk_dtype(msg, client_id)
         if isinstance(msg, ActivationMsg) and msg.attention_mask is None:  # lengths hidden: all positions real
             mask = torch.ones(msg.hidden.shape[:2], dtype=torch.long)
             msg = ActivationMsg(msg.client_id, msg.step, msg.direction, msg.hidden, mask, position_ids_for(mask))
         for tap in self.inbox_taps:
             tap(msg)
         return msg
+
+    def _in_trunk_dtype(self, msg: ActivationMsg | GradientMsg, client_id: int) -> ActivationMsg | GradientMsg:
+        """The message's tensor in the trunk's own dtype (one client's float32 must not break a bf16 pass
+        for every client), refused when it does not fit that dtype."""
+        dtype = next((p.dtype for p in self.trunk.parameters() if p.is_floating_point()), None)
+        field = "hidden" if isinstance(msg, ActivationMsg) else "grad"
+        tensor = getattr(msg, field)
+        if dtype is None or tensor.dtype == dtype:
+            return msg
+        cast = tensor.to(dtype)
+        if not bool(torch.isfinite(cast).all()):
+            raise ProtocolError(f"client {client_id}'s {type(msg).__name__} does not fit the trunk's {dtype} "
+                                "(values overflow it)")
+        return dataclasses.replace(msg, **{field: cast})
 
     def forward(self, client_ids: Sequence[int], step: int | Mapping[int, int]) -> None:
         """Receive the head activations of ``client_ids``, run the trunk once over all of them

@@ -178,6 +178,9 @@ def build_session(
         raise ConfigError(f"{config.clients} clients need {config.clients} data shards, got {len(shards)}")
     torch.manual_seed(config.seed)
     ft = config.finetune
+    if next(model.parameters()).dtype == torch.float16 and config.steps and "frozen" not in (ft.client, ft.server):
+        raise ConfigError("float16 weights cannot be fine-tuned here: AdamW's eps underflows in float16 and one "
+                          "step turns the adapters non-finite; use dtype = \"bfloat16\" or \"float32\"")
     model.requires_grad_(False)
     split = split_model(model, spec)
     transport = transport if transport is not None else InProcessTransport()
