@@ -253,7 +253,7 @@ def test_an_activation_in_another_dtype_is_cast_to_the_trunks_or_refused():
 def test_float16_training_is_refused_in_one_line():
     from suite.engine.models import tiny_model
     from suite.engine.split import SplitSpec
-    from suite.engine.training import TrainConfig, build_session
+    from suite.engine.training import FinetuneConfig, TrainConfig, build_session
     from suite.errors import ConfigError
 
     model = tiny_model("llama").model.to(torch.float16)
@@ -261,3 +261,6 @@ def test_float16_training_is_refused_in_one_line():
             "labels": torch.ones(2, 4, dtype=torch.long)}
     with pytest.raises(ConfigError, match="float16 weights cannot be fine-tuned"):
         build_session(model, SplitSpec(1, 1), [data], TrainConfig(clients=1, steps=1))
+    client_frozen = TrainConfig(clients=1, steps=1, finetune=FinetuneConfig(client="frozen"))  # the server trains
+    with pytest.raises(ConfigError, match="float16 weights cannot be fine-tuned"):
+        build_session(model, SplitSpec(1, 1), [data], client_frozen)

@@ -178,7 +178,8 @@ def build_session(
         raise ConfigError(f"{config.clients} clients need {config.clients} data shards, got {len(shards)}")
     torch.manual_seed(config.seed)
     ft = config.finetune
-    if next(model.parameters()).dtype == torch.float16 and config.steps and "frozen" not in (ft.client, ft.server):
+    trains = ft.client != "frozen" or ft.server != "frozen"
+    if next(model.parameters()).dtype == torch.float16 and config.steps and trains:
         raise ConfigError("float16 weights cannot be fine-tuned here: AdamW's eps underflows in float16 and one "
                           "step turns the adapters non-finite; use dtype = \"bfloat16\" or \"float32\"")
     model.requires_grad_(False)
