@@ -39,7 +39,10 @@ dimensions the defense drowns in noise (a Gaussian likelihood's weighting).
 from __future__ import annotations
 
 import copy
+import time
 import warnings
+from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -107,6 +110,16 @@ class Scorer:
         return Scorer(mu, w, mu0, w0)
 
 
+@contextmanager
+def timed(seconds: dict, phase: str):
+    """Adds the wall seconds of the block to ``seconds[phase]`` (where an attack's time goes)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[phase] += time.perf_counter() - start
+
+
 def select(cache: DynamicCache, index: torch.Tensor) -> DynamicCache:
     """A new cache holding rows ``index`` of ``cache`` (the original is left untouched)."""
     new = copy.copy(cache)
@@ -124,6 +137,7 @@ class PrefixSearch:
         self.table = token_embeddings(head)  # [V, E] rows as the first block sees them (no positions)
         self.vocab = self.table.shape[0]
         self.stats = {"verified": 0, "widened_positions": 0, "positions": 0}
+        self.seconds: dict[str, float] = defaultdict(float)  # wall seconds by phase: proposals, each widening kind
         # The public LM (full model) proposes the likely next tokens given each recovered prefix; it is read
         # after ``start_token`` (the document separator it was pre-trained with), so position 0 has a prior too.
         self.lm = lm if lm is not None and options.prior > 0 and start_token is not None else None
@@ -243,7 +257,8 @@ class PrefixSearch:
             rows = live.nonzero().squeeze(1).repeat_interleave(cand.shape[1])
             s = torch.full(cand.shape, float("-inf"))
             s[~live, 0] = 1.0
-            s[live] = self._verify(cache, rows, cand[live].reshape(-1), t, tgt[rows]).reshape(-1, cand.shape[1])
+            with timed(self.seconds, "proposals"):
+                s[live] = self._verify(cache, rows, cand[live].reshape(-1), t, tgt[rows]).reshape(-1, cand.shape[1])
             cand, s = self._widen(cache, cand, s, t, tgt, lm_logits, live)
             if bonus is not None:
                 s = s + bonus[seq_of_row, t].gather(1, cand)
@@ -265,11 +280,12 @@ class PrefixSearch:
             alt_s[:, t, : runner.indices.shape[1]] = runner.values[parent]
             total = joint.gather(1, best).reshape(-1)
             # Extend the kept prefixes' cache by their chosen token.
-            with torch.no_grad():
+            with torch.no_grad(), timed(self.seconds, "extend"):
                 cache = select(cache, parent) if cache is not None else self._fresh()
                 self._step(cache, token, t)
             if self.lm is not None and t + 1 < last:
-                lm_cache, lm_logits = self._lm_step(select(lm_cache, parent), token, t + 1)
+                with timed(self.seconds, "lm_prefix"):
+                    lm_cache, lm_logits = self._lm_step(select(lm_cache, parent), token, t + 1)
         top = total.reshape(n, beam).argmax(-1) + torch.arange(n) * beam
         self.alternatives = (alt_ids[top], alt_s[top])
         return ids[top].masked_fill(~mask.bool(), 0), scores[top]
@@ -315,18 +331,19 @@ class PrefixSearch:
             widened = True
             best_tok = cat_c[poor, arg[poor]]
             sub = select(cache, poor) if cache is not None else None
-            if kind == "lm":
-                gain = lm_logits[poor].clone()
-            elif kind == "relax":  # nearest rows to the optimised free embedding
-                gain = F.normalize(self._relax(sub, best_tok, t, tgt[poor]), dim=-1) @ self._unit_table.T
-            else:
-                grad = self._gradient(sub, best_tok, t, tgt[poor])  # [P, E]
-                gain = grad @ self.table.T  # [P, V]: first-order score change, up to a per-row constant
-            gain = gain[:, : self.vocab]
-            gain.scatter_(1, cat_c[poor], float("-inf"))  # never re-verify a token
-            new = gain.topk(min(width, self.vocab), dim=-1).indices  # [P, W]
-            rows = poor.repeat_interleave(new.shape[1])
-            ns = self._verify(cache, rows, new.reshape(-1), t, tgt[rows]).reshape(new.shape)
+            with timed(self.seconds, kind):
+                if kind == "lm":
+                    gain = lm_logits[poor].clone()
+                elif kind == "relax":  # nearest rows to the optimised free embedding
+                    gain = F.normalize(self._relax(sub, best_tok, t, tgt[poor]), dim=-1) @ self._unit_table.T
+                else:
+                    grad = self._gradient(sub, best_tok, t, tgt[poor])  # [P, E]
+                    gain = grad @ self.table.T  # [P, V]: first-order score change, up to a per-row constant
+                gain = gain[:, : self.vocab]
+                gain.scatter_(1, cat_c[poor], float("-inf"))  # never re-verify a token
+                new = gain.topk(min(width, self.vocab), dim=-1).indices  # [P, W]
+                rows = poor.repeat_interleave(new.shape[1])
+                ns = self._verify(cache, rows, new.reshape(-1), t, tgt[rows]).reshape(new.shape)
             full_c = cat_c.new_zeros(cand.shape[0], new.shape[1])
             full_s = torch.full((cand.shape[0], new.shape[1]), float("-inf"))
             full_c[poor], full_s[poor] = new, ns
@@ -586,6 +603,8 @@ def prefix_invert(obs, cfg, target: torch.Tensor, mask: torch.Tensor, bonus: tor
     """The search on ``target`` [N, T, H] (observed head outputs), as configured by ``cfg`` (fields of
     ``PrefixInversionConfig``). ``bonus`` [N, T, V]: other evidence added to every candidate's score;
     ``more`` [N, T, M]: extra candidate tokens. Returns token ids [N, T] and diagnostics."""
+    seconds: dict[str, float] = defaultdict(float)
+    setup = time.perf_counter()
     head, config, lm = reference_head(obs, cfg.use_colluder)
     shadow = shadow_batch(obs)
     extra: dict = {"reference": reference_source(obs, cfg.use_colluder).split()[0],
@@ -613,22 +632,26 @@ def prefix_invert(obs, cfg, target: torch.Tensor, mask: torch.Tensor, bonus: tor
                             prior=getattr(cfg, "prior", 0), relax_steps=getattr(cfg, "relax_steps", 0),
                             alternatives=getattr(cfg, "tie_alternatives", 4))
     search = PrefixSearch(head, config, scorer, options, lm, start_token(obs.tokenizer))
-    ids, scores = search.run(target, mask, proposals, bonus)
+    seconds["setup"] = time.perf_counter() - setup  # reference head, scorer, proposer and its proposals
+    with timed(seconds, "search"):
+        ids, scores = search.run(target, mask, proposals, bonus)
     real = mask.bool()
     steps = getattr(cfg, "calibrate_steps", 0)
     noisy = noise is not None and float(noise.sum()) > 0  # drowned in defense noise: there is no drift to fit
     if steps > 0 and real.any() and not noisy and float(scores[real].mean()) < getattr(cfg, "calibrate_below", 1.0):
         # Second pass on a reference head calibrated to the victims' drift (see ``calibrate``).
         extra["first_pass_mean_score"] = float(scores[real].mean())
-        tuned = calibrate(head, config, ids.masked_fill(~real, 0), mask, target, scores, scorer, steps)
-        first = dict(search.stats)
-        search = PrefixSearch(tuned, config, scorer, options, lm, start_token(obs.tokenizer))
-        ids, scores = search.run(target, mask, proposals, bonus)
+        with timed(seconds, "calibration"):
+            tuned = calibrate(head, config, ids.masked_fill(~real, 0), mask, target, scores, scorer, steps)
+            first = dict(search.stats)
+            search = PrefixSearch(tuned, config, scorer, options, lm, start_token(obs.tokenizer))
+            ids, scores = search.run(target, mask, proposals, bonus)
         extra["first_pass"] = first
     # The first positions, re-decided with what follows them (position 0 always; later early positions where
     # the search's own match stayed poor): the proposer's candidates, the search's runner-ups and
     # whole-vocabulary candidates ranked by the gradient of the outputs after them.
     extra["first_tokens_changed"] = extra["early_tokens_changed"] = 0
+    early = time.perf_counter()
     for t in range(min(getattr(cfg, "early_positions", 1), ids.shape[1])):
         rows = (real[:, t] if t == 0 else real[:, t] & (scores[:, t] < cfg.widen_below)).nonzero().squeeze(1)
         if rows.numel() == 0:
@@ -645,10 +668,16 @@ def prefix_invert(obs, cfg, target: torch.Tensor, mask: torch.Tensor, bonus: tor
                                         torch.cat(found, 1), sub, t=t)
             ids[rows] = new
             extra["first_tokens_changed" if t == 0 else "early_tokens_changed"] += changed
+    seconds["early_positions"] = time.perf_counter() - early
     margin = getattr(cfg, "tie_margin", 0.0)
     if margin > 0 and search.alternatives is not None:
-        ids, extra["ties_changed"] = refine_ties(search.head, scorer, target, mask, ids, search.alternatives,
-                                                 margin, bonus)
+        with timed(seconds, "ties"):
+            ids, extra["ties_changed"] = refine_ties(search.head, scorer, target, mask, ids, search.alternatives,
+                                                     margin, bonus)
     extra.update(search.stats)
+    # Wall seconds by phase; the search's own split (proposals verified, each widening kind, the cache and the
+    # LM's prefix extended) is inside "search" and is the last search's (after calibration, the second pass).
+    extra["seconds_by_phase"] = {k: round(v, 2) for k, v in {**seconds, **{f"search.{k}": v for k, v in
+                                                                          search.seconds.items()}}.items()}
     extra["mean_score"] = float(scores[real].mean()) if real.any() else None
     return ids, extra

@@ -1,10 +1,11 @@
 """Train once at depth k, then run prefix_invert variants on the same capture, with a diagnosis of every wrong token.
 
   PYTHONPATH=. python examples/prefix_diagnose.py 8 '[{}, {"early_positions": 1}]' 1 \
-      '{"path": "/tmp/heldout.txt", "limit": 16}'
+      '{"path": "/tmp/heldout.txt", "limit": 16}' [gemma3-270m]
 
 Arguments: k, a JSON list of PrefixInversionConfig overrides (``"diag": false`` skips the diagnosis), torch
-threads, the victims' corpus section (default: the first 16 lines of examples/licenses.txt). Per wrong token
+threads, the victims' corpus section (default: the first 16 lines of examples/licenses.txt), the model
+(default smollm2-135m). Each variant prints its accuracy, time and wall seconds by phase. Per wrong token
 it prints the truth and the choice, both verified with the *true* prefix ("forced": what the search would have
 seen had everything before been right), whether the recovered prefix was right, and the truth's rank under the
 public LM given the true prefix. A truth that scores above the choice was never proposed (a candidate problem);
@@ -32,12 +33,13 @@ k = int(sys.argv[1])
 variants = json.loads(sys.argv[2])
 threads = int(sys.argv[3]) if len(sys.argv) > 3 else 1
 private = json.loads(sys.argv[4]) if len(sys.argv) > 4 else {"path": "examples/licenses.txt", "limit": 16}
+model = sys.argv[5] if len(sys.argv) > 5 else "smollm2-135m"
 torch.set_num_threads(threads)
-cfg = parse_config({"model": {"name": "smollm2-135m"},
+cfg = parse_config({"model": {"name": model},
                     "data": {"max_length": 32, "private": private, "held_out": 16,
                              "shadow": {"generator": "records", "size": 256, "seed": 2}},
                     "training": {"clients": 2, "steps": 10, "batch_size": 4}})
-base = load_model("smollm2-135m")
+base = load_model(model)
 threat = get_threat("curious_server")
 t0 = time.time()
 trained = train_split(cfg, SplitSpec(k, 1), base, defense=make_defense("none", {}))
@@ -61,7 +63,8 @@ for v in variants:
                       "cpu": round(cpu, 1), "pos": pos,
                       "stats": {kk: extra.get(kk) for kk in ("widened_positions", "verified", "mean_score",
                                                              "first_tokens_changed", "early_tokens_changed",
-                                                             "ties_changed")}}),
+                                                             "ties_changed")},
+                      "seconds_by_phase": extra.get("seconds_by_phase")}),
           flush=True)
     # the diagnosis: teacher-forced score of truth vs chosen at each wrong position (true prefix)
     if pos and v.get("diag", True):
