@@ -65,6 +65,14 @@ class SearchOptions:
     relax_steps: int = 0  # where still poor after the first round: optimise a free embedding, verify its nearest rows
     alternatives: int = 4  # runner-up tokens kept per position (``PrefixSearch.alternatives``, for ``refine_ties``)
     chunk: int = 1024  # rows per incremental forward
+    # With a ``LinearProposer`` handed to ``run`` (see there): ``fuse`` > 0 adds the top ``candidates`` tokens of
+    # the public LM's log-probability given the recovered prefix + ``fuse`` x the proposer's cosine (a product of
+    # experts) to the proposer's own; every ``self_train_every`` positions the proposer is refitted with the
+    # recovered tokens that matched at least ``self_train_above`` (weight ``self_train_weight`` per pair).
+    fuse: float = 0.0
+    self_train_every: int = 0
+    self_train_above: float = 0.8
+    self_train_weight: float = 4.0
 
 
 @dataclass
@@ -224,12 +232,43 @@ class PrefixSearch:
 
     # -- the search ----------------------------------------------------------------------------------------
 
+    def _proposed(self, proposer: LinearProposer, tgt: torch.Tensor, t: int, lm_logits: torch.Tensor | None,
+                  fixed: torch.Tensor | None) -> torch.Tensor:
+        """Candidates [R, K'] at position ``t`` from the (possibly self-trained) ``proposer``: its top
+        ``candidates`` tokens, then (``fuse`` > 0 and an LM) the top ``candidates`` others by LM log-probability
+        + ``fuse`` x cosine, then ``fixed`` [R, M] (extra candidates handed to ``run``)."""
+        k = min(self.opt.candidates, self.vocab)
+        with timed(self.seconds, "proposer"):
+            cos = proposer.similarities(tgt, torch.full((tgt.shape[0],), t))[:, : self.vocab]
+            own = cos.topk(k, dim=-1).indices
+            parts = [own]
+            if self.opt.fuse > 0 and lm_logits is not None:
+                fused = lm_logits[:, : self.vocab].float().log_softmax(-1) + self.opt.fuse * cos
+                fused.scatter_(1, own, float("-inf"))
+                parts.append(fused.topk(k, dim=-1).indices)
+        if fixed is not None:
+            parts.append(fixed)
+        return torch.cat(parts, 1)
+
+    def _self_train(self, proposer: LinearProposer, target: torch.Tensor, mask: torch.Tensor, ids: torch.Tensor,
+                    scores: torch.Tensor, lo: int, hi: int) -> None:
+        """Refit ``proposer`` with positions ``lo..hi-1`` of the best prefix of each sequence (rows ``ids``
+        [N, T], ``scores`` [N, T]) where the match reached ``self_train_above``."""
+        ok = mask[:, lo:hi].bool() & (scores[:, lo:hi] >= self.opt.self_train_above)
+        n_idx, t_idx = ok.nonzero(as_tuple=True)
+        with timed(self.seconds, "self_train"):
+            proposer.add(target[n_idx, lo + t_idx], lo + t_idx, ids[n_idx, lo + t_idx], self.opt.self_train_weight)
+
     def run(self, target: torch.Tensor, mask: torch.Tensor, proposals: torch.Tensor | None,
-            bonus: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            bonus: torch.Tensor | None = None, proposer: LinearProposer | None = None,
+            known: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
         """``target`` [N, T, H] observed outputs, ``mask`` [N, T], ``proposals`` [N, T, K] candidate tokens
-        (or None: widening only, starting from the nearest embedding row of the target). ``bonus`` [N, T, V]
-        (optional): other evidence added to every candidate's score (``bisr``: the gradient's). Returns the
-        best token ids [N, T] and their per-position scores [N, T]."""
+        (or None: widening only, starting from the nearest embedding row of the target). ``proposer``
+        (optional): proposes at each position instead (``_proposed``; ``proposals`` are then extra candidates),
+        fused with the LM and self-trained as ``SearchOptions`` say. ``bonus`` [N, T, V] (optional): other
+        evidence added to every candidate's score (``bisr``: the gradient's). ``known``: the tokens every
+        sequence starts with (``known_prefix``), taken as they are. Returns the best token ids [N, T] and their
+        per-position scores [N, T]."""
         n, length, _ = target.shape
         beam = self.opt.beam
         ids = torch.zeros(n * beam, length, dtype=torch.long)  # rows: sequence-major, beam-minor
@@ -246,7 +285,12 @@ class PrefixSearch:
         last = int(mask.sum(1).max())
         for t in range(last):
             tgt = target[seq_of_row, t]  # [NB, H]
-            if proposals is not None:
+            if t < len(known):  # a token the clients' tokenisation puts before every text (Gemma's <bos>)
+                cand = torch.full((n * beam, 1), known[t], dtype=torch.long)
+            elif proposer is not None:
+                cand = self._proposed(proposer, tgt, t, lm_logits,
+                                      None if proposals is None else proposals[seq_of_row, t])
+            elif proposals is not None:
                 cand = proposals[seq_of_row, t]  # [NB, K]
             else:
                 cand = (F.normalize(tgt[:, : self.table.shape[1]], dim=-1)
@@ -259,7 +303,8 @@ class PrefixSearch:
             s[~live, 0] = 1.0
             with timed(self.seconds, "proposals"):
                 s[live] = self._verify(cache, rows, cand[live].reshape(-1), t, tgt[rows]).reshape(-1, cand.shape[1])
-            cand, s = self._widen(cache, cand, s, t, tgt, lm_logits, live)
+            if t >= len(known):
+                cand, s = self._widen(cache, cand, s, t, tgt, lm_logits, live)
             if bonus is not None:
                 s = s + bonus[seq_of_row, t].gather(1, cand)
             self.stats["positions"] += n
@@ -286,6 +331,10 @@ class PrefixSearch:
             if self.lm is not None and t + 1 < last:
                 with timed(self.seconds, "lm_prefix"):
                     lm_cache, lm_logits = self._lm_step(select(lm_cache, parent), token, t + 1)
+            every = self.opt.self_train_every
+            if proposer is not None and every > 0 and (t + 1) % every == 0 and t + 1 < last:
+                lead = total.reshape(n, beam).argmax(-1) + torch.arange(n) * beam  # each sequence's best prefix
+                self._self_train(proposer, target, mask, ids[lead], scores[lead], t + 1 - every, t + 1)
         top = total.reshape(n, beam).argmax(-1) + torch.arange(n) * beam
         self.alternatives = (alt_ids[top], alt_s[top])
         return ids[top].masked_fill(~mask.bool(), 0), scores[top]
@@ -388,6 +437,21 @@ def start_token(tokenizer) -> int | None:
     return None
 
 
+def known_prefix(tokenizer) -> tuple[int, ...]:
+    """The special tokens the clients' tokenisation puts before every text (Gemma's ``<bos>``; none for
+    SmolLM2): public, since the tokenizer is, so the search takes them as they are instead of searching them. A
+    deep head's output at position 0 says almost nothing about its own token (the attention sink), and a
+    wrong guess there poisons every later position's verification."""
+    runs = [tokenizer(text)["input_ids"] for text in ("Hello world.", "7 zebras, quietly")]
+    special = set(getattr(tokenizer, "all_special_ids", ()) or ())
+    out = []
+    for a, b in zip(*runs, strict=False):
+        if a != b or a not in special:
+            break
+        out.append(int(a))
+    return tuple(out)
+
+
 def shadow_batch(obs) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The shadow text tokenised as the clients tokenise (right padding to ``max_length``), or None."""
     if not obs.shadow:
@@ -412,37 +476,76 @@ def defense_noise(obs, head, ids: torch.Tensor, mask: torch.Tensor, seed: int) -
                  "simulated_noise_rms": float(var.mean().sqrt())}
 
 
-def fit_linear_proposer(obs, k: int, lam: float = 1e-2, known: dict[str, torch.Tensor] | None = None):
+class LinearProposer:
     """The closed-form linear inverter of ``learned_inversion`` (mode="linear"): ridge from standardised
-    [features, one-hot position, 1] to the normalised input-embedding row, on (shadow text x public head)
-    pairs. ``known``: head outputs on shadow text already computed (``training_pairs``). Returns a function
-    ``propose(target [N, T, H]) -> [N, T, k]`` top-``k`` tokens by cosine."""
-    from attacks._pairs import _ridge, training_pairs
+    [features, one-hot position, 1] to the normalised input-embedding row, fitted on (shadow text x reference
+    head) pairs. Called on targets [N, T, H] it returns their top-``k`` tokens by cosine [N, T, k].
 
-    pairs, base = training_pairs(obs, use_colluder=True, known=known)
-    table = token_embeddings(base)
-    real = pairs.mask.bool()
-    flat = pairs.feats[real]
-    mu, sd = flat.mean(0), flat.std(0)
-    sd = sd.clamp_min(float(sd.median()) * 1e-2 + 1e-6)
-    length = pairs.feats.shape[1]
+    ``add`` self-trains it on the victims' own traffic: pairs of an observed output and the token the search
+    recovered there (where it matched well) join the normal equations and the ridge is solved again. The
+    victims' text and their fine-tuned head differ from the shadow text and the public head the proposer was
+    fitted on (the domain, and the drift); their own recovered pairs carry both. Measured on Gemma 3 at k = 8
+    (BENCHMARKS.md, issue 21): with the first 8 positions' pairs, the true token is in the top 32 at 82 % of the
+    later positions, against 66 % from the shadow pairs alone."""
 
-    def features(x: torch.Tensor) -> torch.Tensor:
-        x = (x - mu) / sd
-        onehot = torch.eye(length)[: x.shape[1]].expand(x.shape[0], -1, -1)
-        return torch.cat([x, onehot, torch.ones(*x.shape[:2], 1)], -1)
+    def __init__(self, feats: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, table: torch.Tensor, k: int,
+                 lam: float = 1e-2):
+        real = mask.bool()
+        flat = feats[real].float()
+        self.mu, sd = flat.mean(0), flat.std(0)
+        self.sd = sd.clamp_min(float(sd.median()) * 1e-2 + 1e-6)
+        self.length, self.k, self.lam = feats.shape[1], k, lam
+        self.rows = F.normalize(table.float(), dim=-1)  # [V, E]
+        x = self.features(feats.float())[real].double()
+        self.gram, self.xty = x.T @ x, x.T @ self.rows[ids[real]].double()
+        self.added = 0
+        self._solve()
 
-    rows = F.normalize(table, dim=-1)
-    w = _ridge(features(pairs.feats)[real], rows[pairs.ids][real], lam)
+    def features(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """[..., H] outputs at ``positions`` (default: their index along dim -2 of [N, T, H]) -> features."""
+        if positions is None:
+            positions = torch.arange(x.shape[-2]).expand(*x.shape[:-1])
+        onehot = F.one_hot(positions.clamp_max(self.length - 1), self.length).to(x.dtype)
+        return torch.cat([(x - self.mu) / self.sd, onehot, torch.ones(*x.shape[:-1], 1)], -1)
 
-    def propose(target: torch.Tensor) -> torch.Tensor:
-        pred = F.normalize(features(target.float()) @ w, dim=-1)  # [N, T, E]
-        out = torch.empty(*pred.shape[:2], k, dtype=torch.long)
-        for i in range(pred.shape[0]):
-            out[i] = (pred[i] @ rows.T).topk(k, dim=-1).indices
+    def _solve(self) -> None:
+        gram = self.gram + torch.eye(self.gram.shape[0], dtype=self.gram.dtype) * (
+            self.lam * self.gram.diagonal().mean().clamp_min(1e-12))
+        self.w = torch.linalg.solve(gram, self.xty).float()
+
+    def add(self, feats: torch.Tensor, positions: torch.Tensor, ids: torch.Tensor, weight: float = 1.0) -> None:
+        """Self-training: pairs (output [M, H] at ``positions`` [M], token ``ids`` [M]) join the fit."""
+        if ids.numel() == 0:
+            return
+        x = self.features(feats.float(), positions).double()
+        self.gram += weight * (x.T @ x)
+        self.xty += weight * (x.T @ self.rows[ids].double())
+        self.added += int(ids.numel())
+        self._solve()
+
+    def similarities(self, target: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Cosine [R, V] of every vocabulary row with the predicted embedding of ``target`` [R, H] at
+        ``positions`` [R]."""
+        pred = F.normalize(self.features(target.float(), positions) @ self.w, dim=-1)
+        return pred @ self.rows.T
+
+    def __call__(self, target: torch.Tensor) -> torch.Tensor:
+        n, length = target.shape[:2]
+        out = torch.empty(n, length, self.k, dtype=torch.long)
+        for i in range(n):
+            out[i] = self.similarities(target[i], torch.arange(length)).topk(self.k, dim=-1).indices
         return out
 
-    return propose
+
+def fit_linear_proposer(obs, k: int, lam: float = 1e-2, known: dict[str, torch.Tensor] | None = None
+                        ) -> LinearProposer:
+    """``LinearProposer`` on (shadow text x public head) pairs (``attacks._pairs.training_pairs``, with the
+    colluder's head and records where granted). ``known``: head outputs on shadow text already computed.
+    Returns it: ``propose(target [N, T, H]) -> [N, T, k]`` top-``k`` tokens by cosine."""
+    from attacks._pairs import training_pairs
+
+    pairs, base = training_pairs(obs, use_colluder=True, known=known)
+    return LinearProposer(pairs.feats, pairs.ids, pairs.mask, token_embeddings(base), k, lam)
 
 
 def window_score(head: ClientHead, scorer: Scorer, target: torch.Tensor, mask: torch.Tensor,
@@ -620,21 +723,27 @@ def prefix_invert(obs, cfg, target: torch.Tensor, mask: torch.Tensor, bonus: tor
         scorer = Scorer.fit(outputs, shadow[1], noise, cfg.rho)
     else:
         scorer = Scorer.fit(target, mask, noise, cfg.rho)
-    proposals = None
-    if obs.shadow:
-        propose = fit_linear_proposer(obs, min(cfg.candidates, head.embed.num_embeddings), known=known)
-        proposals = propose(target)
-    if more is not None:
-        proposals = more if proposals is None else torch.cat([proposals, more], -1)
+    proposals, propose = None, None
     options = SearchOptions(candidates=cfg.candidates, beam=cfg.beam, widen=cfg.widen,
                             widen_rounds=cfg.widen_rounds, widen_below=cfg.widen_below,
                             widen_again_below=getattr(cfg, "widen_again_below", None),
                             prior=getattr(cfg, "prior", 0), relax_steps=getattr(cfg, "relax_steps", 0),
-                            alternatives=getattr(cfg, "tie_alternatives", 4))
+                            alternatives=getattr(cfg, "tie_alternatives", 4), fuse=getattr(cfg, "fuse", 0.0),
+                            self_train_every=getattr(cfg, "self_train_every", 0),
+                            self_train_above=getattr(cfg, "self_train_above", 0.8))
+    # Proposing position by position (fused with the LM, self-trained on the recovered pairs) or once up front.
+    online = options.fuse > 0 or options.self_train_every > 0
+    if obs.shadow:
+        propose = fit_linear_proposer(obs, min(cfg.candidates, head.embed.num_embeddings), known=known)
+        proposals = None if online else propose(target)
+    if more is not None:
+        proposals = more if proposals is None else torch.cat([proposals, more], -1)
     search = PrefixSearch(head, config, scorer, options, lm, start_token(obs.tokenizer))
     seconds["setup"] = time.perf_counter() - setup  # reference head, scorer, proposer and its proposals
+    known = known_prefix(obs.tokenizer)
+    extra["known_prefix"] = len(known)
     with timed(seconds, "search"):
-        ids, scores = search.run(target, mask, proposals, bonus)
+        ids, scores = search.run(target, mask, proposals, bonus, propose if online else None, known)
     real = mask.bool()
     steps = getattr(cfg, "calibrate_steps", 0)
     noisy = noise is not None and float(noise.sum()) > 0  # drowned in defense noise: there is no drift to fit
@@ -645,15 +754,20 @@ def prefix_invert(obs, cfg, target: torch.Tensor, mask: torch.Tensor, bonus: tor
             tuned = calibrate(head, config, ids.masked_fill(~real, 0), mask, target, scores, scorer, steps)
             first = dict(search.stats)
             search = PrefixSearch(tuned, config, scorer, options, lm, start_token(obs.tokenizer))
-            ids, scores = search.run(target, mask, proposals, bonus)
+            ids, scores = search.run(target, mask, proposals, bonus, propose if online else None, known)
         extra["first_pass"] = first
+    if online and propose is not None:  # the early-position step's candidates, from the self-trained proposer
+        extra["self_trained_pairs"] = propose.added
+        proposals = propose(target) if more is None else torch.cat([propose(target), more], -1)
     # The first positions, re-decided with what follows them (position 0 always; later early positions where
     # the search's own match stayed poor): the proposer's candidates, the search's runner-ups and
     # whole-vocabulary candidates ranked by the gradient of the outputs after them.
     extra["first_tokens_changed"] = extra["early_tokens_changed"] = 0
     early = time.perf_counter()
-    for t in range(min(getattr(cfg, "early_positions", 1), ids.shape[1])):
-        rows = (real[:, t] if t == 0 else real[:, t] & (scores[:, t] < cfg.widen_below)).nonzero().squeeze(1)
+    first_real = len(known)  # the first searched position (after the known prefix)
+    for t in range(first_real, min(first_real + getattr(cfg, "early_positions", 1), ids.shape[1])):
+        rows = (real[:, t] if t == first_real else real[:, t] & (scores[:, t] < cfg.widen_below)
+                ).nonzero().squeeze(1)
         if rows.numel() == 0:
             continue
         found = [] if proposals is None else [proposals[rows, t]]
@@ -667,7 +781,7 @@ def prefix_invert(obs, cfg, target: torch.Tensor, mask: torch.Tensor, bonus: tor
             new, changed = refine_first(search.head, scorer, target[rows], mask[rows], ids[rows],
                                         torch.cat(found, 1), sub, t=t)
             ids[rows] = new
-            extra["first_tokens_changed" if t == 0 else "early_tokens_changed"] += changed
+            extra["first_tokens_changed" if t == first_real else "early_tokens_changed"] += changed
     seconds["early_positions"] = time.perf_counter() - early
     margin = getattr(cfg, "tie_margin", 0.0)
     if margin > 0 and search.alternatives is not None:

@@ -45,6 +45,12 @@ class PrefixInversionConfig(AttackConfig):
     early_positions: int = 4  # the first positions re-decided that way (where poor; 1: the first token only)
     tie_margin: float = 0.1  # re-decide runner-ups within this score of the choice by the outputs after them (0: off)
     tie_alternatives: int = 4  # runner-ups kept per position for that
+    # The proposer, position by position: also the top `candidates` tokens by the public LM's log-probability
+    # given the recovered prefix + fuse x the proposer's cosine (0: off; needs prior > 0), and refitted every
+    # self_train_every positions with the recovered tokens that matched at least self_train_above (0: off)
+    fuse: float = 0.0
+    self_train_every: int = 0
+    self_train_above: float = 0.8
     rho: float = 1.0  # drift allowance: weight of the head's own spread in the score's per-dimension scale
     adaptive: bool = True  # simulate the deployed defense (its public mechanism) when scoring
     use_colluder: bool = True  # verify on the colluder's fine-tuned head when COLLUDER_WEIGHTS is granted
@@ -60,10 +66,12 @@ class PrefixInversionConfig(AttackConfig):
         if self.candidates < 1 or self.beam < 1:
             raise ValueError("candidates and beam must be >= 1")
         knobs = (self.widen, self.widen_rounds, self.first_widen, self.prior, self.relax_steps, self.tie_margin,
-                 self.early_positions)
+                 self.early_positions, self.fuse, self.self_train_every)
         if min(knobs) < 0:
-            raise ValueError("widen, widen_rounds, first_widen, prior, relax_steps, tie_margin and early_positions "
-                             "must be >= 0")
+            raise ValueError("widen, widen_rounds, first_widen, prior, relax_steps, tie_margin, early_positions, "
+                             "fuse and self_train_every must be >= 0")
+        if not -1.0 <= self.self_train_above <= 1.0:
+            raise ValueError("self_train_above must be in [-1, 1] (a cosine score)")
         if self.tie_alternatives < 1:
             raise ValueError("tie_alternatives must be >= 1")
         if not -1.0 <= self.widen_below <= 1.0:

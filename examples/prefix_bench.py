@@ -9,8 +9,10 @@
   PYTHONPATH=. python examples/prefix_bench.py target -k 8 --private '{"path": "/tmp/heldout.txt", "limit": 16}'
   # the time ratio against the search without the second widening bar, on the same capture
   PYTHONPATH=. python examples/prefix_bench.py target -k 8 --threads 2 --compare '{"widen_again_below": 0.98}'
-  # the second family: the same cell on Gemma 3 270M
-  PYTHONPATH=. python examples/prefix_bench.py target -k 8 --model gemma3-270m
+  # the second family: the same cells on Gemma 3 270M, on text held out from the Gemma work (issue 21)
+  python examples/heldout_text.py reference > /tmp/reference.txt   # sha256 518e4404...cbae07 (Python 3.11.7)
+  PYTHONPATH=. python examples/prefix_bench.py target -k 1 2 4 8 --threads 2 --model gemma3-270m \
+      --private '{"path": "/tmp/reference.txt", "limit": 16}' [--attacks prefix_inversion bisr]
   # bisr vs forward-only vs gradient-only on defended cells (default-matrix sizes: 16 records, 6 steps)
   PYTHONPATH=. python examples/prefix_bench.py fused -k 1 --defense dp_gaussian '{"sigma": 0.5, "clip": 1.0}'
 
@@ -48,6 +50,9 @@ def main() -> None:
     p.add_argument("--compare", default=None,
                    help="JSON prefix_inversion parameters run on the same capture too; prints the time ratio")
     p.add_argument("--model", default="smollm2-135m", help="model name (e.g. gemma3-270m: the second family)")
+    p.add_argument("--attacks", nargs="+", default=None,
+                   help="attacks run on each capture (target: prefix_inversion; fused: gradient_inversion, "
+                        "prefix_inversion, bisr)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.mode == "target":
@@ -59,12 +64,14 @@ def main() -> None:
     cfg = parse_config({"model": {"name": args.model},
                         "data": {"max_length": 32, "private": private, "held_out": 16,  # utility is not the point here
                                  "shadow": {"generator": "records", "size": 256, "seed": 2}},
+                        # the utility reference is not the point here and costs a second training run
                         "training": {"clients": 2, "steps": steps, "batch_size": 4}})
     base = load_model(args.model)
     threat = get_threat("curious_server")
     params = json.loads(args.params)
     defenses = [(n, json.loads(j)) for n, j in args.defense] or [("none", {})]
-    names = ["prefix_inversion"] if args.mode == "target" else ["gradient_inversion", "prefix_inversion", "bisr"]
+    names = args.attacks or (["prefix_inversion"] if args.mode == "target"
+                             else ["gradient_inversion", "prefix_inversion", "bisr"])
     for k in args.k:
         for dname, dparams in defenses:
             start = time.perf_counter()
@@ -75,7 +82,8 @@ def main() -> None:
                 r = attack_trained(trained, threat, attack, cfg)
                 ex = r.reconstruction.extra
                 keep = {key: ex[key] for key in ("widened_positions", "positions", "verified", "mean_score",
-                                                  "lambda", "shadow_accuracy_by_lambda") if key in ex}
+                                                  "lambda", "shadow_accuracy_by_lambda", "known_prefix",
+                                                  "seconds_by_phase") if key in ex}
                 print(f"k={k} defense={dname}{dparams} attack={name} token_accuracy={r.metrics.token_accuracy:.4f} "
                       f"wall_s={r.cost.seconds:.1f} cpu_s={ex.get('cpu_seconds', float('nan')):.1f} "
                       f"train_wall_s={train_s:.0f} {keep}", flush=True)

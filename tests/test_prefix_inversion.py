@@ -344,3 +344,69 @@ def test_window_scores_with_a_cached_prefix_equal_the_full_forward(family, t):
     cached, full = window_totals(*args, chunk=5), window_totals(*args, cached=False)
     torch.testing.assert_close(cached, full, rtol=1e-4, atol=1e-4)
     assert bool((cached.argmax(1) == 0).all())  # and the truth wins its window (an un-fine-tuned head)
+
+
+class _Tok:
+    """A stand-in tokenizer: ``prefix`` special ids before every text, then one id per character."""
+
+    def __init__(self, prefix):
+        self.prefix, self.all_special_ids = list(prefix), [2, 3]
+
+    def __call__(self, text):
+        return {"input_ids": self.prefix + [10 + ord(c) % 50 for c in text]}
+
+
+def test_known_prefix_is_the_special_tokens_every_text_starts_with():
+    from attacks._prefix import known_prefix
+
+    assert known_prefix(_Tok([2])) == (2,)  # Gemma's <bos>
+    assert known_prefix(_Tok([])) == ()  # SmolLM2: nothing
+    assert known_prefix(_Tok([2, 3])) == (2, 3)
+
+
+def test_the_search_takes_a_known_first_token_it_could_not_have_found():
+    """Position 0 is a token the tokenizer always puts first: the search keeps it (no proposal holds it, no
+    widening runs there) and finds the rest exactly after it; searched, a wrong first token costs later ones."""
+    loaded = tiny_model("llama", num_layers=4)
+    head = split_model(loaded.model, SplitSpec(2, 1)).client_head.eval()
+    head.requires_grad_(False)
+    gen = torch.Generator().manual_seed(5)
+    vocab = loaded.model.config.vocab_size
+    ids = torch.randint(3, vocab, (4, 8), generator=gen)
+    ids[:, 0] = 1
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        target = head(ids, mask, position_ids_for(mask))
+    scorer = Scorer.fit(target, mask)
+    prop = ids[:, :, None].clone()  # the truth everywhere ...
+    prop[:, 0] = 2  # ... but at position 0
+    options = SearchOptions(candidates=1, widen=0)
+    got, _ = PrefixSearch(head, loaded.model.config, scorer, options).run(target, mask, prop, known=(1,))
+    assert torch.equal(got, ids)
+    blind, _ = PrefixSearch(head, loaded.model.config, scorer, options).run(target, mask, prop)
+    assert (blind[:, 0] == 2).all()  # without it, the only candidate there is wrong
+
+
+def test_linear_proposer_self_training_moves_it_to_the_victims_pairs():
+    """``LinearProposer.add``: pairs from the victims' own traffic join the fit. Fitted on a shadow head's outputs
+    (a linear map of the token rows), it reads a drifted head's outputs (another map) badly; with the victims'
+    recovered pairs added it reads them."""
+    import torch.nn.functional as F
+
+    from attacks._prefix import LinearProposer
+
+    gen = torch.Generator().manual_seed(0)
+    table = torch.randn(40, 8, generator=gen)
+    rows = F.normalize(table, dim=-1)
+    shadow_map, drifted_map = torch.randn(8, 12, generator=gen), torch.randn(8, 12, generator=gen)
+    ids = torch.randint(0, 40, (64, 4), generator=gen)
+    prop = LinearProposer(rows[ids] @ shadow_map, ids, torch.ones_like(ids), table, k=3)
+    truth = torch.randint(0, 40, (200,), generator=gen)
+    pos = torch.randint(0, 4, (200,), generator=gen)
+    victims = rows[truth] @ drifted_map
+    before = (prop.similarities(victims, pos).argmax(-1) == truth).float().mean()
+    prop.add(victims[:100], pos[:100], truth[:100], weight=8.0)  # the pairs recovered so far
+    after = (prop.similarities(victims[100:], pos[100:]).argmax(-1) == truth[100:]).float().mean()  # the rest
+    assert prop.added == 100
+    assert before < 0.3 and after > 0.9, (before, after)
+    assert prop(rows[ids[:2]] @ shadow_map).shape == (2, 4, 3)
