@@ -17,10 +17,9 @@ the session that added them, package descriptions a session later, the reference
 
 import importlib
 import importlib.metadata
+import pydoc_data.topics
 import re
 import sys
-
-import pydoc_data.topics
 
 # Modules in sorted order, private and platform-specific ones left out (stable across machines and versions).
 SKIP = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "msilib", "winreg", "winsound",

@@ -102,7 +102,7 @@ def ray_overhead() -> dict:
         import ray
     except ImportError:
         return {"ray": "not installed (pip install 'splitleak[ray]')"}
-    from suite.experiment.matrix import run_matrix
+    from suite.experiment.schedule import run_matrix
 
     cfg = parse_config(RAY_MATRIX)
     with tempfile.TemporaryDirectory() as tmp:
