@@ -15,8 +15,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from reports.intervals import record_stats
-from reports.metrics import LeakageMetrics, leakage_metrics
 from suite.engine.models import LoadedModel
 from suite.engine.parties import Batch
 from suite.engine.protocol import ActivationMsg, GradientMsg
@@ -31,6 +29,8 @@ from suite.experiment.utility import centralised_reference, perplexity
 from suite.interfaces.attack import Attack, Cost, Reconstruction, make_attack, timed_reconstruct
 from suite.interfaces.defense import Defense, make_defense, public_defense
 from suite.interfaces.threats import ObservedBatch, ThreatModel, filter_observations, get_threat
+from suite.scoring.intervals import record_stats
+from suite.scoring.metrics import LeakageMetrics, leakage_metrics
 
 
 @dataclass
@@ -247,7 +247,7 @@ class CellResult:
     references: list[str]
     defense_report: dict
     records: list[Record]  # the victims' records behind ``references`` (ground truth, for reports)
-    scores: dict | None = None  # per-record statistics of every metric (reports.intervals.record_stats)
+    scores: dict | None = None  # per-record statistics of every metric (suite.scoring.intervals.record_stats)
     perplexity: float | None = None  # exp(utility)
     utility_centralised: float | None = None  # held-out loss of a centralised LoRA fine-tune on the same data
     perplexity_centralised: float | None = None

@@ -17,8 +17,6 @@ from typing import Any
 
 import numpy as np
 
-from reports.intervals import summarize, to_json, utility_summary
-from reports.metrics import pii_hits
 from suite.experiment.cell import attack_trained, rewire, train_split
 from suite.experiment.config import ExperimentConfig
 from suite.experiment.plan import Cell, cell_config, cell_row, observation_key
@@ -27,6 +25,8 @@ from suite.experiment.store import METRICS, ResultsStore
 from suite.interfaces.attack import make_attack
 from suite.interfaces.defense import make_defense
 from suite.interfaces.threats import get_threat
+from suite.scoring.intervals import summarize, to_json, utility_summary
+from suite.scoring.metrics import pii_hits
 
 _BASES: dict[tuple[str, str], Any] = {}  # the base model of a worker process, kept between the groups it runs
 

@@ -7,10 +7,10 @@ import json
 
 import numpy as np
 
-from reports.intervals import from_json, summarize, utility_summary
 from suite.experiment.config import ExperimentConfig
 from suite.experiment.plan import Cell, aggregate_key, cell_key, cell_row
 from suite.experiment.store import METRICS, ResultsStore
+from suite.scoring.intervals import from_json, summarize, utility_summary
 
 
 def aggregate_seeds(cfg: ExperimentConfig, out: str, cells: list[Cell], revision: str,

@@ -59,7 +59,7 @@ COLUMNS: dict[str, str] = {
     # Per-seed rows name it in ``aggregate_key``; ``rows()``/``load_results`` hide them unless per_seed=True.
     "seeds": "TEXT",
     "aggregate_key": "TEXT",
-    "record_scores": "TEXT",  # JSON: per-record statistics (reports.intervals) of the cell and of blind, utility
+    "record_scores": "TEXT",  # JSON: per-record statistics (suite.scoring.intervals) of the cell and of blind, utility
     "adaptive": "INTEGER",  # 1: the attack simulated the defense (knows its public parameters); 0: it did not
     "attack_seconds": "REAL",
     "attack_peak_rss_mib": "REAL",

@@ -39,14 +39,8 @@ from suite.engine.training import (
 )
 from suite.engine.transport import SERVER, InProcessTransport, client_endpoint
 from suite.errors import ConfigError
+from suite.harness.synthetic import random_batch
 from suite.interfaces.defense import make_defense
-
-
-def _batch(vocab: int, batch_size: int, length: int) -> Batch:
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (batch_size, length), generator=g)
-    mask = torch.ones_like(ids)
-    return Batch(ids, mask, ids.clone())
 
 
 def _centralised_step(model, optimizer, batch: Batch) -> None:
@@ -101,7 +95,7 @@ def step_times(model_name: str, batch_size: int, max_length: int, reps: int, spe
     loaded.model.to(dev)
     ft = FinetuneConfig()
     vocab = loaded.model.config.vocab_size
-    batch = _batch(vocab, batch_size, max_length)
+    batch = random_batch(vocab, batch_size, max_length)
     central_batch = batch.to(dev)
 
     central = _shared_copy(loaded.model)
@@ -227,7 +221,7 @@ def strategy_throughput(loaded, batch_size: int, max_length: int, reps: int, spe
     for n in client_counts:
         shards = []
         for c in range(n):
-            b = _batch(vocab, batch_size, max_length)
+            b = random_batch(vocab, batch_size, max_length)
             g = torch.Generator().manual_seed(c + 1)
             ids = torch.randint(0, vocab, b.input_ids.shape, generator=g)
             shards.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})

@@ -33,7 +33,7 @@ def grpc_step_times(model: str, batch_size: int, max_length: int, reps: int, hea
                     tail_blocks: int) -> dict:
     from suite.engine.split import SplitSpec
     from suite.experiment.prepared import prepare
-    from suite.harness.bench import _batch
+    from suite.harness.synthetic import random_batch
     from suite.net.certs import load_identity, make_certs
     from suite.net.link import Link, RemoteTransport
     from suite.net.parties import config_hash
@@ -57,7 +57,7 @@ def grpc_step_times(model: str, batch_size: int, max_length: int, reps: int, hea
             link = Link(f"127.0.0.1:{port}", load_identity(certs, "client-0"))
             client.transport = RemoteTransport(link, 0, config_hash(cfg))
             client.transport.connect(hello_timeout=180)
-            batch = _batch(remote.loaded.model.config.vocab_size, batch_size, max_length)
+            batch = random_batch(remote.loaded.model.config.vocab_size, batch_size, max_length)
             lc, ls = local.session.clients[0], local.session.server
             times: dict[str, list[float]] = {"in_process": [], "grpc": []}
             for i in range(reps + 2):
