@@ -19,6 +19,7 @@ from suite.engine.models import LoadedModel
 from suite.engine.parties import Batch
 from suite.engine.protocol import ActivationMsg, GradientMsg
 from suite.engine.split import SplitSpec
+from suite.engine.step import training_step
 from suite.engine.training import eval_summary, no_updates, optimizer_steps, train
 from suite.engine.transport import Frame, InProcessTransport, Recorder, client_endpoint
 from suite.experiment.config import ExperimentConfig
@@ -111,11 +112,7 @@ def capture_traffic(prepared: Prepared, batch_size: int, first_step: int) -> Cap
                 data = client.batches.data  # the victim's tokenised shard, in order
                 for lo in range(0, data["input_ids"].shape[0], batch_size):
                     batch = Batch(*(data[k][lo : lo + batch_size] for k in ("input_ids", "attention_mask", "labels")))
-                    client.send_activations(step, batch)
-                    server.forward([v], step)
-                    client.receive_hidden(step)
-                    server.backward(step)
-                    client.receive_gradient(step)
+                    training_step([client], server, step, [batch])
                     ids.append(batch.input_ids)
                     masks.append(batch.attention_mask)
                     order.append((v, step))

@@ -29,6 +29,7 @@ from suite.engine.models import load_model
 from suite.engine.parties import Batch, causal_lm_loss
 from suite.engine.protocol import ActivationMsg, decode, encode
 from suite.engine.split import SplitSpec, family_of, frozen_memo, split_model
+from suite.engine.step import training_step
 from suite.engine.training import (
     STRATEGIES,
     FinetuneConfig,
@@ -51,12 +52,7 @@ def _centralised_step(model, optimizer, batch: Batch) -> None:
 
 
 def _split_step(session, batch: Batch, step: int) -> None:
-    client, server = session.clients[0], session.server
-    client.send_activations(step, batch)
-    server.forward([client.id], step)
-    client.receive_hidden(step)
-    server.backward(step)
-    client.receive_gradient(step)
+    training_step(session.clients[:1], session.server, step, [batch])
 
 
 def load_bench_model(model_name: str, model_config: str | None = None, layers: int | None = None,

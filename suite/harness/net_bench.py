@@ -32,6 +32,7 @@ def _free_port() -> int:
 def grpc_step_times(model: str, batch_size: int, max_length: int, reps: int, head_blocks: int,
                     tail_blocks: int) -> dict:
     from suite.engine.split import SplitSpec
+    from suite.engine.step import training_step
     from suite.experiment.prepared import prepare
     from suite.harness.synthetic import random_batch
     from suite.net.certs import load_identity, make_certs
@@ -62,16 +63,10 @@ def grpc_step_times(model: str, batch_size: int, max_length: int, reps: int, hea
             times: dict[str, list[float]] = {"in_process": [], "grpc": []}
             for i in range(reps + 2):
                 t = time.perf_counter()
-                lc.send_activations(i, batch)
-                ls.forward([0], i)
-                lc.receive_hidden(i)
-                ls.backward(i)
-                lc.receive_gradient(i)
+                training_step([lc], ls, i, [batch])
                 dt_local = time.perf_counter() - t
                 t = time.perf_counter()
-                client.send_activations(i, batch)
-                client.receive_hidden(i)
-                client.receive_gradient(i)
+                training_step([client], None, i, [batch])  # the server's half runs in `splitleak serve`
                 dt_remote = time.perf_counter() - t
                 if i >= 2:
                     times["in_process"].append(dt_local)
