@@ -37,8 +37,6 @@ def run_group(cfg: ExperimentConfig, cells: list[Cell], keys: list[str], out: st
     """Train one group's setup once and run its cells, writing each row to the store in ``out`` as soon as
     it exists (or handing it to ``sink``). Returns the labels of the cells written (ok or failed). Runs in a
     worker process when ``--workers`` > 1, and in a Ray task with the Ray executor."""
-    first = cells[0]
-    gcfg = cell_config(cfg, first)  # every cell of a group has the same training axes
     store = ResultsStore(out) if sink is None else None
     write = sink if sink is not None else store.write
     done = []
@@ -48,71 +46,14 @@ def run_group(cfg: ExperimentConfig, cells: list[Cell], keys: list[str], out: st
                 _BASES.clear()
                 _BASES[(cfg.model.name, cfg.model.dtype)] = load_for(cfg, progress=lambda _: None)
             base = _BASES[(cfg.model.name, cfg.model.dtype)]
-        try:
-            threat = get_threat(first.threat)
-            group_attack = make_attack(first.attack, threat, json.loads(first.attack_params))
-            active = group_attack if group_attack.active else None
-            trained_as = first.training_group()[2:4]  # a wire_only defense trains as "none" and is rewired
-            defense = make_defense(trained_as[0], json.loads(trained_as[1]))
-            trained = train_split(gcfg, first.spec, base, threat, active, defense)
-            train_error = None
-        except Exception as err:  # the whole group fails; each cell records why, the run goes on
-            trained, train_error = None, error_line(err)
-        variants: dict[tuple[str, str], Any] = {}  # (defense, params) -> the trained split under it
-        blinds: dict[tuple, Any] = {}  # (defense, params, victims) -> blind's CellResult, or why it failed
-
-        def under(cell: Cell):
-            d = (cell.defense, cell.defense_params)
-            if d not in variants:
-                variants[d] = trained if d == trained_as else rewire(trained, make_defense(d[0], json.loads(d[1])))
-            return variants[d]
-
-        def blind_of(cell: Cell):
-            threat = get_threat(cell.threat)
-            victims = tuple(c for c in range(cfg.training.clients) if c != threat.colluder) or (0,)
-            b = (cell.defense, cell.defense_params, victims)
-            if b not in blinds:
-                try:
-                    blinds[b] = attack_trained(under(cell), threat, make_attack("blind", threat), gcfg)
-                except Exception as err:
-                    blinds[b] = error_line(err)
-            return blinds[b]
-
-        # (defense, params, observation_key) -> (first threat, its fields)
-        shared: dict[tuple, tuple[str, dict[str, Any]]] = {}
+        group = _Group(cfg, cells[0], base)
         for cell, key in zip(cells, keys, strict=True):
             row = cell_row(cell, key, cfg, base.revision)
-            if trained is None:
-                row.update(status="failed", error=f"training failed: {train_error}")
+            if group.trained is None:
+                row.update(status="failed", error=f"training failed: {group.train_error}")
             else:
                 try:
-                    threat = get_threat(cell.threat)
-                    attack = make_attack(cell.attack, threat, json.loads(cell.attack_params))
-                    same = observation_key(cell, cfg.training.clients)
-                    same = None if same is None else (cell.defense, cell.defense_params, same)
-                    if same in shared:  # the same attack on the same observations: the same computation
-                        first, fields = shared[same]
-                        note = f"same observations as {first} (computed once)"
-                        row.update(fields, note=f"{fields['note']}; {note}" if fields["note"] else note)
-                    else:
-                        is_blind = cell.attack == "blind" and cell.attack_params == "{}"
-                        blind = blind_of(cell) if cfg.matrix.blind and attack.kind == "inversion" else None
-                        if is_blind and not isinstance(blind, str | type(None)):
-                            result = blind
-                        else:
-                            result = attack_trained(under(cell), threat, attack, gcfg)
-                        fields = dict(result.metrics.as_dict(), utility=result.utility, **result.utility_fields(),
-                                      attack_seconds=result.cost.seconds, attack_peak_rss_mib=result.cost.peak_rss_mib,
-                                      status="ok", error=None, note=result.reconstruction.note,
-                                      defense_report=result.defense_report, samples=_samples(result),
-                                      adaptive=None if result.adaptive is None else int(result.adaptive))
-                        fields.update(_interval_fields(result, blind, under(cell)))
-                        if isinstance(blind, str):
-                            note = f"no advantage over blind: the blind baseline failed: {blind}"
-                            fields["note"] = f"{fields['note']}; {note}" if fields["note"] else note
-                        row.update(fields)
-                        if same is not None:
-                            shared[same] = (cell.threat, fields)
+                    row.update(group.fields(cell))
                 except Exception as err:
                     row.update(status="failed", error=error_line(err))
             write(row)
@@ -123,6 +64,76 @@ def run_group(cfg: ExperimentConfig, cells: list[Cell], keys: list[str], out: st
         if store is not None:
             store.close()
     return done
+
+
+class _Group:
+    """One training group while its cells run: the split trained once (or why training failed), its variants
+    under ``wire_only`` defenses (rewired, not retrained), the blind baselines per victim set, and the cells
+    computed once for several threats."""
+
+    def __init__(self, cfg: ExperimentConfig, first: Cell, base):
+        self.cfg = cfg
+        self.gcfg = cell_config(cfg, first)  # every cell of a group has the same training axes
+        self.variants: dict[tuple[str, str], Any] = {}  # (defense, params) -> the trained split under it
+        self.blinds: dict[tuple, Any] = {}  # (defense, params, victims) -> blind's CellResult, or why it failed
+        self.shared: dict[tuple, tuple[str, dict[str, Any]]] = {}  # (defense, params, observation key) -> (threat, fields)
+        try:
+            threat = get_threat(first.threat)
+            group_attack = make_attack(first.attack, threat, json.loads(first.attack_params))
+            active = group_attack if group_attack.active else None
+            self.trained_as = first.training_group()[2:4]  # a wire_only defense trains as "none" and is rewired
+            defense = make_defense(self.trained_as[0], json.loads(self.trained_as[1]))
+            self.trained = train_split(self.gcfg, first.spec, base, threat, active, defense)
+            self.train_error = None
+        except Exception as err:  # the whole group fails; each cell records why, the run goes on
+            self.trained, self.train_error = None, error_line(err)
+
+    def under(self, cell: Cell):
+        d = (cell.defense, cell.defense_params)
+        if d not in self.variants:
+            self.variants[d] = (self.trained if d == self.trained_as
+                                else rewire(self.trained, make_defense(d[0], json.loads(d[1]))))
+        return self.variants[d]
+
+    def blind_of(self, cell: Cell):
+        threat = get_threat(cell.threat)
+        victims = tuple(c for c in range(self.cfg.training.clients) if c != threat.colluder) or (0,)
+        b = (cell.defense, cell.defense_params, victims)
+        if b not in self.blinds:
+            try:
+                self.blinds[b] = attack_trained(self.under(cell), threat, make_attack("blind", threat), self.gcfg)
+            except Exception as err:
+                self.blinds[b] = error_line(err)
+        return self.blinds[b]
+
+    def fields(self, cell: Cell) -> dict[str, Any]:
+        """The row's columns for ``cell``: its attack's metrics, intervals and advantage over blind."""
+        threat = get_threat(cell.threat)
+        attack = make_attack(cell.attack, threat, json.loads(cell.attack_params))
+        same = observation_key(cell, self.cfg.training.clients)
+        same = None if same is None else (cell.defense, cell.defense_params, same)
+        if same in self.shared:  # the same attack on the same observations: the same computation
+            first, fields = self.shared[same]
+            note = f"same observations as {first} (computed once)"
+            return {**fields, "note": f"{fields['note']}; {note}" if fields["note"] else note}
+        is_blind = cell.attack == "blind" and cell.attack_params == "{}"
+        blind = self.blind_of(cell) if self.cfg.matrix.blind and attack.kind == "inversion" else None
+        if is_blind and not isinstance(blind, str | type(None)):
+            result = blind
+        else:
+            result = attack_trained(self.under(cell), threat, attack, self.gcfg)
+        fields = dict(result.metrics.as_dict(), utility=result.utility, **result.utility_fields(),
+                      attack_seconds=result.cost.seconds, attack_peak_rss_mib=result.cost.peak_rss_mib,
+                      status="ok", error=None, note=result.reconstruction.note,
+                      defense_report=result.defense_report, samples=_samples(result),
+                      adaptive=None if result.adaptive is None else int(result.adaptive))
+        fields.update(_interval_fields(result, blind, self.under(cell)))
+        if isinstance(blind, str):
+            note = f"no advantage over blind: the blind baseline failed: {blind}"
+            fields["note"] = f"{fields['note']}; {note}" if fields["note"] else note
+        if same is not None:
+            self.shared[same] = (cell.threat, fields)
+        return fields
 
 
 def _samples(result, n: int = 5) -> list[dict[str, Any]]:
