@@ -169,3 +169,25 @@ def test_training_axes_reach_the_training_run(tmp_path):
     assert df.loc[0, "config"]["training"]["steps"] == 0 and df.loc[3, "config"]["training"]["steps"] == 3
     assert df.loc[0, "utility"] != df.loc[3, "utility"]  # three steps of training moved the model
     assert (df.finetune == "lora").all()
+
+
+def test_every_training_axis_reaches_the_group_the_label_the_key_and_the_config():
+    """A new [matrix] training sweep is an entry in ``plan.AXES``, a ``Cell`` field and its list in the config:
+    grouping, the label (and so the gate and the report), the key, the row's ``axes`` and the cell's
+    [training] all follow from ``AXES``. Extend ``values`` here with the new axis."""
+    import dataclasses
+
+    from suite.experiment.plan import AXES, Cell, cell_config, cell_row
+
+    cfg = parse_config(TINY)
+    base = Cell(1, 1, "curious_server", "nearest_embedding", "{}", "none", "{}")
+    values = {"steps": 3, "finetune": "full", "seed": 7}
+    assert set(values) == set(AXES)
+    for axis, v in values.items():
+        assert hasattr(cfg.matrix, AXES[axis])
+        cell = dataclasses.replace(base, **{axis: v})
+        assert cell.axes() == {axis: v} and f" {axis}={v}" in cell.label()
+        assert cell.training_group() != base.training_group()
+        assert cell_key(cell, cfg, "rev") != cell_key(base, cfg, "rev")
+        assert getattr(cell_config(cfg, cell).training, axis) == v
+        assert cell_row(cell, "k", cfg, "rev")["axes"] == {axis: v}

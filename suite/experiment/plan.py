@@ -107,7 +107,7 @@ class Cell:
         defense, params = self.defense, self.defense_params
         if SHARE_WIRE_ONLY_TRAINING and DEFENSES.get(defense).wire_only:
             defense, params = "none", "{}"
-        return (self.head_blocks, self.tail_blocks, defense, params, self.steps, self.finetune, self.seed,
+        return (self.head_blocks, self.tail_blocks, defense, params, *(getattr(self, k) for k in AXES),
                 (self.threat, self.attack, self.attack_params) if active else None)
 
     def without_seed(self) -> Cell:
