@@ -24,11 +24,11 @@ from suite.engine.training import eval_summary, no_updates, optimizer_steps, tra
 from suite.engine.transport import Frame, InProcessTransport, Recorder, client_endpoint
 from suite.experiment.config import ExperimentConfig
 from suite.experiment.data import Record, load_corpus
-from suite.experiment.preflight import check_threat
 from suite.experiment.prepared import Prepared, prepare
 from suite.experiment.utility import centralised_reference, perplexity
 from suite.interfaces.attack import Attack, Cost, Reconstruction, make_attack, timed_reconstruct
 from suite.interfaces.defense import Defense, make_defense, public_defense
+from suite.interfaces.presets import check_threat
 from suite.interfaces.threats import ObservedBatch, ThreatModel, filter_observations, get_threat
 from suite.scoring.intervals import record_stats
 from suite.scoring.metrics import LeakageMetrics, leakage_metrics
