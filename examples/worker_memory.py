@@ -8,7 +8,8 @@ import torch
 
 torch.set_num_threads(1)
 from suite.experiment.config import DEFAULT_MATRIX, load_config  # noqa: E402  (after the thread count is set)
-from suite.experiment.matrix import expand, run_group  # noqa: E402
+from suite.experiment.plan import expand  # noqa: E402
+from suite.experiment.run import run_group  # noqa: E402
 
 k = int(sys.argv[1]) if len(sys.argv) > 1 else 1
 cfg = load_config(DEFAULT_MATRIX)

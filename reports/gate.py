@@ -16,8 +16,9 @@ Bands come from the 95 % confidence intervals (``<metric>_lo/_hi``) where the st
 A band that can never trip (``up`` with its upper edge at the ceiling, ``down`` with its lower edge at the
 floor) is never written by ``make_baseline`` and makes ``check`` refuse the baseline.
 
-Cells are matched by what they are (model, split, threat, attack and defense with parameters, and a
-" [non-adaptive]" mark where the attack did not simulate the defense), not by the cell key, so a baseline survives changes that do not change what a cell
+Cells are matched by what they are (``suite.experiment.store.cell_label``: model, split, threat, attack and
+defense with parameters, the training axes the cell sweeps, and a " [non-adaptive]" mark where the attack did not
+simulate the defense), not by the cell key, so a baseline survives changes that do not change what a cell
 measures.
 """
 
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from suite.errors import SplitleakError
-from suite.experiment.store import METRICS, open_store
+from suite.experiment.store import METRICS, cell_label, open_store
 
 # Absolute bands: BLEU/ROUGE are on 0-100, rates on 0-1.
 DEFAULT_TOLERANCE = {"bleu4": 5.0, "rouge1": 5.0, "rouge2": 5.0, "rougeL": 5.0, "token_accuracy": 0.05,
@@ -54,17 +55,6 @@ def metric_range(metric: str) -> tuple[float, float]:
 
 
 GATED = (*METRICS, *(f"adv_{m}" for m in METRICS))
-
-
-def cell_label(row: dict[str, Any]) -> str:
-    def params(p) -> str:
-        p = json.loads(p) if isinstance(p, str) else (p or {})
-        return "" if not p else json.dumps(p, sort_keys=True, separators=(",", ":"))
-
-    adaptive = row.get("adaptive")  # the default (adaptive, or not recorded) keeps the label it always had
-    mode = " [non-adaptive]" if adaptive is not None and not int(adaptive) else ""
-    return (f"{row['model']} k={row['head_blocks']} m={row['tail_blocks']} {row['threat']}/"
-            f"{row['attack']}{params(row['attack_params'])}/{row['defense']}{params(row['defense_params'])}{mode}")
 
 
 def _num(v: Any) -> float | None:

@@ -33,7 +33,7 @@ from reports.pdf import FAILED_BG, LANDSCAPE_W, LEVEL_COLORS, PORTRAIT_W, docume
 from reports.tables import NO_DEFENSE, num
 from reports.verdict import RULE, level, pct, signed_pct, still_leaks, threat_verdict
 from suite.experiment.store import load_results
-from suite.interfaces.threats import THREATS
+from suite.interfaces.presets import THREATS
 
 TITLES = ("1. Verdict per threat", "2. Threat-model matrix", "3. Leakage versus split depth",
           "4. Privacy–utility frontier", "5. Reconstructed samples", "6. Attack cost", "7. Methods")

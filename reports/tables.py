@@ -63,10 +63,15 @@ def prepare(df: pd.DataFrame) -> pd.DataFrame:
         if col in df:  # columns other work adds to the store are read when present
             df[col] = pd.to_numeric(df[col], errors="coerce")
     df["defense_label"] = [param_label(n, p) for n, p in zip(df["defense"], df["defense_params"], strict=True)]
-    for axis in ("steps", "finetune"):  # a swept training axis is part of the setting, never averaged over
-        if axis in df and df[axis].nunique(dropna=True) > 1:
+    # A swept training axis is part of the setting, never averaged over: steps and finetune have columns of
+    # their own; any other axis a cell sweeps is in its ``axes`` (seeds are pooled, not a setting).
+    axes = [a if isinstance(a, dict) else {} for a in df["axes"]] if "axes" in df else [{}] * len(df)
+    others = sorted({k for a in axes for k in a} - {"steps", "finetune", "seed"})
+    for axis in ("steps", "finetune", *others):
+        values = df[axis] if axis in df else pd.Series([a.get(axis) for a in axes], index=df.index, dtype=object)
+        if values.nunique(dropna=True) > 1:
             df["defense_label"] = [label if pd.isna(v) else f"{label} [{axis}={_axis_value(v)}]"
-                                   for label, v in zip(df["defense_label"], df[axis], strict=True)]
+                                   for label, v in zip(df["defense_label"], values, strict=True)]
     df["attack_label"] = [param_label(n, p) for n, p in zip(df["attack"], df["attack_params"], strict=True)]
     df["ok"] = df["status"] == "ok"
     df["head_blocks"] = pd.to_numeric(df["head_blocks"], errors="coerce").fillna(-1).astype(int)

@@ -174,7 +174,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     _with_devices(cfg, args)  # the device exists here (imports torch: only once the input is known good)
     from tqdm import tqdm
 
-    from suite.experiment.matrix import run_matrix  # imports torch: only once the input is known good
+    from suite.experiment.schedule import run_matrix  # imports torch: only once the input is known good
     left_out: dict[tuple[str, str, str], int] = {}  # one line per threat/attack pair, not per cell
     for cell, reason in skipped:
         pair = (cell.threat, cell.attack, reason)
@@ -228,7 +228,7 @@ def _with_devices(cfg, args: argparse.Namespace, check: bool = True):
 
 
 def cmd_results(args: argparse.Namespace) -> int:
-    from suite.experiment.matrix import summary_table
+    from reports.summary import summary_table
     from suite.experiment.store import open_store
 
     with open_store(args.dir, must_exist=True) as store:

@@ -12,7 +12,7 @@ from reports.gate import DOWN, GATED, UP, check, load_baseline, make_baseline, n
 from suite.cli import main
 from suite.errors import SplitleakError
 from suite.experiment.config import parse_config
-from suite.experiment.matrix import run_matrix
+from suite.experiment.schedule import run_matrix
 
 MATRIX = {
     "model": {"name": "tiny-llama"},
@@ -183,3 +183,20 @@ def test_junit_and_markdown(tmp_path, capsys):
     assert md.count("✅") == n_cases - 1
     assert main(["check", str(store), "--baseline", str(tmp_path / "baseline.json"), "--junit",
                  str(tmp_path / "no" / "dir" / "x.xml")]) == 2
+
+
+def test_swept_cells_keep_their_own_baseline_entries(tmp_path):
+    """Cells that differ only in a swept training axis (steps, finetune, seed, …) are different cells in the
+    baseline: the label is the cell's one label (``Cell.label``), which names every swept axis."""
+    from suite.experiment.plan import Cell
+
+    rows = []
+    for i, (steps, finetune) in enumerate([(2, "lora"), (8, "lora"), (2, "full")]):
+        row = cell(f"s{i}", 1, "curious_server", "inv", "none", acc=0.5 + i / 10, loss=3.0)
+        row.update(steps=steps, finetune=finetune, axes={"steps": steps, "finetune": finetune})
+        rows.append(row)
+    baseline = make_baseline(write_store(tmp_path / "run", rows))
+    assert len(baseline["cells"]) == 3
+    same = Cell(1, 1, "curious_server", "inv", "{}", "none", "{}", steps=8, finetune="lora")
+    assert f"m {same.label()}" in baseline["cells"]  # the gate's label is the model and Cell.label
+    assert baseline["cells"][f"m {same.label()}"]["metrics"]["token_accuracy"]["value"] == 0.6

@@ -5,8 +5,8 @@ import pytest
 
 from suite.cli import main
 from suite.experiment.config import parse_config
-from suite.experiment.matrix import run_matrix
 from suite.experiment.revision import code_revision, key_part, source_hash
+from suite.experiment.schedule import run_matrix
 from suite.experiment.store import ResultsStore
 
 ONE_CELL = {
@@ -35,7 +35,8 @@ def test_rows_from_other_code_are_reported_recomputed_and_replaced(tmp_path, mon
     [old] = _rows(tmp_path)
     assert old["code_revision"] == code_revision() and old["cell_id"]
 
-    monkeypatch.setattr("suite.experiment.matrix.code_revision", lambda: "9.9.9+src-0123456789abcdef")
+    for where in ("suite.experiment.plan", "suite.experiment.schedule"):  # the row's and the key's revision
+        monkeypatch.setattr(f"{where}.code_revision", lambda: "9.9.9+src-0123456789abcdef")
     notes = []
     kept = run_matrix(cfg, tmp_path, keep_stale=True, on_note=notes.append)
     assert kept["ran"] == 0 and kept["stale"] == {old["code_revision"]: 1}

@@ -4,8 +4,8 @@ distribution about 95 % of the time, and pair an advantage over a baseline on th
 import numpy as np
 import pytest
 
-from reports.intervals import interval, point, record_stats, summarize
-from reports.metrics import leakage_metrics
+from suite.scoring.intervals import interval, point, record_stats, summarize
+from suite.scoring.metrics import leakage_metrics
 
 
 def test_record_statistics_reproduce_every_metric():

@@ -14,7 +14,8 @@ from store_rows import comparable_rows, differences
 from suite.cli import main
 from suite.errors import ConfigError
 from suite.experiment.config import parse_config
-from suite.experiment.matrix import expand, run_matrix
+from suite.experiment.plan import expand
+from suite.experiment.schedule import run_matrix
 from suite.experiment.store import ResultsStore, load_results
 
 MATRIX = {

@@ -7,7 +7,7 @@ import pytest
 import torch
 from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 
-from reports.metrics import (
+from suite.scoring.metrics import (
     LeakageMetrics,
     bleu4,
     exact_match,

@@ -215,7 +215,7 @@ def test_colluder_threat_with_one_client_is_refused_for_a_single_cell(capsys):
 
 def test_colluder_threat_in_a_list_is_left_out_with_the_reason():
     from suite.experiment.config import parse_config
-    from suite.experiment.matrix import expand
+    from suite.experiment.plan import expand
 
     cfg = parse_config({"model": {"name": "tiny-llama"}, "training": {"clients": 1},
                         "matrix": {"splits": [0], "threats": ["curious_server", "colluding_client", "peer_client"],

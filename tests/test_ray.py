@@ -8,7 +8,7 @@ from store_rows import comparable_rows, differences  # noqa: E402
 
 from suite.errors import ConfigError  # noqa: E402
 from suite.experiment.config import parse_config  # noqa: E402
-from suite.experiment.matrix import run_matrix  # noqa: E402
+from suite.experiment.schedule import run_matrix  # noqa: E402
 from suite.experiment.store import ResultsStore  # noqa: E402
 
 MATRIX = {

@@ -8,7 +8,7 @@ from reports.markup import escape, highlight, sample_markup
 from reports.report import TITLES, build_report
 from suite.cli import main
 from suite.experiment.config import parse_config
-from suite.experiment.matrix import run_matrix
+from suite.experiment.schedule import run_matrix
 from suite.experiment.store import ResultsStore
 
 PII_NAME = 'Bob <"Al"> & Co'

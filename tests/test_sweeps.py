@@ -7,7 +7,8 @@ import pytest
 
 from suite.errors import ConfigError
 from suite.experiment.config import parse_config
-from suite.experiment.matrix import cell_key, expand, run_matrix
+from suite.experiment.plan import cell_key, expand
+from suite.experiment.schedule import run_matrix
 from suite.experiment.store import ADVANTAGE_COLUMNS, METRICS, ResultsStore, comparable, load_results
 
 TINY = {
@@ -44,7 +45,7 @@ def test_attack_sweeps_and_training_axes():
     assert len(cells) == 2 * 2 * 2
     assert {(c.steps, c.finetune) for c in cells} == {(0, "lora"), (0, "full"), (3, "lora"), (3, "full")}
     assert len({cell_key(c, cfg, "rev") for c in cells}) == 8 and len({c.label() for c in cells}) == 8
-    assert "steps=3 finetune=full" in next(c for c in cells if c.steps == 3 and c.finetune == "full").label()
+    assert "finetune=full steps=3" in next(c for c in cells if c.steps == 3 and c.finetune == "full").label()
     assert len({c.training_group() for c in cells}) == 4  # the attack's seed shares a training run
 
 
@@ -118,24 +119,23 @@ def test_seeds_give_per_seed_rows_and_one_aggregate_row(tmp_path):
 
 
 def test_encryption_reuses_training_and_gives_the_rows_of_an_uncached_run(tmp_path, monkeypatch):
-    import suite.experiment.matrix as matrix
+    import suite.experiment.plan as plan
+    import suite.experiment.run
 
     cfg = parse_config({**TINY, "matrix": {"splits": [1], "threats": ["curious_server", "eavesdropper"],
                                            "attacks": ["nearest_embedding", "wire_inversion"],
                                            "defenses": ["none", "encryption"]}})
     trained = []
-    import suite.experiment.cell
-
-    real = suite.experiment.cell.train_split
+    real = suite.experiment.run.train_split
 
     def counted(*args, **kwargs):
         trained.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(suite.experiment.cell, "train_split", counted)
+    monkeypatch.setattr(suite.experiment.run, "train_split", counted)
     run_matrix(cfg, tmp_path / "cached")
     assert len(trained) == 1
-    monkeypatch.setattr(matrix, "SHARE_WIRE_ONLY_TRAINING", False)
+    monkeypatch.setattr(plan, "SHARE_WIRE_ONLY_TRAINING", False)
     run_matrix(cfg, tmp_path / "uncached")
     assert len(trained) == 3
 
@@ -169,3 +169,25 @@ def test_training_axes_reach_the_training_run(tmp_path):
     assert df.loc[0, "config"]["training"]["steps"] == 0 and df.loc[3, "config"]["training"]["steps"] == 3
     assert df.loc[0, "utility"] != df.loc[3, "utility"]  # three steps of training moved the model
     assert (df.finetune == "lora").all()
+
+
+def test_every_training_axis_reaches_the_group_the_label_the_key_and_the_config():
+    """A new [matrix] training sweep is an entry in ``plan.AXES``, a ``Cell`` field and its list in the config:
+    grouping, the label (and so the gate and the report), the key, the row's ``axes`` and the cell's
+    [training] all follow from ``AXES``. Extend ``values`` here with the new axis."""
+    import dataclasses
+
+    from suite.experiment.plan import AXES, Cell, cell_config, cell_row
+
+    cfg = parse_config(TINY)
+    base = Cell(1, 1, "curious_server", "nearest_embedding", "{}", "none", "{}")
+    values = {"steps": 3, "finetune": "full", "seed": 7}
+    assert set(values) == set(AXES)
+    for axis, v in values.items():
+        assert hasattr(cfg.matrix, AXES[axis])
+        cell = dataclasses.replace(base, **{axis: v})
+        assert cell.axes() == {axis: v} and f" {axis}={v}" in cell.label()
+        assert cell.training_group() != base.training_group()
+        assert cell_key(cell, cfg, "rev") != cell_key(base, cfg, "rev")
+        assert getattr(cell_config(cfg, cell).training, axis) == v
+        assert cell_row(cell, "k", cfg, "rev")["axes"] == {axis: v}

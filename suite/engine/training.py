@@ -7,7 +7,8 @@
   "server-hierarchical" mode without M copies of the model). In one process the clients take turns; their
   server-side weights never mix.
 
-Each strategy is one function that runs one step for every client; ``train`` is the loop around it.
+Each strategy is one function that runs one step for every client, through the one protocol step
+(``suite.engine.step.training_step``); ``train`` is the loop around it.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from torch import nn
 
 from suite.engine.device import module_device
 from suite.engine.parties import Batch, Batches, Client, Server, trainable
-from suite.engine.split import Family, SplitModel, SplitSpec, lora_targets, position_ids_for, split_model
+from suite.engine.split import Family, SplitModel, SplitSpec, lora_targets, split_model
+from suite.engine.step import local_forward, training_step
 from suite.engine.transport import InProcessTransport, Transport
 from suite.errors import ConfigError
 
@@ -88,25 +90,13 @@ class Session:
 
 
 def serial_step(clients: Sequence[Client], server: Server, step: int) -> list[float]:
-    losses = []
-    for c in clients:
-        c.send_activations(step)
-        server.forward([c.id], step)
-        losses.append(c.receive_hidden(step))
-        server.backward(step)
-        c.receive_gradient(step)
-    return losses
+    # One client after another: each its own trunk pass and server optimiser step.
+    return [loss for c in clients for loss in training_step([c], server, step)]
 
 
 def batch_parallel_step(clients: Sequence[Client], server: Server, step: int) -> list[float]:
-    for c in clients:
-        c.send_activations(step)
-    server.forward([c.id for c in clients], step)  # one trunk pass over all clients' rows
-    losses = [c.receive_hidden(step) for c in clients]
-    server.backward(step)  # one optimiser step on the summed gradients
-    for c in clients:
-        c.receive_gradient(step)
-    return losses
+    # One trunk pass over all clients' rows, one server optimiser step on the summed gradients.
+    return training_step(clients, server, step)
 
 
 def per_client_step(clients: Sequence[Client], server: Server, step: int) -> list[float]:
@@ -323,22 +313,8 @@ def _eval_sums(session: Session, data: dict[str, torch.Tensor], client_id: int, 
     for lo in range(0, n, batch_size):
         b = Batch(*(data[k][lo : lo + batch_size] for k in ("input_ids", "attention_mask", "labels")))
         b = b.to(client.device)
-        labels = b.labels
-        if deployed:
-            for token_hook in client.token_hooks:
-                b = token_hook(b)
-        pos = position_ids_for(b.attention_mask)
-        embeds = None
-        if deployed and client.input_hooks:
-            embeds = client.head.embed_tokens(b.input_ids, pos)
-            for hook in client.input_hooks:
-                embeds = hook(embeds, b)
-        hidden = client.head(b.input_ids, b.attention_mask, pos, inputs_embeds=embeds)
-        if deployed:
-            for hook in client.activation_hooks:
-                hidden = hook(hidden, b)
-        hidden = server.trunk(hidden.to(server.device), b.attention_mask.to(server.device), pos.to(server.device))
-        logits = client.tail(hidden.to(client.device), b.attention_mask, pos)
+        labels = b.labels  # the true text, whatever a token hook sends in its place
+        logits = local_forward(client, server, b, deployed)
         targets = labels[:, 1:]
         token_loss = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets.clamp_min(0), reduction="none")
         valid = targets != -100

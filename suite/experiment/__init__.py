@@ -1,1 +1,2 @@
-"""Experiments: configuration, data, one cell, the matrix of cells, the results store, pre-flight checks, utility."""
+"""Experiments: configuration, data, one cell, the matrix (plan: sweeps into cells; run: one training group;
+schedule: local, worker processes, Ray; seeds: pooling), the results store, pre-flight checks, utility."""

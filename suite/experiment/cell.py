@@ -15,22 +15,23 @@ from dataclasses import dataclass, field
 
 import torch
 
-from reports.intervals import record_stats
-from reports.metrics import LeakageMetrics, leakage_metrics
 from suite.engine.models import LoadedModel
 from suite.engine.parties import Batch
 from suite.engine.protocol import ActivationMsg, GradientMsg
 from suite.engine.split import SplitSpec
+from suite.engine.step import training_step
 from suite.engine.training import eval_summary, no_updates, optimizer_steps, train
 from suite.engine.transport import Frame, InProcessTransport, Recorder, client_endpoint
 from suite.experiment.config import ExperimentConfig
 from suite.experiment.data import Record, load_corpus
-from suite.experiment.preflight import check_threat
 from suite.experiment.prepared import Prepared, prepare
 from suite.experiment.utility import centralised_reference, perplexity
 from suite.interfaces.attack import Attack, Cost, Reconstruction, make_attack, timed_reconstruct
 from suite.interfaces.defense import Defense, make_defense, public_defense
+from suite.interfaces.presets import check_threat
 from suite.interfaces.threats import ObservedBatch, ThreatModel, filter_observations, get_threat
+from suite.scoring.intervals import record_stats
+from suite.scoring.metrics import LeakageMetrics, leakage_metrics
 
 
 @dataclass
@@ -111,11 +112,7 @@ def capture_traffic(prepared: Prepared, batch_size: int, first_step: int) -> Cap
                 data = client.batches.data  # the victim's tokenised shard, in order
                 for lo in range(0, data["input_ids"].shape[0], batch_size):
                     batch = Batch(*(data[k][lo : lo + batch_size] for k in ("input_ids", "attention_mask", "labels")))
-                    client.send_activations(step, batch)
-                    server.forward([v], step)
-                    client.receive_hidden(step)
-                    server.backward(step)
-                    client.receive_gradient(step)
+                    training_step([client], server, step, [batch])
                     ids.append(batch.input_ids)
                     masks.append(batch.attention_mask)
                     order.append((v, step))
@@ -247,7 +244,7 @@ class CellResult:
     references: list[str]
     defense_report: dict
     records: list[Record]  # the victims' records behind ``references`` (ground truth, for reports)
-    scores: dict | None = None  # per-record statistics of every metric (reports.intervals.record_stats)
+    scores: dict | None = None  # per-record statistics of every metric (suite.scoring.intervals.record_stats)
     perplexity: float | None = None  # exp(utility)
     utility_centralised: float | None = None  # held-out loss of a centralised LoRA fine-tune on the same data
     perplexity_centralised: float | None = None

@@ -16,32 +16,10 @@ import os
 import sqlite3
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from suite.errors import ConfigError, DataError, ModelError, SplitleakError
 from suite.experiment.config import CorpusSection, ExperimentConfig
-
-if TYPE_CHECKING:  # torch is slow to import: the data checks run before it is needed
-    from suite.interfaces.threats import ThreatModel
-
-MIN_CLIENTS_WITH_COLLUDER = 2
-
-
-def colluder_problem(threat: ThreatModel, clients: int) -> str | None:
-    """Why ``threat`` cannot run with ``clients`` clients, or None. A threat that names a colluder or peer
-    (client ``threat.colluder``) needs a victim other than that client: with one client the colluder *is*
-    the victim and the attacker would be handed the victim's own records and weights."""
-    if threat.colluder is not None and clients < MIN_CLIENTS_WITH_COLLUDER:
-        return (f"threat {threat.name} makes client {threat.colluder} the colluder and needs at least "
-                f"{MIN_CLIENTS_WITH_COLLUDER} clients (training.clients = {clients}); use --clients 2 or more")
-    return None
-
-
-def check_threat(threat: ThreatModel, clients: int) -> None:
-    problem = colluder_problem(threat, clients)
-    if problem:
-        raise ConfigError(problem)
-
+from suite.interfaces.presets import check_threat, colluder_problem  # no torch: the data checks run before it
 
 # --- output directory ----------------------------------------------------------------------------------
 
@@ -238,7 +216,7 @@ def check_single(cfg: ExperimentConfig, threat_name: str | None = None) -> None:
     """Before ``train``/``attack``/``serve``/``client``: data, model, split (and the threat's client count)."""
     check_data(cfg)  # first: no torch import needed
     if threat_name is not None:
-        from suite.interfaces.threats import get_threat
+        from suite.interfaces.presets import get_threat
 
         check_threat(get_threat(threat_name), cfg.training.clients)
     layers = model_layers(cfg.model.name)
@@ -251,7 +229,7 @@ def check_matrix_run(cfg: ExperimentConfig, out: str | os.PathLike) -> tuple[lis
     raises when no cell is left to run."""
     check_out(out)
     check_data(cfg)  # before expand, which imports torch and every attack: a bad file fails in a second
-    from suite.experiment.matrix import expand
+    from suite.experiment.plan import expand
 
     cells, skipped = expand(cfg)
     listed = {a if isinstance(a, str) else a.get("name") for a in cfg.matrix.attacks}

@@ -14,7 +14,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -53,12 +53,13 @@ COLUMNS: dict[str, str] = {
     **{c: "REAL" for c in ADVANTAGE_COLUMNS},
     "steps": "INTEGER",  # training steps of the cell (the [matrix] steps axis, else [training] steps)
     "finetune": "TEXT",  # what the clients fine-tuned (the [matrix] finetune axis, else [training] finetune)
+    "axes": "TEXT",  # JSON: the training axes the cell sweeps ({"steps": 3, "seed": 1}), NULL when none
     # Seeds ([matrix] seeds): one row per seed (``seed``), and once every seed of a cell is done an aggregate
     # row (``seed`` NULL, ``seeds`` = JSON list) whose metrics, intervals and advantages pool records x seeds.
     # Per-seed rows name it in ``aggregate_key``; ``rows()``/``load_results`` hide them unless per_seed=True.
     "seeds": "TEXT",
     "aggregate_key": "TEXT",
-    "record_scores": "TEXT",  # JSON: per-record statistics (reports.intervals) of the cell and of blind, utility
+    "record_scores": "TEXT",  # JSON: per-record statistics (suite.scoring.intervals) of the cell and of blind, utility
     "adaptive": "INTEGER",  # 1: the attack simulated the defense (knows its public parameters); 0: it did not
     "attack_seconds": "REAL",
     "attack_peak_rss_mib": "REAL",
@@ -74,6 +75,26 @@ COLUMNS: dict[str, str] = {
     "cell_id": "TEXT",  # the cell's key without the code revision: finds a row of the same cell from other code
 }
 TIMING = ("attack_seconds", "attack_peak_rss_mib", "finished_at")
+
+
+def cell_label(row: Mapping[str, Any]) -> str:
+    """The one label of a cell, from its row or a ``Cell``'s fields: the model (where given), the split,
+    threat, attack and defense with their parameters, every training axis the cell sweeps (``axes``, by name)
+    and " [non-adaptive]" where the attack did not simulate the defense. ``Cell.label``, the progress of a run,
+    the gate and the report all use it, so two cells of one matrix never share a label."""
+
+    def params(p) -> str:
+        p = json.loads(p) if isinstance(p, str) else (p or {})
+        return "" if not p else json.dumps(p, sort_keys=True, separators=(",", ":"))
+
+    axes = row.get("axes")
+    axes = json.loads(axes) if isinstance(axes, str) else (axes or {})
+    adaptive = row.get("adaptive")  # the default (adaptive, or not recorded) keeps the label it always had
+    mode = " [non-adaptive]" if adaptive is not None and not int(adaptive) else ""
+    model = f"{row['model']} " if row.get("model") else ""
+    return (f"{model}k={row['head_blocks']} m={row['tail_blocks']} {row['threat']}/{row['attack']}"
+            f"{params(row['attack_params'])}/{row['defense']}{params(row['defense_params'])}"
+            + "".join(f" {k}={v}" for k, v in sorted(axes.items())) + mode)
 
 
 class ResultsStore:
@@ -180,7 +201,7 @@ def load_results(directory: str | Path, per_seed: bool = False):
         rows = store.rows(per_seed=per_seed)
     for row in rows:
         for k in ("attack_params", "defense_params", "defense_report", "samples", "config", "versions", "seeds",
-                  "record_scores", "optimizer_steps"):
+                  "record_scores", "optimizer_steps", "axes"):
             if isinstance(row.get(k), str):
                 row[k] = json.loads(row[k])
     return pd.DataFrame(rows, columns=list(COLUMNS))

@@ -29,6 +29,7 @@ from suite.engine.models import load_model
 from suite.engine.parties import Batch, causal_lm_loss
 from suite.engine.protocol import ActivationMsg, decode, encode
 from suite.engine.split import SplitSpec, family_of, frozen_memo, split_model
+from suite.engine.step import training_step
 from suite.engine.training import (
     STRATEGIES,
     FinetuneConfig,
@@ -39,14 +40,8 @@ from suite.engine.training import (
 )
 from suite.engine.transport import SERVER, InProcessTransport, client_endpoint
 from suite.errors import ConfigError
+from suite.harness.synthetic import random_batch
 from suite.interfaces.defense import make_defense
-
-
-def _batch(vocab: int, batch_size: int, length: int) -> Batch:
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (batch_size, length), generator=g)
-    mask = torch.ones_like(ids)
-    return Batch(ids, mask, ids.clone())
 
 
 def _centralised_step(model, optimizer, batch: Batch) -> None:
@@ -57,12 +52,7 @@ def _centralised_step(model, optimizer, batch: Batch) -> None:
 
 
 def _split_step(session, batch: Batch, step: int) -> None:
-    client, server = session.clients[0], session.server
-    client.send_activations(step, batch)
-    server.forward([client.id], step)
-    client.receive_hidden(step)
-    server.backward(step)
-    client.receive_gradient(step)
+    training_step(session.clients[:1], session.server, step, [batch])
 
 
 def load_bench_model(model_name: str, model_config: str | None = None, layers: int | None = None,
@@ -101,7 +91,7 @@ def step_times(model_name: str, batch_size: int, max_length: int, reps: int, spe
     loaded.model.to(dev)
     ft = FinetuneConfig()
     vocab = loaded.model.config.vocab_size
-    batch = _batch(vocab, batch_size, max_length)
+    batch = random_batch(vocab, batch_size, max_length)
     central_batch = batch.to(dev)
 
     central = _shared_copy(loaded.model)
@@ -227,7 +217,7 @@ def strategy_throughput(loaded, batch_size: int, max_length: int, reps: int, spe
     for n in client_counts:
         shards = []
         for c in range(n):
-            b = _batch(vocab, batch_size, max_length)
+            b = random_batch(vocab, batch_size, max_length)
             g = torch.Generator().manual_seed(c + 1)
             ids = torch.randint(0, vocab, b.input_ids.shape, generator=g)
             shards.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})

@@ -32,8 +32,9 @@ def _free_port() -> int:
 def grpc_step_times(model: str, batch_size: int, max_length: int, reps: int, head_blocks: int,
                     tail_blocks: int) -> dict:
     from suite.engine.split import SplitSpec
+    from suite.engine.step import training_step
     from suite.experiment.prepared import prepare
-    from suite.harness.bench import _batch
+    from suite.harness.synthetic import random_batch
     from suite.net.certs import load_identity, make_certs
     from suite.net.link import Link, RemoteTransport
     from suite.net.parties import config_hash
@@ -57,21 +58,15 @@ def grpc_step_times(model: str, batch_size: int, max_length: int, reps: int, hea
             link = Link(f"127.0.0.1:{port}", load_identity(certs, "client-0"))
             client.transport = RemoteTransport(link, 0, config_hash(cfg))
             client.transport.connect(hello_timeout=180)
-            batch = _batch(remote.loaded.model.config.vocab_size, batch_size, max_length)
+            batch = random_batch(remote.loaded.model.config.vocab_size, batch_size, max_length)
             lc, ls = local.session.clients[0], local.session.server
             times: dict[str, list[float]] = {"in_process": [], "grpc": []}
             for i in range(reps + 2):
                 t = time.perf_counter()
-                lc.send_activations(i, batch)
-                ls.forward([0], i)
-                lc.receive_hidden(i)
-                ls.backward(i)
-                lc.receive_gradient(i)
+                training_step([lc], ls, i, [batch])
                 dt_local = time.perf_counter() - t
                 t = time.perf_counter()
-                client.send_activations(i, batch)
-                client.receive_hidden(i)
-                client.receive_gradient(i)
+                training_step([client], None, i, [batch])  # the server's half runs in `splitleak serve`
                 dt_remote = time.perf_counter() - t
                 if i >= 2:
                     times["in_process"].append(dt_local)
@@ -102,7 +97,7 @@ def ray_overhead() -> dict:
         import ray
     except ImportError:
         return {"ray": "not installed (pip install 'splitleak[ray]')"}
-    from suite.experiment.matrix import run_matrix
+    from suite.experiment.schedule import run_matrix
 
     cfg = parse_config(RAY_MATRIX)
     with tempfile.TemporaryDirectory() as tmp:

@@ -6,90 +6,22 @@ an attack are filtered to what the threat grants (a field not granted is ``None`
 what it did not declare. Ground truth never enters ``Observations``.
 
 Public knowledge (the base model's weights, its tokenizer, the split point, public text from a similar
-domain) is granted explicitly too, so a threat that really lacks it can be modelled.
+domain) is granted explicitly too, so a threat that really lacks it can be modelled. The presets themselves
+(``Capability``, ``ThreatModel``, ``THREATS``, ``get_threat``) live in ``suite.interfaces.presets`` (no torch)
+and are re-exported here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, fields
-from enum import StrEnum
 
 import torch
 
 from suite.engine.split import SplitSpec
 from suite.engine.transport import Frame
 from suite.errors import ConfigError
-
-
-class Capability(StrEnum):
-    WIRE = "wire"  # the bytes of every frame between the victims and the server, as sent
-    ACTIVATIONS = "activations"  # plaintext client-head outputs (+ padding mask) arriving at the server
-    GRADIENTS = "gradients"  # plaintext gradients sent by client tails to the server
-    BASE_WEIGHTS = "base_weights"  # the public pretrained weights
-    SHADOW_DATA = "shadow_data"  # public text from a similar domain (never the victims' records)
-    COLLUDER_WEIGHTS = "colluder_weights"  # a colluding client's fine-tuned head and tail
-    COLLUDER_DATA = "colluder_data"  # a colluding client's own private records
-    CONTROL_SERVER = "control_server"  # may deviate from the protocol: chooses what the server sends back
-
-
-@dataclass(frozen=True)
-class ThreatModel:
-    name: str
-    description: str
-    grants: frozenset[Capability]
-    colluder: int | None = None  # the client id that colludes (its traffic is not a victim's)
-
-    def missing(self, required: frozenset[Capability]) -> frozenset[Capability]:
-        return frozenset(required) - self.grants
-
-
-C = Capability
-_SERVER = frozenset({C.ACTIVATIONS, C.GRADIENTS, C.BASE_WEIGHTS, C.SHADOW_DATA})
-
-THREATS: dict[str, ThreatModel] = {
-    t.name: t
-    for t in (
-        ThreatModel(
-            "curious_server",
-            "honest-but-curious server: follows the protocol, keeps every decrypted activation and gradient, "
-            "knows the public base weights and has public shadow text",
-            _SERVER,
-        ),
-        ThreatModel(
-            "malicious_server",
-            "malicious server: like the curious server, and may return chosen gradients to the client head "
-            "and chosen hidden states to the client tail during training",
-            _SERVER | {C.CONTROL_SERVER},
-        ),
-        ThreatModel(
-            "colluding_client",
-            "the curious server plus one client (client 0) that hands over its fine-tuned head/tail weights "
-            "and its own private records; the victims are the other clients",
-            _SERVER | {C.COLLUDER_WEIGHTS, C.COLLUDER_DATA},
-            colluder=0,
-        ),
-        ThreatModel(
-            "eavesdropper",
-            "someone on the wire between the clients and the server: sees the bytes sent, and public "
-            "knowledge (base weights, public text); with encryption on, ciphertext only",
-            frozenset({C.WIRE, C.BASE_WEIGHTS, C.SHADOW_DATA}),
-        ),
-        ThreatModel(
-            "peer_client",
-            "another client of the same server (client 0) on the same network: sees its peers' frames on the "
-            "wire and has its own records as public-domain text; the victims are the other clients",
-            frozenset({C.WIRE, C.BASE_WEIGHTS, C.SHADOW_DATA}),
-            colluder=0,
-        ),
-    )
-}
-
-
-def get_threat(name: str) -> ThreatModel:
-    if name not in THREATS:
-        raise ConfigError(f"unknown threat {name!r}; presets are: {', '.join(THREATS)}")
-    return THREATS[name]
+from suite.interfaces.presets import THREATS, C, Capability, ThreatModel, get_threat  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)

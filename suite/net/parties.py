@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from suite.engine.step import training_step
 from suite.errors import SplitleakError
 from suite.experiment.config import ExperimentConfig
 from suite.net import checkpoint
@@ -157,9 +158,7 @@ def run_client(cfg: ExperimentConfig, client_id: int, address: str, certs: str |
             deadline = time.monotonic() + give_up_after
             while True:
                 try:
-                    client.send_activations(step, batch)
-                    loss = client.receive_hidden(step)
-                    client.receive_gradient(step)
+                    [loss] = training_step([client], None, step, [batch])  # the server's half runs there
                     break
                 except LinkError as err:  # the server restarted, timed our turn out, or is unreachable
                     if not err.transient or time.monotonic() >= deadline:

@@ -1,6 +1,6 @@
 """Per-record scores and percentile-bootstrap intervals for every leakage metric and utility.
 
-Every metric of ``reports.metrics`` is a function of *sums over records* of a small per-record statistic
+Every metric of ``suite.scoring.metrics`` is a function of *sums over records* of a small per-record statistic
 vector, so a resample of records (and of seeds) only has to add rows up again:
 
 * token accuracy: (correct tokens, real tokens) -> ratio of sums (as ``token_accuracy``);
@@ -10,7 +10,7 @@ vector, so a resample of records (and of seeds) only has to add rows up again:
 * BLEU-4: nltk's clipped n-gram numerators and denominators (n = 1..4), hypothesis and reference length,
   whether the pair differs and whether the hypothesis is non-empty -> *corpus* BLEU recomputed from the
   summed counts on each resample (``corpus_bleu``'s own arithmetic, smoothing ``method1``), with
-  ``reports.metrics.bleu4``'s perfect-corpus special case.
+  ``suite.scoring.metrics.bleu4``'s perfect-corpus special case.
 
 Statistics are arrays ``[S, N, D]`` (seeds x records x statistic). The bootstrap resamples seeds with
 replacement and, within each drawn seed, records with replacement (records x seeds; with one seed it is
@@ -29,7 +29,7 @@ import numpy as np
 from nltk.translate.bleu_score import modified_precision
 from rouge_score.rouge_scorer import RougeScorer
 
-from reports.metrics import ROUGE_TYPES, _ids_and_mask, _tokenize, pii_hits
+from suite.scoring.metrics import ROUGE_TYPES, _ids_and_mask, _tokenize, pii_hits
 
 N_BOOT = 2000
 LEVEL = 0.95
@@ -69,7 +69,7 @@ def record_stats(*, references: Sequence[str], hypotheses: Sequence[str], true_i
 
 
 def _bleu(s: np.ndarray) -> np.ndarray:
-    """Corpus BLEU-4 (0-100) from summed statistics ``[..., 12]``, as ``reports.metrics.bleu4`` computes it."""
+    """Corpus BLEU-4 (0-100) from summed statistics ``[..., 12]``, as ``suite.scoring.metrics.bleu4`` computes it."""
     num, den, hyp_len, ref_len = s[..., 0:4], s[..., 4:8], s[..., 8], s[..., 9]
     mismatched, nonempty = s[..., 10], s[..., 11]
     p = np.where(num == 0, _EPSILON, num) / np.maximum(den, 1)
