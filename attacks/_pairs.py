@@ -69,5 +69,10 @@ def _ridge(x: torch.Tensor, y: torch.Tensor, lam: float, extra_diag: torch.Tenso
     gram = x.T @ x
     if extra_diag is not None:
         gram = gram + torch.diag(extra_diag.double())
+    return ridge_solve(gram, x.T @ y, lam)
+
+
+def ridge_solve(gram: torch.Tensor, xty: torch.Tensor, lam: float) -> torch.Tensor:
+    """``_ridge`` from its normal equations (float64 ``x^T x``, ``x^T y``): solved with lam' = lam * mean diag."""
     gram = gram + torch.eye(gram.shape[0], dtype=gram.dtype) * (lam * gram.diagonal().mean().clamp_min(1e-12))
-    return torch.linalg.solve(gram, x.T @ y).float()
+    return torch.linalg.solve(gram, xty).float()

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from attacks._common import run_head, token_embeddings
+from attacks._pairs import ridge_solve, training_pairs
 from suite.engine.split import ClientHead, position_ids_for
 
 
@@ -509,9 +510,7 @@ class LinearProposer:
         return torch.cat([(x - self.mu) / self.sd, onehot, torch.ones(*x.shape[:-1], 1)], -1)
 
     def _solve(self) -> None:
-        gram = self.gram + torch.eye(self.gram.shape[0], dtype=self.gram.dtype) * (
-            self.lam * self.gram.diagonal().mean().clamp_min(1e-12))
-        self.w = torch.linalg.solve(gram, self.xty).float()
+        self.w = ridge_solve(self.gram, self.xty, self.lam)
 
     def add(self, feats: torch.Tensor, positions: torch.Tensor, ids: torch.Tensor, weight: float = 1.0) -> None:
         """Self-training: pairs (output [M, H] at ``positions`` [M], token ``ids`` [M]) join the fit."""
@@ -542,8 +541,6 @@ def fit_linear_proposer(obs, k: int, lam: float = 1e-2, known: dict[str, torch.T
     """``LinearProposer`` on (shadow text x public head) pairs (``attacks._pairs.training_pairs``, with the
     colluder's head and records where granted). ``known``: head outputs on shadow text already computed.
     Returns it: ``propose(target [N, T, H]) -> [N, T, k]`` top-``k`` tokens by cosine."""
-    from attacks._pairs import training_pairs
-
     pairs, base = training_pairs(obs, use_colluder=True, known=known)
     return LinearProposer(pairs.feats, pairs.ids, pairs.mask, token_embeddings(base), k, lam)
 
