@@ -218,3 +218,59 @@ def test_a_mutated_real_capture_never_crashes_the_reader(certs, tmp_path):
             server_view(cap.frames, 64, cap.header["max_length"])
         except CaptureError as err:
             assert "\n" not in str(err)
+
+
+def test_a_per_client_reveal_holds_only_the_asking_clients_adapters():
+    from suite.engine.commitment import decode_reveal
+    from suite.engine.training import train
+    from suite.interfaces.defense import make_defense
+
+    cfg = _cfg("--steps", "3", "--strategy", "per_client", "--clients", "2")
+    prepared = prepare(cfg, SplitSpec(1, 1))
+    audit = make_defense("integrity_audit", {"audit_rate": 1.0})
+    audit.install(prepared.session)
+    train(prepared.session)
+    assert audit.flags == [] and audit.reveals >= 6  # honest per_client training passes the audit
+    for client in (0, 1):
+        state, adapter = decode_reveal(prepared.session.server.reveal(client, 2))
+        other = f".client{1 - client}."
+        assert adapter == f"client{client}" and state and not any(other in name for name in state)
+
+
+def test_the_command_line_runs_a_defense_across_processes_and_attacks_the_capture(certs, tmp_path):
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    run = [sys.executable, "-m", "suite.cli"]
+    dp = ["--defense", "dp_gaussian", "--defense-param", "sigma=0.5"]
+    server = subprocess.Popen([*run, "serve", *ARGS, "--steps", "2", *dp, "--certs", str(certs), "--listen",
+                               f"127.0.0.1:{port}", "--capture", str(tmp_path / "server.cap")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        client = [*run, "client", *ARGS, "--steps", "2", "--certs", str(certs), "--server", f"127.0.0.1:{port}",
+                  "--id", "0", "--give-up-after", "60"]
+        plain = subprocess.run(client, capture_output=True, text=True, env=env, timeout=120)
+        assert plain.returncode == 2, plain.stderr[-2000:]
+        lines = [ln for ln in plain.stderr.splitlines() if "splitleak: error:" in ln]
+        assert len(lines) == 1, plain.stderr[-2000:]
+        line = lines[0]
+        assert "different defenses" in line and "--defense" in line
+        ok = subprocess.run([*client, *dp, "--capture", str(tmp_path / "client.cap")], capture_output=True,
+                            text=True, env=env, timeout=120)
+        assert ok.returncode == 0, ok.stderr[-2000:]
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.communicate(timeout=30)
+    assert len([f for f in read_capture(tmp_path / "server.cap").frames if f.src == "client/0"]) == 4
+    attacked = subprocess.run([*run, "attack", *ARGS, "--threat", "curious_server", "--attack", "nearest_embedding",
+                               "--capture", str(tmp_path / "client.cap")], capture_output=True, text=True, env=env,
+                              timeout=120)
+    assert attacked.returncode == 0, attacked.stderr[-2000:]
+    assert "2 batches" in attacked.stdout and "token acc" in attacked.stdout

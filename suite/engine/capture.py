@@ -79,7 +79,7 @@ class CaptureWriter:
         except OSError as err:
             raise CaptureError(f"cannot write capture {path}: {err.strerror or err}") from None
         os.fchmod(fd, 0o600)  # also when the file was there before, with a wider mode
-        self._fh = os.fdopen(fd, "wb")
+        self._fh = os.fdopen(fd, "wb", buffering=0)  # every record on disk as written (a killed server's too)
         self._lock = threading.Lock()
         raw = json.dumps(header, sort_keys=True).encode()
         self._fh.write(MAGIC + struct.pack(">I", len(raw)) + raw)

@@ -124,6 +124,9 @@ def attack_capture(cfg: ExperimentConfig, path, threat_name: str, attack_name: s
             raise CaptureError(f"capture truth of client {b.client_id} step {b.step} is {tuple(ids.shape)}, its "
                                f"activation {tuple(b.hidden.shape[:2])}")
     tok = base.tokenizer
+    if int(true_ids.min()) < 0 or int(true_ids.max()) >= len(tok):
+        raise CaptureError(f"capture truth holds token ids outside the tokenizer's 0..{len(tok) - 1}: was it made "
+                           "with another model?")
     references = [tok.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(true_ids, mask, strict=True)]
     pred, hypotheses = recon.token_ids, list(recon.texts)
     if pred.numel() == 0 and recon.note:

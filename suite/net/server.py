@@ -209,7 +209,8 @@ class SplitService:
             if asked.get("defense") != self.defense_label:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                               f"client and server were started with different defenses (client: "
-                              f"{str(asked.get('defense'))[:200]}; server: {self.defense_label}): start both with "
+                              f"{json.dumps(str(asked.get('defense')))[:200]}; server: {self.defense_label}): start "
+                              "both with "
                               "the same --defense and --defense-param")
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           "client and server were started with different experiment configs (model, split, data, "
