@@ -389,6 +389,8 @@ def cmd_client(args: argparse.Namespace) -> int:
     if run.resumed_from:
         print(f"resumed from step {run.resumed_from} (checkpoint)")
     print("losses: " + " ".join(f"{x:.6f}" for x in run.losses))
+    if run.defense != "none":
+        print(f"defense {run.defense}: {run.defense_report}")
     print(f"client {args.id}: {len(run.losses)} steps, loss {run.losses[0]:.3f} -> {run.losses[-1]:.3f}, "
           f"{run.reconnects} reconnects" if run.losses else f"client {args.id}: nothing to do")
     return 0

@@ -274,3 +274,18 @@ def test_the_command_line_runs_a_defense_across_processes_and_attacks_the_captur
                               timeout=120)
     assert attacked.returncode == 0, attacked.stderr[-2000:]
     assert "2 batches" in attacked.stdout and "token acc" in attacked.stdout
+
+
+@pytest.mark.parametrize("name,params", [("dp_laplace", {"sigma": 0.5}), ("nopeek", {}), ("mid", {}),
+                                         ("bottleneck", {"rank": 4, "sim_steps": 1}), ("santext", {}),
+                                         ("fsha_detector", {}), ("encryption", {"mode": "rsa"}),
+                                         ("dp_gaussian", {"direction": "both", "hide_lengths": True})])
+def test_every_matrix_defense_runs_across_processes(certs, name, params, tmp_path):
+    cfg = _cfg("--steps", "2")
+    run, defense, service = _networked(certs, cfg, name, params, capture=tmp_path / "c.cap")
+    assert len(run.losses) == 2 and all(math.isfinite(x) for x in run.losses), (name, run.losses)
+    assert service.completed == {0: 2}
+    if name == "encryption":
+        assert service.end.keys.mode == "rsa"
+    if params.get("hide_lengths"):  # no mask crossed: the server saw every position as real
+        assert all(a.attention_mask is None for a in _activations(tmp_path / "c.cap")[1])

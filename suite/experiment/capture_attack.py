@@ -70,6 +70,10 @@ def server_view(frames, hidden_size: int, max_length: int) -> list[ObservedBatch
                 raise CaptureError(f"capture frame {i}: gradient of shape {tuple(msg.grad.shape)} for activations "
                                    f"of shape {tuple(seen[key]['hidden'].shape)}")
             seen[key]["gradient"] = msg.grad
+    lengths = {v["hidden"].shape[1] for v in seen.values()}
+    if len(lengths) > 1:
+        raise CaptureError(f"the captured batches have different lengths {sorted(lengths)}: pad every batch to "
+                           "max_length (as splitleak does) before writing the capture")
     return [ObservedBatch(c, s, v["hidden"], v["mask"], v.get("gradient")) for (c, s), v in seen.items()]
 
 

@@ -122,6 +122,8 @@ class ClientRun:
     losses: list[float] = field(default_factory=list)  # one per step, from the first step ever (incl. resumed)
     resumed_from: int = 0
     reconnects: int = 0
+    defense: str = "none"  # the defense this client ran (``suite.net.defended.label``)
+    defense_report: dict = field(default_factory=dict)  # what it measured or guarantees (e.g. DP epsilon)
 
 
 def run_client(cfg: ExperimentConfig, client_id: int, address: str, certs: str | Path,
@@ -223,4 +225,5 @@ def run_client(cfg: ExperimentConfig, client_id: int, address: str, certs: str |
         link.close()
         if writer is not None:
             writer.close()
+    run.defense, run.defense_report = label(defense), defense.report()
     return run

@@ -310,6 +310,8 @@ class SplitService:
                 state = self.server.reveal(client, step)
             except ProtocolError as err:
                 context.abort(grpc.StatusCode.NOT_FOUND, str(err))
+            if self.holder == client:  # auditing its step: the client is not silent
+                self.last_seen = time.monotonic()
             self.reveals += 1
             return self.end.seal(ep, encode_control(REVEAL, client, step, state))
 
