@@ -170,7 +170,8 @@ def _attack_capture(cfg, args: argparse.Namespace) -> int:
     if args.defense != "none" or args.defense_param:
         raise SplitleakError("--capture takes the defense from the capture file's header; leave out --defense")
     result = attack_capture(cfg, args.capture, args.threat, args.attack, _params(args.param))
-    print(f"capture {args.capture}: {result.batches} batches, threat={args.threat} attack={args.attack}")
+    print(f"capture {args.capture}: {result.batches} batches, defense={result.defense} (from its header), "
+          f"threat={args.threat} attack={args.attack}")
     if result.reconstruction.note:
         print(f"note: {result.reconstruction.note}")
     if result.metrics is None:

@@ -138,7 +138,14 @@ def test_client_and_server_with_different_defenses_are_refused_in_one_line(certs
 
 
 def test_networked_defense_refusals_are_one_line(monkeypatch):
+    from suite.net.defended import describe
+    from suite.net.parties import config_hash
+
     cfg = _cfg("--steps", "1")
+    one, other = choose_defense(cfg, "dp_gaussian", {"sigma": 1}), choose_defense(cfg, "dp_gaussian", {"sigma": 1.0})
+    assert describe(one) == describe(other) and config_hash(cfg, one) == config_hash(cfg, other)
+    assert config_hash(cfg, choose_defense(cfg, "dp_gaussian", {"sigma": 1.5})) != config_hash(cfg, one)
+    assert config_hash(cfg, choose_defense(cfg, "none")) == config_hash(cfg)  # old hashes (checkpoints) hold
     with pytest.raises(SplitleakError, match="seed fixes its noise"):
         choose_defense(cfg, "dp_gaussian", {"seed": 1})
     with pytest.raises(SplitleakError, match="has no parameter"):

@@ -38,6 +38,7 @@ class CaptureAttackResult:
     references: list[str] | None  # decoded truth, None when the capture holds none
     metrics: LeakageMetrics | None
     intervals: dict[str, float | None] | None  # <metric>, <metric>_lo, <metric>_hi (95 % bootstrap over records)
+    defense: str = "none"  # the capture header's defense, as the attack simulated it
 
 
 def server_view(frames, hidden_size: int, max_length: int) -> list[ObservedBatch]:
@@ -120,7 +121,7 @@ def attack_capture(cfg: ExperimentConfig, path, threat_name: str, attack_name: s
     recon, cost = timed_reconstruct(attack, obs)
     truth = [capture.truth.get((b.client_id, b.step)) for b in batches]
     if any(t is None for t in truth):
-        return CaptureAttackResult(recon, cost, len(batches), None, None, None)
+        return CaptureAttackResult(recon, cost, len(batches), None, None, None, defense.name)
     true_ids = _padded([t[0] for t in truth], base.tokenizer.pad_token_id or 0)
     mask = _padded([t[1] for t in truth], 0)
     for b, (ids, _) in zip(batches, truth, strict=True):
@@ -141,7 +142,7 @@ def attack_capture(cfg: ExperimentConfig, path, threat_name: str, attack_name: s
     kw = dict(references=references, hypotheses=hypotheses, true_ids=true_ids, pred_ids=pred, mask=mask)
     metrics = leakage_metrics(**kw, pii=None)  # a capture's truth is token ids: no PII fields to score
     stats = record_stats(**kw)
-    return CaptureAttackResult(recon, cost, len(batches), references, metrics, summarize([stats]))
+    return CaptureAttackResult(recon, cost, len(batches), references, metrics, summarize([stats]), defense.name)
 
 
 def _padded(rows: list[torch.Tensor], value: int) -> torch.Tensor:

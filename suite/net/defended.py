@@ -48,8 +48,14 @@ def choose_defense(cfg, name: str | None = None, params: dict[str, Any] | None =
 
 
 def describe(defense) -> dict[str, Any]:
-    """What both sides agree on: the name and the public parameters (never ``secret_fields``)."""
-    return {"name": defense.name, "params": defense.public_params()}
+    """What both sides agree on: the name and the public parameters (never ``secret_fields``), a whole number
+    given for a float parameter as that float (``sigma=1`` and ``sigma=1.0`` are one setting)."""
+    import dataclasses
+
+    floats = {f.name for f in dataclasses.fields(defense.config) if "float" in str(f.type)}
+    params = {k: float(v) if k in floats and isinstance(v, int) and not isinstance(v, bool) else v
+              for k, v in defense.public_params().items()}
+    return {"name": defense.name, "params": params}
 
 
 def label(defense) -> str:
