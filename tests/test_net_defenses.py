@@ -85,18 +85,19 @@ def test_dxp_over_grpc_perturbs_what_leaves_the_head(certs, tmp_path):
     head = prepare(cfg, SplitSpec(1, 1)).session.clients[0].head  # the head as step 0 sends through it
 
     def first_sent(name, params, path):
-        run, _, _ = _networked(certs, cfg, name, params, capture=path)
+        run, _, service = _networked(certs, cfg, name, params, capture=path)
         assert all(math.isfinite(x) for x in run.losses)
         cap, acts = _activations(path)
         ids, mask = cap.truth[(0, 0)]
         with torch.no_grad():
             clean = head(ids, mask, position_ids_for(mask))
-        return acts[0].hidden, clean, mask.bool()
+        return acts[0].hidden, clean, mask.bool(), service.server.bounds.activation_norm
 
-    sent, clean, real = first_sent("none", {}, tmp_path / "none.cap")
+    sent, clean, real, plain_bound = first_sent("none", {}, tmp_path / "none.cap")
     assert torch.allclose(sent, clean, atol=1e-5)  # control: without a defense the server sees the head output
-    sent, clean, real = first_sent("dxp", {"eta": 10.0}, tmp_path / "dxp.cap")
+    sent, clean, real, bound = first_sent("dxp", {"eta": 10.0}, tmp_path / "dxp.cap")
     assert float((sent - clean)[real].norm(dim=-1).mean()) > 0.1 * float(clean[real].norm(dim=-1).mean())
+    assert bound == pytest.approx(plain_bound + (64 + 12 * 8) / 10.0)  # the server allows for the noise
 
 
 def test_the_audit_over_grpc_catches_a_tampering_server_and_passes_an_honest_one(certs):
