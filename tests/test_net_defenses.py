@@ -297,3 +297,8 @@ def test_every_matrix_defense_runs_across_processes(certs, name, params, tmp_pat
         assert service.end.keys.mode == "rsa"
     if params.get("hide_lengths"):  # no mask crossed: the server saw every position as real
         assert all(a.attention_mask is None for a in _activations(tmp_path / "c.cap")[1])
+        from suite.experiment.capture_attack import attack_capture
+
+        # and an eavesdropper on that plaintext still inverts it (not "nothing to invert")
+        wire = attack_capture(cfg, tmp_path / "c.cap", "eavesdropper", "wire_inversion")
+        assert wire.reconstruction.extra["parsed_activations"] == 2 and wire.metrics is not None
