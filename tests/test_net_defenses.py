@@ -204,6 +204,14 @@ def test_a_crafted_capture_file_is_a_one_line_error(tmp_path):
         attack_capture(cfg, _write(tmp_path / "empty", good), "curious_server", "nearest_embedding")
     with pytest.raises(SplitleakError, match="colluding client's weights"):
         attack_capture(cfg, _write(tmp_path / "e2", good), "colluding_client", "nearest_embedding")
+    deep = header.replace(b'"head_blocks": 1', b'"head_blocks": 999')
+    with pytest.raises(CaptureError, match="leaves no server block"):
+        attack_capture(cfg, _write(tmp_path / "e3", MAGIC + struct.pack(">I", len(deep)) + deep), "curious_server",
+                       "nearest_embedding")
+    odd = header.replace(b'"version": 1, ', b'"version": 1, "defense": {"name": "dp_gaussian", "params": {"x": 1}}, ')
+    with pytest.raises(SplitleakError, match="has no parameter"):
+        attack_capture(cfg, _write(tmp_path / "e4", MAGIC + struct.pack(">I", len(odd)) + odd), "curious_server",
+                       "nearest_embedding")
 
 
 def test_a_mutated_real_capture_never_crashes_the_reader(certs, tmp_path):

@@ -102,6 +102,10 @@ def attack_capture(cfg: ExperimentConfig, path, threat_name: str, attack_name: s
         raise CaptureError("capture header 'defense' must be {\"name\": ..., \"params\": {...}}")
     defense = make_defense(str(described.get("name", "none")), described.get("params") or {})
     base = base if base is not None else load_for(cfg)
+    layers = getattr(base.model.config, "num_hidden_layers", None)
+    if layers is not None and header["head_blocks"] + header["tail_blocks"] >= layers:
+        raise CaptureError(f"capture split k={header['head_blocks']} m={header['tail_blocks']} leaves no server block "
+                           f"of {cfg.model.name}'s {layers}: was it made with another model?")
     spec = SplitSpec(header["head_blocks"], header["tail_blocks"])
     batches = server_view(capture.frames, base.model.config.hidden_size, header["max_length"])
     if not batches:
