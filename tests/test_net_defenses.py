@@ -157,18 +157,25 @@ def test_networked_defense_refusals_are_one_line(monkeypatch):
         choose_defense(cfg, "dp_gaussian")
 
 
-def test_a_networked_capture_attacked_matches_the_in_process_cell(certs, tmp_path):
+@pytest.mark.parametrize("name,params", [("none", {}), ("dp_gaussian", {"sigma": 0.02, "clip": 1.0})])
+def test_a_networked_capture_attacked_matches_the_in_process_cell(certs, tmp_path, name, params):
     from suite.experiment.capture_attack import attack_capture
     from suite.experiment.cell import run_cell
+    from suite.scoring.intervals import summarize
 
     cfg = _cfg("--steps", "6")  # 6 steps x 2 rows: the client's 12 records once each, as the in-process capture
-    _networked(certs, cfg, capture=tmp_path / "run.cap")
+    _networked(certs, cfg, name, params, capture=tmp_path / "run.cap")
     remote = attack_capture(cfg, tmp_path / "run.cap", "curious_server", "nearest_embedding")
-    local = run_cell(cfg, SplitSpec(1, 1), "curious_server", "nearest_embedding")
+    local = run_cell(cfg, SplitSpec(1, 1), "curious_server", "nearest_embedding", defense_name=name,
+                     defense_params=params)
     assert remote.batches == 6 and len(remote.references) == 12
-    iv = remote.intervals
-    assert iv["token_accuracy_lo"] <= local.metrics.token_accuracy <= iv["token_accuracy_hi"]
     assert sorted(remote.references) == sorted(local.references)  # the same records
+    iv, mine = remote.intervals, summarize([local.scores])
+    if name == "none":  # no randomness: the same model and records give the same accuracy
+        assert iv["token_accuracy_lo"] <= local.metrics.token_accuracy <= iv["token_accuracy_hi"]
+    else:  # fresh noise on each side: the two 95 % intervals overlap, away from the trivial 0 and 1
+        assert iv["token_accuracy_lo"] <= mine["token_accuracy_hi"] and mine["token_accuracy_lo"] <= iv["token_accuracy_hi"]
+        assert 0.2 < remote.metrics.token_accuracy < 0.97 and 0.2 < local.metrics.token_accuracy < 0.97
 
 
 def _write(path, data: bytes):

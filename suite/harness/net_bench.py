@@ -127,6 +127,43 @@ def ray_overhead() -> dict:
             "ray_overhead_s_per_task": (ray_s - local_s) / local["groups"]}
 
 
+def capture_parity(model: str, attack: str, defense: str, params: dict, steps: int = 6, batch_size: int = 2,
+                   max_length: int = 12) -> dict:
+    """Token accuracy of ``attack`` (curious server) on a networked run's capture (one client against a server
+    in this process, gRPC + mTLS on loopback) next to the in-process cell of the same config and seed, each
+    with its 95 % bootstrap interval. The client's shard is ``steps x batch_size`` records, so the training
+    traffic covers each once, as the in-process capture pass does."""
+    from suite.engine.split import SplitSpec
+    from suite.experiment.capture_attack import attack_capture
+    from suite.experiment.cell import run_cell
+    from suite.net.certs import load_identity, make_certs
+    from suite.net.defended import choose_defense
+    from suite.net.parties import build_service, run_client
+    from suite.net.server import start_server
+    from suite.scoring.intervals import summarize
+
+    cfg = parse_config({"model": {"name": model}, "data": {"max_length": max_length, "private": {
+        "generator": "records", "size": steps * batch_size, "seed": 1}},
+        "training": {"clients": 1, "batch_size": batch_size, "head_blocks": 1, "tail_blocks": 1, "steps": steps}})
+    with tempfile.TemporaryDirectory() as tmp:
+        certs = make_certs(Path(tmp) / "certs", clients=1)
+        service = build_service(cfg, defense=choose_defense(cfg, defense, params))
+        server, port = start_server(service, load_identity(certs, "server"), "127.0.0.1:0")
+        try:
+            run_client(cfg, 0, f"127.0.0.1:{port}", certs, defense=choose_defense(cfg, defense, params),
+                       capture=Path(tmp) / "run.cap")
+        finally:
+            server.stop(grace=0)
+        remote = attack_capture(cfg, Path(tmp) / "run.cap", "curious_server", attack)
+    local = run_cell(cfg, SplitSpec(1, 1), "curious_server", attack, defense_name=defense, defense_params=params)
+    mine = summarize([local.scores])
+    return {"parity_attack": attack, "defense": defense, "params": params,
+            "networked_token_accuracy": [remote.metrics.token_accuracy, remote.intervals["token_accuracy_lo"],
+                                         remote.intervals["token_accuracy_hi"]],
+            "in_process_token_accuracy": [local.metrics.token_accuracy, mine["token_accuracy_lo"],
+                                          mine["token_accuracy_hi"]]}
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m suite.harness.net_bench --defense dp_gaussian --defense-param sigma=0.5``: one line of JSON."""
     import argparse
@@ -142,10 +179,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("-m", "--tail-blocks", type=int, default=1)
     p.add_argument("--defense", default="none")
     p.add_argument("--defense-param", action="append", default=[])
+    p.add_argument("--parity", metavar="ATTACK", help="instead: capture_parity of this attack (tiny models)")
     a = p.parse_args(argv)
+    params = {k: tomllib.loads(f"v = {v}")["v"] for k, _, v in (x.partition("=") for x in a.defense_param)}
+    if a.parity:
+        print(json.dumps(capture_parity(a.model, a.parity, a.defense, params)))
+        return
     print(json.dumps(grpc_step_times(a.model, a.batch_size, a.max_length, a.reps, a.head_blocks, a.tail_blocks,
-                                     a.defense, {k: tomllib.loads(f"v = {v}")["v"]
-                                                 for k, _, v in (x.partition("=") for x in a.defense_param)})))
+                                     a.defense, params)))
 
 
 if __name__ == "__main__":
