@@ -317,3 +317,27 @@ def test_every_matrix_defense_runs_across_processes(certs, name, params, tmp_pat
         # and an eavesdropper on that plaintext still inverts it (not "nothing to invert")
         wire = attack_capture(cfg, tmp_path / "c.cap", "eavesdropper", "wire_inversion")
         assert wire.reconstruction.extra["parsed_activations"] == 2 and wire.metrics is not None
+
+
+def test_a_reveal_lost_before_the_server_read_it_renews_the_channel(certs):
+    import grpc
+
+    cfg = _cfg("--steps", "3")
+    defense = choose_defense(cfg, "integrity_audit", {"audit_rate": 1.0})
+    service = build_service(cfg, defense=choose_defense(cfg, "integrity_audit", {"audit_rate": 1.0}))
+    honest, lost = service.reveal, []
+
+    def flaky(request, context):  # the first reveal never reaches the service: the channel's counters part
+        if not lost:
+            lost.append(1)
+            context.abort(grpc.StatusCode.UNAVAILABLE, "lost on the way")
+        return honest(request, context)
+
+    service.reveal = flaky
+    server, port = start_server(service, load_identity(certs, "server"), "127.0.0.1:0")
+    try:
+        run = run_client(cfg, 0, f"127.0.0.1:{port}", certs, defense=defense, give_up_after=30)
+    finally:
+        server.stop(grace=0)
+    assert len(run.losses) == 3 and run.reconnects == 1  # renewed, the step retried, training went on
+    assert [f["step"] for f in defense.flags] == [0]  # the step whose state could not be revealed was flagged

@@ -53,9 +53,10 @@ def channel_options(max_message_mib: int) -> list[tuple[str, int]]:
 class LinkError(SplitleakError):
     """The server refused a call or cannot be reached; ``transient`` says whether retrying may help."""
 
-    def __init__(self, message: str, transient: bool):
+    def __init__(self, message: str, transient: bool, code: str | None = None):
         super().__init__(message)
         self.transient = transient
+        self.code = code  # the gRPC status code's name, when the server answered with one
 
 
 _TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.FAILED_PRECONDITION,
@@ -86,7 +87,7 @@ class Link:
     def _error(self, method: str, err: grpc.RpcError) -> LinkError:
         code, detail = err.code(), (err.details() or "").strip().splitlines()
         return LinkError(f"{method.rsplit('/', 1)[-1]} to {self.address} failed: {code.name}"
-                         f"{': ' + detail[0] if detail else ''}", transient=code in _TRANSIENT)
+                         f"{': ' + detail[0] if detail else ''}", transient=code in _TRANSIENT, code=code.name)
 
     def call(self, method: str, data: bytes, timeout: float | None = None) -> bytes:
         timeout = self.timeout if timeout is None else timeout
@@ -151,6 +152,7 @@ class RemoteTransport(Tapped):
         self.end: ClientEnd | None = None
         self.server_info: dict = {}
         self._out: bytes | None = None
+        self._stale: str | None = None  # why the channel must be renewed before the next message
 
     def connect(self, hello_timeout: float = 60.0) -> dict:
         """Hello and a fresh AEAD channel (also after a server restart: a new session, new keys)."""
@@ -163,12 +165,15 @@ class RemoteTransport(Tapped):
                             f"defense needs {wanted!r}: start both with the same --defense", transient=False)
         self.end = ClientEnd(self.endpoint, self.server_info)
         self.link.call(HANDSHAKE, self.end.handshake)
+        self._stale = None
         self._out = None
         return self.server_info
 
     def send(self, src: str, dst: str, data: bytes) -> None:
         if self.end is None:
             raise SplitleakError("the client is not connected: call connect() first")
+        if self._stale:  # a reveal failed before the server read it: the channel's counters may disagree
+            raise LinkError(f"reconnecting: {self._stale}", transient=True)
         if self._out is not None:
             raise SplitleakError("a remote client sends one message per call; the previous one was not answered")
         self._out = self.end.seal(bytes(data))
@@ -196,6 +201,8 @@ class RemoteTransport(Tapped):
         try:
             reply = self.end.open(self.link.call(REVEAL, request))
         except (LinkError, IntegrityError) as err:
+            if not (isinstance(err, LinkError) and err.code == "NOT_FOUND"):  # refused after reading: in step
+                self._stale = f"a reveal failed ({err})"
             raise ProtocolError(f"no reveal for step {step}: {err}") from None
         cid, got, payload = decode_control(reply, REVEAL_KIND)
         if (cid, got) != (client_id, step):
