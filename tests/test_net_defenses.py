@@ -279,14 +279,14 @@ def test_the_command_line_runs_a_defense_across_processes_and_attacks_the_captur
     try:
         client = [*run, "client", *ARGS, "--steps", "2", "--certs", str(certs), "--server", f"127.0.0.1:{port}",
                   "--id", "0", "--give-up-after", "60"]
-        plain = subprocess.run(client, capture_output=True, text=True, env=env, timeout=120)
+        plain = subprocess.run(client, capture_output=True, text=True, env=env, timeout=240)
         assert plain.returncode == 2, plain.stderr[-2000:]
         lines = [ln for ln in plain.stderr.splitlines() if "splitleak: error:" in ln]
         assert len(lines) == 1, plain.stderr[-2000:]
         line = lines[0]
         assert "different defenses" in line and "--defense" in line
         ok = subprocess.run([*client, *dp, "--capture", str(tmp_path / "client.cap")], capture_output=True,
-                            text=True, env=env, timeout=120)
+                            text=True, env=env, timeout=240)
         assert ok.returncode == 0, ok.stderr[-2000:]
     finally:
         server.send_signal(signal.SIGINT)
@@ -294,7 +294,7 @@ def test_the_command_line_runs_a_defense_across_processes_and_attacks_the_captur
     assert len([f for f in read_capture(tmp_path / "server.cap").frames if f.src == "client/0"]) == 4
     attacked = subprocess.run([*run, "attack", *ARGS, "--threat", "curious_server", "--attack", "nearest_embedding",
                                "--capture", str(tmp_path / "client.cap")], capture_output=True, text=True, env=env,
-                              timeout=120)
+                              timeout=240)
     assert attacked.returncode == 0, attacked.stderr[-2000:]
     assert "2 batches" in attacked.stdout and "token acc" in attacked.stdout
 
