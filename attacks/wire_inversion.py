@@ -90,8 +90,13 @@ class WireInversionAttack(Attack):
                 continue
             if msg.direction != TO_SERVER:
                 continue
-            if isinstance(msg, ActivationMsg) and msg.attention_mask is not None:
-                acts[(msg.client_id, msg.step)] = ObservedBatch(msg.client_id, msg.step, msg.hidden, msg.attention_mask)
+            if isinstance(msg, ActivationMsg):
+                # lengths hidden (no mask crossed): every position counts as real, as the server treats it;
+                # skipping such frames would report a plaintext wire as "nothing to invert"
+                mask = msg.attention_mask
+                if mask is None:
+                    mask = torch.ones(msg.hidden.shape[:2], dtype=torch.long)
+                acts[(msg.client_id, msg.step)] = ObservedBatch(msg.client_id, msg.step, msg.hidden, mask)
             elif isinstance(msg, GradientMsg):
                 grads[(msg.client_id, msg.step)] = msg.grad
         parsed = tuple(acts.values())  # in wire order

@@ -274,6 +274,34 @@ class _DPDefense(Defense):
     def _grad_clip(self) -> float:
         return self.config.clip if self.config.grad_clip is None else self.config.grad_clip
 
+    def _largest_release(self, clip: float, hidden_size: int) -> float:
+        """The largest L2 norm one position of an honest release can have, from the public parameters: the
+        clipped value (at most ``clip``) plus the noise, Gaussian ``scale``·χ_H below ``scale``·(√H + 10)
+        (fails with probability under e^-50), snapped Laplace clamped to ±B per coordinate."""
+        scale = self.config.sigma * (2 * clip if clip > 0 else 1.0)
+        if self.norm == 1 and clip > 0 and self.config.sigma > 0:
+            lam, bound = snap_grid(scale, clip)
+            return max(bound, lam) * hidden_size ** 0.5
+        return (clip if clip > 0 else 0.0) + scale * (hidden_size ** 0.5 + 10)
+
+    def server_bounds(self, bounds, hidden_size: int):
+        """Noised releases may exceed the public-text magnitude bound a server holds messages to: the
+        activation bound (and the gradient bound under "both") is widened to what an honest release can
+        reach (``_largest_release``), added to the public-text bound when nothing is clipped."""
+        import dataclasses
+
+        def widened(old: float | None, clip: float) -> float | None:
+            if old is None:
+                return None
+            reach = self._largest_release(clip, hidden_size)
+            return old + reach if clip == 0 else max(old, reach)
+
+        grad = bounds.gradient_norm
+        if self.config.direction == "both":
+            grad = widened(grad, self._grad_clip())
+        return dataclasses.replace(bounds, activation_norm=widened(bounds.activation_norm, self.config.clip),
+                                   gradient_norm=grad)
+
     def releases(self, hooks: list[_DPHook] | None = None) -> int:
         """Releases of the most-released record (the one the guarantee has to cover)."""
         hooks = self.hooks if hooks is None else hooks

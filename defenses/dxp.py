@@ -75,6 +75,18 @@ class DxPDefense(Defense):
             embeds = embeds + noise * attention_mask.unsqueeze(-1).to(embeds.dtype)
             return head(input_ids, attention_mask, positions, inputs_embeds=embeds)
 
+    def server_bounds(self, bounds, hidden_size: int):
+        """The noise moves each input embedding by a Gamma(H, 1/eta) length (mean H/eta, sd √H/eta): the
+        activation bound grows by H/eta + 12·√H/eta, what an honest client's noise stays under. Exact in
+        reach for an embedding-only head (k = 0); past k blocks a heuristic (the residual stream carries the
+        perturbation through, scaled by the blocks)."""
+        import dataclasses
+
+        if bounds.activation_norm is None:
+            return bounds
+        reach = (hidden_size + 12 * hidden_size ** 0.5) / self.config.eta
+        return dataclasses.replace(bounds, activation_norm=bounds.activation_norm + reach)
+
     def report(self) -> dict:
         return {"eta": self.config.eta,
                 "mean_noise_norm": sum(self.norms) / len(self.norms) if self.norms else 0.0}

@@ -245,14 +245,28 @@ class IntegrityAuditDefense(Defense):
 
     def install(self, session) -> None:
         server = session.server
-        # The replica: public base weights and public adapter configuration, before any training (a client
-        # builds it the same way from the public model). Its frozen weights are hashed here once; every
-        # trainable value it computes with later comes from a reveal checked against a commitment.
-        self.replica = copy.deepcopy(server.trunk)
-        self._replica_frozen = frozen_digest(self.replica)
         server.commit_state = True  # the protocol this defense runs: commitments on, reveals on request
-        self._reveal = server.reveal  # the reveal request (bytes back), not the server's objects
-        for client in session.clients:
+        # The replica: public base weights and public adapter configuration, before any training (a client
+        # builds it the same way from the public model). The reveal request returns bytes, never the
+        # server's objects.
+        self._attach(session.clients, server.trunk, server.reveal)
+
+    def install_server(self, server) -> None:
+        """``splitleak serve``: commit to every step's trunk state; reveals are answered over the link."""
+        server.commit_state = True
+
+    def install_client(self, client, remote) -> None:
+        """``splitleak client``: the verifier on this client's own replica, built from the trunk the public
+        knowledge gives (``remote.public_trunk``), with reveals requested over the link."""
+        self._attach([client], remote.public_trunk, remote.reveal)
+
+    def _attach(self, clients, public_trunk: torch.nn.Module, reveal: Callable[[int, int], bytes]) -> None:
+        # The replica is a copy taken now, before any training; its frozen weights are hashed here once;
+        # every trainable value it computes with later comes from a reveal checked against a commitment.
+        self.replica = copy.deepcopy(public_trunk)
+        self._replica_frozen = frozen_digest(self.replica)
+        self._reveal = reveal
+        for client in clients:
             state = _ClientState()
 
             def hidden_hook(step, hidden, batch, client=client, state=state):

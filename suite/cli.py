@@ -139,6 +139,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
     from suite.experiment.cell import run_cell
 
     cfg = _config_from_args(args)
+    if args.capture:
+        return _attack_capture(cfg, args)
     _preflight_single(cfg, args.threat)
     spec = SplitSpec(cfg.training.head_blocks, cfg.training.tail_blocks)
     result = run_cell(cfg, spec, args.threat, args.attack, _params(args.param),
@@ -156,6 +158,31 @@ def cmd_attack(args: argparse.Namespace) -> int:
     if result.utility_centralised is not None:
         print(f"held-out perplexity {result.perplexity:.2f} under the defense; centralised LoRA reference: loss "
               f"{result.utility_centralised:.3f}, perplexity {result.perplexity_centralised:.2f}")
+    for ref, hyp in list(zip(result.references, result.reconstruction.texts, strict=False))[: args.samples]:
+        print(f"  original: {ref}\n  attacker: {hyp}")
+    return 0
+
+
+def _attack_capture(cfg, args: argparse.Namespace) -> int:
+    """``attack --capture FILE``: the attack on a capture file's traffic (``suite.experiment.capture_attack``)."""
+    from suite.experiment.capture_attack import attack_capture
+
+    if args.defense != "none" or args.defense_param:
+        raise SplitleakError("--capture takes the defense from the capture file's header; leave out --defense")
+    result = attack_capture(cfg, args.capture, args.threat, args.attack, _params(args.param))
+    print(f"capture {args.capture}: {result.batches} batches, defense={result.defense} (from its header), "
+          f"threat={args.threat} attack={args.attack}")
+    if result.reconstruction.note:
+        print(f"note: {result.reconstruction.note}")
+    if result.metrics is None:
+        print("the capture holds no truth records: reconstruction unscored")
+        for hyp in list(result.reconstruction.texts)[: args.samples]:
+            print(f"  attacker: {hyp}")
+        return 0
+    m, iv = result.metrics, result.intervals
+    print(f"BLEU-4 {m.bleu4:6.2f}  ROUGE-1 {m.rouge1:6.2f}  ROUGE-L {m.rougeL:6.2f}  token acc {m.token_accuracy:.3f} "
+          f"[{iv['token_accuracy_lo']:.3f}, {iv['token_accuracy_hi']:.3f}]  exact {m.exact_match:.3f}   "
+          f"attack cost {result.cost.seconds:.1f} s")
     for ref, hyp in list(zip(result.references, result.reconstruction.texts, strict=False))[: args.samples]:
         print(f"  original: {ref}\n  attacker: {hyp}")
     return 0
@@ -308,6 +335,15 @@ def cmd_certs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _net_defense(cfg, args: argparse.Namespace):
+    """``--defense`` / ``--defense-param`` of serve and client (else the config's single defense)."""
+    from suite.net.defended import choose_defense
+
+    if args.defense is None and args.defense_param:
+        raise SplitleakError("--defense-param needs --defense NAME")
+    return choose_defense(cfg, args.defense, _params(args.defense_param))
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from suite.net.parties import serve
 
@@ -324,7 +360,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
               f"{t.clients} clients, gRPC + mutual TLS on port {port}; Ctrl-C stops", file=sys.stderr, flush=True)
 
     serve(cfg, args.certs, args.listen, args.checkpoint, max_message_mib=args.max_message_mib, on_ready=ready,
-          turn_timeout=args.turn_timeout, round_timeout=args.round_timeout, bound_margin=args.bound_margin)
+          turn_timeout=args.turn_timeout, round_timeout=args.round_timeout, bound_margin=args.bound_margin,
+          defense=_net_defense(cfg, args), capture=args.capture)
     return 0
 
 
@@ -347,11 +384,14 @@ def cmd_client(args: argparse.Namespace) -> int:
         last[0] = now
 
     run = run_client(cfg, args.id, args.server, args.certs, args.checkpoint, max_message_mib=args.max_message_mib,
-                     give_up_after=args.give_up_after, on_step=show)
+                     give_up_after=args.give_up_after, on_step=show, defense=_net_defense(cfg, args),
+                     capture=args.capture)
     bar.close()
     if run.resumed_from:
         print(f"resumed from step {run.resumed_from} (checkpoint)")
     print("losses: " + " ".join(f"{x:.6f}" for x in run.losses))
+    if run.defense != "none":
+        print(f"defense {run.defense}: {run.defense_report}")
     print(f"client {args.id}: {len(run.losses)} steps, loss {run.losses[0]:.3f} -> {run.losses[-1]:.3f}, "
           f"{run.reconnects} reconnects" if run.losses else f"client {args.id}: nothing to do")
     return 0
@@ -380,6 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--defense", default="none", help="defense name, e.g. none, encryption")
     p.add_argument("--defense-param", action="append", default=[], metavar="KEY=VALUE", help="defense parameter")
     p.add_argument("--samples", type=int, default=3, help="original/reconstructed pairs to print")
+    p.add_argument("--capture", metavar="FILE", help="attack this capture file (`client --capture`, or written from "
+                   "another framework's traffic: README, 'Capture files') instead of training a split here")
     p.set_defaults(func=cmd_attack)
 
     p = sub.add_parser("run", help="run a threat-model matrix (the embedded default without CONFIG); resumes",
@@ -445,6 +487,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "or DIR/client-<i> of `splitleak certs DIR`")
         p.add_argument("--checkpoint", metavar="DIR", help="checkpoint directory: resume from it after a crash")
         p.add_argument("--max-message-mib", type=int, default=256, help="largest message either side accepts")
+        p.add_argument("--defense", help="defense both sides run (as for `attack`; default: the config's single "
+                       "[matrix] defenses entry, else none); part of what client and server must agree on")
+        p.add_argument("--defense-param", action="append", default=[], metavar="KEY=VALUE", help="defense parameter")
+        p.add_argument("--capture", metavar="FILE", help="write the messages this side sent and received (the client: "
+                       "with its own batches; the server: every client's) to FILE, for `attack --capture`")
         if name == "serve":
             p.add_argument("--listen", default="127.0.0.1:50051", help="host:port to listen on")
             p.add_argument("--turn-timeout", type=float, default=30.0,

@@ -9,7 +9,9 @@ tensors, so decoding never runs code (no pickle) and round-trips every tensor bi
 checks magic, version, kind and the exact set of tensors before building a message, that the bytes are
 exactly what :func:`encode` makes of that message (no slack for smuggled or ambiguous bytes), and that the
 tensors fit together (3-D hidden states and gradients; mask and positions [B, T] of integers matching the
-hidden states; a 0/1 mask). A party that knows what it expects passes an :class:`Expect`: hidden size,
+hidden states; a 0/1 mask). The integrity audit's reveal travels in the same frame as two control kinds
+(:func:`encode_control`): ``reveal_request`` (client → server, no payload) and ``reveal`` (server →
+client, the payload is the committed trunk state as safetensors, ``suite.engine.commitment``). A party that knows what it expects passes an :class:`Expect`: hidden size,
 exact shape, row and length bounds, a bound on every position's L2 norm (the magnitude), an allow-list of
 dtypes and finite values only.
 """
@@ -232,3 +234,42 @@ def _decode(data: bytes) -> Message:
         raise
     except Exception as exc:  # malformed JSON, safetensors or fields: one clear error
         raise ProtocolError(f"malformed splitleak message: {exc}") from None
+
+
+# --- control messages: the integrity audit's reveal ---------------------------------------------------------
+
+REVEAL_REQUEST = "reveal_request"  # client -> server: reveal the trunk state committed to in this step's reply
+REVEAL = "reveal"  # server -> client: that state (safetensors bytes, ``suite.engine.commitment.encode_reveal``)
+CONTROL_KINDS = {REVEAL_REQUEST: TO_SERVER, REVEAL: TO_CLIENT}
+
+
+def encode_control(kind: str, client_id: int, step: int, payload: bytes = b"") -> bytes:
+    """A control message in the frame of :func:`encode` (so the channel seals it and :func:`peek` reads it):
+    header ``{"kind", "meta": {client_id, step, direction}, "tensors": []}``, then ``payload`` as it is."""
+    if kind not in CONTROL_KINDS:
+        raise ProtocolError(f"unknown control message kind {kind!r}")
+    meta = {"client_id": client_id, "step": step, "direction": CONTROL_KINDS[kind]}
+    header = json.dumps({"kind": kind, "meta": meta, "tensors": []}, sort_keys=True).encode()
+    return _PREFIX.pack(MAGIC, VERSION, len(header)) + header + bytes(payload)
+
+
+def decode_control(data: bytes, kind: str, max_payload: int | None = None) -> tuple[int, int, bytes]:
+    """(client id, step, payload) of a control message of ``kind``; anything else (another kind, a wrong
+    direction, non-canonical bytes, a request with a payload, a payload over ``max_payload``) raises
+    ``ProtocolError``."""
+    got, meta = peek(data)
+    if got != kind or kind not in CONTROL_KINDS:
+        raise ProtocolError(f"expected a {kind} message, got {got!r}")
+    client_id, step = meta.get("client_id"), meta.get("step")
+    for name, value in (("client_id", client_id), ("step", step)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ProtocolError(f"{kind} message {name} must be a non-negative integer, not {value!r}")
+    header_len = _PREFIX.unpack_from(data)[2]
+    payload = bytes(data[_PREFIX.size + header_len :])
+    if encode_control(kind, client_id, step, payload) != bytes(data):
+        raise ProtocolError(f"malformed {kind} message: not in canonical encoding")
+    if kind == REVEAL_REQUEST and payload:
+        raise ProtocolError("a reveal request carries no payload")
+    if max_payload is not None and len(payload) > max_payload:
+        raise ProtocolError(f"{kind} payload of {len(payload)} bytes exceeds {max_payload}")
+    return client_id, step, payload

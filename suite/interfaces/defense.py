@@ -23,6 +23,7 @@ public parameters, so an attack can simulate the mechanism but never holds the c
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -31,6 +32,29 @@ import torch
 from suite.engine.transport import Transport
 from suite.errors import ConfigError
 from suite.registry import Registry
+
+
+@dataclass(frozen=True)
+class RemoteServer:
+    """What a client in ``splitleak client`` holds of a server that runs in another process: the trunk as
+    the public knowledge builds it (public base weights, the config's public adapter layout, before any
+    training: never the live server's) and ``reveal(client_id, step)``, a request over the link for the
+    trunk state the server committed to in that step's reply (safetensors bytes; ``ProtocolError`` when
+    the server does not reveal it)."""
+
+    public_trunk: torch.nn.Module
+    reveal: Callable[[int, int], bytes]
+
+
+@dataclass(frozen=True)
+class _ClientsOnly:
+    """The session a client-side defense installs on over the network: this process's client, no server."""
+
+    clients: list
+
+    @property
+    def server(self):
+        raise ConfigError("this defense needs the server's objects, which a networked client does not hold")
 
 
 @dataclass(frozen=True)
@@ -47,6 +71,9 @@ class Defense:
     # training and the server's decrypted view equal the undefended run's, so the matrix trains once and
     # replays the captured frames through this defense's channel (``suite.experiment.cell.rewire``).
     wire_only: ClassVar[bool] = False
+    # Networked mode (``splitleak serve`` / ``client``, ``suite.net``): None when each side can install its
+    # part there, else the one-line reason it is refused (listed in the README).
+    network_refusal: ClassVar[str | None] = None
 
     def __init__(self, config: DefenseConfig | None = None):
         self.config = config if config is not None else self.Config()
@@ -57,6 +84,23 @@ class Defense:
 
     def install(self, session) -> None:
         """Attach hooks to a built ``suite.engine.training.Session`` (default: nothing)."""
+
+    # -- networked mode: each side installs its own part ----------------------------------------------
+
+    def install_client(self, client, remote: RemoteServer) -> None:
+        """The client's part, in ``splitleak client`` (``client``: this process's ``Client``). Default: what
+        ``install`` attaches to the clients (noise, bottlenecks, sanitisation, detectors), on this one."""
+        self.install(_ClientsOnly([client]))
+
+    def install_server(self, server) -> None:
+        """The server's part, in ``splitleak serve`` (``server``: its ``suite.engine.parties.Server``). Default:
+        nothing (the mechanism runs on the clients)."""
+
+    def server_bounds(self, bounds, hidden_size: int):
+        """The bounds (``suite.engine.protocol.Bounds``) a server holds every message to under this defense
+        (default: unchanged). A defense whose honest messages can exceed the public-text bounds (noise)
+        widens them here, from its public parameters only."""
+        return bounds
 
     def report(self) -> dict[str, Any]:
         """What the defense measured or guarantees (e.g. DP epsilon), recorded with each cell."""

@@ -10,6 +10,9 @@ Three unary methods under ``/splitleak.v1.Split/``, each moving raw bytes (no pr
   a replayed one is refused (``suite.engine.channel.ServerEnd.accept``).
 * ``Exchange`` — one round trip of the split protocol: an encrypted ``ActivationMsg`` or ``GradientMsg``
   (the in-process byte encoding, sealed with AES-256-GCM) in, the server's encrypted reply out.
+* ``Reveal`` — the integrity audit's reveal (``defenses.integrity_audit``): a sealed ``reveal_request`` for a
+  step whose reply the server has already committed to, answered by a sealed ``reveal`` carrying the trunk
+  state of that commitment (``suite.engine.protocol.encode_control``). Same channel, same counters.
 
 The AEAD channel runs inside TLS, so a TLS-terminating proxy or a peer client sees only ciphertext of a
 key it does not hold. The server takes each client's identity from its certificate, never from the message.
@@ -26,14 +29,16 @@ from dataclasses import dataclass
 
 import grpc
 
-from suite.engine.channel import ClientEnd
-from suite.engine.protocol import peek
+from suite.engine.channel import ClientEnd, IntegrityError
+from suite.engine.protocol import REVEAL as REVEAL_KIND
+from suite.engine.protocol import REVEAL_REQUEST, decode_control, encode_control, peek
 from suite.engine.transport import SERVER, Tapped
-from suite.errors import SplitleakError
+from suite.errors import ProtocolError, SplitleakError
 from suite.net.certs import Identity
+from suite.net.defended import described_label, key_exchange
 
 SERVICE = "splitleak.v1.Split"
-HELLO, HANDSHAKE, EXCHANGE = (f"/{SERVICE}/{m}" for m in ("Hello", "Handshake", "Exchange"))
+HELLO, HANDSHAKE, EXCHANGE, REVEAL = (f"/{SERVICE}/{m}" for m in ("Hello", "Handshake", "Exchange", "Reveal"))
 DEFAULT_MAX_MESSAGE_MIB = 256
 # A client's channel tries a server that was down again within a second (gRPC's default backoff grows to 120 s).
 _RECONNECT = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
@@ -48,9 +53,10 @@ def channel_options(max_message_mib: int) -> list[tuple[str, int]]:
 class LinkError(SplitleakError):
     """The server refused a call or cannot be reached; ``transient`` says whether retrying may help."""
 
-    def __init__(self, message: str, transient: bool):
+    def __init__(self, message: str, transient: bool, code: str | None = None):
         super().__init__(message)
         self.transient = transient
+        self.code = code  # the gRPC status code's name, when the server answered with one
 
 
 _TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.FAILED_PRECONDITION,
@@ -76,12 +82,12 @@ class Link:
         """A fresh channel (a new TCP connection and TLS handshake on the next call)."""
         self.channel = grpc.secure_channel(self.address, self.credentials,
                                            options=channel_options(self.max_message_mib) + _RECONNECT)
-        self._calls = {m: self.channel.unary_unary(m) for m in (HELLO, HANDSHAKE, EXCHANGE)}
+        self._calls = {m: self.channel.unary_unary(m) for m in (HELLO, HANDSHAKE, EXCHANGE, REVEAL)}
 
     def _error(self, method: str, err: grpc.RpcError) -> LinkError:
         code, detail = err.code(), (err.details() or "").strip().splitlines()
         return LinkError(f"{method.rsplit('/', 1)[-1]} to {self.address} failed: {code.name}"
-                         f"{': ' + detail[0] if detail else ''}", transient=code in _TRANSIENT)
+                         f"{': ' + detail[0] if detail else ''}", transient=code in _TRANSIENT, code=code.name)
 
     def call(self, method: str, data: bytes, timeout: float | None = None) -> bytes:
         timeout = self.timeout if timeout is None else timeout
@@ -134,28 +140,40 @@ class RemoteTransport(Tapped):
     frame and holds it; the matching ``recv`` makes the call and opens the reply. Taps see what crosses the
     wire inside TLS: sealed frames."""
 
-    def __init__(self, link: Link, client_id: int, config_hash: str):
+    def __init__(self, link: Link, client_id: int, config_hash: str, defense: dict | None = None):
         super().__init__()
         self.link = link
         self.client_id = client_id
         self.config_hash = config_hash
+        # The agreed defense (``suite.net.defended.describe``): named in Hello so that a mismatch is reported
+        # by name; the hash, which covers it, is what the server checks.
+        self.defense = defense or {"name": "none", "params": {}}
         self.endpoint = f"client/{client_id}"
         self.end: ClientEnd | None = None
         self.server_info: dict = {}
         self._out: bytes | None = None
+        self._stale: str | None = None  # why the channel must be renewed before the next message
 
     def connect(self, hello_timeout: float = 60.0) -> dict:
         """Hello and a fresh AEAD channel (also after a server restart: a new session, new keys)."""
-        request = json.dumps({"client_id": self.client_id, "config": self.config_hash}).encode()
+        request = json.dumps({"client_id": self.client_id, "config": self.config_hash,
+                              "defense": described_label(self.defense)}).encode()
         self.server_info = json.loads(self.link.call(HELLO, request, timeout=hello_timeout))
+        wanted = key_exchange(self.defense)
+        if self.server_info.get("mode") != wanted:
+            raise LinkError(f"the server offers key exchange {self.server_info.get('mode')!r}, but the agreed "
+                            f"defense needs {wanted!r}: start both with the same --defense", transient=False)
         self.end = ClientEnd(self.endpoint, self.server_info)
         self.link.call(HANDSHAKE, self.end.handshake)
+        self._stale = None
         self._out = None
         return self.server_info
 
     def send(self, src: str, dst: str, data: bytes) -> None:
         if self.end is None:
             raise SplitleakError("the client is not connected: call connect() first")
+        if self._stale:  # a reveal failed before the server read it: the channel's counters may disagree
+            raise LinkError(f"reconnecting: {self._stale}", transient=True)
         if self._out is not None:
             raise SplitleakError("a remote client sends one message per call; the previous one was not answered")
         self._out = self.end.seal(bytes(data))
@@ -169,6 +187,27 @@ class RemoteTransport(Tapped):
         reply = self.link.call(EXCHANGE, out)
         self._show(SERVER, dst, reply)
         return self.end.open(reply)
+
+
+    def reveal(self, client_id: int, step: int) -> bytes:
+        """The trunk state the server committed to in ``step``'s reply (the audit's reveal request, sealed on
+        this client's channel). A refusal, a broken link or a reply that is not that step's reveal raises
+        ``ProtocolError``: the audit flags the step."""
+        if self.end is None:
+            raise ProtocolError("the client is not connected: no reveal can be requested")
+        if self._out is not None:
+            raise ProtocolError("a reveal request cannot cross a message that awaits its reply")
+        request = self.end.seal(encode_control(REVEAL_REQUEST, client_id, step))
+        try:
+            reply = self.end.open(self.link.call(REVEAL, request))
+        except (LinkError, IntegrityError) as err:
+            if not (isinstance(err, LinkError) and err.code == "NOT_FOUND"):  # refused after reading: in step
+                self._stale = f"a reveal failed ({err})"
+            raise ProtocolError(f"no reveal for step {step}: {err}") from None
+        cid, got, payload = decode_control(reply, REVEAL_KIND)
+        if (cid, got) != (client_id, step):
+            raise ProtocolError(f"asked the reveal of client {client_id} step {step}, got client {cid} step {got}")
+        return payload
 
 
 def _tls_problem(err: grpc.RpcError) -> str | None:
@@ -195,13 +234,17 @@ def frame_kind(data: bytes) -> str:
 Handler = Callable[[bytes, grpc.ServicerContext], bytes]
 
 
-def generic_handler(hello: Handler, handshake: Handler, exchange: Handler) -> grpc.GenericRpcHandler:
+def generic_handler(hello: Handler, handshake: Handler, exchange: Handler,
+                    reveal: Handler | None = None) -> grpc.GenericRpcHandler:
     """The service with raw-bytes methods (no serializers: requests and replies are ``bytes``)."""
-    return grpc.method_handlers_generic_handler(SERVICE, {
+    methods = {
         "Hello": grpc.unary_unary_rpc_method_handler(hello),
         "Handshake": grpc.unary_unary_rpc_method_handler(handshake),
         "Exchange": grpc.unary_unary_rpc_method_handler(exchange),
-    })
+    }
+    if reveal is not None:
+        methods["Reveal"] = grpc.unary_unary_rpc_method_handler(reveal)
+    return grpc.method_handlers_generic_handler(SERVICE, methods)
 
 
 def server_credentials(identity: Identity) -> grpc.ServerCredentials:

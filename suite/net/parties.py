@@ -19,17 +19,21 @@ from suite.errors import SplitleakError
 from suite.experiment.config import ExperimentConfig
 from suite.net import checkpoint
 from suite.net.certs import client_name, load_identity
+from suite.net.defended import choose_defense, describe, key_exchange, label
 from suite.net.link import DEFAULT_MAX_MESSAGE_MIB, Link, LinkError, RemoteTransport
 
 
-def config_hash(cfg: ExperimentConfig) -> str:
+def config_hash(cfg: ExperimentConfig, defense=None) -> str:
     """What client and server must agree on: model, data and training, except the number of steps each side
-    runs. The matrix and executor sections do not touch a training run and are left out, and so are the
-    devices (each side chooses its own; the dtype must agree)."""
+    runs, and the defense with its public parameters (``suite.net.defended.describe``; ``none`` leaves the
+    hash as it was without one). The matrix and executor sections do not touch a training run and are left
+    out, and so are the devices (each side chooses its own; the dtype must agree)."""
     data = cfg.model_dump(include={"model", "data", "training"})
     data["training"].pop("steps", None)
     data["model"].pop("device", None)  # each side computes where it likes: tensors cross as bytes
     data["model"].pop("server_device", None)
+    if defense is not None and defense.name != "none":
+        data["defense"] = describe(defense)
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -57,31 +61,50 @@ def _prepare(cfg: ExperimentConfig, role: str = "server"):
 
 
 def build_service(cfg: ExperimentConfig, checkpoint_dir: str | Path | None = None, *, turn_timeout: float = 30.0,
-                  round_timeout: float = 30.0, checkpoint_every: int = 1, bound_margin: float | None = None):
-    """The service for ``cfg``. Every message it accepts is bounded (``suite.net.server.public_bounds``):
-    rows by the batch size, length by ``max_length``, magnitude by ``bound_margin`` (default 100) times the
-    largest per-position norm of the public base model's activations and gradients on public text."""
+                  round_timeout: float = 30.0, checkpoint_every: int = 1, bound_margin: float | None = None,
+                  defense=None):
+    """The service for ``cfg`` under ``defense`` (``suite.net.defended.choose_defense``; default: the
+    config's). Every message it accepts is bounded (``suite.net.server.public_bounds``): rows by the batch
+    size, length by ``max_length``, magnitude by ``bound_margin`` (default 100) times the largest
+    per-position norm of the public base model's activations and gradients on public text, widened to what
+    the defense's public parameters allow an honest message (``Defense.server_bounds``: noise)."""
     from suite.net.server import DEFAULT_BOUND_MARGIN, SplitService, public_bounds
 
+    defense = choose_defense(cfg) if defense is None else defense
     prepared = _prepare(cfg)
     margin = DEFAULT_BOUND_MARGIN if bound_margin is None else bound_margin
     bounds = public_bounds(prepared.session.split, prepared.loaded.tokenizer, cfg.data.max_length,
                            cfg.training.batch_size, margin)  # before a checkpoint restores trained adapters
+    bounds = defense.server_bounds(bounds, prepared.loaded.model.config.hidden_size)
+    defense.install_server(prepared.session.server)
     path = Path(checkpoint_dir) / "server.pt" if checkpoint_dir else None
-    return SplitService(prepared.session.server, cfg.training.strategy, cfg.training.clients, config_hash(cfg),
-                        turn_timeout=turn_timeout, round_timeout=round_timeout, checkpoint_path=path,
-                        checkpoint_every=checkpoint_every, bounds=bounds)
+    return SplitService(prepared.session.server, cfg.training.strategy, cfg.training.clients,
+                        config_hash(cfg, defense), key_exchange=key_exchange(describe(defense)), turn_timeout=turn_timeout,
+                        round_timeout=round_timeout, checkpoint_path=path, checkpoint_every=checkpoint_every,
+                        bounds=bounds, defense_label=label(defense))
 
 
 def serve(cfg: ExperimentConfig, certs: str | Path, listen: str, checkpoint_dir: str | Path | None = None,
           *, max_message_mib: int = DEFAULT_MAX_MESSAGE_MIB, on_ready: Callable[[int, list[str]], None] | None = None,
-          **timeouts) -> None:
-    """Serve until interrupted."""
+          defense=None, capture: str | Path | None = None, **timeouts) -> None:
+    """Serve until interrupted. ``capture``: write the server's view (every client's plaintext messages, as
+    it decrypted and answered them) to that file (``suite.engine.capture``)."""
     from suite.net.server import start_server
 
     refuse_unsafe_seeds(cfg)
+    defense = choose_defense(cfg) if defense is None else defense
     identity = load_identity(certs, "server")
-    service = build_service(cfg, checkpoint_dir, **timeouts)
+    service = build_service(cfg, checkpoint_dir, defense=defense, **timeouts)
+    service.events.append(f"defense: {label(defense)}")
+    writer = None
+    if capture is not None:
+        from suite.engine.capture import CaptureWriter
+
+        writer = CaptureWriter(capture, {"model": cfg.model.name, "head_blocks": cfg.training.head_blocks,
+                                         "tail_blocks": cfg.training.tail_blocks, "max_length": cfg.data.max_length,
+                                         "config": service.config_hash, "defense": describe(defense),
+                                         "view": "server"})
+        service.queue.add_tap(lambda frame: writer.frame(frame.src, frame.dst, frame.data))
     server, port = start_server(service, identity, listen, max_message_mib=max_message_mib)
     if on_ready is not None:
         on_ready(port, list(service.events))
@@ -89,6 +112,8 @@ def serve(cfg: ExperimentConfig, certs: str | Path, listen: str, checkpoint_dir:
         server.wait_for_termination()
     finally:
         server.stop(grace=1)
+        if writer is not None:
+            writer.close()
 
 
 @dataclass
@@ -97,24 +122,46 @@ class ClientRun:
     losses: list[float] = field(default_factory=list)  # one per step, from the first step ever (incl. resumed)
     resumed_from: int = 0
     reconnects: int = 0
+    defense: str = "none"  # the defense this client ran (``suite.net.defended.label``)
+    defense_report: dict = field(default_factory=dict)  # what it measured or guarantees (e.g. DP epsilon)
 
 
 def run_client(cfg: ExperimentConfig, client_id: int, address: str, certs: str | Path,
                checkpoint_dir: str | Path | None = None, *, max_message_mib: int = DEFAULT_MAX_MESSAGE_MIB,
                give_up_after: float = 300.0, checkpoint_every: int = 1,
-               on_step: Callable[[int, float], None] | None = None) -> ClientRun:
-    """Train client ``client_id`` against the server at ``address`` for the config's steps, resuming from
-    its checkpoint when there is one, reconnecting (new channel) whenever the server goes away."""
+               on_step: Callable[[int, float], None] | None = None, defense=None,
+               capture: str | Path | None = None) -> ClientRun:
+    """Train client ``client_id`` against the server at ``address`` for the config's steps under ``defense``
+    (``suite.net.defended.choose_defense``; default: the config's), resuming from its checkpoint when there is
+    one, reconnecting (new channel) whenever the server goes away. ``capture``: write every message this
+    client sends and receives, and its own batches, to that file (``suite.engine.capture``)."""
     if not 0 <= client_id < cfg.training.clients:
         raise SplitleakError(f"--id {client_id} is not a client of this config (it has {cfg.training.clients}: "
                              f"0..{cfg.training.clients - 1})")
     refuse_unsafe_seeds(cfg)
+    defense = choose_defense(cfg) if defense is None else defense
     identity = load_identity(certs, client_name(client_id))
     prepared = _prepare(cfg, "client")
     client = prepared.session.clients[client_id]
     link = Link(address, identity, max_message_mib=max_message_mib)
-    transport = RemoteTransport(link, client_id, config_hash(cfg))
+    transport = RemoteTransport(link, client_id, config_hash(cfg, defense), describe(defense))
     client.transport = transport
+    # The client's part of the defense, before a checkpoint restores its optimiser (DP rebuilds it). The
+    # audit's replica is this process's own copy of the trunk as the public config builds it, before training
+    # (never the server's); its reveals cross the link.
+    from suite.interfaces.defense import RemoteServer
+
+    defense.install_client(client, RemoteServer(prepared.session.server.trunk, transport.reveal))
+    prepared.session.server = None  # nothing here may stand for the server (the replica was copied above)
+    writer = None
+    if capture is not None:
+        from suite.engine.capture import CaptureWriter, CapturingTransport
+
+        writer = CaptureWriter(capture, {"model": cfg.model.name, "head_blocks": cfg.training.head_blocks,
+                                         "tail_blocks": cfg.training.tail_blocks, "max_length": cfg.data.max_length,
+                                         "config": transport.config_hash, "defense": describe(defense),
+                                         "view": "client"})
+        client.transport = CapturingTransport(transport, writer)
     path = Path(checkpoint_dir) / f"{client_name(client_id)}.pt" if checkpoint_dir else None
     run = ClientRun(client_id)
     modules = {"head": client.head, "tail": client.tail}
@@ -155,6 +202,8 @@ def run_client(cfg: ExperimentConfig, client_id: int, address: str, certs: str |
     try:
         for step in range(run.resumed_from, cfg.training.steps):
             batch = client.batches.next()
+            if writer is not None:  # this client's own batch: the truth an audit of its traffic scores against
+                writer.truth(client_id, step, batch.input_ids, batch.attention_mask)
             deadline = time.monotonic() + give_up_after
             while True:
                 try:
@@ -174,4 +223,7 @@ def run_client(cfg: ExperimentConfig, client_id: int, address: str, certs: str |
                 save(step + 1)
     finally:
         link.close()
+        if writer is not None:
+            writer.close()
+    run.defense, run.defense_report = label(defense), defense.report()
     return run

@@ -45,7 +45,19 @@ import torch
 
 from suite.engine.channel import IntegrityError, ServerEnd, ServerKeys
 from suite.engine.parties import Server, UpdateRefused
-from suite.engine.protocol import TO_SERVER, ActivationMsg, Bounds, GradientMsg, decode, encode, peek
+from suite.engine.protocol import (
+    REVEAL,
+    REVEAL_REQUEST,
+    TO_SERVER,
+    ActivationMsg,
+    Bounds,
+    GradientMsg,
+    decode,
+    decode_control,
+    encode,
+    encode_control,
+    peek,
+)
 from suite.engine.transport import SERVER, InProcessTransport, client_endpoint
 from suite.errors import ProtocolError
 from suite.net import checkpoint
@@ -140,8 +152,9 @@ class SplitService:
     def __init__(self, server: Server, strategy: str, clients: int, config_hash: str, *,
                  key_exchange: str = "x25519", turn_timeout: float = 30.0,
                  round_timeout: float = 30.0, checkpoint_path: str | Path | None = None, checkpoint_every: int = 1,
-                 bounds: Bounds | None = None):
+                 bounds: Bounds | None = None, defense_label: str = "none"):
         self.server = server
+        self.defense_label = defense_label  # the agreed defense and its public parameters (for the error line)
         if bounds is not None:
             server.bounds = bounds  # rows, length, magnitude of every message (``public_bounds``)
         self.queue = InProcessTransport()
@@ -162,6 +175,7 @@ class SplitService:
         self.dropped: dict[int, str] = {}  # clients dropped (malformed, silent, refused) -> why, until they call again
         self.absent: set[int] = set()  # clients a round closed without at its deadline: not waited for until they send
         self.events: list[str] = []  # what happened to whom (for logs and tests)
+        self.reveals = 0  # committed states revealed to the integrity audit (``reveal``)
         self._restore()
 
     # --- identity and the first two calls ------------------------------------------------------------
@@ -191,8 +205,14 @@ class SplitService:
         if asked.get("client_id") != client:
             context.abort(grpc.StatusCode.PERMISSION_DENIED,
                           f"client claims id {asked.get('client_id')} but its certificate is client-{client}")
-        if asked.get("config") != self.config_hash:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+        if asked.get("config") != self.config_hash:  # final: retrying cannot help (INVALID_ARGUMENT)
+            if asked.get("defense") != self.defense_label:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"client and server were started with different defenses (client: "
+                              f"{json.dumps(str(asked.get('defense')))[:200]}; server: {self.defense_label}): start "
+                              "both with "
+                              "the same --defense and --defense-param")
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           "client and server were started with different experiment configs (model, split, data, "
                           "training): start both from the same config file")
         with self.cv:
@@ -266,6 +286,34 @@ class SplitService:
                 self._forget(client, f"protocol error: {err}")
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
             return self.end.seal(ep, reply)
+
+    def reveal(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        """The integrity audit's reveal: the trunk state this server committed to in the caller's reply of the
+        step it names (``Server.reveal``), sealed on the caller's channel. Only for the caller's own steps (its
+        certificate), and only once that reply was committed and sent; refused when the server does not commit
+        (no ``integrity_audit`` agreed)."""
+        client = self._who(context)
+        ep = client_endpoint(client)
+        with self.cv:
+            if ep not in self.end.channels:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no secure channel with this client: say Hello again")
+            try:
+                plain = self.end.open(ep, request)
+            except IntegrityError as err:
+                context.abort(grpc.StatusCode.PERMISSION_DENIED, str(err))
+            try:
+                cid, step, _ = decode_control(plain, REVEAL_REQUEST)
+                if cid != client:
+                    raise ProtocolError(f"reveal asked for client {cid} with client-{client}'s certificate")
+                if not self.server.commit_state:
+                    raise ProtocolError("this server commits to nothing (no integrity_audit agreed): nothing to reveal")
+                state = self.server.reveal(client, step)
+            except ProtocolError as err:
+                context.abort(grpc.StatusCode.NOT_FOUND, str(err))
+            if self.holder == client:  # auditing its step: the client is not silent
+                self.last_seen = time.monotonic()
+            self.reveals += 1
+            return self.end.seal(ep, encode_control(REVEAL, client, step, state))
 
     def _wait(self, context: grpc.ServicerContext, until, deadline: float | None = None) -> bool:
         """Wait (releasing the lock) until ``until()``; False on deadline or when the caller went away."""
@@ -512,7 +560,8 @@ def start_server(service: SplitService, identity: Identity, listen: str, *,
     client may have a call waiting for its turn or round, so there is a handler thread per client and spare."""
     threads = 2 * service.clients + 4
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=channel_options(max_message_mib))
-    server.add_generic_rpc_handlers((generic_handler(service.hello, service.handshake, service.exchange),))
+    server.add_generic_rpc_handlers((generic_handler(service.hello, service.handshake, service.exchange,
+                                                     service.reveal),))
     port = server.add_secure_port(listen, server_credentials(identity))
     if port == 0:
         raise ProtocolError(f"cannot listen on {listen}: address in use or not valid")
