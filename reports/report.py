@@ -32,8 +32,20 @@ from reports.frontier import settings as frontier_settings
 from reports.markup import escape, sample_markup
 from reports.pdf import FAILED_BG, LANDSCAPE_W, LEVEL_COLORS, PORTRAIT_W, document, image, para, table, text
 from reports.tables import NO_DEFENSE, num
-from reports.verdict import (RULE, VerdictRow, advantage_text, cheapest_text, key_sentences, level, pct, signed_pct,
-                             not_addressing, still_leaks, threat_verdict, verdict_rows)
+from reports.verdict import (
+    RULE,
+    VerdictRow,
+    advantage_text,
+    cheapest_text,
+    key_sentences,
+    level,
+    not_addressing,
+    pct,
+    signed_pct,
+    still_leaks,
+    threat_verdict,
+    verdict_rows,
+)
 from suite.experiment.store import load_results
 from suite.interfaces.presets import THREATS
 
