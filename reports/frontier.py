@@ -121,7 +121,7 @@ def settings(df: pd.DataFrame) -> pd.DataFrame:
     cols = ["model", "threat", "threat_label", "defense", "defense_label", "head_blocks", "split", "attack_label",
             "adaptive", "leak", "leak_lo", "leak_hi", "kind", "raw", "n_attacks", "blind", "loss", "loss_lo",
             "loss_hi", "ppl", "cost", "cost_lo", "cost_hi", "cost_central", "acted", "act_note", "is_none", "attack",
-            "attacks"]
+            "attacks", "guarantee"]
     h = headline(df) if not df.empty else pd.DataFrame()
     if h.empty:
         return pd.DataFrame(columns=cols)
@@ -165,9 +165,26 @@ def settings(df: pd.DataFrame) -> pd.DataFrame:
             "cost_central": None if c is None or ppl is None else ppl / c - 1,
             "acted": None, "act_note": "", "is_none": defense == NO_DEFENSE,
             "attack": best["attack"], "attacks": tuple(sorted(set(g["attack"]))),
+            "guarantee": guarantee(g["defense_report"]),
         })
     s = pd.DataFrame(out, columns=cols)
     return _acted(s, h)
+
+
+def guarantee(reports: Any) -> str:
+    """What a setting's reports say it guarantees: 'ε = 3.1 (δ = 1e-05)' where ``epsilon`` is finite and the
+    report's ``guarantee`` says it holds, 'no guarantee: <why>' where it says it does not, else ''."""
+    for rep in reports:
+        if not isinstance(rep, dict) or "epsilon" not in rep:
+            continue
+        eps, why = num(rep.get("epsilon")), str(rep.get("guarantee", ""))
+        if why.startswith("none"):
+            return "no guarantee: " + why.removeprefix("none").lstrip(": ")
+        if eps is None or math.isinf(eps):
+            return "no guarantee (ε = ∞)"
+        delta = num(rep.get("delta"))
+        return f"ε = {eps:.3g}" + (f" (δ = {delta:g})" if delta is not None and "δ" in why else "")
+    return ""
 
 
 def _none_label(h: pd.DataFrame) -> str:

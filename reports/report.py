@@ -331,7 +331,8 @@ def _frontier(settings: pd.DataFrame, threats: list[str]) -> list:
             i = len(rows)
             lvl = level(num(r["leak_hi"]))
             acted = {True: "yes", False: "did not act", None: "–"}[r["acted"]] if not r["is_none"] else ""
-            rows.append([text(("◆ " if idx in front else "") + r["defense_label"]), text(r["split"]),
+            label = ("◆ " if idx in front else "") + r["defense_label"] + (f"; {r['guarantee']}" if r["guarantee"] else "")
+            rows.append([text(label), text(r["split"]),
                          text(r["attack_label"]), text(_interval(r) + ("" if r["kind"] == "advantage" else " raw"),
                                                        "cellr"),
                          text(lvl), text(_f(r["blind"], 2), "cellr"), text(_cost_text(r), "cellr"),

@@ -288,7 +288,7 @@ def training_rows(frame: pd.DataFrame) -> list[VerdictRow]:
             "training", threat, level(num(worst["leak_hi"])), f"{worst['attack_label']} at {worst['split']}",
             num(worst["leak"]), num(worst["leak_lo"]), num(worst["leak_hi"]),
             None if best is None else ("no defense" if best["is_none"] else best["defense_label"])
-            + f" at {best['split']}",
+            + f" at {best['split']}" + (f" ({best['guarantee']})" if best["guarantee"] else ""),
             None if best is None else num(best["cost"]), tuple(idle),
             None if best is None else num(best["cost_lo"]), None if best is None else num(best["cost_hi"]),
             note, {"settings": mine}))

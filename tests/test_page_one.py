@@ -205,3 +205,21 @@ def test_dp_clip_from_a_quantile_of_the_public_heads_output_norms():
     assert d.report()["clip"] == d.config.clip and d.report()["clip_quantile"] == 0.5
     with pytest.raises(ConfigError, match="clip_quantile must be in"):
         make_defense("dp_gaussian", {"clip_quantile": 1.5})
+
+
+def test_the_dp_epsilon_of_every_point_where_it_is_a_guarantee(tmp_path):
+    held = {"epsilon": 3.2, "delta": 1e-5, "guarantee": "per record, (ε, δ = 1e-05)"}
+    trained = {"epsilon": math.inf, "guarantee": "none: the head trained on the private data (freeze = false)"}
+    reports = {10: held, 30: trained}
+    rows = [{**r, "defense_report": reports.get(r["defense_params"].get("eta"), {})} if r["defense"] == "dxp" else r
+            for r in sweep_rows()]
+    s = settings(_frame(tmp_path, rows)).set_index(["threat_label", "defense_label", "head_blocks"])
+    assert s.loc[("curious_server", "dxp (eta=10)", 1), "guarantee"] == "ε = 3.2 (δ = 1e-05)"
+    assert s.loc[("curious_server", "dxp (eta=30)", 1), "guarantee"] == (
+        "no guarantee: the head trained on the private data (freeze = false)")
+    assert s.loc[("curious_server", "dxp (eta=100)", 1), "guarantee"] == ""
+    text = " ".join(" ".join(p.extract_text() for p in PdfReader(build_report(tmp_path)).pages).split())
+    assert "dxp (eta=10); ε = 3.2 (δ = 1e-05)" in text
+    # page 1 quotes it with the cheapest setting
+    assert "dxp (eta=30) at k=0 (no guarantee: the head trained on the private data (freeze = false))" in \
+        _page_text(tmp_path / "report.pdf", 0)
