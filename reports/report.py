@@ -137,7 +137,9 @@ def page_one(df: pd.DataFrame) -> list:
     out += [table(table_rows, widths, extra)]
     settings = [r.extra["settings"] for r in rows if isinstance(r.extra.get("settings"), pd.DataFrame)]
     st = pd.concat(settings) if settings else pd.DataFrame(columns=["is_none"])
-    out += [para(escape(s), "verdict") for s in key_sentences(rows, st)]
+    steps = sorted({int(v) for v in pd.to_numeric(df["steps"], errors="coerce").dropna()}) if "steps" in df else []
+    budget = f"{'/'.join(map(str, steps))} training steps" if steps else ""
+    out += [para(escape(s), "verdict") for s in key_sentences(rows, st, budget)]
     out.append(para(escape(RULE) + " Advantage: at the split where it is worst, with its 95 % interval; cost with "
                     "its 95 % interval. A setting counts only if it acted and the "
                     "threat's strongest attack also ran against it; 'not addressed': the defense protects nothing "

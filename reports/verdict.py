@@ -326,9 +326,9 @@ def cheapest_text(r: VerdictRow) -> str:
 MAX_SENTENCES = 3
 
 
-def key_sentences(rows: list[VerdictRow], st: pd.DataFrame) -> list[str]:
+def key_sentences(rows: list[VerdictRow], st: pd.DataFrame, budget: str = "") -> list[str]:
     """At most three sentences of what matters most: whether depth protects, which threats no tested setting
-    stops, and the defenses that did not act at this budget."""
+    stops, and the defenses that did not act at this budget (``budget``: e.g. '6 training steps')."""
     out = []
     none = st[st["is_none"]] if not st.empty else st
     if not none.empty and none["head_blocks"].nunique() > 1:
@@ -359,6 +359,7 @@ def key_sentences(rows: list[VerdictRow], st: pd.DataFrame) -> list[str]:
     if not idle.empty:
         labels = list(dict.fromkeys(idle.sort_values("head_blocks")["defense_label"]))
         notes = [n for n in idle["act_note"] if n]
-        out.append(f"{', '.join(labels)} did not act at this budget" + (f" ({notes[0]})" if notes else "")
+        out.append(f"{', '.join(labels)} did not act at this budget" + (f" of {budget}" if budget else "")
+                   + (f" ({notes[0]})" if notes else "")
                    + ": this run cannot tell whether it helps; see section 4.")
     return out[:MAX_SENTENCES]
