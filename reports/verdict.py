@@ -276,7 +276,8 @@ def training_rows(frame: pd.DataFrame) -> list[VerdictRow]:
             continue
         none = mine[mine["is_none"]]
         ref = none if not none.empty else mine
-        worst = ref.sort_values(["leak_hi", "leak"], ascending=False).iloc[0]
+        # ties go to the deepest split: "it leaks even there" is the statement a deployer needs
+        worst = ref.sort_values(["leak_hi", "leak", "head_blocks"], ascending=False).iloc[0]
         note = "" if worst["kind"] == "advantage" else "raw token accuracy: no blind baseline in this store"
         strongest = str(worst["attack"]) if not none.empty else None
         best = cheapest(_verified(mine, strongest))
@@ -332,10 +333,10 @@ def key_sentences(rows: list[VerdictRow], st: pd.DataFrame, budget: str = "") ->
     out = []
     none = st[st["is_none"]] if not st.empty else st
     if not none.empty and none["head_blocks"].nunique() > 1:
-        deep = none.sort_values(["head_blocks", "leak_hi"], ascending=[False, False])
-        k = deep["head_blocks"].iloc[0]
-        w = deep.iloc[0]
-        by_k = none.sort_values("leak_hi", ascending=False).drop_duplicates("head_blocks").sort_values("head_blocks")
+        by_k = (none.sort_values(["raw", "leak_hi"], ascending=False).drop_duplicates("head_blocks")
+                    .sort_values("head_blocks"))
+        w = by_k.iloc[-1]  # the deepest split's strongest attack
+        k = w["head_blocks"]
         parts = (" / ".join(f"{num(r['raw']):.2f}" for _, r in by_k.iterrows()) + " of the tokens at "
                  + " / ".join(by_k["split"]))
         if still_leaks(num(w["leak_lo"])):
