@@ -223,3 +223,21 @@ def test_the_dp_epsilon_of_every_point_where_it_is_a_guarantee(tmp_path):
     # page 1 quotes it with the cheapest setting
     assert "dxp (eta=30) at k=0 (no guarantee: the head trained on the private data (freeze = false))" in \
         _page_text(tmp_path / "report.pdf", 0)
+
+
+def test_the_matrix_runner_calibrates_the_clip_on_shadow_text_before_training():
+    from suite.engine.models import tiny_model
+    from suite.engine.split import SplitSpec
+    from suite.experiment.cell import train_split
+    from suite.experiment.config import parse_config
+    from suite.interfaces.defense import make_defense
+
+    cfg = parse_config({"model": {"name": "tiny-llama"},
+                        "data": {"max_length": 12, "private": {"generator": "records", "size": 8, "seed": 1},
+                                 "shadow": {"generator": "records", "size": 16, "seed": 2}},
+                        "training": {"clients": 2, "steps": 1, "batch_size": 2}})
+    trained = train_split(cfg, SplitSpec(1, 1), tiny_model("llama"),
+                          defense=make_defense("dp_gaussian", {"sigma": 0.01, "clip_quantile": 0.5}))
+    d = trained.defense
+    assert d.calibrated and d.config.clip != 1.0 and d.config.clip > 0
+    assert d.report()["clip"] == d.config.clip and math.isfinite(d.report()["epsilon"])
