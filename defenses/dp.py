@@ -71,6 +71,7 @@ Which releases ε covers (``report()["covers"]``):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -79,6 +80,7 @@ import torch
 
 from suite.engine.noise import NoiseStream, as_stream, client_stream
 from suite.engine.parties import Batch, make_optimizer, trainable
+from suite.errors import ConfigError
 from suite.interfaces.defense import Defense, DefenseConfig, register_defense
 
 SNAP_SUPPORT = 16.0  # the Laplace clamp B sits inside 16 noise scales (probability beyond: e^-15 at most)
@@ -88,6 +90,9 @@ SNAP_SUPPORT = 16.0  # the Laplace clamp B sits inside 16 noise scales (probabil
 class DPConfig(DefenseConfig):
     sigma: float = 0.5  # noise multiplier: noise scale = sigma x sensitivity
     clip: float = 1.0  # per-example norm bound C; 0 = no clipping (then no guarantee)
+    # C from public text instead: this quantile of the per-sequence norms of the public head's outputs on the
+    # shadow text (``calibrate``; never the private data), so sigma means the same at every split and model
+    clip_quantile: float | None = None
     delta: float = 1e-5
     direction: str = "activations"  # "activations" or "both" (also the gradient the tail sends)
     grad_clip: float | None = None  # per-sequence norm bound of the tail gradient ("both"); None = clip
@@ -106,6 +111,8 @@ class DPConfig(DefenseConfig):
                 raise ValueError(f"{name} must be a finite number, got {value}")
         if self.sigma < 0:
             raise ValueError(f"sigma must be >= 0, got {self.sigma}")
+        if self.clip_quantile is not None and not 0 < self.clip_quantile <= 1:
+            raise ValueError(f"clip_quantile must be in (0, 1] (e.g. 0.5: the median norm), got {self.clip_quantile}")
         if self.clip < 0:
             raise ValueError(f"clip must be >= 0 (0 = off), got {self.clip}")
         if not 0 < self.delta < 1:
@@ -225,8 +232,25 @@ class _DPDefense(Defense):
         self.grad_hooks: list[_DPHook] = []  # tail gradients ("both"), one per client
         self.trained_parts: list[str] = []  # parts that kept training under freeze = false (no guarantee)
         self.noise_source = "os_random" if self.config.seed is None else "fixed_seed_UNSAFE"
+        self.calibrated = False  # clip_quantile: set by ``calibrate`` before ``install``
+
+    def calibrate(self, head, input_ids, attention_mask) -> None:
+        """``clip_quantile``: set C to that quantile of the per-sequence norms (L2, or L1 for Laplace) of
+        ``head``'s outputs on public text (the shadow records; padding zeroed, as the hook sends it). C is then
+        a public parameter like any other: the attacker's ``public_params`` carry the calibrated value."""
+        if self.config.clip_quantile is None:
+            return
+        plain = super().simulate_release(head, input_ids, attention_mask, None)
+        plain = plain * attention_mask.unsqueeze(-1).to(plain.dtype)
+        norms = plain.float().flatten(1).norm(p=self.norm, dim=1)
+        clip = float(torch.quantile(norms.double(), self.config.clip_quantile))
+        self.config = dataclasses.replace(self.config, clip=clip)
+        self.calibrated = True
 
     def install(self, session) -> None:
+        if self.config.clip_quantile is not None and not self.calibrated:
+            raise ConfigError("dp: clip_quantile needs public text to calibrate the clip on (the matrix runner "
+                              "does this); elsewhere give clip = a number instead")
         self.trained_parts = []
         counts: Counter = Counter()  # releases per record, across every client (a record two clients hold)
         grad_counts: Counter = Counter()
@@ -355,7 +379,8 @@ class _DPDefense(Defense):
         noise = [h.measured_std() for h in self.hooks if h.noise_count]
         kinds = self._kinds()
         report = {
-            "sigma": self.config.sigma, "clip": self.config.clip, "delta": self.config.delta,
+            "sigma": self.config.sigma, "clip": self.config.clip, "clip_quantile": self.config.clip_quantile,
+            "delta": self.config.delta,
             "sensitivity": 2 * self.config.clip, "releases_per_record": self.releases(),
             "epsilon": self.epsilon(), "measured_noise_std": sum(noise) / len(noise) if noise else 0.0,
             "epsilon_activations": math.inf if self.trained_parts else self._epsilon(kinds[:1]),

@@ -130,4 +130,6 @@ class EncryptionDefense(Defense):
         return self.transport
 
     def report(self) -> dict:
-        return {"mode": self.config.mode, "rejected_frames": self.transport.rejected if self.transport else 0}
+        # what it protects (the report reads it: a threat that decrypts, the server, is not addressed)
+        return {"mode": self.config.mode, "rejected_frames": self.transport.rejected if self.transport else 0,
+                "protects": ["wire"]}

@@ -1,7 +1,7 @@
 """The report's figures, drawn with matplotlib (Agg) and returned as PNG bytes (None when there is no data).
 
-* ``leakage_vs_split`` — BLEU-4 and ROUGE-1 per attack versus the client head depth k (k=0: embedding only),
-  no defense, as grouped bars so equal values do not hide each other;
+* ``leakage_vs_split`` — BLEU-4, ROUGE-L and token accuracy per attack versus the client head depth k (k=0:
+  embedding only), no defense, as grouped bars with 95 % intervals, the blind baseline beside them;
 * ``frontier_figure`` / ``frontier_png`` — per threat, one panel per defense: utility cost versus the strongest
   attack's leakage with error bars, the Pareto frontier marked, no defense in grey, the blind baseline dashed.
 """
@@ -18,10 +18,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from reports.frontier import pareto  # noqa: E402
+from reports.frontier import BLIND, pareto  # noqa: E402
+from reports.tables import DEPTH_METRICS  # noqa: E402
 from reports.verdict import LITTLE, MOST  # noqa: E402
 
-MAX_BARS = 10  # above this many (attack, threat) pairs, bars show each attack's best over threats
 _DPI = 200
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 
@@ -34,34 +34,39 @@ def _png(fig) -> bytes:
 
 
 def leakage_vs_split(data: pd.DataFrame) -> bytes | None:
-    """``data``: ``tables.leakage_by_split`` (attack_label, threat_label, head_blocks, bleu4, rouge1)."""
+    """``data``: ``tables.leakage_by_split``. Three panels (BLEU-4, ROUGE-L, token accuracy) of grouped bars, one
+    bar per attack at each split with its 95 % interval as an error bar; the blind baseline is drawn as a grey
+    hatched bar beside them (what a guess from public text gets)."""
     if data.empty:
         return None
-    if data[["attack_label", "threat_label"]].drop_duplicates().shape[0] > MAX_BARS:
-        data = data.groupby(["attack_label", "head_blocks"])[["bleu4", "rouge1"]].max().reset_index()
-        data["series"] = data["attack_label"] + " (best threat)"
-    else:
-        data = data.assign(series=data["attack_label"] + " (" + data["threat_label"] + ")")
-    series = list(dict.fromkeys(data["series"]))
+    attacks = [a for a in dict.fromkeys(data["attack_label"]) if a != BLIND] + \
+        [a for a in dict.fromkeys(data["attack_label"]) if a == BLIND]
     splits = sorted(data["head_blocks"].unique())
-    width = 0.8 / len(series)
-    cmap = plt.get_cmap("tab10" if len(series) <= 10 else "tab20")
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
-    for ax, metric, title in zip(axes, ("bleu4", "rouge1"), ("BLEU-4", "ROUGE-1"), strict=True):
-        for i, name in enumerate(series):
-            s = data[data["series"] == name].set_index("head_blocks")[metric]
-            xs = [j + (i - (len(series) - 1) / 2) * width for j, k in enumerate(splits) if k in s.index]
-            ys = [s[k] for k in splits if k in s.index]
-            ax.bar(xs, ys, width * 0.95, label=name, color=cmap(i % cmap.N))
+    width = 0.8 / len(attacks)
+    cmap = plt.get_cmap("tab10" if len(attacks) <= 10 else "tab20")
+    fig, axes = plt.subplots(1, len(DEPTH_METRICS), figsize=(11, 3.6))
+    for ax, (metric, title, scale) in zip(axes, DEPTH_METRICS, strict=True):
+        for i, name in enumerate(attacks):
+            s = data[data["attack_label"] == name].set_index("head_blocks")
+            ks = [k for k in splits if k in s.index]
+            xs = [splits.index(k) + (i - (len(attacks) - 1) / 2) * width for k in ks]
+            ys = [float(s.loc[k, metric]) for k in ks]
+            err = [[max(0.0, y - float(s.loc[k, metric + "_lo"])) for k, y in zip(ks, ys, strict=True)],
+                   [max(0.0, float(s.loc[k, metric + "_hi"]) - y) for k, y in zip(ks, ys, strict=True)]]
+            style = {"color": "0.75", "hatch": "//", "edgecolor": "0.4"} if name == BLIND else \
+                {"color": cmap(i % cmap.N)}
+            ax.bar(xs, ys, width * 0.95, yerr=err, capsize=1.5, error_kw={"elinewidth": 0.6}, label=name, **style)
         ax.set_xticks(range(len(splits)))
-        ax.set_xticklabels([f"k={k}\n(embedding only)" if k == 0 else f"k={k}" for k in splits])
-        ax.set_title(f"{title} (no defense)")
-        ax.set_ylim(0, 105)
-        ax.set_xlabel("client head: embedding + k decoder blocks")
+        ax.set_xticklabels([f"k={k}\n(embedding only)" if k == 0 else f"k={k}" for k in splits], fontsize=8)
+        ax.set_title(f"{title} (no defense)", fontsize=10)
+        ax.set_ylim(0, 1.05 * scale)
         ax.grid(axis="y", alpha=0.3)
-    axes[0].set_ylabel("score (0–100, higher = more leakage)")
+        ax.tick_params(labelsize=7)
+    axes[0].set_ylabel("higher = more of the private text recovered", fontsize=8)
+    fig.supxlabel("client head: embedding + k decoder blocks (each attack at the threat where it is strongest)",
+                  fontsize=8)
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(3, len(series)),
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(4, len(attacks)),
                fontsize=8, frameon=False)
     fig.tight_layout()
     return _png(fig)

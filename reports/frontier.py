@@ -11,9 +11,12 @@ and the Pareto frontier. Pure pandas over ``tables.prepare``'s frame; no attack 
   (``perplexity`` when the store has it, else exp(held-out loss)), with the interval from ``utility_lo/_hi``;
   beside it the increase over the centralised fine-tune (``perplexity_centralised`` / ``utility_centralised``)
   when present.
-* A defense setting **did not act** when its own trace of the mechanism did not move (``dcor_first`` vs
-  ``dcor_last10_mean`` in its report, where it has one) and both utility and every threat's leakage equal the
-  undefended cell's within their intervals.
+* A defense setting **acted** when its own trace of the mechanism moved (``dcor_first`` vs ``dcor_last10_mean``
+  in its report, where it has one), or its cost interval excludes 0 (the held-out perplexity under the defense,
+  with its interval, against the undefended model's at the same split: the same held-out records, so the cost
+  is paired), or some threat's leakage interval excludes the undefended leakage. Overlapping loss intervals
+  are not "no change": DxP at +54 % [+22 %, +95 %] acted. It **did not act** when none of these holds;
+  without intervals (an older store) the changes are compared with the tolerances ``SAME_LEAK``/``SAME_LOSS``.
 """
 
 from __future__ import annotations
@@ -85,16 +88,20 @@ def _rel(p: float | None, p0: float | None) -> float | None:
     return None if p is None or p0 is None else p / p0 - 1
 
 
-def _overlap(a: tuple[float, float], b: tuple[float, float]) -> bool:
-    return a[0] <= b[1] and b[0] <= a[1]
-
-
-def _same(v1, lo1, hi1, v2, lo2, hi2, tol: float) -> bool | None:
-    if v1 is None or v2 is None:
+def _excludes(lo: float | None, hi: float | None, point: float | None) -> bool | None:
+    """Whether the interval [lo, hi] leaves out ``point`` (None when there is no interval)."""
+    if lo is None or hi is None or point is None or lo == hi:
         return None
-    if None in (lo1, hi1, lo2, hi2) or (lo1 == hi1 and lo2 == hi2):
-        return abs(v1 - v2) < tol
-    return _overlap((lo1, hi1), (lo2, hi2))
+    return point < lo or point > hi
+
+
+def _moved(v, lo, hi, ref, tol: float) -> bool | None:
+    """Whether a value moved from ``ref``: its interval excludes ``ref``; without an interval, by more than
+    ``tol``; None when either value is missing."""
+    if v is None or ref is None:
+        return None
+    out = _excludes(lo, hi, ref)
+    return abs(v - ref) >= tol if out is None else out
 
 
 def _trace(reports: list[Any]) -> tuple[bool | None, str]:
@@ -113,7 +120,8 @@ def settings(df: pd.DataFrame) -> pd.DataFrame:
     """One row per (threat, defense setting, split) with the strongest attack's leakage and the utility cost."""
     cols = ["model", "threat", "threat_label", "defense", "defense_label", "head_blocks", "split", "attack_label",
             "adaptive", "leak", "leak_lo", "leak_hi", "kind", "raw", "n_attacks", "blind", "loss", "loss_lo",
-            "loss_hi", "ppl", "cost", "cost_lo", "cost_hi", "cost_central", "acted", "act_note", "is_none"]
+            "loss_hi", "ppl", "cost", "cost_lo", "cost_hi", "cost_central", "acted", "act_note", "is_none", "attack",
+            "attacks", "guarantee"]
     h = headline(df) if not df.empty else pd.DataFrame()
     if h.empty:
         return pd.DataFrame(columns=cols)
@@ -156,9 +164,27 @@ def settings(df: pd.DataFrame) -> pd.DataFrame:
             "cost_hi": _rel(ppl_hi, ppl0) if defense != NO_DEFENSE else None,
             "cost_central": None if c is None or ppl is None else ppl / c - 1,
             "acted": None, "act_note": "", "is_none": defense == NO_DEFENSE,
+            "attack": best["attack"], "attacks": tuple(sorted(set(g["attack"]))),
+            "guarantee": guarantee(g["defense_report"]),
         })
     s = pd.DataFrame(out, columns=cols)
     return _acted(s, h)
+
+
+def guarantee(reports: Any) -> str:
+    """What a setting's reports say it guarantees: 'ε = 3.1 (δ = 1e-05)' where ``epsilon`` is finite and the
+    report's ``guarantee`` says it holds, 'no guarantee: <why>' where it says it does not, else ''."""
+    for rep in reports:
+        if not isinstance(rep, dict) or "epsilon" not in rep:
+            continue
+        eps, why = num(rep.get("epsilon")), str(rep.get("guarantee", ""))
+        if why.startswith("none"):
+            return "no guarantee: " + why.removeprefix("none").lstrip(": ")
+        if eps is None or math.isinf(eps):
+            return "no guarantee (ε = ∞)"
+        delta = num(rep.get("delta"))
+        return f"ε = {eps:.3g}" + (f" (δ = {delta:g})" if delta is not None and "δ" in why else "")
+    return ""
 
 
 def _none_label(h: pd.DataFrame) -> str:
@@ -167,33 +193,36 @@ def _none_label(h: pd.DataFrame) -> str:
 
 
 def _acted(s: pd.DataFrame, h: pd.DataFrame) -> pd.DataFrame:
-    """Fill ``acted`` (False = did not measurably act; None = cannot tell) and ``act_note`` per setting."""
+    """Fill ``acted`` (False = did not measurably act; None = cannot tell) and ``act_note`` per setting
+    (module docstring: the trace, the paired cost interval, the leakage intervals)."""
     base = {(r.model, r.threat_label, r.head_blocks): r for r in s[s["is_none"]].itertuples()}
     reports = {key: list(v) for key, v in h.groupby(["model", "defense_label", "head_blocks"])["defense_report"]}
     for (model, label, k), g in s[~s["is_none"]].groupby(["model", "defense_label", "head_blocks"]):
         moved, trace = _trace(reports.get((model, label, k), []))
-        same_leak, same_loss = [], None
+        r0 = g.iloc[0]
+        cost = _moved(num(r0["cost"]), num(r0["cost_lo"]), num(r0["cost_hi"]), 0.0, math.expm1(SAME_LOSS))
+        leaks = []
         for r in g.itertuples():
             b = base.get((model, r.threat_label, k))
-            if b is None:
-                same_leak.append(None)
-                continue
-            same_leak.append(_same(r.leak, r.leak_lo, r.leak_hi, b.leak, b.leak_lo, b.leak_hi, SAME_LEAK))
-            same_loss = _same(num(r.loss), num(r.loss_lo), num(r.loss_hi), num(b.loss), num(b.loss_lo),
-                              num(b.loss_hi), SAME_LOSS)
-        if moved is None and (not same_leak or None in same_leak or same_loss is None):
+            leaks.append(None if b is None else _moved(num(r.leak), num(r.leak_lo), num(r.leak_hi), num(b.leak),
+                                                       SAME_LEAK))
+        signs = [moved, cost, *leaks]
+        if any(x is True for x in signs):
+            acted = True
+        elif moved is None and (cost is None or not leaks or None in leaks):
             acted = None
         else:
-            acted = bool(moved) or not (all(same_leak) and same_loss)
+            acted = False
         notes = [trace + (" (unchanged)" if moved is False else "")] if trace else []
-        if same_leak and all(x is True for x in same_leak) and same_loss:
-            measured = g["leak_lo"].ne(g["leak_hi"]).any()
-            notes.append("utility and leakage equal to no defense " + ("within their intervals" if measured else
-                                                                       "(no intervals in this store)"))
-        note = "; ".join(notes)
+        if acted is False:
+            measured = g["leak_lo"].ne(g["leak_hi"]).any() or num(r0["cost_lo"]) is not None
+            notes.append("its cost interval includes 0 and every leakage interval the undefended leakage"
+                         if measured else "utility and leakage equal to no defense (no intervals in this store)")
+        elif cost is True and not any(x is True for x in leaks) and moved is not True:
+            notes.append("acted on utility only: cost interval excludes 0, leakage unchanged")
         idx = g.index
         s.loc[idx, "acted"] = pd.Series([acted] * len(idx), index=idx, dtype=object)
-        s.loc[idx, "act_note"] = note
+        s.loc[idx, "act_note"] = "; ".join(notes)
     return s
 
 

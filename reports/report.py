@@ -2,8 +2,9 @@
 
 Pages, for someone deciding whether a split configuration is safe:
 
-1. verdict per threat (strongest attack without and with each defense, in words and as a table), the run's
-   config and package versions;
+1. the verdict table (``verdict.VerdictRow``, one row per threat and section: level, strongest attack and its
+   advantage, the cheapest tested setting that reaches little or none, defenses that do not address it) and at
+   most three sentences, on one page; then the verdict in words per threat, the run's config and versions;
 2. the threat-model matrix, every cell with its metrics and utility, failed cells with their error;
 3. leakage versus the split depth (embedding only vs embedding + k blocks), no defense;
 4. privacy versus utility per defense;
@@ -31,11 +32,24 @@ from reports.frontier import settings as frontier_settings
 from reports.markup import escape, sample_markup
 from reports.pdf import FAILED_BG, LANDSCAPE_W, LEVEL_COLORS, PORTRAIT_W, document, image, para, table, text
 from reports.tables import NO_DEFENSE, num
-from reports.verdict import RULE, level, pct, signed_pct, still_leaks, threat_verdict
+from reports.verdict import (
+    RULE,
+    VerdictRow,
+    advantage_text,
+    cheapest_text,
+    key_sentences,
+    level,
+    not_addressing,
+    pct,
+    signed_pct,
+    still_leaks,
+    threat_verdict,
+    verdict_rows,
+)
 from suite.experiment.store import load_results
 from suite.interfaces.presets import THREATS
 
-TITLES = ("1. Verdict per threat", "2. Threat-model matrix", "3. Leakage versus split depth",
+TITLES = ("1. Verdict", "2. Threat-model matrix", "3. Leakage versus split depth",
           "4. Privacy–utility frontier", "5. Reconstructed samples", "6. Attack cost", "7. Methods")
 SAMPLES_STRONGEST, SAMPLES_DEFENDED = 3, 2  # samples shown for each threat's strongest cell / each defense
 
@@ -98,17 +112,53 @@ def _cost_text(r: Any, key: str = "cost") -> str:
     return signed_pct(v)
 
 
+def page_one(df: pd.DataFrame) -> list:
+    """Page 1: the verdict table (one row per threat and section) and at most three sentences."""
+    out = [_section(0)]
+    if df.empty:
+        return [*out, para("The results store holds no cells yet.")]
+    rows: list[VerdictRow] = verdict_rows(df)
+    sections = len({r.section for r in rows}) > 1
+    head = (["Section"] if sections else []) + ["Threat", "Level", "Strongest attack (no defense)",
+                                                "Advantage over blind [95 % CI]",
+                                                "Cheapest tested setting reaching little or none: cost",
+                                                "Not addressed by"]
+    table_rows, extra = [[text(h, "head") for h in head]], []
+    for r in rows:
+        i = len(table_rows)
+        cheap = escape(cheapest_text(r)) + (f'<br/><font color="#666666">{escape(r.note)}</font>' if r.note else "")
+        table_rows.append(([text(r.section)] if sections else []) + [
+            para(f"<b>{escape(r.threat)}</b>", "cell"), text(r.level), text(r.attack),
+            text(advantage_text(r), "cellr"), para(cheap, "cell"), text(", ".join(r.not_addressed) or "–")])
+        c = 2 if sections else 1
+        extra.append(("BACKGROUND", (c, i), (c, i), LEVEL_COLORS.get(r.level, LEVEL_COLORS["unknown"])))
+    widths = ([1.6 * cm] if sections else []) + [2.6 * cm, 1.3 * cm, 3.6 * cm, 2.6 * cm, 5.2 * cm]
+    widths.append(PORTRAIT_W - sum(widths))
+    out += [table(table_rows, widths, extra)]
+    settings = [r.extra["settings"] for r in rows if isinstance(r.extra.get("settings"), pd.DataFrame)]
+    st = pd.concat(settings) if settings else pd.DataFrame(columns=["is_none"])
+    steps = sorted({int(v) for v in pd.to_numeric(df["steps"], errors="coerce").dropna()}) if "steps" in df else []
+    budget = f"{'/'.join(map(str, steps))} training steps" if steps else ""
+    out += [para(escape(s), "verdict") for s in key_sentences(rows, st, budget)]
+    out.append(para(escape(RULE) + " Advantage: at the split where it is worst, with its 95 % interval; cost with "
+                    "its 95 % interval. A setting counts only if it acted and the "
+                    "threat's strongest attack also ran against it; 'not addressed': the defense protects nothing "
+                    "that threat observes. Details: the next page and section 4.", "caption"))
+    return out
+
+
 def _verdict(df: pd.DataFrame, threats: list[str], settings: pd.DataFrame) -> tuple[list, list]:
     """(the verdict in words, the table of the worst split per threat and defense setting)."""
-    words = [_section(0), para(escape(RULE), "caption")]
+    words = [para("Verdict per threat, in words", "h2")]
     if df.empty:
-        return [*words, para("The results store holds no cells yet.")], []
+        return [], []
     head = ["Threat", "Defense", "Worst split: strongest attack", "Leakage [95 % CI]", "Raw tok. acc", "Blind",
             "Cost (perplexity)", "vs central.", "Level per split"]
     rows, extra = [[text(h, "head") for h in head]], []
     for threat in threats:
-        mine = settings[settings["threat_label"] == threat]
         cells = df[df["threat_label"] == threat]
+        idle = not_addressing(cells, str(cells["threat"].iloc[0]))
+        mine = settings[(settings["threat_label"] == threat) & ~settings["defense"].isin(idle)]
         if mine.empty:
             failed = cells[~cells["ok"]]
             err = str(failed.iloc[0]["error"]) if not failed.empty else "no error recorded"
@@ -116,6 +166,8 @@ def _verdict(df: pd.DataFrame, threats: list[str], settings: pd.DataFrame) -> tu
             lvl, sentence = "unknown", [f"{threat}: every cell failed ({err})."]
         else:
             lvl, sentence = threat_verdict(mine)
+        if idle:
+            sentence.append(f"Not addressed (protects nothing {threat} observes): {', '.join(idle)}.")
         badge = "#" + LEVEL_COLORS[lvl].hexval()[2:]
         words.append(para(f'<font backColor="{badge}"><b>&nbsp;{lvl.upper()}&nbsp;</b></font> '
                           f"{escape(' '.join(sentence))}", "verdict"))
@@ -209,14 +261,17 @@ def _matrix(df: pd.DataFrame, threats: list[str]) -> list:
 
 def _figures(df: pd.DataFrame, threats: list[str], settings: pd.DataFrame) -> list:
     out = [_section(2)]
-    png = figures.leakage_vs_split(tables.leakage_by_split(df)) if not df.empty else None
+    depth = tables.leakage_by_split(df) if not df.empty else pd.DataFrame()
+    png = figures.leakage_vs_split(depth) if not depth.empty else None
     if png is None:
         out.append(para("No finished cell without a defense: nothing to compare across splits."))
     else:
-        out += [image(png, PORTRAIT_W, 8 * cm),
-                para("Best BLEU-4 and ROUGE-1 of each attack (under each threat) without a defense, for a client "
-                     "head of the embedding only (k=0) or the embedding plus k decoder blocks. Higher = more of "
-                     "the private text recovered.", "caption")]
+        out += [image(png, PORTRAIT_W, 6.2 * cm),
+                para("BLEU-4, ROUGE-L and token accuracy of each attack without a defense, at the threat where it "
+                     "recovers most, for a client head of the embedding only (k=0) or the embedding plus k decoder "
+                     "blocks; bars = 95 % bootstrap intervals over the records. Grey hatched = the blind baseline "
+                     "(public text only, no observation). Higher = more of the private text recovered.", "caption"),
+                _depth_table(depth)]
     out += _frontier(settings, threats)
     out += _adaptive(df)
     reports = [(label, rep) for label, rep in tables.defense_reports(df) if rep] if not df.empty else []
@@ -225,6 +280,35 @@ def _figures(df: pd.DataFrame, threats: list[str], settings: pd.DataFrame) -> li
         rows += [[text(label), text(_flat(rep))] for label, rep in reports]
         out += [para("What each defense reports", "h2"), table(rows, [4.5 * cm, PORTRAIT_W - 4.5 * cm])]
     return out
+
+
+def _ci(r: Any, metric: str, digits: int) -> str:
+    lo, hi = num(r[metric + "_lo"]), num(r[metric + "_hi"])
+    ci = f" [{lo:.{digits}f}, {hi:.{digits}f}]" if lo is not None and hi is not None and lo != hi else ""
+    return _f(r[metric], digits) + ci
+
+
+def _depth_table(depth: pd.DataFrame) -> Any:
+    """Split × attack: BLEU-4, ROUGE-L and token accuracy with their intervals (the figure's numbers)."""
+    rows = [[text(h, "head") for h in ("Split", "Attack", "At threat", "BLEU-4 [95 % CI]", "ROUGE-L [95 % CI]",
+                                       "Token accuracy [95 % CI]")]]
+    extra = []
+    order = depth.assign(_b=depth["attack"] == "blind").sort_values(["head_blocks", "_b", "token_accuracy"],
+                                                                       ascending=[True, True, False])
+    group = None
+    for _, r in order.iterrows():
+        i = len(rows)
+        if group is not None and group != r["head_blocks"]:
+            extra.append(("LINEABOVE", (0, i), (-1, i), 0.8, "#555555"))
+        group = r["head_blocks"]
+        rows.append([text(r["split"]), text(r["attack_label"]), text(r["threat_label"]),
+                     text(_ci(r, "bleu4", 1), "cellr"), text(_ci(r, "rougeL", 1), "cellr"),
+                     text(_ci(r, "token_accuracy", 3), "cellr")])
+        if r["attack"] == "blind":
+            extra.append(("TEXTCOLOR", (0, i), (-1, i), "#666666"))
+    widths = [1.1 * cm, 4.2 * cm, 2.8 * cm, 3.0 * cm, 3.0 * cm]
+    widths.append(PORTRAIT_W - sum(widths))
+    return table(rows, widths, extra)
 
 
 def _frontier(settings: pd.DataFrame, threats: list[str]) -> list:
@@ -249,7 +333,8 @@ def _frontier(settings: pd.DataFrame, threats: list[str]) -> list:
             i = len(rows)
             lvl = level(num(r["leak_hi"]))
             acted = {True: "yes", False: "did not act", None: "–"}[r["acted"]] if not r["is_none"] else ""
-            rows.append([text(("◆ " if idx in front else "") + r["defense_label"]), text(r["split"]),
+            label = ("◆ " if idx in front else "") + r["defense_label"] + (f"; {r['guarantee']}" if r["guarantee"] else "")
+            rows.append([text(label), text(r["split"]),
                          text(r["attack_label"]), text(_interval(r) + ("" if r["kind"] == "advantage" else " raw"),
                                                        "cellr"),
                          text(lvl), text(_f(r["blind"], 2), "cellr"), text(_cost_text(r), "cellr"),
@@ -419,7 +504,7 @@ def build_report(directory: str | Path) -> Path:
     story = [
         para(escape(f"splitleak privacy report — {models}"), "title"),
         para(escape(f"{directory.resolve()} · generated {stamp} · {len(df)} cells"), "subtitle"),
-        *words, *(_run_config(df) if not df.empty else []), *detail,
+        *page_one(df), PageBreak(), *words, *(_run_config(df) if not df.empty else []), *detail,
         NextPageTemplate("landscape"), PageBreak(), *_matrix(df, threats),
         NextPageTemplate("portrait"), PageBreak(), *_figures(df, threats, settings),
         NextPageTemplate("landscape"), PageBreak(), *_samples(df, threats),

@@ -152,11 +152,26 @@ def adaptive_pairs(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out, columns=cols)
 
 
+DEPTH_METRICS = (("bleu4", "BLEU-4", 100.0), ("rougeL", "ROUGE-L", 100.0), ("token_accuracy", "token accuracy", 1.0))
+
+
 def leakage_by_split(df: pd.DataFrame) -> pd.DataFrame:
-    """Undefended finished cells: the best BLEU-4 / ROUGE-1 per (attack, threat, split)."""
+    """Undefended finished cells: per (attack, split), the cell of the threat where the attack recovers most
+    (token accuracy, then BLEU-4), with BLEU-4, ROUGE-L and token accuracy and their 95 % intervals (``_lo`` /
+    ``_hi``, the mean where the store has none). The blind baseline is an attack like the others here."""
+    cols = ["attack", "attack_label", "threat_label", "head_blocks", "split"]
+    metrics = [m for m, _, _ in DEPTH_METRICS]
     ok = df[df["ok"] & (df["defense"] == NO_DEFENSE)]
-    return (ok.groupby(["attack_label", "threat_label", "head_blocks"], sort=True)[["bleu4", "rouge1"]]
-              .max().reset_index())
+    if ok.empty:
+        return pd.DataFrame(columns=cols + [f"{m}{e}" for m in metrics for e in ("", "_lo", "_hi")])
+    ok = ok.copy()
+    for m in metrics:
+        ok[m] = pd.to_numeric(ok[m], errors="coerce") if m in ok else float("nan")
+        for e in ("_lo", "_hi"):
+            ok[m + e] = (pd.to_numeric(ok[m + e], errors="coerce") if m + e in ok else ok[m]).fillna(ok[m])
+    best = (ok.sort_values(["token_accuracy", "bleu4"], ascending=False, na_position="last")
+              .drop_duplicates(["attack_label", "head_blocks"]).sort_values(["attack_label", "head_blocks"]))
+    return best[cols + [f"{m}{e}" for m in metrics for e in ("", "_lo", "_hi")]].reset_index(drop=True)
 
 
 def defense_reports(df: pd.DataFrame) -> list[tuple[str, dict[str, Any]]]:

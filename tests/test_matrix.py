@@ -1,5 +1,6 @@
 """The matrix runner and results store: expansion, capability filtering, failures, resume after kill -9."""
 
+import json
 import os
 import random
 import signal
@@ -177,7 +178,8 @@ def test_embedded_default_matrix_is_valid():
 
     cfg = load_config(DEFAULT_MATRIX)
     cells, skipped = expand(cfg)
-    assert cfg.model.name == "smollm2-135m" and cfg.matrix.splits == [1]  # FL-GLM's one-block claim
+    # the depth comparison: the embedding alone, one block (FL-GLM's claim) and a deeper split
+    assert cfg.model.name == "smollm2-135m" and cfg.matrix.splits == [0, 1, 2]
     assert {c.threat for c in cells} == {"curious_server", "malicious_server", "colluding_client", "eavesdropper",
                                          "peer_client"}
     assert {c.defense for c in cells} == {"none", "encryption", "dp_gaussian", "dxp", "nopeek"}
@@ -189,6 +191,27 @@ def test_embedded_default_matrix_is_valid():
     assert {c.attack for c in cells} >= {"blind", "fsha", "gradient_inversion", "wire_inversion"}
     assert skipped  # e.g. fsha needs control of the server
     assert cfg.executor.workers == 2  # both cores of a small machine
+    # the strongest attack undefended at every split; every attack undefended at every split; sweeps at k = 1
+    assert {c.head_blocks for c in cells if c.attack == "prefix_inversion" and c.defense == "none"} == {0, 1, 2}
+    for k in (0, 2):
+        assert {c.attack for c in cells if c.head_blocks == k and c.defense == "none"} >= {
+            "blind", "nearest_embedding", "learned_inversion", "gradient_inversion", "wire_inversion",
+            "prefix_inversion"}
+    assert {c.head_blocks for c in cells if c.defense in ("dp_gaussian", "dxp", "nopeek")} == {1}
+    # DP's clip is calibrated on public text, never a fixed number far below the head's norms
+    dp = [json.loads(c.defense_params) for c in cells if c.defense == "dp_gaussian"]
+    assert all(p.get("clip_quantile") == 0.5 and "clip" not in p for p in dp)
+
+
+def test_skip_rules_take_a_split_and_lists():
+    cfg = parse_config({**MATRIX, "matrix": {**MATRIX["matrix"], "splits": [0, 1],
+                                             "skip": [{"split": [0], "attack": ["wire_inversion"]}]}})
+    cells, skipped = expand(cfg)
+    assert not [c for c in cells if c.head_blocks == 0 and c.attack == "wire_inversion"]
+    assert [c for c in cells if c.head_blocks == 1 and c.attack == "wire_inversion"]
+    assert any(r == "left out by matrix.skip[0]" for _, r in skipped)
+    with pytest.raises(ConfigError, match=r"skip\[0\].split: give a head block count or a list of them"):
+        parse_config({**MATRIX, "matrix": {**MATRIX["matrix"], "skip": [{"split": "1"}]}})
 
 
 def test_worker_processes_give_the_rows_of_one_process(tmp_path):

@@ -76,7 +76,7 @@ def test_a_defense_that_did_not_act_is_said_so_never_does_not_help(tmp_path):
     _, words = _verdict(s, "curious_server")
     text = " ".join(words)
     assert ("nopeek (alpha=0.5) did not act at this budget at k=0, k=1, k=2 (dCor 0.9995 → 0.9989 (unchanged); "
-            "utility and leakage equal to no defense within their intervals)") in text
+            "its cost interval includes 0 and every leakage interval the undefended leakage)") in text
     assert "does not help" not in text and "No tested setting of nopeek" not in text
 
 
@@ -185,9 +185,11 @@ def test_report_from_a_store_with_sweeps(tmp_path):
     pdf = build_report(write_store(tmp_path, rows))
     pages = [p.extract_text() for p in PdfReader(pdf).pages]
     first = " ".join(pages[0].split())
-    assert "Cheapest tested setting that reaches little or none: dxp (eta=30) at k=0" in first
+    assert "dxp (eta=30) at k=0: +12 %" in first  # page 1: the verdict table
     assert "nopeek (alpha=0.5) did not act at this budget" in first
-    assert "does not help" not in first
+    words = " ".join(pages[1].split())  # page 2: the verdict in words
+    assert "Cheapest tested setting that reaches little or none: dxp (eta=30) at k=0" in words
+    assert "does not help" not in first + words
     text = " ".join(" ".join(pages).split())
     for title in TITLES:
         assert title in text

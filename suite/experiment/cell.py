@@ -23,7 +23,7 @@ from suite.engine.step import training_step
 from suite.engine.training import eval_summary, no_updates, optimizer_steps, train
 from suite.engine.transport import Frame, InProcessTransport, Recorder, client_endpoint
 from suite.experiment.config import ExperimentConfig
-from suite.experiment.data import Record, load_corpus
+from suite.experiment.data import Record, load_corpus, tokenize
 from suite.experiment.prepared import Prepared, prepare
 from suite.experiment.utility import centralised_reference, perplexity
 from suite.interfaces.attack import Attack, Cost, Reconstruction, make_attack, timed_reconstruct
@@ -150,8 +150,9 @@ def train_split(
     loaded = dataclasses.replace(base, model=copy.deepcopy(base.model, frozen_memo(frozen) if share else None))
     defense = defense if defense is not None else make_defense("none")
     prepared = prepare(cfg, spec, loaded=loaded, transport=defense.wrap_transport(InProcessTransport()))
-    defense.install(prepared.session)
     shadow = load_corpus(cfg.data.shadow.spec(), avoid=[r for s in prepared.private for r in s])
+    _calibrate(defense, prepared, shadow, cfg.data.max_length)
+    defense.install(prepared.session)
     if attack is not None and attack.active:
         if threat is None:
             raise ValueError("an active attack needs the threat it runs under")
@@ -173,6 +174,14 @@ def train_split(
     return TrainedSplit(prepared, capture, utility, shadow, base, defense, per_sequence,
                         {k: v for k, v in ref.items() if k != "optimizer_steps_centralised"},
                         utility_scores=scores, optimizer_steps=steps)
+
+
+def _calibrate(defense: Defense, prepared: Prepared, shadow: list[Record], max_length: int) -> None:
+    """Let ``defense`` set its public parameters from the public head's outputs on the shadow text."""
+    head = prepared.session.clients[0].head
+    data = tokenize(shadow, prepared.loaded.tokenizer, max_length)
+    device = next(head.parameters()).device
+    defense.calibrate(head, data["input_ids"].to(device), data["attention_mask"].to(device))
 
 
 def rewire(trained: TrainedSplit, defense: Defense) -> TrainedSplit:

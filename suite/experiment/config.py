@@ -103,8 +103,8 @@ class MatrixSection(_Section):
     seeds: list[int] | None = None
     blind: bool = True  # run the blind baseline on every victim set and store each metric's advantage over it
     # Cells to leave out of the product, e.g. { attack = "fsha", defense = "dxp" }: a cell matching every key
-    # given (threat, attack, defense names; attack_params / defense_params: a subset of its parameters) is
-    # left out and listed with the reason.
+    # given (threat, attack, defense names and split, each a value or a list of values; attack_params /
+    # defense_params: a subset of its parameters) is left out and listed with the reason.
     skip: list[dict[str, Any]] = []
 
     @model_validator(mode="after")
@@ -119,10 +119,14 @@ class MatrixSection(_Section):
                 raise ValueError(f"{axis}: {values} repeats a value")
         if self.steps is not None and any(s < 0 for s in self.steps):
             raise ValueError("steps: training steps must be >= 0")
-        allowed = {"threat", "attack", "defense", "attack_params", "defense_params"}
+        allowed = {"threat", "attack", "defense", "split", "attack_params", "defense_params"}
         for i, rule in enumerate(self.skip):
             if not rule or set(rule) - allowed:
                 raise ValueError(f"skip[{i}]: give some of {sorted(allowed)}, not {sorted(set(rule) - allowed)}")
+            splits = rule.get("split", 0)
+            if not all(isinstance(k, int) and not isinstance(k, bool) for k in
+                       (splits if isinstance(splits, list) else [splits])):
+                raise ValueError(f"skip[{i}].split: give a head block count or a list of them, e.g. split = [0, 2]")
         for d in [*self.attacks, *self.defenses]:
             if isinstance(d, dict) and not isinstance(d.get("name"), str):
                 raise ValueError("an attack or defense given as a table needs a 'name'")

@@ -157,11 +157,12 @@ def _entries(cfg: ExperimentConfig) -> tuple[list[tuple[str, dict]], list[tuple[
 
 
 def _skip_rule(rules: list[dict[str, Any]], threat: str, attack: str, aparams: dict, defense: str,
-               dparams: dict) -> int | None:
-    """The index of the first ``[matrix] skip`` rule the cell matches, or None."""
-    have = {"threat": threat, "attack": attack, "defense": defense}
+               dparams: dict, split: int | None = None) -> int | None:
+    """The index of the first ``[matrix] skip`` rule the cell matches, or None. A rule's threat, attack,
+    defense or split given as a list matches any of its values."""
+    have = {"threat": threat, "attack": attack, "defense": defense, "split": split}
     for i, rule in enumerate(rules):
-        names = all(have[k] == v for k, v in rule.items() if k in have)
+        names = all(have[k] in v if isinstance(v, list) else have[k] == v for k, v in rule.items() if k in have)
         params = all(all(p.get(k) == v for k, v in rule[which].items())
                      for which, p in (("attack_params", aparams), ("defense_params", dparams)) if which in rule)
         if names and params:
@@ -187,7 +188,7 @@ def expand(cfg: ExperimentConfig) -> tuple[list[Cell], list[tuple[Cell, str]]]:
                     for training in axes:
                         cell = Cell(k, m.tail_blocks, threat_name, attack, _canon(aparams), defense, _canon(dparams),
                                     **training)
-                        rule = _skip_rule(m.skip, threat_name, attack, aparams, defense, dparams)
+                        rule = _skip_rule(m.skip, threat_name, attack, aparams, defense, dparams, k)
                         if too_few:
                             skipped.append((cell, too_few))
                         elif missing:

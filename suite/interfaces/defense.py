@@ -82,6 +82,11 @@ class Defense:
         """The channel the parties will talk over (default: unchanged)."""
         return transport
 
+    def calibrate(self, head: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        """Set public parameters from public text before ``install``: ``head`` is the public (not yet trained)
+        client head, ``input_ids`` / ``attention_mask`` the tokenised shadow text, never private records
+        (default: nothing; DP's ``clip_quantile`` sets its clip here)."""
+
     def install(self, session) -> None:
         """Attach hooks to a built ``suite.engine.training.Session`` (default: nothing)."""
 
