@@ -87,6 +87,7 @@ class TrainingSection(_Section):
     seed: int = 0
     head_blocks: int = Field(default=1, ge=0)  # for `splitleak train`; the matrix takes its splits below
     tail_blocks: int = Field(default=1, ge=0)
+    stages: int = Field(default=1, ge=1, le=256)  # the server's blocks as S pipeline stage parties (DESIGN §3)
 
 
 class MatrixSection(_Section):

@@ -210,7 +210,9 @@ def cell_key(cell: Cell, cfg: ExperimentConfig, revision: str, code: str | None 
         "model": cfg.model.name,
         "revision": revision,
         "data": cfg.data.model_dump(),
-        "training": cfg.training.model_dump(exclude={"head_blocks", "tail_blocks"}),
+        # stages = 1 (the default) stays out, so every cell from before pipeline stages keeps its key
+        "training": cfg.training.model_dump(exclude={"head_blocks", "tail_blocks"}
+                                            | ({"stages"} if cfg.training.stages == 1 else set())),
     }
     if code is not None:
         payload["code"] = key_part(code)
