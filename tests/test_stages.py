@@ -16,7 +16,7 @@ from suite.engine.models import tiny_model
 from suite.engine.parties import causal_lm_loss
 from suite.engine.protocol import decode
 from suite.engine.split import SplitSpec
-from suite.engine.stages import StageChain, stage_sizes, split_trunk
+from suite.engine.stages import StageChain, split_trunk, stage_sizes
 from suite.engine.step import local_forward, training_step
 from suite.engine.training import FinetuneConfig, TrainConfig, build_session, train
 from suite.engine.transport import Recorder
