@@ -13,10 +13,10 @@ from suite.interfaces.threats import get_threat
 
 
 def test_divergence_step():
-    clean = [5.0, 4.0, 3.0, 2.0, 2.0]
+    clean = [(4, 5.0), (9, 4.0), (14, 3.0)]
     assert divergence_step(clean, clean) is None
-    assert divergence_step([5.0, 4.0, 3.0, 6.0, 9.0], clean) == 3
-    assert divergence_step([5.0, math.nan, 3.0, 2.0, 2.0], clean) == 1
+    assert divergence_step([(4, 5.0), (9, 4.5), (14, 3.9)], clean) == 15
+    assert divergence_step([(4, 5.0), (9, math.nan), (14, 3.0)], clean) == 10
 
 
 def test_a_malicious_stage_moves_training_off_the_clean_curve():

@@ -11,10 +11,12 @@ sends forward (``hidden``), backward (``gradient``) or both, on a seeded fractio
 * ``sign_flip`` — the tensor negated;
 * ``targeted`` — a shift along one fixed direction (``scale`` x a typical position's norm).
 
-Per run: the training loss curve beside the clean run's (same data order, same seed), the final held-out
-perplexity of the trained model evaluated honestly (the damage training took, not the tampering at
-inference), and the steps until divergence: the first step from which the 3-step running mean of the loss
-is non-finite or above ``1 + margin`` times the clean run's (None: not within the budget).
+Per run: the training loss curve (what the clients saw, tampered replies included) and the held-out loss
+curve of the model evaluated honestly every ``eval_every`` steps, beside the clean run's (same data order,
+same seed); the final held-out perplexity (the damage training took, not the tampering at inference); and
+the steps until divergence: the first evaluated step whose held-out loss is non-finite or above ``1 +
+margin`` times the clean run's there (None: not within the budget). The training loss is not used for
+divergence: a forward-tampered step shows a spike there that says nothing of the model.
 """
 
 from __future__ import annotations
@@ -37,8 +39,8 @@ from suite.experiment.utility import perplexity
 from suite.interfaces.attack import make_attack
 from suite.interfaces.threats import filter_observations, get_threat
 
-MARGIN = 0.25  # divergence: the running loss above (1 + MARGIN) x the clean run's
-WINDOW = 3
+MARGIN = 0.25  # divergence: the held-out loss above (1 + MARGIN) x the clean run's
+EVAL_EVERY = 5
 
 
 def study_config(stages: int, steps: int, clients: int = 2, lr: float = 3e-3):
@@ -51,7 +53,8 @@ def study_config(stages: int, steps: int, clients: int = 2, lr: float = 3e-3):
     })
 
 
-def run_once(base, stages: int, steps: int, stage: int | None = None, tamper: dict | None = None) -> dict:
+def run_once(base, stages: int, steps: int, stage: int | None = None, tamper: dict | None = None,
+             eval_every: int = EVAL_EVERY) -> dict:
     """One training run with ``stages`` stages, the ``tampering`` policy (``tamper``) on ``stage`` (default:
     the middle one) or none; its per-step mean loss and final held-out perplexity."""
     cfg = study_config(stages, steps)
@@ -66,14 +69,20 @@ def run_once(base, stages: int, steps: int, stage: int | None = None, tamper: di
         public = filter_observations(threat, spec=spec, tokenizer=base.tokenizer, max_length=cfg.data.max_length)
         policy = attack.server_policy(public)
         install_policy(prepared.session.server, threat, policy)
+    curve: list[tuple[int, float]] = []
+
+    def evaluate(log) -> None:
+        if (log.step + 1) % eval_every == 0 or log.step + 1 == steps:
+            curve.append((log.step, eval_loss(prepared.session, prepared.eval_data)))
+
     start = time.perf_counter()
-    logs = train(prepared.session)
+    logs = train(prepared.session, on_step=evaluate)
     seconds = time.perf_counter() - start
     losses = [_mean(log.losses) for log in logs]
-    final = eval_loss(prepared.session, prepared.eval_data)
-    return {"stages": stages, "stage": stage, **(tamper or {}), "losses": losses, "final_loss": final,
-            "perplexity": perplexity(final), "tampered": len(policy.tampered) if policy else 0,
-            "seconds": seconds}
+    final = curve[-1][1] if curve else eval_loss(prepared.session, prepared.eval_data)
+    return {"stages": stages, "stage": stage, **(tamper or {}), "losses": losses, "eval_curve": curve,
+            "final_loss": final, "perplexity": perplexity(final),
+            "tampered": len(policy.tampered) if policy else 0, "seconds": seconds}
 
 
 def _mean(xs: Sequence[float]) -> float:
@@ -81,16 +90,15 @@ def _mean(xs: Sequence[float]) -> float:
     return sum(finite) / len(finite) if len(finite) == len(xs) else math.nan
 
 
-def divergence_step(losses: Sequence[float], clean: Sequence[float], margin: float = MARGIN,
-                    window: int = WINDOW) -> int | None:
-    """The first step from which the ``window``-step running mean of ``losses`` is non-finite or above
-    ``1 + margin`` times ``clean``'s; None when it never is within the run."""
-    for t in range(len(losses)):
-        lo = max(0, t - window + 1)
-        got = sum(losses[lo:t + 1]) / (t + 1 - lo)
-        ref = sum(clean[lo:t + 1]) / (t + 1 - lo)
+def divergence_step(curve: Sequence[tuple[int, float]], clean: Sequence[tuple[int, float]],
+                    margin: float = MARGIN) -> int | None:
+    """The first step of ``curve`` ((step, held-out loss) pairs) whose loss is non-finite or above ``1 +
+    margin`` times ``clean``'s at the same step; None when there is none within the run."""
+    for (t, got), (t_clean, ref) in zip(curve, clean, strict=True):
+        if t != t_clean:
+            raise ValueError(f"curves evaluated at different steps ({t} vs {t_clean})")
         if not math.isfinite(got) or got > (1 + margin) * ref:
-            return t
+            return t + 1  # steps taken
     return None
 
 
@@ -110,7 +118,7 @@ def study(stage_counts: Sequence[int], kinds: Sequence[str], rates: Sequence[flo
                 for rate in rates:
                     tamper = {"mode": kind, "target": target, "rate": rate, "scale": scale, "seed": seed}
                     row = run_once(base, s, steps, tamper=tamper)
-                    row.update(kind=kind, divergence=divergence_step(row["losses"], clean["losses"]),
+                    row.update(kind=kind, divergence=divergence_step(row["eval_curve"], clean["eval_curve"]),
                                extra_loss=row["final_loss"] - clean["final_loss"])
                     rows.append(row)
                     if on_row:
