@@ -40,15 +40,18 @@ from suite.interfaces.threats import Capability, Observations
 
 @dataclass(frozen=True)
 class TamperingConfig(AttackConfig):
-    target: str = "hidden"  # hidden | gradient | both
+    target: str = "hidden"  # hidden | gradient | both | none (with ``state``: tamper with the weights only)
     mode: str = "sign_flip"  # sign_flip | random | scaled_noise | targeted
     rate: float = 0.2  # fraction of steps tampered with
     scale: float = 0.1  # for scaled_noise: noise std relative to the tensor's std
     adaptive: bool = False  # tamper only where the deployed audit's cheap checks do not look (see above)
+    # Train toward its own goal: on a tampered step, after its honest optimiser step, move every trainable
+    # weight by ``scale`` x max(its std, 1e-3) along one fixed direction, then compute honestly with it.
+    state: bool = False
 
     def __post_init__(self) -> None:
-        if self.target not in ("hidden", "gradient", "both"):
-            raise ValueError(f"target must be hidden, gradient or both, not {self.target!r}")
+        if self.target not in ("hidden", "gradient", "both", "none"):
+            raise ValueError(f"target must be hidden, gradient, both or none, not {self.target!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
         if not 0 <= self.rate <= 1 or self.scale < 0:
@@ -108,6 +111,18 @@ class TamperPolicy(ServerPolicy):
             self.tampered.append((step, what))
             return bad
         return x
+
+    def on_update(self, client_ids, step, trunk):
+        if not self.config.state or self.rng.random() >= self.config.rate:
+            return
+        g = torch.Generator().manual_seed(self.config.seed + 2)  # the same goal direction every step
+        with torch.no_grad():
+            for _, p in sorted(trunk.named_parameters(), key=lambda kv: kv[0]):
+                if p.requires_grad:
+                    direction = torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.device, p.dtype)
+                    size = max(float(p.float().std()) if p.numel() > 1 else 0.0, 1e-3)
+                    p.add_(self.config.scale * size * direction)
+        self.tampered.append((step, "state"))
 
     def on_forward(self, client_ids, step, hidden_in, attention_mask, honest_out):
         return self._maybe(step, "hidden", honest_out, attention_mask)

@@ -499,6 +499,8 @@ class Server:
             if len(refused) < len(ids) and self.updates:
                 optimizer.step()
                 self.optimizer_steps[adapter] += 1
+                if self.policy is not None:
+                    self.policy.on_update(ids, steps[ids[0]], self.trunk)
             else:
                 optimizer.zero_grad(set_to_none=True)
         if self.policy is not None:
