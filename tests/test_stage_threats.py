@@ -95,9 +95,11 @@ def test_a_malicious_stage_tampers_on_its_stage_only():
     assert torch.allclose(cap.stage_batches[2][0].hidden, -honest, atol=1e-5)
 
 
-def test_a_matrix_with_four_stages_writes_rows_for_every_stage_threat(tmp_path):
+def test_a_matrix_with_four_stages_writes_rows_and_the_report_shows_the_pipeline_section(tmp_path):
     cfg = _cfg(["curious_server", {"name": "curious_stage", "stage": [0, 3]}, "colluding_stages:1,2",
                 "malicious_stage:1"], attacks=["nearest_embedding", {"name": "tampering", "rate": 0.5}])
+    cfg = cfg.model_copy(update={"matrix": cfg.matrix.model_copy(update={
+        "defenses": ["none", {"name": "transition_audit", "rate": 1.0}], "blind": True})})
     run_matrix(cfg, tmp_path)
     df = load_results(tmp_path)
     ok = df[df["status"] == "ok"]
@@ -111,5 +113,28 @@ def test_a_matrix_with_four_stages_writes_rows_for_every_stage_threat(tmp_path):
     assert got[("curious_stage:0", "nearest_embedding")].stage_block == 0
     assert got[("colluding_stages:1,2", "nearest_embedding")].stage == "1,2"
     # stage 0 sees what the whole server sees of the heads: the same inversion
+    none = ok[ok["defense"] == "none"]
+    got = {(r.threat, r.attack): r for r in none.itertuples()}
     assert got[("curious_stage:0", "nearest_embedding")].token_accuracy == pytest.approx(
         got[("curious_server", "nearest_embedding")].token_accuracy)
+
+    # the audit caught the malicious stage, and every honest run passed it
+    audited = ok[ok["defense"] == "transition_audit"]
+    reports = {r.threat: r.defense_report for r in audited.itertuples() if r.attack != "blind"}
+    assert reports["malicious_stage:1"]["flagged"] >= 1 and reports["malicious_stage:1"]["replacements"]
+    assert all(rep["flagged"] == 0 for t, rep in reports.items() if t != "malicious_stage:1")
+
+    from pypdf import PdfReader
+
+    from reports.pipeline import position_table, verdict_rows
+    from reports.report import build_report
+
+    rows = verdict_rows(df)
+    assert {r["threat"] for r in rows} >= {"curious_stage:0", "curious_stage:3", "colluding_stages:1,2"}
+    keys = {"section", "threat", "level", "attack", "advantage", "advantage_lo", "advantage_hi", "cheapest",
+            "cheapest_cost"}
+    assert all(set(r) == keys and r["section"] == "pipeline" for r in rows)
+    assert all(r["level"] in ("none", "little", "partial", "most") for r in rows)
+    assert list(position_table(df)["first_block"].drop_duplicates()) == [0, 1, 3]
+    text = "\n".join(p.extract_text() for p in PdfReader(build_report(tmp_path)).pages)
+    assert "Pipeline stages" in text and "Leakage by stage position" in text and "Detection (transition audit)" in text
