@@ -29,8 +29,8 @@ from reports import figures, tables
 from reports.frontier import pareto
 from reports.frontier import settings as frontier_settings
 from reports.markup import escape, sample_markup
-from reports.pipeline import pipeline_section
 from reports.pdf import FAILED_BG, LANDSCAPE_W, LEVEL_COLORS, PORTRAIT_W, document, image, para, table, text
+from reports.pipeline import pipeline_section
 from reports.tables import NO_DEFENSE, num
 from reports.verdict import RULE, level, pct, signed_pct, still_leaks, threat_verdict
 from suite.experiment.store import load_results

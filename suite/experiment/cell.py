@@ -299,6 +299,7 @@ class CellResult:
     eval_losses: torch.Tensor | None = None  # per held-out sequence (for a utility interval)
     adaptive: bool | None = None  # the attack simulated the defense (``Reconstruction.extra["adaptive"]``)
     optimizer_steps: dict | None = None  # TrainedSplit.optimizer_steps
+    stage_block: int | None = None  # a stage threat: the first block whose input it saw (its split, as a server)
 
     def utility_fields(self) -> dict[str, float | dict | None]:
         """The utility columns of a results row besides ``utility``."""
@@ -340,7 +341,8 @@ def attack_trained(trained: TrainedSplit, threat: ThreatModel, attack: Attack, c
     return CellResult(threat.name, attack.name, trained.defense.name, metrics, trained.utility, cost, recon,
                       references, trained.defense.report(), cap.records, scores, trained.perplexity,
                       trained.reference.get("utility_centralised"), trained.reference.get("perplexity_centralised"),
-                      trained.eval_losses, None if adaptive is None else bool(adaptive), trained.optimizer_steps)
+                      trained.eval_losses, None if adaptive is None else bool(adaptive), trained.optimizer_steps,
+                      spec.head_blocks if threat.stages else None)
 
 
 def run_cell(cfg: ExperimentConfig, spec: SplitSpec, threat_name: str, attack_name: str,

@@ -283,20 +283,10 @@ def cell_row(cell: Cell, key: str, cfg: ExperimentConfig, revision: str) -> dict
 
 
 def stage_columns(cell: Cell, cfg: ExperimentConfig) -> dict[str, Any]:
-    """``stages`` (S), and a stage threat's ``stage`` ("1", "0,2") and ``stage_block`` (the first block whose
-    input the earliest of its stages sees)."""
+    """``stages`` (S), and a stage threat's ``stage`` ("1", "0,2"); running the cell adds ``stage_block`` (the
+    first block whose input the earliest of its stages sees, known once the model is loaded)."""
     threat = get_threat(cell.threat)
-    out: dict[str, Any] = {"stages": cfg.training.stages, "stage": None, "stage_block": None}
-    if threat.stages:
-        from suite.engine.stages import stage_sizes
-        from suite.experiment.preflight import model_layers
-
-        out["stage"] = ",".join(map(str, threat.stages))
-        layers = model_layers(cfg.model.name)  # None: known only once loaded (a GGUF file)
-        if layers is not None:
-            sizes = stage_sizes(layers - cell.head_blocks - cell.tail_blocks, cfg.training.stages)
-            out["stage_block"] = cell.head_blocks + sum(sizes[:min(threat.stages)])
-    return out
+    return {"stages": cfg.training.stages, "stage": ",".join(map(str, threat.stages)) if threat.stages else None}
 
 
 def observation_key(cell: Cell, clients: int) -> tuple | None:
