@@ -53,7 +53,7 @@ def _run(base, stages: int, steps: int, audit: dict | None = None, tamper: bool 
     session = prepared.session
     defense = None
     if audit is not None:
-        defense = make_defense("transition_audit", {**audit, "seed": seed, "act": False})
+        defense = make_defense("transition_audit", {**audit, "seed": 7919 + seed, "act": False})
         defense.install(session)
     if tamper:
         threat = get_threat("malicious_server" if stages == 1 else f"malicious_stage:{stages // 2}")

@@ -61,7 +61,8 @@ def one_run(base, stages: int, steps: int, adversary: str | None, tamper_rate: f
         threat = get_threat("malicious_server" if stages == 1 else f"malicious_stage:{stages // 2}")
         attack = make_attack("tampering", threat, {**ADVERSARIES[adversary], "rate": tamper_rate, "scale": scale,
                                                    "seed": seed})
-    defense = make_defense("transition_audit", {**audit, "seed": seed}) if audit is not None else None
+    # the audit draws its schedule from its own seed, unrelated to the tampering policy's
+    defense = make_defense("transition_audit", {**audit, "seed": 7919 + seed}) if audit is not None else None
     start = time.perf_counter()
     trained = train_split(cfg, SplitSpec(1, 1), base, threat, attack, defense, reference=False)
     seconds = time.perf_counter() - start
