@@ -116,7 +116,7 @@ class TransitionAuditDefense(Defense):
         self.units_recomputed += share
         self.audited.append((stage, t.index))
         state_off = difference(honest.after, t.after)
-        sent_off = messages_differ(honest.sent, t.sent, self.config.tolerance)
+        sent_off = messages_differ(honest.sent, t.sent)
         if state_off <= self.config.tolerance and sent_off <= self.config.tolerance:
             self.last_verified[stage] = (t.index, t.after)
             return

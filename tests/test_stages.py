@@ -174,3 +174,31 @@ def test_a_whole_server_policy_or_audit_is_refused_with_stages():
         session.server.policy = object()
     with pytest.raises(ConfigError, match="transition audit"):
         session.server.commit_state = True
+
+
+def test_a_poisoning_client_refused_by_the_last_stage_is_refused_by_every_stage():
+    """The last stage refuses client 1's update (its gradient would make values non-finite): no stage applies
+    it, client 1 gets no reply, the honest client is answered and every stage took its update."""
+    from suite.engine.parties import UpdateRefused
+    from suite.engine.protocol import TO_SERVER, GradientMsg, encode
+    from suite.engine.transport import SERVER
+
+    base = tiny_model("llama", num_layers=LAYERS)
+    _, session = _session(base, 2, strategy="batch_parallel", clients=2, client="lora", server="lora")
+    chain, (honest, poisoner) = session.server, session.clients
+    before = [{n: p.detach().clone() for n, p in s.trunk.named_parameters() if p.requires_grad}
+              for s in chain.stages]
+    honest.send_activations(0)
+    poisoner.send_activations(0)
+    chain.forward([0, 1], 0)
+    honest.receive_hidden(0)
+    shape = decode(session.transport.recv(poisoner.endpoint, SERVER)).hidden.shape
+    session.transport.send(poisoner.endpoint, SERVER, encode(GradientMsg(1, 0, TO_SERVER, torch.full(shape, 3e38))))
+    with pytest.raises(UpdateRefused, match="client 1: stage 1: its gradient would have made") as err:
+        chain.backward()
+    assert set(err.value.clients) == {1}
+    honest.receive_gradient(0)
+    assert session.transport.pending() == 0  # no reply for the poisoner, nothing left between the stages
+    for stage, was in zip(chain.stages, before, strict=True):
+        assert any(not torch.equal(p, was[n]) for n, p in stage.trunk.named_parameters() if p.requires_grad)
+        assert all(bool(torch.isfinite(p).all()) for p in stage.trunk.parameters())

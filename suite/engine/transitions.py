@@ -25,6 +25,7 @@ replica stage operator), not a client, which would learn the other clients' acti
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ import torch
 
 from suite.engine.commitment import trainable_state
 from suite.engine.parties import Server, UpdateRefused
-from suite.engine.protocol import ActivationMsg, GradientMsg, decode, encode
+from suite.engine.protocol import ActivationMsg, GradientMsg, encode
 from suite.engine.transport import InProcessTransport
 
 
@@ -110,7 +111,7 @@ def difference(a: Snapshot, b: Snapshot) -> float:
 @dataclass
 class Transition:
     """One forward / backward pair of a party: its state before and after, and the messages in and out
-    (``(src, dst, bytes)`` in order)."""
+    (``(src, dst, message)`` in order; a message is encoded to the bytes it crossed as only for a replay)."""
 
     index: int
     client_ids: list[int]
@@ -118,8 +119,8 @@ class Transition:
     skip: dict[int, str]
     updates: bool
     before: Snapshot
-    received: list[tuple[str, str, bytes]] = field(default_factory=list)
-    sent: list[tuple[str, str, bytes]] = field(default_factory=list)
+    received: list[tuple[str, str, ActivationMsg | GradientMsg]] = field(default_factory=list)
+    sent: list[tuple[str, str, ActivationMsg | GradientMsg]] = field(default_factory=list)
     after: Snapshot | None = None
     commitment: bytes | None = None
 
@@ -142,12 +143,12 @@ class TransitionRecorder:
             return
         src_stage = self.server.down if isinstance(msg, GradientMsg) else self.server.up
         me, peer = self.server._link(msg.client_id, src_stage)
-        self._current.received.append((peer, me, encode(msg)))
+        self._current.received.append((peer, me, msg))  # decoded from the bytes it came as: never changed
 
     def send(self, client_id: int, stage: str | None, msg: ActivationMsg | GradientMsg) -> None:
         if self._current is not None:
             me, peer = self.server._link(client_id, stage)
-            self._current.sent.append((me, peer, encode(msg)))
+            self._current.sent.append((me, peer, _detached(msg)))
         self._send(client_id, stage, msg)
 
     def forward(self, client_ids, step) -> None:
@@ -190,8 +191,8 @@ class Replica:
         s.transport = transport = InProcessTransport()
         restore(s, t.before)
         s.updates = t.updates
-        for src, dst, data in t.received:
-            transport.send(src, dst, data)
+        for src, dst, msg in t.received:
+            transport.send(src, dst, encode(msg))
         self._done.clear()
         s.forward(t.client_ids, t.steps)
         try:
@@ -201,18 +202,21 @@ class Replica:
         return self._done[-1]
 
 
-def messages_differ(a: list[tuple[str, str, bytes]], b: list[tuple[str, str, bytes]], atol: float) -> float:
+def _detached(msg: ActivationMsg | GradientMsg) -> ActivationMsg | GradientMsg:
+    field_name = "hidden" if isinstance(msg, ActivationMsg) else "grad"
+    return dataclasses.replace(msg, **{field_name: getattr(msg, field_name).detach()})
+
+
+def messages_differ(a: list[tuple[str, str, ActivationMsg | GradientMsg]],
+                    b: list[tuple[str, str, ActivationMsg | GradientMsg]]) -> float:
     """The largest absolute difference between two runs' messages out (inf when they are not the same
-    messages: count, endpoints, kind, client or step)."""
+    messages: count, endpoints, kind, client, step or shape)."""
     if len(a) != len(b):
         return float("inf")
     worst = 0.0
-    for (sa, da, xa), (sb, db, xb) in zip(a, b, strict=True):
+    for (sa, da, ma), (sb, db, mb) in zip(a, b, strict=True):
         if (sa, da) != (sb, db):
             return float("inf")
-        if xa == xb:
-            continue
-        ma, mb = decode(xa), decode(xb)
         if type(ma) is not type(mb) or ma.client_id != mb.client_id or ma.step != mb.step:
             return float("inf")
         ta = ma.hidden if isinstance(ma, ActivationMsg) else ma.grad
