@@ -6,7 +6,13 @@ and/or the gradient it returns to the client head:
 
 * ``sign_flip`` — negate the tensor;
 * ``random`` — replace it with Gaussian values of the same mean and std;
-* ``scaled_noise`` — add Gaussian noise with std ``scale`` × the tensor's std (subtle).
+* ``scaled_noise`` — add Gaussian noise with std ``scale`` × the tensor's std (subtle);
+* ``targeted`` — push every position along one fixed direction (a seeded unit vector of the hidden size,
+  the same at every step): add ``scale`` × the tensor's std × √H × that direction, a shift of about
+  ``scale`` × a typical position's norm that, unlike noise, does not average out over steps.
+
+Run on a pipeline stage (threat ``malicious_stage:i``) the policy tampers with what that stage sends on to
+the next stage and back to the previous one (the seed paper's malicious stage).
 
 It recovers no text: its effect is on utility, and what matters is whether the integrity defenses catch it.
 The steps it tampered with are kept (``tampered``) as ground truth for detection metrics.
@@ -22,6 +28,7 @@ its strength knobs.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -33,24 +40,35 @@ from suite.interfaces.threats import Capability, Observations
 
 @dataclass(frozen=True)
 class TamperingConfig(AttackConfig):
-    target: str = "hidden"  # hidden | gradient | both
-    mode: str = "sign_flip"  # sign_flip | random | scaled_noise
+    target: str = "hidden"  # hidden | gradient | both | none (with ``state``: tamper with the weights only)
+    mode: str = "sign_flip"  # sign_flip | random | scaled_noise | targeted
     rate: float = 0.2  # fraction of steps tampered with
     scale: float = 0.1  # for scaled_noise: noise std relative to the tensor's std
     adaptive: bool = False  # tamper only where the deployed audit's cheap checks do not look (see above)
+    # Train toward its own goal: on a tampered step, after its honest optimiser step, move every trainable
+    # weight by ``scale`` x max(its std, 1e-3) along one fixed direction, then compute honestly with it.
+    state: bool = False
 
     def __post_init__(self) -> None:
-        if self.target not in ("hidden", "gradient", "both"):
-            raise ValueError(f"target must be hidden, gradient or both, not {self.target!r}")
-        if self.mode not in ("sign_flip", "random", "scaled_noise"):
-            raise ValueError(f"mode must be sign_flip, random or scaled_noise, not {self.mode!r}")
+        if self.target not in ("hidden", "gradient", "both", "none"):
+            raise ValueError(f"target must be hidden, gradient, both or none, not {self.target!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
         if not 0 <= self.rate <= 1 or self.scale < 0:
             raise ValueError("rate must be in [0, 1] and scale >= 0")
 
 
-def corrupt(x: torch.Tensor, mode: str, scale: float, generator: torch.Generator) -> torch.Tensor:
+MODES = ("sign_flip", "random", "scaled_noise", "targeted")
+
+
+def corrupt(x: torch.Tensor, mode: str, scale: float, generator: torch.Generator,
+            direction: torch.Tensor | None = None) -> torch.Tensor:
     if mode == "sign_flip":
         return -x
+    if mode == "targeted":
+        if direction is None:
+            raise ValueError("targeted tampering needs its fixed direction")
+        return x + scale * x.std() * math.sqrt(x.shape[-1]) * direction.to(x.device, x.dtype)
     noise = torch.randn(x.shape, generator=generator, dtype=x.dtype)
     if mode == "random":
         return noise * x.std() + x.mean()
@@ -63,6 +81,7 @@ class TamperPolicy(ServerPolicy):
         self.spot_tokens = spot_tokens  # adaptive: the audit's public spot-check prefix (0: no audit deployed)
         self.rng = random.Random(config.seed)
         self.generator = torch.Generator().manual_seed(config.seed)
+        self._direction: torch.Tensor | None = None  # targeted: one unit vector, drawn on first use
         self.tampered: list[tuple[int, str]] = []  # (step, "hidden" | "gradient")
         self.seen: list[tuple[int, str]] = []
 
@@ -80,7 +99,10 @@ class TamperPolicy(ServerPolicy):
     def _maybe(self, step: int, what: str, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         self.seen.append((step, what))
         if self.config.target in (what, "both") and self.rng.random() < self.config.rate:
-            bad = corrupt(x, self.config.mode, self.config.scale, self.generator)
+            if self.config.mode == "targeted" and self._direction is None:
+                d = torch.randn(x.shape[-1], generator=torch.Generator().manual_seed(self.config.seed + 1))
+                self._direction = d / d.norm()
+            bad = corrupt(x, self.config.mode, self.config.scale, self.generator, self._direction)
             where = self._where(what, x, mask)
             if where is not None:
                 if not bool(where.any()):
@@ -89,6 +111,18 @@ class TamperPolicy(ServerPolicy):
             self.tampered.append((step, what))
             return bad
         return x
+
+    def on_update(self, client_ids, step, trunk):
+        if not self.config.state or self.rng.random() >= self.config.rate:
+            return
+        g = torch.Generator().manual_seed(self.config.seed + 2)  # the same goal direction every step
+        with torch.no_grad():
+            for _, p in sorted(trunk.named_parameters(), key=lambda kv: kv[0]):
+                if p.requires_grad:
+                    direction = torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.device, p.dtype)
+                    size = max(float(p.float().std()) if p.numel() > 1 else 0.0, 1e-3)
+                    p.add_(self.config.scale * size * direction)
+        self.tampered.append((step, "state"))
 
     def on_forward(self, client_ids, step, hidden_in, attention_mask, honest_out):
         return self._maybe(step, "hidden", honest_out, attention_mask)

@@ -31,6 +31,7 @@ from reports.frontier import pareto
 from reports.frontier import settings as frontier_settings
 from reports.markup import escape, sample_markup
 from reports.pdf import FAILED_BG, LANDSCAPE_W, LEVEL_COLORS, PORTRAIT_W, document, image, para, table, text
+from reports.pipeline import pipeline_section
 from reports.tables import NO_DEFENSE, num
 from reports.verdict import (
     RULE,
@@ -467,7 +468,7 @@ def _methods(df: pd.DataFrame) -> list:
     out += [para(f"<b>{escape(name)}</b>: {escape(desc)}") for name, desc in METRIC_TEXT]
     out.append(para(escape(RULE)))
     out.append(para("Threat models", "h2"))
-    used = set(df["threat"]) if not df.empty else set()
+    used = {str(t).partition(":")[0] for t in df["threat"]} if not df.empty else set()  # curious_stage:1 -> its preset
     rows = [[text("Threat", "head"), text("Who and what", "head"), text("Grants", "head")]]
     for name, t in THREATS.items():
         mark = "" if name in used else " (not in this run)"
@@ -508,7 +509,7 @@ def build_report(directory: str | Path) -> Path:
         NextPageTemplate("landscape"), PageBreak(), *_matrix(df, threats),
         NextPageTemplate("portrait"), PageBreak(), *_figures(df, threats, settings),
         NextPageTemplate("landscape"), PageBreak(), *_samples(df, threats),
-        NextPageTemplate("portrait"), PageBreak(), *_cost(df), Spacer(1, 6), *_methods(df),
+        NextPageTemplate("portrait"), PageBreak(), *_cost(df), Spacer(1, 6), *pipeline_section(df), *_methods(df),
     ]
     try:
         doc.build(story)

@@ -299,7 +299,15 @@ class Server:
         lr: float,
         adapters: dict[int, str] | None = None,
         device: torch.device | None = None,
+        *,
+        name: str = SERVER,
+        up: str | None = None,
+        down: str | None = None,
     ):
+        # A pipeline stage (suite.engine.stages) is a Server whose ``up`` / ``down`` neighbour is another
+        # stage's endpoint instead of the clients: it receives activations from ``up`` and gradients from
+        # ``down`` as ``name``. None on a side: the clients are there, and it speaks to them as ``SERVER``.
+        self.name, self.up, self.down = name, up, down
         self.trunk = trunk
         self.transport = transport
         self.device = device if device is not None else module_device(trunk)  # where the trunk computes; received tensors land here
@@ -371,14 +379,27 @@ class Server:
         return Expect(hidden_size=hidden_size, shape=shape, max_rows=b.rows, max_length=b.length,
                       max_norm=b.activation_norm)
 
+    def _link(self, client_id: int, stage: str | None) -> tuple[str, str]:
+        """(this party's endpoint, the peer's) on the link to ``stage``, or to the client when None."""
+        return (SERVER, client_endpoint(client_id)) if stage is None else (self.name, stage)
+
+    def _send(self, client_id: int, stage: str | None, msg: ActivationMsg | GradientMsg) -> None:
+        """``msg`` to the client, or (``stage``) to a neighbouring stage: a message between stages is
+        addressed to a server-side party (TO_SERVER) and carries the padding mask a stage needs."""
+        if stage is not None:
+            extra = {"commitment": None} if isinstance(msg, ActivationMsg) else {}
+            msg = dataclasses.replace(msg, direction=TO_SERVER, **extra)
+        self.transport.send(*self._link(client_id, stage), encode(msg))
+
     def _recv(self, client_id: int, step: int, kind: type,
               shape: tuple[int, ...] | None = None) -> ActivationMsg | GradientMsg:
         expect = self.expect(shape, "gradient" if kind is GradientMsg else "activation")
-        msg = decode(self.transport.recv(SERVER, client_endpoint(client_id)), expect, self.device)
+        me, peer = self._link(client_id, self.down if kind is GradientMsg else self.up)
+        msg = decode(self.transport.recv(me, peer), expect, self.device)
         if not isinstance(msg, kind) or msg.client_id != client_id or msg.step != step or msg.direction != TO_SERVER:
             raise ProtocolError(
-                f"server expected a {kind.__name__} from client {client_id} for step {step}, got "
-                f"{type(msg).__name__} from client {msg.client_id} step {msg.step}"
+                f"{me} expected a {kind.__name__} from {peer} for client {client_id} step {step}, got "
+                f"{type(msg).__name__} for client {msg.client_id} step {msg.step}"
             )
         msg = self._in_trunk_dtype(msg, client_id)
         if isinstance(msg, ActivationMsg) and msg.attention_mask is None:  # lengths hidden: all positions real
@@ -424,9 +445,12 @@ class Server:
         first = steps[ids[0]]
         commitment = self._commit(ids, steps, adapter) if self.commit_state else None
         sent = out if self.policy is None else self.policy.on_forward(ids, first, hidden.detach(), mask, out.detach())
-        for c, t, part in zip(ids, lengths, sent.split(rows), strict=True):
-            reply = ActivationMsg(c, steps[c], TO_CLIENT, part[:, :t], commitment=commitment)
-            self.transport.send(SERVER, client_endpoint(c), encode(reply))
+        for c, t, part, m in zip(ids, lengths, sent.split(rows), mask.split(rows), strict=True):
+            if self.down is None:
+                reply = ActivationMsg(c, steps[c], TO_CLIENT, part[:, :t], commitment=commitment)
+            else:
+                reply = ActivationMsg(c, steps[c], TO_SERVER, part[:, :t], m[:, :t], position_ids_for(m[:, :t]))
+            self._send(c, self.down, reply)
 
     @property
     def pending_clients(self) -> list[int]:
@@ -437,7 +461,7 @@ class Server:
         """Drop a forward pass whose gradients will not come (a client died mid-step)."""
         self._pending = None
 
-    def backward(self, step: int | None = None) -> None:
+    def backward(self, step: int | None = None, skip: Mapping[int, str] | None = None) -> None:
         """Receive each client's gradient, backpropagate through the trunk once, take one optimiser step
         (gradients of the clients in one pass add up), and send each client the gradient of its input.
 
@@ -445,7 +469,10 @@ class Server:
         gradients (or the head gradients) are not finite, with their squares summed in float32 so that
         AdamW's second moment stays finite too, each client's rows are run alone through the (unchanged)
         trunk to find the ones that cause it; those get no reply (``UpdateRefused`` names them, raised after
-        the others were served) and the step is taken with the other clients' gradients only."""
+        the others were served) and the step is taken with the other clients' gradients only.
+
+        ``skip`` (client -> why): clients whose gradient will not come because a later pipeline stage refused
+        their update; they are refused here too (no contribution, no reply)."""
         if self._pending is None:
             raise ProtocolError("server.backward called without a pending forward pass")
         ids, steps, hidden, mask, out, rows, lengths, adapter = self._pending
@@ -453,7 +480,9 @@ class Server:
         if step is not None and any(s != step for s in steps.values()):
             raise ProtocolError(f"server.backward for step {step}, but the pending pass is for steps {steps}")
         length = hidden.shape[1]
-        grads = [self._recv(c, steps[c], GradientMsg, (n, t, hidden.shape[2])).grad
+        skip = dict(skip or {})
+        grads = [hidden.new_zeros(n, t, hidden.shape[2]) if c in skip
+                 else self._recv(c, steps[c], GradientMsg, (n, t, hidden.shape[2])).grad
                  for c, n, t in zip(ids, rows, lengths, strict=True)]
         for g, n, t in zip(grads, rows, lengths, strict=True):
             if tuple(g.shape[:2]) != (n, t) or g.shape[2] != hidden.shape[2]:
@@ -468,10 +497,13 @@ class Server:
         refused: dict[int, str] = {}
         if not self._finite_update(optimizer, grad):
             grad, refused = self._without_culprits(optimizer, ids, rows, hidden.detach(), mask, full)
+        refused.update({c: why for c, why in skip.items() if c in ids})
         if optimizer is not None:
             if len(refused) < len(ids) and self.updates:
                 optimizer.step()
                 self.optimizer_steps[adapter] += 1
+                if self.policy is not None:
+                    self.policy.on_update(ids, steps[ids[0]], self.trunk)
             else:
                 optimizer.zero_grad(set_to_none=True)
         if self.policy is not None:
@@ -479,8 +511,7 @@ class Server:
         for c, part, t in zip(ids, grad.split(rows), lengths, strict=True):
             if c in refused:
                 continue
-            reply = GradientMsg(c, steps[c], TO_CLIENT, part[:, :t])
-            self.transport.send(SERVER, client_endpoint(c), encode(reply))
+            self._send(c, self.up, GradientMsg(c, steps[c], TO_CLIENT, part[:, :t]))
         if refused:
             raise UpdateRefused(refused)
 

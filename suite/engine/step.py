@@ -12,8 +12,10 @@ Every caller uses it: the strategies (``suite.engine.training``), the traffic ca
 messages as they arrive). ``local_forward`` is the same forward pass computed in one place without the wire
 (evaluation of the deployed model).
 
-What comes next changes this module: S pipeline stages replace the one ``server`` by the stages (``forward``
-runs them in order, ``backward`` in reverse), and an inference loop is ``forward`` without the tails' gradient.
+With ``[training] stages = S`` > 1 the ``server`` is a ``suite.engine.stages.StageChain``: the S stage parties,
+which look like one server to the clients (its ``forward`` runs the stages in order, its ``backward`` in
+reverse, every message between stages crossing the transport as bytes). An inference loop is ``forward``
+without the tails' gradient.
 """
 
 from __future__ import annotations

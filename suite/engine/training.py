@@ -28,7 +28,8 @@ from torch import nn
 
 from suite.engine.device import module_device
 from suite.engine.parties import Batch, Batches, Client, Server, trainable
-from suite.engine.split import Family, SplitModel, SplitSpec, lora_targets, split_model
+from suite.engine.split import Family, ServerTrunk, SplitModel, SplitSpec, lora_targets, split_model
+from suite.engine.stages import StageChain, build_chain
 from suite.engine.step import local_forward, training_step
 from suite.engine.transport import InProcessTransport, Transport
 from suite.errors import ConfigError
@@ -66,12 +67,14 @@ class TrainConfig:
     fedavg_every: int = 0  # average the clients' trainable weights every N steps (0 = never)
     seed: int = 0
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    stages: int = 1  # the server's blocks as this many pipeline stage parties (suite.engine.stages)
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
-        if self.clients < 1 or self.steps < 0 or self.batch_size < 1 or self.fedavg_every < 0:
-            raise ConfigError("training needs clients >= 1, steps >= 0, batch_size >= 1, fedavg_every >= 0")
+        if self.clients < 1 or self.steps < 0 or self.batch_size < 1 or self.fedavg_every < 0 or self.stages < 1:
+            raise ConfigError("training needs clients >= 1, steps >= 0, batch_size >= 1, fedavg_every >= 0, "
+                              "stages >= 1")
 
 
 @dataclass
@@ -80,7 +83,7 @@ class Session:
 
     split: SplitModel
     clients: list[Client]
-    server: Server
+    server: Server | StageChain  # S > 1: the stage parties, which look like one server to the clients
     transport: Transport
     config: TrainConfig
     losses: list[list[float]] = field(default_factory=list)  # per step, per client
@@ -197,24 +200,32 @@ def build_session(
 
 
 def build_server(split: SplitModel, config: TrainConfig, transport: Transport,
-                 device: torch.device | str | None = None) -> Server:
+                 device: torch.device | str | None = None) -> Server | StageChain:
     """The server over ``split``'s trunk: shared adapters, or one adapter set per client for ``per_client``;
-    the trunk (with its adapters) computes on ``device`` (default: where it is)."""
+    the trunk (with its adapters) computes on ``device`` (default: where it is). With ``config.stages`` > 1,
+    the trunk's blocks are split into that many stage parties, each adapted and trained on its own."""
+    if config.stages > 1:
+        return build_chain(split.server_trunk, config.stages,
+                           lambda part, wiring: _server(part, split.family, config, transport, device, wiring))
+    return _server(split.server_trunk, split.family, config, transport, device, {})
+
+
+def _server(trunk: ServerTrunk, family: Family, config: TrainConfig, transport: Transport,
+            device: torch.device | str | None, wiring: dict) -> Server:
     ft = config.finetune
-    trunk = split.server_trunk
     adapters = None
     if ft.server == "full":
         trunk.requires_grad_(True)
     elif ft.server == "lora":
-        if config.strategy == "per_client" and lora_targets(trunk, split.family, ft.targets):
+        if config.strategy == "per_client" and lora_targets(trunk, family, ft.targets):
             adapters = {i: f"client{i}" for i in range(config.clients)}
             for name in adapters.values():
-                _lora(trunk, split.family, ft, config.seed, adapter=name)
+                _lora(trunk, family, ft, config.seed, adapter=name)
         else:
-            _lora(trunk, split.family, ft, config.seed)
+            _lora(trunk, family, ft, config.seed)
     device = torch.device(device) if device is not None else module_device(trunk)
     trunk.to(device)
-    return Server(trunk, transport, ft.lr, adapters=adapters, device=device)
+    return Server(trunk, transport, ft.lr, adapters=adapters, device=device, **wiring)
 
 
 def fedavg(clients: Sequence[Client]) -> None:

@@ -19,6 +19,7 @@ from suite.engine.models import LoadedModel
 from suite.engine.parties import Batch
 from suite.engine.protocol import ActivationMsg, GradientMsg
 from suite.engine.split import SplitSpec
+from suite.engine.stages import StageChain, stage_bounds
 from suite.engine.step import training_step
 from suite.engine.training import eval_summary, no_updates, optimizer_steps, train
 from suite.engine.transport import Frame, InProcessTransport, Recorder, client_endpoint
@@ -44,6 +45,9 @@ class Capture:
     mask: torch.Tensor  # [N, T]
     records: list[Record]  # the records behind the rows, same order
     row_client: list[int]  # the client each row belongs to
+    # stages > 1: what each pipeline stage saw (its input hidden states, the gradients the next stage sent
+    # back), per stage in the order of ``batches``; empty with one server
+    stage_batches: dict[int, list[ObservedBatch]] = field(default_factory=dict)
 
     def of(self, victims: list[int]) -> Capture:
         """Only the victims' traffic and truth: what a threat whose colluder is not a victim observes."""
@@ -57,6 +61,7 @@ class Capture:
             self.mask[rows],
             [self.records[i] for i in rows],
             [self.row_client[i] for i in rows],
+            {s: [b for b in bs if b.client_id in keep] for s, bs in self.stage_batches.items()},
         )
 
 
@@ -94,15 +99,13 @@ def capture_traffic(prepared: Prepared, batch_size: int, first_step: int) -> Cap
     recorder = Recorder()
     session.transport.add_tap(recorder)
     inbox: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
-
-    def keep(msg) -> None:
-        entry = inbox.setdefault((msg.client_id, msg.step), {})
-        if isinstance(msg, ActivationMsg):
-            entry["hidden"], entry["mask"] = msg.hidden, msg.attention_mask
-        elif isinstance(msg, GradientMsg):
-            entry["gradient"] = msg.grad
-
+    keep = _inbox_tap(inbox)
     server.inbox_taps.append(keep)
+    stages = server.stages if isinstance(server, StageChain) else []
+    stage_inbox: list[dict[tuple[int, int], dict[str, torch.Tensor]]] = [{} for _ in stages]
+    stage_taps = [_inbox_tap(box) for box in stage_inbox]
+    for stage, tap in zip(stages, stage_taps, strict=True):
+        stage.inbox_taps.append(tap)
     ids, masks, records, order, row_client = [], [], [], [], []
     step = first_step
     try:
@@ -121,10 +124,55 @@ def capture_traffic(prepared: Prepared, batch_size: int, first_step: int) -> Cap
                 records += prepared.private[v]
     finally:
         server.inbox_taps.remove(keep)
+        for stage, tap in zip(stages, stage_taps, strict=True):
+            stage.inbox_taps.remove(tap)
         session.transport.remove_tap(recorder)
-    batches = [ObservedBatch(c, s, inbox[(c, s)]["hidden"], inbox[(c, s)]["mask"], inbox[(c, s)].get("gradient"))
-               for c, s in order]
-    return Capture(batches, recorder.frames, torch.cat(ids), torch.cat(masks), records, row_client)
+    batches = _observed(inbox, order)
+    views = {i: _observed(box, order) for i, box in enumerate(stage_inbox)}
+    return Capture(batches, recorder.frames, torch.cat(ids), torch.cat(masks), records, row_client, views)
+
+
+def _inbox_tap(inbox: dict[tuple[int, int], dict[str, torch.Tensor]]):
+    """A party's memory: every activation (with its mask) and gradient it received, by (client, step)."""
+    def keep(msg) -> None:
+        entry = inbox.setdefault((msg.client_id, msg.step), {})
+        if isinstance(msg, ActivationMsg):
+            entry["hidden"], entry["mask"] = msg.hidden, msg.attention_mask
+        elif isinstance(msg, GradientMsg):
+            entry["gradient"] = msg.grad
+    return keep
+
+
+def _observed(inbox: dict[tuple[int, int], dict[str, torch.Tensor]], order: list[tuple[int, int]]) -> list[ObservedBatch]:
+    return [ObservedBatch(c, s, inbox[(c, s)]["hidden"], inbox[(c, s)]["mask"], inbox[(c, s)].get("gradient"))
+            for c, s in order]
+
+
+def stage_view(capture: Capture, threat: ThreatModel, spec: SplitSpec, trunk_blocks: int,
+               stages: int) -> tuple[Capture, SplitSpec]:
+    """What a stage threat observes, and the split it observes it at. A stage whose first block is d sees the
+    hidden states entering block d, as a server at split d does, and the gradient of its own output, sent by
+    the stage after it: its view is a server's at ``SplitSpec(d, layers - end)``. Two colluding stages pool
+    theirs: the earlier one's inputs and the later one's received gradients (a server spanning both). With
+    one stage the view is the server's."""
+    if not threat.stages or stages == 1:
+        return capture, spec
+    bounds = stage_bounds(spec.head_blocks, trunk_blocks, stages)
+    first, last = min(threat.stages), max(threat.stages)
+    inputs, grads = capture.stage_batches[first], capture.stage_batches[last]
+    batches = [ObservedBatch(a.client_id, a.step, a.hidden, a.attention_mask, g.gradient)
+               for a, g in zip(inputs, grads, strict=True)]
+    layers = spec.head_blocks + trunk_blocks + spec.tail_blocks
+    seen = SplitSpec(bounds[first][0], layers - bounds[last][1])
+    return dataclasses.replace(capture, batches=batches), seen
+
+
+def install_policy(server, threat: ThreatModel | None, policy) -> None:
+    """A deviating party's policy: on the stage a stage threat names, else on the (whole) server."""
+    if threat is not None and threat.stages and isinstance(server, StageChain):
+        server.stages[threat.stages[0]].policy = policy
+    else:
+        server.policy = policy
 
 
 def train_split(
@@ -158,7 +206,7 @@ def train_split(
             raise ValueError("an active attack needs the threat it runs under")
         public = _observations(threat, spec, base, cfg, shadow, prepared, capture=None, defense=defense,
                                attack=attack)
-        prepared.session.server.policy = attack.server_policy(public)
+        install_policy(prepared.session.server, threat, attack.server_policy(public))
     train(prepared.session)  # a deviating server keeps deviating while the traffic is captured
     steps = optimizer_steps(prepared.session)
     # Utility under the defense: the deployed forward pass (noise and every hook that changes what is sent),
@@ -260,6 +308,7 @@ class CellResult:
     eval_losses: torch.Tensor | None = None  # per held-out sequence (for a utility interval)
     adaptive: bool | None = None  # the attack simulated the defense (``Reconstruction.extra["adaptive"]``)
     optimizer_steps: dict | None = None  # TrainedSplit.optimizer_steps
+    stage_block: int | None = None  # a stage threat: the first block whose input it saw (its split, as a server)
 
     def utility_fields(self) -> dict[str, float | dict | None]:
         """The utility columns of a results row besides ``utility``."""
@@ -272,9 +321,10 @@ def attack_trained(trained: TrainedSplit, threat: ThreatModel, attack: Attack, c
     prepared = trained.prepared
     check_threat(threat, cfg.training.clients)  # with one client the colluder would be the victim
     victims = [c for c in range(cfg.training.clients) if c != threat.colluder]
-    cap = trained.capture.of(victims)
-    obs = _observations(threat, prepared.session.split.spec, trained.base, cfg, trained.shadow, prepared, cap,
-                        trained.defense, attack)
+    split = prepared.session.split
+    cap, spec = stage_view(trained.capture.of(victims), threat, split.spec, len(split.server_trunk.blocks.layers),
+                           prepared.session.config.stages)
+    obs = _observations(threat, spec, trained.base, cfg, trained.shadow, prepared, cap, trained.defense, attack)
     recon, cost = timed_reconstruct(attack, obs)
     tok = trained.base.tokenizer
     references = [tok.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(cap.true_ids, cap.mask,
@@ -300,7 +350,8 @@ def attack_trained(trained: TrainedSplit, threat: ThreatModel, attack: Attack, c
     return CellResult(threat.name, attack.name, trained.defense.name, metrics, trained.utility, cost, recon,
                       references, trained.defense.report(), cap.records, scores, trained.perplexity,
                       trained.reference.get("utility_centralised"), trained.reference.get("perplexity_centralised"),
-                      trained.eval_losses, None if adaptive is None else bool(adaptive), trained.optimizer_steps)
+                      trained.eval_losses, None if adaptive is None else bool(adaptive), trained.optimizer_steps,
+                      spec.head_blocks if threat.stages else None)
 
 
 def run_cell(cfg: ExperimentConfig, spec: SplitSpec, threat_name: str, attack_name: str,

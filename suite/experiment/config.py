@@ -87,12 +87,15 @@ class TrainingSection(_Section):
     seed: int = 0
     head_blocks: int = Field(default=1, ge=0)  # for `splitleak train`; the matrix takes its splits below
     tail_blocks: int = Field(default=1, ge=0)
+    stages: int = Field(default=1, ge=1, le=256)  # the server's blocks as S pipeline stage parties (DESIGN §3)
 
 
 class MatrixSection(_Section):
     splits: list[int] = [0, 1, 2]
     tail_blocks: int = Field(default=1, ge=0)
-    threats: list[str] = ["curious_server", "colluding_client", "malicious_server", "eavesdropper", "peer_client"]
+    # a name, or a stage threat's table with its (swept) index: { name = "curious_stage", stage = [0, 1, 2] }
+    threats: list[str | dict[str, Any]] = ["curious_server", "colluding_client", "malicious_server", "eavesdropper",
+                                           "peer_client"]
     attacks: list[str | dict[str, Any]] = ["nearest_embedding", "wire_inversion"]
     defenses: list[str | dict[str, Any]] = ["none", "encryption"]
     # Optional axes, each a list overriding [training] per cell (part of the training run and the cell key):

@@ -28,7 +28,7 @@ from suite.experiment.revision import code_revision, key_part
 from suite.experiment.store import cell_label
 from suite.interfaces.attack import ATTACKS, make_attack
 from suite.interfaces.defense import DEFENSES, make_defense
-from suite.interfaces.presets import THREATS, Capability, colluder_problem, get_threat
+from suite.interfaces.presets import THREATS, Capability, colluder_problem, get_threat, stage_problem
 
 
 def _named(entry: str | dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -129,13 +129,40 @@ def _canon(params: dict[str, Any]) -> str:
 def validate_matrix(cfg: ExperimentConfig) -> None:
     """Every name and parameter in [matrix] exists; errors name the entry."""
     m = cfg.matrix
-    for i, t in enumerate(m.threats):
-        if t not in THREATS:
-            raise ConfigError(f"matrix.threats[{i}]: unknown threat {t!r}; presets are: {', '.join(THREATS)}")
+    threat_names(cfg)
     _entries(cfg)
     for k in m.splits:
         if k + m.tail_blocks < 0:
             raise ConfigError(f"matrix.splits: {k} is not a valid head block count")
+
+
+def threat_names(cfg: ExperimentConfig) -> list[str]:
+    """``[matrix] threats`` as threat names, a stage threat's table expanded over its ``stage`` list
+    (``{ name = "curious_stage", stage = [0, 1] }`` -> ``curious_stage:0``, ``curious_stage:1``; a
+    ``colluding_stages`` index pair is a string, ``stage = ["0,1", "0,2"]``); errors name the entry."""
+    out: list[str] = []
+    for i, entry in enumerate(cfg.matrix.threats):
+        where = f"matrix.threats[{i}]"
+        if isinstance(entry, dict):
+            if set(entry) - {"name", "stage"} or not isinstance(entry.get("name"), str) or "stage" not in entry:
+                raise ConfigError(f"{where}: a threat given as a table takes 'name' and 'stage' (a stage threat's "
+                                  f"index, or a list to sweep), not {sorted(entry)}")
+            values = entry["stage"] if isinstance(entry["stage"], list) else [entry["stage"]]
+            names = [f"{entry['name']}:{v}" for v in values]
+        else:
+            names = [entry]
+        for name in names:
+            try:
+                threat = get_threat(name)
+            except ConfigError as err:
+                raise ConfigError(f"{where}: {err}") from None
+            problem = stage_problem(threat, cfg.training.stages)
+            if problem and threat.stages:
+                raise ConfigError(f"{where}: {problem}")
+            if threat.name in out:
+                raise ConfigError(f"{where}: threat {threat.name} is listed twice")
+            out.append(threat.name)
+    return out
 
 
 def _check_attack(name: str, params: dict[str, Any]) -> None:
@@ -179,11 +206,11 @@ def expand(cfg: ExperimentConfig) -> tuple[list[Cell], list[tuple[Cell, str]]]:
             for values in itertools.product(*(getattr(m, sweep) or [None] for sweep in AXES.values()))]
     cells, skipped = [], []
     for k in m.splits:
-        for threat_name in m.threats:
+        for threat_name in threat_names(cfg):
             threat = get_threat(threat_name)
             for attack, aparams in attacks:
                 missing = threat.missing(ATTACKS.get(attack).requires)
-                too_few = colluder_problem(threat, cfg.training.clients)
+                too_few = colluder_problem(threat, cfg.training.clients) or stage_problem(threat, cfg.training.stages)
                 for defense, dparams in defenses:
                     for training in axes:
                         cell = Cell(k, m.tail_blocks, threat_name, attack, _canon(aparams), defense, _canon(dparams),
@@ -211,7 +238,9 @@ def cell_key(cell: Cell, cfg: ExperimentConfig, revision: str, code: str | None 
         "model": cfg.model.name,
         "revision": revision,
         "data": cfg.data.model_dump(),
-        "training": cfg.training.model_dump(exclude={"head_blocks", "tail_blocks"}),
+        # stages = 1 (the default) stays out, so every cell from before pipeline stages keeps its key
+        "training": cfg.training.model_dump(exclude={"head_blocks", "tail_blocks"}
+                                            | ({"stages"} if cfg.training.stages == 1 else set())),
     }
     if code is not None:
         payload["code"] = key_part(code)
@@ -250,7 +279,15 @@ def cell_row(cell: Cell, key: str, cfg: ExperimentConfig, revision: str) -> dict
         "defense_params": json.loads(cell.defense_params), "seed": cfg.training.seed,
         "config": cfg.model_dump(), "versions": versions(),
         "code_revision": code_revision(), "cell_id": cell_key(cell, cfg, revision), "axes": cell.axes() or None,
+        **stage_columns(cell, cfg),
     }
+
+
+def stage_columns(cell: Cell, cfg: ExperimentConfig) -> dict[str, Any]:
+    """``stages`` (S), and a stage threat's ``stage`` ("1", "0,2"); running the cell adds ``stage_block`` (the
+    first block whose input the earliest of its stages sees, known once the model is loaded)."""
+    threat = get_threat(cell.threat)
+    return {"stages": cfg.training.stages, "stage": ",".join(map(str, threat.stages)) if threat.stages else None}
 
 
 def observation_key(cell: Cell, clients: int) -> tuple | None:
@@ -262,4 +299,6 @@ def observation_key(cell: Cell, clients: int) -> tuple | None:
         return None
     threat = get_threat(cell.threat)
     victims = tuple(c for c in range(clients) if c != threat.colluder) or (0,)
-    return (cell.attack, cell.attack_params, victims, threat.grants - {Capability.CONTROL_SERVER})
+    # a stage threat sees its stages' inboxes, not the whole server's: its stages are part of the view
+    return (cell.attack, cell.attack_params, victims, threat.grants - {Capability.CONTROL_SERVER},
+            bool(threat.stage_params), threat.stages)

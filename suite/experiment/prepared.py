@@ -39,7 +39,7 @@ def train_config(cfg: ExperimentConfig) -> TrainConfig:
     ft = FinetuneConfig(client=t.finetune, server=t.server_finetune, rank=t.lora_rank, alpha=t.lora_alpha, lr=t.lr,
                         targets=t.lora_targets)
     return TrainConfig(strategy=t.strategy, clients=t.clients, steps=t.steps, batch_size=t.batch_size,
-                       fedavg_every=t.fedavg_every, seed=t.seed, finetune=ft)
+                       fedavg_every=t.fedavg_every, seed=t.seed, finetune=ft, stages=t.stages)
 
 
 @dataclass

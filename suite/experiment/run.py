@@ -126,7 +126,8 @@ class _Group:
                       attack_seconds=result.cost.seconds, attack_peak_rss_mib=result.cost.peak_rss_mib,
                       status="ok", error=None, note=result.reconstruction.note,
                       defense_report=result.defense_report, samples=_samples(result),
-                      adaptive=None if result.adaptive is None else int(result.adaptive))
+                      adaptive=None if result.adaptive is None else int(result.adaptive),
+                      stage_block=result.stage_block)
         fields.update(_interval_fields(result, blind, self.under(cell)))
         if isinstance(blind, str):
             note = f"no advantage over blind: the blind baseline failed: {blind}"

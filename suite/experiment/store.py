@@ -51,6 +51,11 @@ COLUMNS: dict[str, str] = {
     "optimizer_steps": "TEXT",
     **{c: "REAL" for c in INTERVAL_COLUMNS},
     **{c: "REAL" for c in ADVANTAGE_COLUMNS},
+    # Pipeline stages ([training] stages): S, and for a stage threat the stages it holds ("1", "0,2") and the
+    # first block whose input it sees (its depth, as a server at that split); NULL for other threats
+    "stages": "INTEGER",
+    "stage": "TEXT",
+    "stage_block": "INTEGER",
     "steps": "INTEGER",  # training steps of the cell (the [matrix] steps axis, else [training] steps)
     "finetune": "TEXT",  # what the clients fine-tuned (the [matrix] finetune axis, else [training] finetune)
     "axes": "TEXT",  # JSON: the training axes the cell sweeps ({"steps": 3, "seed": 1}), NULL when none

@@ -56,6 +56,10 @@ class ServerPolicy:
                       honest_grad: torch.Tensor) -> torch.Tensor:
         return honest_grad
 
+    def on_update(self, client_ids: list[int], step: int, trunk: torch.nn.Module) -> None:
+        """After the server's (or stage's) optimiser step: a party that trains its weights toward its own goal
+        changes them here, and then computes honestly with them. Honest: nothing."""
+
 
 class Attack:
     """Base class. Subclasses set ``name`` (by registering), ``requires`` and ``Config``."""

@@ -4,7 +4,7 @@ these without loading the engine; ``suite.interfaces.threats`` adds the observat
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 
 from suite.errors import ConfigError
@@ -27,6 +27,11 @@ class ThreatModel:
     description: str
     grants: frozenset[Capability]
     colluder: int | None = None  # the client id that colludes (its traffic is not a victim's)
+    # Pipeline stages ([training] stages = S, suite.engine.stages): a stage threat observes (and, with
+    # CONTROL_SERVER, controls) only the stages it names; ``stage_params`` is how many indices its name takes
+    # (``curious_stage:1``, ``colluding_stages:0,2``); 0 for every other threat.
+    stages: tuple[int, ...] = ()
+    stage_params: int = 0
 
     def missing(self, required: frozenset[Capability]) -> frozenset[Capability]:
         return frozenset(required) - self.grants
@@ -70,14 +75,71 @@ THREATS: dict[str, ThreatModel] = {
             frozenset({C.WIRE, C.BASE_WEIGHTS, C.SHADOW_DATA}),
             colluder=0,
         ),
+        ThreatModel(
+            "curious_stage",
+            "one honest-but-curious pipeline stage (its index a parameter: curious_stage:1): keeps the hidden "
+            "states entering its first block and the gradients the next stage sends back, knows the public "
+            "base weights and has public shadow text; the adapters above and below it are other parties'",
+            _SERVER,
+            stage_params=1,
+        ),
+        ThreatModel(
+            "malicious_stage",
+            "one malicious pipeline stage (malicious_stage:1): like the curious stage, and may send chosen "
+            "hidden states to the next stage and chosen gradients to the previous one during training",
+            _SERVER | {C.CONTROL_SERVER},
+            stage_params=1,
+        ),
+        ThreatModel(
+            "colluding_stages",
+            "two curious pipeline stages that pool their views (colluding_stages:0,2): the hidden states entering "
+            "the earlier one and the gradients the later one receives, as one server spanning both would see",
+            _SERVER,
+            stage_params=2,
+        ),
     )
 }
 
 
 def get_threat(name: str) -> ThreatModel:
-    if name not in THREATS:
+    """A preset by name; a stage threat takes its stage indices after a colon (``curious_stage:1``,
+    ``colluding_stages:0,2``)."""
+    base, _, args = name.partition(":")
+    if base not in THREATS:
         raise ConfigError(f"unknown threat {name!r}; presets are: {', '.join(THREATS)}")
-    return THREATS[name]
+    preset = THREATS[base]
+    if not preset.stage_params:
+        if args:
+            raise ConfigError(f"threat {base!r} takes no stage index; write {base!r}")
+        return preset
+    example = ",".join(str(i) for i in range(preset.stage_params))
+    try:
+        stages = tuple(int(a) for a in args.split(",")) if args else ()
+    except ValueError:
+        stages = ()
+    if len(stages) != preset.stage_params or len(set(stages)) != len(stages) or min(stages, default=0) < 0:
+        raise ConfigError(f"threat {name!r} needs {preset.stage_params} distinct stage index(es) >= 0: write "
+                          f"'{base}:{example}' or {{ name = \"{base}\", stage = {example or 0} }}")
+    stages = tuple(sorted(stages))
+    return replace(preset, name=stage_threat_name(base, stages), stages=stages)
+
+
+def stage_threat_name(base: str, stages: tuple[int, ...] | list[int] | int) -> str:
+    """The canonical name of a stage threat: ``curious_stage:1``, ``colluding_stages:0,2``."""
+    stages = (stages,) if isinstance(stages, int) else tuple(stages)
+    return f"{base}:{','.join(str(i) for i in sorted(stages))}"
+
+
+def stage_problem(threat: ThreatModel, stages: int) -> str | None:
+    """Why ``threat`` cannot run with ``[training] stages`` = ``stages``, or None: a stage index out of range,
+    or a whole-server policy (``malicious_server``) over several stages."""
+    if threat.stages and max(threat.stages) >= stages:
+        return (f"threat {threat.name} names stage {max(threat.stages)}, but training.stages = {stages} has stages "
+                f"0..{stages - 1}; raise training.stages or lower the index")
+    if stages > 1 and not threat.stages and C.CONTROL_SERVER in threat.grants:
+        return (f"threat {threat.name} controls the whole server, which training.stages = {stages} splits into "
+                "stage parties; use malicious_stage:<index>")
+    return None
 
 
 MIN_CLIENTS_WITH_COLLUDER = 2

@@ -1,0 +1,146 @@
+"""Transition audit: catch a server or pipeline stage whose *state* does not follow from honest training.
+
+The integrity audit (``integrity_audit``) checks a party's outputs against the weights it committed to. A
+party that trains its weights toward its own goal and then computes honestly with them passes it (the
+outside read of issue 27, at S = 1). This audit checks transitions instead (``suite.engine.transitions``):
+
+* every forward / backward pair of every audited party (the server, or each pipeline stage) is committed
+  to: the digest of its trainable weights and optimiser state after the step;
+* after the commitment, with probability ``rate`` drawn from the OS CSPRNG (a party that knows ``rate``
+  cannot tell which steps are checked), a verifier re-executes the step on its own replica (public frozen
+  weights, public adapter configuration, taken before training) from the party's state before the step and
+  the messages it received in that step, and compares the state after and every message the party sent
+  (``tolerance``: the largest absolute difference accepted; 0 = bit for bit, which CPU recomputation meets);
+* ``rate = 1`` is the seed paper's redundant recomputation: every step, ~100 % detection, 2x the audited
+  parties' compute.
+
+A tampered step is caught with probability ``rate`` whatever the tampering's size (above ``tolerance``) and
+whether it touches outputs, gradients or the weights: a party that tampers on T steps is caught by the T-th
+with probability 1 - (1 - rate)^T (T >= ln(0.01) / ln(1 - rate) for 99 %: 44 steps at rate 0.1).
+
+``act``: a party caught is excluded and replaced by a standby that starts from the last verified state (the
+state after the last transition that passed an audit, or the one before training): its weights and
+optimiser state are loaded into the party's place and it runs honestly from there. The report names the
+steps lost (transitions between the last verified state and the detection).
+
+Who verifies: the inputs of a step are what the audited party received, which under ``batch_parallel``
+include every client's activations of the pass; the verifier is a server-side standby that may see them,
+not a client. ``stage``: audit only that stage (None: every server-side party).
+"""
+
+from __future__ import annotations
+
+import random
+import secrets
+import time
+from dataclasses import dataclass
+
+from suite.engine.stages import StageChain
+from suite.engine.transitions import (
+    Replica,
+    Transition,
+    TransitionRecorder,
+    difference,
+    messages_differ,
+    restore,
+    snapshot,
+)
+from suite.interfaces.defense import Defense, DefenseConfig, register_defense
+
+
+@dataclass(frozen=True)
+class TransitionAuditConfig(DefenseConfig):
+    rate: float = 0.1  # probability that one transition of an audited party is re-executed
+    stage: int | None = None  # the stage to audit (None: every stage, or the one server)
+    tolerance: float = 0.0  # largest absolute difference accepted between recomputed and committed values
+    act: bool = True  # exclude a caught party and resume from the last verified state with a standby
+    seed: int | None = None  # None: the audit schedule comes from the OS CSPRNG (tests fix it)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rate <= 1:
+            raise ValueError(f"rate must be in [0, 1], got {self.rate}")
+        if self.tolerance < 0:
+            raise ValueError(f"tolerance must be >= 0, got {self.tolerance}")
+        if self.stage is not None and self.stage < 0:
+            raise ValueError(f"stage must be >= 0, got {self.stage}")
+
+
+@register_defense("transition_audit")
+class TransitionAuditDefense(Defense):
+    Config = TransitionAuditConfig
+
+    def __init__(self, config: TransitionAuditConfig | None = None):
+        super().__init__(config)
+        c = self.config
+        self._draw = random.Random(c.seed) if c.seed is not None else secrets.SystemRandom()
+        self.parties: dict[int, tuple] = {}  # stage index -> (live party, replica, share of the trunk's blocks)
+        self.last_verified: dict[int, tuple[int, object]] = {}  # stage -> (transition index, snapshot)
+        self.transitions = 0  # training transitions seen (every audited party)
+        self.audited: list[tuple[int, int]] = []  # (stage, transition index)
+        self.flags: list[dict] = []
+        self.replacements: list[dict] = []
+        self.units_served = 0.0  # compute of the audited parties' training transitions, in trunk passes
+        self.units_recomputed = 0.0  # compute of the re-executions, likewise
+        self.passes: dict[int, int] = {}  # training transitions per audited party
+        self.seconds_recomputing = 0.0
+
+    def install(self, session) -> None:
+        server = session.server
+        stages = server.stages if isinstance(server, StageChain) else [server]
+        if self.config.stage is not None and self.config.stage >= len(stages):
+            raise ValueError(f"transition_audit stage {self.config.stage} does not exist: training.stages = "
+                             f"{len(stages)}")
+        blocks = [len(s.trunk.blocks.layers) for s in stages]
+        total = sum(blocks) or 1
+        for i, party in enumerate(stages):
+            share = blocks[i] / total
+            if self.config.stage is not None and i != self.config.stage:
+                continue
+            replica = Replica(party)  # before training: public weights and adapter configuration only
+            self.parties[i] = (party, replica, share)
+            self.last_verified[i] = (-1, snapshot(replica.server))
+            TransitionRecorder(party, lambda t, i=i: self._on_transition(i, t))
+
+    def _on_transition(self, stage: int, t: Transition) -> None:
+        if not t.updates:  # traffic capture after training: nothing changes, nothing to audit
+            return
+        party, replica, share = self.parties[stage]
+        self.transitions += 1
+        self.units_served += share
+        self.passes[stage] = self.passes.get(stage, 0) + 1
+        if self._draw.random() >= self.config.rate:  # drawn after the party committed (t.commitment)
+            return
+        start = time.perf_counter()
+        honest = replica.replay(t)
+        self.seconds_recomputing += time.perf_counter() - start
+        self.units_recomputed += share
+        self.audited.append((stage, t.index))
+        state_off = difference(honest.after, t.after)
+        sent_off = messages_differ(honest.sent, t.sent)
+        if state_off <= self.config.tolerance and sent_off <= self.config.tolerance:
+            self.last_verified[stage] = (t.index, t.after)
+            return
+        step = min(t.steps.values()) if t.steps else None
+        self.flags.append({"stage": stage, "transition": t.index, "step": step, "state_difference": state_off,
+                           "message_difference": sent_off})
+        if self.config.act:
+            verified_at, state = self.last_verified[stage]
+            restore(party, state)  # the standby takes the party's place from the last verified state
+            party.policy = None  # ... and runs honestly
+            self.replacements.append({"stage": stage, "at_transition": t.index, "step": step,
+                                      "resumed_from": verified_at, "steps_lost": t.index - verified_at})
+
+    def flagged_steps(self) -> set[int]:
+        return {f["step"] for f in self.flags}
+
+    def report(self) -> dict:
+        return {"rate": self.config.rate, "stages_audited": sorted(self.parties), "transitions": self.transitions,
+                "audited": len(self.audited), "flagged": len(self.flags), "flags": self.flags[:20],
+                "replacements": self.replacements,
+                "verifier": "server-side standby replica (sees the audited party's inputs)",
+                # re-execution over the audited parties' own compute (about ``rate``), and over the whole
+                # trunk's (every stage's) compute: the price of auditing only some stages is lower
+                "extra_compute": self.units_recomputed / self.units_served if self.units_served else 0.0,
+                "extra_compute_trunk": (self.units_recomputed / max(self.passes.values())) if self.passes else 0.0,
+                "seconds_recomputing": round(self.seconds_recomputing, 4)}
+
