@@ -32,12 +32,15 @@ from reports.frontier import settings as frontier_settings
 from reports.markup import escape, sample_markup
 from reports.pdf import FAILED_BG, LANDSCAPE_W, LEVEL_COLORS, PORTRAIT_W, document, image, para, table, text
 from reports.pipeline import pipeline_section
+from reports.pipeline import verdict_rows as pipeline_verdict_rows
 from reports.tables import NO_DEFENSE, num
 from reports.verdict import (
     RULE,
+    Provider,
     VerdictRow,
     advantage_text,
     cheapest_text,
+    from_dicts,
     key_sentences,
     level,
     not_addressing,
@@ -45,6 +48,7 @@ from reports.verdict import (
     signed_pct,
     still_leaks,
     threat_verdict,
+    training_rows,
     verdict_rows,
 )
 from suite.experiment.store import load_results
@@ -52,6 +56,8 @@ from suite.interfaces.presets import THREATS
 
 TITLES = ("1. Verdict", "2. Threat-model matrix", "3. Leakage versus split depth",
           "4. Privacy–utility frontier", "5. Reconstructed samples", "6. Attack cost", "7. Methods")
+# Page 1's rows, section by section (``reports.verdict``'s schema): a new section adds its provider here.
+PAGE_ONE: list[Provider] = [training_rows, lambda frame: from_dicts(pipeline_verdict_rows(frame))]
 SAMPLES_STRONGEST, SAMPLES_DEFENDED = 3, 2  # samples shown for each threat's strongest cell / each defense
 
 
@@ -118,7 +124,7 @@ def page_one(df: pd.DataFrame) -> list:
     out = [_section(0)]
     if df.empty:
         return [*out, para("The results store holds no cells yet.")]
-    rows: list[VerdictRow] = verdict_rows(df)
+    rows: list[VerdictRow] = verdict_rows(df, PAGE_ONE)
     sections = len({r.section for r in rows}) > 1
     head = (["Section"] if sections else []) + ["Threat", "Level", "Strongest attack (no defense)",
                                                 "Advantage over blind [95 % CI]",

@@ -18,9 +18,11 @@ memorisation add theirs) contributes rows of one shape, ``VerdictRow``:
     not_addressed  defenses that do not address the threat (encryption against the server, who decrypts)
     note           optional: one short caveat printed under the row's cheapest setting
 
-A section adds one provider to ``PROVIDERS``: a function from the report's frame (``tables.prepare`` of the
-store) to a list of ``VerdictRow``; a section exposing ``verdict_rows(frame) -> list[dict]`` with the keys above
-is wrapped by ``from_dicts``. ``verdict_rows`` gathers every provider's rows for page 1.
+A section adds one provider to ``reports.report.PAGE_ONE`` (the list lives there, above the section modules,
+which import this one): a function from the report's frame (``tables.prepare`` of the store) to a list of
+``VerdictRow``; a section exposing ``verdict_rows(frame) -> list[dict]`` with the keys above is wrapped by
+``from_dicts``. ``verdict_rows`` gathers every provider's rows for page 1 (``PROVIDERS``, training's alone, when
+none are given).
 
 Leakage of a threat is its strongest attack over everything it sees (every attack it ran, adaptive or not),
 measured as token accuracy's advantage over the blind baseline where the store has it (else the raw token
@@ -261,6 +263,10 @@ def training_rows(frame: pd.DataFrame) -> list[VerdictRow]:
         return []
     if "mode" in frame:  # other sections' cells (inference) are theirs to judge
         frame = frame[frame["mode"].fillna("training").eq("training")]
+    if "stages" in frame:  # and pipelines' (S > 1 stages: reports.pipeline)
+        frame = frame[pd.to_numeric(frame["stages"], errors="coerce").fillna(1).le(1)]
+    if frame.empty:
+        return []
     st = frontier_settings(frame)
     out = []
     for threat in threat_order(frame, list(THREATS)):

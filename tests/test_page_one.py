@@ -159,7 +159,9 @@ def test_a_new_section_adds_its_rows_with_one_provider(tmp_path, monkeypatch):
                             "attack": "prompt_inversion at k=1", "advantage": 0.3, "advantage_lo": 0.2,
                             "advantage_hi": 0.4, "cheapest": None, "cheapest_cost": None}])
 
-    monkeypatch.setattr(verdict, "PROVIDERS", [*verdict.PROVIDERS, inference])
+    from reports import report
+
+    monkeypatch.setattr(report, "PAGE_ONE", [*report.PAGE_ONE, inference])
     first = _page_text(build_report(write_store(tmp_path, sweep_rows())), 0)
     assert "Section" in first and "inference" in first and "prompt_inversion at k=1" in first
     assert "training" in first
