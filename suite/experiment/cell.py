@@ -200,10 +200,36 @@ def rewire(trained: TrainedSplit, defense: Defense) -> TrainedSplit:
     return dataclasses.replace(trained, capture=capture, defense=defense)
 
 
+def trunk_for(prepared: Prepared, client_id: int) -> torch.nn.Module:
+    """A fresh fp32 host copy of the server's trunk with ``client_id``'s adapter set active (per_client; the
+    shared set otherwise), without the hooks a defense left on it: the weights, not the server's machinery."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    server = prepared.session.server
+    trunk = copy.deepcopy(server.trunk).to("cpu", torch.float32)
+    name = server.adapters.get(client_id) if server.adapters else None
+    for module in trunk.modules():
+        module._forward_hooks.clear()
+        module._forward_pre_hooks.clear()
+        module._backward_hooks.clear()
+        if name is not None and isinstance(module, BaseTunerLayer):
+            module.set_adapter(name)
+    return trunk.requires_grad_(False).eval()
+
+
 def _observations(threat, spec, base: LoadedModel, cfg, shadow, prepared: Prepared, capture: Capture | None,
-                  defense: Defense | None = None, attack: Attack | None = None):
+                  defense: Defense | None = None, attack: Attack | None = None, audit=None):
     """What ``attack`` may see: the threat's grants, narrowed to what the attack declares (``requires | uses``)."""
     colluder = threat.colluder
+    victim = len(prepared.session.clients) - 1  # the canary victim (suite.experiment.canaries)
+
+    def model_of(client_id: int):
+        def view():
+            c = prepared.session.clients[client_id]
+            head, tail = copy.deepcopy((c.head, c.tail))
+            head, tail = head.to("cpu", torch.float32), tail.to("cpu", torch.float32)  # in place: ties survive
+            return head.eval(), trunk_for(prepared, victim), tail.eval()
+        return view
 
     def base_model():
         model = copy.deepcopy(base.model).requires_grad_(True)  # a fresh, trainable copy, as loaded
@@ -229,6 +255,10 @@ def _observations(threat, spec, base: LoadedModel, cfg, shadow, prepared: Prepar
         defense=public_defense(defense) if defense is not None else None,
         # the lengths the server saw (every row max_length under hide_lengths), never the clients' own masks
         lengths=tuple(int(n) for b in capture.batches for n in b.attention_mask.sum(1)) if capture else None,
+        server_adapters=lambda: trunk_for(prepared, victim),
+        colluder_model=model_of(colluder) if colluder is not None else None,
+        released_model=model_of(victim),
+        audit=audit,
     )
 
 

@@ -140,7 +140,7 @@ def validate_matrix(cfg: ExperimentConfig) -> None:
 
 def _check_attack(name: str, params: dict[str, Any]) -> None:
     cls = ATTACKS.get(name)
-    fits = [t for t in THREATS.values() if not t.missing(cls.requires)]
+    fits = [t for t in THREATS.values() if not cls.missing_for(t)]
     make_attack(name, fits[0] if fits else next(iter(THREATS.values())), params)
 
 
@@ -181,7 +181,7 @@ def expand(cfg: ExperimentConfig) -> tuple[list[Cell], list[tuple[Cell, str]]]:
         for threat_name in m.threats:
             threat = get_threat(threat_name)
             for attack, aparams in attacks:
-                missing = threat.missing(ATTACKS.get(attack).requires)
+                missing = ATTACKS.get(attack).missing_for(threat)
                 too_few = colluder_problem(threat, cfg.training.clients)
                 for defense, dparams in defenses:
                     for training in axes:

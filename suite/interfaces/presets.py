@@ -19,6 +19,10 @@ class Capability(StrEnum):
     COLLUDER_WEIGHTS = "colluder_weights"  # a colluding client's fine-tuned head and tail
     COLLUDER_DATA = "colluder_data"  # a colluding client's own private records
     CONTROL_SERVER = "control_server"  # may deviate from the protocol: chooses what the server sends back
+    # Memorisation (issue 26): trained weights after training, the canary victim's where there is a choice
+    SERVER_ADAPTERS = "server_adapters"  # the server's trunk adapters (with the public base head and tail)
+    COLLUDER_MODEL = "colluder_model"  # a colluding client's own head and tail with the server's trunk
+    RELEASED_MODEL = "released_model"  # a victim's head and tail with the server's trunk, as if published
 
 
 @dataclass(frozen=True)
@@ -33,7 +37,7 @@ class ThreatModel:
 
 
 C = Capability
-_SERVER = frozenset({C.ACTIVATIONS, C.GRADIENTS, C.BASE_WEIGHTS, C.SHADOW_DATA})
+_SERVER = frozenset({C.ACTIVATIONS, C.GRADIENTS, C.BASE_WEIGHTS, C.SHADOW_DATA, C.SERVER_ADAPTERS})
 
 THREATS: dict[str, ThreatModel] = {
     t.name: t
@@ -54,7 +58,7 @@ THREATS: dict[str, ThreatModel] = {
             "colluding_client",
             "the curious server plus one client (client 0) that hands over its fine-tuned head/tail weights "
             "and its own private records; the victims are the other clients",
-            _SERVER | {C.COLLUDER_WEIGHTS, C.COLLUDER_DATA},
+            _SERVER | {C.COLLUDER_WEIGHTS, C.COLLUDER_DATA, C.COLLUDER_MODEL},
             colluder=0,
         ),
         ThreatModel(
@@ -69,6 +73,18 @@ THREATS: dict[str, ThreatModel] = {
             "wire and has its own records as public-domain text; the victims are the other clients",
             frozenset({C.WIRE, C.BASE_WEIGHTS, C.SHADOW_DATA}),
             colluder=0,
+        ),
+        ThreatModel(
+            "adapter_thief",
+            "someone who steals the server's trunk adapters after training, without the traffic: the adapters "
+            "(the canary victim's set under per_client), the public base weights and public text",
+            frozenset({C.SERVER_ADAPTERS, C.BASE_WEIGHTS, C.SHADOW_DATA}),
+        ),
+        ThreatModel(
+            "model_user",
+            "a user of the released fine-tuned model (a victim's head and tail with the server's trunk), "
+            "with the public base weights and public text",
+            frozenset({C.RELEASED_MODEL, C.BASE_WEIGHTS, C.SHADOW_DATA}),
         ),
     )
 }
