@@ -39,12 +39,15 @@ class ExtractionAttack(Attack):
             raise ValueError("extraction needs canaries: add [data] canaries = { count = 20, repeats = [1, 10, 50] }")
         view = open_view(obs, self.config.view)
         tok = obs.tokenizer
+        # BPE tokenizers attach a space to the word after it ("Ġ4"): decode from the prefix without its
+        # trailing space, or the first digit would have to follow a bare-space token the model never saw
+        prompt = obs.audit.prefix.rstrip()
         example = obs.audit.secret_format.replace("#", "0")
-        n = (len(tok(obs.audit.prefix + example)["input_ids"]) - len(tok(obs.audit.prefix)["input_ids"])
+        n = (len(tok(obs.audit.prefix + example)["input_ids"]) - len(tok(prompt)["input_ids"])
              + self.config.extra_tokens)
         pattern = format_pattern(obs.audit.secret_format)
         guesses = {}
         for mode, beams in (("greedy", 1), ("beam", self.config.beams)):
-            texts = beam_continuations(view, tok, obs.audit.prefix, n, beams)
+            texts = beam_continuations(view, tok, prompt, n, beams)
             guesses[mode] = [m.group(0) for t in texts if (m := pattern.search(t))]
         return Reconstruction(torch.empty(0, dtype=torch.long), (), extra={"view": view.name, "guesses": guesses})

@@ -26,6 +26,7 @@ from reportlab.lib.units import cm
 from reportlab.platypus import KeepTogether, NextPageTemplate, PageBreak, Spacer
 
 from reports import figures, tables
+from reports import memorisation as memo
 from reports.frontier import pareto
 from reports.frontier import settings as frontier_settings
 from reports.markup import escape, sample_markup
@@ -403,6 +404,8 @@ def build_report(directory: str | Path) -> Path:
     """Write ``directory/report.pdf`` from ``directory/results.sqlite`` and return its path."""
     directory = Path(directory)
     df = tables.prepare(load_results(directory))
+    memorised = df[memo.memorisation_rows(df)]  # their own section (issue 26); the rest reads reconstructions
+    df = df[~memo.memorisation_rows(df)]
     threats = tables.threat_order(df, list(THREATS)) if not df.empty else []
     path = directory / "report.pdf"
     models = ", ".join(sorted(map(str, df["model"].dropna().unique()))) or "no model"
@@ -423,6 +426,7 @@ def build_report(directory: str | Path) -> Path:
         NextPageTemplate("landscape"), PageBreak(), *_matrix(df, threats),
         NextPageTemplate("portrait"), PageBreak(), *_figures(df, threats, settings),
         NextPageTemplate("landscape"), PageBreak(), *_samples(df, threats),
+        *([NextPageTemplate("landscape"), PageBreak(), *memo.section(memorised)] if not memorised.empty else []),
         NextPageTemplate("portrait"), PageBreak(), *_cost(df), Spacer(1, 6), *_methods(df),
     ]
     try:
