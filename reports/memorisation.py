@@ -51,6 +51,20 @@ def _advantage(r: Any) -> tuple[float | None, float | None, float | None]:
     return None, None, None
 
 
+def _measurable(r: Any) -> bool:
+    """False for a membership row whose TPR at 1 % FPR rests on no false positive (fewer than 100
+    non-members): that is TPR at zero FPR, which understates the attack, so it never reads as safe."""
+    if r["attack"] != "membership":
+        return True
+    fp = ((r["memorisation"] if isinstance(r["memorisation"], dict) else {}).get("false_positives") or {})
+    return (fp.get("fp_at_1pct_fpr") or 0) > 0
+
+
+def _level(r: Any, hi: float | None) -> str:
+    lvl = level(hi)
+    return "unknown" if lvl in SAFE and not _measurable(r) else lvl
+
+
 def _label(r: Any) -> str:
     lab = r.get("defense_label")
     return lab if isinstance(lab, str) else str(r.get("defense"))
@@ -89,13 +103,13 @@ def verdict_rows(frame: pd.DataFrame) -> list[dict[str, Any]]:
         r, adv, lo, hi = worst
         cheapest, cost = None, None
         safe = [s for s in scored if s[0]["defense"] != "none" and s[0]["attack"] == r["attack"]
-                and level(s[3]) in SAFE]
+                and _level(s[0], s[3]) in SAFE]
         if safe:
             priced = sorted(((_cost(s[0], rows), s) for s in safe),
                             key=lambda x: (math.inf if x[0] is None else x[0], x[1][3]))
             cost, pick = priced[0]
             cheapest = _label(pick[0])
-        out.append({"section": "memorisation", "threat": threat, "level": level(hi),
+        out.append({"section": "memorisation", "threat": threat, "level": _level(r, hi),
                     "attack": f"{r['attack']} on {_view(r)}", "advantage": adv, "advantage_lo": lo,
                     "advantage_hi": hi, "cheapest": cheapest, "cheapest_cost": cost})
     return out
@@ -131,11 +145,13 @@ def view_sentences(frame: pd.DataFrame) -> list[str]:
             parts.append(f"{top[0]}× canaries have mean exposure {top[1]:.1f} bits of {top[3]:.1f}"
                          if top[1] is not None and top[3] else "")
         for r in member:
-            fp = ((r["memorisation"] or {}).get("false_positives") or {}).get("fp_at_0_1pct_fpr")
-            rest = f", resting on {fp} false positive{'s' if fp != 1 else ''}" if fp is not None else ""
-            parts.append(f"membership ({(r['memorisation'] or {}).get('signal')}) reaches AUC "
-                         f"{num(r.get('auc')):.2f} and TPR {100 * (num(r.get('tpr_at_0_1pct_fpr')) or 0):.1f} % at "
-                         f"0.1 % FPR{rest}")
+            m = r["memorisation"] or {}
+            fp = (m.get("false_positives") or {}).get("fp_at_0_1pct_fpr")
+            low = (f"TPR {100 * (num(r.get('tpr_at_0_1pct_fpr')) or 0):.1f} % at 0.1 % FPR, resting on {fp} false "
+                   f"positive{'s' if fp != 1 else ''}" if fp else
+                   f"TPR {100 * (num(r.get('tpr_at_1pct_fpr')) or 0):.1f} % at 1 % FPR (0.1 % FPR is not measurable "
+                   f"with {m.get('non_members')} non-members)")
+            parts.append(f"membership ({m.get('signal')}) reaches AUC {num(r.get('auc')):.2f} and {low}")
         if not extracted and not parts:
             parts.append(f"{words}: no canary extracted")
         elif not extracted and not parts[0].startswith(words):

@@ -73,8 +73,8 @@ def memorisation_fields(trained: TrainedSplit, threat: ThreatModel, attack: Atta
     if "guesses" in extra:
         guessed = {m: set(g) for m, g in extra["guesses"].items()}
         hit = [float(any(c.secret in g for g in guessed.values())) for c in canaries]
-        out.update(_mean("extracted", hit))
-        detail.update(by_repeats=_by_repeats(repeats, hit, "extracted"),
+        out.update(_mean("extracted", hit, binary=True))
+        detail.update(by_repeats=_by_repeats(repeats, hit, "extracted", binary=True),
                       by_decoding={m: sum(c.secret in g for c in canaries) for m, g in guessed.items()},
                       guesses={m: sorted(g)[:20] for m, g in guessed.items()})
     return {**out, "memorisation": detail, "utility": trained.utility, "perplexity": trained.perplexity,
@@ -83,16 +83,17 @@ def memorisation_fields(trained: TrainedSplit, threat: ThreatModel, attack: Atta
             "defense_report": trained.defense.report()}
 
 
-def _mean(name: str, values: list[float]) -> dict[str, float | None]:
-    mean, lo, hi = mean_summary(values)
+def _mean(name: str, values: list[float], binary: bool = False) -> dict[str, float | None]:
+    mean, lo, hi = mean_summary(values, binary=binary)
     return {name: mean, f"{name}_lo": lo, f"{name}_hi": hi}
 
 
-def _by_repeats(repeats: list[int], values: list[float], name: str = "exposure") -> dict[str, dict]:
+def _by_repeats(repeats: list[int], values: list[float], name: str = "exposure", binary: bool = False
+                ) -> dict[str, dict]:
     out = {}
     for r in sorted(set(repeats)):
         vals = [v for v, k in zip(values, repeats, strict=True) if k == r]
-        mean, lo, hi = mean_summary(vals)
+        mean, lo, hi = mean_summary(vals, binary=binary)
         out[str(r)] = {name: mean, f"{name}_lo": lo, f"{name}_hi": hi, "canaries": len(vals),
                        f"{name}_max": max(vals) if vals else None}
     return out

@@ -14,6 +14,9 @@
 
 Intervals resample records with replacement (members and non-members separately, stratified), as
 ``suite.scoring.intervals`` does for the leakage metrics: 2.5 / 97.5 percentiles of ``N_BOOT`` resamples.
+A bootstrap of a rate whose every draw is 0 (no canary extracted, no member above the threshold) is [0, 0],
+which would read as "none" however few the trials: rates (TPR, the share extracted) therefore also get the
+exact binomial (Clopper-Pearson) interval of their count, and the wider of the two ends is reported.
 No torch: the reports read these functions too.
 """
 
@@ -75,6 +78,21 @@ def _tpr_at(member: np.ndarray, non: np.ndarray, fpr: float) -> np.ndarray:
     return (member > threshold[..., None]).mean(-1)
 
 
+def clopper_pearson(k: int, n: int, level: float = LEVEL) -> tuple[float, float]:
+    """Exact binomial interval of a rate with ``k`` successes in ``n`` trials."""
+    from scipy.stats import beta
+
+    a = (1 - level) / 2
+    lo = 0.0 if k == 0 else float(beta.ppf(a, k, n - k + 1))
+    hi = 1.0 if k == n else float(beta.ppf(1 - a, k + 1, n - k))
+    return lo, hi
+
+
+def _widen(boot: tuple[float | None, float | None], exact: tuple[float, float]) -> tuple[float | None, float | None]:
+    lo, hi = boot
+    return (exact[0] if lo is None else min(lo, exact[0]), exact[1] if hi is None else max(hi, exact[1]))
+
+
 def false_positives_at(non_members: int, fpr: float) -> int:
     """How many false positives the TPR at ``fpr`` rests on with ``non_members`` non-members."""
     return int(math.floor(fpr * non_members))
@@ -97,7 +115,8 @@ def membership_summary(member_scores: Sequence[float], non_member_scores: Sequen
     out["auc_lo"], out["auc_hi"] = _percentiles(_auc(mb, nb), level)
     for name, fpr in FPRS.items():
         out[name] = float(_tpr_at(member, non, fpr))
-        out[f"{name}_lo"], out[f"{name}_hi"] = _percentiles(_tpr_at(mb, nb, fpr), level)
+        exact = clopper_pearson(round(out[name] * member.size), member.size, level)
+        out[f"{name}_lo"], out[f"{name}_hi"] = _widen(_percentiles(_tpr_at(mb, nb, fpr), level), exact)
         out["fp_at" + name.removeprefix("tpr_at")] = false_positives_at(non.size, fpr)
     return out
 
@@ -113,12 +132,15 @@ def roc_points(member_scores: Sequence[float], non_member_scores: Sequence[float
 
 
 def mean_summary(values: Sequence[float], *, n_boot: int = N_BOOT, level: float = LEVEL,
-                 seed: int = 0) -> tuple[float | None, float | None, float | None]:
-    """The mean of per-canary values (exposure, extracted) and its bootstrap interval over canaries."""
+                 seed: int = 0, binary: bool = False) -> tuple[float | None, float | None, float | None]:
+    """The mean of per-canary values (exposure, extracted) and its bootstrap interval over canaries;
+    ``binary`` (0/1 values, a rate): widened to the Clopper-Pearson interval of the count."""
     v = np.asarray(values, dtype=float)
     if v.size == 0:
         return None, None, None
     rng = np.random.default_rng(seed)
     boots = v[rng.integers(0, v.size, size=(n_boot, v.size))].mean(-1)
     lo, hi = _percentiles(boots, level)
+    if binary:
+        lo, hi = _widen((lo, hi), clopper_pearson(int(v.sum()), v.size, level))
     return float(v.mean()), lo, hi
