@@ -23,8 +23,13 @@ from suite.experiment.cell import TrainedSplit, _observations
 from suite.experiment.config import ExperimentConfig
 from suite.interfaces.attack import Attack, timed_reconstruct
 from suite.interfaces.threats import Audit, ThreatModel
-from suite.scoring.memorisation import (exposure, exposure_by_rank, mean_summary, membership_summary,
-                                        roc_points)
+from suite.scoring.memorisation import (
+    exposure,
+    exposure_by_rank,
+    mean_summary,
+    membership_summary,
+    roc_points,
+)
 
 ROC_POINTS = 200  # points kept of each ROC curve for the report (log-spaced in FPR)
 

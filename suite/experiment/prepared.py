@@ -14,8 +14,8 @@ from suite.engine.models import LoadedModel, load_model
 from suite.engine.split import SplitSpec
 from suite.engine.training import FinetuneConfig, Session, TrainConfig, build_session
 from suite.engine.transport import Transport
-from suite.experiment.config import ExperimentConfig
 from suite.experiment.canaries import Canary, insert, make_canaries
+from suite.experiment.config import ExperimentConfig
 from suite.experiment.data import Record, load_private, shard, tokenize
 
 
