@@ -101,7 +101,8 @@ class DPSGDDefense(Defense):
 
     def install(self, session) -> None:
         cfg = self.config
-        batch = session.config.batch_size
+        # the rows of one server pass: every client's batch at once under batch_parallel
+        batch = session.config.batch_size * (len(session.clients) if session.config.strategy == "batch_parallel" else 1)
         if cfg.target in ("server", "both"):
             server = session.server
             if session.config.finetune.server != "lora":

@@ -159,18 +159,21 @@ def test_membership_separates_members_and_is_at_chance_on_an_adapter_trained_on_
     own = memorisation_fields(trained, threat, make_attack("membership", threat, {"signal": "loss"}), CFG)
     assert own["auc"] > 0.65 and own["auc_lo"] > 0.5, own["auc"]
     assert set(own["memorisation"]["signals"]) == {"loss", "zlib", "min_k_plus_plus", "reference"}
-    # the same model asked about records it never saw, split into "members" and "non-members" at random
+    # the server's adapters (and the model) asked about records they never saw, split into "members" and
+    # "non-members" at random: an adapter trained on other data gives chance-level membership
     others = generate_records(200, 77)
     audit = audit_set([], others[:100], others[100:], seed=0)
-    attack = make_attack("membership", threat, {"signal": "loss"})
-    obs = _observations(threat, SplitSpec(1, 1), base, CFG, trained.shadow, trained.prepared, None, None, attack,
-                        Audit("", "#", queries=audit.queries))
-    recon, _ = timed_reconstruct(attack, obs)
     labels = np.asarray(audit.is_member)
-    for signal, scores in recon.extra["scores"].items():
-        s = np.asarray(scores)
-        summary = membership_summary(s[labels], s[~labels])
-        assert summary["auc_lo"] < 0.5 < summary["auc_hi"], (signal, summary["auc"])
+    for name in ("adapter_thief", "model_user"):
+        threat = get_threat(name)
+        attack = make_attack("membership", threat, {"signal": "loss"})
+        obs = _observations(threat, SplitSpec(1, 1), base, CFG, trained.shadow, trained.prepared, None, None,
+                            attack, Audit("", "#", queries=audit.queries))
+        recon, _ = timed_reconstruct(attack, obs)
+        for signal, scores in recon.extra["scores"].items():
+            s = np.asarray(scores)
+            summary = membership_summary(s[labels], s[~labels])
+            assert summary["auc_lo"] < 0.5 < summary["auc_hi"], (name, signal, summary["auc"])
 
 
 def test_extraction_recovers_a_canary_the_model_was_made_to_memorise(base):
@@ -228,6 +231,14 @@ def test_dp_sgd_bad_parameters_are_one_line_errors(params, needle):
 def test_canary_exposure_refuses_too_few_candidates():
     with pytest.raises(ConfigError, match="candidates must be >= 10000"):
         make_attack("canary_exposure", get_threat("adapter_thief"), {"candidates": 100})
+
+
+def test_memorisation_attacks_are_not_scored_as_reconstructions(trained):
+    from suite.experiment.cell import attack_trained
+
+    threat = get_threat("model_user")
+    with pytest.raises(ValueError, match="reads a trained model"):
+        attack_trained(trained, threat, make_attack("membership", threat), CFG)
 
 
 def test_canary_record_round_trip():

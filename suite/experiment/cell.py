@@ -22,6 +22,7 @@ from suite.engine.split import SplitSpec
 from suite.engine.step import training_step
 from suite.engine.training import eval_summary, no_updates, optimizer_steps, train
 from suite.engine.transport import Frame, InProcessTransport, Recorder, client_endpoint
+from suite.errors import ConfigError
 from suite.experiment.config import ExperimentConfig
 from suite.experiment.data import Record, load_corpus
 from suite.experiment.prepared import Prepared, prepare
@@ -291,6 +292,9 @@ class CellResult:
 def attack_trained(trained: TrainedSplit, threat: ThreatModel, attack: Attack, cfg: ExperimentConfig) -> CellResult:
     """Run ``attack`` on a trained split's capture and score it against the victims' records."""
     prepared = trained.prepared
+    if attack.kind == "memorisation":
+        raise ValueError(f"{attack.name} reads a trained model, not a capture: run it in a matrix "
+                         "(splitleak run; suite.experiment.memorisation.memorisation_fields)")
     check_threat(threat, cfg.training.clients)  # with one client the colluder would be the victim
     victims = [c for c in range(cfg.training.clients) if c != threat.colluder]
     cap = trained.capture.of(victims)
@@ -333,6 +337,9 @@ def run_cell(cfg: ExperimentConfig, spec: SplitSpec, threat_name: str, attack_na
     threat = get_threat(threat_name)
     check_threat(threat, cfg.training.clients)
     attack = make_attack(attack_name, threat, params)
+    if attack.kind == "memorisation":  # refused before any training
+        raise ConfigError(f"{attack_name} reads a trained model: run it in a matrix with [data] canaries "
+                          "(splitleak run examples/memorisation.toml)")
     defense = make_defense(defense_name, defense_params)
     base = base if base is not None else load_for(cfg)
     trained = train_split(cfg, spec, base, threat, attack if attack.active else None, defense)
