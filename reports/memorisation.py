@@ -34,7 +34,7 @@ def memorisation_rows(df: pd.DataFrame) -> pd.Series:
     """A mask of the rows that are memorisation cells (they carry a ``memorisation`` breakdown)."""
     if "memorisation" not in df:
         return pd.Series(False, index=df.index)
-    return df["memorisation"].map(lambda m: isinstance(m, dict))
+    return df["memorisation"].map(lambda m: isinstance(m, dict)).astype(bool)  # bool even when empty: a mask
 
 
 def _view(r: Any) -> str:
