@@ -246,7 +246,7 @@ def section(frame: pd.DataFrame, title: str = "Memorisation: what the adapters a
                                f"{'–' if v['advantage_hi'] is None else format(v['advantage_hi'], '.3f')}){cheap}."),
                         "verdict"))
     head = ["threat / view", "strategy, finetune", "defense", "attack", "exposure (bits) or extracted by repeats",
-            "AUC", "TPR @ 1 % FPR", "TPR @ 0.1 % FPR (FP it rests on)", "ε"]
+            "AUC", "TPR @ 1 % FPR", "TPR @ 0.1 % FPR (FP it rests on)", "ε", "held-out perplexity"]
     body = [[text(h, "head") for h in head]]
     for _, r in rows.sort_values(["threat", "attack", "defense"]).iterrows():
         m = r["memorisation"] if isinstance(r["memorisation"], dict) else {}
@@ -261,8 +261,9 @@ def section(frame: pd.DataFrame, title: str = "Memorisation: what the adapters a
                      text(_label(r)), text(f"{r['attack']}{status}"), text(by or "–"), text(_ci(r, "auc")),
                      text(_ci(r, "tpr_at_1pct_fpr", True)),
                      text(_ci(r, "tpr_at_0_1pct_fpr", True) + ("" if fp is None else f" ({fp} FP)")),
-                     text("–" if eps is None else f"{eps:.2f}")])
-    widths = [w * LANDSCAPE_W for w in (0.13, 0.09, 0.12, 0.09, 0.2, 0.1, 0.1, 0.12, 0.05)]
+                     text("–" if eps is None else f"{eps:.2f}"),
+                     text("–" if num(r.get("perplexity")) is None else f"{num(r.get('perplexity')):.1f}")])
+    widths = [w * LANDSCAPE_W for w in (0.12, 0.08, 0.11, 0.09, 0.19, 0.1, 0.1, 0.11, 0.04, 0.06)]
     out.append(table(body, widths))
     png = exposure_png(rows)
     if png is not None:
