@@ -25,8 +25,9 @@ from reports.markup import escape
 from reports.tables import num
 from reports.verdict import LEVELS, SAFE, level, signed_pct
 
-VIEW_WORDS = {"server_adapters": "the server's adapters", "colluder_model": "a colluder's model (its head and "
-              "tail with the server's trunk)", "released_model": "the released model"}
+VIEW_WORDS = {"server_adapters": ("the server's adapters", "memorise"),
+              "colluder_model": ("a colluder's model (its head and tail with the server's trunk)", "memorises"),
+              "released_model": ("the released model", "memorises")}
 CHANCE_FPR = 0.01  # membership's advantage: TPR at 1 % FPR over what chance gets there
 
 
@@ -122,29 +123,40 @@ def _by_repeats(r: Any, key: str) -> dict[int, dict]:
 
 
 def view_sentences(frame: pd.DataFrame) -> list[str]:
-    """Per view, undefended: 'the server's adapters memorise: a 10× canary is extracted' (the fewest repeats
-    at which a canary came out verbatim), else the highest exposure, plus membership's rate at low FPR."""
+    """Per view and training setting, undefended: 'the server's adapters memorise: a 10× canary is extracted'
+    (the fewest repeats at which a canary came out verbatim), else the highest exposure a canary reached,
+    plus membership's rate at low FPR and how many false positives it rests on."""
     rows = frame[memorisation_rows(frame) & (frame["status"] == "ok") & (frame["defense"] == "none")]
     out = []
-    for view in [v for v in VIEW_WORDS if v in {_view(r) for _, r in rows.iterrows()}]:
-        g = rows[[_view(r) == view for _, r in rows.iterrows()]]
-        words = VIEW_WORDS[view]
+    keys = sorted({(_view(r), str(r.get("strategy")), str(r.get("finetune"))) for _, r in rows.iterrows()},
+                  key=lambda k: (list(VIEW_WORDS).index(k[0]) if k[0] in VIEW_WORDS else 9, k[1], k[2]))
+    several = len({k[1:] for k in keys}) > 1
+    for view, strategy, finetune in keys:
+        g = rows[[(_view(r), str(r.get("strategy")), str(r.get("finetune"))) == (view, strategy, finetune)
+                  for _, r in rows.iterrows()]]
+        words, verb = VIEW_WORDS.get(view, (view, "memorises"))
+        where = f" ({strategy}, {finetune} fine-tuning)" if several else ""
         extracted = sorted({k for _, r in g[g["attack"] == "extraction"].iterrows()
                             for k, v in _by_repeats(r, "extracted").items() if (num(v.get("extracted_max")) or 0) > 0})
         exposures = [(k, num(v.get("exposure")), num(v.get("exposure_max")), num((r["memorisation"] or {})
                       .get("space_bits"))) for _, r in g[g["attack"] == "canary_exposure"].iterrows()
                      for k, v in _by_repeats(r, "exposure").items()]
-        member = [r for _, r in g[g["attack"] == "membership"].iterrows()]
         parts = []
         if extracted:
-            parts.append(f"{words} memorise: a {extracted[0]}× canary is extracted")
-        elif any(x[2] is not None and x[3] and x[2] >= 0.5 * x[3] for x in exposures):
-            parts.append(f"{words} memorise: a canary's secret is among the most likely of its format")
+            parts.append(f"{words}{where} {verb}: a {extracted[0]}× canary is extracted")
+        else:
+            high = [x for x in exposures if x[2] is not None and x[3] and x[2] >= 0.5 * x[3]]
+            if high:
+                r, _, top, bits = min(high)
+                parts.append(f"{words}{where} {verb}: a {r}× canary reaches {top:.0f} bits of exposure (of "
+                             f"{bits:.0f}), though none is extracted")
+            else:
+                parts.append(f"{words}{where}: no canary extracted")
         if exposures:
             top = max(exposures, key=lambda x: (x[0], x[1] or 0))
-            parts.append(f"{top[0]}× canaries have mean exposure {top[1]:.1f} bits of {top[3]:.1f}"
-                         if top[1] is not None and top[3] else "")
-        for r in member:
+            if top[1] is not None and top[3]:
+                parts.append(f"{top[0]}× canaries have mean exposure {top[1]:.1f} bits of {top[3]:.1f}")
+        for _, r in g[g["attack"] == "membership"].iterrows():
             m = r["memorisation"] or {}
             fp = (m.get("false_positives") or {}).get("fp_at_0_1pct_fpr")
             low = (f"TPR {100 * (num(r.get('tpr_at_0_1pct_fpr')) or 0):.1f} % at 0.1 % FPR, resting on {fp} false "
@@ -152,11 +164,7 @@ def view_sentences(frame: pd.DataFrame) -> list[str]:
                    f"TPR {100 * (num(r.get('tpr_at_1pct_fpr')) or 0):.1f} % at 1 % FPR (0.1 % FPR is not measurable "
                    f"with {m.get('non_members')} non-members)")
             parts.append(f"membership ({m.get('signal')}) reaches AUC {num(r.get('auc')):.2f} and {low}")
-        if not extracted and not parts:
-            parts.append(f"{words}: no canary extracted")
-        elif not extracted and not parts[0].startswith(words):
-            parts.insert(0, f"{words}: no canary extracted")
-        out.append("; ".join(p for p in parts if p) + ".")
+        out.append("; ".join(parts) + ".")
     return out
 
 
