@@ -27,6 +27,7 @@ from reportlab.lib.units import cm
 from reportlab.platypus import KeepTogether, NextPageTemplate, PageBreak, Spacer
 
 from reports import figures, tables
+from reports import memorisation as memo
 from reports.frontier import pareto
 from reports.frontier import settings as frontier_settings
 from reports.markup import escape, sample_markup
@@ -57,7 +58,11 @@ from suite.interfaces.presets import THREATS
 TITLES = ("1. Verdict", "2. Threat-model matrix", "3. Leakage versus split depth",
           "4. Privacy–utility frontier", "5. Reconstructed samples", "6. Attack cost", "7. Methods")
 # Page 1's rows, section by section (``reports.verdict``'s schema): a new section adds its provider here.
-PAGE_ONE: list[Provider] = [training_rows, lambda frame: from_dicts(pipeline_verdict_rows(frame))]
+PAGE_ONE: list[Provider] = [
+    lambda frame: training_rows(frame[~memo.memorisation_rows(frame)]),  # reconstructions (training, not S > 1)
+    lambda frame: from_dicts(pipeline_verdict_rows(frame)),
+    lambda frame: from_dicts(memo.verdict_rows(frame)),
+]
 SAMPLES_STRONGEST, SAMPLES_DEFENDED = 3, 2  # samples shown for each threat's strongest cell / each defense
 
 
@@ -494,7 +499,9 @@ def _methods(df: pd.DataFrame) -> list:
 def build_report(directory: str | Path) -> Path:
     """Write ``directory/report.pdf`` from ``directory/results.sqlite`` and return its path."""
     directory = Path(directory)
-    df = tables.prepare(load_results(directory))
+    df = everything = tables.prepare(load_results(directory))
+    memorised = df[memo.memorisation_rows(df)]  # their own section (issue 26); the rest reads reconstructions
+    df = df[~memo.memorisation_rows(df)]
     threats = tables.threat_order(df, list(THREATS)) if not df.empty else []
     path = directory / "report.pdf"
     models = ", ".join(sorted(map(str, df["model"].dropna().unique()))) or "no model"
@@ -511,10 +518,11 @@ def build_report(directory: str | Path) -> Path:
     story = [
         para(escape(f"splitleak privacy report — {models}"), "title"),
         para(escape(f"{directory.resolve()} · generated {stamp} · {len(df)} cells"), "subtitle"),
-        *page_one(df), PageBreak(), *words, *(_run_config(df) if not df.empty else []), *detail,
+        *page_one(everything), PageBreak(), *words, *(_run_config(df) if not df.empty else []), *detail,
         NextPageTemplate("landscape"), PageBreak(), *_matrix(df, threats),
         NextPageTemplate("portrait"), PageBreak(), *_figures(df, threats, settings),
         NextPageTemplate("landscape"), PageBreak(), *_samples(df, threats),
+        *([NextPageTemplate("landscape"), PageBreak(), *memo.section(memorised)] if not memorised.empty else []),
         NextPageTemplate("portrait"), PageBreak(), *_cost(df), Spacer(1, 6), *pipeline_section(df), *_methods(df),
     ]
     try:

@@ -57,7 +57,7 @@ def test_attack_beats_chance_on_undefended_split(name, base, honest):
 def test_attack_exceeding_its_threat_is_refused(name):
     cls = ATTACKS.get(name)
     for threat in THREATS.values():
-        if threat.missing(cls.requires):
+        if cls.missing_for(threat):
             with pytest.raises(ConfigError, match="does not grant"):
                 make_attack(name, threat)
 
@@ -95,7 +95,8 @@ def test_unknown_attack_parameter_is_refused():
 
 
 def test_threat_presets_are_well_formed():
-    assert set(THREATS) == {"curious_server", "malicious_server", "colluding_client", "eavesdropper", "peer_client"}
+    assert set(THREATS) == {"curious_server", "malicious_server", "colluding_client", "eavesdropper", "peer_client",
+                            "adapter_thief", "model_user", "curious_stage", "malicious_stage", "colluding_stages"}
     assert Capability.CONTROL_SERVER in THREATS["malicious_server"].grants
     assert Capability.CONTROL_SERVER not in THREATS["curious_server"].grants
     assert THREATS["eavesdropper"].grants.isdisjoint({Capability.ACTIVATIONS, Capability.GRADIENTS})

@@ -10,7 +10,7 @@ import torch
 from pypdf import PdfReader
 from synthetic_store import cell, sweep_rows, write_store
 
-from reports import tables, verdict
+from reports import tables
 from reports.frontier import settings
 from reports.report import build_report
 from reports.verdict import MAX_SENTENCES, VerdictRow, cheapest_text, from_dicts, key_sentences, training_rows

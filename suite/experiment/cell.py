@@ -23,6 +23,7 @@ from suite.engine.stages import StageChain, stage_bounds
 from suite.engine.step import training_step
 from suite.engine.training import eval_summary, no_updates, optimizer_steps, train
 from suite.engine.transport import Frame, InProcessTransport, Recorder, client_endpoint
+from suite.errors import ConfigError
 from suite.experiment.config import ExperimentConfig
 from suite.experiment.data import Record, load_corpus, tokenize
 from suite.experiment.prepared import Prepared, prepare
@@ -257,10 +258,36 @@ def rewire(trained: TrainedSplit, defense: Defense) -> TrainedSplit:
     return dataclasses.replace(trained, capture=capture, defense=defense)
 
 
+def trunk_for(prepared: Prepared, client_id: int) -> torch.nn.Module:
+    """A fresh fp32 host copy of the server's trunk with ``client_id``'s adapter set active (per_client; the
+    shared set otherwise), without the hooks a defense left on it: the weights, not the server's machinery."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    server = prepared.session.server
+    trunk = copy.deepcopy(server.trunk).to("cpu", torch.float32)
+    name = server.adapters.get(client_id) if server.adapters else None
+    for module in trunk.modules():
+        module._forward_hooks.clear()
+        module._forward_pre_hooks.clear()
+        module._backward_hooks.clear()
+        if name is not None and isinstance(module, BaseTunerLayer):
+            module.set_adapter(name)
+    return trunk.requires_grad_(False).eval()
+
+
 def _observations(threat, spec, base: LoadedModel, cfg, shadow, prepared: Prepared, capture: Capture | None,
-                  defense: Defense | None = None, attack: Attack | None = None):
+                  defense: Defense | None = None, attack: Attack | None = None, audit=None):
     """What ``attack`` may see: the threat's grants, narrowed to what the attack declares (``requires | uses``)."""
     colluder = threat.colluder
+    victim = len(prepared.session.clients) - 1  # the canary victim (suite.experiment.canaries)
+
+    def model_of(client_id: int):
+        def view():
+            c = prepared.session.clients[client_id]
+            head, tail = copy.deepcopy((c.head, c.tail))
+            head, tail = head.to("cpu", torch.float32), tail.to("cpu", torch.float32)  # in place: ties survive
+            return head.eval(), trunk_for(prepared, victim), tail.eval()
+        return view
 
     def base_model():
         model = copy.deepcopy(base.model).requires_grad_(True)  # a fresh, trainable copy, as loaded
@@ -286,6 +313,10 @@ def _observations(threat, spec, base: LoadedModel, cfg, shadow, prepared: Prepar
         defense=public_defense(defense) if defense is not None else None,
         # the lengths the server saw (every row max_length under hide_lengths), never the clients' own masks
         lengths=tuple(int(n) for b in capture.batches for n in b.attention_mask.sum(1)) if capture else None,
+        server_adapters=lambda: trunk_for(prepared, victim),
+        colluder_model=model_of(colluder) if colluder is not None else None,
+        released_model=model_of(victim),
+        audit=audit,
     )
 
 
@@ -319,6 +350,9 @@ class CellResult:
 def attack_trained(trained: TrainedSplit, threat: ThreatModel, attack: Attack, cfg: ExperimentConfig) -> CellResult:
     """Run ``attack`` on a trained split's capture and score it against the victims' records."""
     prepared = trained.prepared
+    if attack.kind == "memorisation":
+        raise ValueError(f"{attack.name} reads a trained model, not a capture: run it in a matrix "
+                         "(splitleak run; suite.experiment.memorisation.memorisation_fields)")
     check_threat(threat, cfg.training.clients)  # with one client the colluder would be the victim
     victims = [c for c in range(cfg.training.clients) if c != threat.colluder]
     split = prepared.session.split
@@ -363,6 +397,9 @@ def run_cell(cfg: ExperimentConfig, spec: SplitSpec, threat_name: str, attack_na
     threat = get_threat(threat_name)
     check_threat(threat, cfg.training.clients)
     attack = make_attack(attack_name, threat, params)
+    if attack.kind == "memorisation":  # refused before any training
+        raise ConfigError(f"{attack_name} reads a trained model: run it in a matrix with [data] canaries "
+                          "(splitleak run examples/memorisation.toml)")
     defense = make_defense(defense_name, defense_params)
     base = base if base is not None else load_for(cfg)
     trained = train_split(cfg, spec, base, threat, attack if attack.active else None, defense)

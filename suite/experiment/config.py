@@ -65,11 +65,28 @@ class CorpusSection(_Section):
         return self.model_dump(exclude_none=True)
 
 
+class CanarySection(_Section):
+    """Secret-format records inserted into the canary victim's training data (``suite.experiment.canaries``):
+    ``count`` canaries for each value of ``repeats``, each inserted that many times."""
+
+    count: int = Field(default=20, ge=1, le=10_000)
+    repeats: list[int] = [1, 10, 50]
+    seed: int = 0  # draws the secrets (fresh per canary, uniform over the stated space)
+
+    @field_validator("repeats")
+    @classmethod
+    def _repeats(cls, value: list[int]) -> list[int]:
+        if not value or any(r < 1 for r in value) or len(set(value)) != len(value):
+            raise ValueError(f"give distinct repeat counts >= 1, e.g. [1, 10, 50], not {value}")
+        return value
+
+
 class DataSection(_Section):
     max_length: int = Field(default=32, ge=4, le=8192)
     private: CorpusSection = CorpusSection(generator="records", size=64, seed=1)
     shadow: CorpusSection = CorpusSection(generator="records", size=512, seed=2)
     held_out: int = Field(default=64, ge=1)  # held-out records of the private kind for utility (not trained on)
+    canaries: CanarySection | None = None  # memorisation: secret-format records in the victim's data
 
 
 class TrainingSection(_Section):

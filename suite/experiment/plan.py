@@ -167,7 +167,7 @@ def threat_names(cfg: ExperimentConfig) -> list[str]:
 
 def _check_attack(name: str, params: dict[str, Any]) -> None:
     cls = ATTACKS.get(name)
-    fits = [t for t in THREATS.values() if not t.missing(cls.requires)]
+    fits = [t for t in THREATS.values() if not cls.missing_for(t)]
     make_attack(name, fits[0] if fits else next(iter(THREATS.values())), params)
 
 
@@ -209,7 +209,7 @@ def expand(cfg: ExperimentConfig) -> tuple[list[Cell], list[tuple[Cell, str]]]:
         for threat_name in threat_names(cfg):
             threat = get_threat(threat_name)
             for attack, aparams in attacks:
-                missing = threat.missing(ATTACKS.get(attack).requires)
+                missing = ATTACKS.get(attack).missing_for(threat)
                 too_few = colluder_problem(threat, cfg.training.clients) or stage_problem(threat, cfg.training.stages)
                 for defense, dparams in defenses:
                     for training in axes:

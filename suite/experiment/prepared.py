@@ -6,7 +6,7 @@ a run the same way.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -14,6 +14,7 @@ from suite.engine.models import LoadedModel, load_model
 from suite.engine.split import SplitSpec
 from suite.engine.training import FinetuneConfig, Session, TrainConfig, build_session
 from suite.engine.transport import Transport
+from suite.experiment.canaries import Canary, insert, make_canaries
 from suite.experiment.config import ExperimentConfig
 from suite.experiment.data import Record, load_private, shard, tokenize
 
@@ -50,6 +51,8 @@ class Prepared:
     session: Session
     private: list[list[Record]]  # per client, the records behind its shard (ground truth for metrics)
     eval_data: dict[str, torch.Tensor]  # held-out records of the same kind, for utility
+    held_out: list[Record] = field(default_factory=list)  # the records behind ``eval_data`` (membership's non-members)
+    canaries: list[Canary] = field(default_factory=list)  # inserted into the last client's shard ([data] canaries)
 
 
 def prepare(
@@ -65,8 +68,13 @@ def prepare(
     # (which are also the victims' records): generated after them, or taken from after them in the file.
     train_records, held_out = load_private(cfg.data.private.spec(), cfg.data.held_out)
     shards = shard(train_records, cfg.training.clients)
+    canaries = []
+    if cfg.data.canaries is not None:  # into the last client's shard: a victim under every threat
+        c = cfg.data.canaries
+        canaries = make_canaries(c.count, c.repeats, c.seed)
+        shards[-1] = insert(shards[-1], canaries)
     max_len = cfg.data.max_length
     tokenized = [tokenize(s, loaded.tokenizer, max_len) for s in shards]
     session = build_session(loaded.model, spec, tokenized, train_config(cfg), transport=transport,
                             client_device=client_device, server_device=server_device)
-    return Prepared(loaded, session, shards, tokenize(held_out, loaded.tokenizer, max_len))
+    return Prepared(loaded, session, shards, tokenize(held_out, loaded.tokenizer, max_len), held_out, canaries)

@@ -19,6 +19,7 @@ import numpy as np
 
 from suite.experiment.cell import attack_trained, rewire, train_split
 from suite.experiment.config import ExperimentConfig
+from suite.experiment.memorisation import memorisation_fields
 from suite.experiment.plan import Cell, cell_config, cell_row, observation_key
 from suite.experiment.prepared import load_for
 from suite.experiment.store import METRICS, ResultsStore
@@ -110,6 +111,8 @@ class _Group:
         """The row's columns for ``cell``: its attack's metrics, intervals and advantage over blind."""
         threat = get_threat(cell.threat)
         attack = make_attack(cell.attack, threat, json.loads(cell.attack_params))
+        if attack.kind == "memorisation":  # reads a trained model view, scored on canaries and members
+            return memorisation_fields(self.under(cell), threat, attack, self.gcfg)
         same = observation_key(cell, self.cfg.training.clients)
         same = None if same is None else (cell.defense, cell.defense_params, same)
         if same in self.shared:  # the same attack on the same observations: the same computation

@@ -79,6 +79,12 @@ COLUMNS: dict[str, str] = {
     "code_revision": "TEXT",  # the code that computed the row (suite.experiment.revision.code_revision); part of the key
     "cell_id": "TEXT",  # the cell's key without the code revision: finds a row of the same cell from other code
 }
+# Memorisation (issue 26, DESIGN §3 third slice): canary exposure (bits), membership AUC and TPR at low FPR,
+# the share of canaries extracted verbatim, each with its interval; ``memorisation`` (JSON) holds the view,
+# the breakdown per repeat count, every membership signal, the ROC curve and the false positives TPR rests on.
+MEMORISATION_METRICS = ("exposure", "auc", "tpr_at_1pct_fpr", "tpr_at_0_1pct_fpr", "extracted")
+COLUMNS.update({c: "REAL" for m in MEMORISATION_METRICS for c in (m, f"{m}_lo", f"{m}_hi")})
+COLUMNS["memorisation"] = "TEXT"
 TIMING = ("attack_seconds", "attack_peak_rss_mib", "finished_at")
 
 
@@ -206,7 +212,7 @@ def load_results(directory: str | Path, per_seed: bool = False):
         rows = store.rows(per_seed=per_seed)
     for row in rows:
         for k in ("attack_params", "defense_params", "defense_report", "samples", "config", "versions", "seeds",
-                  "record_scores", "optimizer_steps", "axes"):
+                  "record_scores", "optimizer_steps", "axes", "memorisation"):
             if isinstance(row.get(k), str):
                 row[k] = json.loads(row[k])
     return pd.DataFrame(rows, columns=list(COLUMNS))

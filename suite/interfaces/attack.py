@@ -74,6 +74,10 @@ class Attack:
     # "inversion": recovers the client's text (scored by leakage metrics); "integrity": corrupts training
     # (scored by what the integrity defenses detect and by utility).
     kind: ClassVar[str] = "inversion"
+    # "memorisation" attacks (issue 26) read a trained model and need at least one of these views granted
+    # (``missing_for``), and are handed only the parts of the ``Audit`` they name here.
+    requires_any: ClassVar[frozenset[Capability]] = frozenset()
+    audits: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, config: AttackConfig | None = None):
         self.config = config if config is not None else self.Config()
@@ -81,7 +85,16 @@ class Attack:
     @classmethod
     def capabilities(cls) -> frozenset[Capability]:
         """Everything this attack may be handed: what it requires plus what it uses when granted."""
-        return frozenset(cls.requires) | frozenset(cls.uses)
+        return frozenset(cls.requires) | frozenset(cls.uses) | frozenset(cls.requires_any)
+
+    @classmethod
+    def missing_for(cls, threat: ThreatModel) -> frozenset[Capability]:
+        """What ``threat`` lacks for this attack: its ``requires``, and all of ``requires_any`` when the threat
+        grants none of them."""
+        missing = threat.missing(cls.requires)
+        if cls.requires_any and not cls.requires_any & threat.grants:
+            missing |= cls.requires_any
+        return missing
 
     def server_policy(self, obs: Observations) -> ServerPolicy | None:
         """Active attacks: the policy the server follows during training (``obs`` holds no victim traffic
@@ -104,10 +117,11 @@ def register_attack(name: str):
 def make_attack(name: str, threat: ThreatModel, params: dict[str, Any] | None = None) -> Attack:
     """Build an attack for a threat model, refusing it when it requires more than the threat grants."""
     cls = ATTACKS.get(name)
-    missing = threat.missing(cls.requires)
+    missing = cls.missing_for(threat)
     if missing:
+        some = " (one of them)" if missing & cls.requires_any else ""
         raise ConfigError(
-            f"attack {name!r} needs {', '.join(sorted(m.value for m in missing))}, which threat "
+            f"attack {name!r} needs {', '.join(sorted(m.value for m in missing))}{some}, which threat "
             f"{threat.name!r} does not grant"
         )
     known = {f.name for f in dataclasses.fields(cls.Config)}

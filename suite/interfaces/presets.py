@@ -19,6 +19,10 @@ class Capability(StrEnum):
     COLLUDER_WEIGHTS = "colluder_weights"  # a colluding client's fine-tuned head and tail
     COLLUDER_DATA = "colluder_data"  # a colluding client's own private records
     CONTROL_SERVER = "control_server"  # may deviate from the protocol: chooses what the server sends back
+    # Memorisation (issue 26): trained weights after training, the canary victim's where there is a choice
+    SERVER_ADAPTERS = "server_adapters"  # the server's trunk adapters (with the public base head and tail)
+    COLLUDER_MODEL = "colluder_model"  # a colluding client's own head and tail with the server's trunk
+    RELEASED_MODEL = "released_model"  # a victim's head and tail with the server's trunk, as if published
 
 
 @dataclass(frozen=True)
@@ -38,7 +42,9 @@ class ThreatModel:
 
 
 C = Capability
-_SERVER = frozenset({C.ACTIVATIONS, C.GRADIENTS, C.BASE_WEIGHTS, C.SHADOW_DATA})
+_SERVER = frozenset({C.ACTIVATIONS, C.GRADIENTS, C.BASE_WEIGHTS, C.SHADOW_DATA, C.SERVER_ADAPTERS})
+# A pipeline stage holds its own stage's adapters only, never the whole trunk's (no memorisation view of it yet).
+_STAGE = _SERVER - {C.SERVER_ADAPTERS}
 
 THREATS: dict[str, ThreatModel] = {
     t.name: t
@@ -59,7 +65,7 @@ THREATS: dict[str, ThreatModel] = {
             "colluding_client",
             "the curious server plus one client (client 0) that hands over its fine-tuned head/tail weights "
             "and its own private records; the victims are the other clients",
-            _SERVER | {C.COLLUDER_WEIGHTS, C.COLLUDER_DATA},
+            _SERVER | {C.COLLUDER_WEIGHTS, C.COLLUDER_DATA, C.COLLUDER_MODEL},
             colluder=0,
         ),
         ThreatModel(
@@ -80,22 +86,34 @@ THREATS: dict[str, ThreatModel] = {
             "one honest-but-curious pipeline stage (its index a parameter: curious_stage:1): keeps the hidden "
             "states entering its first block and the gradients the next stage sends back, knows the public "
             "base weights and has public shadow text; the adapters above and below it are other parties'",
-            _SERVER,
+            _STAGE,
             stage_params=1,
         ),
         ThreatModel(
             "malicious_stage",
             "one malicious pipeline stage (malicious_stage:1): like the curious stage, and may send chosen "
             "hidden states to the next stage and chosen gradients to the previous one during training",
-            _SERVER | {C.CONTROL_SERVER},
+            _STAGE | {C.CONTROL_SERVER},
             stage_params=1,
         ),
         ThreatModel(
             "colluding_stages",
             "two curious pipeline stages that pool their views (colluding_stages:0,2): the hidden states entering "
             "the earlier one and the gradients the later one receives, as one server spanning both would see",
-            _SERVER,
+            _STAGE,
             stage_params=2,
+        ),
+        ThreatModel(
+            "adapter_thief",
+            "someone who steals the server's trunk adapters after training, without the traffic: the adapters "
+            "(the canary victim's set under per_client), the public base weights and public text",
+            frozenset({C.SERVER_ADAPTERS, C.BASE_WEIGHTS, C.SHADOW_DATA}),
+        ),
+        ThreatModel(
+            "model_user",
+            "a user of the released fine-tuned model (a victim's head and tail with the server's trunk), "
+            "with the public base weights and public text",
+            frozenset({C.RELEASED_MODEL, C.BASE_WEIGHTS, C.SHADOW_DATA}),
         ),
     )
 }

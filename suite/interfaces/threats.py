@@ -46,6 +46,19 @@ class ObservedBatch:
 
 
 @dataclass(frozen=True)
+class Audit:
+    """The memorisation question an auditor asks (``[data] canaries``; ``suite.experiment.canaries``). Public:
+    the canaries' ``prefix`` and ``secret_format`` (each ``#`` a digit). Handed only to the parts an attack
+    declares in ``Attack.audits``: ``canaries`` (the canary texts whose exposure is audited), ``queries``
+    (members and non-members shuffled, without labels). Labels and which secret is whose never come."""
+
+    prefix: str
+    secret_format: str
+    canaries: tuple[str, ...] | None = None
+    queries: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
 class Observations:
     """Everything an attack may use, filtered by its threat model. Fields not granted are ``None``."""
 
@@ -67,6 +80,13 @@ class Observations:
     # (the padding pattern crosses the wire in clear; where a defense hides lengths, every row is
     # ``max_length``). What the blind baseline knows of the victims besides public text.
     lengths: tuple[int, ...] | None = None
+    # Memorisation views (trained weights after training; fresh fp32 copies on the host, the canary victim's
+    # server adapter set active under per_client). SERVER_ADAPTERS: the server's trunk with its adapters;
+    # COLLUDER_MODEL / RELEASED_MODEL: (head, trunk, tail) of the colluder / of the canary victim.
+    server_adapters: Callable[[], torch.nn.Module] | None = None
+    colluder_model: Callable[[], tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]] | None = None
+    released_model: Callable[[], tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]] | None = None
+    audit: Audit | None = None  # what a memorisation attack is asked about (only the parts it declares)
 
     def __post_init__(self) -> None:
         need = {
@@ -76,6 +96,9 @@ class Observations:
             "shadow": C.SHADOW_DATA,
             "colluder_head_tail": C.COLLUDER_WEIGHTS,
             "colluder_records": C.COLLUDER_DATA,
+            "server_adapters": C.SERVER_ADAPTERS,
+            "colluder_model": C.COLLUDER_MODEL,
+            "released_model": C.RELEASED_MODEL,
         }
         for f in fields(self):
             cap = need.get(f.name)
@@ -107,4 +130,8 @@ def filter_observations(threat: ThreatModel, capabilities: frozenset[Capability]
         colluder_records=available.get("colluder_records") if C.COLLUDER_DATA in g else None,
         defense=available.get("defense"),
         lengths=available.get("lengths"),
+        server_adapters=available.get("server_adapters") if C.SERVER_ADAPTERS in g else None,
+        colluder_model=available.get("colluder_model") if C.COLLUDER_MODEL in g else None,
+        released_model=available.get("released_model") if C.RELEASED_MODEL in g else None,
+        audit=available.get("audit"),
     )

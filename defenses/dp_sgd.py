@@ -1,0 +1,154 @@
+"""DP-SGD (Abadi et al. 2016) with Opacus on the weights that training leaves behind: the server's trunk
+adapters (``target = "server"``), the clients' trainable head and tail parameters (``"clients"``), or both.
+
+Mechanism. Opacus' ``GradSampleModule`` hooks compute every example's gradient of the trainable parameters
+(LoRA's linear layers) and ``DPOptimizer`` clips each to norm ``clip``, adds Gaussian noise of std
+``sigma * clip`` to the sum and averages over the expected batch, before the party's own optimiser (AdamW)
+steps. The training loop is unchanged: this wraps the parties' trunk / head and tail and their optimisers.
+
+Accounting. A record of client c is in c's batches only; each of c's steps (one per training step, for the
+trunk adapters it trains under serial, batch_parallel or per_client) samples a batch of B of its N_c
+records. Opacus' RDP accountant gives ε at δ for noise multiplier ``sigma``, sample rate q = B / N_c and the
+steps taken; the report keeps the worst client. The sampling amplification assumes Poisson sampling; the
+batches here are shuffled without replacement each epoch (as in most DP-SGD code), so ``epsilon`` is the usual
+approximation, and ``epsilon_without_amplification`` (q = 1: every step may touch the record) is the bound
+that needs no sampling assumption. Both are reported.
+
+What it protects, and what not. It bounds what the *weights* say about a record: the trunk adapters an
+``adapter_thief`` steals, the head and tail of a released model. It does nothing against the server itself,
+which sees every activation and gradient in clear while training (the report says so), nor, with
+``target = "server"``, for the clients' own heads and tails in a released model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from suite.interfaces.defense import Defense, DefenseConfig, register_defense
+
+TARGETS = ("server", "clients", "both")
+
+
+@dataclass(frozen=True)
+class DPSGDConfig(DefenseConfig):
+    sigma: float = 1.0  # noise multiplier: noise std = sigma x clip
+    clip: float = 1.0  # per-example gradient norm bound
+    delta: float = 1e-5
+    target: str = "server"  # server | clients | both
+
+    def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise ValueError(f"target must be one of {', '.join(TARGETS)}, not {self.target!r}")
+        for name in ("sigma", "clip", "delta"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
+        if self.sigma < 0:
+            raise ValueError(f"sigma must be >= 0, got {self.sigma}")
+        if self.clip <= 0:
+            raise ValueError(f"clip must be > 0 (DP-SGD needs a finite sensitivity), got {self.clip}")
+        if not 0 < self.delta < 1:
+            raise ValueError(f"delta must be in (0, 1), got {self.delta}")
+
+
+def epsilon(sigma: float, sample_rate: float, steps: int, delta: float) -> float:
+    """ε of ``steps`` sampled Gaussian mechanisms (Opacus' RDP accountant); ∞ without noise, 0 without steps."""
+    if steps == 0:
+        return 0.0
+    if sigma == 0:
+        return math.inf
+    from opacus.accountants import RDPAccountant
+
+    accountant = RDPAccountant()
+    accountant.history = [(sigma, sample_rate, steps)]
+    return float(accountant.get_epsilon(delta=delta))
+
+
+def _per_example(modules, optimizer, cfg: DPSGDConfig, batch_size: int):
+    """Hook ``modules`` for per-example gradients (every LoRA adapter set, active or not, so per_client's
+    sets are all covered) and wrap ``optimizer`` in Opacus' DPOptimizer."""
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+    from opacus.validators import ModuleValidator
+
+    wrapped = []
+    for module in modules:
+        was = {p: p.requires_grad for p in module.parameters()}
+        for name, p in module.named_parameters():  # inactive adapter sets too: their hooks are made now
+            if "lora_" in name:
+                p.requires_grad_(True)
+        try:
+            problems = ModuleValidator.validate(module, strict=False)
+            if problems:
+                raise ValueError(f"dp_sgd cannot compute per-example gradients here ({problems[0]}); "
+                                 "use finetune = \"lora\" for the parts it protects")
+            wrapped.append(GradSampleModule(module, batch_first=True, loss_reduction="mean", strict=False))
+        finally:
+            for p, g in was.items():
+                p.requires_grad_(g)
+    return wrapped, DPOptimizer(optimizer, noise_multiplier=cfg.sigma, max_grad_norm=cfg.clip,
+                                expected_batch_size=batch_size)
+
+
+@register_defense("dp_sgd")
+class DPSGDDefense(Defense):
+    Config = DPSGDConfig
+
+    def __init__(self, config: DPSGDConfig | None = None):
+        super().__init__(config)
+        self._session = None
+        self._hooked: list = []  # the GradSampleModules (their hooks live on the parties' modules)
+
+    def install(self, session) -> None:
+        cfg = self.config
+        # the rows of one server pass: every client's batch at once under batch_parallel
+        batch = session.config.batch_size * (len(session.clients) if session.config.strategy == "batch_parallel" else 1)
+        if cfg.target in ("server", "both"):
+            server = session.server
+            if session.config.finetune.server != "lora":
+                raise ValueError("dp_sgd on the server needs server_finetune = \"lora\" (per-example gradients of "
+                                 "LoRA layers); the server trains nothing else here")
+            for name, opt in list(server.optimizers.items()):
+                if opt is not None:
+                    hooked, server.optimizers[name] = _per_example([server.trunk] if not self._hooked else [],
+                                                                   opt, cfg, batch)
+                    self._hooked += hooked
+            if server.adapters:
+                server._activate(next(iter(server.adapters.values())))  # restore one active set
+        if cfg.target in ("clients", "both"):
+            if session.config.finetune.client != "lora":
+                raise ValueError("dp_sgd on the clients needs finetune = \"lora\"")
+            for client in session.clients:
+                if client.optimizer is not None:
+                    hooked, client.optimizer = _per_example([client.head, client.tail], client.optimizer, cfg,
+                                                            client.batches.batch_size)
+                    self._hooked += hooked
+        self._session = session
+
+    def report(self) -> dict:
+        cfg = self.config
+        out = {"mechanism": "DP-SGD (Opacus: per-example clipping, Gaussian noise, RDP accountant)",
+               "target": cfg.target, "sigma": cfg.sigma, "clip": cfg.clip, "delta": cfg.delta,
+               "does_not_cover": "the server itself: it sees every activation and gradient in clear while "
+                                 "training; server-side DP-SGD protects against adapter thieves and model users only"}
+        if cfg.target == "server":
+            out["does_not_cover"] += "; the clients' own heads and tails (target = \"server\")"
+        s = self._session
+        if s is None:
+            return out
+        steps, rates = [], []
+        for client in s.clients:
+            n = client.batches.size
+            rates.append(min(1.0, client.batches.batch_size / n))
+            steps.append(client.optimizer_steps if cfg.target == "clients" else
+                         max(client.optimizer_steps, len(s.losses)))
+        eps = [epsilon(cfg.sigma, q, k, cfg.delta) for q, k in zip(rates, steps, strict=True)]
+        worst = max(range(len(eps)), key=lambda i: eps[i])
+        out.update(epsilon=eps[worst], sample_rate=rates[worst], steps=steps[worst],
+                   epsilon_without_amplification=epsilon(cfg.sigma, 1.0, steps[worst], cfg.delta),
+                   accounting="sample rate B / N_c of the worst client, amplification by sampling assumed "
+                              "(batches are shuffled, not Poisson-sampled); epsilon_without_amplification "
+                              "needs no such assumption",
+                   covers={"server": "the server's trunk adapters", "clients": "the clients' heads and tails",
+                           "both": "the server's trunk adapters and the clients' heads and tails"}[cfg.target])
+        return out

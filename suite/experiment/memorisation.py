@@ -1,0 +1,114 @@
+"""A memorisation cell (issue 26): run a ``kind = "memorisation"`` attack on a trained split's model view and
+score it with the ground truth the attack never sees (``suite.scoring.memorisation``).
+
+The attack gets the views its threat grants and the parts of the audit it declares
+(``suite.experiment.canaries``); what it returns is scored here:
+
+* ``candidate_lppl`` / ``canary_lppl`` (canary_exposure): each canary's exposure, then their mean per repeat count
+  and over all canaries (``exposure`` with its interval over canaries);
+* ``scores`` (membership): AUC and TPR at 1 % / 0.1 % FPR of the chosen signal, members against non-members,
+  with stratified bootstrap intervals; every signal's summary goes into ``memorisation``;
+* ``guesses`` (extraction): the share of canaries whose secret came out verbatim (``extracted``), per repeat
+  count and per decoding.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from suite.experiment.canaries import CANARY_PREFIX, SECRET_FORMAT, audit_set, space_bits
+from suite.experiment.cell import TrainedSplit, _observations
+from suite.experiment.config import ExperimentConfig
+from suite.interfaces.attack import Attack, timed_reconstruct
+from suite.interfaces.threats import Audit, ThreatModel
+from suite.scoring.memorisation import (
+    exposure,
+    exposure_by_rank,
+    mean_summary,
+    membership_summary,
+    roc_points,
+)
+
+ROC_POINTS = 200  # points kept of each ROC curve for the report (log-spaced in FPR)
+
+
+def memorisation_fields(trained: TrainedSplit, threat: ThreatModel, attack: Attack, cfg: ExperimentConfig
+                        ) -> dict[str, Any]:
+    prepared = trained.prepared
+    canaries = prepared.canaries
+    victim = len(prepared.private) - 1
+    inserted = {c.text for c in canaries}
+    members = [r for r in prepared.private[victim] if r.text not in inserted]
+    truth = audit_set(canaries, members, prepared.held_out, cfg.training.seed)
+    if "canaries" in attack.audits and not canaries:
+        raise ValueError(f"{attack.name} needs canaries: add [data] canaries = {{ count = 20, repeats = [1, 10, 50] }}")
+    audit = Audit(CANARY_PREFIX, SECRET_FORMAT,
+                  canaries=tuple(c.text for c in canaries) if "canaries" in attack.audits else None,
+                  queries=truth.queries if "queries" in attack.audits else None)
+    obs = _observations(threat, prepared.session.split.spec, trained.base, cfg, trained.shadow, prepared, None,
+                        trained.defense, attack, audit)
+    recon, cost = timed_reconstruct(attack, obs)
+    extra = recon.extra
+    detail: dict[str, Any] = {"view": extra.get("view"), "canary_victim": victim}
+    out: dict[str, Any] = {}
+    repeats = [c.repeats for c in canaries]
+    if "canary_lppl" in extra:
+        bits = space_bits(SECRET_FORMAT)
+        cand = extra["candidate_lppl"]
+        exp = [exposure(c, cand, bits) for c in extra["canary_lppl"]]
+        out.update(_mean("exposure", exp))
+        detail.update(candidates=len(cand), space_bits=bits, exposure=exp,
+                      exposure_rank=[exposure_by_rank(c, cand, bits) for c in extra["canary_lppl"]],
+                      by_repeats=_by_repeats(repeats, exp))
+    if "scores" in extra:
+        labels = np.asarray(truth.is_member)
+        summaries = {}
+        for signal, scores in extra["scores"].items():
+            s = np.asarray(scores, dtype=float)
+            summaries[signal] = membership_summary(s[labels], s[~labels])
+        chosen = summaries[extra["signal"]]
+        out.update({k: v for k, v in chosen.items() if not k.startswith("fp_at")})
+        s = np.asarray(extra["scores"][extra["signal"]], dtype=float)
+        fpr, tpr = roc_points(s[labels], s[~labels])
+        detail.update(signal=extra["signal"], members=int(labels.sum()), non_members=int((~labels).sum()),
+                      signals=summaries, roc=_thin(fpr, tpr),
+                      false_positives={k: v for k, v in chosen.items() if k.startswith("fp_at")})
+    if "guesses" in extra:
+        guessed = {m: set(g) for m, g in extra["guesses"].items()}
+        hit = [float(any(c.secret in g for g in guessed.values())) for c in canaries]
+        out.update(_mean("extracted", hit, binary=True))
+        detail.update(by_repeats=_by_repeats(repeats, hit, "extracted", binary=True),
+                      by_decoding={m: sum(c.secret in g for c in canaries) for m, g in guessed.items()},
+                      guesses={m: sorted(g)[:20] for m, g in guessed.items()})
+    return {**out, "memorisation": detail, "utility": trained.utility, "perplexity": trained.perplexity,
+            "optimizer_steps": trained.optimizer_steps, "attack_seconds": cost.seconds,
+            "attack_peak_rss_mib": cost.peak_rss_mib, "status": "ok", "error": None, "note": recon.note,
+            "defense_report": trained.defense.report()}
+
+
+def _mean(name: str, values: list[float], binary: bool = False) -> dict[str, float | None]:
+    mean, lo, hi = mean_summary(values, binary=binary)
+    return {name: mean, f"{name}_lo": lo, f"{name}_hi": hi}
+
+
+def _by_repeats(repeats: list[int], values: list[float], name: str = "exposure", binary: bool = False
+                ) -> dict[str, dict]:
+    out = {}
+    for r in sorted(set(repeats)):
+        vals = [v for v, k in zip(values, repeats, strict=True) if k == r]
+        mean, lo, hi = mean_summary(vals, binary=binary)
+        out[str(r)] = {name: mean, f"{name}_lo": lo, f"{name}_hi": hi, "canaries": len(vals),
+                       f"{name}_max": max(vals) if vals else None}
+    return out
+
+
+def _thin(fpr: list[float], tpr: list[float]) -> dict[str, list[float]]:
+    """At most ``ROC_POINTS`` points of a ROC curve, log-spaced in FPR (the low-FPR end is what matters)."""
+    f, t = np.asarray(fpr), np.asarray(tpr)
+    if f.size <= ROC_POINTS:
+        return {"fpr": f.tolist(), "tpr": t.tolist()}
+    grid = np.unique(np.concatenate([[0.0], np.logspace(-5, 0, ROC_POINTS - 1)]))
+    idx = np.clip(np.searchsorted(f, grid, side="right") - 1, 0, f.size - 1)
+    return {"fpr": f[idx].tolist(), "tpr": t[idx].tolist()}
