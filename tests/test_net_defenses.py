@@ -118,8 +118,9 @@ def test_the_audit_over_grpc_catches_a_tampering_server_and_passes_an_honest_one
 
 def test_the_audit_flags_a_server_that_does_not_commit(certs):
     cfg = _cfg("--steps", "2")
-    # a server started without the audit cannot pass the hash; one that agreed but commits nothing is caught
-    defense = choose_defense(cfg, "integrity_audit", {"audit_rate": 1.0})
+    # a server started without the audit cannot pass the hash; one that agreed but commits nothing is caught on
+    # every step, even by a client that spot-checks nothing and never audits (red team 24.2)
+    defense = choose_defense(cfg, "integrity_audit", {"audit_rate": 0.0, "spot_tokens": 0})
     with _Served(certs, cfg, defense) as served:
         served.service.server.commit_state = False
         run_client(cfg, 0, served.address, certs, defense=defense, give_up_after=20)

@@ -10,8 +10,8 @@ different ones are refused at Hello in one line.
 
 What the hash is not: an attestation. Each process installs what its own command line says; the other side
 cannot see whether it did (a client's noise is secret by design). The hash catches two sides configured
-differently by mistake. A server that agreed to the audit but does not commit or reveal is caught by the
-client's verifier (every such step is flagged); a client that agreed to noise and sends none harms only its
+differently by mistake. A server that agreed to the audit but does not commit is caught by the client's
+verifier on every step, and one that does not reveal on every step a reveal is asked for; a client that agreed to noise and sends none harms only its
 own privacy.
 """
 
