@@ -45,6 +45,7 @@ A flagged step is rejected (the client skips its update) and training continues.
 from __future__ import annotations
 
 import copy
+import math
 import secrets
 import statistics
 import time
@@ -70,6 +71,14 @@ class IntegrityAuditConfig(DefenseConfig):
     rtol: float = 1e-3  # recomputation tolerance, relative to the tensor's scale
 
     def __post_init__(self) -> None:
+        for name in ("spot_tokens", "warmup"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be a whole number, got {value!r}")
+        for name in ("audit_rate", "z_threshold", "min_cosine", "rtol"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number (inf or nan turns a detector off), got {value!r}")
         if not 0 <= self.audit_rate <= 1:
             raise ValueError(f"audit_rate must be in [0, 1], got {self.audit_rate}")
         if self.spot_tokens < 0 or self.warmup < 1 or self.z_threshold <= 0 or self.rtol <= 0:

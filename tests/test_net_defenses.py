@@ -158,6 +158,42 @@ def test_networked_defense_refusals_are_one_line(monkeypatch):
         choose_defense(cfg, "dp_gaussian")
 
 
+@pytest.mark.parametrize("name,one,other", [
+    ("dp_gaussian", {"freeze": 0}, {"freeze": False}),
+    ("dp_gaussian", {"hide_lengths": 1, "direction": "both"}, {"hide_lengths": "true", "direction": "both"}),
+    ("dp_gaussian", {"grad_clip": 1.0}, {}),  # None means clip: the same setting
+    ("integrity_audit", {"spot_tokens": 2.0}, {"spot_tokens": 2}),
+])
+def test_one_setting_spelled_two_ways_has_one_hash(name, one, other):
+    """Red team 24.7: honest sides that spell a parameter differently are not refused at Hello."""
+    from suite.net.defended import describe
+    from suite.net.parties import config_hash
+
+    cfg = _cfg("--steps", "1")
+    a, b = choose_defense(cfg, name, one), choose_defense(cfg, name, other)
+    assert describe(a) == describe(b) and config_hash(cfg, a) == config_hash(cfg, b)
+
+
+@pytest.mark.parametrize("name,params,match", [
+    ("dp_gaussian", {"freeze": "no"}, "freeze is true or false"),
+    ("dp_gaussian", {"freeze": 2}, "freeze is true or false"),
+    ("dxp", {"eta": math.inf}, "eta must be a finite number"),  # inf: no noise at all under a DxP label
+    ("dxp", {"eta": math.nan}, "eta must be a finite number"),
+    ("integrity_audit", {"rtol": math.inf}, "rtol must be a finite number"),
+    ("integrity_audit", {"rtol": math.nan}, "rtol must be a finite number"),
+    ("integrity_audit", {"z_threshold": math.nan}, "z_threshold must be a finite number"),
+    ("integrity_audit", {"min_cosine": math.nan}, "min_cosine must be a finite number"),
+    ("integrity_audit", {"spot_tokens": 2.5}, "spot_tokens must be a whole number"),
+    ("integrity_audit", {"audit_rate": "high"}, "audit_rate must be a number"),
+])
+def test_out_of_range_defense_parameters_are_one_line(name, params, match):
+    """Red team 24.6: a parameter that would switch the mechanism off (or crash it later) is refused."""
+    cfg = _cfg("--steps", "1")
+    with pytest.raises(SplitleakError, match=match) as err:
+        choose_defense(cfg, name, params)
+    assert "\n" not in str(err.value)
+
+
 @pytest.mark.parametrize("name,params", [("none", {}), ("dp_gaussian", {"sigma": 0.02, "clip": 1.0})])
 def test_a_networked_capture_attacked_matches_the_in_process_cell(certs, tmp_path, name, params):
     from suite.experiment.capture_attack import attack_capture

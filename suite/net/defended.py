@@ -48,8 +48,9 @@ def choose_defense(cfg, name: str | None = None, params: dict[str, Any] | None =
 
 
 def describe(defense) -> dict[str, Any]:
-    """What both sides agree on: the name and the public parameters (never ``secret_fields``), a whole number
-    given for a float parameter as that float (``sigma=1`` and ``sigma=1.0`` are one setting)."""
+    """What both sides agree on: the name and the public parameters (never ``secret_fields``), each of its
+    field's declared type (``make_defense`` converts: ``sigma=1`` and ``sigma=1.0``, ``freeze=0`` and
+    ``freeze=false`` are one setting) with derived defaults filled in (DP's ``grad_clip`` = ``clip``)."""
     import dataclasses
 
     floats = {f.name for f in dataclasses.fields(defense.config) if "float" in str(f.type)}
