@@ -258,6 +258,63 @@ def test_a_crafted_capture_file_is_a_one_line_error(tmp_path):
                        "nearest_embedding")
 
 
+def _capture(header: dict, *records: bytes) -> bytes:
+    import json
+
+    raw = json.dumps({"format": "splitleak-capture", "version": 1, "head_blocks": 1, "tail_blocks": 1,
+                      "max_length": 12, "model": "tiny-llama", **header}).encode()
+    return MAGIC + struct.pack(">I", len(raw)) + raw + b"".join(records)
+
+
+def _record(tag: bytes, body: bytes) -> bytes:
+    return tag + struct.pack(">I", len(body)) + body
+
+
+def _activation_frame(rows=2, length=12) -> bytes:
+    from suite.engine.protocol import encode
+
+    mask = torch.ones(rows, length, dtype=torch.long)
+    msg = ActivationMsg(0, 0, "to_server", torch.randn(rows, length, 64), attention_mask=mask,
+                        position_ids=position_ids_for(mask))
+    return _record(b"F", b"\x08client/0\x06server" + encode(msg))
+
+
+def test_a_crafted_capture_header_or_truth_is_one_line_before_any_work(tmp_path):
+    """Red team 24.3 / 24.4: a header max_length the frames do not have (attacks pad shadow text to it: a huge
+    one exhausted memory) and a truth record with no real position (a traceback in scoring) are refused."""
+    from safetensors.torch import save as st_save
+
+    from suite.experiment.capture_attack import attack_capture
+
+    cfg = _cfg("--steps", "1")
+    with pytest.raises(CaptureError, match="max_length 100000 exceeds"):
+        read_capture(_write(tmp_path / "huge", _capture({"max_length": 100000}, _activation_frame(1, 4))))
+    with pytest.raises(CaptureError, match="max_length 60 differs from its frames' length 4"):
+        attack_capture(cfg, _write(tmp_path / "big", _capture({"max_length": 60}, _activation_frame(1, 4))),
+                       "curious_server", "nearest_embedding")
+    zero = st_save({"input_ids": torch.ones(2, 12, dtype=torch.long),
+                    "attention_mask": torch.zeros(2, 12, dtype=torch.long)}, metadata={"client_id": "0", "step": "0"})
+    with pytest.raises(CaptureError, match="marks no real position"):
+        read_capture(_write(tmp_path / "zero", _capture({}, _activation_frame(), _record(b"T", zero))))
+
+
+def test_a_large_file_that_is_no_capture_is_refused_without_reading_it(tmp_path):
+    """Red team 24.5: the magic bytes are checked before the rest of the file is read."""
+    import tracemalloc
+
+    path = tmp_path / "sparse"
+    with path.open("wb") as fh:
+        fh.truncate(256 << 20)  # sparse: no disk used
+    tracemalloc.start()
+    try:
+        with pytest.raises(CaptureError, match="not a splitleak capture"):
+            read_capture(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20
+
+
 def test_a_mutated_real_capture_never_crashes_the_reader(certs, tmp_path):
     import random
 
