@@ -295,6 +295,12 @@ class _DPDefense(Defense):
         with torch.no_grad():
             return hook(plain, Batch(input_ids, attention_mask, input_ids))
 
+    def public_params(self) -> dict:
+        """With the derived default filled in (``grad_clip`` None is ``clip``): one setting, one hash."""
+        params = super().public_params()
+        params["grad_clip"] = self._grad_clip()
+        return params
+
     def _grad_clip(self) -> float:
         return self.config.clip if self.config.grad_clip is None else self.config.grad_clip
 

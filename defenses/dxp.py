@@ -13,6 +13,7 @@ noise; what leaves there is a function of the perturbed real embeddings and the 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -28,8 +29,9 @@ class DxPConfig(DefenseConfig):
     seed: int | None = None  # UNSAFE, tests only: fixes the noise (None = fresh OS randomness per client)
 
     def __post_init__(self) -> None:
-        if self.eta <= 0:
-            raise ValueError(f"eta must be > 0, got {self.eta}")
+        if isinstance(self.eta, bool) or not isinstance(self.eta, int | float) or not math.isfinite(self.eta) \
+                or self.eta <= 0:
+            raise ValueError(f"eta must be a finite number > 0 (inf would send clean embeddings), got {self.eta!r}")
 
 
 def dx_noise(shape: torch.Size, eta: float, source: NoiseStream | torch.Generator) -> torch.Tensor:

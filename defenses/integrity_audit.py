@@ -6,12 +6,15 @@ compute. This defense spot-checks instead, and never reads the live server: its 
 
 * a *replica* of the trunk built from public knowledge (the public base weights and the public split and
   adapter configuration; in-process, a copy of the trunk taken at install, before training, which holds
-  exactly that), whose frozen weights it hashes once;
+  exactly that), whose frozen weights it hashes at install and checks again before every full audit;
 * the *commitment* the server publishes with every hidden-state reply (``ActivationMsg.commitment``: sha256
   of its frozen-weight digest and the bytes of its trainable state of that step, see ``suite.engine.commitment``);
 * for an audited step, the *revealed* trainable state (``Server.reveal``: safetensors bytes). The verifier
   hashes the revealed state with its replica's frozen digest and compares the result with the commitment
-  before it loads the state into the replica and re-executes.
+  before it loads the state into the replica and re-executes. A reveal must name exactly the replica's
+  trainable tensors (this client's adapter set under ``per_client``): a frozen base weight, another client's
+  adapter or a missing tensor flags the step, so a server cannot slip changed public weights in as "state".
+  A reply without a commitment is flagged on every step, whatever ``spot_tokens`` and ``audit_rate``.
 
 Which steps and positions are audited is drawn from the operating system's CSPRNG (``secrets``) after the
 server has replied, so a server that knows the policy (its public parameters) cannot predict which steps are
@@ -42,6 +45,7 @@ A flagged step is rejected (the client skips its update) and training continues.
 from __future__ import annotations
 
 import copy
+import math
 import secrets
 import statistics
 import time
@@ -50,7 +54,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from suite.engine.commitment import commit, decode_reveal, frozen_digest
+from suite.engine.commitment import commit, decode_reveal, for_adapter, frozen_digest, state_names
 from suite.engine.parties import Batch, StepRejected
 from suite.engine.split import position_ids_for
 from suite.errors import ProtocolError
@@ -67,6 +71,14 @@ class IntegrityAuditConfig(DefenseConfig):
     rtol: float = 1e-3  # recomputation tolerance, relative to the tensor's scale
 
     def __post_init__(self) -> None:
+        for name in ("spot_tokens", "warmup"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be a whole number, got {value!r}")
+        for name in ("audit_rate", "z_threshold", "min_cosine", "rtol"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number (inf or nan turns a detector off), got {value!r}")
         if not 0 <= self.audit_rate <= 1:
             raise ValueError(f"audit_rate must be in [0, 1], got {self.audit_rate}")
         if self.spot_tokens < 0 or self.warmup < 1 or self.z_threshold <= 0 or self.rtol <= 0:
@@ -120,6 +132,8 @@ class IntegrityAuditDefense(Defense):
         self.rng = secrets.SystemRandom()  # the audit schedule: unpredictable to the server, never from the config
         self.replica: torch.nn.Module | None = None
         self._replica_frozen: bytes = b""
+        self._state_names: set[str] = set()  # what a reveal carries (before filtering to a client's adapter set)
+        self._adapters: dict[int, str] = {}  # client id -> its own adapter set (per_client), else empty
         self._reveal: Callable[[int, int], bytes] | None = None
         self.reveals = 0
         self.flags: list[dict] = []  # {"client", "step", "detector", "what"}
@@ -136,8 +150,9 @@ class IntegrityAuditDefense(Defense):
 
     def _load_committed(self, client, step: int) -> None:
         """Ask for the state committed to in this step's reply, check it against the commitment, load it into
-        the replica. A missing commitment, an unavailable state or a state that does not hash to the
-        commitment flags the step."""
+        the replica. A missing commitment, an unavailable state, a state that does not hash to the commitment,
+        or one whose names are not exactly the replica's trainable state for this client's adapter set (a
+        frozen base weight, another client's adapter, a missing tensor) flags the step."""
         commitment = client.received_commitment
         if commitment is None:
             self._flag(client, step, "commitment", "hidden states (no commitment sent)")
@@ -148,10 +163,15 @@ class IntegrityAuditDefense(Defense):
         self.reveals += 1
         if commit(self._replica_frozen, state, adapter) != commitment:
             self._flag(client, step, "commitment", "hidden states (revealed state does not match the commitment)")
+        expected = self._adapters.get(client.id)
+        if adapter != expected:
+            self._flag(client, step, "commitment", f"hidden states (revealed adapter set {adapter!r}, "
+                                                   f"this client's is {expected!r})")
+        if set(state) != for_adapter(self._state_names, expected):
+            self._flag(client, step, "commitment", "hidden states (revealed tensors are not exactly the trainable "
+                                                   "state: a frozen weight, another adapter, or one missing)")
         replica = self.replica
         own = dict(replica.named_parameters())
-        if set(state) - set(own):
-            self._flag(client, step, "commitment", "hidden states (revealed tensors the replica does not have)")
         if adapter is not None:
             from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -164,12 +184,22 @@ class IntegrityAuditDefense(Defense):
                     self._flag(client, step, "commitment", "hidden states (revealed tensor of the wrong shape)")
                 own[name].copy_(value)
 
+    def _check_frozen(self, client, step: int) -> None:
+        """The replica's frozen weights are still the public ones hashed at install (before a full audit:
+        nothing but ``_load_committed`` writes the replica, and it writes trainable state only)."""
+        if frozen_digest(self.replica) != self._replica_frozen:
+            self._flag(client, step, "commitment", "hidden states (the replica's frozen weights changed)")
+
     def _check_hidden(self, client, state: _ClientState, step: int, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
         start = time.perf_counter()
         sent, mask = client.sent_activation, batch.attention_mask
         self.served_units += 3 * int(mask.sum())
         state.revealed, state.hidden = False, hidden
         try:
+            # A server that agreed to the audit commits to every reply: one without a commitment is flagged
+            # whatever the spot check and audit rate (nothing could be checked against it).
+            if client.received_commitment is None:
+                self._flag(client, step, "commitment", "hidden states (no commitment sent)")
             rows = [i for i in range(mask.shape[0]) if mask[i, 0]]
             spot = bool(self.config.spot_tokens and rows)
             if spot:
@@ -201,6 +231,7 @@ class IntegrityAuditDefense(Defense):
                 if not state.revealed:
                     self._load_committed(client, step)
                     state.revealed = True
+                self._check_frozen(client, step)
                 with torch.no_grad():
                     want = self.replica(client.sent_activation, batch.attention_mask,
                                         position_ids_for(batch.attention_mask))
@@ -249,7 +280,7 @@ class IntegrityAuditDefense(Defense):
         # The replica: public base weights and public adapter configuration, before any training (a client
         # builds it the same way from the public model). The reveal request returns bytes, never the
         # server's objects.
-        self._attach(session.clients, server.trunk, server.reveal)
+        self._attach(session.clients, server.trunk, server.reveal, server.adapters)
 
     def install_server(self, server) -> None:
         """``splitleak serve``: commit to every step's trunk state; reveals are answered over the link."""
@@ -258,13 +289,16 @@ class IntegrityAuditDefense(Defense):
     def install_client(self, client, remote) -> None:
         """``splitleak client``: the verifier on this client's own replica, built from the trunk the public
         knowledge gives (``remote.public_trunk``), with reveals requested over the link."""
-        self._attach([client], remote.public_trunk, remote.reveal)
+        self._attach([client], remote.public_trunk, remote.reveal, remote.adapters)
 
-    def _attach(self, clients, public_trunk: torch.nn.Module, reveal: Callable[[int, int], bytes]) -> None:
+    def _attach(self, clients, public_trunk: torch.nn.Module, reveal: Callable[[int, int], bytes],
+                adapters: dict[int, str]) -> None:
         # The replica is a copy taken now, before any training; its frozen weights are hashed here once;
         # every trainable value it computes with later comes from a reveal checked against a commitment.
         self.replica = copy.deepcopy(public_trunk)
         self._replica_frozen = frozen_digest(self.replica)
+        self._state_names = state_names(self.replica)
+        self._adapters = dict(adapters or {})
         self._reveal = reveal
         for client in clients:
             state = _ClientState()

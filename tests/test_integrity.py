@@ -220,3 +220,70 @@ def test_the_full_audit_schedule_is_revealed_only_after_the_head_gradient(base):
     audited = {s for _, s in defense.audited}
     assert policy.tampered and audited & policy.tampered  # the server could not avoid the audited steps
     assert audited & policy.tampered <= {s for s, what in defense.flagged_steps() if what == "gradient"}
+
+
+def _tamper_frozen_and_reveal_it(server, *, adapter=None, drop=False):
+    """A malicious server: keeps its honest frozen digest, multiplies a public base weight by 5, and commits to
+    (and reveals) the changed tensor as if it were trainable state, so a verifier that loads whatever it is
+    revealed recomputes exactly what the server computed."""
+    import torch
+
+    from suite.engine import commitment as cm
+
+    trunk = server.trunk
+    server._frozen_digest = cm.frozen_digest(trunk)
+    name, p = next((n, p) for n, p in trunk.named_parameters() if not cm._is_state(n, p) and "mlp.down_proj" in n)
+    with torch.no_grad():
+        p.mul_(5.0)
+
+    def evil_commit(ids, steps, honest_adapter):
+        state = cm.trainable_state(trunk)
+        if drop:
+            state.pop(sorted(state)[0])
+        else:
+            state[name] = p.detach().clone()
+        used = adapter if adapter is not None else honest_adapter
+        for c in ids:
+            server._committed[c] = (steps[c], state, used)
+        return cm.digest_tensor(cm.commit(server._frozen_digest, state, used))
+
+    server._commit = evil_commit
+
+
+@pytest.mark.parametrize("how", [{}, {"adapter": "bogus"}, {"drop": True}])
+def test_a_changed_frozen_weight_revealed_as_state_is_caught(base, how):
+    """Red team 24.1: a reveal must name exactly the replica's trainable tensors; a frozen weight slipped in
+    as 'state' (or a foreign adapter name, or a missing tensor) flags every step."""
+    prepared = prepare(_cfg(3), SplitSpec(1, 1), loaded=dataclasses.replace(base, model=copy.deepcopy(base.model)))
+    defense = make_defense("integrity_audit", {"audit_rate": 1.0, "spot_tokens": 2})
+    defense.install(prepared.session)
+    _tamper_frozen_and_reveal_it(prepared.session.server, **how)
+    train(prepared.session)
+    assert {f["step"] for f in defense.flags} == {0, 1, 2}
+    assert all(f["detector"] == "commitment" for f in defense.flags)
+
+
+def test_the_replica_frozen_weights_are_rechecked_before_a_full_audit(base):
+    import torch
+
+    prepared = prepare(_cfg(2), SplitSpec(1, 1), loaded=dataclasses.replace(base, model=copy.deepcopy(base.model)))
+    defense = make_defense("integrity_audit", {"audit_rate": 1.0, "spot_tokens": 0})
+    defense.install(prepared.session)
+    from suite.engine import commitment as cm
+
+    p = next(p for n, p in defense.replica.named_parameters() if not cm._is_state(n, p))
+    with torch.no_grad():
+        p.mul_(2.0)
+    train(prepared.session)
+    assert {f["what"] for f in defense.flags} == {"hidden states (the replica's frozen weights changed)"}
+
+
+def test_a_server_that_agreed_but_does_not_commit_is_flagged_on_every_step(base):
+    """Red team 24.2: with no spot checks and no full audit, a reply without a commitment still flags."""
+    prepared = prepare(_cfg(4), SplitSpec(1, 1), loaded=dataclasses.replace(base, model=copy.deepcopy(base.model)))
+    defense = make_defense("integrity_audit", {"audit_rate": 0.0, "spot_tokens": 0})
+    defense.install(prepared.session)
+    prepared.session.server.commit_state = False
+    train(prepared.session)
+    assert {f["step"] for f in defense.flags} == {0, 1, 2, 3}
+    assert prepared.session.clients[0].rejected_steps == [0, 1, 2, 3]

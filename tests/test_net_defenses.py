@@ -118,8 +118,9 @@ def test_the_audit_over_grpc_catches_a_tampering_server_and_passes_an_honest_one
 
 def test_the_audit_flags_a_server_that_does_not_commit(certs):
     cfg = _cfg("--steps", "2")
-    # a server started without the audit cannot pass the hash; one that agreed but commits nothing is caught
-    defense = choose_defense(cfg, "integrity_audit", {"audit_rate": 1.0})
+    # a server started without the audit cannot pass the hash; one that agreed but commits nothing is caught on
+    # every step, even by a client that spot-checks nothing and never audits (red team 24.2)
+    defense = choose_defense(cfg, "integrity_audit", {"audit_rate": 0.0, "spot_tokens": 0})
     with _Served(certs, cfg, defense) as served:
         served.service.server.commit_state = False
         run_client(cfg, 0, served.address, certs, defense=defense, give_up_after=20)
@@ -155,6 +156,42 @@ def test_networked_defense_refusals_are_one_line(monkeypatch):
     monkeypatch.setattr(dp, "network_refusal", "it needs X")
     with pytest.raises(SplitleakError, match="cannot run in serve/client: it needs X"):
         choose_defense(cfg, "dp_gaussian")
+
+
+@pytest.mark.parametrize("name,one,other", [
+    ("dp_gaussian", {"freeze": 0}, {"freeze": False}),
+    ("dp_gaussian", {"hide_lengths": 1, "direction": "both"}, {"hide_lengths": "true", "direction": "both"}),
+    ("dp_gaussian", {"grad_clip": 1.0}, {}),  # None means clip: the same setting
+    ("integrity_audit", {"spot_tokens": 2.0}, {"spot_tokens": 2}),
+])
+def test_one_setting_spelled_two_ways_has_one_hash(name, one, other):
+    """Red team 24.7: honest sides that spell a parameter differently are not refused at Hello."""
+    from suite.net.defended import describe
+    from suite.net.parties import config_hash
+
+    cfg = _cfg("--steps", "1")
+    a, b = choose_defense(cfg, name, one), choose_defense(cfg, name, other)
+    assert describe(a) == describe(b) and config_hash(cfg, a) == config_hash(cfg, b)
+
+
+@pytest.mark.parametrize("name,params,match", [
+    ("dp_gaussian", {"freeze": "no"}, "freeze is true or false"),
+    ("dp_gaussian", {"freeze": 2}, "freeze is true or false"),
+    ("dxp", {"eta": math.inf}, "eta must be a finite number"),  # inf: no noise at all under a DxP label
+    ("dxp", {"eta": math.nan}, "eta must be a finite number"),
+    ("integrity_audit", {"rtol": math.inf}, "rtol must be a finite number"),
+    ("integrity_audit", {"rtol": math.nan}, "rtol must be a finite number"),
+    ("integrity_audit", {"z_threshold": math.nan}, "z_threshold must be a finite number"),
+    ("integrity_audit", {"min_cosine": math.nan}, "min_cosine must be a finite number"),
+    ("integrity_audit", {"spot_tokens": 2.5}, "spot_tokens must be a whole number"),
+    ("integrity_audit", {"audit_rate": "high"}, "audit_rate must be a number"),
+])
+def test_out_of_range_defense_parameters_are_one_line(name, params, match):
+    """Red team 24.6: a parameter that would switch the mechanism off (or crash it later) is refused."""
+    cfg = _cfg("--steps", "1")
+    with pytest.raises(SplitleakError, match=match) as err:
+        choose_defense(cfg, name, params)
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("name,params", [("none", {}), ("dp_gaussian", {"sigma": 0.02, "clip": 1.0})])
@@ -219,6 +256,63 @@ def test_a_crafted_capture_file_is_a_one_line_error(tmp_path):
     with pytest.raises(SplitleakError, match="has no parameter"):
         attack_capture(cfg, _write(tmp_path / "e4", MAGIC + struct.pack(">I", len(odd)) + odd), "curious_server",
                        "nearest_embedding")
+
+
+def _capture(header: dict, *records: bytes) -> bytes:
+    import json
+
+    raw = json.dumps({"format": "splitleak-capture", "version": 1, "head_blocks": 1, "tail_blocks": 1,
+                      "max_length": 12, "model": "tiny-llama", **header}).encode()
+    return MAGIC + struct.pack(">I", len(raw)) + raw + b"".join(records)
+
+
+def _record(tag: bytes, body: bytes) -> bytes:
+    return tag + struct.pack(">I", len(body)) + body
+
+
+def _activation_frame(rows=2, length=12) -> bytes:
+    from suite.engine.protocol import encode
+
+    mask = torch.ones(rows, length, dtype=torch.long)
+    msg = ActivationMsg(0, 0, "to_server", torch.randn(rows, length, 64), attention_mask=mask,
+                        position_ids=position_ids_for(mask))
+    return _record(b"F", b"\x08client/0\x06server" + encode(msg))
+
+
+def test_a_crafted_capture_header_or_truth_is_one_line_before_any_work(tmp_path):
+    """Red team 24.3 / 24.4: a header max_length the frames do not have (attacks pad shadow text to it: a huge
+    one exhausted memory) and a truth record with no real position (a traceback in scoring) are refused."""
+    from safetensors.torch import save as st_save
+
+    from suite.experiment.capture_attack import attack_capture
+
+    cfg = _cfg("--steps", "1")
+    with pytest.raises(CaptureError, match="max_length 100000 exceeds"):
+        read_capture(_write(tmp_path / "huge", _capture({"max_length": 100000}, _activation_frame(1, 4))))
+    with pytest.raises(CaptureError, match="max_length 60 differs from its frames' length 4"):
+        attack_capture(cfg, _write(tmp_path / "big", _capture({"max_length": 60}, _activation_frame(1, 4))),
+                       "curious_server", "nearest_embedding")
+    zero = st_save({"input_ids": torch.ones(2, 12, dtype=torch.long),
+                    "attention_mask": torch.zeros(2, 12, dtype=torch.long)}, metadata={"client_id": "0", "step": "0"})
+    with pytest.raises(CaptureError, match="marks no real position"):
+        read_capture(_write(tmp_path / "zero", _capture({}, _activation_frame(), _record(b"T", zero))))
+
+
+def test_a_large_file_that_is_no_capture_is_refused_without_reading_it(tmp_path):
+    """Red team 24.5: the magic bytes are checked before the rest of the file is read."""
+    import tracemalloc
+
+    path = tmp_path / "sparse"
+    with path.open("wb") as fh:
+        fh.truncate(256 << 20)  # sparse: no disk used
+    tracemalloc.start()
+    try:
+        with pytest.raises(CaptureError, match="not a splitleak capture"):
+            read_capture(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20
 
 
 def test_a_mutated_real_capture_never_crashes_the_reader(certs, tmp_path):

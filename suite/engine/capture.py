@@ -20,8 +20,11 @@ Frames are in the order they were sent or received. The header carries at least 
 ``view`` (``client`` or ``server``). Truth records are the capturing client's own private batches: a file
 that holds them is as private as the data (written 0600); leave them out to hand a capture to someone else.
 
-Reading never runs code (no pickle) and checks every length against the bytes left; anything malformed is one
-line (``CaptureError``) naming the byte offset.
+Every batch is padded to ``max_length`` (at most ``MAX_POSITIONS``; ``splitleak attack --capture`` refuses one
+that differs from the frames' length), and a truth record's mask marks at least one real position.
+Reading never runs code (no pickle), checks the magic bytes and the header before reading further, and checks
+every length against the bytes left before reading it; anything malformed is one line (``CaptureError``)
+naming the byte offset.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ FORMAT = "splitleak-capture"
 FRAME, TRUTH = b"F", b"T"
 MAX_HEADER = 1 << 20
 REQUIRED = ("head_blocks", "tail_blocks", "max_length")
+MAX_POSITIONS = 1 << 16  # a header's max_length above this is refused (attacks pad their shadow text to it)
 
 
 class CaptureError(SplitleakError):
@@ -129,49 +133,63 @@ class CapturingTransport:
 
 
 def read_capture(path: str | Path, max_bytes: int = 8 << 30) -> CaptureFile:
-    """Parse a capture file (module docstring); ``CaptureError`` names what is wrong and where."""
+    """Parse a capture file (module docstring); ``CaptureError`` names what is wrong and where. The magic bytes
+    and the header are read and checked first, then the records one by one (a file that is not a capture is
+    refused after 8 bytes, whatever its size)."""
     path = Path(path)
     try:
-        if path.stat().st_size > max_bytes:
-            raise CaptureError(f"capture {path} is larger than {max_bytes} bytes")
-        data = path.read_bytes()
+        with path.open("rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if fh.read(8) != MAGIC:
+                raise CaptureError(f"{path} is not a splitleak capture (it does not start with {MAGIC!r}); see the "
+                                   "README, 'Capture files'")
+            if size > max_bytes:
+                raise CaptureError(f"capture {path} is larger than {max_bytes} bytes")
+            return _read_records(fh, size, f"capture {path}")
     except OSError as err:
         raise CaptureError(f"cannot read capture {path}: {err.strerror or err}") from None
-    if data[:8] != MAGIC:
-        raise CaptureError(f"{path} is not a splitleak capture (it does not start with {MAGIC!r}); see the README, "
-                           "'Capture files'")
-    if len(data) < 12:
-        raise CaptureError(f"capture {path} is truncated in its header")
-    (n,) = struct.unpack_from(">I", data, 8)
-    if n > MAX_HEADER or 12 + n > len(data):
-        raise CaptureError(f"capture {path}: header length {n} exceeds the file or {MAX_HEADER} bytes")
+
+
+def _read_records(fh, size: int, where: str) -> CaptureFile:
+    raw = fh.read(4)
+    if len(raw) < 4:
+        raise CaptureError(f"{where} is truncated in its header")
+    (n,) = struct.unpack(">I", raw)
+    if n > MAX_HEADER or 12 + n > size:
+        raise CaptureError(f"{where}: header length {n} exceeds the file or {MAX_HEADER} bytes")
     try:
-        header = json.loads(data[12 : 12 + n])
+        header = json.loads(fh.read(n))
     except ValueError as err:
-        raise CaptureError(f"capture {path}: header is not JSON ({err})") from None
+        raise CaptureError(f"{where}: header is not JSON ({err})") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT or header.get("version") != VERSION:
-        raise CaptureError(f"capture {path}: header must be an object with format {FORMAT!r} and version {VERSION}")
+        raise CaptureError(f"{where}: header must be an object with format {FORMAT!r} and version {VERSION}")
     for key in REQUIRED:
         value = header.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise CaptureError(f"capture {path}: header {key!r} must be a non-negative integer, not {value!r}")
+            raise CaptureError(f"{where}: header {key!r} must be a non-negative integer, not {value!r}")
+    if header["max_length"] > MAX_POSITIONS:
+        raise CaptureError(f"{where}: header max_length {header['max_length']} exceeds {MAX_POSITIONS} positions")
     out = CaptureFile(header)
     i = 12 + n
-    while i < len(data):
-        if i + 5 > len(data):
-            raise CaptureError(f"capture {path}: truncated record header at byte {i}")
-        tag, (size,) = data[i : i + 1], struct.unpack_from(">I", data, i + 1)
-        body = data[i + 5 : i + 5 + size]
-        if len(body) != size:
-            raise CaptureError(f"capture {path}: record at byte {i} claims {size} bytes, {len(body)} are left")
+    while i < size:
+        head = fh.read(5)
+        if len(head) < 5:
+            raise CaptureError(f"{where}: truncated record header at byte {i}")
+        tag, (length,) = head[:1], struct.unpack_from(">I", head, 1)
+        left = size - i - 5
+        if length > left:  # checked before reading: a claimed length never allocates past the file
+            raise CaptureError(f"{where}: record at byte {i} claims {length} bytes, {left} are left")
+        if tag not in (FRAME, TRUTH):
+            raise CaptureError(f"{where}: unknown record tag {tag!r} at byte {i}")
+        body = fh.read(length)
+        if len(body) != length:
+            raise CaptureError(f"{where}: record at byte {i} claims {length} bytes, {len(body)} are left")
         if tag == FRAME:
-            out.frames.append(_frame(body, f"capture {path}: frame at byte {i}"))
-        elif tag == TRUTH:
-            key, value = _truth(body, f"capture {path}: truth record at byte {i}")
-            out.truth[key] = value
+            out.frames.append(_frame(body, f"{where}: frame at byte {i}"))
         else:
-            raise CaptureError(f"capture {path}: unknown record tag {tag!r} at byte {i}")
-        i += 5 + size
+            key, value = _truth(body, f"{where}: truth record at byte {i}")
+            out.truth[key] = value
+        i += 5 + length
     return out
 
 
@@ -208,4 +226,6 @@ def _truth(body: bytes, where: str) -> tuple[tuple[int, int], tuple[torch.Tensor
         raise CaptureError(f"{where}: integer tensors and non-negative client_id / step required")
     if not bool(((mask == 0) | (mask == 1)).all()):
         raise CaptureError(f"{where}: attention_mask holds values other than 0 and 1")
+    if not bool(mask.any()):
+        raise CaptureError(f"{where}: attention_mask marks no real position (nothing to score)")
     return key, (ids.long(), mask.long())

@@ -33,6 +33,12 @@ def _is_state(name: str, p: nn.Parameter) -> bool:
     return p.requires_grad or "lora_" in name
 
 
+def for_adapter(names, adapter: str | None) -> set[str]:
+    """The state names a pass with ``adapter`` active computes with (per-client adapters: this adapter set
+    only, never another client's; shared adapters, ``adapter`` None: all of them)."""
+    return {n for n in names if adapter is None or "lora_" not in n or f".{adapter}." in n}
+
+
 def frozen_digest(module: nn.Module) -> bytes:
     """sha256 over the names and bytes of the module's frozen parameters (the public base weights)."""
     h = hashlib.sha256(b"splitleak-frozen-v1")
@@ -46,6 +52,11 @@ def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
     """Copies of the trainable and adapter parameters by name: what a step's commitment covers besides the
     frozen digest."""
     return {n: p.detach().clone() for n, p in module.named_parameters() if _is_state(n, p)}
+
+
+def state_names(module: nn.Module) -> set[str]:
+    """The names ``trainable_state`` covers: all a reveal may (and must) carry, before ``for_adapter``."""
+    return {n for n, p in module.named_parameters() if _is_state(n, p)}
 
 
 def commit(frozen: bytes, state: dict[str, torch.Tensor], adapter: str | None) -> bytes:

@@ -25,6 +25,7 @@ from suite.engine.commitment import (
     commit,
     digest_tensor,
     encode_reveal,
+    for_adapter,
     frozen_digest,
     tensor_digest,
     trainable_state,
@@ -340,9 +341,10 @@ class Server:
         if self._frozen_digest is None:
             self._frozen_digest = frozen_digest(self.trunk)
         state = trainable_state(self.trunk)
-        if adapter is not None:  # per_client: the pass computed with this adapter set only; another client's
-            # adapters neither enter the commitment nor are ever revealed to this one
-            state = {n: t for n, t in state.items() if "lora_" not in n or f".{adapter}." in n}
+        # per_client: the pass computed with this adapter set only; another client's adapters neither enter
+        # the commitment nor are ever revealed to this one
+        keep = for_adapter(state, adapter)
+        state = {n: t for n, t in state.items() if n in keep}
         for c in ids:
             self._committed[c] = (steps[c], state, adapter)
         return digest_tensor(commit(self._frozen_digest, state, adapter))

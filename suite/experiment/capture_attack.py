@@ -110,6 +110,10 @@ def attack_capture(cfg: ExperimentConfig, path, threat_name: str, attack_name: s
     batches = server_view(capture.frames, base.model.config.hidden_size, header["max_length"])
     if not batches:
         raise CaptureError(f"capture {path} holds no activation sent to the server: nothing to attack")
+    length = batches[0].hidden.shape[1]
+    if length != header["max_length"]:  # attacks pad their shadow text to max_length: it must be the frames'
+        raise CaptureError(f"capture header max_length {header['max_length']} differs from its frames' length "
+                           f"{length}: write the length every batch is padded to")
     private, _ = load_private(cfg.data.private.spec(), cfg.data.held_out)
     shadow = load_corpus(cfg.data.shadow.spec(), avoid=private)
 

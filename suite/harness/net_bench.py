@@ -64,7 +64,8 @@ def grpc_step_times(model: str, batch_size: int, max_length: int, reps: int, hea
             link = Link(f"127.0.0.1:{port}", load_identity(certs, "client-0"))
             theirs = choose_defense(cfg, defense, defense_params)
             client.transport = RemoteTransport(link, 0, config_hash(cfg, theirs), describe(theirs))
-            theirs.install_client(client, RemoteServer(remote.session.server.trunk, client.transport.reveal))
+            theirs.install_client(client, RemoteServer(remote.session.server.trunk, client.transport.reveal,
+                                                        dict(remote.session.server.adapters)))
             client.transport.connect(hello_timeout=180)
             batch = random_batch(remote.loaded.model.config.vocab_size, batch_size, max_length)
             lc, ls = local.session.clients[0], local.session.server

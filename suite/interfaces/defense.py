@@ -23,6 +23,8 @@ public parameters, so an attack can simulate the mechanism but never holds the c
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -38,12 +40,14 @@ from suite.registry import Registry
 class RemoteServer:
     """What a client in ``splitleak client`` holds of a server that runs in another process: the trunk as
     the public knowledge builds it (public base weights, the config's public adapter layout, before any
-    training: never the live server's) and ``reveal(client_id, step)``, a request over the link for the
+    training: never the live server's), the public adapter layout ``adapters`` (client id -> its own adapter
+    set's name under ``per_client``, empty when adapters are shared) and ``reveal(client_id, step)``, a request over the link for the
     trunk state the server committed to in that step's reply (safetensors bytes; ``ProtocolError`` when
     the server does not reveal it)."""
 
     public_trunk: torch.nn.Module
     reveal: Callable[[int, int], bytes]
+    adapters: dict[int, str] = dataclasses.field(default_factory=dict)  # client id -> its adapter set (per_client)
 
 
 @dataclass(frozen=True)
@@ -148,6 +152,33 @@ def register_defense(name: str):
     return DEFENSES.register_named(name)
 
 
+def _as_declared(key: str, value: Any, declared: Any) -> Any:
+    """``value`` as its field's declared type (``bool``, ``int``, ``float``, optionally ``| None``), so one
+    setting has one spelling (``freeze=0`` is ``freeze=false``, ``spot_tokens=2.0`` is ``spot_tokens=2``,
+    ``sigma=1`` is ``sigma=1.0``) before it is hashed; anything else is left to the config's own checks."""
+    args = set(typing.get_args(declared)) if typing.get_origin(declared) in (typing.Union, types.UnionType) else {declared}
+    if value is None and type(None) in args:
+        return None
+    kinds = args - {type(None)}
+    if kinds == {bool}:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int | float) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ValueError(f"{key} is true or false, got {value!r}")
+    if kinds == {int}:
+        if isinstance(value, int | float) and not isinstance(value, bool) and float(value).is_integer():
+            return int(value)
+        raise ValueError(f"{key} must be a whole number, got {value!r}")
+    if kinds == {float}:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise ValueError(f"{key} must be a number, got {value!r}")
+    return value
+
+
 def make_defense(name: str, params: dict[str, Any] | None = None) -> Defense:
     cls = DEFENSES.get(name)
     known = {f.name for f in dataclasses.fields(cls.Config)}
@@ -155,7 +186,9 @@ def make_defense(name: str, params: dict[str, Any] | None = None) -> Defense:
     if unknown:
         raise ConfigError(f"defense {name!r} has no parameter {sorted(unknown)[0]!r}; it takes {sorted(known)}")
     try:
-        return cls(cls.Config(**(params or {})))
+        hints = typing.get_type_hints(cls.Config)
+        params = {k: _as_declared(k, v, hints.get(k, Any)) for k, v in (params or {}).items()}
+        return cls(cls.Config(**params))
     except (TypeError, ValueError) as err:
         raise ConfigError(f"defense {name!r}: {err}") from None
 

@@ -10,8 +10,8 @@ different ones are refused at Hello in one line.
 
 What the hash is not: an attestation. Each process installs what its own command line says; the other side
 cannot see whether it did (a client's noise is secret by design). The hash catches two sides configured
-differently by mistake. A server that agreed to the audit but does not commit or reveal is caught by the
-client's verifier (every such step is flagged); a client that agreed to noise and sends none harms only its
+differently by mistake. A server that agreed to the audit but does not commit is caught by the client's
+verifier on every step, and one that does not reveal on every step a reveal is asked for; a client that agreed to noise and sends none harms only its
 own privacy.
 """
 
@@ -48,8 +48,9 @@ def choose_defense(cfg, name: str | None = None, params: dict[str, Any] | None =
 
 
 def describe(defense) -> dict[str, Any]:
-    """What both sides agree on: the name and the public parameters (never ``secret_fields``), a whole number
-    given for a float parameter as that float (``sigma=1`` and ``sigma=1.0`` are one setting)."""
+    """What both sides agree on: the name and the public parameters (never ``secret_fields``), each of its
+    field's declared type (``make_defense`` converts: ``sigma=1`` and ``sigma=1.0``, ``freeze=0`` and
+    ``freeze=false`` are one setting) with derived defaults filled in (DP's ``grad_clip`` = ``clip``)."""
     import dataclasses
 
     floats = {f.name for f in dataclasses.fields(defense.config) if "float" in str(f.type)}

@@ -151,7 +151,8 @@ def run_client(cfg: ExperimentConfig, client_id: int, address: str, certs: str |
     # (never the server's); its reveals cross the link.
     from suite.interfaces.defense import RemoteServer
 
-    defense.install_client(client, RemoteServer(prepared.session.server.trunk, transport.reveal))
+    defense.install_client(client, RemoteServer(prepared.session.server.trunk, transport.reveal,
+                                                dict(prepared.session.server.adapters)))
     prepared.session.server = None  # nothing here may stand for the server (the replica was copied above)
     writer = None
     if capture is not None:
