@@ -13,7 +13,9 @@ messages as they arrive). ``local_forward`` is the same forward pass computed in
 (evaluation of the deployed model).
 
 What comes next changes this module: S pipeline stages replace the one ``server`` by the stages (``forward``
-runs them in order, ``backward`` in reverse), and an inference loop is ``forward`` without the tails' gradient.
+runs them in order, ``backward`` in reverse). Inference is ``generation_step``: ``forward`` without the tails'
+gradient, each part with its KV cache (``suite.engine.decoding``); the generation loop is
+``suite.engine.inference``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from collections.abc import Sequence
 
 import torch
 
+from suite.engine.decoding import ClientDecoder, TrunkDecoder
 from suite.engine.parties import Batch, Client, Server
 from suite.engine.split import position_ids_for
 
@@ -54,6 +57,23 @@ def training_step(clients: Sequence[Client], server: Server | None, step: int,
     losses = forward(clients, server, step, batches)
     backward(clients, server, step)
     return losses
+
+
+def generation_step(decoders: Sequence[ClientDecoder], trunk: TrunkDecoder | None, step: int,
+                    new_ids: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """One step of split generation: each client's head sends its new positions (``new_ids[i]``: the prompt,
+    then its last sampled token), the server runs the trunk on them with its KV cache and replies, each tail
+    returns the next token's logits [1, V]. ``trunk=None``: the server runs in another process."""
+    for decoder, ids in zip(decoders, new_ids, strict=True):
+        decoder.send(step, ids)
+    if trunk is not None:
+        _serve_generation(trunk, [d.client.id for d in decoders], step)
+    return [decoder.receive(step) for decoder in decoders]
+
+
+def _serve_generation(trunk: TrunkDecoder, client_ids: list[int], step: int) -> None:
+    """The server's side of a generation step (pipeline stages slot in here)."""
+    trunk.serve(client_ids, step)
 
 
 def local_forward(client: Client, server: Server, batch: Batch, deployed: bool = True) -> torch.Tensor:
