@@ -100,3 +100,59 @@ def test_a_token_before_any_prompt_is_refused():
     decoder.send(0, torch.tensor([[5]]))
     with pytest.raises(ProtocolError, match="without a prompt"):
         trunk.serve([0], 0)
+
+
+# --- inference cells: the matrix with mode = ["inference"] -------------------------------------------------
+
+INFER = {
+    "model": {"name": "tiny-llama"},
+    "data": {"max_length": 10, "private": {"generator": "records", "size": 6, "seed": 1},
+             "shadow": {"generator": "records", "size": 24, "seed": 2}},
+    "training": {"clients": 2, "steps": 2, "batch_size": 2},
+    "inference": {"new_tokens": 6},
+    "matrix": {"splits": [1], "threats": ["curious_server", "memory_dump", "eavesdropper"],
+               "attacks": ["nearest_embedding", "prefix_inversion", "gradient_inversion", "wire_inversion"],
+               "defenses": ["none", "encryption"], "mode": ["training", "inference"]},
+}
+
+
+def test_inference_cells_expand_without_training_time_attacks():
+    from suite.experiment.config import parse_config
+    from suite.experiment.plan import expand
+
+    cells, skipped = expand(parse_config(INFER))
+    inference = {(c.threat, c.attack) for c in cells if c.mode == "inference"}
+    assert ("curious_server", "prefix_inversion") in inference
+    assert not {a for _, a in inference} & {"gradient_inversion", "wire_inversion"}
+    reasons = {(c.threat, c.attack): r for c, r in skipped if c.mode == "inference"}
+    assert "training-time signal" in reasons[("curious_server", "gradient_inversion")]
+    training = [c for c in cells if c.mode is None]
+    # a training cell's key and label are what they were before the mode axis existed
+    assert all("[inference]" not in c.label() for c in training)
+    assert {c.training_group() for c in cells if c.mode == "inference"} <= {c.training_group() for c in training}
+
+
+def test_inference_matrix_writes_prompt_and_response_rows(tmp_path):
+    from suite.experiment.config import parse_config
+    from suite.experiment.schedule import run_matrix
+    from suite.experiment.store import load_results
+
+    cfg = parse_config({**INFER, "matrix": {**INFER["matrix"], "mode": ["inference"],
+                                            "threats": ["curious_server"], "defenses": ["none", "encryption"],
+                                            "attacks": ["nearest_embedding", "prefix_inversion"]}})
+    run_matrix(cfg, tmp_path)
+    frame = load_results(tmp_path)
+    assert set(frame["mode"]) == {"inference"}
+    assert (frame["status"] == "ok").all(), frame[["attack", "error"]].to_string()
+    prefix = frame[(frame["attack"] == "prefix_inversion") & (frame["defense"] == "none")].iloc[0]
+    # the tiny model's head is injective: the strongest attack reads both the prompt and the answer
+    assert prefix["prompt_token_accuracy"] >= 0.9 and prefix["response_token_accuracy"] >= 0.9
+    assert prefix["prompt_token_accuracy_lo"] <= prefix["prompt_token_accuracy"] <= prefix["prompt_token_accuracy_hi"]
+    assert prefix["adv_response_token_accuracy"] > 0.5
+    assert prefix["answer_rougeL"] == 100.0 and prefix["bytes_per_token"] > 0
+    sample = prefix["samples"][0]
+    assert sample["answer"] and "response_reconstruction" in sample
+    encrypted = frame[(frame["attack"] == "prefix_inversion") & (frame["defense"] == "encryption")].iloc[0]
+    # encryption protects the wire, not the server: the curious server reads as much
+    assert encrypted["response_token_accuracy"] == prefix["response_token_accuracy"]
+    assert encrypted["bytes_per_token"] > prefix["bytes_per_token"]

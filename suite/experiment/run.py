@@ -19,6 +19,7 @@ import numpy as np
 
 from suite.experiment.cell import attack_trained, rewire, train_split
 from suite.experiment.config import ExperimentConfig
+from suite.experiment.inference_run import InferenceGroup
 from suite.experiment.plan import Cell, cell_config, cell_row, observation_key
 from suite.experiment.prepared import load_for
 from suite.experiment.store import METRICS, ResultsStore
@@ -77,6 +78,7 @@ class _Group:
         self.variants: dict[tuple[str, str], Any] = {}  # (defense, params) -> the trained split under it
         self.blinds: dict[tuple, Any] = {}  # (defense, params, victims) -> blind's CellResult, or why it failed
         self.shared: dict[tuple, tuple[str, dict[str, Any]]] = {}  # (defense, params, observation key) -> (threat, fields)
+        self.inference = None  # the group's inference cells (suite.experiment.inference_run), made when first needed
         try:
             threat = get_threat(first.threat)
             group_attack = make_attack(first.attack, threat, json.loads(first.attack_params))
@@ -108,6 +110,10 @@ class _Group:
 
     def fields(self, cell: Cell) -> dict[str, Any]:
         """The row's columns for ``cell``: its attack's metrics, intervals and advantage over blind."""
+        if cell.mode == "inference":
+            if self.inference is None:
+                self.inference = InferenceGroup(self.cfg, self.gcfg, self.under, self.trained_as, error_line)
+            return self.inference.fields(cell)
         threat = get_threat(cell.threat)
         attack = make_attack(cell.attack, threat, json.loads(cell.attack_params))
         same = observation_key(cell, self.cfg.training.clients)

@@ -70,6 +70,9 @@ class Attack:
     # "inversion": recovers the client's text (scored by leakage metrics); "integrity": corrupts training
     # (scored by what the integrity defenses detect and by utility).
     kind: ClassVar[str] = "inversion"
+    # The modes (``[matrix] mode``) whose traffic the attack reads: an attack of the server's inference memory
+    # (KV cache, trunk outputs) has nothing to read in training; one that needs gradients nothing in inference.
+    modes: ClassVar[frozenset[str]] = frozenset({"training", "inference"})
 
     def __init__(self, config: AttackConfig | None = None):
         self.config = config if config is not None else self.Config()

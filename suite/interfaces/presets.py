@@ -19,6 +19,9 @@ class Capability(StrEnum):
     COLLUDER_WEIGHTS = "colluder_weights"  # a colluding client's fine-tuned head and tail
     COLLUDER_DATA = "colluder_data"  # a colluding client's own private records
     CONTROL_SERVER = "control_server"  # may deviate from the protocol: chooses what the server sends back
+    # Inference (issue 25): what the server's memory holds while it generates, besides what it received
+    KV_CACHE = "kv_cache"  # the keys and values its blocks cache for every position of a generation
+    TRUNK_OUTPUTS = "trunk_outputs"  # the hidden states its trunk returns to the client tail
 
 
 @dataclass(frozen=True)
@@ -33,7 +36,7 @@ class ThreatModel:
 
 
 C = Capability
-_SERVER = frozenset({C.ACTIVATIONS, C.GRADIENTS, C.BASE_WEIGHTS, C.SHADOW_DATA})
+_SERVER = frozenset({C.ACTIVATIONS, C.GRADIENTS, C.BASE_WEIGHTS, C.SHADOW_DATA, C.KV_CACHE, C.TRUNK_OUTPUTS})
 
 THREATS: dict[str, ThreatModel] = {
     t.name: t
@@ -69,6 +72,12 @@ THREATS: dict[str, ThreatModel] = {
             "wire and has its own records as public-domain text; the victims are the other clients",
             frozenset({C.WIRE, C.BASE_WEIGHTS, C.SHADOW_DATA}),
             colluder=0,
+        ),
+        ThreatModel(
+            "memory_dump",
+            "someone who reads the server's memory but not the wire (a memory dump, a shared KV-cache service): "
+            "the keys and values cached while it generates, and public knowledge (base weights, public text)",
+            frozenset({C.KV_CACHE, C.BASE_WEIGHTS, C.SHADOW_DATA}),
         ),
     )
 }

@@ -67,6 +67,11 @@ class Observations:
     # (the padding pattern crosses the wire in clear; where a defense hides lengths, every row is
     # ``max_length``). What the blind baseline knows of the victims besides public text.
     lengths: tuple[int, ...] | None = None
+    # Inference only (issue 25), one entry per reconstructed row: the server's KV cache, {global block index:
+    # [T, 2 * kv_heads * head_dim] keys then values per position} (KV_CACHE), and the hidden states its trunk
+    # returned [T, H] (TRUNK_OUTPUTS).
+    kv_cache: tuple[dict[int, torch.Tensor], ...] | None = None
+    trunk_outputs: tuple[torch.Tensor, ...] | None = None
 
     def __post_init__(self) -> None:
         need = {
@@ -76,6 +81,8 @@ class Observations:
             "shadow": C.SHADOW_DATA,
             "colluder_head_tail": C.COLLUDER_WEIGHTS,
             "colluder_records": C.COLLUDER_DATA,
+            "kv_cache": C.KV_CACHE,
+            "trunk_outputs": C.TRUNK_OUTPUTS,
         }
         for f in fields(self):
             cap = need.get(f.name)
@@ -107,4 +114,6 @@ def filter_observations(threat: ThreatModel, capabilities: frozenset[Capability]
         colluder_records=available.get("colluder_records") if C.COLLUDER_DATA in g else None,
         defense=available.get("defense"),
         lengths=available.get("lengths"),
+        kv_cache=available.get("kv_cache") if C.KV_CACHE in g else None,
+        trunk_outputs=available.get("trunk_outputs") if C.TRUNK_OUTPUTS in g else None,
     )
