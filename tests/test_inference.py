@@ -137,13 +137,27 @@ def test_inference_matrix_writes_prompt_and_response_rows(tmp_path):
     from suite.experiment.schedule import run_matrix
     from suite.experiment.store import load_results
 
-    cfg = parse_config({**INFER, "matrix": {**INFER["matrix"], "mode": ["inference"],
-                                            "threats": ["curious_server"], "defenses": ["none", "encryption"],
-                                            "attacks": ["nearest_embedding", "prefix_inversion"]}})
+    attacks = ["nearest_embedding", "prefix_inversion", {"name": "kv_inversion", "layer": ["first", "middle"]},
+               "model_completion"]
+    cfg = parse_config({**INFER, "matrix": {**INFER["matrix"], "mode": ["inference"], "attacks": attacks,
+                                            "threats": ["curious_server", "memory_dump"],
+                                            "defenses": ["none", "encryption"]}})
     run_matrix(cfg, tmp_path)
     frame = load_results(tmp_path)
     assert set(frame["mode"]) == {"inference"}
     assert (frame["status"] == "ok").all(), frame[["attack", "error"]].to_string()
+    none = frame[(frame["defense"] == "none")]
+    # the memory dump reads only the cache; the curious server's cache attack does no better than its
+    # activation attack on the same generations (the cache is a function of what it received)
+    assert set(none[none["threat"] == "memory_dump"]["attack"]) == {"kv_inversion", "blind"}
+    best = none[(none["threat"] == "curious_server") & (none["attack"] == "prefix_inversion")].iloc[0]
+    for _, kv in none[none["attack"] == "kv_inversion"].iterrows():
+        assert kv["token_accuracy"] > 0  # measured, and it reads something
+        for part in ("prompt", "response"):
+            assert kv[f"{part}_token_accuracy"] <= best[f"{part}_token_accuracy"] + 1e-9
+    completion = none[none["attack"] == "model_completion"].iloc[0]
+    # the server's own copy of the public tail reads the greedy answer from the hidden states it returned
+    assert completion["response_token_accuracy"] >= 0.8
     prefix = frame[(frame["attack"] == "prefix_inversion") & (frame["defense"] == "none")].iloc[0]
     # the tiny model's head is injective: the strongest attack reads both the prompt and the answer
     assert prefix["prompt_token_accuracy"] >= 0.9 and prefix["response_token_accuracy"] >= 0.9
