@@ -109,10 +109,27 @@ def _without_client_hooks(client):
             setattr(client, n, hooks)
 
 
-def capture_inference(trained: TrainedSplit, cfg: ExperimentConfig) -> InferenceCapture:
-    """Every client answers its prompts through the trained split while the server's inbox, its replies,
-    its KV cache and the wire are recorded (nothing is trained: generation computes no gradient)."""
+def victim_prompts(trained: TrainedSplit, cfg: ExperimentConfig) -> list[tuple[int, torch.Tensor, Record]]:
+    """(client, prompt ids [1, P], record) for every client's first ``[inference] prompts`` records (all when
+    None), as its shard tokenised them."""
+    out = []
+    for v, client in enumerate(trained.prepared.session.clients):
+        data = client.batches.data
+        n = data["input_ids"].shape[0]
+        n = n if cfg.inference.prompts is None else min(cfg.inference.prompts, n)
+        for i in range(n):
+            out.append((v, data["input_ids"][i][data["attention_mask"][i].bool()][None],
+                        trained.prepared.private[v][i]))
+    return out
+
+
+def capture_inference(trained: TrainedSplit, cfg: ExperimentConfig,
+                      prompts: list[tuple[int, torch.Tensor, Record]] | None = None) -> InferenceCapture:
+    """Every client answers its prompts (``victim_prompts`` unless given) through the trained split while the
+    server's inbox, its replies, its KV cache and the wire are recorded (nothing is trained: generation
+    computes no gradient)."""
     inf = cfg.inference
+    prompts = victim_prompts(trained, cfg) if prompts is None else prompts
     session = trained.prepared.session
     server, spec = session.server, session.split.spec
     sampling = Sampling(inf.temperature, inf.top_k, cfg.training.seed)
@@ -129,33 +146,30 @@ def capture_inference(trained: TrainedSplit, cfg: ExperimentConfig) -> Inference
     has_hooks = any(c.token_hooks or c.input_hooks or c.activation_hooks for c in session.clients)
     step, tokens, seconds = 0, 0, 0.0
     try:
-        for v, client in enumerate(session.clients):
-            decoder = ClientDecoder(client)
-            data = client.batches.data
-            n = data["input_ids"].shape[0] if inf.prompts is None else min(inf.prompts, data["input_ids"].shape[0])
-            for i in range(n):
-                prompt = data["input_ids"][i][data["attention_mask"][i].bool()][None]
-                received.clear()
-                trunk.replies.clear()
-                start, first = time.perf_counter(), len(recorder.frames)
-                answer, step = generate(decoder, trunk, prompt, inf.new_tokens, sampling, step)
-                seconds += time.perf_counter() - start
-                frames += recorder.frames[first:]  # the victim's traffic (not the undefended rerun's below)
-                tokens += answer.shape[1]
-                hidden = torch.cat([m.hidden for m in received], 1)
-                seq = torch.cat([prompt, answer[:, :-1]], 1).cpu()
-                batches.append(ObservedBatch(v, step, hidden, torch.ones(seq.shape, dtype=torch.long)))
-                ids.append(seq[0])
-                prompt_lens.append(prompt.shape[1])
-                records.append(trained.prepared.private[v][i])
-                row_client.append(v)
-                answers.append(answer[0].tolist())
-                kv.append(_kv_rows(trunk, v, layers))
-                outs.append(torch.cat([r[2] for r in trunk.replies], 1)[0].to("cpu", torch.float32))
-                if has_hooks:
-                    with _without_client_hooks(client):
-                        plain, step = generate(decoder, trunk, prompt, inf.new_tokens, sampling, step)
-                    bare.append(plain[0].tolist())
+        decoders = [ClientDecoder(client) for client in session.clients]
+        for v, prompt, record in prompts:
+            client, decoder = session.clients[v], decoders[v]
+            received.clear()
+            trunk.replies.clear()
+            start, first = time.perf_counter(), len(recorder.frames)
+            answer, step = generate(decoder, trunk, prompt, inf.new_tokens, sampling, step)
+            seconds += time.perf_counter() - start
+            frames += recorder.frames[first:]  # the victim's traffic (not the undefended rerun's below)
+            tokens += answer.shape[1]
+            hidden = torch.cat([m.hidden for m in received], 1)
+            seq = torch.cat([prompt, answer[:, :-1]], 1).cpu()
+            batches.append(ObservedBatch(v, step, hidden, torch.ones(seq.shape, dtype=torch.long)))
+            ids.append(seq[0])
+            prompt_lens.append(prompt.shape[1])
+            records.append(record)
+            row_client.append(v)
+            answers.append(answer[0].tolist())
+            kv.append(_kv_rows(trunk, v, layers))
+            outs.append(torch.cat([r[2] for r in trunk.replies], 1)[0].to("cpu", torch.float32))
+            if has_hooks:
+                with _without_client_hooks(client):
+                    plain, step = generate(decoder, trunk, prompt, inf.new_tokens, sampling, step)
+                bare.append(plain[0].tolist())
     finally:
         server.inbox_taps.remove(received.append)
         session.transport.remove_tap(recorder)
