@@ -26,6 +26,7 @@ from reportlab.lib.units import cm
 from reportlab.platypus import KeepTogether, NextPageTemplate, PageBreak, Spacer
 
 from reports import figures, tables
+from reports import inference as inference_section
 from reports.frontier import pareto
 from reports.frontier import settings as frontier_settings
 from reports.markup import escape, sample_markup
@@ -402,7 +403,7 @@ def _methods(df: pd.DataFrame) -> list:
 def build_report(directory: str | Path) -> Path:
     """Write ``directory/report.pdf`` from ``directory/results.sqlite`` and return its path."""
     directory = Path(directory)
-    df = tables.prepare(load_results(directory))
+    df, inference = inference_section.split_modes(tables.prepare(load_results(directory)))
     threats = tables.threat_order(df, list(THREATS)) if not df.empty else []
     path = directory / "report.pdf"
     models = ", ".join(sorted(map(str, df["model"].dropna().unique()))) or "no model"
@@ -424,6 +425,8 @@ def build_report(directory: str | Path) -> Path:
         NextPageTemplate("portrait"), PageBreak(), *_figures(df, threats, settings),
         NextPageTemplate("landscape"), PageBreak(), *_samples(df, threats),
         NextPageTemplate("portrait"), PageBreak(), *_cost(df), Spacer(1, 6), *_methods(df),
+        *([NextPageTemplate("landscape"), PageBreak(), *inference_section.section(inference)]
+          if not inference.empty else []),
     ]
     try:
         doc.build(story)

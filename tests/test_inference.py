@@ -170,3 +170,17 @@ def test_inference_matrix_writes_prompt_and_response_rows(tmp_path):
     # encryption protects the wire, not the server: the curious server reads as much
     assert encrypted["response_token_accuracy"] == prefix["response_token_accuracy"]
     assert encrypted["bytes_per_token"] > prefix["bytes_per_token"]
+    # the report shows the inference section; the page-1 verdict rows name the strongest attack per part
+    from reports.inference import verdict_rows
+    from reports.report import build_report
+
+    pdf = build_report(tmp_path)
+    assert pdf.is_file() and pdf.stat().st_size > 0
+    rows = verdict_rows(frame)
+    server = {r["section"]: r for r in rows if r["threat"] == "curious_server"}
+    assert set(server) == {"inference: prompt", "inference: response"}
+    assert server["inference: response"]["level"] == "most"
+    assert server["inference: response"]["advantage_lo"] <= server["inference: response"]["advantage"]
+    assert server["inference: response"]["cheapest"] is None  # encryption does not stop the server
+    assert set(rows[0]) == {"section", "threat", "level", "attack", "advantage", "advantage_lo", "advantage_hi",
+                            "cheapest", "cheapest_cost"}
