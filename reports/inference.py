@@ -141,7 +141,7 @@ def _cheapest(cells: pd.DataFrame, col: str) -> tuple[str | None, str | None]:
     """The defended setting (defense, parameters, split) whose strongest attack's upper bound is below
     'little', with the best answer ROUGE-L."""
     found = []
-    for (defense, params, k), s in cells[cells["defense"] != NO_DEFENSE].groupby(
+    for (defense, _params, k), s in cells[cells["defense"] != NO_DEFENSE].groupby(
             ["defense", cells["defense_params"].astype(str), "head_blocks"], dropna=False):
         hi = pd.to_numeric(s[f"{col}_hi"], errors="coerce").fillna(pd.to_numeric(s[col], errors="coerce"))
         if hi.notna().all() and hi.max() < LITTLE:
