@@ -47,7 +47,7 @@ def run_group(cfg: ExperimentConfig, cells: list[Cell], keys: list[str], out: st
                 _BASES.clear()
                 _BASES[(cfg.model.name, cfg.model.dtype)] = load_for(cfg, progress=lambda _: None)
             base = _BASES[(cfg.model.name, cfg.model.dtype)]
-        group = _Group(cfg, cells[0], base)
+        group = _Group(cfg, cells[0], base, reference=any(c.mode != "inference" for c in cells))
         for cell, key in zip(cells, keys, strict=True):
             row = cell_row(cell, key, cfg, base.revision)
             if group.trained is None:
@@ -72,7 +72,7 @@ class _Group:
     under ``wire_only`` defenses (rewired, not retrained), the blind baselines per victim set, and the cells
     computed once for several threats."""
 
-    def __init__(self, cfg: ExperimentConfig, first: Cell, base):
+    def __init__(self, cfg: ExperimentConfig, first: Cell, base, reference: bool = True):
         self.cfg = cfg
         self.gcfg = cell_config(cfg, first)  # every cell of a group has the same training axes
         self.variants: dict[tuple[str, str], Any] = {}  # (defense, params) -> the trained split under it
@@ -85,7 +85,8 @@ class _Group:
             active = group_attack if group_attack.active else None
             self.trained_as = first.training_group()[2:4]  # a wire_only defense trains as "none" and is rewired
             defense = make_defense(self.trained_as[0], json.loads(self.trained_as[1]))
-            self.trained = train_split(self.gcfg, first.spec, base, threat, active, defense)
+            # inference rows report no centralised reference: a group of only those does not train one
+            self.trained = train_split(self.gcfg, first.spec, base, threat, active, defense, reference)
             self.train_error = None
         except Exception as err:  # the whole group fails; each cell records why, the run goes on
             self.trained, self.train_error = None, error_line(err)
