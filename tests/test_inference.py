@@ -184,3 +184,29 @@ def test_inference_matrix_writes_prompt_and_response_rows(tmp_path):
     assert server["inference: response"]["cheapest"] is None  # encryption does not stop the server
     assert set(rows[0]) == {"section", "threat", "level", "attack", "advantage", "advantage_lo", "advantage_hi",
                             "cheapest", "cheapest_cost"}
+
+
+def test_defenses_act_at_inference(tmp_path):
+    """DxP, DP on activations and SanText change what the client releases at every generation step (the
+    answer moves away from the undefended one, measured by answer ROUGE-L); each runs with its defence-aware
+    attacker; DP's release count covers the prompt and every generated token."""
+    from suite.experiment.config import parse_config
+    from suite.experiment.schedule import run_matrix
+    from suite.experiment.store import load_results
+
+    defenses = ["none", {"name": "dxp", "eta": 5.0}, {"name": "dp_gaussian", "sigma": 2.0, "clip": 1.0},
+                {"name": "santext", "epsilon": 0.5}]
+    cfg = parse_config({**INFER, "matrix": {**INFER["matrix"], "mode": ["inference"], "attacks": ["nearest_embedding"],
+                                            "threats": ["curious_server"], "defenses": defenses, "splits": [0]}})
+    run_matrix(cfg, tmp_path)
+    frame = load_results(tmp_path)
+    assert (frame["status"] == "ok").all(), frame[["defense", "error"]].to_string()
+    cells = frame[frame["attack"] == "nearest_embedding"].set_index("defense")
+    assert cells.loc["none", "answer_rougeL"] == 100.0
+    for name in ("dxp", "dp_gaussian", "santext"):
+        assert cells.loc[name, "answer_rougeL"] < 100.0, name  # the defense acted on what the client sent
+        assert cells.loc[name, "prompt_token_accuracy"] < cells.loc["none", "prompt_token_accuracy"], name
+    report = cells.loc["dp_gaussian", "defense_report"]
+    # the prompt's release, then one per generated token but the last: new_tokens releases per generation
+    assert report["inference"]["releases_per_generation"] == 6
+    assert report["inference"]["epsilon_per_generation"] > 0

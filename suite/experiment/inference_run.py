@@ -39,12 +39,14 @@ class InferenceGroup:
         self.trained_as = trained_as  # the (defense, params) the group trained under
         self.error_line = error_line
         self.captures: dict[int, InferenceCapture] = {}  # id(prepared) -> the capture of that trained split
+        self.reports: dict[int, dict] = {}  # id(prepared) -> the defense's report of training, before generation
         self.blinds: dict[tuple, InferenceResult | str] = {}
 
     def capture(self, cell: Cell) -> tuple[Any, InferenceCapture]:
         trained = self.under(cell)
         key = id(trained.prepared)
         if key not in self.captures:
+            self.reports[key] = trained.defense.report()
             self.captures[key] = capture_inference(trained, self.gcfg)
         cap = self.captures[key]
         if (cell.defense, cell.defense_params) != self.trained_as:  # a wire_only defense, rewired
@@ -62,6 +64,17 @@ class InferenceGroup:
                 self.blinds[key] = self.error_line(err)
         return self.blinds[key]
 
+    def defense_report(self, trained, cap: InferenceCapture) -> dict:
+        """The defense's report of training, and where it accounts releases (DP), ``inference``: ε composed
+        over one generation's releases (the prompt's and each sent token's)."""
+        report = dict(self.reports[id(trained.prepared)])
+        account = getattr(trained.defense, "inference_report", None)
+        if account is not None:
+            hidden = cap.batches[0].hidden.shape[-1] if cap.batches else 0
+            report["inference"] = account(self.gcfg.inference.new_tokens, self.gcfg.data.max_length * hidden,
+                                          int(report.get("releases_per_record") or 0))
+        return report
+
     def fields(self, cell: Cell) -> dict[str, Any]:
         threat = get_threat(cell.threat)
         attack = make_attack(cell.attack, threat, json.loads(cell.attack_params))
@@ -75,7 +88,7 @@ class InferenceGroup:
         fields: dict[str, Any] = dict(
             result.metrics["all"].as_dict(), utility=trained.utility, perplexity=trained.perplexity,
             attack_seconds=result.cost.seconds, attack_peak_rss_mib=result.cost.peak_rss_mib, status="ok",
-            error=None, note=result.reconstruction.note, defense_report=trained.defense.report(),
+            error=None, note=result.reconstruction.note, defense_report=self.defense_report(trained, cap),
             samples=samples(result), adaptive=None if adaptive is None else int(adaptive),
             answer_rougeL=answer_quality(cap, trained.base.tokenizer), seconds_per_token=cap.seconds_per_token,
             bytes_per_token=cap.bytes_per_token)
