@@ -210,3 +210,20 @@ def test_defenses_act_at_inference(tmp_path):
     # the prompt's release, then one per generated token but the last: new_tokens releases per generation
     assert report["inference"]["releases_per_generation"] == 6
     assert report["inference"]["epsilon_per_generation"] > 0
+
+
+def test_inference_seeds_pool_prompt_and_response(tmp_path):
+    from suite.experiment.config import parse_config
+    from suite.experiment.schedule import run_matrix
+    from suite.experiment.store import load_results
+
+    cfg = parse_config({**INFER, "inference": {"new_tokens": 4},
+                        "matrix": {**INFER["matrix"], "mode": ["inference"], "attacks": ["nearest_embedding"],
+                                   "threats": ["curious_server"], "defenses": ["none"], "splits": [0],
+                                   "seeds": [0, 1]}})
+    run_matrix(cfg, tmp_path)
+    pooled = load_results(tmp_path)
+    row = pooled[(pooled["attack"] == "nearest_embedding") & pooled["seed"].isna()].iloc[0]
+    assert row["mode"] == "inference" and row["seeds"] == [0, 1]
+    assert row["prompt_token_accuracy"] == 1.0  # k = 0: the head output is the embedding
+    assert row["response_token_accuracy_lo"] is not None and row["adv_response_token_accuracy"] is not None

@@ -26,7 +26,7 @@ from suite.experiment.inference_cell import (
 from suite.experiment.plan import Cell
 from suite.interfaces.attack import make_attack
 from suite.interfaces.threats import get_threat
-from suite.scoring.intervals import summarize, to_json
+from suite.scoring.intervals import from_json, summarize, to_json
 from suite.scoring.metrics import pii_hits
 
 
@@ -109,13 +109,30 @@ def interval_fields(result: InferenceResult, blind: InferenceResult | None) -> d
     if blind is not None:
         record_scores["blind"] = to_json(blind.scores["all"])
     for part in PARTS:
-        s = summarize([result.scores[part]], [blind.scores[part]] if blind else None)
-        for k, v in s.items():
-            out[f"adv_{part}_{k[4:]}" if k.startswith("adv_") else f"{part}_{k}"] = v
+        out.update(part_summary(part, [result.scores[part]], [blind.scores[part]] if blind else None))
         record_scores[part] = to_json(result.scores[part])
         if blind is not None:
             record_scores[f"blind_{part}"] = to_json(blind.scores[part])
     out["record_scores"] = record_scores
+    return out
+
+
+def part_summary(part: str, per_seed: list, blind: list | None) -> dict[str, Any]:
+    """``summarize``'s columns for one part of the sequence, named ``<part>_<metric>…`` and
+    ``adv_<part>_<metric>…`` (DESIGN §3)."""
+    return {f"adv_{part}_{k[4:]}" if k.startswith("adv_") else f"{part}_{k}": v
+            for k, v in summarize(per_seed, blind).items()}
+
+
+def pooled_parts(scores: list[dict]) -> dict[str, Any]:
+    """The prompt and response columns of a cell's seeds pooled (records x seeds), from their rows'
+    ``record_scores``; nothing for training rows."""
+    out: dict[str, Any] = {}
+    for part in PARTS:
+        if all(part in s for s in scores):
+            blind = ([from_json(s[f"blind_{part}"]) for s in scores]
+                     if all(f"blind_{part}" in s for s in scores) else None)
+            out.update(part_summary(part, [from_json(s[part]) for s in scores], blind))
     return out
 
 
