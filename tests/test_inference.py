@@ -123,7 +123,8 @@ def test_inference_cells_expand_without_training_time_attacks():
     cells, skipped = expand(parse_config(INFER))
     inference = {(c.threat, c.attack) for c in cells if c.mode == "inference"}
     assert ("curious_server", "prefix_inversion") in inference
-    assert not {a for _, a in inference} & {"gradient_inversion", "wire_inversion"}
+    assert ("eavesdropper", "wire_inversion") in inference  # it reassembles each generation off the wire
+    assert "gradient_inversion" not in {a for _, a in inference}
     reasons = {(c.threat, c.attack): r for c, r in skipped if c.mode == "inference"}
     assert "training-time signal" in reasons[("curious_server", "gradient_inversion")]
     training = [c for c in cells if c.mode is None]
@@ -138,9 +139,9 @@ def test_inference_matrix_writes_prompt_and_response_rows(tmp_path):
     from suite.experiment.store import load_results
 
     attacks = ["nearest_embedding", "prefix_inversion", {"name": "kv_inversion", "layer": ["first", "middle"]},
-               "model_completion"]
+               "model_completion", "wire_inversion"]
     cfg = parse_config({**INFER, "matrix": {**INFER["matrix"], "mode": ["inference"], "attacks": attacks,
-                                            "threats": ["curious_server", "memory_dump"],
+                                            "threats": ["curious_server", "memory_dump", "eavesdropper"],
                                             "defenses": ["none", "encryption"]}})
     run_matrix(cfg, tmp_path)
     frame = load_results(tmp_path)
@@ -155,6 +156,10 @@ def test_inference_matrix_writes_prompt_and_response_rows(tmp_path):
         assert kv["token_accuracy"] > 0  # measured, and it reads something
         for part in ("prompt", "response"):
             assert kv[f"{part}_token_accuracy"] <= best[f"{part}_token_accuracy"] + 1e-9
+    wire = frame[frame["attack"] == "wire_inversion"].set_index("defense")
+    # the eavesdropper reassembles each generation from its frames and reads the plaintext wire; not ciphertext
+    assert wire.loc["none", "response_token_accuracy"] > 0.5
+    assert wire.loc["encryption", "token_accuracy"] == 0.0 and "ciphertext" in wire.loc["encryption", "note"]
     completion = none[none["attack"] == "model_completion"].iloc[0]
     # the server's own copy of the public tail reads the greedy answer from the hidden states it returned
     assert completion["response_token_accuracy"] >= 0.8

@@ -211,7 +211,7 @@ def _expand_mode(cfg: ExperimentConfig, attacks, defenses, axes, mode: str | Non
 
 def mode_problem(attack: str, mode: str) -> str | None:
     """Why ``attack`` has nothing to read in ``mode``, or None. Inference has no training-time signal (no
-    gradients, no deviating server during training); the eavesdropper's wire parser reads training steps."""
+    gradients, no deviating server during training)."""
     cls = ATTACKS.get(attack)
     if mode not in cls.modes:
         return f"{attack} reads {' / '.join(sorted(cls.modes))} traffic, not {mode}"
@@ -220,8 +220,6 @@ def mode_problem(attack: str, mode: str) -> str | None:
             return f"{attack} acts during training; inference cells run passive inversion attacks"
         if Capability.GRADIENTS in cls.requires:
             return f"{attack} needs gradients, a training-time signal that inference does not send"
-        if Capability.WIRE in cls.requires:
-            return f"{attack} parses training traffic; inference traffic on the wire is not supported yet"
     return None
 
 
