@@ -217,18 +217,80 @@ def test_defenses_act_at_inference(tmp_path):
     assert report["inference"]["epsilon_per_generation"] > 0
 
 
-def test_inference_seeds_pool_prompt_and_response(tmp_path):
-    from suite.experiment.config import parse_config
-    from suite.experiment.schedule import run_matrix
+SEEDS_TOML = """
+[model]
+name = "tiny-llama"
+[data]
+max_length = 10
+private = { generator = "records", size = 6, seed = 1 }
+shadow = { generator = "records", size = 24, seed = 2 }
+[training]
+clients = 2
+steps = 2
+batch_size = 2
+[inference]
+new_tokens = 4
+[matrix]
+mode = ["inference"]
+splits = [0]
+threats = ["curious_server"]
+attacks = ["nearest_embedding"]
+defenses = ["none"]
+seeds = [0, 1]
+"""
+
+
+def test_splitleak_run_of_an_inference_config_pools_seeds_and_reports(tmp_path):
+    from reports.inference import section, split_modes
+    from reports.tables import prepare
+    from suite.cli import main
     from suite.experiment.store import load_results
 
-    cfg = parse_config({**INFER, "inference": {"new_tokens": 4},
-                        "matrix": {**INFER["matrix"], "mode": ["inference"], "attacks": ["nearest_embedding"],
-                                   "threats": ["curious_server"], "defenses": ["none"], "splits": [0],
-                                   "seeds": [0, 1]}})
-    run_matrix(cfg, tmp_path)
-    pooled = load_results(tmp_path)
+    config = tmp_path / "inference.toml"
+    config.write_text(SEEDS_TOML)
+    assert main(["run", str(config), "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "report.pdf").stat().st_size > 0
+    pooled = load_results(tmp_path / "out")
     row = pooled[(pooled["attack"] == "nearest_embedding") & pooled["seed"].isna()].iloc[0]
     assert row["mode"] == "inference" and row["seeds"] == [0, 1]
     assert row["prompt_token_accuracy"] == 1.0  # k = 0: the head output is the embedding
     assert row["response_token_accuracy_lo"] is not None and row["adv_response_token_accuracy"] is not None
+    training, inference = split_modes(prepare(pooled))
+    assert training.empty and len(section(inference)) >= 2  # the report's inference section: title, table...
+
+
+def test_generate_command_prints_the_answer_and_what_the_server_read(capsys):
+    from suite.cli import main
+
+    code = main(["generate", "Contact Ann at 555", "--model", "tiny-llama", "--steps", "1", "--max-length", "10",
+                 "--private-size", "4", "--new-tokens", "4", "--attack", "nearest_embedding", "-k", "0"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "answer:" in out and "bytes on the wire per token" in out
+    assert "prompt:" in out and "(token acc 1.000)" in out  # k = 0: the server reads the prompt exactly
+
+
+def test_verdict_rows_name_the_cheapest_defense_that_reaches_little():
+    import pandas as pd
+
+    from reports.inference import verdict_rows
+
+    def row(defense, attack, adv, hi, quality):
+        return {"mode": "inference", "status": "ok", "threat": "curious_server", "attack": attack,
+                "defense": defense, "defense_params": {"eta": 10} if defense == "dxp" else {}, "head_blocks": 1,
+                "adv_prompt_token_accuracy": adv, "adv_prompt_token_accuracy_lo": adv - 0.01,
+                "adv_prompt_token_accuracy_hi": hi, "adv_response_token_accuracy": adv,
+                "adv_response_token_accuracy_lo": adv - 0.01, "adv_response_token_accuracy_hi": hi,
+                "answer_rougeL": quality}
+
+    frame = pd.DataFrame([row("none", "prefix_inversion", 0.95, 0.97, 100.0),
+                          row("dxp", "prefix_inversion", 0.01, 0.03, 60.0),
+                          row("dxp", "nearest_embedding", 0.0, 0.01, 60.0),
+                          row("encryption", "prefix_inversion", 0.95, 0.97, 100.0),
+                          {**row("none", "blind", 0.0, 0.0, 100.0), "status": "ok"}])
+    rows = {r["section"]: r for r in verdict_rows(frame)}
+    assert rows["inference: prompt"]["level"] == "most"
+    assert rows["inference: prompt"]["attack"] == "prefix_inversion"
+    assert rows["inference: prompt"]["cheapest"] == "dxp (eta=10) at k=1"
+    assert "60" in rows["inference: prompt"]["cheapest_cost"]
+    assert verdict_rows(frame.assign(mode="training")) == []
