@@ -80,6 +80,7 @@ class WireInversionAttack(Attack):
         acts: dict[tuple[int, int], ObservedBatch] = {}
         grads: dict[tuple[int, int], torch.Tensor] = {}
         failed = 0
+        open_rows: dict[int, tuple[int, int]] = {}  # client -> its sequence being generated (split inference)
         for frame in obs.frames or ():
             if frame.dst != SERVER:
                 continue
@@ -96,7 +97,16 @@ class WireInversionAttack(Attack):
                 mask = msg.attention_mask
                 if mask is None:
                     mask = torch.ones(msg.hidden.shape[:2], dtype=torch.long)
-                acts[(msg.client_id, msg.step)] = ObservedBatch(msg.client_id, msg.step, msg.hidden, mask)
+                row = open_rows.get(msg.client_id)
+                if msg.position_ids is None and msg.attention_mask is not None and row is not None:
+                    # A generated token's head output (a mask, no positions: it continues the client's sequence,
+                    # suite.engine.decoding): appended to that sequence's row, as the server's cache appends it.
+                    b = acts[row]
+                    acts[row] = ObservedBatch(b.client_id, b.step, torch.cat([b.hidden, msg.hidden], 1),
+                                              torch.cat([b.attention_mask, mask], 1))
+                else:
+                    acts[(msg.client_id, msg.step)] = ObservedBatch(msg.client_id, msg.step, msg.hidden, mask)
+                    open_rows[msg.client_id] = (msg.client_id, msg.step)
             elif isinstance(msg, GradientMsg):
                 grads[(msg.client_id, msg.step)] = msg.grad
         parsed = tuple(acts.values())  # in wire order

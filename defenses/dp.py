@@ -406,6 +406,17 @@ class _DPDefense(Defense):
             report["epsilon_gradients"] = math.inf if self.trained_parts else self._epsilon(kinds[1:])
         return report
 
+    def inference_report(self, releases: int, coordinates: int, training_releases: int) -> dict:
+        """ε at inference (issue 25): one generation releases the prompt's activation and then each sent
+        token's, each clipped and noised on its own, so ``releases`` mechanisms compose per generation (a
+        record that is also a training record composes with its ``training_releases`` too)."""
+        kind = [(self.config.clip, releases, coordinates)]
+        both = [(self.config.clip, releases + training_releases, coordinates)]
+        return {"releases_per_generation": releases,
+                "epsilon_per_generation": math.inf if self.trained_parts else self._epsilon(kind),
+                "epsilon_with_training": math.inf if self.trained_parts else self._epsilon(both),
+                "covers": "head activations of the prompt and of every sent token; not the token count"}
+
     def _part_names(self) -> set[str]:
         return {"head", "tail"} if self.config.direction == "both" else {"head"}
 

@@ -27,6 +27,7 @@ from reportlab.lib.units import cm
 from reportlab.platypus import KeepTogether, NextPageTemplate, PageBreak, Spacer
 
 from reports import figures, tables
+from reports import inference as inference_section
 from reports import memorisation as memo
 from reports.frontier import pareto
 from reports.frontier import settings as frontier_settings
@@ -62,6 +63,7 @@ PAGE_ONE: list[Provider] = [
     lambda frame: training_rows(frame[~memo.memorisation_rows(frame)]),  # reconstructions (training, not S > 1)
     lambda frame: from_dicts(pipeline_verdict_rows(frame)),
     lambda frame: from_dicts(memo.verdict_rows(frame)),
+    lambda frame: from_dicts(inference_section.verdict_rows(frame)),
 ]
 SAMPLES_STRONGEST, SAMPLES_DEFENDED = 3, 2  # samples shown for each threat's strongest cell / each defense
 
@@ -499,7 +501,8 @@ def _methods(df: pd.DataFrame) -> list:
 def build_report(directory: str | Path) -> Path:
     """Write ``directory/report.pdf`` from ``directory/results.sqlite`` and return its path."""
     directory = Path(directory)
-    df = everything = tables.prepare(load_results(directory))
+    df, inference = inference_section.split_modes(tables.prepare(load_results(directory)))
+    everything = pd.concat([df, inference]) if not inference.empty else df
     memorised = df[memo.memorisation_rows(df)]  # their own section (issue 26); the rest reads reconstructions
     df = df[~memo.memorisation_rows(df)]
     threats = tables.threat_order(df, list(THREATS)) if not df.empty else []
@@ -524,6 +527,8 @@ def build_report(directory: str | Path) -> Path:
         NextPageTemplate("landscape"), PageBreak(), *_samples(df, threats),
         *([NextPageTemplate("landscape"), PageBreak(), *memo.section(memorised)] if not memorised.empty else []),
         NextPageTemplate("portrait"), PageBreak(), *_cost(df), Spacer(1, 6), *pipeline_section(df), *_methods(df),
+        *([NextPageTemplate("landscape"), PageBreak(), *inference_section.section(inference)]
+          if not inference.empty else []),
     ]
     try:
         doc.build(story)

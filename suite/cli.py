@@ -188,6 +188,33 @@ def _attack_capture(cfg, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from suite.engine.split import SplitSpec
+    from suite.experiment.generate_one import generate_one
+
+    cfg = _config_from_args(args)
+    inference = {"new_tokens": args.new_tokens, "temperature": args.temperature, "top_k": args.top_k}
+    cfg = cfg.model_copy(update={"inference": cfg.inference.model_copy(
+        update={k: v for k, v in inference.items() if v is not None})})
+    from suite.experiment.config import parse_config
+
+    cfg = parse_config(cfg.model_dump(), "command line")  # the overrides validated like the file
+    _preflight_single(cfg, args.threat)
+    spec = SplitSpec(cfg.training.head_blocks, cfg.training.tail_blocks)
+    out = generate_one(cfg, spec, args.prompt, args.threat, args.attack, _params(args.param), args.defense,
+                       _params(args.defense_param))
+    print(f"answer: {out.answer}")
+    print(f"{out.seconds_per_token * 1000:.1f} ms and {out.bytes_per_token:,.0f} bytes on the wire per token")
+    if out.result is not None:
+        r = out.result
+        print(f"{args.threat}/{args.attack} read:")
+        print(f"  prompt:   {r.hypotheses['prompt'][0]}   (token acc {r.metrics['prompt'].token_accuracy:.3f})")
+        print(f"  response: {r.hypotheses['response'][0]}   (token acc {r.metrics['response'].token_accuracy:.3f})")
+        if r.reconstruction.note:
+            print(f"  note: {r.reconstruction.note}")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from suite.experiment.config import DEFAULT_MATRIX, load_config
     from suite.experiment.preflight import check_matrix_run
@@ -423,6 +450,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--capture", metavar="FILE", help="attack this capture file (`client --capture`, or written from "
                    "another framework's traffic: README, 'Capture files') instead of training a split here")
     p.set_defaults(func=cmd_attack)
+
+    p = sub.add_parser("generate", help="answer one prompt through a trained split (token by token over the "
+                       "wire) and show what the server read of the prompt and the answer", epilog=EPILOG)
+    p.add_argument("prompt", help="the prompt text")
+    _add_run_options(p)
+    p.add_argument("--new-tokens", type=int, help="tokens to generate (default: [inference] new_tokens, 32)")
+    p.add_argument("--temperature", type=float, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-k", type=int, help="sample from the k most likely tokens (0 = all)")
+    p.add_argument("--threat", default="curious_server", help="who reads the generation (with --attack)")
+    p.add_argument("--attack", help="an inversion attack to run on the generation, e.g. prefix_inversion")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="attack parameter")
+    p.add_argument("--defense", default="none", help="defense name, e.g. none, encryption, dxp")
+    p.add_argument("--defense-param", action="append", default=[], metavar="KEY=VALUE", help="defense parameter")
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("run", help="run a threat-model matrix (the embedded default without CONFIG); resumes",
                        epilog=EPILOG)

@@ -35,7 +35,7 @@ def honest(base):
     return train_split(CFG, SplitSpec(1, 1), base)
 
 
-INVERSIONS = [n for n in ATTACKS.names() if ATTACKS.get(n).kind == "inversion"]
+INVERSIONS = [n for n in ATTACKS.names() if ATTACKS.get(n).kind == "inversion" and "training" in ATTACKS.get(n).modes]
 
 
 @pytest.mark.parametrize("name", INVERSIONS)
@@ -96,7 +96,8 @@ def test_unknown_attack_parameter_is_refused():
 
 def test_threat_presets_are_well_formed():
     assert set(THREATS) == {"curious_server", "malicious_server", "colluding_client", "eavesdropper", "peer_client",
-                            "adapter_thief", "model_user", "curious_stage", "malicious_stage", "colluding_stages"}
+                            "adapter_thief", "model_user", "curious_stage", "malicious_stage", "colluding_stages",
+                            "memory_dump"}
     assert Capability.CONTROL_SERVER in THREATS["malicious_server"].grants
     assert Capability.CONTROL_SERVER not in THREATS["curious_server"].grants
     assert THREATS["eavesdropper"].grants.isdisjoint({Capability.ACTIVATIONS, Capability.GRADIENTS})

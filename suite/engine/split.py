@@ -239,8 +239,10 @@ class ServerTrunk(nn.Module):
         super().__init__()
         self.blocks = blocks
 
-    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        return self.blocks(hidden, attention_mask, position_ids)
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                cache: Cache | None = None) -> torch.Tensor:
+        """With ``cache``: incremental decoding (see ``_Blocks.forward``); the server's own KV cache."""
+        return self.blocks(hidden, attention_mask, position_ids, cache)
 
 
 class ClientTail(nn.Module):
@@ -252,8 +254,10 @@ class ClientTail(nn.Module):
         self.norm = norm
         self.lm_head = lm_head
 
-    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(self.norm(self.blocks(hidden, attention_mask, position_ids)))
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                cache: Cache | None = None) -> torch.Tensor:
+        """With ``cache``: incremental decoding of the tail's blocks (see ``_Blocks.forward``)."""
+        logits = self.lm_head(self.norm(self.blocks(hidden, attention_mask, position_ids, cache)))
         cap = getattr(self.blocks.config, "final_logit_softcapping", None)
         if cap is not None:  # Gemma 2/3: tanh soft-capping of the logits, as the unsplit model does
             logits = torch.tanh(logits / cap) * cap

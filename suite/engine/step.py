@@ -14,8 +14,9 @@ messages as they arrive). ``local_forward`` is the same forward pass computed in
 
 With ``[training] stages = S`` > 1 the ``server`` is a ``suite.engine.stages.StageChain``: the S stage parties,
 which look like one server to the clients (its ``forward`` runs the stages in order, its ``backward`` in
-reverse, every message between stages crossing the transport as bytes). An inference loop is ``forward``
-without the tails' gradient.
+reverse, every message between stages crossing the transport as bytes). Inference is ``generation_step``:
+``forward`` without the tails' gradient, each part with its KV cache (``suite.engine.decoding``); the generation
+loop is ``suite.engine.inference``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from collections.abc import Sequence
 
 import torch
 
+from suite.engine.decoding import ClientDecoder, TrunkDecoder
 from suite.engine.parties import Batch, Client, Server
 from suite.engine.split import position_ids_for
 
@@ -56,6 +58,23 @@ def training_step(clients: Sequence[Client], server: Server | None, step: int,
     losses = forward(clients, server, step, batches)
     backward(clients, server, step)
     return losses
+
+
+def generation_step(decoders: Sequence[ClientDecoder], trunk: TrunkDecoder | None, step: int,
+                    new_ids: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """One step of split generation: each client's head sends its new positions (``new_ids[i]``: the prompt,
+    then its last sampled token), the server runs the trunk on them with its KV cache and replies, each tail
+    returns the next token's logits [1, V]. ``trunk=None``: the server runs in another process."""
+    for decoder, ids in zip(decoders, new_ids, strict=True):
+        decoder.send(step, ids)
+    if trunk is not None:
+        _serve_generation(trunk, [d.client.id for d in decoders], step)
+    return [decoder.receive(step) for decoder in decoders]
+
+
+def _serve_generation(trunk: TrunkDecoder, client_ids: list[int], step: int) -> None:
+    """The server's side of a generation step (pipeline stages slot in here)."""
+    trunk.serve(client_ids, step)
 
 
 def local_forward(client: Client, server: Server, batch: Batch, deployed: bool = True) -> torch.Tensor:

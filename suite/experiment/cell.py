@@ -241,21 +241,27 @@ def rewire(trained: TrainedSplit, defense: Defense) -> TrainedSplit:
     out: in a run trained under the defense they crossed the wire during training, before the capture."""
     if not type(defense).wire_only:
         raise ValueError(f"defense {defense.name!r} changes more than the wire; it needs its own training run")
+    capture = dataclasses.replace(trained.capture, frames=replay_frames(trained.capture.frames, defense))
+    return dataclasses.replace(trained, capture=capture, defense=defense)
+
+
+def replay_frames(frames: list[Frame], defense: Defense) -> list[Frame]:
+    """``frames`` replayed in order through a fresh channel of a ``wire_only`` ``defense``: the bytes it puts
+    on the wire for each message (see ``rewire``)."""
     inner = InProcessTransport()
     wire = defense.wrap_transport(inner)
     recorder = Recorder()
     wire.add_tap(recorder)
-    frames = []
-    for frame in trained.capture.frames:
+    out = []
+    for frame in frames:
         before = len(recorder.frames)
         wire.send(frame.src, frame.dst, frame.data)
-        frames.append(recorder.frames[-1])  # the message itself; any frames before it opened the channel
+        out.append(recorder.frames[-1])  # the message itself; any frames before it opened the channel
         if len(recorder.frames) - before < 1:
             raise ValueError(f"defense {defense.name!r} sent nothing for a frame")
         if wire.recv(frame.dst, frame.src) != frame.data:
             raise ValueError(f"defense {defense.name!r} did not deliver a replayed frame unchanged")
-    capture = dataclasses.replace(trained.capture, frames=frames)
-    return dataclasses.replace(trained, capture=capture, defense=defense)
+    return out
 
 
 def trunk_for(prepared: Prepared, client_id: int) -> torch.nn.Module:
@@ -276,8 +282,9 @@ def trunk_for(prepared: Prepared, client_id: int) -> torch.nn.Module:
 
 
 def _observations(threat, spec, base: LoadedModel, cfg, shadow, prepared: Prepared, capture: Capture | None,
-                  defense: Defense | None = None, attack: Attack | None = None, audit=None):
-    """What ``attack`` may see: the threat's grants, narrowed to what the attack declares (``requires | uses``)."""
+                  defense: Defense | None = None, attack: Attack | None = None, audit=None, **inference):
+    """What ``attack`` may see: the threat's grants, narrowed to what the attack declares (``requires | uses``).
+    ``inference``: what only an inference capture holds (``kv_cache``, ``trunk_outputs``)."""
     colluder = threat.colluder
     victim = len(prepared.session.clients) - 1  # the canary victim (suite.experiment.canaries)
 
@@ -317,6 +324,7 @@ def _observations(threat, spec, base: LoadedModel, cfg, shadow, prepared: Prepar
         colluder_model=model_of(colluder) if colluder is not None else None,
         released_model=model_of(victim),
         audit=audit,
+        **inference,
     )
 
 

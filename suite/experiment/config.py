@@ -126,6 +126,9 @@ class MatrixSection(_Section):
     # given (threat, attack, defense names and split, each a value or a list of values; attack_params /
     # defense_params: a subset of its parameters) is left out and listed with the reason.
     skip: list[dict[str, Any]] = []
+    # What the cells observe (DESIGN §3): the traffic of training, or of the trained split serving its
+    # victims' prompts ([inference]); inference cells reuse the training run of their split.
+    mode: list[Literal["training", "inference"]] = ["training"]
 
     @model_validator(mode="after")
     def _check(self) -> MatrixSection:
@@ -137,6 +140,8 @@ class MatrixSection(_Section):
                 raise ValueError(f"{axis}: an empty list sweeps nothing; leave it out to use [training]'s value")
             if values is not None and len(set(values)) != len(values):
                 raise ValueError(f"{axis}: {values} repeats a value")
+        if not self.mode or len(set(self.mode)) != len(self.mode):
+            raise ValueError(f"mode: give 'training' and/or 'inference' once each, not {self.mode}")
         if self.steps is not None and any(s < 0 for s in self.steps):
             raise ValueError("steps: training steps must be >= 0")
         allowed = {"threat", "attack", "defense", "split", "attack_params", "defense_params"}
@@ -151,6 +156,17 @@ class MatrixSection(_Section):
             if isinstance(d, dict) and not isinstance(d.get("name"), str):
                 raise ValueError("an attack or defense given as a table needs a 'name'")
         return self
+
+
+class InferenceSection(_Section):
+    """Inference cells (``[matrix] mode = ["inference"]``): each victim's records are prompts (its first
+    ``prompts``, all when None), each answered with ``new_tokens`` generated tokens (greedy at ``temperature =
+    0``, else sampled from the ``top_k`` most likely, 0 = all)."""
+
+    new_tokens: int = Field(default=32, ge=2, le=4096)
+    prompts: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=0.0, ge=0)
+    top_k: int = Field(default=0, ge=0)
 
 
 class ExecutorSection(_Section):
@@ -169,6 +185,7 @@ class ExperimentConfig(_Section):
     data: DataSection = DataSection()
     training: TrainingSection = TrainingSection()
     matrix: MatrixSection = MatrixSection()
+    inference: InferenceSection = InferenceSection()
     executor: ExecutorSection = ExecutorSection()
 
 

@@ -86,6 +86,7 @@ class Cell:
     steps: int | None = None  # None: [training]'s value
     finetune: str | None = None
     seed: int | None = None
+    mode: str | None = None  # None: training; "inference": the trained split serving prompts (issue 25)
 
     @property
     def spec(self) -> SplitSpec:
@@ -205,6 +206,15 @@ def expand(cfg: ExperimentConfig) -> tuple[list[Cell], list[tuple[Cell, str]]]:
     axes = [dict(zip(AXES, values, strict=True))
             for values in itertools.product(*(getattr(m, sweep) or [None] for sweep in AXES.values()))]
     cells, skipped = [], []
+    for mode in m.mode:
+        for cell, why in _expand_mode(cfg, attacks, defenses, axes, None if mode == "training" else mode):
+            (cells.append(cell) if why is None else skipped.append((cell, why)))
+    return cells, skipped
+
+
+def _expand_mode(cfg: ExperimentConfig, attacks, defenses, axes, mode: str | None):
+    """(cell, None) for every cell of one mode, (cell, why) for each left out."""
+    m = cfg.matrix
     for k in m.splits:
         for threat_name in threat_names(cfg):
             threat = get_threat(threat_name)
@@ -214,18 +224,31 @@ def expand(cfg: ExperimentConfig) -> tuple[list[Cell], list[tuple[Cell, str]]]:
                 for defense, dparams in defenses:
                     for training in axes:
                         cell = Cell(k, m.tail_blocks, threat_name, attack, _canon(aparams), defense, _canon(dparams),
-                                    **training)
+                                    **training, mode=mode)
                         rule = _skip_rule(m.skip, threat_name, attack, aparams, defense, dparams, k)
                         if too_few:
-                            skipped.append((cell, too_few))
+                            yield cell, too_few
                         elif missing:
-                            reason = f"{attack} needs {', '.join(sorted(c.value for c in missing))}; {threat_name} does not grant it"
-                            skipped.append((cell, reason))
+                            yield cell, (f"{attack} needs {', '.join(sorted(c.value for c in missing))}; "
+                                         f"{threat_name} does not grant it")
                         elif rule is not None:
-                            skipped.append((cell, f"left out by matrix.skip[{rule}]"))
+                            yield cell, f"left out by matrix.skip[{rule}]"
                         else:
-                            cells.append(cell)
-    return cells, skipped
+                            yield cell, mode_problem(attack, mode or "training")
+
+
+def mode_problem(attack: str, mode: str) -> str | None:
+    """Why ``attack`` has nothing to read in ``mode``, or None. Inference has no training-time signal (no
+    gradients, no deviating server during training)."""
+    cls = ATTACKS.get(attack)
+    if mode not in cls.modes:
+        return f"{attack} reads {' / '.join(sorted(cls.modes))} traffic, not {mode}"
+    if mode == "inference":
+        if cls.active or cls.kind != "inversion":
+            return f"{attack} acts during training; inference cells run passive inversion attacks"
+        if Capability.GRADIENTS in cls.requires:
+            return f"{attack} needs gradients, a training-time signal that inference does not send"
+    return None
 
 
 def cell_key(cell: Cell, cfg: ExperimentConfig, revision: str, code: str | None = None) -> str:
@@ -234,7 +257,8 @@ def cell_key(cell: Cell, cfg: ExperimentConfig, revision: str, code: str | None 
     it. Without ``code`` it is the cell id, which rows of the same cell from other code share."""
     cfg = cell_config(cfg, cell)  # the axes enter through [training], so an unswept cell keeps its key
     payload = {
-        "cell": {k: v for k, v in cell.__dict__.items() if k not in AXES},
+        # a training cell's key is what it was before inference cells existed
+        "cell": {k: v for k, v in cell.__dict__.items() if k not in AXES and not (k == "mode" and v is None)},
         "model": cfg.model.name,
         "revision": revision,
         "data": cfg.data.model_dump(),
@@ -280,6 +304,7 @@ def cell_row(cell: Cell, key: str, cfg: ExperimentConfig, revision: str) -> dict
         "config": cfg.model_dump(), "versions": versions(),
         "code_revision": code_revision(), "cell_id": cell_key(cell, cfg, revision), "axes": cell.axes() or None,
         **stage_columns(cell, cfg),
+        "mode": cell.mode or "training",
     }
 
 
@@ -301,4 +326,4 @@ def observation_key(cell: Cell, clients: int) -> tuple | None:
     victims = tuple(c for c in range(clients) if c != threat.colluder) or (0,)
     # a stage threat sees its stages' inboxes, not the whole server's: its stages are part of the view
     return (cell.attack, cell.attack_params, victims, threat.grants - {Capability.CONTROL_SERVER},
-            bool(threat.stage_params), threat.stages)
+            bool(threat.stage_params), threat.stages, cell.mode)

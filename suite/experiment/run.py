@@ -19,6 +19,7 @@ import numpy as np
 
 from suite.experiment.cell import attack_trained, rewire, train_split
 from suite.experiment.config import ExperimentConfig
+from suite.experiment.inference_run import InferenceGroup
 from suite.experiment.memorisation import memorisation_fields
 from suite.experiment.plan import Cell, cell_config, cell_row, observation_key
 from suite.experiment.prepared import load_for
@@ -47,7 +48,7 @@ def run_group(cfg: ExperimentConfig, cells: list[Cell], keys: list[str], out: st
                 _BASES.clear()
                 _BASES[(cfg.model.name, cfg.model.dtype)] = load_for(cfg, progress=lambda _: None)
             base = _BASES[(cfg.model.name, cfg.model.dtype)]
-        group = _Group(cfg, cells[0], base)
+        group = _Group(cfg, cells[0], base, reference=any(c.mode != "inference" for c in cells))
         for cell, key in zip(cells, keys, strict=True):
             row = cell_row(cell, key, cfg, base.revision)
             if group.trained is None:
@@ -72,19 +73,21 @@ class _Group:
     under ``wire_only`` defenses (rewired, not retrained), the blind baselines per victim set, and the cells
     computed once for several threats."""
 
-    def __init__(self, cfg: ExperimentConfig, first: Cell, base):
+    def __init__(self, cfg: ExperimentConfig, first: Cell, base, reference: bool = True):
         self.cfg = cfg
         self.gcfg = cell_config(cfg, first)  # every cell of a group has the same training axes
         self.variants: dict[tuple[str, str], Any] = {}  # (defense, params) -> the trained split under it
         self.blinds: dict[tuple, Any] = {}  # (defense, params, victims) -> blind's CellResult, or why it failed
         self.shared: dict[tuple, tuple[str, dict[str, Any]]] = {}  # (defense, params, observation key) -> (threat, fields)
+        self.inference = None  # the group's inference cells (suite.experiment.inference_run), made when first needed
         try:
             threat = get_threat(first.threat)
             group_attack = make_attack(first.attack, threat, json.loads(first.attack_params))
             active = group_attack if group_attack.active else None
             self.trained_as = first.training_group()[2:4]  # a wire_only defense trains as "none" and is rewired
             defense = make_defense(self.trained_as[0], json.loads(self.trained_as[1]))
-            self.trained = train_split(self.gcfg, first.spec, base, threat, active, defense)
+            # inference rows report no centralised reference: a group of only those does not train one
+            self.trained = train_split(self.gcfg, first.spec, base, threat, active, defense, reference)
             self.train_error = None
         except Exception as err:  # the whole group fails; each cell records why, the run goes on
             self.trained, self.train_error = None, error_line(err)
@@ -109,6 +112,10 @@ class _Group:
 
     def fields(self, cell: Cell) -> dict[str, Any]:
         """The row's columns for ``cell``: its attack's metrics, intervals and advantage over blind."""
+        if cell.mode == "inference":
+            if self.inference is None:
+                self.inference = InferenceGroup(self.cfg, self.gcfg, self.under, self.trained_as, error_line)
+            return self.inference.fields(cell)
         threat = get_threat(cell.threat)
         attack = make_attack(cell.attack, threat, json.loads(cell.attack_params))
         if attack.kind == "memorisation":  # reads a trained model view, scored on canaries and members

@@ -8,6 +8,7 @@ import json
 import numpy as np
 
 from suite.experiment.config import ExperimentConfig
+from suite.experiment.inference_run import pooled_parts
 from suite.experiment.plan import Cell, aggregate_key, cell_key, cell_row
 from suite.experiment.store import METRICS, ResultsStore
 from suite.scoring.intervals import from_json, summarize, utility_summary
@@ -48,6 +49,10 @@ def aggregate_seeds(cfg: ExperimentConfig, out: str, cells: list[Cell], revision
                 blind = [from_json(s["blind"]) for s in scores] if all("blind" in s for s in scores) else None
                 row.update(summarize(stats, blind), status="ok", error=None,
                            note=f"mean over records x seeds {seeds}")
+                row.update(pooled_parts(scores))  # inference rows: the prompt's and the response's columns
+                for col in ("mode", "answer_rougeL", "seconds_per_token", "bytes_per_token"):
+                    if col in mine[0] and mine[0][col] is not None:
+                        row[col] = mine[0][col] if col == "mode" else float(np.mean([r[col] for r in mine]))
                 if all(s.get("utility") for s in scores):
                     row.update(utility_summary([np.asarray(s["utility"]) for s in scores]))
                 else:

@@ -26,6 +26,10 @@ METRICS = ("bleu4", "rouge1", "rouge2", "rougeL", "token_accuracy", "exact_match
 INTERVAL_COLUMNS = tuple(f"{m}_{end}" for m in (*METRICS, "utility") for end in ("lo", "hi"))
 ADVANTAGE_COLUMNS = tuple(c for m in METRICS for c in (f"adv_{m}", f"adv_{m}_lo", f"adv_{m}_hi"))
 
+INFERENCE_COLUMNS = tuple(f"{pre}{part}_{m}{end}" for part in ("prompt", "response") for m in METRICS
+                          for pre, end in (("", ""), ("", "_lo"), ("", "_hi"), ("adv_", ""), ("adv_", "_lo"),
+                                           ("adv_", "_hi")))
+
 # name -> SQLite type. Timing columns (attack_seconds, attack_peak_rss_mib, finished_at) are the only ones
 # that differ between two runs of the same cell.
 COLUMNS: dict[str, str] = {
@@ -78,6 +82,13 @@ COLUMNS: dict[str, str] = {
     "finished_at": "REAL",
     "code_revision": "TEXT",  # the code that computed the row (suite.experiment.revision.code_revision); part of the key
     "cell_id": "TEXT",  # the cell's key without the code revision: finds a row of the same cell from other code
+    # Inference cells (issue 25, DESIGN §3): mode, the leakage of the prompt and of the response separately
+    # (the plain metric columns then cover the whole observed sequence), and utility at inference.
+    "mode": "TEXT",  # training | inference (NULL in stores written before: training)
+    **{c: "REAL" for c in INFERENCE_COLUMNS},
+    "answer_rougeL": "REAL",  # ROUGE-L (0-100) of the deployed answers against the undefended split's answers
+    "seconds_per_token": "REAL",  # generation latency per token (wire included, in process)
+    "bytes_per_token": "REAL",  # bytes on the wire per generated token, both directions
 }
 # Memorisation (issue 26, DESIGN §3 third slice): canary exposure (bits), membership AUC and TPR at low FPR,
 # the share of canaries extracted verbatim, each with its interval; ``memorisation`` (JSON) holds the view,
@@ -85,7 +96,7 @@ COLUMNS: dict[str, str] = {
 MEMORISATION_METRICS = ("exposure", "auc", "tpr_at_1pct_fpr", "tpr_at_0_1pct_fpr", "extracted")
 COLUMNS.update({c: "REAL" for m in MEMORISATION_METRICS for c in (m, f"{m}_lo", f"{m}_hi")})
 COLUMNS["memorisation"] = "TEXT"
-TIMING = ("attack_seconds", "attack_peak_rss_mib", "finished_at")
+TIMING = ("attack_seconds", "attack_peak_rss_mib", "finished_at", "seconds_per_token")
 
 
 def cell_label(row: Mapping[str, Any]) -> str:
@@ -103,9 +114,10 @@ def cell_label(row: Mapping[str, Any]) -> str:
     adaptive = row.get("adaptive")  # the default (adaptive, or not recorded) keeps the label it always had
     mode = " [non-adaptive]" if adaptive is not None and not int(adaptive) else ""
     model = f"{row['model']} " if row.get("model") else ""
+    phase = " [inference]" if row.get("mode") == "inference" else ""  # training cells keep their label
     return (f"{model}k={row['head_blocks']} m={row['tail_blocks']} {row['threat']}/{row['attack']}"
             f"{params(row['attack_params'])}/{row['defense']}{params(row['defense_params'])}"
-            + "".join(f" {k}={v}" for k, v in sorted(axes.items())) + mode)
+            + "".join(f" {k}={v}" for k, v in sorted(axes.items())) + mode + phase)
 
 
 class ResultsStore:

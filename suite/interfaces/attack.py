@@ -78,6 +78,9 @@ class Attack:
     # (``missing_for``), and are handed only the parts of the ``Audit`` they name here.
     requires_any: ClassVar[frozenset[Capability]] = frozenset()
     audits: ClassVar[frozenset[str]] = frozenset()
+    # The modes (``[matrix] mode``) whose traffic the attack reads: an attack of the server's inference memory
+    # (KV cache, trunk outputs) has nothing to read in training; one that needs gradients nothing in inference.
+    modes: ClassVar[frozenset[str]] = frozenset({"training", "inference"})
 
     def __init__(self, config: AttackConfig | None = None):
         self.config = config if config is not None else self.Config()

@@ -23,6 +23,9 @@ class Capability(StrEnum):
     SERVER_ADAPTERS = "server_adapters"  # the server's trunk adapters (with the public base head and tail)
     COLLUDER_MODEL = "colluder_model"  # a colluding client's own head and tail with the server's trunk
     RELEASED_MODEL = "released_model"  # a victim's head and tail with the server's trunk, as if published
+    # Inference (issue 25): what the server's memory holds while it generates, besides what it received
+    KV_CACHE = "kv_cache"  # the keys and values its blocks cache for every position of a generation
+    TRUNK_OUTPUTS = "trunk_outputs"  # the hidden states its trunk returns to the client tail
 
 
 @dataclass(frozen=True)
@@ -42,9 +45,11 @@ class ThreatModel:
 
 
 C = Capability
-_SERVER = frozenset({C.ACTIVATIONS, C.GRADIENTS, C.BASE_WEIGHTS, C.SHADOW_DATA, C.SERVER_ADAPTERS})
-# A pipeline stage holds its own stage's adapters only, never the whole trunk's (no memorisation view of it yet).
-_STAGE = _SERVER - {C.SERVER_ADAPTERS}
+_SERVER = frozenset({C.ACTIVATIONS, C.GRADIENTS, C.BASE_WEIGHTS, C.SHADOW_DATA, C.SERVER_ADAPTERS, C.KV_CACHE,
+                     C.TRUNK_OUTPUTS})
+# A pipeline stage holds its own stage's adapters and cache only, never the whole trunk's (no memorisation or
+# inference view of a stage yet).
+_STAGE = _SERVER - {C.SERVER_ADAPTERS, C.KV_CACHE, C.TRUNK_OUTPUTS}
 
 THREATS: dict[str, ThreatModel] = {
     t.name: t
@@ -114,6 +119,12 @@ THREATS: dict[str, ThreatModel] = {
             "a user of the released fine-tuned model (a victim's head and tail with the server's trunk), "
             "with the public base weights and public text",
             frozenset({C.RELEASED_MODEL, C.BASE_WEIGHTS, C.SHADOW_DATA}),
+        ),
+        ThreatModel(
+            "memory_dump",
+            "someone who reads the server's memory but not the wire (a memory dump, a shared KV-cache service): "
+            "the keys and values cached while it generates, and public knowledge (base weights, public text)",
+            frozenset({C.KV_CACHE, C.BASE_WEIGHTS, C.SHADOW_DATA}),
         ),
     )
 }

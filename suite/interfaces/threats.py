@@ -87,6 +87,11 @@ class Observations:
     colluder_model: Callable[[], tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]] | None = None
     released_model: Callable[[], tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]] | None = None
     audit: Audit | None = None  # what a memorisation attack is asked about (only the parts it declares)
+    # Inference only (issue 25), one entry per reconstructed row: the server's KV cache, {global block index:
+    # [T, 2 * kv_heads * head_dim] keys then values per position} (KV_CACHE), and the hidden states its trunk
+    # returned [T, H] (TRUNK_OUTPUTS).
+    kv_cache: tuple[dict[int, torch.Tensor], ...] | None = None
+    trunk_outputs: tuple[torch.Tensor, ...] | None = None
 
     def __post_init__(self) -> None:
         need = {
@@ -99,6 +104,8 @@ class Observations:
             "server_adapters": C.SERVER_ADAPTERS,
             "colluder_model": C.COLLUDER_MODEL,
             "released_model": C.RELEASED_MODEL,
+            "kv_cache": C.KV_CACHE,
+            "trunk_outputs": C.TRUNK_OUTPUTS,
         }
         for f in fields(self):
             cap = need.get(f.name)
@@ -134,4 +141,6 @@ def filter_observations(threat: ThreatModel, capabilities: frozenset[Capability]
         colluder_model=available.get("colluder_model") if C.COLLUDER_MODEL in g else None,
         released_model=available.get("released_model") if C.RELEASED_MODEL in g else None,
         audit=available.get("audit"),
+        kv_cache=available.get("kv_cache") if C.KV_CACHE in g else None,
+        trunk_outputs=available.get("trunk_outputs") if C.TRUNK_OUTPUTS in g else None,
     )

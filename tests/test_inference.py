@@ -1,0 +1,296 @@
+"""Split inference (issue 25): split generation through the parties and the byte-level wire, each part with
+its own KV cache, equals the unsplit model's ``generate`` token for token (greedy), on two families; sampling
+is seeded; the server's view (its inbox, its cache) is what a curious server or a memory dump holds."""
+
+import pytest
+import torch
+
+from suite.engine.decoding import ClientDecoder, TrunkDecoder
+from suite.engine.inference import Sampling, generate
+from suite.engine.models import tiny_model
+from suite.engine.parties import Batches, Client, Server
+from suite.engine.protocol import ActivationMsg
+from suite.engine.split import SplitSpec, split_model
+from suite.engine.transport import InProcessTransport
+from suite.errors import ConfigError, ProtocolError
+
+
+def _parties(model, k: int, m: int = 1):
+    split = split_model(model, SplitSpec(k, m))
+    transport = InProcessTransport()
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    data = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    client = Client(0, split.client_head, split.client_tail, Batches(data, 1, 0), transport, lr=0.0)
+    server = Server(split.server_trunk, transport, lr=0.0)
+    return ClientDecoder(client), TrunkDecoder(server)
+
+
+def _prompt(vocab: int, length: int, seed: int) -> torch.Tensor:
+    return torch.randint(3, vocab, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("k", [0, 1, 2])
+def test_split_greedy_generation_equals_unsplit_generate(family, k):
+    # gemma3's tiny config alternates sliding (window 4) and global layers: the prompt and the generation
+    # both run past the window, so every part's sliding cache is exercised
+    model = tiny_model(family, num_layers=4).model.eval()
+    prompt = _prompt(model.config.vocab_size, 7, seed=k)
+    with torch.no_grad():
+        ref = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=12,
+                             min_new_tokens=12, pad_token_id=0)[:, prompt.shape[1]:]
+    decoder, trunk = _parties(model, k)
+    out, step = generate(decoder, trunk, prompt, 12)
+    assert out.tolist() == ref.tolist()
+    assert step == 12  # the prompt and 11 tokens crossed the wire; the last token is sampled, never sent
+
+
+def test_generation_twice_restarts_every_cache():
+    model = tiny_model("llama", num_layers=4).model.eval()
+    decoder, trunk = _parties(model, 1)
+    a = _prompt(model.config.vocab_size, 5, seed=1)
+    first, step = generate(decoder, trunk, a, 6)
+    generate(decoder, trunk, _prompt(model.config.vocab_size, 9, seed=2), 6, step=step)
+    again, _ = generate(decoder, trunk, a, 6, step=100)
+    assert again.tolist() == first.tolist()
+
+
+def test_sampling_is_seeded_and_top_k_one_is_greedy():
+    model = tiny_model("llama", num_layers=4).model.eval()
+    decoder, trunk = _parties(model, 1)
+    prompt = _prompt(model.config.vocab_size, 5, seed=3)
+    s = Sampling(temperature=1.0, seed=7)
+    one, _ = generate(decoder, trunk, prompt, 10, s)
+    two, _ = generate(decoder, trunk, prompt, 10, s)
+    other, _ = generate(decoder, trunk, prompt, 10, Sampling(temperature=1.0, seed=8))
+    greedy, _ = generate(decoder, trunk, prompt, 10)
+    top1, _ = generate(decoder, trunk, prompt, 10, Sampling(temperature=1.0, top_k=1, seed=8))
+    assert one.tolist() == two.tolist()
+    assert one.tolist() != other.tolist()
+    assert top1.tolist() == greedy.tolist()
+    with pytest.raises(ConfigError, match="temperature"):
+        Sampling(temperature=-1.0)
+
+
+def test_server_sees_prompt_then_one_message_per_token_and_keeps_its_cache():
+    model = tiny_model("llama", num_layers=4).model.eval()
+    decoder, trunk = _parties(model, 1)
+    seen: list[ActivationMsg] = []
+    trunk.server.inbox_taps.append(seen.append)
+    prompt = _prompt(model.config.vocab_size, 6, seed=4)
+    out, _ = generate(decoder, trunk, prompt, 5)
+    assert [m.hidden.shape[1] for m in seen] == [6, 1, 1, 1, 1]
+    assert seen[0].position_ids.tolist() == [list(range(6))]  # the prompt opens a sequence
+    assert all(m.position_ids is None for m in seen[1:])  # each token continues it
+    # what the server received is the head output of the whole sequence (the head is causal)
+    full = torch.cat([prompt, out[:, :-1]], 1)
+    with torch.no_grad():
+        split = split_model(model, SplitSpec(1, 1))
+        direct = split.client_head(full, torch.ones_like(full), torch.arange(full.shape[1])[None])
+    torch.testing.assert_close(torch.cat([m.hidden for m in seen], 1), direct, rtol=1e-5, atol=1e-5)
+    keys, values = trunk.kv(0, 1)  # the trunk's first block (global index 1) cached every position it saw
+    assert keys.shape[2] == values.shape[2] == full.shape[1]
+
+
+def test_a_token_before_any_prompt_is_refused():
+    model = tiny_model("llama", num_layers=4).model.eval()
+    decoder, trunk = _parties(model, 1)
+    decoder.start()
+    decoder.length = 2  # the client skips its prompt
+    decoder.send(0, torch.tensor([[5]]))
+    with pytest.raises(ProtocolError, match="without a prompt"):
+        trunk.serve([0], 0)
+
+
+# --- inference cells: the matrix with mode = ["inference"] -------------------------------------------------
+
+INFER = {
+    "model": {"name": "tiny-llama"},
+    "data": {"max_length": 10, "private": {"generator": "records", "size": 6, "seed": 1},
+             "shadow": {"generator": "records", "size": 24, "seed": 2}},
+    "training": {"clients": 2, "steps": 2, "batch_size": 2},
+    "inference": {"new_tokens": 6},
+    "matrix": {"splits": [1], "threats": ["curious_server", "memory_dump", "eavesdropper"],
+               "attacks": ["nearest_embedding", "prefix_inversion", "gradient_inversion", "wire_inversion"],
+               "defenses": ["none", "encryption"], "mode": ["training", "inference"]},
+}
+
+
+def test_inference_cells_expand_without_training_time_attacks():
+    from suite.experiment.config import parse_config
+    from suite.experiment.plan import expand
+
+    cells, skipped = expand(parse_config(INFER))
+    inference = {(c.threat, c.attack) for c in cells if c.mode == "inference"}
+    assert ("curious_server", "prefix_inversion") in inference
+    assert ("eavesdropper", "wire_inversion") in inference  # it reassembles each generation off the wire
+    assert "gradient_inversion" not in {a for _, a in inference}
+    reasons = {(c.threat, c.attack): r for c, r in skipped if c.mode == "inference"}
+    assert "training-time signal" in reasons[("curious_server", "gradient_inversion")]
+    training = [c for c in cells if c.mode is None]
+    # a training cell's key and label are what they were before the mode axis existed
+    assert all("[inference]" not in c.label() for c in training)
+    assert {c.training_group() for c in cells if c.mode == "inference"} <= {c.training_group() for c in training}
+
+
+def test_inference_matrix_writes_prompt_and_response_rows(tmp_path):
+    from suite.experiment.config import parse_config
+    from suite.experiment.schedule import run_matrix
+    from suite.experiment.store import load_results
+
+    attacks = ["nearest_embedding", "prefix_inversion", {"name": "kv_inversion", "layer": ["first", "middle"]},
+               "model_completion", "wire_inversion"]
+    cfg = parse_config({**INFER, "matrix": {**INFER["matrix"], "mode": ["inference"], "attacks": attacks,
+                                            "threats": ["curious_server", "memory_dump", "eavesdropper"],
+                                            "defenses": ["none", "encryption"]}})
+    run_matrix(cfg, tmp_path)
+    frame = load_results(tmp_path)
+    assert set(frame["mode"]) == {"inference"}
+    assert (frame["status"] == "ok").all(), frame[["attack", "error"]].to_string()
+    none = frame[(frame["defense"] == "none")]
+    # the memory dump reads only the cache; the curious server's cache attack does no better than its
+    # activation attack on the same generations (the cache is a function of what it received)
+    assert set(none[none["threat"] == "memory_dump"]["attack"]) == {"kv_inversion", "blind"}
+    best = none[(none["threat"] == "curious_server") & (none["attack"] == "prefix_inversion")].iloc[0]
+    for _, kv in none[none["attack"] == "kv_inversion"].iterrows():
+        assert kv["token_accuracy"] > 0  # measured, and it reads something
+        for part in ("prompt", "response"):
+            assert kv[f"{part}_token_accuracy"] <= best[f"{part}_token_accuracy"] + 1e-9
+    wire = frame[frame["attack"] == "wire_inversion"].set_index("defense")
+    # the eavesdropper reassembles each generation from its frames and reads the plaintext wire; not ciphertext
+    assert wire.loc["none", "response_token_accuracy"] > 0.5
+    assert wire.loc["encryption", "token_accuracy"] == 0.0 and "ciphertext" in wire.loc["encryption", "note"]
+    completion = none[none["attack"] == "model_completion"].iloc[0]
+    # the server's own copy of the public tail reads the greedy answer from the hidden states it returned
+    assert completion["response_token_accuracy"] >= 0.8
+    prefix = frame[(frame["attack"] == "prefix_inversion") & (frame["defense"] == "none")].iloc[0]
+    # the tiny model's head is injective: the strongest attack reads both the prompt and the answer
+    assert prefix["prompt_token_accuracy"] >= 0.9 and prefix["response_token_accuracy"] >= 0.9
+    assert prefix["prompt_token_accuracy_lo"] <= prefix["prompt_token_accuracy"] <= prefix["prompt_token_accuracy_hi"]
+    assert prefix["adv_response_token_accuracy"] > 0.5
+    assert prefix["answer_rougeL"] == 100.0 and prefix["bytes_per_token"] > 0
+    sample = prefix["samples"][0]
+    assert sample["answer"] and "response_reconstruction" in sample
+    encrypted = frame[(frame["attack"] == "prefix_inversion") & (frame["defense"] == "encryption")].iloc[0]
+    # encryption protects the wire, not the server: the curious server reads as much
+    assert encrypted["response_token_accuracy"] == prefix["response_token_accuracy"]
+    assert encrypted["bytes_per_token"] > prefix["bytes_per_token"]
+    # the report shows the inference section; the page-1 verdict rows name the strongest attack per part
+    from reports.inference import verdict_rows
+    from reports.report import build_report
+
+    pdf = build_report(tmp_path)
+    assert pdf.is_file() and pdf.stat().st_size > 0
+    rows = verdict_rows(frame)
+    server = {r["section"]: r for r in rows if r["threat"] == "curious_server"}
+    assert set(server) == {"inference: prompt", "inference: response"}
+    assert server["inference: response"]["level"] == "most"
+    assert server["inference: response"]["advantage_lo"] <= server["inference: response"]["advantage"]
+    assert server["inference: response"]["cheapest"] is None  # encryption does not stop the server
+    assert set(rows[0]) == {"section", "threat", "level", "attack", "advantage", "advantage_lo", "advantage_hi",
+                            "cheapest", "cheapest_cost"}
+
+
+def test_defenses_act_at_inference(tmp_path):
+    """DxP, DP on activations and SanText change what the client releases at every generation step (the
+    answer moves away from the undefended one, measured by answer ROUGE-L); each runs with its defence-aware
+    attacker; DP's release count covers the prompt and every generated token."""
+    from suite.experiment.config import parse_config
+    from suite.experiment.schedule import run_matrix
+    from suite.experiment.store import load_results
+
+    defenses = ["none", {"name": "dxp", "eta": 5.0}, {"name": "dp_gaussian", "sigma": 2.0, "clip": 1.0},
+                {"name": "santext", "epsilon": 0.5}]
+    cfg = parse_config({**INFER, "matrix": {**INFER["matrix"], "mode": ["inference"], "attacks": ["nearest_embedding"],
+                                            "threats": ["curious_server"], "defenses": defenses, "splits": [0]}})
+    run_matrix(cfg, tmp_path)
+    frame = load_results(tmp_path)
+    assert (frame["status"] == "ok").all(), frame[["defense", "error"]].to_string()
+    cells = frame[frame["attack"] == "nearest_embedding"].set_index("defense")
+    assert cells.loc["none", "answer_rougeL"] == 100.0
+    for name in ("dxp", "dp_gaussian", "santext"):
+        assert cells.loc[name, "answer_rougeL"] < 100.0, name  # the defense acted on what the client sent
+        assert cells.loc[name, "prompt_token_accuracy"] < cells.loc["none", "prompt_token_accuracy"], name
+    report = cells.loc["dp_gaussian", "defense_report"]
+    # the prompt's release, then one per generated token but the last: new_tokens releases per generation
+    assert report["inference"]["releases_per_generation"] == 6
+    assert report["inference"]["epsilon_per_generation"] > 0
+
+
+SEEDS_TOML = """
+[model]
+name = "tiny-llama"
+[data]
+max_length = 10
+private = { generator = "records", size = 6, seed = 1 }
+shadow = { generator = "records", size = 24, seed = 2 }
+[training]
+clients = 2
+steps = 2
+batch_size = 2
+[inference]
+new_tokens = 4
+[matrix]
+mode = ["inference"]
+splits = [0]
+threats = ["curious_server"]
+attacks = ["nearest_embedding"]
+defenses = ["none"]
+seeds = [0, 1]
+"""
+
+
+def test_splitleak_run_of_an_inference_config_pools_seeds_and_reports(tmp_path):
+    from reports.inference import section, split_modes
+    from reports.tables import prepare
+    from suite.cli import main
+    from suite.experiment.store import load_results
+
+    config = tmp_path / "inference.toml"
+    config.write_text(SEEDS_TOML)
+    assert main(["run", str(config), "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "report.pdf").stat().st_size > 0
+    pooled = load_results(tmp_path / "out")
+    row = pooled[(pooled["attack"] == "nearest_embedding") & pooled["seed"].isna()].iloc[0]
+    assert row["mode"] == "inference" and row["seeds"] == [0, 1]
+    assert row["prompt_token_accuracy"] == 1.0  # k = 0: the head output is the embedding
+    assert row["response_token_accuracy_lo"] is not None and row["adv_response_token_accuracy"] is not None
+    training, inference = split_modes(prepare(pooled))
+    assert training.empty and len(section(inference)) >= 2  # the report's inference section: title, table...
+
+
+def test_generate_command_prints_the_answer_and_what_the_server_read(capsys):
+    from suite.cli import main
+
+    code = main(["generate", "Contact Ann at 555", "--model", "tiny-llama", "--steps", "1", "--max-length", "10",
+                 "--private-size", "4", "--new-tokens", "4", "--attack", "nearest_embedding", "-k", "0"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "answer:" in out and "bytes on the wire per token" in out
+    assert "prompt:" in out and "(token acc 1.000)" in out  # k = 0: the server reads the prompt exactly
+
+
+def test_verdict_rows_name_the_cheapest_defense_that_reaches_little():
+    import pandas as pd
+
+    from reports.inference import verdict_rows
+
+    def row(defense, attack, adv, hi, quality):
+        return {"mode": "inference", "status": "ok", "threat": "curious_server", "attack": attack,
+                "defense": defense, "defense_params": {"eta": 10} if defense == "dxp" else {}, "head_blocks": 1,
+                "adv_prompt_token_accuracy": adv, "adv_prompt_token_accuracy_lo": adv - 0.01,
+                "adv_prompt_token_accuracy_hi": hi, "adv_response_token_accuracy": adv,
+                "adv_response_token_accuracy_lo": adv - 0.01, "adv_response_token_accuracy_hi": hi,
+                "answer_rougeL": quality}
+
+    frame = pd.DataFrame([row("none", "prefix_inversion", 0.95, 0.97, 100.0),
+                          row("dxp", "prefix_inversion", 0.01, 0.03, 60.0),
+                          row("dxp", "nearest_embedding", 0.0, 0.01, 60.0),
+                          row("encryption", "prefix_inversion", 0.95, 0.97, 100.0),
+                          {**row("none", "blind", 0.0, 0.0, 100.0), "status": "ok"}])
+    rows = {r["section"]: r for r in verdict_rows(frame)}
+    assert rows["inference: prompt"]["level"] == "most"
+    assert rows["inference: prompt"]["attack"] == "prefix_inversion"
+    assert rows["inference: prompt"]["cheapest"] == "dxp (eta=10) at k=1"
+    assert "60" in rows["inference: prompt"]["cheapest_cost"]
+    assert verdict_rows(frame.assign(mode="training")) == []
