@@ -14,7 +14,8 @@ memorisation add theirs) contributes rows of one shape, ``VerdictRow``:
     cheapest       the cheapest tested setting that brings every attack of the threat to little or none
                    ("dxp (eta=720) at k=1"), or None: the table prints "none tested"
     cheapest_cost  its cost, the relative increase of held-out perplexity (0.12 = +12 %), and optionally
-                   ``cheapest_cost_lo`` / ``cheapest_cost_hi``, its interval
+                   ``cheapest_cost_lo`` / ``cheapest_cost_hi``, its interval; or a section's own cost in words
+                   (inference: "answer ROUGE-L 82 against the undefended answer")
     not_addressed  defenses that do not address the threat (encryption against the server, who decrypts)
     note           optional: one short caveat printed under the row's cheapest setting
 
@@ -207,7 +208,7 @@ class VerdictRow:
     advantage_lo: float | None
     advantage_hi: float | None
     cheapest: str | None
-    cheapest_cost: float | None
+    cheapest_cost: float | str | None
     not_addressed: tuple[str, ...] = ()
     cheapest_cost_lo: float | None = None
     cheapest_cost_hi: float | None = None
@@ -310,9 +311,11 @@ def verdict_rows(frame: pd.DataFrame, providers: Iterable[Provider] | None = Non
     return [row for provider in (PROVIDERS if providers is None else providers) for row in provider(frame)]
 
 
-def cost_text(v: float | None, lo: float | None = None, hi: float | None = None) -> str:
+def cost_text(v: float | str | None, lo: float | None = None, hi: float | None = None) -> str:
     if v is None:
         return "cost not measured"
+    if isinstance(v, str):  # a section's own cost, in words (inference: the answer's quality)
+        return v
     return signed_pct(v) + (f" [{signed_pct(lo)}, {signed_pct(hi)}]" if lo is not None and hi is not None else "")
 
 
@@ -327,7 +330,8 @@ def advantage_text(r: VerdictRow) -> str:
 def cheapest_text(r: VerdictRow) -> str:
     if r.cheapest is None:
         return "none tested"
-    return f"{r.cheapest}: {cost_text(r.cheapest_cost, r.cheapest_cost_lo, r.cheapest_cost_hi)} perplexity"
+    cost = cost_text(r.cheapest_cost, r.cheapest_cost_lo, r.cheapest_cost_hi)
+    return f"{r.cheapest}: {cost}" + ("" if isinstance(r.cheapest_cost, str) else " perplexity")
 
 
 MAX_SENTENCES = 3
