@@ -99,7 +99,13 @@ class NoPeekDefense(Defense):
             p.requires_grad_(False)
         return sim.eval()
 
+    # Where NoPeek was measured to act (its dCor trace moving by the report's TRACE_MOVED = 0.01), on the default
+    # matrix's setting: SmolLM2-135M, k = 1, its records, LoRA, 2 clients, batch 4 (BENCHMARKS.md, "The default
+    # matrix and page 1 (issue 23)", "NoPeek's budget"). The report adds it where a setting did not act.
+    ACTS_FROM = ("measured on SmolLM2-135M at k = 1, it acts from ~37 training steps at alpha = 1000 and ~68 at "
+                 "alpha = 50 (BENCHMARKS, issue 23)")
+
     def report(self) -> dict:
         tail = self.history[-10:]
         return {"alpha": self.config.alpha, "dcor_first": self.history[0] if self.history else None,
-                "dcor_last10_mean": sum(tail) / len(tail) if tail else None}
+                "dcor_last10_mean": sum(tail) / len(tail) if tail else None, "acts_from": self.ACTS_FROM}

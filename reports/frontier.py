@@ -17,6 +17,8 @@ and the Pareto frontier. Pure pandas over ``tables.prepare``'s frame; no attack 
   is paired), or some threat's leakage interval excludes the undefended leakage. Overlapping loss intervals
   are not "no change": DxP at +54 % [+22 %, +95 %] acted. It **did not act** when none of these holds;
   without intervals (an older store) the changes are compared with the tolerances ``SAME_LEAK``/``SAME_LOSS``.
+  A defense's report may say where it was measured to act (``acts_from``: a phrase with its source); the
+  sentences that say a setting did not act add it.
 """
 
 from __future__ import annotations
@@ -121,7 +123,7 @@ def settings(df: pd.DataFrame) -> pd.DataFrame:
     cols = ["model", "threat", "threat_label", "defense", "defense_label", "head_blocks", "split", "attack_label",
             "adaptive", "leak", "leak_lo", "leak_hi", "kind", "raw", "n_attacks", "blind", "loss", "loss_lo",
             "loss_hi", "ppl", "cost", "cost_lo", "cost_hi", "cost_central", "acted", "act_note", "is_none", "attack",
-            "attacks", "guarantee"]
+            "attacks", "guarantee", "acts_from"]
     h = headline(df) if not df.empty else pd.DataFrame()
     if h.empty:
         return pd.DataFrame(columns=cols)
@@ -166,6 +168,8 @@ def settings(df: pd.DataFrame) -> pd.DataFrame:
             "acted": None, "act_note": "", "is_none": defense == NO_DEFENSE,
             "attack": best["attack"], "attacks": tuple(sorted(set(g["attack"]))),
             "guarantee": guarantee(g["defense_report"]),
+            "acts_from": next((str(r["acts_from"]) for r in g["defense_report"]
+                               if isinstance(r, dict) and r.get("acts_from")), ""),
         })
     s = pd.DataFrame(out, columns=cols)
     return _acted(s, h)

@@ -188,8 +188,10 @@ def threat_verdict(s: pd.DataFrame) -> tuple[str, list[str]]:
         for label, g in idle.groupby("defense_label", sort=True):
             splits = ", ".join(g.sort_values("head_blocks")["split"])
             note = next((n for n in g["act_note"] if n), "")
+            acts = next((a for a in g.get("acts_from", []) if a), "")
             out.append(f"{label} did not act at this budget at {splits}" + (f" ({note})" if note else "")
-                       + f": this run cannot tell whether {name} helps against {threat}.")
+                       + (f"; {acts}" if acts else "") + f": this run cannot tell whether {name} helps against "
+                       f"{threat}.")
     return head, out
 
 
@@ -370,7 +372,8 @@ def key_sentences(rows: list[VerdictRow], st: pd.DataFrame, budget: str = "") ->
     if not idle.empty:
         labels = list(dict.fromkeys(idle.sort_values("head_blocks")["defense_label"]))
         notes = [n for n in idle["act_note"] if n]
+        acts = [a for a in idle.get("acts_from", []) if a]
         out.append(f"{', '.join(labels)} did not act at this budget" + (f" of {budget}" if budget else "")
-                   + (f" ({notes[0]})" if notes else "")
+                   + (f" ({notes[0]})" if notes else "") + (f"; {acts[0]}" if acts else "")
                    + ": this run cannot tell whether it helps; see section 4.")
     return out[:MAX_SENTENCES]

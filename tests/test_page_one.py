@@ -13,7 +13,15 @@ from synthetic_store import cell, sweep_rows, write_store
 from reports import tables
 from reports.frontier import settings
 from reports.report import build_report
-from reports.verdict import MAX_SENTENCES, VerdictRow, cheapest_text, from_dicts, key_sentences, training_rows
+from reports.verdict import (
+    MAX_SENTENCES,
+    VerdictRow,
+    cheapest_text,
+    from_dicts,
+    key_sentences,
+    threat_verdict,
+    training_rows,
+)
 from suite.experiment.store import load_results
 
 PROTECTS_WIRE = {"mode": "aes-gcm", "protects": ["wire"]}
@@ -243,3 +251,23 @@ def test_the_matrix_runner_calibrates_the_clip_on_shadow_text_before_training():
     d = trained.defense
     assert d.calibrated and d.config.clip != 1.0 and d.config.clip > 0
     assert d.report()["clip"] == d.config.clip and math.isfinite(d.report()["epsilon"])
+
+
+def test_a_defense_that_did_not_act_names_the_budget_at_which_it_was_measured_to_act(tmp_path):
+    """Where a defense's report says where it was measured to act (``acts_from``), page 1's sentence and the
+    per-threat verdict add it to "did not act at this budget"; without it the sentence is unchanged."""
+    acts = "on SmolLM2-135M at k = 1 it acts from ~100 training steps (BENCHMARKS, issue 23)"
+    rows = [{**r, "defense_report": {**r["defense_report"], "acts_from": acts}} if r["defense"] == "nopeek" else r
+            for r in sweep_rows()]
+    frame = _frame(tmp_path, _with_encryption_report(rows))
+    st = settings(frame)
+    assert (st[st["defense"] == "nopeek"]["acted"] == False).all()  # noqa: E712
+    words = key_sentences(training_rows(frame), st, "6 training steps")
+    idle = next(w for w in words if "did not act" in w)
+    assert idle.startswith("nopeek (alpha=0.5) did not act at this budget of 6 training steps (dCor")
+    assert f"; {acts}: this run cannot tell whether it helps" in idle
+    text = " ".join(threat_verdict(st[st["threat_label"] == "curious_server"])[1])
+    assert f"; {acts}: this run cannot tell whether nopeek helps against curious_server." in text
+    plain = key_sentences(training_rows(_frame(tmp_path / "b", _with_encryption_report(sweep_rows()))),
+                          settings(_frame(tmp_path / "b", _with_encryption_report(sweep_rows()))), "6 training steps")
+    assert not any("acts from" in w for w in plain)
