@@ -207,7 +207,7 @@ class VerdictRow:
     advantage_lo: float | None
     advantage_hi: float | None
     cheapest: str | None
-    cheapest_cost: float | None
+    cheapest_cost: float | str | None  # a perplexity change, or a section's own wording (inference: answer ROUGE-L)
     not_addressed: tuple[str, ...] = ()
     cheapest_cost_lo: float | None = None
     cheapest_cost_hi: float | None = None
@@ -310,9 +310,11 @@ def verdict_rows(frame: pd.DataFrame, providers: Iterable[Provider] | None = Non
     return [row for provider in (PROVIDERS if providers is None else providers) for row in provider(frame)]
 
 
-def cost_text(v: float | None, lo: float | None = None, hi: float | None = None) -> str:
+def cost_text(v: float | str | None, lo: float | None = None, hi: float | None = None) -> str:
     if v is None:
         return "cost not measured"
+    if isinstance(v, str):  # a section's own wording (inference: the answer's ROUGE-L)
+        return v
     return signed_pct(v) + (f" [{signed_pct(lo)}, {signed_pct(hi)}]" if lo is not None and hi is not None else "")
 
 
@@ -327,6 +329,8 @@ def advantage_text(r: VerdictRow) -> str:
 def cheapest_text(r: VerdictRow) -> str:
     if r.cheapest is None:
         return "none tested"
+    if isinstance(r.cheapest_cost, str):
+        return f"{r.cheapest}: {r.cheapest_cost}"
     return f"{r.cheapest}: {cost_text(r.cheapest_cost, r.cheapest_cost_lo, r.cheapest_cost_hi)} perplexity"
 
 

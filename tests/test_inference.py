@@ -139,7 +139,7 @@ def test_inference_matrix_writes_prompt_and_response_rows(tmp_path):
     from suite.experiment.store import load_results
 
     attacks = ["nearest_embedding", "prefix_inversion", {"name": "kv_inversion", "layer": ["first", "middle"]},
-               "model_completion", "wire_inversion"]
+               {"name": "model_completion", "tail": ["trained", "public"]}, "wire_inversion"]
     cfg = parse_config({**INFER, "matrix": {**INFER["matrix"], "mode": ["inference"], "attacks": attacks,
                                             "threats": ["curious_server", "memory_dump", "eavesdropper"],
                                             "defenses": ["none", "encryption"]}})
@@ -160,9 +160,13 @@ def test_inference_matrix_writes_prompt_and_response_rows(tmp_path):
     # the eavesdropper reassembles each generation from its frames and reads the plaintext wire; not ciphertext
     assert wire.loc["none", "response_token_accuracy"] > 0.5
     assert wire.loc["encryption", "token_accuracy"] == 0.0 and "ciphertext" in wire.loc["encryption", "note"]
-    completion = none[none["attack"] == "model_completion"].iloc[0]
-    # the server's own copy of the public tail reads the greedy answer from the hidden states it returned
-    assert completion["response_token_accuracy"] >= 0.8
+    completion = none[none["attack"] == "model_completion"]
+    assert sorted(str(p) for p in completion["attack_params"]) == ["{'tail': 'public'}", "{'tail': 'trained'}"]
+    public = completion[completion["attack_params"].map(str) == "{'tail': 'public'}"].iloc[0]
+    # the server's own copy of the public tail reads the greedy answer from the hidden states it returned (the
+    # random tiny model's 2 LoRA steps barely moved the client's tail); the tail it trains on public records
+    # text (the default) is measured too: here it learns a language the random model does not speak
+    assert public["response_token_accuracy"] >= 0.8
     prefix = frame[(frame["attack"] == "prefix_inversion") & (frame["defense"] == "none")].iloc[0]
     # the tiny model's head is injective: the strongest attack reads both the prompt and the answer
     assert prefix["prompt_token_accuracy"] >= 0.9 and prefix["response_token_accuracy"] >= 0.9
