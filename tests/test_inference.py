@@ -139,7 +139,7 @@ def test_inference_matrix_writes_prompt_and_response_rows(tmp_path):
     from suite.experiment.store import load_results
 
     attacks = ["nearest_embedding", "prefix_inversion", {"name": "kv_inversion", "layer": ["first", "middle"]},
-               "model_completion", "wire_inversion"]
+               {"name": "model_completion", "tail": ["trained", "public"]}, "wire_inversion"]
     cfg = parse_config({**INFER, "matrix": {**INFER["matrix"], "mode": ["inference"], "attacks": attacks,
                                             "threats": ["curious_server", "memory_dump", "eavesdropper"],
                                             "defenses": ["none", "encryption"]}})
@@ -160,9 +160,13 @@ def test_inference_matrix_writes_prompt_and_response_rows(tmp_path):
     # the eavesdropper reassembles each generation from its frames and reads the plaintext wire; not ciphertext
     assert wire.loc["none", "response_token_accuracy"] > 0.5
     assert wire.loc["encryption", "token_accuracy"] == 0.0 and "ciphertext" in wire.loc["encryption", "note"]
-    completion = none[none["attack"] == "model_completion"].iloc[0]
-    # the server's own copy of the public tail reads the greedy answer from the hidden states it returned
-    assert completion["response_token_accuracy"] >= 0.8
+    completion = none[none["attack"] == "model_completion"]
+    assert sorted(str(p) for p in completion["attack_params"]) == ["{'tail': 'public'}", "{'tail': 'trained'}"]
+    public = completion[completion["attack_params"].map(str) == "{'tail': 'public'}"].iloc[0]
+    # the server's own copy of the public tail reads the greedy answer from the hidden states it returned (the
+    # random tiny model's 2 LoRA steps barely moved the client's tail); the tail it trains on public records
+    # text (the default) is measured too: here it learns a language the random model does not speak
+    assert public["response_token_accuracy"] >= 0.8
     prefix = frame[(frame["attack"] == "prefix_inversion") & (frame["defense"] == "none")].iloc[0]
     # the tiny model's head is injective: the strongest attack reads both the prompt and the answer
     assert prefix["prompt_token_accuracy"] >= 0.9 and prefix["response_token_accuracy"] >= 0.9
@@ -294,3 +298,78 @@ def test_verdict_rows_name_the_cheapest_defense_that_reaches_little():
     assert rows["inference: prompt"]["cheapest"] == "dxp (eta=10) at k=1"
     assert "60" in rows["inference: prompt"]["cheapest_cost"]
     assert verdict_rows(frame.assign(mode="training")) == []
+
+
+def test_model_completion_trains_its_own_tail_on_public_text_and_reads_a_fine_tuned_answer():
+    """The client fine-tuned its tail to a domain the public model does not know ("X works at Y." where the
+    public model learnt "X lives in Y."); the server trains a tail of its own on public text of that domain
+    (shadow text only, disjoint from the victims') and reads the answers from the hidden states it returned
+    better than with the public tail."""
+    import copy
+    import random
+
+    from attacks.model_completion import ModelCompletionAttack, ModelCompletionConfig
+    from suite.engine.split import position_ids_for
+    from suite.interfaces.threats import Observations, get_threat
+
+    names, cities = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi"], ["paris", "rome",
+                                                                                        "oslo", "lima", "cairo"]
+    rng = random.Random(0)
+
+    def text(verb: str) -> str:
+        return " ".join(f"{rng.choice(names)} {verb} {rng.choice(cities)}." for _ in range(4))
+
+    public, private, shadow = ([text(v) for _ in range(64)] for v in ("lives in", "works at", "works at"))
+    base = tiny_model("llama", num_layers=3)
+    tok, spec = base.tokenizer, SplitSpec(1, 1)
+
+    def fit(model, texts, params, steps):
+        enc = tok(texts, padding="max_length", max_length=32, truncation=True, padding_side="right",
+                  return_tensors="pt")
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        opt, gen = torch.optim.Adam(params, lr=3e-3), torch.Generator().manual_seed(0)
+        model.train()
+        for _ in range(steps):
+            rows = torch.randperm(len(texts), generator=gen)[:16]
+            loss = model(input_ids=ids[rows], attention_mask=mask[rows],
+                         labels=ids[rows].masked_fill(mask[rows] == 0, -100)).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        model.requires_grad_(False).eval()
+
+    fit(base.model, public, list(base.model.parameters()), 80)  # the public model
+    client = copy.deepcopy(base.model)
+    split = split_model(client, spec)
+    tuned = [p.requires_grad_(True) for n, p in split.client_tail.named_parameters() if "lm_head" not in n]
+    fit(client, private, tuned, 60)  # the client's tail (its block and final norm) fine-tuned
+    outs, truth, plen = [], [], 6
+    with torch.no_grad():
+        for t in private[:8]:
+            prompt = tok(t, return_tensors="pt")["input_ids"][:, :plen]
+            full = client.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                   max_new_tokens=12, min_new_tokens=12, pad_token_id=0)[0]
+            seq = full[None, :-1]
+            m = torch.ones_like(seq)
+            outs.append(split.server_trunk(split.client_head(seq, m, position_ids_for(m)), m, position_ids_for(m))[0])
+            truth.append(full[:-1])
+
+    def response_accuracy(cfg):
+        obs = Observations(threat=get_threat("curious_server"), spec=spec, tokenizer=tok, max_length=32,
+                           base_model=lambda: copy.deepcopy(base.model), shadow=tuple(shadow),
+                           trunk_outputs=tuple(outs), lengths=tuple(len(t) for t in truth))
+        rec = ModelCompletionAttack(cfg).reconstruct(obs)
+        acc = torch.stack([(rec.token_ids[i, plen:len(t)] == t[plen:]).float().mean() for i, t in enumerate(truth)])
+        return float(acc.mean()), rec.extra
+
+    public_acc, info = response_accuracy(ModelCompletionConfig(tail="public"))
+    assert info == {"tail": "public"}
+    trained_acc, info = response_accuracy(ModelCompletionConfig())  # the default: tail trained, LoRA
+    assert info["tail"] == "trained" and info["steps"] == 60 and info["loss_last"] < info["loss_first"]
+    assert trained_acc >= 0.6 and trained_acc >= public_acc + 0.2, (trained_acc, public_acc)
+    with pytest.raises(ConfigError, match="tail = 'nope'"):
+        ModelCompletionConfig(tail="nope")
+    no_text = Observations(threat=get_threat("curious_server"), spec=spec, tokenizer=tok, max_length=32,
+                           base_model=lambda: copy.deepcopy(base.model), trunk_outputs=tuple(outs))
+    with pytest.raises(ConfigError, match="needs public shadow text"):
+        ModelCompletionAttack(ModelCompletionConfig()).reconstruct(no_text)
