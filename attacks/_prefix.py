@@ -655,13 +655,14 @@ def refine_ties(head: ClientHead, scorer: Scorer, target: torch.Tensor, mask: to
 
 def calibrate(head: ClientHead, config, ids: torch.Tensor, mask: torch.Tensor, target: torch.Tensor,
               scores: torch.Tensor, scorer: Scorer, steps: int, lr: float = 1e-3, rank: int = 8,
-              keep: float = 0.9) -> ClientHead:
+              keep: float = 0.9, fit: torch.Tensor | None = None) -> ClientHead:
     """The victims' head drifted from the reference by fine-tuning: estimate the drift from their own traffic.
 
     A LoRA adapter (rank ``rank`` on the family's attention projections, the public training recipe's targets)
     is fitted to a copy of ``head`` so that its outputs on the recovered text ``ids`` match the observed
     ``target`` under the search's score; positions whose first-pass score is in the lowest ``1 - keep``
-    fraction (the likely wrong tokens) are left out of the fit. Returns the calibrated head (frozen, eval)."""
+    fraction (the likely wrong tokens) are left out of the fit, and so are positions outside ``fit`` [N, T] (bool;
+    all real positions when None). Returns the calibrated head (frozen, eval)."""
     import types
 
     from peft import LoraConfig, inject_adapter_in_model
@@ -670,7 +671,7 @@ def calibrate(head: ClientHead, config, ids: torch.Tensor, mask: torch.Tensor, t
 
     model = copy.deepcopy(head)
     targets = lora_targets(model, family_of(types.SimpleNamespace(config=config)), "attention")
-    real = mask.bool()
+    real = mask.bool() if fit is None else mask.bool() & fit
     if not targets or steps <= 0 or not real.any():
         return head
     with warnings.catch_warnings():  # a colluder's head already carries its own adapter: this one joins it
@@ -760,9 +761,20 @@ def prefix_invert(obs, cfg, target: torch.Tensor, mask: torch.Tensor, bonus: tor
     # the search's own match stayed poor): the proposer's candidates, the search's runner-ups and
     # whole-vocabulary candidates ranked by the gradient of the outputs after them.
     extra["first_tokens_changed"] = extra["early_tokens_changed"] = 0
-    early = time.perf_counter()
     first_real = len(known)  # the first searched position (after the known prefix)
-    for t in range(first_real, min(first_real + getattr(cfg, "early_positions", 1), ids.shape[1])):
+    last_early = first_real + getattr(cfg, "early_positions", 1)
+    decide = search.head  # the head the early positions and near-ties are re-decided on
+    if (getattr(cfg, "calibrate_early", 0) > 0 and real.any() and not noisy
+            and float(scores[real].mean()) < getattr(cfg, "calibrate_below", 1.0)):
+        # The victims' drift, estimated from the positions after the early ones (whose outputs lean least on
+        # the sink and were decided with most context), then used where the public head's drift misleads most.
+        with timed(seconds, "early_calibration"):
+            later = torch.zeros_like(real)
+            later[:, last_early:] = True
+            decide = calibrate(search.head, config, ids.masked_fill(~real, 0), mask, target, scores, scorer,
+                               cfg.calibrate_early, lr=getattr(cfg, "calibrate_early_lr", 2.5e-3), fit=later)
+    early = time.perf_counter()
+    for t in range(first_real, min(last_early, ids.shape[1])):
         rows = (real[:, t] if t == first_real else real[:, t] & (scores[:, t] < cfg.widen_below)
                 ).nonzero().squeeze(1)
         if rows.numel() == 0:
@@ -771,11 +783,11 @@ def prefix_invert(obs, cfg, target: torch.Tensor, mask: torch.Tensor, bonus: tor
         if t > 0 and search.alternatives is not None:
             found.append(search.alternatives[0][rows, t])
         if getattr(cfg, "first_widen", 0) > 0:
-            found.append(first_candidates(search.head, scorer, target[rows], mask[rows],
+            found.append(first_candidates(decide, scorer, target[rows], mask[rows],
                                           ids[rows].masked_fill(~real[rows], 0), cfg.first_widen, t=t))
         if found:
             sub = None if bonus is None else bonus[rows]
-            new, changed = refine_first(search.head, scorer, target[rows], mask[rows], ids[rows],
+            new, changed = refine_first(decide, scorer, target[rows], mask[rows], ids[rows],
                                         torch.cat(found, 1), sub, t=t)
             ids[rows] = new
             extra["first_tokens_changed" if t == first_real else "early_tokens_changed"] += changed
@@ -783,7 +795,7 @@ def prefix_invert(obs, cfg, target: torch.Tensor, mask: torch.Tensor, bonus: tor
     margin = getattr(cfg, "tie_margin", 0.0)
     if margin > 0 and search.alternatives is not None:
         with timed(seconds, "ties"):
-            ids, extra["ties_changed"] = refine_ties(search.head, scorer, target, mask, ids, search.alternatives,
+            ids, extra["ties_changed"] = refine_ties(decide, scorer, target, mask, ids, search.alternatives,
                                                      margin, bonus)
     extra.update(search.stats)
     # Wall seconds by phase; the search's own split (proposals verified, each widening kind, the cache and the

@@ -243,6 +243,43 @@ def test_calibration_follows_a_fine_tuned_head_the_public_one_misses():
     assert acc2 > acc1 + 0.05 and fit_after > fit_before, (acc1, acc2, fit_before, fit_after)
 
 
+def test_a_drift_fitted_on_later_positions_carries_to_the_early_ones():
+    """``calibrate_early``'s premise: the drift is in the weights, not in the positions, so a drift estimate
+    fitted only on the later positions (``fit``) matches the victims' outputs at the early positions, which
+    it never saw, better than the public head does; with no position to fit it changes nothing."""
+    import copy
+
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from attacks._prefix import calibrate
+
+    loaded = tiny_model("llama", num_layers=4)
+    head = split_model(loaded.model, SplitSpec(2, 1)).client_head.eval().requires_grad_(False)
+    victim = copy.deepcopy(head)
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), victim)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in victim.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    ids = torch.randint(0, loaded.model.config.vocab_size, (8, 12), generator=gen)
+    mask = torch.ones_like(ids)
+    pos = position_ids_for(mask)
+    with torch.no_grad():
+        target, public = victim(ids, mask, pos), head(ids, mask, pos)
+    scorer = Scorer.fit(public, mask)
+    scores = scorer.score_positions(target, public)
+    later = torch.zeros_like(mask, dtype=torch.bool)
+    later[:, 4:] = True
+    tuned = calibrate(head, loaded.model.config, ids, mask, target, scores, scorer, steps=30, lr=2.5e-3, fit=later)
+    with torch.no_grad():
+        early_before = float(scorer.score_positions(target, public)[:, :4].mean())
+        early_after = float(scorer.score_positions(target, tuned(ids, mask, pos))[:, :4].mean())
+    assert early_after > early_before + 0.01, (early_before, early_after)
+    nothing = torch.zeros_like(later)
+    assert calibrate(head, loaded.model.config, ids, mask, target, scores, scorer, steps=30, fit=nothing) is head
+
+
 def test_bisr_fuses_only_where_the_simulation_shows_a_real_gain():
     """The fusion weight replaces the better single view only on a paired gain: a one-token edge or an edge
     bought with as many losses is noise; a small gain on tokens the single view gets wrong, with no losses,
