@@ -116,34 +116,82 @@ def verdict_rows(frame: pd.DataFrame) -> list[dict]:
     answer ROUGE-L against the undefended answer), or None when no tested setting gets there."""
     if frame.empty or "mode" not in frame:
         return []
-    inf = frame[(frame["mode"] == "inference") & (frame["status"] == "ok") & (frame["attack"] != "blind")]
+    every = frame[(frame["mode"] == "inference") & (frame["attack"] != "blind")]
+    inf = every[every["status"] == "ok"]
     out = []
-    for threat in sorted(inf["threat"].dropna().unique()):
+    for threat in sorted(every["threat"].dropna().unique()):
         cells = inf[inf["threat"] == threat]
+        failed = every[(every["threat"] == threat) & (every["status"] != "ok")]
+        note = "" if failed.empty else f"{len(failed)} cell(s) failed: {failed.iloc[0].get('error')}"
         for part in PARTS:
             adv = f"adv_{part}_token_accuracy"
-            col = adv if pd.to_numeric(cells[adv], errors="coerce").notna().any() else f"{part}_token_accuracy"
+            col = (adv if adv in cells and pd.to_numeric(cells[adv], errors="coerce").notna().any()
+                   else f"{part}_token_accuracy")
             none = cells[cells["defense"] == NO_DEFENSE]
             ref = none if not none.empty else cells
-            hi = pd.to_numeric(ref[f"{col}_hi"], errors="coerce").fillna(pd.to_numeric(ref[col], errors="coerce"))
-            if hi.isna().all():
+            hi = _hi(ref, col) if col in ref else pd.Series(dtype=float)
+            if hi.isna().all():  # every cell failed, or none was scored: unknown, never dropped
+                out.append({"section": f"inference: {part}", "threat": threat, "level": "unknown",
+                            "attack": "every cell failed" if cells.empty else "no cell scored", "advantage": None,
+                            "advantage_lo": None, "advantage_hi": None, "cheapest": None, "cheapest_cost": None,
+                            "note": _short(note or "no leakage could be computed")})
                 continue
             worst = ref.loc[hi.idxmax()]
-            cheapest, cost = _cheapest(cells, col)
-            out.append({"section": f"inference: {part}", "threat": threat, "level": level(num(hi.max())),
-                        "attack": worst["attack"], "advantage": num(worst.get(col)),
-                        "advantage_lo": num(worst.get(f"{col}_lo")), "advantage_hi": num(worst.get(f"{col}_hi")),
-                        "cheapest": cheapest, "cheapest_cost": cost})
+            strongest = str(worst["attack"]) if not none.empty else None
+            cheapest, cost = _cheapest(cells, col, strongest)
+            row = {"section": f"inference: {part}", "threat": threat, "level": level(num(hi.max())),
+                   "attack": worst["attack"], "advantage": num(worst.get(col)),
+                   "advantage_lo": num(worst.get(f"{col}_lo")), "advantage_hi": num(worst.get(f"{col}_hi")),
+                   "cheapest": cheapest, "cheapest_cost": cost}
+            out.append({**row, "note": _short(note)} if note else row)
     return out
 
 
-def _cheapest(cells: pd.DataFrame, col: str) -> tuple[str | None, str | None]:
+def _short(note: str) -> str:
+    return note if len(note) <= 80 else note[:79] + "…"
+
+
+def _end(s: pd.DataFrame, col: str, end: str) -> pd.Series:
+    """The ``_lo`` / ``_hi`` end of ``col``'s interval, the point value where a store has none."""
+    point = pd.to_numeric(s[col], errors="coerce")
+    return pd.to_numeric(s[f"{col}{end}"], errors="coerce").fillna(point) if f"{col}{end}" in s else point
+
+
+def _hi(s: pd.DataFrame, col: str) -> pd.Series:
+    return _end(s, col, "_hi")
+
+
+def _acted(s: pd.DataFrame, base: pd.DataFrame, col: str) -> bool | None:
+    """Whether a defended setting measurably acted: False when a store's ``acted`` says so, or when every
+    attack's leakage interval overlaps the undefended one of the same attack at the same split (the leakage
+    did not move); None when there is nothing to compare with."""
+    if "acted" in s and s["acted"].eq(False).all():
+        return False
+    lo, hi = _end(s, col, "_lo"), _hi(s, col)
+    same = []
+    for i, r in s.iterrows():
+        b = base[base["attack"] == r["attack"]]
+        if b.empty:
+            return None
+        b_lo = _end(b, col, "_lo").min()
+        b_hi = _hi(b, col).max()
+        same.append(bool(lo[i] <= b_hi and b_lo <= hi[i]))
+    return False if same and all(same) else True
+
+
+def _cheapest(cells: pd.DataFrame, col: str, strongest: str | None = None) -> tuple[str | None, str | None]:
     """The defended setting (defense, parameters, split) whose strongest attack's upper bound is below
-    'little', with the best answer ROUGE-L."""
+    'little', with the best answer ROUGE-L; only a setting the strongest undefended attack also ran against
+    (``strongest``: training's ``_verified`` rule) and that measurably acted."""
     found = []
     for (defense, _params, k), s in cells[cells["defense"] != NO_DEFENSE].groupby(
             ["defense", cells["defense_params"].astype(str), "head_blocks"], dropna=False):
-        hi = pd.to_numeric(s[f"{col}_hi"], errors="coerce").fillna(pd.to_numeric(s[col], errors="coerce"))
+        if strongest is not None and strongest not in set(s["attack"]):
+            continue  # checked only by weaker attacks: never sufficient
+        base = cells[(cells["defense"] == NO_DEFENSE) & (cells["head_blocks"] == k)]
+        if _acted(s, base, col) is False:
+            continue
+        hi = _hi(s, col)
         if hi.notna().all() and hi.max() < LITTLE:
             quality = pd.to_numeric(s["answer_rougeL"], errors="coerce").min()
             label = f"{param_label(defense, s['defense_params'].iloc[0])} at k={k}"

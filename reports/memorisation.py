@@ -6,10 +6,13 @@ times a canary was inserted, per view; membership AUC and TPR at 1 % / 0.1 % FPR
 many false positives the low-FPR rate rests on); the canaries extracted verbatim; ROC curves on log-log axes.
 
 Verdict, in the words of the rest of the report. A memorisation row's *advantage* is a rate above chance:
-extraction's share of canaries recovered verbatim (a guess of a 10^12 secret has no chance), membership's
-TPR at 1 % FPR minus 0.01 (what a coin with that FPR gets). Levels use the same bands on the upper end of the
-95 % interval (``reports.verdict.level``). Exposure, in bits, goes into the words ("a 10× canary has exposure
-24 bits of 40"). Server-side DP-SGD is said to protect against thieves and model users, never against the
+extraction's share of canaries recovered verbatim (a guess of a 10^12 secret has no chance); membership's
+larger of TPR at 1 % FPR minus 0.01 (what a coin with that FPR gets) and 2·AUC − 1 (end by end); canary
+exposure's share of the secret's bits revealed, exposure / space_bits, whose upper end is the largest upper end
+or maximum over the repeat counts (so exposure ≥ 2 % of the bits is at least little, ≥ 10 % partial, ≥ half
+most: conservative, since chance exposure is about 1.4 bits). Levels use the same bands on the upper end of the
+95 % interval (``reports.verdict.level``). Exposure, in bits, also goes into the words ("a 10× canary has
+exposure 24 bits of 40"). Server-side DP-SGD is said to protect against thieves and model users, never against the
 server itself (which saw every activation).
 """
 
@@ -43,12 +46,37 @@ def _view(r: Any) -> str:
     return m.get("view") or "?"
 
 
+def _triple(r: Any, name: str, f: Any) -> tuple[float | None, float | None, float | None]:
+    v = num(r.get(name))
+    lo, hi = num(r.get(f"{name}_lo")), num(r.get(f"{name}_hi"))
+    return tuple(None if x is None else f(x) for x in (v, lo if lo is not None else v, hi if hi is not None else v))
+
+
+def _exposure_bits(r: Any) -> tuple[float | None, float | None, float | None]:
+    """The row's exposure (mean, lower, upper) in bits; the upper end is the largest of the row's upper end and
+    every repeat count's upper end and maximum (one well-memorised canary is a leak)."""
+    v, lo, hi = _triple(r, "exposure", float)
+    tops = [x for x in [hi, *(num(b.get(k)) for b in _by_repeats(r, "exposure").values()
+                              for k in ("exposure_hi", "exposure_max", "exposure"))] if x is not None]
+    return v, lo, max(tops) if tops else None
+
+
 def _advantage(r: Any) -> tuple[float | None, float | None, float | None]:
+    """(advantage, lower, upper) of a memorisation row; see the module docstring for each attack's rule."""
     if r["attack"] == "extraction":
         return num(r.get("extracted")), num(r.get("extracted_lo")), num(r.get("extracted_hi"))
     if r["attack"] == "membership":
-        v, lo, hi = (num(r.get(f"tpr_at_1pct_fpr{s}")) for s in ("", "_lo", "_hi"))
-        return tuple(None if x is None else x - CHANCE_FPR for x in (v, lo, hi))
+        tpr = _triple(r, "tpr_at_1pct_fpr", lambda x: x - CHANCE_FPR)
+        auc = _triple(r, "auc", lambda x: 2 * x - 1)
+        # the larger of the two, end by end: a high AUC with a low TPR at 1 % FPR still leaks
+        return tuple(None if a is None and b is None else max(x for x in (a, b) if x is not None)
+                     for a, b in zip(tpr, auc, strict=True))
+    if r["attack"] == "canary_exposure":
+        bits = num((r["memorisation"] if isinstance(r["memorisation"], dict) else {}).get("space_bits"))
+        v, lo, hi = _exposure_bits(r)
+        if not bits or hi is None:
+            return None, None, None
+        return tuple(None if x is None else max(0.0, x) / bits for x in (v, lo, hi))
     return None, None, None
 
 
@@ -84,35 +112,73 @@ def _cost(r: Any, frame: pd.DataFrame) -> float | None:
     return None if base in (None, 0) or mine is None else mine / base - 1
 
 
+def _attack_key(r: Any) -> tuple[str, str]:
+    return str(r["attack"]), _view(r)
+
+
+def _cheapest(scored: list, worst: Any, frame: pd.DataFrame) -> tuple[str | None, float | None]:
+    """The cheapest defended setting (defense label at one model / strategy / fine-tuning / split) where every
+    attack the threat ran undefended at that setting, and the strongest undefended attack, also ran and each
+    reads little or none. Never credits a defense measured at one setting for another."""
+    groups: dict[tuple, list] = {}
+    for sc in scored:
+        if sc[0]["defense"] != "none":
+            groups.setdefault((_setting(sc[0]), _label(sc[0])), []).append(sc)
+    several = len({_setting(sc[0]) for sc in scored}) > 1
+    found = []
+    for (setting, label), mine in groups.items():
+        need = {_attack_key(sc[0]) for sc in scored if sc[0]["defense"] == "none" and _setting(sc[0]) == setting}
+        need.add(_attack_key(worst))
+        if not need <= {_attack_key(sc[0]) for sc in mine}:
+            continue
+        if not all(_level(sc[0], sc[3]) in SAFE for sc in mine):
+            continue
+        costs = [c for c in (_cost(sc[0], frame) for sc in mine) if c is not None]
+        cost = max(costs) if costs else None
+        where = f" at {setting[1]}, {setting[2]}, k={setting[3]}" if several else ""
+        found.append((math.inf if cost is None else cost, max(sc[3] for sc in mine), label + where, cost))
+    if not found:
+        return None, None
+    _, _, label, cost = min(found)
+    return label, cost
+
+
+def _unknown(threat: str, attack: str, note: str) -> dict[str, Any]:
+    return {"section": "memorisation", "threat": threat, "level": "unknown", "attack": attack, "advantage": None,
+            "advantage_lo": None, "advantage_hi": None, "cheapest": None, "cheapest_cost": None,
+            "note": note if len(note) <= 80 else note[:79] + "…"}
+
+
 def verdict_rows(frame: pd.DataFrame) -> list[dict[str, Any]]:
-    """One row per threat for the page-1 verdict table: the strongest memorisation attack without a defense
-    (largest upper end of its advantage interval), its level, and the cheapest defended setting that brings
-    that attack to little or none (``cheapest``, with ``cheapest_cost`` the held-out perplexity increase), or
-    None. Keys: section, threat, level, attack, advantage, advantage_lo, advantage_hi, cheapest, cheapest_cost."""
+    """One row per threat (``threat_label``: one per model) for the page-1 verdict table: the strongest
+    memorisation attack without a defense (largest upper end of its advantage interval), its level, and the
+    cheapest defended setting that brings every attack of the threat at that setting to little or none
+    (``cheapest``, with ``cheapest_cost`` the held-out perplexity increase), or None. A threat with no
+    successful scored cell gets an "unknown" row. Keys: section, threat, level, attack, advantage,
+    advantage_lo, advantage_hi, cheapest, cheapest_cost, note."""
     rows = frame[memorisation_rows(frame)] if not frame.empty else frame
     if rows.empty:
         return []
-    rows = rows[rows["status"] == "ok"]
+    labels = rows["threat_label"] if "threat_label" in rows else rows["threat"]
     out = []
-    for threat, g in rows.groupby("threat", sort=False):
-        scored = [(r, *_advantage(r)) for _, r in g.iterrows()]
-        scored = [s for s in scored if s[3] is not None]
-        if not scored:
+    for threat, every in rows.groupby(labels.astype(str), sort=False):
+        g = every[every["status"] == "ok"]
+        failed = every[every["status"] != "ok"]
+        note = "" if failed.empty else f"{len(failed)} cell(s) failed: {failed.iloc[0].get('error')}"
+        if g.empty:
+            out.append(_unknown(threat, "every cell failed", note))
             continue
-        none = [s for s in scored if s[0]["defense"] == "none"] or scored
-        worst = max(none, key=lambda s: (s[3], s[1] or 0))
-        r, adv, lo, hi = worst
-        cheapest, cost = None, None
-        safe = [s for s in scored if s[0]["defense"] != "none" and s[0]["attack"] == r["attack"]
-                and _level(s[0], s[3]) in SAFE]
-        if safe:
-            priced = sorted(((_cost(s[0], rows), s) for s in safe),
-                            key=lambda x: (math.inf if x[0] is None else x[0], x[1][3]))
-            cost, pick = priced[0]
-            cheapest = _label(pick[0])
+        scored = [(r, *_advantage(r)) for _, r in g.iterrows()]
+        scored = [sc for sc in scored if sc[3] is not None]
+        if not scored:
+            out.append(_unknown(threat, "no cell scored", note or "no advantage could be computed"))
+            continue
+        none = [sc for sc in scored if sc[0]["defense"] == "none"] or scored
+        r, adv, lo, hi = max(none, key=lambda sc: (sc[3], sc[1] or 0))
+        cheapest, cost = _cheapest(scored, r, rows[rows["status"] == "ok"])
         out.append({"section": "memorisation", "threat": threat, "level": _level(r, hi),
                     "attack": f"{r['attack']} on {_view(r)}", "advantage": adv, "advantage_lo": lo,
-                    "advantage_hi": hi, "cheapest": cheapest, "cheapest_cost": cost})
+                    "advantage_hi": hi, "cheapest": cheapest, "cheapest_cost": cost, "note": note})
     return out
 
 

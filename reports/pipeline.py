@@ -24,7 +24,7 @@ from reports.frontier import settings as frontier_settings
 from reports.markup import escape
 from reports.pdf import PORTRAIT_W, para, table, text
 from reports.tables import num
-from reports.verdict import cheapest, level, threat_verdict
+from reports.verdict import _verified, cheapest, level, threat_verdict
 
 SECTION = "pipeline"
 TITLE = "Pipeline stages"
@@ -135,12 +135,23 @@ def verdict_rows(frame: pd.DataFrame) -> list[dict]:
         return []
     s = frontier_settings(rows)
     out = []
-    for threat, g in s.groupby("threat_label", sort=True):
+    judged = rows[~rows["attack"].isin((*INTEGRITY, "blind"))]  # tampering is judged by the audit's table
+    for threat in sorted(judged["threat_label"].dropna().unique()):
+        g = s[s["threat_label"] == threat] if not s.empty else s
+        if g.empty:  # every cell of the threat failed (or none was scored): unknown, never dropped
+            failed = judged[(judged["threat_label"] == threat) & ~judged["ok"].astype(bool)]
+            err = str(failed.iloc[0]["error"]) if not failed.empty else "no finished cell"
+            out.append({"section": SECTION, "threat": threat, "level": "unknown", "attack": "every cell failed",
+                        "advantage": None, "advantage_lo": None, "advantage_hi": None, "cheapest": None,
+                        "cheapest_cost": None, "note": err if len(err) <= 80 else err[:79] + "…"})
+            continue
         lvl, _ = threat_verdict(g)
         none = g[g["is_none"]]
         ref = none if not none.empty else g
         worst = ref.sort_values(["leak_hi", "leak"], ascending=False).iloc[0]
-        best = cheapest(g)
+        # training's rule: a setting is sufficient only if the strongest undefended attack also ran there
+        # (``cheapest`` already requires that the defense acted)
+        best = cheapest(_verified(g, str(worst["attack"]) if not none.empty else None))
         out.append({"section": SECTION, "threat": threat, "level": lvl, "attack": worst["attack_label"],
                     "advantage": num(worst["leak"]), "advantage_lo": num(worst["leak_lo"]),
                     "advantage_hi": num(worst["leak_hi"]),

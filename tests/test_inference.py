@@ -373,3 +373,35 @@ def test_model_completion_trains_its_own_tail_on_public_text_and_reads_a_fine_tu
                            base_model=lambda: copy.deepcopy(base.model), trunk_outputs=tuple(outs))
     with pytest.raises(ConfigError, match="needs public shadow text"):
         ModelCompletionAttack(ModelCompletionConfig()).reconstruct(no_text)
+
+
+def _verdict_frame(rows):
+    import pandas as pd
+
+    def row(defense, attack, adv, quality=60.0, k=1, **kw):
+        return {"mode": "inference", "status": "ok", "error": None, "threat": "curious_server", "attack": attack,
+                "defense": defense, "defense_params": {"eta": 10} if defense == "dxp" else {}, "head_blocks": k,
+                "adv_prompt_token_accuracy": adv, "adv_prompt_token_accuracy_lo": max(0.0, adv - 0.01),
+                "adv_prompt_token_accuracy_hi": adv + 0.02, "adv_response_token_accuracy": adv,
+                "adv_response_token_accuracy_lo": max(0.0, adv - 0.01),
+                "adv_response_token_accuracy_hi": adv + 0.02, "answer_rougeL": quality, **kw}
+
+    return pd.DataFrame([row(*r[:3], **(r[3] if len(r) > 3 else {})) for r in rows])
+
+
+def test_inference_cheapest_needs_the_strongest_attack_and_a_defense_that_acted():
+    """Review finding 4: dxp checked only by the weak nearest_embedding is never sufficient; a defense whose
+    leakage equals the undefended one did not act; a threat whose cells all failed has an "unknown" row."""
+    from reports.inference import verdict_rows
+
+    weak_only = _verdict_frame([("none", "prefix_inversion", 0.9), ("none", "nearest_embedding", 0.0),
+                                ("dxp", "nearest_embedding", 0.0)])
+    assert {r["cheapest"] for r in verdict_rows(weak_only)} == {None}
+    checked = _verdict_frame([("none", "prefix_inversion", 0.9), ("dxp", "prefix_inversion", 0.01)])
+    assert {r["cheapest"] for r in verdict_rows(checked)} == {"dxp (eta=10) at k=1"}
+    idle = _verdict_frame([("none", "prefix_inversion", 0.9), ("none", "prefix_inversion", 0.01, {"head_blocks": 2}),
+                           ("dxp", "prefix_inversion", 0.01, {"head_blocks": 2})])
+    assert {r["cheapest"] for r in verdict_rows(idle)} == {None}
+    failed = _verdict_frame([("none", "prefix_inversion", 0.9, {"status": "failed", "error": "oom"})])
+    rows = verdict_rows(failed)
+    assert [r["level"] for r in rows] == ["unknown", "unknown"] and "oom" in rows[0]["note"]

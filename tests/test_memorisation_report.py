@@ -11,7 +11,7 @@ from suite.experiment.store import ResultsStore, load_results
 
 CONFIG = {"model": {"name": "m"}, "data": {"max_length": 8}, "training": {"steps": 2}}
 KEYS = {"section", "threat", "level", "attack", "advantage", "advantage_lo", "advantage_hi", "cheapest",
-        "cheapest_cost"}
+        "cheapest_cost", "note"}
 
 
 def _row(key, threat, attack, defense="none", *, view, perplexity=10.0, report=None, dparams=None, **metrics):
@@ -58,10 +58,11 @@ def test_verdict_rows_have_the_page_one_keys_and_honest_levels(tmp_path):
             store.write(row)
     rows = {r["threat"]: r for r in memo.verdict_rows(prepare(load_results(tmp_path)))}
     assert all(set(r) == KEYS for r in rows.values())
-    assert rows["adapter_thief"]["attack"] == "extraction on server_adapters"
+    # a 10x canary's exposure reaches 33 bits of 39.86: the strongest memorisation attack there
+    assert rows["adapter_thief"]["attack"] == "canary_exposure on server_adapters"
     assert rows["adapter_thief"]["level"] == "most" and rows["adapter_thief"]["cheapest"] is None
     user = rows["model_user"]
-    assert user["level"] == "partial" and user["advantage"] == 0.3 - 0.01
+    assert user["level"] == "most" and abs(user["advantage"] - (2 * 0.8 - 1)) < 1e-9  # AUC's, > TPR's 0.29
     assert user["cheapest"] == "dp_sgd (sigma=2)" and abs(user["cheapest_cost"] - 0.1) < 1e-9
     assert rows["colluding_client"]["level"] == "unknown"
 
@@ -110,3 +111,72 @@ defenses = ["none"]
     assert set(extraction["memorisation"]["by_repeats"]) == {"1", "4"}
     text = "".join(p.extract_text() for p in PdfReader(tmp_path / "out" / "report.pdf").pages)
     assert "Memorisation" in text
+
+
+def _verdicts(tmp_path, rows):
+    with ResultsStore(tmp_path) as store:
+        for row in rows:
+            store.write(row)
+    return memo.verdict_rows(prepare(load_results(tmp_path)))
+
+
+def _membership(key, threat, defense="none", *, auc, tpr, view="released_model", **kw):
+    fp = {"fp_at_1pct_fpr": 20, "fp_at_0_1pct_fpr": 2}
+    return _row(key, threat, "membership", defense, view=view, auc=auc, auc_lo=auc - 0.02, auc_hi=auc + 0.02,
+                tpr_at_1pct_fpr=tpr, tpr_at_1pct_fpr_lo=tpr / 2, tpr_at_1pct_fpr_hi=tpr + 0.005,
+                detail={"signal": "reference", "non_members": 2000, "false_positives": fp}, **kw)
+
+
+def test_exposure_alone_gives_a_level_and_failed_threats_an_unknown_row(tmp_path):
+    """Finding 1: a threat that ran only canary_exposure, at 30 bits of 40, has a page-1 row, not safe; a
+    threat whose every cell failed has an "unknown" row."""
+    exposed = _row("x", "adapter_thief", "canary_exposure", view="server_adapters", exposure=30.0,
+                   exposure_lo=28.0, exposure_hi=32.0, detail={"space_bits": 40.0})
+    failed = {**_row("f", "model_user", "membership", view="released_model"), "status": "failed",
+              "error": "out of memory"}
+    rows = {r["threat"]: r for r in _verdicts(tmp_path, [exposed, failed])}
+    assert rows["adapter_thief"]["level"] == "most" and rows["adapter_thief"]["advantage_hi"] == 32.0 / 40.0
+    assert rows["model_user"]["level"] == "unknown" and "out of memory" in rows["model_user"]["note"]
+
+
+def test_exposure_of_a_few_bits_is_not_none(tmp_path):
+    low = _row("x", "adapter_thief", "canary_exposure", view="server_adapters", exposure=3.0, exposure_lo=2.0,
+               exposure_hi=5.0, detail={"space_bits": 40.0})
+    assert _verdicts(tmp_path, [low])[0]["level"] == "partial"
+
+
+def test_membership_auc_counts_when_tpr_at_low_fpr_is_small(tmp_path):
+    """Finding 5: AUC 0.75 with TPR 5 % at 1 % FPR leaks (2 * 0.77 - 1 = 0.54), it is not "little"."""
+    (row,) = _verdicts(tmp_path, [_membership("m", "model_user", auc=0.75, tpr=0.05)])
+    assert row["level"] == "most" and abs(row["advantage_hi"] - (2 * 0.77 - 1)) < 1e-9
+
+
+def test_cheapest_needs_every_attack_of_the_threat_at_that_setting(tmp_path):
+    """Finding 2: dp_sgd bringing membership to little is not a cure when extraction, also run undefended
+    there, was not run (or still leaks) under dp_sgd; and a setting's credit is named with its setting."""
+    dp = {"epsilon": 3.0}
+    base = [_membership("m0", "model_user", auc=0.9, tpr=0.4),
+            _row("e0", "model_user", "extraction", view="released_model", extracted=0.02, extracted_lo=0.0,
+                 extracted_hi=0.05),
+            _membership("m1", "model_user", "dp_sgd", auc=0.5, tpr=0.01, report=dp, dparams={"sigma": 2.0})]
+    (row,) = _verdicts(tmp_path / "a", base)
+    assert row["cheapest"] is None
+    leaky = _row("e1", "model_user", "extraction", "dp_sgd", view="released_model", report=dp,
+                 dparams={"sigma": 2.0}, extracted=0.2, extracted_lo=0.1, extracted_hi=0.3)
+    (row,) = _verdicts(tmp_path / "b", [*base, leaky])
+    assert row["cheapest"] is None
+    quiet = {**leaky, "key": "e2", "extracted": 0.0, "extracted_lo": 0.0, "extracted_hi": 0.01}
+    (row,) = _verdicts(tmp_path / "c", [*base, quiet])
+    assert row["cheapest"] == "dp_sgd (sigma=2)"
+    # dp_sgd measured only at another split: credited with that split named, never silently
+    other = [{**r, "key": r["key"] + "k2", "head_blocks": 2} for r in (base[2], quiet)]
+    (row,) = _verdicts(tmp_path / "d", [*base[:2], *other])
+    assert row["cheapest"] == "dp_sgd (sigma=2) at per_client, lora, k=2"
+
+
+def test_rows_are_per_model(tmp_path):
+    """Finding 10: the same threat on two models gives two rows (threat_label), not one merged row."""
+    a = _membership("a", "model_user", auc=0.9, tpr=0.4)
+    b = {**_membership("b", "model_user", auc=0.5, tpr=0.01), "model": "other"}
+    rows = _verdicts(tmp_path, [a, b])
+    assert sorted(r["threat"] for r in rows) == ["m: model_user", "other: model_user"]
