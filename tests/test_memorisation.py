@@ -54,6 +54,13 @@ def test_exposure_is_high_for_a_likely_canary_and_low_for_a_typical_one():
     assert exposure(-1e6, cand, 40) == 40  # capped at the space's size
 
 
+def test_exposure_when_every_candidate_scores_the_same():
+    same = [50.0] * 10
+    assert exposure(60, same, 40) == 0.0  # the canary is less likely than every candidate
+    assert exposure(50, same, 40) == 1.0  # as likely as all of them
+    assert exposure(40, same, 40) == 40  # likelier than all: the whole space
+
+
 def test_membership_summary_chance_and_separation():
     rng = np.random.default_rng(1)
     same = membership_summary(rng.normal(size=2000), rng.normal(size=2000))
