@@ -17,7 +17,7 @@ from suite.engine.split import position_ids_for, split_model
 from suite.errors import ConfigError
 from suite.interfaces.threats import Capability, Observations
 
-# the view "auto" takes, most specific first
+# the views; "auto" alone opens the first granted (the runner, suite.experiment.memorisation, runs each)
 VIEWS = {"released_model": Capability.RELEASED_MODEL, "colluder_model": Capability.COLLUDER_MODEL,
          "server_adapters": Capability.SERVER_ADAPTERS}
 
@@ -41,7 +41,7 @@ class View:
 
 
 def open_view(obs: Observations, view: str) -> View:
-    """The model the threat grants under ``view`` ("auto": the most specific one granted)."""
+    """The model the threat grants under ``view`` ("auto": the first granted; the runner tries each)."""
     granted = {name: getattr(obs, name) for name in VIEWS if getattr(obs, name) is not None}
     name = next(iter(granted), None) if view == "auto" else view
     if name is None or name not in granted:

@@ -25,7 +25,7 @@ MIN_CANDIDATES = 10_000  # Carlini et al. fit the skew-normal on at least this m
 
 @dataclass(frozen=True)
 class CanaryExposureConfig(AttackConfig):
-    view: str = "auto"  # released_model | colluder_model | server_adapters | auto (the most specific granted)
+    view: str = "auto"  # released_model | colluder_model | server_adapters | auto (every granted view, the runner reports the max)
     candidates: int = MIN_CANDIDATES  # secrets sampled from the format for the skew-normal fit (>= 10^4)
     batch_size: int = 128
 

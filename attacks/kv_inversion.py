@@ -5,8 +5,8 @@ At the server's block ``L`` the cached key and value of position ``t`` are linea
 input of that block at ``t`` (keys also rotated by the position). The attacker runs the public model on
 public shadow text, reads the keys and values its block ``L`` caches, and fits the closed-form ridge map
 (``attacks._pairs.ridge_solve``) from standardised keys+values to the normalised input embedding of the token;
-each observed position decodes to the nearest embedding row. ``layer``: the trunk's first block or the middle
-one (both are captured). For the curious server this reads nothing new: the cache is a function of the
+each observed position decodes to the nearest embedding row. ``layer``: the trunk's first block, the middle
+one or the last one (all three are captured). For the curious server this reads nothing new: the cache is a function of the
 activations it received, which the activation attacks read directly (``tests/test_inference.py``).
 """
 
@@ -24,15 +24,24 @@ from suite.engine.split import SplitSpec, position_ids_for, split_model
 from suite.interfaces.attack import Attack, AttackConfig, Reconstruction, register_attack
 from suite.interfaces.threats import Capability, Observations
 
+LAYERS = ("first", "middle", "last")
+
+
+def pick_layer(captured, which: str) -> int:
+    """The captured block (global index) that ``which`` names: the captured blocks are the trunk's first, middle
+    and last (``suite.experiment.inference_cell.kv_layers``; fewer when the trunk has under three blocks)."""
+    layers = sorted(captured)
+    return {"first": layers[0], "middle": layers[len(layers) // 2], "last": layers[-1]}[which]
+
 
 @dataclass(frozen=True)
 class KvInversionConfig(AttackConfig):
-    layer: str = "first"  # "first": the server's first block; "middle": the middle of its blocks
+    layer: str = "first"  # "first": the server's first block; "middle": the middle of its blocks; "last": its last
     ridge_lambda: float = 1e-3
 
     def __post_init__(self) -> None:
-        if self.layer not in ("first", "middle"):
-            raise ValueError(f"layer must be 'first' or 'middle', not {self.layer!r}")
+        if self.layer not in LAYERS:
+            raise ValueError(f"layer must be 'first', 'middle' or 'last', not {self.layer!r}")
         if self.ridge_lambda < 0:
             raise ValueError("ridge_lambda must be >= 0")
 
@@ -62,8 +71,7 @@ class KvInversionAttack(Attack):
         if not rows or not rows[0]:
             return Reconstruction(torch.empty(0, dtype=torch.long), (),
                                   note="no KV cache to invert (the server holds no blocks at this split)")
-        layers = sorted(rows[0])
-        layer = layers[0] if self.config.layer == "first" else layers[-1]
+        layer = pick_layer(rows[0], self.config.layer)
         model = obs.base_model()
         model.requires_grad_(False)
         model.eval()

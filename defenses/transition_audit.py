@@ -6,6 +6,9 @@ outside read of issue 27, at S = 1). This audit checks transitions instead (``su
 
 * every forward / backward pair of every audited party (the server, or each pipeline stage) is committed
   to: the digest of its trainable weights and optimiser state after the step;
+* on every transition (no sampling, no recomputation) the state the party starts the step from must have the
+  digest of the previous transition's committed after-state (or of its state at install, for the first): a
+  party that changes its weights between steps and then computes honestly is caught at its next step;
 * after the commitment, with probability ``rate`` drawn from the OS CSPRNG (a party that knows ``rate``
   cannot tell which steps are checked), a verifier re-executes the step on its own replica (public frozen
   weights, public adapter configuration, taken before training) from the party's state before the step and
@@ -75,6 +78,7 @@ class TransitionAuditDefense(Defense):
         self._draw = random.Random(c.seed) if c.seed is not None else secrets.SystemRandom()
         self.parties: dict[int, tuple] = {}  # stage index -> (live party, replica, share of the trunk's blocks)
         self.last_verified: dict[int, tuple[int, object]] = {}  # stage -> (transition index, snapshot)
+        self.committed: dict[int, object] = {}  # stage -> the state its next transition must start from
         self.transitions = 0  # training transitions seen (every audited party)
         self.audited: list[tuple[int, int]] = []  # (stage, transition index)
         self.flags: list[dict] = []
@@ -99,6 +103,7 @@ class TransitionAuditDefense(Defense):
             replica = Replica(party)  # before training: public weights and adapter configuration only
             self.parties[i] = (party, replica, share)
             self.last_verified[i] = (-1, snapshot(replica.server))
+            self.committed[i] = snapshot(party)  # the state its first transition must start from
             TransitionRecorder(party, lambda t, i=i: self._on_transition(i, t))
 
     def _on_transition(self, stage: int, t: Transition) -> None:
@@ -108,6 +113,10 @@ class TransitionAuditDefense(Defense):
         self.transitions += 1
         self.units_served += share
         self.passes[stage] = self.passes.get(stage, 0) + 1
+        committed, self.committed[stage] = self.committed[stage], t.after
+        if t.before.digest() != committed.digest():  # it did not start where its last step ended
+            self._flag(stage, t, difference(committed, t.before), 0.0, start=True)
+            return
         if self._draw.random() >= self.config.rate:  # drawn after the party committed (t.commitment)
             return
         start = time.perf_counter()
@@ -120,13 +129,20 @@ class TransitionAuditDefense(Defense):
         if state_off <= self.config.tolerance and sent_off <= self.config.tolerance:
             self.last_verified[stage] = (t.index, t.after)
             return
+        self._flag(stage, t, state_off, sent_off, start=False)
+
+    def _flag(self, stage: int, t: Transition, state_off: float, sent_off: float, start: bool) -> None:
+        """Record a caught transition (``start``: its state before was not the last committed after-state) and,
+        with ``act``, replace the party by a standby from its last verified state."""
         step = min(t.steps.values()) if t.steps else None
         self.flags.append({"stage": stage, "transition": t.index, "step": step, "state_difference": state_off,
-                           "message_difference": sent_off})
+                           "message_difference": sent_off, "start_mismatch": start})
         if self.config.act:
+            party = self.parties[stage][0]
             verified_at, state = self.last_verified[stage]
             restore(party, state)  # the standby takes the party's place from the last verified state
             party.policy = None  # ... and runs honestly
+            self.committed[stage] = snapshot(party)  # its next transition starts from there
             self.replacements.append({"stage": stage, "at_transition": t.index, "step": step,
                                       "resumed_from": verified_at, "steps_lost": t.index - verified_at})
 

@@ -92,6 +92,17 @@ def test_server_sees_prompt_then_one_message_per_token_and_keeps_its_cache():
     assert keys.shape[2] == values.shape[2] == full.shape[1]
 
 
+def test_kv_capture_keeps_the_trunks_first_middle_and_last_blocks():
+    from attacks.kv_inversion import pick_layer
+    from suite.experiment.inference_cell import kv_layers
+
+    assert kv_layers(12, 2, 2) == (2, 6, 9)  # the trunk is blocks 2..9
+    assert kv_layers(4, 1, 1) == (1, 2) and kv_layers(3, 1, 1) == (1,) and kv_layers(2, 1, 1) == ()
+    captured = {2: None, 6: None, 9: None}
+    assert [pick_layer(captured, w) for w in ("first", "middle", "last")] == [2, 6, 9]
+    assert [pick_layer({1: None, 2: None}, w) for w in ("first", "middle", "last")] == [1, 2, 2]
+
+
 def test_a_token_before_any_prompt_is_refused():
     model = tiny_model("llama", num_layers=4).model.eval()
     decoder, trunk = _parties(model, 1)
@@ -138,7 +149,7 @@ def test_inference_matrix_writes_prompt_and_response_rows(tmp_path):
     from suite.experiment.schedule import run_matrix
     from suite.experiment.store import load_results
 
-    attacks = ["nearest_embedding", "prefix_inversion", {"name": "kv_inversion", "layer": ["first", "middle"]},
+    attacks = ["nearest_embedding", "prefix_inversion", {"name": "kv_inversion", "layer": ["first", "middle", "last"]},
                {"name": "model_completion", "tail": ["trained", "public"]}, "wire_inversion"]
     cfg = parse_config({**INFER, "matrix": {**INFER["matrix"], "mode": ["inference"], "attacks": attacks,
                                             "threats": ["curious_server", "memory_dump", "eavesdropper"],

@@ -54,6 +54,13 @@ def test_exposure_is_high_for_a_likely_canary_and_low_for_a_typical_one():
     assert exposure(-1e6, cand, 40) == 40  # capped at the space's size
 
 
+def test_exposure_when_every_candidate_scores_the_same():
+    same = [50.0] * 10
+    assert exposure(60, same, 40) == 0.0  # the canary is less likely than every candidate
+    assert exposure(50, same, 40) == 1.0  # as likely as all of them
+    assert exposure(40, same, 40) == 40  # likelier than all: the whole space
+
+
 def test_membership_summary_chance_and_separation():
     rng = np.random.default_rng(1)
     same = membership_summary(rng.normal(size=2000), rng.normal(size=2000))
@@ -244,3 +251,17 @@ def test_memorisation_attacks_are_not_scored_as_reconstructions(trained):
 def test_canary_record_round_trip():
     c = Canary("1234-5678-9012", 3)
     assert c.record().pii == {"account": "1234-5678-9012"} and c.record().text == CANARY_PREFIX + c.secret
+
+
+def test_auto_reads_every_granted_view_and_reports_the_one_that_reads_most(base, trained):
+    threat = get_threat("colluding_client")
+    obs = _observations(threat, SplitSpec(1, 1), base, CFG, trained.shadow, trained.prepared, None,
+                        attack=make_attack("membership", threat))
+    # per_client: the colluder's view is its own model (its head, tail and trunk adapter set), not a mix
+    _, trunk, _ = obs.colluder_model()
+    assert {tuple(m.active_adapters) for m in trunk.modules() if hasattr(m, "lora_A")} == {("client0",)}
+    fields = memorisation_fields(trained, threat, make_attack("canary_exposure", threat), CFG)
+    views = fields["memorisation"]["views"]
+    assert set(views) == {"colluder_model", "server_adapters"}  # both granted, both read
+    assert fields["exposure"] == max(views.values())
+    assert fields["memorisation"]["view"] == max(views, key=views.get)

@@ -78,3 +78,41 @@ def test_sampling_audits_about_rate_of_the_transitions():
     assert r["transitions"] == 40 and r["audited"] == sum(draws.random() < 0.25 for _ in range(40)) > 0
     assert r["flagged"] == 0
     assert r["extra_compute_trunk"] == pytest.approx(r["audited"] / 20 / 2)
+
+
+def _drifting_audit(config: dict, at_forward: int):
+    """A transition audit whose audited server changes its weights before its ``at_forward``-th forward (between
+    two steps, outside any recorded transition) and then computes honestly from there."""
+    import torch
+
+    from defenses.transition_audit import TransitionAuditDefense
+
+    class Drifting(TransitionAuditDefense):
+        def install(self, session) -> None:
+            super().install(session)
+            party = session.server
+            recorded, calls = party.forward, [0]
+
+            def forward(client_ids, step):
+                calls[0] += 1
+                if calls[0] == at_forward:
+                    with torch.no_grad():
+                        next(p for p in party.trunk.parameters() if p.requires_grad).add_(0.05)
+                recorded(client_ids, step)  # the recorder snapshots the changed state as the step's start
+
+            party.forward = forward
+
+    return Drifting(Drifting.Config(**config))
+
+
+@pytest.mark.parametrize("act", [False, True])
+def test_a_party_that_changes_its_weights_between_steps_and_then_computes_honestly_is_caught(act):
+    audit = _drifting_audit({"rate": 1.0, "act": act}, at_forward=3)
+    train_split(_cfg(1), SplitSpec(1, 1), tiny_model("llama"), defense=audit, reference=False)
+    (flag,) = audit.flags  # caught at that step only (its replay from the changed state is honest)
+    assert flag["transition"] == 2 and flag["start_mismatch"] and flag["state_difference"] > 0
+    if act:  # the standby resumes from the last verified state and is not flagged afterwards
+        (swap,) = audit.replacements
+        assert swap["resumed_from"] == 1 and swap["steps_lost"] == 1
+    else:
+        assert not audit.replacements

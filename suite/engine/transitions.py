@@ -15,6 +15,9 @@ from s_t and the step's inputs.
   adapter configuration, taken before training: no access to the live party). ``replay`` loads a committed
   state, feeds it the recorded messages and returns what an honest step makes of them: its state after and
   its messages out.
+* chaining: a transition's ``before`` is what the party reports; the audit must also check that its digest is
+  the previous transition's ``commitment`` (``defenses/transition_audit.py`` does, on every transition),
+  or a party that changes its weights between steps and then computes honestly would replay clean.
 
 Who may hold the inputs: they are exactly what the audited party received in that step; under
 ``batch_parallel`` that includes every client's activations of the pass (stage 0) or their hidden states at

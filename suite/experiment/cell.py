@@ -293,7 +293,7 @@ def _observations(threat, spec, base: LoadedModel, cfg, shadow, prepared: Prepar
             c = prepared.session.clients[client_id]
             head, tail = copy.deepcopy((c.head, c.tail))
             head, tail = head.to("cpu", torch.float32), tail.to("cpu", torch.float32)  # in place: ties survive
-            return head.eval(), trunk_for(prepared, victim), tail.eval()
+            return head.eval(), trunk_for(prepared, client_id), tail.eval()  # its own trunk adapters (per_client)
         return view
 
     def base_model():

@@ -79,11 +79,12 @@ class InferenceCapture:
 
 
 def kv_layers(num_layers: int, head_blocks: int, tail_blocks: int) -> tuple[int, ...]:
-    """The server's blocks whose KV cache is captured: its first and the middle of its run (global indices)."""
+    """The server's blocks whose KV cache is captured: its first, the middle of its run and its last (global
+    indices; fewer when the run is shorter than three blocks)."""
     first, n = head_blocks, num_layers - head_blocks - tail_blocks
     if n <= 0:
         return ()
-    return tuple(sorted({first, first + n // 2}))
+    return tuple(sorted({first, first + n // 2, first + n - 1}))
 
 
 def _kv_rows(trunk: TrunkDecoder, client: int, layers: tuple[int, ...]) -> dict[int, torch.Tensor]:

@@ -14,6 +14,8 @@ The attack gets the views its threat grants and the parts of the audit it declar
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -31,6 +33,7 @@ from suite.scoring.memorisation import (
     roc_points,
 )
 
+VIEWS = ("released_model", "colluder_model", "server_adapters")  # the model views a threat may grant
 ROC_POINTS = 200  # points kept of each ROC curve for the report (log-spaced in FPR)
 
 
@@ -49,9 +52,37 @@ def memorisation_fields(trained: TrainedSplit, threat: ThreatModel, attack: Atta
                   queries=truth.queries if "queries" in attack.audits else None)
     obs = _observations(threat, prepared.session.split.spec, trained.base, cfg, trained.shadow, prepared, None,
                         trained.defense, attack, audit)
-    recon, cost = timed_reconstruct(attack, obs)
-    extra = recon.extra
-    detail: dict[str, Any] = {"view": extra.get("view"), "canary_victim": victim}
+    if getattr(attack.config, "view", None) == "auto":  # every granted view; the one that reads most is reported
+        runs = []
+        for view in [v for v in VIEWS if getattr(obs, v) is not None] or ["auto"]:
+            one = copy.copy(attack)
+            one.config = dataclasses.replace(attack.config, view=view)
+            runs.append(timed_reconstruct(one, obs))
+        scored = [_score(r.extra, canaries, truth) for r, _ in runs]
+        best = max(range(len(runs)), key=lambda i: _headline(scored[i][0]))
+        (recon, cost), (out, detail) = runs[best], scored[best]
+        detail["views"] = {r.extra.get("view"): _headline(o) for (r, _), (o, _) in zip(runs, scored, strict=True)}
+    else:
+        recon, cost = timed_reconstruct(attack, obs)
+        out, detail = _score(recon.extra, canaries, truth)
+    detail["canary_victim"] = victim
+    return {**out, "memorisation": detail, "utility": trained.utility, "perplexity": trained.perplexity,
+            "optimizer_steps": trained.optimizer_steps, "attack_seconds": cost.seconds,
+            "attack_peak_rss_mib": cost.peak_rss_mib, "status": "ok", "error": None, "note": recon.note,
+            "defense_report": trained.defense.report()}
+
+
+def _headline(out: dict[str, Any]) -> float:
+    """What a view reads, to compare views: mean exposure, membership AUC or the share extracted."""
+    for key in ("exposure", "auc", "extracted"):
+        if out.get(key) is not None:
+            return float(out[key])
+    return float("-inf")
+
+
+def _score(extra: dict, canaries, truth) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The fields and the ``memorisation`` detail of one attack run, scored against the ground truth."""
+    detail: dict[str, Any] = {"view": extra.get("view")}
     out: dict[str, Any] = {}
     repeats = [c.repeats for c in canaries]
     if "canary_lppl" in extra:
@@ -82,10 +113,7 @@ def memorisation_fields(trained: TrainedSplit, threat: ThreatModel, attack: Atta
         detail.update(by_repeats=_by_repeats(repeats, hit, "extracted", binary=True),
                       by_decoding={m: sum(c.secret in g for c in canaries) for m, g in guessed.items()},
                       guesses={m: sorted(g)[:20] for m, g in guessed.items()})
-    return {**out, "memorisation": detail, "utility": trained.utility, "perplexity": trained.perplexity,
-            "optimizer_steps": trained.optimizer_steps, "attack_seconds": cost.seconds,
-            "attack_peak_rss_mib": cost.peak_rss_mib, "status": "ok", "error": None, "note": recon.note,
-            "defense_report": trained.defense.report()}
+    return out, detail
 
 
 def _mean(name: str, values: list[float], binary: bool = False) -> dict[str, float | None]:

@@ -21,7 +21,7 @@ class Capability(StrEnum):
     CONTROL_SERVER = "control_server"  # may deviate from the protocol: chooses what the server sends back
     # Memorisation (issue 26): trained weights after training, the canary victim's where there is a choice
     SERVER_ADAPTERS = "server_adapters"  # the server's trunk adapters (with the public base head and tail)
-    COLLUDER_MODEL = "colluder_model"  # a colluding client's own head and tail with the server's trunk
+    COLLUDER_MODEL = "colluder_model"  # a colluding client's own head and tail with the server's trunk (its adapter set)
     RELEASED_MODEL = "released_model"  # a victim's head and tail with the server's trunk, as if published
     # Inference (issue 25): what the server's memory holds while it generates, besides what it received
     KV_CACHE = "kv_cache"  # the keys and values its blocks cache for every position of a generation

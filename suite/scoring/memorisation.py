@@ -40,8 +40,10 @@ def exposure(canary: float, candidates: Sequence[float], space_bits: float) -> f
     values = np.asarray(candidates, dtype=float)
     if values.size < 2 or not np.all(np.isfinite(values)) or not math.isfinite(canary):
         raise ValueError("exposure needs finite log-perplexities of at least two candidates and the canary")
-    if np.ptp(values) == 0:  # every candidate alike: the canary is either as likely as all or not
-        return 1.0 if canary >= values[0] else float(space_bits)
+    if np.ptp(values) == 0:  # every candidate alike: the canary is likelier than all, as likely, or less
+        if canary > values[0]:
+            return 0.0  # less likely than every candidate: nothing exposed
+        return 1.0 if canary == values[0] else float(space_bits)
     a, loc, scale = skewnorm.fit(values)
     log_cdf = float(skewnorm.logcdf(canary, a, loc, scale))
     return float(min(space_bits, max(0.0, -log_cdf / math.log(2))))
