@@ -106,12 +106,12 @@ def serve(cfg: ExperimentConfig, certs: str | Path, listen: str, checkpoint_dir:
                                          "view": "server"})
         service.queue.add_tap(lambda frame: writer.frame(frame.src, frame.dst, frame.data))
     server, port = start_server(service, identity, listen, max_message_mib=max_message_mib)
-    if on_ready is not None:
-        on_ready(port, list(service.events))
-    try:
+    try:  # from the start: an interrupt at any point stops the server's threads, or the process never exits
+        if on_ready is not None:
+            on_ready(port, list(service.events))
         server.wait_for_termination()
     finally:
-        server.stop(grace=1)
+        server.stop(grace=1).wait(10)
         if writer is not None:
             writer.close()
 
