@@ -68,7 +68,6 @@ def _per_example(modules, optimizer, cfg: DPSGDConfig, batch_size: int):
     """Hook ``modules`` for per-example gradients (every LoRA adapter set, active or not, so per_client's
     sets are all covered) and wrap ``optimizer`` in Opacus' DPOptimizer."""
     from opacus import GradSampleModule
-    from opacus.optimizers import DPOptimizer
     from opacus.validators import ModuleValidator
 
     wrapped = []
@@ -86,8 +85,30 @@ def _per_example(modules, optimizer, cfg: DPSGDConfig, batch_size: int):
         finally:
             for p, g in was.items():
                 p.requires_grad_(g)
-    return wrapped, DPOptimizer(optimizer, noise_multiplier=cfg.sigma, max_grad_norm=cfg.clip,
-                                expected_batch_size=batch_size)
+    return wrapped, _stream_dp_optimizer(optimizer, noise_multiplier=cfg.sigma, max_grad_norm=cfg.clip,
+                                       expected_batch_size=batch_size)
+
+
+def _stream_dp_optimizer(optimizer, **kwargs):
+    """Opacus' DPOptimizer whose Gaussian noise comes from a ChaCha20 stream keyed from ``os.urandom``
+    (``suite.engine.noise``), never from torch's global generator, which the run's seed makes predictable."""
+    from opacus.optimizers import DPOptimizer
+    from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+    from suite.engine.noise import NoiseStream
+
+    class StreamDPOptimizer(DPOptimizer):
+        stream = NoiseStream.fresh()
+
+        def add_noise(self) -> None:
+            std = self.noise_multiplier * self.max_grad_norm
+            for p in self.params:
+                _check_processed_flag(p.summed_grad)
+                noise = self.stream.normal(p.summed_grad.shape).to(p.summed_grad) * std
+                p.grad = (p.summed_grad + noise).view_as(p)
+                _mark_as_processed(p.summed_grad)
+
+    return StreamDPOptimizer(optimizer, **kwargs)
 
 
 @register_defense("dp_sgd")

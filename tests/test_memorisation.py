@@ -265,3 +265,22 @@ def test_auto_reads_every_granted_view_and_reports_the_one_that_reads_most(base,
     assert set(views) == {"colluder_model", "server_adapters"}  # both granted, both read
     assert fields["exposure"] == max(views.values())
     assert fields["memorisation"]["view"] == max(views, key=views.get)
+
+
+def test_dp_sgd_noise_comes_from_a_fresh_stream_not_the_seeded_torch_generator():
+    """Two optimisers under the same torch seed draw different noise: the run's seed, which the config (and
+    so the server) knows, cannot regenerate it."""
+    import torch
+
+    from defenses.dp_sgd import _stream_dp_optimizer
+
+    noises = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.zeros(64))
+        opt = _stream_dp_optimizer(torch.optim.SGD([p], lr=1.0), noise_multiplier=1.0, max_grad_norm=1.0,
+                                   expected_batch_size=1)
+        p.summed_grad = torch.zeros(64)
+        opt.add_noise()
+        noises.append(p.grad.clone())
+    assert noises[0].std() > 0.5 and not torch.equal(noises[0], noises[1])
