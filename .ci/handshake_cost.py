@@ -3,7 +3,7 @@ server challenge (path given on the command line, e.g. one written by ``git show
 both ends of one handshake, measured interleaved in one process. Prints medians and their ratio.
 
     git show f64fc2f:suite/channel.py > /tmp/old_channel.py
-    PYTHONPATH=. python ci/handshake_cost.py /tmp/old_channel.py
+    PYTHONPATH=. python .ci/handshake_cost.py /tmp/old_channel.py
 """
 
 import importlib.util

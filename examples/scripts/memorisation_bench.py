@@ -2,7 +2,7 @@
 memorisation attacks on each threat's view and print one JSON line per (threat, attack) with the columns the
 store would get, plus the held-out loss before and after training (the budget must make it fall).
 
-    PYTHONPATH=. python examples/memorisation_bench.py --model smollm2-135m --strategy per_client \\
+    PYTHONPATH=. python examples/scripts/memorisation_bench.py --model smollm2-135m --strategy per_client \\
         --finetune lora --steps 6 --size 32 --held-out 16 --count 2 --repeats 1 8 \\
         --threats adapter_thief model_user --attacks membership extraction
 """

@@ -4,7 +4,7 @@ Trains the default matrix's k = 1 split (its model, data and training, with ``tr
 one defense and prints the distance correlation of every head pass (two a step with the default's 2 clients),
 then one JSON line with the held-out perplexity and the defense's report:
 
-    PYTHONPATH=. OMP_NUM_THREADS=1 python examples/nopeek_budget.py 100 nopeek '{"alpha": 50}'
+    PYTHONPATH=. OMP_NUM_THREADS=1 python examples/scripts/nopeek_budget.py 100 nopeek '{"alpha": 50}'
 
 There is no learning-rate schedule, so the first 2N passes of a 100-step run are an N-step run's.
 """

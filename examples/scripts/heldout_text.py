@@ -1,9 +1,9 @@
 """Held-out natural text for re-measuring attacks on text nobody developed them on (English prose, other
-domains than examples/licenses.txt), one paragraph per line:
+domains than examples/data/licenses.txt), one paragraph per line:
 
-    python examples/heldout_text.py > /tmp/heldout.txt            # standard-library docstrings (66 with 3.11)
-    python examples/heldout_text.py metadata > /tmp/metadata.txt  # installed packages' descriptions
-    python examples/heldout_text.py reference > /tmp/reference.txt  # the Python Language Reference's topics
+    python examples/scripts/heldout_text.py > /tmp/heldout.txt            # standard-library docstrings (66 with 3.11)
+    python examples/scripts/heldout_text.py metadata > /tmp/metadata.txt  # installed packages' descriptions
+    python examples/scripts/heldout_text.py reference > /tmp/reference.txt  # the Python Language Reference's topics
     # the attack reads the first 16 (``"limit": 16``); the next 16 measure utility
 
 ``docstrings``: the opening paragraphs of the docstrings of Python standard-library modules. ``metadata``: the

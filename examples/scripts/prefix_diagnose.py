@@ -1,10 +1,10 @@
 """Train once at depth k, then run prefix_invert variants on the same capture, with a diagnosis of every wrong token.
 
-  PYTHONPATH=. python examples/prefix_diagnose.py 8 '[{}, {"early_positions": 1}]' 1 \
+  PYTHONPATH=. python examples/scripts/prefix_diagnose.py 8 '[{}, {"early_positions": 1}]' 1 \
       '{"path": "/tmp/heldout.txt", "limit": 16}' [gemma3-270m]
 
 Arguments: k, a JSON list of PrefixInversionConfig overrides (``"diag": false`` skips the diagnosis), torch
-threads, the victims' corpus section (default: the first 16 lines of examples/licenses.txt), the model
+threads, the victims' corpus section (default: the first 16 lines of examples/data/licenses.txt), the model
 (default smollm2-135m). Each variant prints its accuracy, time and wall seconds by phase. Per wrong token
 it prints the truth and the choice, both verified with the *true* prefix ("forced": what the search would have
 seen had everything before been right), whether the recovered prefix was right, and the truth's rank under the
@@ -32,7 +32,7 @@ from suite.interfaces.threats import get_threat
 k = int(sys.argv[1])
 variants = json.loads(sys.argv[2])
 threads = int(sys.argv[3]) if len(sys.argv) > 3 else 1
-private = json.loads(sys.argv[4]) if len(sys.argv) > 4 else {"path": "examples/licenses.txt", "limit": 16}
+private = json.loads(sys.argv[4]) if len(sys.argv) > 4 else {"path": "examples/data/licenses.txt", "limit": 16}
 model = sys.argv[5] if len(sys.argv) > 5 else "smollm2-135m"
 torch.set_num_threads(threads)
 cfg = parse_config({"model": {"name": model},

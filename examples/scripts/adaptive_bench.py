@@ -1,9 +1,9 @@
 """Adaptive vs non-adaptive attackers under defences (issue 10, item 3): one training run per defence setting,
 then the same attack with ``adaptive = true`` and ``adaptive = false`` on the same capture.
 
-    PYTHONPATH=. python examples/adaptive_bench.py [--attacks learned_inversion optimization_inversion]
+    PYTHONPATH=. python examples/scripts/adaptive_bench.py [--attacks learned_inversion optimization_inversion]
 
-SmolLM2-135M, k = 1, m = 1, 16 private sequences of natural text (examples/licenses.txt), shadow text = the rest
+SmolLM2-135M, k = 1, m = 1, 16 private sequences of natural text (examples/data/licenses.txt), shadow text = the rest
 of that file, 6 LoRA steps; curious server. DxP at noise norm 0.5, 1 and 2 x the mean input-embedding norm
 (E||z|| = H / eta, so eta = H / (f * mean norm)); dp_gaussian at three settings.
 """
@@ -34,8 +34,8 @@ def main() -> None:
     torch.set_num_threads(1)
     cfg = parse_config({
         "model": {"name": "smollm2-135m"},
-        "data": {"max_length": 32, "private": {"path": "examples/licenses.txt", "limit": 16},
-                 "shadow": {"path": "examples/licenses.txt"}},
+        "data": {"max_length": 32, "private": {"path": "examples/data/licenses.txt", "limit": 16},
+                 "shadow": {"path": "examples/data/licenses.txt"}},
         "training": {"clients": 2, "steps": args.steps, "batch_size": 4},
     })
     base = load_model(cfg.model.name, progress=lambda _: None)

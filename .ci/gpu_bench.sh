@@ -5,7 +5,7 @@
 # memory 8/1, in bf16, on SmolLM2-135M and on random weights in the shapes of Llama-3.2-1B and Llama-3.1-8B
 # (no download: the configs are bundled). Paste the printed tables into BENCHMARKS.md (section issue 13).
 #
-#   bash ci/gpu_bench.sh [OUTDIR]        # default OUTDIR: runs/gpu-bench; one log + one JSON line per model
+#   bash .ci/gpu_bench.sh [OUTDIR]        # default OUTDIR: runs/gpu-bench; one log + one JSON line per model
 set -euo pipefail
 OUT="${1:-runs/gpu-bench}"
 mkdir -p "$OUT"

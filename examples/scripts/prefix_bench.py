@@ -1,20 +1,20 @@
 """Measure prefix_inversion and bisr on SmolLM2-135M (issue 10's targets); results go to BENCHMARKS.md.
 
   # prefix inversion: 16 natural-text victims (licenses.txt), shadow = generated records (another domain)
-  PYTHONPATH=. python examples/prefix_bench.py target -k 1 2 4 8 15
+  PYTHONPATH=. python examples/scripts/prefix_bench.py target -k 1 2 4 8 15
   # the time target (<= 120 s per cell at k <= 8 on 2 cores): alone on the machine, both cores
-  PYTHONPATH=. python examples/prefix_bench.py target -k 4 8 --threads 2
+  PYTHONPATH=. python examples/scripts/prefix_bench.py target -k 4 8 --threads 2
   # held-out text (never developed on): docstrings of the Python standard library
-  python examples/heldout_text.py > /tmp/heldout.txt   # Python standard-library docstrings
-  PYTHONPATH=. python examples/prefix_bench.py target -k 8 --private '{"path": "/tmp/heldout.txt", "limit": 16}'
+  python examples/scripts/heldout_text.py > /tmp/heldout.txt   # Python standard-library docstrings
+  PYTHONPATH=. python examples/scripts/prefix_bench.py target -k 8 --private '{"path": "/tmp/heldout.txt", "limit": 16}'
   # the time ratio against the search without the second widening bar, on the same capture
-  PYTHONPATH=. python examples/prefix_bench.py target -k 8 --threads 2 --compare '{"widen_again_below": 0.98}'
+  PYTHONPATH=. python examples/scripts/prefix_bench.py target -k 8 --threads 2 --compare '{"widen_again_below": 0.98}'
   # the second family: the same cells on Gemma 3 270M, on text held out from the Gemma work (issue 21)
-  python examples/heldout_text.py reference > /tmp/reference.txt   # sha256 518e4404...cbae07 (Python 3.11.7)
-  PYTHONPATH=. python examples/prefix_bench.py target -k 1 2 4 8 --threads 2 --model gemma3-270m \
+  python examples/scripts/heldout_text.py reference > /tmp/reference.txt   # sha256 518e4404...cbae07 (Python 3.11.7)
+  PYTHONPATH=. python examples/scripts/prefix_bench.py target -k 1 2 4 8 --threads 2 --model gemma3-270m \
       --private '{"path": "/tmp/reference.txt", "limit": 16}' [--attacks prefix_inversion bisr]
   # bisr vs forward-only vs gradient-only on defended cells (default-matrix sizes: 16 records, 6 steps)
-  PYTHONPATH=. python examples/prefix_bench.py fused -k 1 --defense dp_gaussian '{"sigma": 0.5, "clip": 1.0}'
+  PYTHONPATH=. python examples/scripts/prefix_bench.py fused -k 1 --defense dp_gaussian '{"sigma": 0.5, "clip": 1.0}'
 
 Each line printed is one cell: token accuracy, wall seconds and CPU seconds of the attack (the machine is
 shared: CPU seconds are the attack's own work, wall seconds include waiting for the CPU).
@@ -56,7 +56,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.mode == "target":
-        private = json.loads(args.private) if args.private else {"path": "examples/licenses.txt", "limit": 16}
+        private = json.loads(args.private) if args.private else {"path": "examples/data/licenses.txt", "limit": 16}
         steps = args.steps or 10
     else:
         private = json.loads(args.private) if args.private else {"generator": "records", "size": 16, "seed": 1}

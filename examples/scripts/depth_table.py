@@ -1,7 +1,7 @@
 """Print leakage versus split depth (and model) from one or more result stores as markdown tables.
 
-    python examples/depth_table.py runs/depth-records runs/depth-natural       # the depth tables
-    python examples/depth_table.py runs/family-smollm2 runs/family-gemma3      # leakage vs family and size
+    python examples/scripts/depth_table.py runs/depth-records runs/depth-natural       # the depth tables
+    python examples/scripts/depth_table.py runs/family-smollm2 runs/family-gemma3      # leakage vs family and size
 
 One table per (store's data, threat): a row per attack, the blind baseline last; a column per (model, k). Each
 cell is the attack's token accuracy with its 95 % bootstrap interval and, below blind, its advantage over the
@@ -64,5 +64,5 @@ def main(directories: list[str]) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) < 2:
-        sys.exit("usage: python examples/depth_table.py STORE_DIR [STORE_DIR ...]")
+        sys.exit("usage: python examples/scripts/depth_table.py STORE_DIR [STORE_DIR ...]")
     main(sys.argv[1:])

@@ -1,6 +1,6 @@
 """Print a store's privacy-utility frontier as a markdown table, and each threat's verdict (as in report.pdf).
 
-    python examples/frontier_table.py runs/learned-defenses
+    python examples/scripts/frontier_table.py runs/learned-defenses
 
 One row per (threat, defense setting, split): the strongest attack (the one with the highest upper interval
 end), its leakage (advantage over the blind baseline where measured) with its 95 % interval, its raw token
