@@ -1,11 +1,12 @@
 """The experiment config: a TOML file validated on load (pydantic, unknown keys forbidden).
 
-Every error names the offending key and the file, on one line. The schema follows DESIGN §3; keys may grow,
-never break. Values a section does not give take the defaults below, which are the embedded default run.
+Every error names the offending key and the file, on one line (with the closest valid key or value as a
+"did you mean"). The schema is docs/config.md's and the README's example config; keys may grow, never break. Values a section does not give take the defaults below, which are the embedded default run.
 """
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -14,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from suite.engine.device_names import check_device_name
 from suite.errors import ConfigError
+from suite.registry import did_you_mean
 
 
 class _Section(BaseModel):
@@ -189,12 +191,28 @@ class ExperimentConfig(_Section):
     executor: ExecutorSection = ExecutorSection()
 
 
+def _section_keys(path: tuple) -> list[str]:
+    """The keys valid where ``path`` (a validation error's location, last part the bad key) points."""
+    cls: Any = ExperimentConfig
+    for part in path[:-1]:
+        field = cls.model_fields.get(str(part)) if isinstance(cls, type) and issubclass(cls, BaseModel) else None
+        if field is None:
+            return []
+        options = [field.annotation, *getattr(field.annotation, "__args__", ())]
+        cls = next((o for o in options if isinstance(o, type) and issubclass(o, BaseModel)), None)
+    return list(cls.model_fields) if isinstance(cls, type) and issubclass(cls, BaseModel) else []
+
+
 def _one_line(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"] if not str(p).startswith("function-after"))
+    path = tuple(p for p in first["loc"] if not str(p).startswith("function-after"))
+    loc = ".".join(str(p) for p in path)
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
-        msg = "unknown key (check the spelling against the README's example config)"
+        hint = did_you_mean(str(path[-1]), _section_keys(path))
+        msg = f"unknown key{hint or ' (check the spelling against the README example config)'}"
+    elif first["type"] == "literal_error" and isinstance(first.get("input"), str):
+        msg += did_you_mean(first["input"], re.findall(r"'([^']*)'", first.get("ctx", {}).get("expected", "")))
     more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
     return f"{source}: {loc or 'config'}: {msg}{more}"
 
