@@ -67,13 +67,23 @@ def test_summary_is_the_summary_attribute_else_the_docstring_first_sentence():
         (["attack", "--model", "tiny-llama", "--threat", "curious_server", "--attack", "nearest_embedding",
           "--defense", "dp_gausian"], "unknown defense 'dp_gausian'; did you mean 'dp_gaussian'?"),
         (["train", "--model", "tiny-lama", "--steps", "1"], "did you mean 'tiny-llama'?"),
-        (["train", "--model", "smollm2-13m", "--steps", "1"], "did you mean 'smollm2-135m'?"),
     ],
 )
 def test_a_wrong_name_on_the_command_line_gets_did_you_mean(capsys, argv, needle):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("splitleak: error: ") and needle in err[-1]
+
+
+def test_a_misspelt_named_model_gets_did_you_mean(capsys, monkeypatch):
+    def no_hub(*args, **kwargs):
+        raise OSError("smollm2-13m is not a local folder and is not a valid model identifier")
+
+    monkeypatch.setattr("transformers.AutoConfig.from_pretrained", no_hub)  # never ask the hub in a test
+    assert main(["train", "--model", "smollm2-13m", "--steps", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("splitleak: error: model 'smollm2-13m'")
+    assert err[-1].endswith("; did you mean 'smollm2-135m'?")
 
 
 @pytest.mark.parametrize(
