@@ -1,7 +1,8 @@
 """The experiment config: a TOML file validated on load (pydantic, unknown keys forbidden).
 
 Every error names the offending key and the file, on one line (with the closest valid key or value as a
-"did you mean"). The schema is docs/config.md's and the README's example config; keys may grow, never break. Values a section does not give take the defaults below, which are the embedded default run.
+"did you mean"). The schema is docs/config.md's and the README's example config; keys may grow, never
+break. Values a section does not give take the defaults below, which are the embedded default run.
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ class TrainingSection(_Section):
     seed: int = 0
     head_blocks: int = Field(default=1, ge=0)  # for `splitleak train`; the matrix takes its splits below
     tail_blocks: int = Field(default=1, ge=0)
-    stages: int = Field(default=1, ge=1, le=256)  # the server's blocks as S pipeline stage parties (DESIGN §3)
+    stages: int = Field(default=1, ge=1, le=256)  # the server's blocks as S pipeline stage parties (docs/pipeline.md)
 
 
 class MatrixSection(_Section):
@@ -119,7 +120,7 @@ class MatrixSection(_Section):
     defenses: list[str | dict[str, Any]] = ["none", "encryption"]
     # Optional axes, each a list overriding [training] per cell (part of the training run and the cell key):
     # training budget, what the clients fine-tune, and repeated training seeds (metrics then pool records x
-    # seeds, see README "Sweeps and seeds"). An attack or defense parameter given as a list is a sweep too.
+    # seeds, see docs/config.md "Sweeps, training axes and seeds"). An attack or defense parameter given as a list is a sweep too.
     steps: list[int] | None = None
     finetune: list[Literal["lora", "full", "frozen"]] | None = None
     seeds: list[int] | None = None
@@ -128,7 +129,7 @@ class MatrixSection(_Section):
     # given (threat, attack, defense names and split, each a value or a list of values; attack_params /
     # defense_params: a subset of its parameters) is left out and listed with the reason.
     skip: list[dict[str, Any]] = []
-    # What the cells observe (DESIGN §3): the traffic of training, or of the trained split serving its
+    # What the cells observe (docs/inference.md): the traffic of training, or of the trained split serving its
     # victims' prompts ([inference]); inference cells reuse the training run of their split.
     mode: list[Literal["training", "inference"]] = ["training"]
 
