@@ -3,7 +3,7 @@
 # step times (split / centralised, + encryption, + integrity audit), encryption of device tensors (copy to host
 # + AES-GCM), strategy throughput (serial / batch_parallel / per_client at 1, 2, 4, 8 clients) and per_client
 # memory 8/1, in bf16, on SmolLM2-135M and on random weights in the shapes of Llama-3.2-1B and Llama-3.1-8B
-# (no download: the configs are bundled). Paste the printed tables into BENCHMARKS.md (section issue 13).
+# (no download: the configs are bundled). Paste the printed tables into BENCHMARKS.md ("Engine cost" and "Scale").
 #
 #   bash .ci/gpu_bench.sh [OUTDIR]        # default OUTDIR: runs/gpu-bench; one log + one JSON line per model
 set -euo pipefail

@@ -1,5 +1,5 @@
 """The blind baseline on the default model and data: each candidate's token accuracy on 64 generated victims,
-from shadow text, public weights and the victims' lengths only (BENCHMARKS.md, issues 11 and 10). From the
+from shadow text, public weights and the victims' lengths only (BENCHMARKS.md, "The blind baseline"). From the
 repo root: ``PYTHONPATH=. python examples/scripts/blind_baseline.py``."""
 
 import copy

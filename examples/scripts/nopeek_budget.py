@@ -1,4 +1,5 @@
-"""The training budget at which NoPeek acts on the default matrix's setting (BENCHMARKS, issue 23).
+"""The training budget at which NoPeek acts on the default matrix's setting (BENCHMARKS.md, "NoPeek: the
+training budget at which it acts").
 
 Trains the default matrix's k = 1 split (its model, data and training, with ``training.steps`` replaced) under
 one defense and prints the distance correlation of every head pass (two a step with the default's 2 clients),
