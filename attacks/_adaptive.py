@@ -1,5 +1,5 @@
-"""Defence-aware attacker machinery shared by the learned and search attacks (DESIGN §3, "Attacker
-simulation"; issue 10 item 3).
+"""Defence-aware attacker machinery shared by the learned and search attacks (docs/attacks.md,
+"Defence-aware attackers").
 
 An adaptive attacker knows the deployed defense's mechanism and public parameters (``Observations.defense``,
 Kerckhoffs), never its secret randomness. It

@@ -34,7 +34,7 @@ would tell the server which steps to compute the gradient honestly on. The detec
 3. Statistical monitoring (in the spirit of SENTINEL): the cosine of the returned head gradient to the tail
    gradient; below ``min_cosine``, or a robust z-score above ``z_threshold`` after ``warmup`` steps, flags.
 
-What an adaptive server can still do (measured in BENCHMARKS.md, "issue 12"): tamper only positions past the
+What an adaptive server can still do: tamper only positions past the
 spot-checked prefix, and gradients in ways that keep the invariant and the cosine; it is then caught by the
 full audit only, i.e. with probability ``audit_rate`` per tampered step, and tampering below ``rtol`` of the
 tensor's scale is not caught at all (nor does it change much). The commitment covers the state a step was

@@ -100,10 +100,10 @@ class NoPeekDefense(Defense):
         return sim.eval()
 
     # Where NoPeek was measured to act (its dCor trace moving by the report's TRACE_MOVED = 0.01), on the default
-    # matrix's setting: SmolLM2-135M, k = 1, its records, LoRA, 2 clients, batch 4 (BENCHMARKS.md, "The default
-    # matrix and page 1 (issue 23)", "NoPeek's budget"). The report adds it where a setting did not act.
+    # matrix's setting: SmolLM2-135M, k = 1, its records, LoRA, 2 clients, batch 4 (BENCHMARKS.md, "NoPeek: the
+    # training budget at which it acts"). The report adds it where a setting did not act.
     ACTS_FROM = ("measured on SmolLM2-135M at k = 1, it acts from ~37 training steps at alpha = 1000 and ~68 at "
-                 "alpha = 50 (BENCHMARKS, issue 23)")
+                 "alpha = 50 (BENCHMARKS.md, NoPeek)")
 
     def report(self) -> dict:
         tail = self.history[-10:]

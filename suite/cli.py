@@ -15,7 +15,7 @@ EPILOG = "Metrics: BLEU/ROUGE on a 0-100 scale, rates (token accuracy, exact mat
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     """Options shared by commands that build a split-training run; each overrides the config file."""
-    p.add_argument("--config", metavar="FILE", help="TOML experiment config (see README); flags override it")
+    p.add_argument("--config", metavar="FILE", help="TOML experiment config (docs/config.md); flags override it")
     p.add_argument("--model", help="'smollm2-135m' (default, embedded), a hub id, a local directory or a .gguf file")
     p.add_argument("-k", "--head-blocks", type=int, help="decoder blocks on the client head (0 = embedding only)")
     p.add_argument("-m", "--tail-blocks", type=int, help="decoder blocks on the client tail (before norm + LM head)")
@@ -281,6 +281,42 @@ def _with_devices(cfg, args: argparse.Namespace, check: bool = True):
     return cfg
 
 
+LISTABLE = ("attacks", "defenses", "threats", "models")
+
+
+def registered(kind: str) -> dict[str, str]:
+    """Every name of one ``kind`` (``LISTABLE``) that configs and flags accept, with its one-line summary."""
+    if kind == "attacks":
+        from suite.interfaces.attack import ATTACKS
+
+        return ATTACKS.summaries()
+    if kind == "defenses":
+        from suite.interfaces.defense import DEFENSES
+
+        return DEFENSES.summaries()
+    if kind == "threats":
+        from suite.interfaces.presets import THREATS
+        from suite.registry import one_line
+
+        return {name + (":" + ",".join("ijk"[:t.stage_params]) if t.stage_params else ""): one_line(t.description)
+                for name, t in THREATS.items()}
+    from suite.engine.models import bundled_configs, named_models
+
+    return named_models() | {name: f"random weights in {name}'s shapes, for `splitleak bench --model-config`"
+                             for name in bundled_configs()}
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    kinds = [args.kind] if args.kind else list(LISTABLE)
+    for i, kind in enumerate(kinds):
+        entries = registered(kind)
+        width = max(map(len, entries))
+        print(("\n" if i else "") + f"{kind}:")
+        for name, summary in entries.items():
+            print(f"  {name:<{width}}  {summary}")
+    return 0
+
+
 def cmd_results(args: argparse.Namespace) -> int:
     from reports.summary import summary_table
     from suite.experiment.store import open_store
@@ -440,15 +476,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("attack", help="run one matrix cell: train a split, capture, attack, print the metrics",
                        epilog=EPILOG)
     _add_run_options(p)
-    p.add_argument("--threat", required=True, help="threat preset: curious_server, malicious_server, "
-                   "colluding_client, eavesdropper, peer_client")
-    p.add_argument("--attack", required=True, help="attack name (see README), e.g. nearest_embedding")
+    p.add_argument("--threat", required=True, help="threat preset, e.g. curious_server (`splitleak list threats`)")
+    p.add_argument("--attack", required=True, help="attack name, e.g. nearest_embedding (`splitleak list attacks`)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="attack parameter")
-    p.add_argument("--defense", default="none", help="defense name, e.g. none, encryption")
+    p.add_argument("--defense", default="none", help="defense name, e.g. none, encryption (`splitleak list defenses`)")
     p.add_argument("--defense-param", action="append", default=[], metavar="KEY=VALUE", help="defense parameter")
     p.add_argument("--samples", type=int, default=3, help="original/reconstructed pairs to print")
     p.add_argument("--capture", metavar="FILE", help="attack this capture file (`client --capture`, or written from "
-                   "another framework's traffic: README, 'Capture files') instead of training a split here")
+                   "another framework's traffic: docs/network.md, 'Capture files') instead of training a split here")
     p.set_defaults(func=cmd_attack)
 
     p = sub.add_parser("generate", help="answer one prompt through a trained split (token by token over the "
@@ -467,7 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run a threat-model matrix (the embedded default without CONFIG); resumes",
                        epilog=EPILOG)
-    p.add_argument("config", nargs="?", help="TOML experiment config (see README)")
+    p.add_argument("config", nargs="?", help="TOML experiment config (docs/config.md)")
     p.add_argument("--out", required=True, metavar="DIR", help="results directory (results.sqlite)")
     p.add_argument("--workers", type=int, help="parallel worker processes, one training run each "
                    "(default: the config's [executor] workers, 1 unless it says otherwise)")
@@ -481,6 +516,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: such rows are reported, recomputed and replaced)")
     _add_device_options(p)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("list", help="list the registered attacks, defenses, threats and named models, one line each")
+    p.add_argument("kind", nargs="?", choices=LISTABLE, help="list only these")
+    p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("results", help="print the results table of a run directory", epilog=EPILOG)
     p.add_argument("dir", metavar="DIR")

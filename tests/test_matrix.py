@@ -185,7 +185,7 @@ def test_embedded_default_matrix_is_valid():
     assert {c.defense for c in cells} == {"none", "encryption", "dp_gaussian", "dxp", "nopeek"}
     for swept in ("dp_gaussian", "dxp"):  # each a sweep of >= 3 settings (the frontier's points)
         assert len({c.defense_params for c in cells if c.defense == swept}) >= 3
-    # the colluding and peer clients face the defended settings in examples/defended_clients.toml (for time)
+    # the colluding and peer clients face the defended settings in examples/configs/defended_clients.toml (for time)
     assert {c.threat for c in cells if c.defense in ("dp_gaussian", "dxp", "nopeek")} == {
         "curious_server", "malicious_server", "eavesdropper"}
     assert {c.attack for c in cells} >= {"blind", "fsha", "gradient_inversion", "wire_inversion"}

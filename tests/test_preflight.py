@@ -268,7 +268,7 @@ def test_bundled_models_resolve_without_the_hub(monkeypatch, tmp_path):
         check_split(model_layers("gemma3-270m"), 10, 9, "split")
 
 
-@pytest.mark.parametrize("config", sorted(Path(__file__).resolve().parents[1].glob("examples/*.toml")),
+@pytest.mark.parametrize("config", sorted(Path(__file__).resolve().parents[1].glob("examples/configs/*.toml")),
                          ids=lambda p: p.name)
 def test_every_example_config_passes_preflight(config, tmp_path, monkeypatch):
     """The example matrices are what users copy: each one loads and passes the matrix preflight (data, model
@@ -277,6 +277,6 @@ def test_every_example_config_passes_preflight(config, tmp_path, monkeypatch):
     from suite.experiment.config import load_config
     from suite.experiment.preflight import check_matrix_run
 
-    monkeypatch.chdir(config.parents[1])  # the examples' data paths are relative to the repository root
+    monkeypatch.chdir(config.parents[2])  # the examples' data paths are relative to the repository root
     cells, _ = check_matrix_run(load_config(config), tmp_path / "out")
     assert cells

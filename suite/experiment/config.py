@@ -1,11 +1,13 @@
 """The experiment config: a TOML file validated on load (pydantic, unknown keys forbidden).
 
-Every error names the offending key and the file, on one line. The schema follows DESIGN §3; keys may grow,
-never break. Values a section does not give take the defaults below, which are the embedded default run.
+Every error names the offending key and the file, on one line (with the closest valid key or value as a
+"did you mean"). The schema is docs/config.md's and the README's example config; keys may grow, never
+break. Values a section does not give take the defaults below, which are the embedded default run.
 """
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -14,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from suite.engine.device_names import check_device_name
 from suite.errors import ConfigError
+from suite.registry import did_you_mean
 
 
 class _Section(BaseModel):
@@ -104,7 +107,7 @@ class TrainingSection(_Section):
     seed: int = 0
     head_blocks: int = Field(default=1, ge=0)  # for `splitleak train`; the matrix takes its splits below
     tail_blocks: int = Field(default=1, ge=0)
-    stages: int = Field(default=1, ge=1, le=256)  # the server's blocks as S pipeline stage parties (DESIGN §3)
+    stages: int = Field(default=1, ge=1, le=256)  # the server's blocks as S pipeline stage parties (docs/pipeline.md)
 
 
 class MatrixSection(_Section):
@@ -117,7 +120,7 @@ class MatrixSection(_Section):
     defenses: list[str | dict[str, Any]] = ["none", "encryption"]
     # Optional axes, each a list overriding [training] per cell (part of the training run and the cell key):
     # training budget, what the clients fine-tune, and repeated training seeds (metrics then pool records x
-    # seeds, see README "Sweeps and seeds"). An attack or defense parameter given as a list is a sweep too.
+    # seeds, see docs/config.md "Sweeps, training axes and seeds"). An attack or defense parameter given as a list is a sweep too.
     steps: list[int] | None = None
     finetune: list[Literal["lora", "full", "frozen"]] | None = None
     seeds: list[int] | None = None
@@ -126,7 +129,7 @@ class MatrixSection(_Section):
     # given (threat, attack, defense names and split, each a value or a list of values; attack_params /
     # defense_params: a subset of its parameters) is left out and listed with the reason.
     skip: list[dict[str, Any]] = []
-    # What the cells observe (DESIGN §3): the traffic of training, or of the trained split serving its
+    # What the cells observe (docs/inference.md): the traffic of training, or of the trained split serving its
     # victims' prompts ([inference]); inference cells reuse the training run of their split.
     mode: list[Literal["training", "inference"]] = ["training"]
 
@@ -189,12 +192,28 @@ class ExperimentConfig(_Section):
     executor: ExecutorSection = ExecutorSection()
 
 
+def _section_keys(path: tuple) -> list[str]:
+    """The keys valid where ``path`` (a validation error's location, last part the bad key) points."""
+    cls: Any = ExperimentConfig
+    for part in path[:-1]:
+        field = cls.model_fields.get(str(part)) if isinstance(cls, type) and issubclass(cls, BaseModel) else None
+        if field is None:
+            return []
+        options = [field.annotation, *getattr(field.annotation, "__args__", ())]
+        cls = next((o for o in options if isinstance(o, type) and issubclass(o, BaseModel)), None)
+    return list(cls.model_fields) if isinstance(cls, type) and issubclass(cls, BaseModel) else []
+
+
 def _one_line(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"] if not str(p).startswith("function-after"))
+    path = tuple(p for p in first["loc"] if not str(p).startswith("function-after"))
+    loc = ".".join(str(p) for p in path)
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
-        msg = "unknown key (check the spelling against the README's example config)"
+        hint = did_you_mean(str(path[-1]), _section_keys(path))
+        msg = f"unknown key{hint or ' (check the spelling against the README example config)'}"
+    elif first["type"] == "literal_error" and isinstance(first.get("input"), str):
+        msg += did_you_mean(first["input"], re.findall(r"'([^']*)'", first.get("ctx", {}).get("expected", "")))
     more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
     return f"{source}: {loc or 'config'}: {msg}{more}"
 

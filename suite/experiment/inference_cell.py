@@ -10,7 +10,7 @@ head output of the whole sequence (prompt + every generated token but the last, 
 existing inversion attacks read it as one observed row, unchanged.
 
 Scoring splits every row at the prompt's length: ``prompt_<metric>`` and ``response_<metric>`` (with
-intervals and advantage over the blind baseline, DESIGN §3), the plain columns over the whole row. The
+intervals and advantage over the blind baseline, docs/inference.md), the plain columns over the whole row. The
 response scored is the generated tokens whose activations crossed the wire. Utility at inference is the
 ROUGE-L of the deployed answer against the answer of the same trained split without the defense's client
 hooks (100 when the defense changes nothing the client computes), and the latency and bytes per token.

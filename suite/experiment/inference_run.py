@@ -3,7 +3,7 @@ defense, run each cell's attack on it and build the cell's row (``suite.experime
 
 A row of an inference cell has ``mode = "inference"``, the plain metric columns over the whole observed
 sequence, ``prompt_<metric>`` / ``response_<metric>`` with ``_lo`` / ``_hi`` and ``adv_prompt_<metric>`` /
-``adv_response_<metric>`` (+ intervals) against the blind baseline on the same rows (DESIGN §3), and the
+``adv_response_<metric>`` (+ intervals) against the blind baseline on the same rows, and the
 utility at inference: ``answer_rougeL``, ``seconds_per_token``, ``bytes_per_token``.
 """
 
@@ -119,7 +119,7 @@ def interval_fields(result: InferenceResult, blind: InferenceResult | None) -> d
 
 def part_summary(part: str, per_seed: list, blind: list | None) -> dict[str, Any]:
     """``summarize``'s columns for one part of the sequence, named ``<part>_<metric>…`` and
-    ``adv_<part>_<metric>…`` (DESIGN §3)."""
+    ``adv_<part>_<metric>…`` (docs/inference.md)."""
     return {f"adv_{part}_{k[4:]}" if k.startswith("adv_") else f"{part}_{k}": v
             for k, v in summarize(per_seed, blind).items()}
 

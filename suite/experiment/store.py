@@ -21,7 +21,7 @@ from typing import Any
 from suite.errors import SplitleakError
 
 METRICS = ("bleu4", "rouge1", "rouge2", "rougeL", "token_accuracy", "exact_match", "pii_recovery")
-# DESIGN §3, evaluation contracts: every leakage metric m also has m_lo / m_hi (95 % bootstrap interval over
+# The evaluation contracts (docs/report.md): every leakage metric m also has m_lo / m_hi (95 % bootstrap interval over
 # records x seeds) and adv_m (m minus what the blind baseline gets on the same records) with its interval.
 INTERVAL_COLUMNS = tuple(f"{m}_{end}" for m in (*METRICS, "utility") for end in ("lo", "hi"))
 ADVANTAGE_COLUMNS = tuple(c for m in METRICS for c in (f"adv_{m}", f"adv_{m}_lo", f"adv_{m}_hi"))
@@ -82,7 +82,7 @@ COLUMNS: dict[str, str] = {
     "finished_at": "REAL",
     "code_revision": "TEXT",  # the code that computed the row (suite.experiment.revision.code_revision); part of the key
     "cell_id": "TEXT",  # the cell's key without the code revision: finds a row of the same cell from other code
-    # Inference cells (issue 25, DESIGN §3): mode, the leakage of the prompt and of the response separately
+    # Inference cells (docs/inference.md): mode, the leakage of the prompt and of the response separately
     # (the plain metric columns then cover the whole observed sequence), and utility at inference.
     "mode": "TEXT",  # training | inference (NULL in stores written before: training)
     **{c: "REAL" for c in INFERENCE_COLUMNS},
@@ -90,7 +90,7 @@ COLUMNS: dict[str, str] = {
     "seconds_per_token": "REAL",  # generation latency per token (wire included, in process)
     "bytes_per_token": "REAL",  # bytes on the wire per generated token, both directions
 }
-# Memorisation (issue 26, DESIGN §3 third slice): canary exposure (bits), membership AUC and TPR at low FPR,
+# Memorisation (docs/memorisation.md): canary exposure (bits), membership AUC and TPR at low FPR,
 # the share of canaries extracted verbatim, each with its interval; ``memorisation`` (JSON) holds the view,
 # the breakdown per repeat count, every membership signal, the ROC curve and the false positives TPR rests on.
 MEMORISATION_METRICS = ("exposure", "auc", "tpr_at_1pct_fpr", "tpr_at_0_1pct_fpr", "extracted")

@@ -1,6 +1,6 @@
 """Kill chaos: SIGKILL a small matrix run at random moments, resume it each time, compare with an uninterrupted run.
 
-    python -m suite.harness.chaos --kills 20            # the BENCHMARKS.md figure
+    python -m suite.harness.chaos --kills 20            # a longer check than CI's
     python -m suite.harness.chaos --kills 3             # what CI runs
 
 An uninterrupted reference run comes first (its wall time sets the range of the random delays; no run

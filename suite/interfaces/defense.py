@@ -5,8 +5,8 @@ channel: encryption), and/or install itself on a built session (hooks on what le
 loss terms, detectors). The training loop stays the same.
 
 Kerckhoffs. Every defense also says how an attacker who knows the mechanism and its public parameters (never
-its secret randomness) reproduces it on the attacker's own shadow pipeline (DESIGN §3, "Attacker
-simulation"):
+its secret randomness) reproduces it on the attacker's own shadow pipeline (docs/attacks.md,
+"Defence-aware attackers"):
 
 * ``public_params()``: the config without its ``secret_fields`` (what a protocol document would publish);
 * ``simulate_head(head, input_ids, attention_mask, generator)``: for defenses that shape the head while
@@ -76,7 +76,7 @@ class Defense:
     # replays the captured frames through this defense's channel (``suite.experiment.cell.rewire``).
     wire_only: ClassVar[bool] = False
     # Networked mode (``splitleak serve`` / ``client``, ``suite.net``): None when each side can install its
-    # part there, else the one-line reason it is refused (listed in the README).
+    # part there, else the one-line reason it is refused (docs/network.md, "Defences on `serve` and `client`").
     network_refusal: ClassVar[str | None] = None
 
     def __init__(self, config: DefenseConfig | None = None):

@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 
 from suite.errors import ConfigError
+from suite.registry import did_you_mean
 
 
 class Capability(StrEnum):
@@ -135,7 +136,7 @@ def get_threat(name: str) -> ThreatModel:
     ``colluding_stages:0,2``)."""
     base, _, args = name.partition(":")
     if base not in THREATS:
-        raise ConfigError(f"unknown threat {name!r}; presets are: {', '.join(THREATS)}")
+        raise ConfigError(f"unknown threat {name!r}{did_you_mean(base, THREATS)} (presets: {', '.join(THREATS)})")
     preset = THREATS[base]
     if not preset.stage_params:
         if args:
