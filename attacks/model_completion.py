@@ -128,7 +128,7 @@ def train_tail(obs: Observations, cfg: ModelCompletionConfig):
             opt.zero_grad()
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
     tail.requires_grad_(False)
     info = {"tail": "trained", "parts": cfg.parts, "steps": len(losses),
             "trunk": "server adapters" if obs.server_adapters is not None else "public",
