@@ -150,3 +150,51 @@ def test_a_frozen_weight_change_is_caught_once_and_the_standby_runs_clean(rate):
     train_split(_cfg(steps=4), SplitSpec(1, 1), tiny_model("llama"), defense=audit, reference=False)
     assert [f["transition"] for f in audit.flags] == [2]  # today: flagged at 2, 3, ..., 7 (the standby keeps it)
     assert audit.flags[0]["start_mismatch"]  # today: False (the commitment does not cover frozen weights)
+
+
+# --- dp_sgd's sensitivity: the loss is a mean over the batch's tokens ---------------------------------
+
+
+def test_one_record_moves_dp_sgds_clipped_sum_by_at_most_clip():
+    """Opacus' accountant assumes adding one record moves the clipped sum by <= clip. causal_lm_loss divides
+    by the batch's total target tokens, so one long record rescales every other record's per-example
+    gradient: 15 copies of a 6-token record, plus one 74-token record, move the sum by ~7 x clip."""
+    from suite.engine.parties import causal_lm_loss
+    from suite.engine.split import position_ids_for
+    from suite.experiment.prepared import prepare
+    from suite.interfaces.defense import make_defense
+
+    cfg = parse_config({"model": {"name": "tiny-llama"},
+                        "data": {"max_length": 96, "held_out": 4,
+                                 "private": {"generator": "records", "size": 32, "seed": 1},
+                                 "shadow": {"generator": "records", "size": 8, "seed": 2}},
+                        "training": {"clients": 2, "steps": 0, "batch_size": 16}})
+    prepared = prepare(cfg, SplitSpec(1, 1), loaded=tiny_model("llama"))
+    defense = make_defense("dp_sgd", {"sigma": 0.0, "clip": 1.0, "target": "clients"})
+    defense.install(prepared.session)
+    client = prepared.session.clients[0]
+    opt, data = client.optimizer, client.batches.data
+    long_j = int(torch.argmax((data["labels"] != -100).sum(1)))
+    rows = {}
+    for k in ("input_ids", "attention_mask", "labels"):
+        row = data[k][0].clone()
+        row[6:] = {"attention_mask": 0, "labels": -100}.get(k, int(row[5]))
+        rows[k] = torch.cat([row.expand(15, -1), data[k][long_j:long_j + 1]])
+
+    def clipped_sum(n):
+        opt.zero_grad(set_to_none=True)
+        ids, mask, labels = (rows[k][:n] for k in ("input_ids", "attention_mask", "labels"))
+        pos = position_ids_for(mask)
+        head_out = client.head(ids, mask, pos)
+        hidden = head_out.detach().requires_grad_(True)
+        causal_lm_loss(client.tail(hidden, mask, pos), labels).backward()
+        (head_out * hidden.grad).sum().backward()
+        norms = torch.stack([p.grad_sample.reshape(n, -1).norm(dim=1) for p in opt.params], 1).norm(dim=1)
+        opt.clip_and_accumulate()
+        return torch.cat([p.summed_grad.reshape(-1).clone() for p in opt.params]), norms
+
+    _, norms = clipped_sum(15)
+    opt.max_grad_norm = clip = float(norms.median())
+    without, _ = clipped_sum(15)
+    with_j, _ = clipped_sum(16)
+    assert float((with_j - without).norm()) <= clip * 1.001
