@@ -64,9 +64,10 @@ def epsilon(sigma: float, sample_rate: float, steps: int, delta: float) -> float
     return float(accountant.get_epsilon(delta=delta))
 
 
-def _per_example(modules, optimizer, cfg: DPSGDConfig, batch_size: int):
+def _per_example(modules, optimizer, cfg: DPSGDConfig, batch_size: int | None):
     """Hook ``modules`` for per-example gradients (every LoRA adapter set, active or not, so per_client's
-    sets are all covered) and wrap ``optimizer`` in Opacus' DPOptimizer."""
+    sets are all covered) and wrap ``optimizer`` in Opacus' DPOptimizer. ``batch_size`` None: each step
+    averages over the rows of its own pass (a networked server, which does not know the clients' batches)."""
     from opacus import GradSampleModule
     from opacus.validators import ModuleValidator
 
@@ -81,6 +82,7 @@ def _per_example(modules, optimizer, cfg: DPSGDConfig, batch_size: int):
             if problems:
                 raise ValueError(f"dp_sgd cannot compute per-example gradients here ({problems[0]}); "
                                  "use finetune = \"lora\" for the parts it protects")
+            # loss_reduction "mean": the loss is the mean over rows of each row's own loss (per_record_lm_loss)
             wrapped.append(GradSampleModule(module, batch_first=True, loss_reduction="mean", strict=False))
         finally:
             for p, g in was.items():
@@ -89,9 +91,26 @@ def _per_example(modules, optimizer, cfg: DPSGDConfig, batch_size: int):
                                        expected_batch_size=batch_size)
 
 
-def _stream_dp_optimizer(optimizer, **kwargs):
+def forget_pass(modules) -> None:
+    """Drop what Opacus' hooks kept of a forward pass that gets no backward (a rejected step, a dropped
+    pass): the stored activations, each parameter's pending forward count and partial per-example gradient.
+    Without this, the next backward pairs its gradients with the stale activations and fails."""
+    for module in modules:
+        for sub in module.modules():
+            if hasattr(sub, "activations"):
+                sub.activations = []
+            for p in sub.parameters(recurse=False):
+                if hasattr(p, "_forward_counter"):
+                    p._forward_counter = 0
+                if hasattr(p, "_current_grad_sample"):
+                    del p._current_grad_sample
+                p.grad_sample = None
+
+
+def _stream_dp_optimizer(optimizer, *, expected_batch_size: int | None, **kwargs):
     """Opacus' DPOptimizer whose Gaussian noise comes from a ChaCha20 stream keyed from ``os.urandom``
-    (``suite.engine.noise``), never from torch's global generator, which the run's seed makes predictable."""
+    (``suite.engine.noise``), never from torch's global generator, which the run's seed makes predictable.
+    ``expected_batch_size`` None: the rows of each step's pass."""
     from opacus.optimizers import DPOptimizer
     from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
@@ -99,6 +118,7 @@ def _stream_dp_optimizer(optimizer, **kwargs):
 
     class StreamDPOptimizer(DPOptimizer):
         stream = NoiseStream.fresh()
+        rows_of_pass = expected_batch_size is None
 
         def add_noise(self) -> None:
             std = self.noise_multiplier * self.max_grad_norm
@@ -108,7 +128,17 @@ def _stream_dp_optimizer(optimizer, **kwargs):
                 p.grad = (p.summed_grad + noise).view_as(p)
                 _mark_as_processed(p.summed_grad)
 
-    return StreamDPOptimizer(optimizer, **kwargs)
+        def clip_and_accumulate(self) -> None:
+            if self.rows_of_pass:
+                self.expected_batch_size = int(self.grad_samples[0].shape[0])
+            super().clip_and_accumulate()
+
+    return StreamDPOptimizer(optimizer, expected_batch_size=expected_batch_size or 1, **kwargs)
+
+
+def _stages(server) -> list:
+    """The server parties whose trunk adapters train: one Server, or each stage of a pipeline (StageChain)."""
+    return list(getattr(server, "stages", [server]))
 
 
 @register_defense("dp_sgd")
@@ -119,32 +149,66 @@ class DPSGDDefense(Defense):
         super().__init__(config)
         self._session = None
         self._hooked: list = []  # the GradSampleModules (their hooks live on the parties' modules)
+        self._stage_count = 1
 
     def install(self, session) -> None:
         cfg = self.config
-        # the rows of one server pass: every client's batch at once under batch_parallel
-        batch = session.config.batch_size * (len(session.clients) if session.config.strategy == "batch_parallel" else 1)
         if cfg.target in ("server", "both"):
-            server = session.server
             if session.config.finetune.server != "lora":
                 raise ValueError("dp_sgd on the server needs server_finetune = \"lora\" (per-example gradients of "
                                  "LoRA layers); the server trains nothing else here")
-            for name, opt in list(server.optimizers.items()):
-                if opt is not None:
-                    hooked, server.optimizers[name] = _per_example([server.trunk] if not self._hooked else [],
-                                                                   opt, cfg, batch)
-                    self._hooked += hooked
-            if server.adapters:
-                server._activate(next(iter(server.adapters.values())))  # restore one active set
-        if cfg.target in ("clients", "both"):
-            if session.config.finetune.client != "lora":
-                raise ValueError("dp_sgd on the clients needs finetune = \"lora\"")
-            for client in session.clients:
-                if client.optimizer is not None:
-                    hooked, client.optimizer = _per_example([client.head, client.tail], client.optimizer, cfg,
-                                                            client.batches.batch_size)
-                    self._hooked += hooked
+            # the rows of one server pass: every client's batch at once under batch_parallel
+            batch = session.config.batch_size * (len(session.clients) if session.config.strategy == "batch_parallel"
+                                                 else 1)
+            self._install_server(session.server, batch)
+        if cfg.target in ("clients", "both") and session.config.finetune.client != "lora":
+            raise ValueError("dp_sgd on the clients needs finetune = \"lora\"")
+        for client in session.clients:
+            self._install_client(client)
         self._session = session
+        self._stage_count = len(_stages(session.server))
+
+    def _install_server(self, server, batch: int | None) -> None:
+        """DP-SGD on the trunk adapters of ``server`` (each stage's, in a pipeline)."""
+        for stage in _stages(server):
+            hooked = []
+            for name, opt in list(stage.optimizers.items()):
+                if opt is not None:  # per_client: one optimiser per adapter set, one set of hooks on the trunk
+                    new, stage.optimizers[name] = _per_example([] if hooked else [stage.trunk], opt, self.config,
+                                                               batch)
+                    hooked += new
+            if stage.adapters:
+                stage._activate(next(iter(stage.adapters.values())))  # restore one active set
+            stage.skipped_backward_hooks.append(lambda hooked=tuple(hooked): forget_pass(hooked))
+            self._hooked += hooked
+
+    def _install_client(self, client) -> None:
+        """Every dp_sgd client trains on each record's own loss (so the server's per-example gradients, which
+        come from the client's, are independent too); with target clients / both its head and tail train
+        under DP-SGD."""
+        from suite.engine.parties import per_record_lm_loss
+
+        client.loss = per_record_lm_loss
+        if self.config.target in ("clients", "both") and client.optimizer is not None:
+            hooked, client.optimizer = _per_example([client.head, client.tail], client.optimizer, self.config,
+                                                    client.batches.batch_size)
+            client.skipped_backward_hooks.append(lambda: forget_pass(hooked))
+            self._hooked += hooked
+
+    # -- networked mode: each side its own part, from its own objects --------------------------------------
+
+    def install_server(self, server) -> None:
+        if self.config.target in ("server", "both"):
+            if not any(p.requires_grad for p in server.trunk.parameters()):
+                raise ValueError("dp_sgd on the server needs server_finetune = \"lora\" (per-example gradients of "
+                                 "LoRA layers); this server trains nothing")
+            self._install_server(server, None)  # each pass averages over its own rows
+
+    def install_client(self, client, remote) -> None:
+        if self.config.target in ("clients", "both") and not any(
+                p.requires_grad for m in (client.head, client.tail) for p in m.parameters()):
+            raise ValueError("dp_sgd on the clients needs finetune = \"lora\"")
+        self._install_client(client)
 
     def report(self) -> dict:
         cfg = self.config

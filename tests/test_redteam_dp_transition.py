@@ -158,7 +158,8 @@ def test_a_frozen_weight_change_is_caught_once_and_the_standby_runs_clean(rate):
 def test_one_record_moves_dp_sgds_clipped_sum_by_at_most_clip():
     """Opacus' accountant assumes adding one record moves the clipped sum by <= clip. causal_lm_loss divides
     by the batch's total target tokens, so one long record rescales every other record's per-example
-    gradient: 15 copies of a 6-token record, plus one 74-token record, move the sum by ~7 x clip."""
+    gradient: 15 copies of a 6-token record, plus one 74-token record, moved the sum by ~7 x clip. Under
+    dp_sgd the client trains on each record's own loss (``client.loss``), measured here."""
     from suite.engine.parties import causal_lm_loss
     from suite.engine.split import position_ids_for
     from suite.experiment.prepared import prepare
@@ -187,7 +188,7 @@ def test_one_record_moves_dp_sgds_clipped_sum_by_at_most_clip():
         pos = position_ids_for(mask)
         head_out = client.head(ids, mask, pos)
         hidden = head_out.detach().requires_grad_(True)
-        causal_lm_loss(client.tail(hidden, mask, pos), labels).backward()
+        client.loss(client.tail(hidden, mask, pos), labels).backward()
         (head_out * hidden.grad).sum().backward()
         norms = torch.stack([p.grad_sample.reshape(n, -1).norm(dim=1) for p in opt.params], 1).norm(dim=1)
         opt.clip_and_accumulate()
@@ -197,4 +198,5 @@ def test_one_record_moves_dp_sgds_clipped_sum_by_at_most_clip():
     opt.max_grad_norm = clip = float(norms.median())
     without, _ = clipped_sum(15)
     with_j, _ = clipped_sum(16)
+    assert client.loss is not causal_lm_loss  # the loss the client trains with under dp_sgd
     assert float((with_j - without).norm()) <= clip * 1.001
