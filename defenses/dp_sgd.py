@@ -28,6 +28,11 @@ from dataclasses import dataclass
 from suite.interfaces.defense import Defense, DefenseConfig, register_defense
 
 TARGETS = ("server", "clients", "both")
+# The memorisation views (suite.experiment.memorisation) whose weights each target trains under DP-SGD, all of
+# them: the server's adapters (an adapter thief), a colluder's model (its own head and tail, which never saw
+# the victim's records, on the trunk), the released model (the victim's head and tail on the trunk).
+COVERS_VIEWS = {"server": ("server_adapters", "colluder_model"), "clients": (),
+                "both": ("server_adapters", "colluder_model", "released_model")}
 
 
 @dataclass(frozen=True)
@@ -214,10 +219,14 @@ class DPSGDDefense(Defense):
         cfg = self.config
         out = {"mechanism": "DP-SGD (Opacus: per-example clipping, Gaussian noise, RDP accountant)",
                "target": cfg.target, "sigma": cfg.sigma, "clip": cfg.clip, "delta": cfg.delta,
+               "covers_views": list(COVERS_VIEWS[cfg.target]),
                "does_not_cover": "the server itself: it sees every activation and gradient in clear while "
-                                 "training; server-side DP-SGD protects against adapter thieves and model users only"}
+                                 "training"}
         if cfg.target == "server":
-            out["does_not_cover"] += "; the clients' own heads and tails (target = \"server\")"
+            out["does_not_cover"] += ("; the clients' own heads and tails (target = \"server\"), so not the released "
+                                      "model either")
+        elif cfg.target == "clients":
+            out["does_not_cover"] += "; the server's trunk adapters (target = \"clients\"), in any view"
         s = self._session
         if s is None:
             return out
@@ -227,13 +236,20 @@ class DPSGDDefense(Defense):
             rates.append(min(1.0, client.batches.batch_size / n))
             steps.append(client.optimizer_steps if cfg.target == "clients" else
                          max(client.optimizer_steps, len(s.losses)))
-        eps = [epsilon(cfg.sigma, q, k, cfg.delta) for q, k in zip(rates, steps, strict=True)]
+        # Each step clips a record's gradient once per part that trains under DP-SGD (each pipeline stage's
+        # trunk adapters, the client's head and tail) and noises each part: together one Gaussian mechanism of
+        # sensitivity sqrt(parts) x clip, i.e. noise multiplier sigma / sqrt(parts).
+        parts = {"server": self._stage_count, "clients": 1, "both": self._stage_count + 1}[cfg.target]
+        sigma = cfg.sigma / math.sqrt(parts)
+        eps = [epsilon(sigma, q, k, cfg.delta) for q, k in zip(rates, steps, strict=True)]
         worst = max(range(len(eps)), key=lambda i: eps[i])
         out.update(epsilon=eps[worst], sample_rate=rates[worst], steps=steps[worst],
-                   epsilon_without_amplification=epsilon(cfg.sigma, 1.0, steps[worst], cfg.delta),
+                   epsilon_without_amplification=epsilon(sigma, 1.0, steps[worst], cfg.delta),
+                   clipped_parts=parts, effective_sigma=sigma,
                    accounting="sample rate B / N_c of the worst client, amplification by sampling assumed "
                               "(batches are shuffled, not Poisson-sampled); epsilon_without_amplification "
-                              "needs no such assumption",
+                              "needs no such assumption; each record is clipped once per part (clipped_parts: "
+                              "pipeline stages, head and tail), so the noise multiplier is sigma / sqrt(parts)",
                    covers={"server": "the server's trunk adapters", "clients": "the clients' heads and tails",
                            "both": "the server's trunk adapters and the clients' heads and tails"}[cfg.target])
         return out
