@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from suite.errors import ConfigError
 from suite.interfaces.defense import Defense, DefenseConfig, register_defense
 
 TARGETS = ("server", "clients", "both")
@@ -141,6 +142,13 @@ def _stream_dp_optimizer(optimizer, *, expected_batch_size: int | None, **kwargs
     return StreamDPOptimizer(optimizer, expected_batch_size=expected_batch_size or 1, **kwargs)
 
 
+def _lora_only(*modules) -> bool:
+    """Whether ``modules`` train something, and only LoRA adapters (what dp_sgd computes per-example
+    gradients of)."""
+    names = [n for m in modules for n, p in m.named_parameters() if p.requires_grad]
+    return bool(names) and all("lora_" in n for n in names)
+
+
 def _stages(server) -> list:
     """The server parties whose trunk adapters train: one Server, or each stage of a pipeline (StageChain)."""
     return list(getattr(server, "stages", [server]))
@@ -154,7 +162,8 @@ class DPSGDDefense(Defense):
         super().__init__(config)
         self._session = None
         self._hooked: list = []  # the GradSampleModules (their hooks live on the parties' modules)
-        self._stage_count = 1
+        self._stage_count = 1  # the server's pipeline stages (each clips and noises its own part)
+        self._client = None  # a networked client's own Client (install_client)
 
     def install(self, session) -> None:
         cfg = self.config
@@ -204,16 +213,18 @@ class DPSGDDefense(Defense):
 
     def install_server(self, server) -> None:
         if self.config.target in ("server", "both"):
-            if not any(p.requires_grad for p in server.trunk.parameters()):
-                raise ValueError("dp_sgd on the server needs server_finetune = \"lora\" (per-example gradients of "
-                                 "LoRA layers); this server trains nothing")
+            if not all(_lora_only(stage.trunk) for stage in _stages(server)):
+                raise ConfigError("dp_sgd on the server needs server_finetune = \"lora\" (per-example gradients of "
+                                  "LoRA layers)")
             self._install_server(server, None)  # each pass averages over its own rows
+            self._stage_count = len(_stages(server))
 
     def install_client(self, client, remote) -> None:
-        if self.config.target in ("clients", "both") and not any(
-                p.requires_grad for m in (client.head, client.tail) for p in m.parameters()):
-            raise ValueError("dp_sgd on the clients needs finetune = \"lora\"")
+        if self.config.target in ("clients", "both") and not _lora_only(client.head, client.tail):
+            raise ConfigError("dp_sgd on the clients needs finetune = \"lora\" (per-example gradients of LoRA "
+                              "layers)")
         self._install_client(client)
+        self._client = client  # its report: this client's records, its own steps
 
     def report(self) -> dict:
         cfg = self.config
@@ -228,14 +239,15 @@ class DPSGDDefense(Defense):
         elif cfg.target == "clients":
             out["does_not_cover"] += "; the server's trunk adapters (target = \"clients\"), in any view"
         s = self._session
-        if s is None:
+        if s is None and self._client is None:
             return out
         steps, rates = [], []
-        for client in s.clients:
+        for client in s.clients if s is not None else [self._client]:
             n = client.batches.size
             rates.append(min(1.0, client.batches.batch_size / n))
-            steps.append(client.optimizer_steps if cfg.target == "clients" else
-                         max(client.optimizer_steps, len(s.losses)))
+            # the server steps on a client's rows in every step it serves, rejected by the client or not
+            served = len(s.losses) if s is not None else client.optimizer_steps + len(client.rejected_steps)
+            steps.append(client.optimizer_steps if cfg.target == "clients" else max(client.optimizer_steps, served))
         # Each step clips a record's gradient once per part that trains under DP-SGD (each pipeline stage's
         # trunk adapters, the client's head and tail) and noises each part: together one Gaussian mechanism of
         # sensitivity sqrt(parts) x clip, i.e. noise multiplier sigma / sqrt(parts).
