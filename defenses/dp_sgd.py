@@ -6,10 +6,21 @@ Mechanism. Opacus' ``GradSampleModule`` hooks compute every example's gradient o
 ``sigma * clip`` to the sum and averages over the expected batch, before the party's own optimiser (AdamW)
 steps. The training loop is unchanged: this wraps the parties' trunk / head and tail and their optimisers.
 
+Sensitivity. Clipping bounds one record's effect only if each per-example gradient depends on that record
+alone. The plain loss (``causal_lm_loss``) is the batch's token mean, so one record's length rescales every
+other record's gradient; under dp_sgd each client trains on ``per_record_lm_loss`` (each record's own token
+mean, then the mean over rows: Opacus' ``loss_reduction="mean"``), and the server's per-example gradients,
+which come from the clients', inherit it. Nothing else in a pass couples rows (per-token norms, causal
+attention under each row's own mask, padding masked out of the loss). A pass that gets no backward (a
+rejected step, a dropped pass) leaves Opacus' per-pass state behind; the parties' ``skipped_backward_hooks``
+drop it (``forget_pass``).
+
 Accounting. A record of client c is in c's batches only; each of c's steps (one per training step, for the
 trunk adapters it trains under serial, batch_parallel or per_client) samples a batch of B of its N_c
 records. Opacus' RDP accountant gives ε at δ for noise multiplier ``sigma``, sample rate q = B / N_c and the
-steps taken; the report keeps the worst client. The sampling amplification assumes Poisson sampling; the
+steps taken; the report keeps the worst client. Each step clips a record once per part under DP-SGD (each
+pipeline stage's adapters, the head and tail): together one Gaussian mechanism of noise multiplier
+sigma / sqrt(parts), which the accountant is given. The sampling amplification assumes Poisson sampling; the
 batches here are shuffled without replacement each epoch (as in most DP-SGD code), so ``epsilon`` is the usual
 approximation, and ``epsilon_without_amplification`` (q = 1: every step may touch the record) is the bound
 that needs no sampling assumption. Both are reported.
