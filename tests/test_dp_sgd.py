@@ -113,3 +113,20 @@ def test_dp_sgd_on_the_clients_prints_no_library_warning_in_cli_processes(base):
         train_split(_cfg(steps=1), SplitSpec(1, 1), base, reference=False,
                     defense=make_defense("dp_sgd", {"sigma": 1.0, "target": "both"}))
     assert not [str(w.message) for w in caught if "backward hook" in str(w.message)]
+
+
+def test_a_networked_side_that_trains_no_lora_is_refused_in_one_line(base):
+    from suite.errors import ConfigError
+    from suite.experiment.prepared import prepare
+
+    prepared = prepare(_cfg(steps=0), SplitSpec(1, 1), loaded=base)
+    server, client = prepared.session.server, prepared.session.clients[0]
+    for module in (server.trunk, client.head, client.tail):
+        for p in module.parameters():
+            p.requires_grad_(False)
+    with pytest.raises(ConfigError, match="server_finetune = \"lora\""):
+        make_defense("dp_sgd", {"target": "server"}).install_server(server)
+    with pytest.raises(ConfigError, match="finetune = \"lora\""):
+        make_defense("dp_sgd", {"target": "clients"}).install_client(client, None)
+    make_defense("dp_sgd", {"target": "server"}).install_client(client, None)  # the client's part: its loss only
+    assert client.loss is per_record_lm_loss
