@@ -6,10 +6,21 @@ Mechanism. Opacus' ``GradSampleModule`` hooks compute every example's gradient o
 ``sigma * clip`` to the sum and averages over the expected batch, before the party's own optimiser (AdamW)
 steps. The training loop is unchanged: this wraps the parties' trunk / head and tail and their optimisers.
 
+Sensitivity. Clipping bounds one record's effect only if each per-example gradient depends on that record
+alone. The plain loss (``causal_lm_loss``) is the batch's token mean, so one record's length rescales every
+other record's gradient; under dp_sgd each client trains on ``per_record_lm_loss`` (each record's own token
+mean, then the mean over rows: Opacus' ``loss_reduction="mean"``), and the server's per-example gradients,
+which come from the clients', inherit it. Nothing else in a pass couples rows (per-token norms, causal
+attention under each row's own mask, padding masked out of the loss). A pass that gets no backward (a
+rejected step, a dropped pass) leaves Opacus' per-pass state behind; the parties' ``skipped_backward_hooks``
+drop it (``forget_pass``).
+
 Accounting. A record of client c is in c's batches only; each of c's steps (one per training step, for the
 trunk adapters it trains under serial, batch_parallel or per_client) samples a batch of B of its N_c
 records. Opacus' RDP accountant gives ε at δ for noise multiplier ``sigma``, sample rate q = B / N_c and the
-steps taken; the report keeps the worst client. The sampling amplification assumes Poisson sampling; the
+steps taken; the report keeps the worst client. Each step clips a record once per part under DP-SGD (each
+pipeline stage's adapters, the head and tail): together one Gaussian mechanism of noise multiplier
+sigma / sqrt(parts), which the accountant is given. The sampling amplification assumes Poisson sampling; the
 batches here are shuffled without replacement each epoch (as in most DP-SGD code), so ``epsilon`` is the usual
 approximation, and ``epsilon_without_amplification`` (q = 1: every step may touch the record) is the bound
 that needs no sampling assumption. Both are reported.
@@ -25,9 +36,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from suite.errors import ConfigError
 from suite.interfaces.defense import Defense, DefenseConfig, register_defense
 
 TARGETS = ("server", "clients", "both")
+# The memorisation views (suite.experiment.memorisation) whose weights each target trains under DP-SGD, all of
+# them: the server's adapters (an adapter thief), a colluder's model (its own head and tail, which never saw
+# the victim's records, on the trunk), the released model (the victim's head and tail on the trunk).
+COVERS_VIEWS = {"server": ("server_adapters", "colluder_model"), "clients": (),
+                "both": ("server_adapters", "colluder_model", "released_model")}
 
 
 @dataclass(frozen=True)
@@ -64,9 +81,10 @@ def epsilon(sigma: float, sample_rate: float, steps: int, delta: float) -> float
     return float(accountant.get_epsilon(delta=delta))
 
 
-def _per_example(modules, optimizer, cfg: DPSGDConfig, batch_size: int):
+def _per_example(modules, optimizer, cfg: DPSGDConfig, batch_size: int | None):
     """Hook ``modules`` for per-example gradients (every LoRA adapter set, active or not, so per_client's
-    sets are all covered) and wrap ``optimizer`` in Opacus' DPOptimizer."""
+    sets are all covered) and wrap ``optimizer`` in Opacus' DPOptimizer. ``batch_size`` None: each step
+    averages over the rows of its own pass (a networked server, which does not know the clients' batches)."""
     from opacus import GradSampleModule
     from opacus.validators import ModuleValidator
 
@@ -81,6 +99,7 @@ def _per_example(modules, optimizer, cfg: DPSGDConfig, batch_size: int):
             if problems:
                 raise ValueError(f"dp_sgd cannot compute per-example gradients here ({problems[0]}); "
                                  "use finetune = \"lora\" for the parts it protects")
+            # loss_reduction "mean": the loss is the mean over rows of each row's own loss (per_record_lm_loss)
             wrapped.append(GradSampleModule(module, batch_first=True, loss_reduction="mean", strict=False))
         finally:
             for p, g in was.items():
@@ -89,9 +108,26 @@ def _per_example(modules, optimizer, cfg: DPSGDConfig, batch_size: int):
                                        expected_batch_size=batch_size)
 
 
-def _stream_dp_optimizer(optimizer, **kwargs):
+def forget_pass(modules) -> None:
+    """Drop what Opacus' hooks kept of a forward pass that gets no backward (a rejected step, a dropped
+    pass): the stored activations, each parameter's pending forward count and partial per-example gradient.
+    Without this, the next backward pairs its gradients with the stale activations and fails."""
+    for module in modules:
+        for sub in module.modules():
+            if hasattr(sub, "activations"):
+                sub.activations = []
+            for p in sub.parameters(recurse=False):
+                if hasattr(p, "_forward_counter"):
+                    p._forward_counter = 0
+                if hasattr(p, "_current_grad_sample"):
+                    del p._current_grad_sample
+                p.grad_sample = None
+
+
+def _stream_dp_optimizer(optimizer, *, expected_batch_size: int | None, **kwargs):
     """Opacus' DPOptimizer whose Gaussian noise comes from a ChaCha20 stream keyed from ``os.urandom``
-    (``suite.engine.noise``), never from torch's global generator, which the run's seed makes predictable."""
+    (``suite.engine.noise``), never from torch's global generator, which the run's seed makes predictable.
+    ``expected_batch_size`` None: the rows of each step's pass."""
     from opacus.optimizers import DPOptimizer
     from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
@@ -99,6 +135,7 @@ def _stream_dp_optimizer(optimizer, **kwargs):
 
     class StreamDPOptimizer(DPOptimizer):
         stream = NoiseStream.fresh()
+        rows_of_pass = expected_batch_size is None
 
         def add_noise(self) -> None:
             std = self.noise_multiplier * self.max_grad_norm
@@ -108,7 +145,24 @@ def _stream_dp_optimizer(optimizer, **kwargs):
                 p.grad = (p.summed_grad + noise).view_as(p)
                 _mark_as_processed(p.summed_grad)
 
-    return StreamDPOptimizer(optimizer, **kwargs)
+        def clip_and_accumulate(self) -> None:
+            if self.rows_of_pass:
+                self.expected_batch_size = int(self.grad_samples[0].shape[0])
+            super().clip_and_accumulate()
+
+    return StreamDPOptimizer(optimizer, expected_batch_size=expected_batch_size or 1, **kwargs)
+
+
+def _lora_only(*modules) -> bool:
+    """Whether ``modules`` train something, and only LoRA adapters (what dp_sgd computes per-example
+    gradients of)."""
+    names = [n for m in modules for n, p in m.named_parameters() if p.requires_grad]
+    return bool(names) and all("lora_" in n for n in names)
+
+
+def _stages(server) -> list:
+    """The server parties whose trunk adapters train: one Server, or each stage of a pipeline (StageChain)."""
+    return list(getattr(server, "stages", [server]))
 
 
 @register_defense("dp_sgd")
@@ -119,57 +173,106 @@ class DPSGDDefense(Defense):
         super().__init__(config)
         self._session = None
         self._hooked: list = []  # the GradSampleModules (their hooks live on the parties' modules)
+        self._stage_count = 1  # the server's pipeline stages (each clips and noises its own part)
+        self._client = None  # a networked client's own Client (install_client)
 
     def install(self, session) -> None:
         cfg = self.config
-        # the rows of one server pass: every client's batch at once under batch_parallel
-        batch = session.config.batch_size * (len(session.clients) if session.config.strategy == "batch_parallel" else 1)
         if cfg.target in ("server", "both"):
-            server = session.server
             if session.config.finetune.server != "lora":
                 raise ValueError("dp_sgd on the server needs server_finetune = \"lora\" (per-example gradients of "
                                  "LoRA layers); the server trains nothing else here")
-            for name, opt in list(server.optimizers.items()):
-                if opt is not None:
-                    hooked, server.optimizers[name] = _per_example([server.trunk] if not self._hooked else [],
-                                                                   opt, cfg, batch)
-                    self._hooked += hooked
-            if server.adapters:
-                server._activate(next(iter(server.adapters.values())))  # restore one active set
-        if cfg.target in ("clients", "both"):
-            if session.config.finetune.client != "lora":
-                raise ValueError("dp_sgd on the clients needs finetune = \"lora\"")
-            for client in session.clients:
-                if client.optimizer is not None:
-                    hooked, client.optimizer = _per_example([client.head, client.tail], client.optimizer, cfg,
-                                                            client.batches.batch_size)
-                    self._hooked += hooked
+            # the rows of one server pass: every client's batch at once under batch_parallel
+            batch = session.config.batch_size * (len(session.clients) if session.config.strategy == "batch_parallel"
+                                                 else 1)
+            self._install_server(session.server, batch)
+        if cfg.target in ("clients", "both") and session.config.finetune.client != "lora":
+            raise ValueError("dp_sgd on the clients needs finetune = \"lora\"")
+        for client in session.clients:
+            self._install_client(client)
         self._session = session
+        self._stage_count = len(_stages(session.server))
+
+    def _install_server(self, server, batch: int | None) -> None:
+        """DP-SGD on the trunk adapters of ``server`` (each stage's, in a pipeline)."""
+        for stage in _stages(server):
+            hooked = []
+            for name, opt in list(stage.optimizers.items()):
+                if opt is not None:  # per_client: one optimiser per adapter set, one set of hooks on the trunk
+                    new, stage.optimizers[name] = _per_example([] if hooked else [stage.trunk], opt, self.config,
+                                                               batch)
+                    hooked += new
+            if stage.adapters:
+                stage._activate(next(iter(stage.adapters.values())))  # restore one active set
+            stage.skipped_backward_hooks.append(lambda hooked=tuple(hooked): forget_pass(hooked))
+            self._hooked += hooked
+
+    def _install_client(self, client) -> None:
+        """Every dp_sgd client trains on each record's own loss (so the server's per-example gradients, which
+        come from the client's, are independent too); with target clients / both its head and tail train
+        under DP-SGD."""
+        from suite.engine.parties import per_record_lm_loss
+
+        client.loss = per_record_lm_loss
+        if self.config.target in ("clients", "both") and client.optimizer is not None:
+            hooked, client.optimizer = _per_example([client.head, client.tail], client.optimizer, self.config,
+                                                    client.batches.batch_size)
+            client.skipped_backward_hooks.append(lambda: forget_pass(hooked))
+            self._hooked += hooked
+
+    # -- networked mode: each side its own part, from its own objects --------------------------------------
+
+    def install_server(self, server) -> None:
+        if self.config.target in ("server", "both"):
+            if not all(_lora_only(stage.trunk) for stage in _stages(server)):
+                raise ConfigError("dp_sgd on the server needs server_finetune = \"lora\" (per-example gradients of "
+                                  "LoRA layers)")
+            self._install_server(server, None)  # each pass averages over its own rows
+            self._stage_count = len(_stages(server))
+
+    def install_client(self, client, remote) -> None:
+        if self.config.target in ("clients", "both") and not _lora_only(client.head, client.tail):
+            raise ConfigError("dp_sgd on the clients needs finetune = \"lora\" (per-example gradients of LoRA "
+                              "layers)")
+        self._install_client(client)
+        self._client = client  # its report: this client's records, its own steps
 
     def report(self) -> dict:
         cfg = self.config
         out = {"mechanism": "DP-SGD (Opacus: per-example clipping, Gaussian noise, RDP accountant)",
                "target": cfg.target, "sigma": cfg.sigma, "clip": cfg.clip, "delta": cfg.delta,
+               "covers_views": list(COVERS_VIEWS[cfg.target]),
                "does_not_cover": "the server itself: it sees every activation and gradient in clear while "
-                                 "training; server-side DP-SGD protects against adapter thieves and model users only"}
+                                 "training"}
         if cfg.target == "server":
-            out["does_not_cover"] += "; the clients' own heads and tails (target = \"server\")"
+            out["does_not_cover"] += ("; the clients' own heads and tails (target = \"server\"), so not the released "
+                                      "model either")
+        elif cfg.target == "clients":
+            out["does_not_cover"] += "; the server's trunk adapters (target = \"clients\"), in any view"
         s = self._session
-        if s is None:
+        if s is None and self._client is None:
             return out
         steps, rates = [], []
-        for client in s.clients:
+        for client in s.clients if s is not None else [self._client]:
             n = client.batches.size
             rates.append(min(1.0, client.batches.batch_size / n))
-            steps.append(client.optimizer_steps if cfg.target == "clients" else
-                         max(client.optimizer_steps, len(s.losses)))
-        eps = [epsilon(cfg.sigma, q, k, cfg.delta) for q, k in zip(rates, steps, strict=True)]
+            # the server steps on a client's rows in every step it serves, rejected by the client or not
+            served = len(s.losses) if s is not None else client.optimizer_steps + len(client.rejected_steps)
+            steps.append(client.optimizer_steps if cfg.target == "clients" else max(client.optimizer_steps, served))
+        # Each step clips a record's gradient once per part that trains under DP-SGD (each pipeline stage's
+        # trunk adapters, the client's head and tail) and noises each part: together one Gaussian mechanism of
+        # sensitivity sqrt(parts) x clip, i.e. noise multiplier sigma / sqrt(parts).
+        parts = {"server": self._stage_count, "clients": 1, "both": self._stage_count + 1}[cfg.target]
+        sigma = cfg.sigma / math.sqrt(parts)
+        eps = [epsilon(sigma, q, k, cfg.delta) for q, k in zip(rates, steps, strict=True)]
         worst = max(range(len(eps)), key=lambda i: eps[i])
         out.update(epsilon=eps[worst], sample_rate=rates[worst], steps=steps[worst],
-                   epsilon_without_amplification=epsilon(cfg.sigma, 1.0, steps[worst], cfg.delta),
+                   epsilon_without_amplification=epsilon(sigma, 1.0, steps[worst], cfg.delta),
+                   clipped_parts=parts, effective_sigma=sigma,
                    accounting="sample rate B / N_c of the worst client, amplification by sampling assumed "
                               "(batches are shuffled, not Poisson-sampled); epsilon_without_amplification "
-                              "needs no such assumption",
+                              "needs no such assumption; each record is clipped once per part (clipped_parts: "
+                              "pipeline stages, head and tail), so the noise multiplier is sigma / sqrt(parts)",
                    covers={"server": "the server's trunk adapters", "clients": "the clients' heads and tails",
                            "both": "the server's trunk adapters and the clients' heads and tails"}[cfg.target])
         return out

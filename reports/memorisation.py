@@ -234,16 +234,42 @@ def view_sentences(frame: pd.DataFrame) -> list[str]:
     return out
 
 
+# dp_sgd's target -> the views whose weights all trained under it (results written before the defense
+# reported ``covers_views``); defenses.dp_sgd.COVERS_VIEWS is the source.
+DP_COVERS_VIEWS = {"server": ("server_adapters", "colluder_model"), "clients": (),
+                   "both": ("server_adapters", "colluder_model", "released_model")}
+DP_TARGET_WORDS = {"server": "the server's adapters (an adapter thief's view, and a colluder's model built on them); "
+                             "not what it leaves in the released model, whose head and tail trained without DP",
+                   "clients": "the clients' heads and tails; not what it leaves in any view here, each of which "
+                              "also holds the server's adapters, trained without DP",
+                   "both": "the server's adapters and the clients' heads and tails: every view here"}
+
+
+def dp_covers(report: Any, view: str) -> bool:
+    """Whether a dp_sgd ``report`` (its ``defense_report``) bounds what ``view`` says about a record: every
+    weight of that view trained under DP-SGD. Only then is its ε a guarantee for that row."""
+    if not isinstance(report, dict):
+        return False
+    views = report.get("covers_views")
+    if views is None:
+        views = DP_COVERS_VIEWS.get(report.get("target", "server"), ())
+    return view in views
+
+
 def dp_sentences(frame: pd.DataFrame) -> list[str]:
     rows = frame[memorisation_rows(frame) & (frame["defense"] == "dp_sgd")]
     if rows.empty:
         return []
-    eps = sorted({round(e, 2) for e in (num((r["defense_report"] or {}).get("epsilon"))
-                                        for _, r in rows.iterrows() if isinstance(r["defense_report"], dict))
-                  if e is not None})
-    return [f"dp_sgd was measured at ε = {', '.join(map(str, eps)) or 'n/a'}. Server-side DP-SGD protects the "
-            "server's adapters against thieves and model users; it does not protect against the server itself, "
-            "which saw every activation and gradient in clear while training."]
+    out = []
+    reports = [r["defense_report"] for _, r in rows.iterrows() if isinstance(r["defense_report"], dict)]
+    for target in sorted({rep.get("target", "server") for rep in reports}):
+        eps = sorted({round(e, 2) for e in (num(rep.get("epsilon")) for rep in reports
+                                            if rep.get("target", "server") == target) if e is not None})
+        words = DP_TARGET_WORDS.get(target, f"target {target}")
+        out.append(f"dp_sgd (target = {target}) was measured at ε = {', '.join(map(str, eps)) or 'n/a'}. It bounds "
+                   f"what a record leaves in {words}. It does not protect against the server itself, which saw "
+                   "every activation and gradient in clear while training.")
+    return out
 
 
 def exposure_png(frame: pd.DataFrame) -> bytes | None:
@@ -329,7 +355,7 @@ def section(frame: pd.DataFrame, title: str = "Memorisation: what the adapters a
                        if num(v.get(key)) is not None)
         fp = (m.get("false_positives") or {}).get("fp_at_0_1pct_fpr")
         rep = r["defense_report"] if isinstance(r["defense_report"], dict) else {}
-        eps = num(rep.get("epsilon"))
+        eps = num(rep.get("epsilon")) if dp_covers(rep, m.get("view", "?")) else None  # ε only where it holds
         status = "" if r["status"] == "ok" else f" FAILED: {r.get('error')}"
         body.append([text(f"{r['threat']} / {m.get('view', '?')}"), text(f"{r['strategy']}, {r['finetune']}"),
                      text(_label(r)), text(f"{r['attack']}{status}"), text(by or "–"), text(_ci(r, "auc")),

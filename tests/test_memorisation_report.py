@@ -180,3 +180,27 @@ def test_rows_are_per_model(tmp_path):
     b = {**_membership("b", "model_user", auc=0.5, tpr=0.01), "model": "other"}
     rows = _verdicts(tmp_path, [a, b])
     assert sorted(r["threat"] for r in rows) == ["m: model_user", "other: model_user"]
+
+
+def test_dp_sgd_epsilon_is_shown_only_beside_the_views_its_target_covers(tmp_path):
+    """Red team: ε = 3.2 beside the released model's row with target = "server" (whose heads and tails
+    trained without DP), and a sentence saying server-side DP-SGD protects against model users."""
+    dp = {"epsilon": 3.2, "target": "server", "covers_views": ["server_adapters", "colluder_model"],
+          "does_not_cover": "the server itself"}
+    thief = _row("x2", "adapter_thief", "canary_exposure", "dp_sgd", view="server_adapters", report=dp,
+                 dparams={"sigma": 2.0}, exposure=1.0, detail={"space_bits": 39.86})
+    user = _row("m2", "model_user", "membership", "dp_sgd", view="released_model", report=dp,
+                dparams={"sigma": 2.0}, auc=0.5, tpr_at_1pct_fpr=0.012,
+                detail={"signal": "reference", "non_members": 2000})
+    assert memo.dp_covers(dp, "server_adapters") and not memo.dp_covers(dp, "released_model")
+    assert memo.dp_covers({"epsilon": 1.0, "target": "both"}, "released_model")  # older rows: from the target
+    assert not memo.dp_covers({"epsilon": 1.0, "target": "clients"}, "released_model")
+    with ResultsStore(tmp_path) as store:
+        for row in (thief, user):
+            store.write(row)
+    frame = prepare(load_results(tmp_path))
+    [sentence] = memo.dp_sentences(frame)
+    assert "target = server" in sentence and "not what it leaves in the released model" in sentence
+    assert "model users" not in sentence
+    text = " ".join("".join(p.extract_text() for p in PdfReader(build_report(tmp_path)).pages).split())
+    assert text.count("3.20") == 1  # the adapter thief's row only; the released model's row shows "–"

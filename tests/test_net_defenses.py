@@ -80,6 +80,38 @@ def test_dp_gaussian_over_grpc_puts_its_noise_on_what_the_server_sees(certs, tmp
     assert pad.numel() == 0 or float(pad.abs().max()) == 0.0  # padding leaves as exact zeros
 
 
+def test_dp_sgd_over_grpc_clips_and_noises_the_servers_adapters_and_the_clients_head_and_tail(certs):
+    """Red team: `serve --defense dp_sgd` trained the server's adapters with plain AdamW, and the client's
+    install raised AttributeError. Now each side installs its DP-SGD, from its own objects."""
+    from opacus.optimizers import DPOptimizer
+
+    cfg = _cfg("--steps", "2")
+    clip, seen = 1e-3, []
+
+    def record(opt):  # Opacus' step hook: after clipping, noise and averaging, before AdamW steps
+        summed = torch.cat([p.summed_grad.reshape(-1) for p in opt.params])
+        noisy = torch.cat([p.grad.reshape(-1) for p in opt.params]) * opt.expected_batch_size
+        raw = torch.stack([g.reshape(g.shape[0], -1).norm(dim=1) for g in opt.grad_samples], 1).norm(dim=1)
+        seen.append((float(summed.norm()), opt.expected_batch_size, float(raw.max()), float((noisy - summed).norm())))
+
+    params = {"sigma": 1.0, "clip": clip, "target": "both"}
+    with _Served(certs, cfg, choose_defense(cfg, "dp_sgd", params)) as served:
+        optimizers = [o for o in served.service.server.optimizers.values() if o is not None]
+        assert optimizers and all(isinstance(o, DPOptimizer) for o in optimizers)
+        for o in optimizers:
+            o.attach_step_hook(record)
+        defense = choose_defense(cfg, "dp_sgd", params)
+        run = run_client(cfg, 0, served.address, certs, defense=defense, give_up_after=20)
+    assert len(run.losses) == 2 and all(math.isfinite(x) for x in run.losses)
+    assert served.service.completed == {0: 2} and len(seen) == 2
+    for summed, rows, raw, noise in seen:
+        assert rows == 2 and raw > clip  # the batch's rows; each example's gradient needed clipping
+        assert summed <= rows * clip * 1.0001  # the clipped sum: at most clip per example
+        assert noise > 0  # and noise on it
+    assert isinstance(defense._client.optimizer, DPOptimizer) and defense._client.optimizer_steps == 2
+    assert math.isfinite(run.defense_report["epsilon"]) and run.defense_report["steps"] == 2
+
+
 def test_dxp_over_grpc_perturbs_what_leaves_the_head(certs, tmp_path):
     cfg = _cfg("--steps", "2")
     head = prepare(cfg, SplitSpec(1, 1)).session.clients[0].head  # the head as step 0 sends through it

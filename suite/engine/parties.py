@@ -53,6 +53,17 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     )
 
 
+def per_record_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each row's own mean next-token cross-entropy over its non-padding targets, then the mean over rows:
+    one record's gradient depends on that record alone (``causal_lm_loss`` divides by the batch's total target
+    tokens, so one record's length rescales every other record's gradient). DP-SGD's per-example clipping
+    bounds one record's effect only under this loss (``defenses.dp_sgd``). A row without targets adds 0."""
+    per = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), labels[:, 1:], ignore_index=-100,
+                          reduction="none")
+    counts = (labels[:, 1:] != -100).sum(1).clamp_min(1)
+    return (per.sum(1) / counts).mean()
+
+
 def trainable(modules: Iterable[nn.Module]) -> list[nn.Parameter]:
     """Trainable parameters of several modules, each once (a tied weight appears in head and tail)."""
     seen: dict[int, nn.Parameter] = {}
@@ -149,6 +160,10 @@ class Client:
         self.hidden_hooks: list[HiddenHook] = []
         self.gradient_hooks: list[GradientHook] = []
         self.tail_gradient_hooks: list[TailGradientHook] = []
+        # Called when a step ends without the head's backward pass (rejected, or no updates while capturing):
+        # a defense that keeps per-step state on the head (DP-SGD's per-example hooks) drops it here.
+        self.skipped_backward_hooks: list[Callable[[], None]] = []
+        self.loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = causal_lm_loss  # (logits, labels)
         self.hide_lengths = False
         # False while traffic is captured (``suite.engine.training.no_updates``): every message is computed and
         # sent as in a training step, but no optimiser steps, so the capture adds no training.
@@ -174,6 +189,11 @@ class Client:
             )
         return msg
 
+    def _skipped_backward(self) -> None:
+        self._head_out = None
+        for hook in self.skipped_backward_hooks:
+            hook()
+
     def _reject(self, step: int) -> None:
         self._rejected = True
         if not self.rejected_steps or self.rejected_steps[-1] != step:
@@ -183,6 +203,8 @@ class Client:
         """Round trip 1, out: head forward on the next private batch."""
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
+        if self._head_out is not None:  # the last step never reached the head's backward (abandoned)
+            self._skipped_backward()
         self._rejected = False
         self._batch = (batch if batch is not None else self.batches.next()).to(self.device)
         for token_hook in self.token_hooks:
@@ -229,7 +251,7 @@ class Client:
             return float("nan")
         hidden = received.detach().requires_grad_(True)
         logits = self.tail(hidden, self._batch.attention_mask, self._positions)
-        loss = causal_lm_loss(logits, self._batch.labels)
+        loss = self.loss(logits, self._batch.labels)
         loss.backward()
         grad = hidden.grad
         if not bool(torch.isfinite(grad).all()) or not bool(torch.isfinite(loss)):
@@ -266,7 +288,7 @@ class Client:
         if self._rejected or not self.updates:
             if self.optimizer is not None:
                 self.optimizer.zero_grad(set_to_none=True)
-            self._head_out = None
+            self._skipped_backward()
             return
         if self._head_out.requires_grad:
             objective = (self._head_out * grad).sum()  # backpropagates exactly ``grad`` into the head
@@ -330,6 +352,9 @@ class Server:
         self.optimizer_steps: dict[str | None, int] = dict.fromkeys(self.optimizers, 0)  # per adapter set
         # Callbacks that see every decoded message the server receives: a curious server's memory.
         self.inbox_taps: list[Callable[[ActivationMsg | GradientMsg], None]] = []
+        # Called when a trunk pass is dropped without its backward (``discard_pending``, or a new pass over a
+        # pending one): a defense that keeps per-pass state on the trunk (DP-SGD's hooks) drops it here.
+        self.skipped_backward_hooks: list[Callable[[], None]] = []
         self._pending: tuple[list[int], torch.Tensor, torch.Tensor, list[int], list[int], str | None] | None = None
         # Commitments (suite.engine.commitment): when on, every hidden-state reply carries a digest of the trunk state
         # it was computed with, and ``reveal`` hands that state out for an audited step.
@@ -435,6 +460,7 @@ class Server:
         if self.adapters and any(self.adapters.get(c) != adapter for c in ids):
             raise ProtocolError("per-client adapters cannot serve several clients in one trunk pass")
         self._activate(adapter)
+        self.discard_pending()  # a pass whose gradients never came
         msgs = [self._recv(c, steps[c], ActivationMsg) for c in ids]
         length = max(m.hidden.shape[1] for m in msgs)
         hidden = torch.cat([_pad(m.hidden, length, 0.0) for m in msgs]).requires_grad_(True)
@@ -461,6 +487,9 @@ class Server:
 
     def discard_pending(self) -> None:
         """Drop a forward pass whose gradients will not come (a client died mid-step)."""
+        if self._pending is not None:
+            for hook in self.skipped_backward_hooks:
+                hook()
         self._pending = None
 
     def backward(self, step: int | None = None, skip: Mapping[int, str] | None = None) -> None:

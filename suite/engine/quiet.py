@@ -17,3 +17,8 @@ def quiet_libraries() -> None:
     # Deprecations raised from a library's own call into torch are attributed to torch's frame; ignore those
     # that name a library API (a user's own deprecations still show).
     warnings.filterwarnings("ignore", message=r".*is deprecated and will be removed in version", category=FutureWarning)
+    # Opacus' per-example hooks (dp_sgd) are full backward hooks; on a client head, whose inputs are token ids,
+    # torch warns that they fire on the outputs' gradients only, which is all Opacus needs. The warning is
+    # attributed to the caller's ``backward()`` frame, not torch's, so it is matched by its message.
+    warnings.filterwarnings("ignore", message=r"Full backward hook is firing when gradients are computed with respect "
+                            r"to module outputs since no inputs require gradients", category=UserWarning)

@@ -1,0 +1,132 @@
+"""dp_sgd's mechanism holds on every path of a step: each record's own loss (its gradient bounded by clip, see
+also tests/test_redteam_dp_transition.py), a step a client rejects (no head backward), pipeline stages, and
+no library warning on the command line."""
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from defenses.dp_sgd import DPSGDDefense, epsilon
+from suite.engine.models import tiny_model
+from suite.engine.parties import StepRejected, causal_lm_loss, per_record_lm_loss
+from suite.engine.split import SplitSpec
+from suite.experiment.cell import train_split
+from suite.experiment.config import parse_config
+from suite.interfaces.defense import make_defense
+
+
+def _cfg(steps: int = 4, strategy: str = "serial", **training):
+    return parse_config({"model": {"name": "tiny-llama"},
+                         "data": {"max_length": 12, "held_out": 4,
+                                  "private": {"generator": "records", "size": 16, "seed": 1},
+                                  "shadow": {"generator": "records", "size": 8, "seed": 2}},
+                         "training": {"clients": 2, "steps": steps, "batch_size": 4, "strategy": strategy,
+                                      **training}})
+
+
+@pytest.fixture(scope="module")
+def base():
+    return tiny_model("llama")
+
+
+def test_the_per_record_loss_is_each_rows_own_token_mean_and_the_plain_loss_is_unchanged():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 6, 11)
+    labels = torch.randint(0, 11, (3, 6))
+    labels[0, 3:] = -100  # a short row
+    labels[2, 1:] = -100  # a row without targets adds 0
+    rows = [torch.nn.functional.cross_entropy(logits[i, :-1], labels[i, 1:], ignore_index=-100) for i in (0, 1)]
+    assert float(per_record_lm_loss(logits, labels)) == pytest.approx(float(sum(rows)) / 3)
+    # without dp_sgd: the batch's token mean, as HF computes it (the centralised reference depends on it)
+    n = int((labels[:, 1:] != -100).sum())
+    assert float(causal_lm_loss(logits, labels)) == pytest.approx(
+        float(rows[0] * 2 + rows[1] * 5) / n)
+
+
+class _RejectStep1(DPSGDDefense):
+    """dp_sgd, and client 0 refuses the server's reply at step 1 (a detector's StepRejected)."""
+
+    def install(self, session):
+        super().install(session)
+
+        def hook(step, hidden, batch):
+            if step == 1:
+                raise StepRejected("test: reject step 1")
+            return hidden
+
+        session.clients[0].hidden_hooks.append(hook)
+
+
+@pytest.mark.parametrize("target", ["clients", "both"])
+def test_a_rejected_step_does_not_break_the_next_one(base, target):
+    """Red team: a rejected step left Opacus' per-example state on the head (no backward pass); the next step
+    failed with 'Per sample gradient is not initialized', so a tampering server could crash the cell."""
+    defense = _RejectStep1(_RejectStep1.Config(sigma=1.0, clip=1.0, target=target))
+    trained = train_split(_cfg(steps=4), SplitSpec(1, 1), base, defense=defense, reference=False)
+    clients = trained.prepared.session.clients
+    assert clients[0].rejected_steps == [1]
+    assert [c.optimizer_steps for c in clients] == [3, 4]
+    losses = [x for step in trained.prepared.session.losses for x in step]
+    assert sum(math.isnan(x) for x in losses) == 1 and all(math.isfinite(x) for x in losses if not math.isnan(x))
+
+
+def test_a_dropped_server_pass_does_not_break_the_next_one(base):
+    """A trunk pass whose gradients never come (a client died mid-step: discard_pending) leaves no stale
+    per-example state on the server's trunk."""
+    from suite.experiment.prepared import prepare
+
+    prepared = prepare(_cfg(steps=0), SplitSpec(1, 1), loaded=base)
+    defense = make_defense("dp_sgd", {"sigma": 1.0, "target": "server"})
+    defense.install(prepared.session)
+    from suite.engine.step import forward, training_step
+
+    server, clients = prepared.session.server, prepared.session.clients
+    forward(clients[:1], server, 0)  # client 0's gradient is never read: it went away
+    server.discard_pending()
+    before = [p.detach().clone() for p in server.trunk.parameters() if p.requires_grad]
+    training_step(clients[1:], server, 1)
+    after = [p.detach() for p in server.trunk.parameters() if p.requires_grad]
+    assert server.optimizer_steps[None] == 1 and any(not torch.equal(a, b) for a, b in zip(after, before, strict=True))
+
+
+def test_dp_sgd_on_pipeline_stages_clips_and_noises_each_stage_and_accounts_for_them(base):
+    from opacus.optimizers import DPOptimizer
+
+    defense = make_defense("dp_sgd", {"sigma": 2.0, "clip": 1.0, "target": "server"})
+    trained = train_split(_cfg(steps=2, stages=2), SplitSpec(1, 1), base, defense=defense, reference=False)
+    stages = trained.prepared.session.server.stages
+    assert len(stages) == 2 and all(isinstance(o, DPOptimizer) for s in stages for o in s.optimizers.values())
+    assert all(steps == 2 * 2 for s in stages for steps in s.optimizer_steps.values())  # serial: one per client
+    report = defense.report()
+    assert report["clipped_parts"] == 2 and report["effective_sigma"] == pytest.approx(2.0 / math.sqrt(2))
+    assert report["epsilon"] == pytest.approx(epsilon(2.0 / math.sqrt(2), 4 / 8, report["steps"], 1e-5))
+
+
+def test_dp_sgd_on_the_clients_prints_no_library_warning_in_cli_processes(base):
+    from suite.engine.quiet import quiet_libraries
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_libraries()
+        train_split(_cfg(steps=1), SplitSpec(1, 1), base, reference=False,
+                    defense=make_defense("dp_sgd", {"sigma": 1.0, "target": "both"}))
+    assert not [str(w.message) for w in caught if "backward hook" in str(w.message)]
+
+
+def test_a_networked_side_that_trains_no_lora_is_refused_in_one_line(base):
+    from suite.errors import ConfigError
+    from suite.experiment.prepared import prepare
+
+    prepared = prepare(_cfg(steps=0), SplitSpec(1, 1), loaded=base)
+    server, client = prepared.session.server, prepared.session.clients[0]
+    for module in (server.trunk, client.head, client.tail):
+        for p in module.parameters():
+            p.requires_grad_(False)
+    with pytest.raises(ConfigError, match="server_finetune = \"lora\""):
+        make_defense("dp_sgd", {"target": "server"}).install_server(server)
+    with pytest.raises(ConfigError, match="finetune = \"lora\""):
+        make_defense("dp_sgd", {"target": "clients"}).install_client(client, None)
+    make_defense("dp_sgd", {"target": "server"}).install_client(client, None)  # the client's part: its loss only
+    assert client.loss is per_record_lm_loss
