@@ -9,11 +9,11 @@ import pytest
 from synthetic_store import cell, sweep_rows, write_store
 
 from reports.gate import DOWN, GATED, UP, check, load_baseline, make_baseline, never_trip
-from suite.experiment.store import MEMORISATION_METRICS
 from suite.cli import main
 from suite.errors import SplitleakError
 from suite.experiment.config import parse_config
 from suite.experiment.schedule import run_matrix
+from suite.experiment.store import MEMORISATION_METRICS
 
 MATRIX = {
     "model": {"name": "tiny-llama"},
