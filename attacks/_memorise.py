@@ -3,28 +3,45 @@
 
 A view is (head, trunk, tail) run in one place, no wire: ``server_adapters`` composes the server's trunk (with
 its adapters) with the public base head and tail; ``colluder_model`` and ``released_model`` come whole.
+
+View selection is defined once: every memorisation attack's config is a ``ViewConfig`` (the ``view`` key and
+its check), requires one of ``VIEW_CAPABILITIES``, and opens its view with ``open_view``; the views and the
+order ``auto`` tries them are ``suite.interfaces.threats.MODEL_VIEWS`` (the runner runs each granted one).
 """
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from transformers import DynamicCache
 
 from suite.engine.split import position_ids_for, split_model
 from suite.errors import ConfigError
-from suite.interfaces.threats import Capability, Observations
+from suite.interfaces.attack import AttackConfig
+from suite.interfaces.threats import MODEL_VIEWS, Observations, granted_views
 
-# the views; "auto" alone opens the first granted (the runner, suite.experiment.memorisation, runs each)
-VIEWS = {"released_model": Capability.RELEASED_MODEL, "colluder_model": Capability.COLLUDER_MODEL,
-         "server_adapters": Capability.SERVER_ADAPTERS}
+VIEWS = MODEL_VIEWS
+VIEW_CAPABILITIES = frozenset(MODEL_VIEWS.values())  # a memorisation attack's ``requires_any``
 
 
 def check_view(view: str) -> None:
     if view != "auto" and view not in VIEWS:
         raise ValueError(f"view must be 'auto' or one of {', '.join(VIEWS)}, not {view!r}")
+
+
+@dataclass(frozen=True)
+class ViewConfig(AttackConfig):
+    """The view key every memorisation attack takes: released_model | colluder_model | server_adapters | auto
+    (every granted view; the runner reports the one that reads most)."""
+
+    view: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_view(self.view)
 
 
 @dataclass
@@ -42,7 +59,7 @@ class View:
 
 def open_view(obs: Observations, view: str) -> View:
     """The model the threat grants under ``view`` ("auto": the first granted; the runner tries each)."""
-    granted = {name: getattr(obs, name) for name in VIEWS if getattr(obs, name) is not None}
+    granted = {name: getattr(obs, name) for name in granted_views(obs)}
     name = next(iter(granted), None) if view == "auto" else view
     if name is None or name not in granted:
         want = ", ".join(VIEWS) if view == "auto" else view
@@ -91,6 +108,60 @@ def token_stats(logits_of, tokenizer, texts: list[str], max_length: int, batch_s
             mu_all.append(mu[i][real[i]])
             sigma_all.append(sigma[i][real[i]])
     return TokenStats(logp_all, mu_all, sigma_all)
+
+
+@torch.no_grad()
+def cached_prefix_lppl(view: View, tokenizer, texts: list[str], max_length: int, batch_size: int = 128
+                       ) -> list[float]:
+    """Each text's log-perplexity under ``view`` (the summed negative log-likelihood of every next token, as
+    ``token_stats`` gives it) with the token prefix the texts share computed once: canary candidates differ only
+    in the secret. Texts are grouped by token count; a group's common prefix runs through the head, trunk and
+    tail once, filling each part's KV cache, and the suffixes run in batches on a copy of those caches, without
+    their last token (nothing after it is scored). For a canary of ``p`` prefix and ``n`` secret tokens that is
+    ``n - 1`` token positions per candidate instead of ``p + n``. A group with no common prefix is scored plainly."""
+    ids_of = [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
+    out: list[float] = [0.0] * len(texts)
+    groups: dict[int, list[int]] = {}
+    for i, ids in enumerate(ids_of):
+        groups.setdefault(len(ids), []).append(i)
+    parts = (view.head, view.trunk, view.tail)
+    for length, index in groups.items():
+        rows = torch.tensor([ids_of[i] for i in index], dtype=torch.long)
+        shared = int((rows == rows[0]).all(0).long().cumprod(0).sum())
+        p = min(shared, length - 1)
+        if p < 1:
+            plain = token_stats(view.logits, tokenizer, [texts[i] for i in index], max_length, batch_size)
+            for i, lp in zip(index, plain.logp, strict=True):
+                out[i] = float(-lp.sum())
+            continue
+        prefix = rows[:1, :p]
+        caches = [DynamicCache(config=part.blocks.config) for part in parts]
+        logp = F.log_softmax(_run(parts, caches, prefix, 0)[0].float(), -1)  # [p, V]
+        prefix_nll = -logp[torch.arange(p - 1), prefix[0, 1:]].sum()
+        after = logp[-1]  # the next-token distribution after the prefix: scores each first secret token
+        for lo in range(0, len(index), batch_size):
+            batch = rows[lo: lo + batch_size]
+            nll = prefix_nll - after[batch[:, p]]
+            if length - p > 1:
+                mine = [copy.deepcopy(c) for c in caches]
+                for c in mine:
+                    c.batch_repeat_interleave(batch.shape[0])
+                lp = F.log_softmax(_run(parts, mine, batch[:, p:-1], p).float(), -1)
+                nll = nll - lp.gather(-1, batch[:, p + 1:].unsqueeze(-1)).squeeze(-1).sum(1)
+            for i, v in zip(index[lo: lo + batch_size], nll.tolist(), strict=True):
+                out[i] = float(v)
+    return out
+
+
+def _run(parts, caches, ids: torch.Tensor, start: int) -> torch.Tensor:
+    """Logits of ``ids`` (positions ``start``..) through head, trunk and tail, each extending its KV cache."""
+    b, n = ids.shape
+    mask = torch.ones(b, start + n, dtype=torch.long)
+    pos = torch.arange(start, start + n).unsqueeze(0).expand(b, n)
+    head, trunk, tail = parts
+    hidden = head(ids, mask, pos, cache=caches[0])
+    hidden = trunk(hidden, mask, pos, cache=caches[1])
+    return tail(hidden, mask, pos, cache=caches[2])
 
 
 def base_logits(obs: Observations):

@@ -3,7 +3,9 @@ canary's secret than random secrets of the same format.
 
 Each canary text and ``candidates`` texts with secrets drawn uniformly from the public format (fresh from the
 attack's seed, the prefix the same) are scored by their log-perplexity under the view: the summed negative
-log-likelihood over every position (the shared prefix adds the same to all). Exposure, in bits, is
+log-likelihood over every position (the shared prefix adds the same to all). By default the prefix the texts
+share is run once and its KV cache reused for every candidate's secret (``_memorise.cached_prefix_lppl``: the
+same values as the plain batched forward, ``prefix_cache = false``, at a fraction of the positions). Exposure, in bits, is
 ``-log2`` of the skew-normal CDF fitted to the candidates at the canary's value
 (``suite.scoring.memorisation.exposure``, which the runner applies to the scores this attack returns); the
 rank among the sampled candidates is kept as a check.
@@ -16,21 +18,21 @@ from dataclasses import dataclass
 
 import torch
 
-from attacks._memorise import check_view, open_view, token_stats
-from suite.interfaces.attack import Attack, AttackConfig, Reconstruction, register_attack
+from attacks._memorise import VIEW_CAPABILITIES, ViewConfig, cached_prefix_lppl, open_view, token_stats
+from suite.interfaces.attack import Attack, Reconstruction, register_attack
 from suite.interfaces.threats import Capability, Observations
 
 MIN_CANDIDATES = 10_000  # Carlini et al. fit the skew-normal on at least this many sampled candidates
 
 
 @dataclass(frozen=True)
-class CanaryExposureConfig(AttackConfig):
-    view: str = "auto"  # released_model | colluder_model | server_adapters | auto (every granted view, the runner reports the max)
+class CanaryExposureConfig(ViewConfig):
     candidates: int = MIN_CANDIDATES  # secrets sampled from the format for the skew-normal fit (>= 10^4)
     batch_size: int = 128
+    prefix_cache: bool = True  # the shared prefix's KV computed once (False: every text run whole)
 
     def __post_init__(self) -> None:
-        check_view(self.view)
+        super().__post_init__()
         if self.candidates < MIN_CANDIDATES:
             raise ValueError(f"candidates must be >= {MIN_CANDIDATES} (Carlini et al.'s fit), got {self.candidates}")
 
@@ -41,7 +43,7 @@ def _secret(rng: random.Random, fmt: str) -> str:
 
 @register_attack("canary_exposure")
 class CanaryExposureAttack(Attack):
-    requires_any = frozenset({Capability.SERVER_ADAPTERS, Capability.COLLUDER_MODEL, Capability.RELEASED_MODEL})
+    requires_any = VIEW_CAPABILITIES
     uses = frozenset({Capability.BASE_WEIGHTS})
     audits = frozenset({"canaries"})
     Config = CanaryExposureConfig
@@ -56,6 +58,8 @@ class CanaryExposureAttack(Attack):
         candidates = [audit.prefix + _secret(rng, audit.secret_format) for _ in range(self.config.candidates)]
 
         def lppl(texts):
+            if self.config.prefix_cache:
+                return cached_prefix_lppl(view, obs.tokenizer, texts, obs.max_length, self.config.batch_size)
             stats = token_stats(view.logits, obs.tokenizer, texts, obs.max_length, self.config.batch_size)
             return [float(-lp.sum()) for lp in stats.logp]
 

@@ -21,22 +21,21 @@ from dataclasses import dataclass
 
 import torch
 
-from attacks._memorise import base_logits, check_view, open_view, token_stats
-from suite.interfaces.attack import Attack, AttackConfig, Reconstruction, register_attack
+from attacks._memorise import VIEW_CAPABILITIES, ViewConfig, base_logits, open_view, token_stats
+from suite.interfaces.attack import Attack, Reconstruction, register_attack
 from suite.interfaces.threats import Capability, Observations
 
 SIGNALS = ("loss", "zlib", "min_k_plus_plus", "reference")
 
 
 @dataclass(frozen=True)
-class MembershipConfig(AttackConfig):
-    view: str = "auto"
+class MembershipConfig(ViewConfig):
     signal: str = "reference"  # loss | zlib | min_k_plus_plus | reference
     k: float = 0.2  # Min-K%++: the share of lowest-scoring positions averaged
     batch_size: int = 64
 
     def __post_init__(self) -> None:
-        check_view(self.view)
+        super().__post_init__()
         if self.signal not in SIGNALS:
             raise ValueError(f"signal must be one of {', '.join(SIGNALS)}, not {self.signal!r}")
         if not 0 < self.k <= 1:
@@ -51,7 +50,7 @@ def _min_k_pp(logp: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, k: floa
 
 @register_attack("membership")
 class MembershipAttack(Attack):
-    requires_any = frozenset({Capability.SERVER_ADAPTERS, Capability.COLLUDER_MODEL, Capability.RELEASED_MODEL})
+    requires_any = VIEW_CAPABILITIES
     uses = frozenset({Capability.BASE_WEIGHTS})
     audits = frozenset({"queries"})
     Config = MembershipConfig

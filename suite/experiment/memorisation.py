@@ -29,7 +29,7 @@ from suite.experiment.canaries import CANARY_PREFIX, SECRET_FORMAT, audit_set, s
 from suite.experiment.cell import TrainedSplit, _observations
 from suite.experiment.config import ExperimentConfig
 from suite.interfaces.attack import Attack, timed_reconstruct
-from suite.interfaces.threats import Audit, ThreatModel
+from suite.interfaces.threats import Audit, ThreatModel, granted_views
 from suite.scoring.memorisation import (
     exposure,
     exposure_by_rank,
@@ -40,7 +40,6 @@ from suite.scoring.memorisation import (
     roc_points,
 )
 
-VIEWS = ("released_model", "colluder_model", "server_adapters")  # the model views a threat may grant
 ROC_POINTS = 200  # points kept of each ROC curve for the report (log-spaced in FPR)
 
 
@@ -61,7 +60,7 @@ def memorisation_fields(trained: TrainedSplit, threat: ThreatModel, attack: Atta
                         trained.defense, attack, audit)
     if getattr(attack.config, "view", None) == "auto":  # every granted view; the one that reads most is reported
         runs = []
-        for view in [v for v in VIEWS if getattr(obs, v) is not None] or ["auto"]:
+        for view in granted_views(obs) or ["auto"]:
             one = copy.copy(attack)
             one.config = dataclasses.replace(attack.config, view=view)
             runs.append(timed_reconstruct(one, obs))
