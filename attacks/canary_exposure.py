@@ -46,6 +46,7 @@ class CanaryExposureAttack(Attack):
     requires_any = VIEW_CAPABILITIES
     uses = frozenset({Capability.BASE_WEIGHTS})
     audits = frozenset({"canaries"})
+    scored_on_canaries = True  # the runner refuses a run without canaries (suite.experiment.memorisation)
     Config = CanaryExposureConfig
     kind = "memorisation"
 

@@ -30,6 +30,7 @@ class ExtractionAttack(Attack):
     requires_any = VIEW_CAPABILITIES
     uses = frozenset({Capability.BASE_WEIGHTS})
     audits = frozenset()  # the prefix and the format only
+    scored_on_canaries = True  # the runner refuses a run without canaries (suite.experiment.memorisation)
     Config = ExtractionConfig
     kind = "memorisation"
 

@@ -25,11 +25,16 @@ from typing import Any
 
 import numpy as np
 
+from suite.engine.models import LoadedModel
+from suite.engine.split import SplitSpec
+from suite.errors import ConfigError
 from suite.experiment.canaries import CANARY_PREFIX, SECRET_FORMAT, audit_set, space_bits
-from suite.experiment.cell import TrainedSplit, _observations
+from suite.experiment.cell import TrainedSplit, _observations, train_split
 from suite.experiment.config import ExperimentConfig
-from suite.interfaces.attack import Attack, timed_reconstruct
-from suite.interfaces.threats import Audit, ThreatModel, granted_views
+from suite.interfaces.attack import Attack, make_attack, timed_reconstruct
+from suite.interfaces.defense import make_defense
+from suite.interfaces.presets import check_threat
+from suite.interfaces.threats import MODEL_VIEWS, Audit, ThreatModel, get_threat, granted_views
 from suite.scoring.memorisation import (
     exposure,
     exposure_by_rank,
@@ -41,6 +46,45 @@ from suite.scoring.memorisation import (
 )
 
 ROC_POINTS = 200  # points kept of each ROC curve for the report (log-spaced in FPR)
+CANARY_HINT = "add [data] canaries = { count = 20, repeats = [1, 10, 50] } to the config"
+
+
+def needs_canaries(attack: Attack) -> bool:
+    """Whether the attack is scored on canaries (it audits them, or says it is scored on them: extraction)."""
+    return "canaries" in attack.audits or bool(getattr(attack, "scored_on_canaries", False))
+
+
+def check_memorisation(cfg: ExperimentConfig, threat: ThreatModel, attack: Attack) -> None:
+    """What a memorisation cell needs from the run, refused before any training with one line each: canaries
+    for an attack scored on them, a view the threat grants where the attack names one, and (for the canary
+    victim, the last client) a client count the threat can run with."""
+    check_threat(threat, cfg.training.clients)
+    if needs_canaries(attack) and cfg.data.canaries is None:
+        raise ConfigError(f"{attack.name} is scored on canaries and the run has none: {CANARY_HINT}")
+    view = getattr(attack.config, "view", "auto")
+    if view != "auto" and MODEL_VIEWS[view] not in threat.grants:
+        granted = [v for v, cap in MODEL_VIEWS.items() if cap in threat.grants]
+        raise ConfigError(f"threat {threat.name!r} does not grant the view {view!r}; use view = 'auto' or one of "
+                          f"{', '.join(granted) or 'none (pick a threat such as adapter_thief or model_user)'}")
+
+
+def run_memorisation_cell(cfg: ExperimentConfig, spec: SplitSpec, threat_name: str, attack_name: str,
+                          params: dict | None = None, base: LoadedModel | None = None, defense_name: str = "none",
+                          defense_params: dict | None = None) -> dict[str, Any]:
+    """One memorisation cell from scratch (``splitleak attack``): refuse what cannot run before loading
+    anything, train the split with the config's canaries, run the attack on the view its threat grants and
+    return the row's fields (``memorisation_fields``)."""
+    from suite.experiment.prepared import load_for
+
+    threat = get_threat(threat_name)
+    attack = make_attack(attack_name, threat, params)
+    if attack.kind != "memorisation":
+        raise ConfigError(f"{attack_name} is not a memorisation attack (canary_exposure, membership, extraction)")
+    check_memorisation(cfg, threat, attack)
+    defense = make_defense(defense_name, defense_params)
+    base = base if base is not None else load_for(cfg)
+    trained = train_split(cfg, spec, base, threat, None, defense, reference=False)
+    return memorisation_fields(trained, threat, attack, cfg)
 
 
 def memorisation_fields(trained: TrainedSplit, threat: ThreatModel, attack: Attack, cfg: ExperimentConfig
@@ -51,8 +95,8 @@ def memorisation_fields(trained: TrainedSplit, threat: ThreatModel, attack: Atta
     inserted = {c.text for c in canaries}
     members = [r for r in prepared.private[victim] if r.text not in inserted]
     truth = audit_set(canaries, members, prepared.held_out, cfg.training.seed)
-    if "canaries" in attack.audits and not canaries:
-        raise ValueError(f"{attack.name} needs canaries: add [data] canaries = {{ count = 20, repeats = [1, 10, 50] }}")
+    if needs_canaries(attack) and not canaries:
+        raise ConfigError(f"{attack.name} is scored on canaries and the run has none: {CANARY_HINT}")
     audit = Audit(CANARY_PREFIX, SECRET_FORMAT,
                   canaries=tuple(c.text for c in canaries) if "canaries" in attack.audits else None,
                   queries=truth.queries if "queries" in attack.audits else None)
