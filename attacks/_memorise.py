@@ -164,18 +164,6 @@ def _run(parts, caches, ids: torch.Tensor, start: int) -> torch.Tensor:
     return tail(hidden, mask, pos, cache=caches[2])
 
 
-def base_logits(obs: Observations):
-    """The public base model's logits (the reference), or None without the base weights."""
-    if obs.base_model is None:
-        return None
-    model = obs.base_model().float().eval().requires_grad_(False)
-
-    def logits(ids, mask):
-        return model(input_ids=ids, attention_mask=mask).logits
-
-    return logits
-
-
 def format_pattern(fmt: str) -> re.Pattern:
     """A regex for secrets of ``fmt`` (``#`` a digit, anything else literal)."""
     return re.compile("".join(r"\d" if ch == "#" else re.escape(ch) for ch in fmt))

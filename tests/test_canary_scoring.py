@@ -1,9 +1,11 @@
-"""Canary exposure's cached-prefix scoring (issue 26): candidates share the canary's prefix, which runs once with
-its KV cache reused for every secret; it gives the same log-perplexities, hence the same exposure, as running
-every text whole, on each model view (the server's LoRA trunk included)."""
+"""The memorisation attacks' scoring shortcuts (issue 26). Canary exposure: candidates share the canary's prefix,
+which runs once with its KV cache reused for every secret; it gives the same log-perplexities, hence the same
+exposure, as running every text whole, on each model view (the server's LoRA trunk included). Membership: the
+base model's reference scores are computed once per process for the same weights and records."""
 
 import pytest
 
+import attacks.membership as membership
 from attacks._memorise import cached_prefix_lppl, open_view, token_stats
 from suite.engine.models import tiny_model
 from suite.engine.split import SplitSpec
@@ -54,3 +56,18 @@ def test_cached_prefix_gives_the_same_exposure(trained):
         out[cached] = fields["memorisation"]["exposure"]
         assert fields["memorisation"]["candidates"] == 10_000
     assert out[True] == pytest.approx(out[False], abs=1e-3)
+
+
+def test_membership_reference_scores_are_computed_once_and_equal_a_fresh_computation(trained, monkeypatch):
+    threat = get_threat("model_user")
+    attack = make_attack("membership", threat, {"view": "released_model"})
+    membership._REFERENCE.clear()
+    first = memorisation_fields(trained, threat, attack, CFG)["memorisation"]["signals"]["reference"]
+    calls = []
+    real = membership.token_stats
+    monkeypatch.setattr(membership, "token_stats", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = memorisation_fields(trained, threat, attack, CFG)["memorisation"]["signals"]["reference"]
+    assert again == first and len(calls) == 1  # the view's own scores only: the reference came from the cache
+    membership._REFERENCE.clear()
+    assert memorisation_fields(trained, threat, attack, CFG)["memorisation"]["signals"]["reference"] == first
+    assert len(calls) == 3
