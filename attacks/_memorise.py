@@ -111,14 +111,17 @@ def token_stats(logits_of, tokenizer, texts: list[str], max_length: int, batch_s
 
 
 @torch.no_grad()
-def cached_prefix_lppl(view: View, tokenizer, texts: list[str], max_length: int, batch_size: int = 128
-                       ) -> list[float]:
+def cached_prefix_lppl(view: View, tokenizer, texts: list[str], max_length: int, batch_size: int = 128,
+                       max_nodes: int = 1024) -> list[float]:
     """Each text's log-perplexity under ``view`` (the summed negative log-likelihood of every next token, as
-    ``token_stats`` gives it) with the token prefix the texts share computed once: canary candidates differ only
-    in the secret. Texts are grouped by token count; a group's common prefix runs through the head, trunk and
-    tail once, filling each part's KV cache, and the suffixes run in batches on a copy of those caches, without
-    their last token (nothing after it is scored). For a canary of ``p`` prefix and ``n`` secret tokens that is
-    ``n - 1`` token positions per candidate instead of ``p + n``. A group with no common prefix is scored plainly."""
+    ``token_stats`` gives it), computing every shared token prefix once: canary candidates differ only in the
+    secret. Texts are grouped by token count. A group's common prefix runs through the head, trunk and tail
+    once, filling each part's KV cache; then the prefix tree of the secrets' first tokens is walked a level at a
+    time while a level has at most ``max_nodes`` distinct prefixes (each node one token on its parent's cache:
+    10, 100, 1,000 nodes for the first three digits), and the rest of each text runs in batches on its deepest
+    node's cache, without the last token (nothing after it is scored). A space small enough to enumerate (4
+    digits: 1,111 token positions for 10^4 secrets) is then scored almost entirely in the tree; a sampled
+    12-digit one still skips the prefix and the first digits. A group with no common prefix is scored plainly."""
     ids_of = [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
     out: list[float] = [0.0] * len(texts)
     groups: dict[int, list[int]] = {}
@@ -127,29 +130,48 @@ def cached_prefix_lppl(view: View, tokenizer, texts: list[str], max_length: int,
     parts = (view.head, view.trunk, view.tail)
     for length, index in groups.items():
         rows = torch.tensor([ids_of[i] for i in index], dtype=torch.long)
-        shared = int((rows == rows[0]).all(0).long().cumprod(0).sum())
-        p = min(shared, length - 1)
+        p = min(int((rows == rows[0]).all(0).long().cumprod(0).sum()), length - 1)
         if p < 1:
             plain = token_stats(view.logits, tokenizer, [texts[i] for i in index], max_length, batch_size)
             for i, lp in zip(index, plain.logp, strict=True):
                 out[i] = float(-lp.sum())
             continue
-        prefix = rows[:1, :p]
         caches = [DynamicCache(config=part.blocks.config) for part in parts]
-        logp = F.log_softmax(_run(parts, caches, prefix, 0)[0].float(), -1)  # [p, V]
-        prefix_nll = -logp[torch.arange(p - 1), prefix[0, 1:]].sum()
-        after = logp[-1]  # the next-token distribution after the prefix: scores each first secret token
-        for lo in range(0, len(index), batch_size):
-            batch = rows[lo: lo + batch_size]
-            nll = prefix_nll - after[batch[:, p]]
-            if length - p > 1:
-                mine = [copy.deepcopy(c) for c in caches]
-                for c in mine:
-                    c.batch_repeat_interleave(batch.shape[0])
-                lp = F.log_softmax(_run(parts, mine, batch[:, p:-1], p).float(), -1)
-                nll = nll - lp.gather(-1, batch[:, p + 1:].unsqueeze(-1)).squeeze(-1).sum(1)
-            for i, v in zip(index[lo: lo + batch_size], nll.tolist(), strict=True):
-                out[i] = float(v)
+        logp = F.log_softmax(_run(parts, caches, rows[:1, :p], 0)[0].float(), -1)  # [p, V]
+        nll = (-logp[torch.arange(p - 1), rows[0, 1:p]].sum()).expand(len(index)).clone()
+        node = torch.zeros(len(index), dtype=torch.long)  # each text's deepest node so far (row of ``caches``)
+        after = logp[-1:]  # [nodes, V]: the next-token distribution at each node
+        depth = p  # tokens the nodes hold
+        while depth < length - 1:
+            keys, parent = torch.unique(torch.stack([node, rows[:, depth]], 1), dim=0, return_inverse=True)
+            if keys.shape[0] > max_nodes:
+                break
+            nll -= after[node, rows[:, depth]]
+            caches = _expand(caches, keys[:, 0])
+            after = F.log_softmax(_run(parts, caches, keys[:, 1:], depth)[:, -1].float(), -1)
+            node, depth = parent, depth + 1
+        nll -= after[node, rows[:, depth]]  # the first token not in the tree
+        if length - depth > 1:
+            for lo in range(0, len(index), batch_size):
+                batch = slice(lo, lo + batch_size)
+                mine = _expand(caches, node[batch])
+                lp = F.log_softmax(_run(parts, mine, rows[batch, depth:-1], depth).float(), -1)
+                nll[batch] -= lp.gather(-1, rows[batch, depth + 1:].unsqueeze(-1)).squeeze(-1).sum(1)
+        for i, v in zip(index, nll.tolist(), strict=True):
+            out[i] = float(v)
+    return out
+
+
+def _expand(caches: list[DynamicCache], rows: torch.Tensor) -> list[DynamicCache]:
+    """Copies of the parts' caches holding the given batch rows (a row may repeat)."""
+    out = []
+    for c in caches:
+        mine = copy.copy(c)
+        mine.layers = [copy.copy(layer) for layer in c.layers]
+        for layer in mine.layers:
+            if getattr(layer, "is_initialized", False) and layer.keys is not None and layer.keys.numel():
+                layer.keys, layer.values = layer.keys[rows], layer.values[rows]
+        out.append(mine)
     return out
 
 

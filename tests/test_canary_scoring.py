@@ -29,8 +29,10 @@ def trained():
     return train_split(CFG, SplitSpec(1, 1), tiny_model("llama"), reference=False)
 
 
-@pytest.mark.parametrize("view", ["released_model", "server_adapters"])
-def test_cached_prefix_gives_the_plain_log_perplexities(trained, view):
+@pytest.mark.parametrize("view, max_nodes", [("released_model", 1024), ("released_model", 16),
+                                             ("server_adapters", 1), ("server_adapters", 1024)])
+def test_cached_prefix_gives_the_plain_log_perplexities(trained, view, max_nodes):
+    """Whatever depth the tree of secrets reaches (none, the first digit, every token) before the batches."""
     import random
 
     threat = get_threat("adapter_thief" if view == "server_adapters" else "model_user")
@@ -42,7 +44,7 @@ def test_cached_prefix_gives_the_plain_log_perplexities(trained, view):
     texts = [CANARY_PREFIX + random_secret(rng) for _ in range(40)]
     texts += ["a record of another length", "x", CANARY_PREFIX + "12"]  # other groups, one with no prefix to share
     plain = [float(-lp.sum()) for lp in token_stats(v.logits, obs.tokenizer, texts, obs.max_length, 16).logp]
-    fast = cached_prefix_lppl(v, obs.tokenizer, texts, obs.max_length, batch_size=16)
+    fast = cached_prefix_lppl(v, obs.tokenizer, texts, obs.max_length, batch_size=16, max_nodes=max_nodes)
     assert fast == pytest.approx(plain, rel=1e-5, abs=1e-4)
     assert len(set(round(x, 3) for x in fast[:40])) > 30  # the secrets are scored, not only the prefix
 
