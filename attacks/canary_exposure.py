@@ -8,7 +8,9 @@ share is run once and its KV cache reused for every candidate's secret (``_memor
 same values as the plain batched forward, ``prefix_cache = false``, at a fraction of the positions). Exposure, in bits, is
 ``-log2`` of the skew-normal CDF fitted to the candidates at the canary's value
 (``suite.scoring.memorisation.exposure``, which the runner applies to the scores this attack returns); the
-rank among the sampled candidates is kept as a check.
+rank among the sampled candidates is kept as a check. A secret space no larger than ``candidates`` (a 4-digit
+``[data] canaries.format``: 10^4 secrets) is scored whole instead, and exposure is Carlini et al.'s exact
+``log2 |R| - log2 rank``, capped at ``log2 |R|`` (13.3 bits for 4 digits).
 """
 
 from __future__ import annotations
@@ -41,6 +43,11 @@ def _secret(rng: random.Random, fmt: str) -> str:
     return "".join(str(rng.randrange(10)) if ch == "#" else ch for ch in fmt)
 
 
+def _fill(fmt: str, digits: str) -> str:
+    it = iter(digits)
+    return "".join(next(it) if ch == "#" else ch for ch in fmt)
+
+
 @register_attack("canary_exposure")
 class CanaryExposureAttack(Attack):
     requires_any = VIEW_CAPABILITIES
@@ -55,8 +62,14 @@ class CanaryExposureAttack(Attack):
         if audit is None or not audit.canaries:
             raise ValueError("canary_exposure needs canaries: add [data] canaries = { count = 20, repeats = [1, 10, 50] }")
         view = open_view(obs, self.config.view)
-        rng = random.Random(f"canary candidates {self.config.seed}")
-        candidates = [audit.prefix + _secret(rng, audit.secret_format) for _ in range(self.config.candidates)]
+        digits = audit.secret_format.count("#")
+        whole = 10 ** digits <= self.config.candidates  # a space this small is ranked whole, exactly
+        if whole:
+            secrets = (_fill(audit.secret_format, f"{i:0{digits}d}") for i in range(10 ** digits))
+        else:
+            rng = random.Random(f"canary candidates {self.config.seed}")
+            secrets = (_secret(rng, audit.secret_format) for _ in range(self.config.candidates))
+        candidates = [audit.prefix + s for s in secrets]
 
         def lppl(texts):
             if self.config.prefix_cache:
@@ -65,7 +78,11 @@ class CanaryExposureAttack(Attack):
             return [float(-lp.sum()) for lp in stats.logp]
 
         cand = lppl(candidates)
-        mine = lppl(list(audit.canaries))
+        if whole:  # each canary is one of the candidates: its own score, so that its rank is exact
+            of = dict(zip(candidates, cand, strict=True))
+            mine = [of[t] for t in audit.canaries]
+        else:
+            mine = lppl(list(audit.canaries))
         # exposure itself is scoring (suite.scoring.memorisation.exposure), computed by the runner
         return Reconstruction(torch.empty(0, dtype=torch.long), (), extra={
-            "view": view.name, "canary_lppl": mine, "candidate_lppl": cand})
+            "view": view.name, "canary_lppl": mine, "candidate_lppl": cand, "whole_space": whole})

@@ -73,3 +73,25 @@ def test_membership_reference_scores_are_computed_once_and_equal_a_fresh_computa
     membership._REFERENCE.clear()
     assert memorisation_fields(trained, threat, attack, CFG)["memorisation"]["signals"]["reference"] == first
     assert len(calls) == 3
+
+
+def test_a_four_digit_space_is_ranked_whole_with_its_cap_stated(capsys):
+    raw = {**RAW, "data": {**RAW["data"], "canaries": {"count": 2, "repeats": [1, 8], "format": "####"}}}
+    cfg = parse_config(raw)
+    trained = train_split(cfg, SplitSpec(1, 1), tiny_model("llama"), reference=False)
+    assert all(len(c.secret) == 4 for c in trained.prepared.canaries)
+    threat = get_threat("model_user")
+    attack = make_attack("canary_exposure", threat, {"view": "released_model"})
+    detail = memorisation_fields(trained, threat, attack, cfg)["memorisation"]
+    assert detail["candidates"] == 10_000 and detail["exposure_method"] == "rank in the whole space"
+    assert detail["space_bits"] == pytest.approx(13.2877, abs=1e-4)
+    assert all(0 <= e <= detail["space_bits"] for e in detail["exposure"])
+    assert detail["exposure"] == detail["exposure_rank"]  # the exact rank, no fit
+
+
+@pytest.mark.parametrize("fmt", ["###", "####-##a#-1234", "#" * 19])
+def test_a_bad_secret_format_is_one_line(fmt):
+    from suite.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="secret format of 4 to 18"):
+        parse_config({**RAW, "data": {**RAW["data"], "canaries": {"count": 2, "format": fmt}}})

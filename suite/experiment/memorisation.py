@@ -28,7 +28,7 @@ import numpy as np
 from suite.engine.models import LoadedModel
 from suite.engine.split import SplitSpec
 from suite.errors import ConfigError
-from suite.experiment.canaries import CANARY_PREFIX, SECRET_FORMAT, audit_set, space_bits
+from suite.experiment.canaries import CANARY_PREFIX, audit_set, secret_format, space_bits
 from suite.experiment.cell import TrainedSplit, _observations, train_split
 from suite.experiment.config import ExperimentConfig
 from suite.interfaces.attack import Attack, make_attack, timed_reconstruct
@@ -97,7 +97,7 @@ def memorisation_fields(trained: TrainedSplit, threat: ThreatModel, attack: Atta
     truth = audit_set(canaries, members, prepared.held_out, cfg.training.seed)
     if needs_canaries(attack) and not canaries:
         raise ConfigError(f"{attack.name} is scored on canaries and the run has none: {CANARY_HINT}")
-    audit = Audit(CANARY_PREFIX, SECRET_FORMAT,
+    audit = Audit(CANARY_PREFIX, secret_format(canaries),
                   canaries=tuple(c.text for c in canaries) if "canaries" in attack.audits else None,
                   queries=truth.queries if "queries" in attack.audits else None)
     obs = _observations(threat, prepared.session.split.spec, trained.base, cfg, trained.shadow, prepared, None,
@@ -139,12 +139,14 @@ def _score(extra: dict, canaries, truth) -> tuple[dict[str, Any], dict[str, Any]
     repeats = [c.repeats for c in canaries]
     per_record: dict[str, Any] = {"repeats": repeats}
     if "canary_lppl" in extra:
-        bits = space_bits(SECRET_FORMAT)
+        bits = space_bits(secret_format(canaries))
         cand = extra["candidate_lppl"]
-        exp = [exposure(c, cand, bits) for c in extra["canary_lppl"]]
+        whole = bool(extra.get("whole_space"))  # every secret scored: the exact rank, no fit
+        exp = [(exposure_by_rank if whole else exposure)(c, cand, bits) for c in extra["canary_lppl"]]
         out.update(_mean("exposure", exp))
         per_record["exposure"] = exp
         detail.update(candidates=len(cand), space_bits=bits, exposure=exp,
+                      exposure_method="rank in the whole space" if whole else "skew-normal fit to sampled candidates",
                       exposure_rank=[exposure_by_rank(c, cand, bits) for c in extra["canary_lppl"]],
                       by_repeats=_by_repeats(repeats, exp))
     if "scores" in extra:
