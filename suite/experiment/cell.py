@@ -406,7 +406,8 @@ def run_cell(cfg: ExperimentConfig, spec: SplitSpec, threat_name: str, attack_na
     check_threat(threat, cfg.training.clients)
     attack = make_attack(attack_name, threat, params)
     if attack.kind == "memorisation":  # refused before any training
-        raise ConfigError(f"{attack_name} reads a trained model: run it in a matrix with [data] canaries "
+        raise ConfigError(f"{attack_name} reads a trained model: run it with "
+                          "suite.experiment.memorisation.run_memorisation_cell (splitleak attack does) or in a matrix "
                           "(splitleak run examples/memorisation.toml)")
     defense = make_defense(defense_name, defense_params)
     base = base if base is not None else load_for(cfg)
