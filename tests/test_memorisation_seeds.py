@@ -52,7 +52,7 @@ max_length = 24
 private = { generator = "records", size = 16, seed = 1 }
 shadow = { generator = "records", size = 8, seed = 2 }
 held_out = 8
-canaries = { count = 2, repeats = [1, 4] }
+canaries = { count = 2, repeats = [1, 4], format = "####" }
 [training]
 strategy = "per_client"
 clients = 2
@@ -61,7 +61,7 @@ batch_size = 4
 [matrix]
 splits = [1]
 threats = ["model_user"]
-attacks = ["membership", "extraction"]
+attacks = ["membership", "extraction", "canary_exposure"]
 defenses = ["none"]
 seeds = [1, 2]
 blind = false
@@ -69,7 +69,7 @@ blind = false
     assert main(["run", str(cfg), "--out", str(tmp_path / "out"), "--no-report"]) == 0
     every = load_results(tmp_path / "out", per_seed=True)
     pooled = load_results(tmp_path / "out")
-    assert len(pooled) == 2 and pooled.seed.isna().all() and all(s == [1, 2] for s in pooled.seeds)
+    assert len(pooled) == 3 and pooled.seed.isna().all() and all(s == [1, 2] for s in pooled.seeds)
     member = pooled[pooled.attack == "membership"].iloc[0]
     seeded = every[(every.attack == "membership") & every.seed.notna()]
     assert len(seeded) == 2
@@ -85,3 +85,10 @@ blind = false
     assert extraction["extracted_lo"] <= extraction["extracted"] <= extraction["extracted_hi"]
     assert set(extraction["memorisation"]["by_repeats"]) == {"1", "4"}
     assert extraction["memorisation"]["by_repeats"]["4"]["canaries"] == 2
+    exposure = pooled[pooled.attack == "canary_exposure"].iloc[0]
+    per_seed = every[(every.attack == "canary_exposure") & every.seed.notna()]
+    assert exposure["exposure"] == pytest.approx(per_seed["exposure"].mean())  # 4 canaries in each seed
+    assert exposure["exposure_lo"] <= exposure["exposure"] <= exposure["exposure_hi"]
+    by = exposure["memorisation"]["by_repeats"]
+    assert by["4"]["exposure"] == pytest.approx(np.mean([s["memorisation"]["by_repeats"]["4"]["exposure"]
+                                                         for _, s in per_seed.iterrows()]))
