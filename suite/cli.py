@@ -140,15 +140,14 @@ def cmd_attack(args: argparse.Namespace) -> int:
     from suite.interfaces.attack import ATTACKS
 
     cfg = _config_from_args(args)
-    memorisation = ATTACKS.get(args.attack).kind == "memorisation"
     if args.capture:
-        if memorisation:
+        if ATTACKS.get(args.attack).kind == "memorisation":
             raise SplitleakError(f"{args.attack} reads a trained model, not traffic: drop --capture (it trains the "
                                  "split with the config's canaries)")
         return _attack_capture(cfg, args)
-    _preflight_single(cfg, args.threat)
+    _preflight_single(cfg, args.threat)  # before the attacks (and torch) load
     spec = SplitSpec(cfg.training.head_blocks, cfg.training.tail_blocks)
-    if memorisation:
+    if ATTACKS.get(args.attack).kind == "memorisation":
         return _attack_memorisation(cfg, spec, args)
     result = run_cell(cfg, spec, args.threat, args.attack, _params(args.param),
                       defense_name=args.defense, defense_params=_params(args.defense_param))
