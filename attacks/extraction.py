@@ -9,28 +9,28 @@ from dataclasses import dataclass
 
 import torch
 
-from attacks._memorise import beam_continuations, check_view, format_pattern, open_view
-from suite.interfaces.attack import Attack, AttackConfig, Reconstruction, register_attack
+from attacks._memorise import VIEW_CAPABILITIES, ViewConfig, beam_continuations, format_pattern, open_view
+from suite.interfaces.attack import Attack, Reconstruction, register_attack
 from suite.interfaces.threats import Capability, Observations
 
 
 @dataclass(frozen=True)
-class ExtractionConfig(AttackConfig):
-    view: str = "auto"
+class ExtractionConfig(ViewConfig):
     beams: int = 16  # beam width; every final beam is a guess (greedy decoding is always tried too)
     extra_tokens: int = 2  # decoded beyond the token count of a secret of the format
 
     def __post_init__(self) -> None:
-        check_view(self.view)
+        super().__post_init__()
         if self.beams < 1 or self.extra_tokens < 0:
             raise ValueError("beams must be >= 1 and extra_tokens >= 0")
 
 
 @register_attack("extraction")
 class ExtractionAttack(Attack):
-    requires_any = frozenset({Capability.SERVER_ADAPTERS, Capability.COLLUDER_MODEL, Capability.RELEASED_MODEL})
+    requires_any = VIEW_CAPABILITIES
     uses = frozenset({Capability.BASE_WEIGHTS})
     audits = frozenset()  # the prefix and the format only
+    scored_on_canaries = True  # the runner refuses a run without canaries (suite.experiment.memorisation)
     Config = ExtractionConfig
     kind = "memorisation"
 

@@ -11,6 +11,11 @@ store has it), each with a band and the direction it is checked in; ``check`` co
   leakage ``down`` (an attack that stopped recovering what a defense cannot hide is a weaker suite);
 * a baseline cell that is missing from the run or failed in it is a regression too.
 
+Memorisation rows (issue 26) are gated the same way on ``exposure`` (bits), ``auc``, ``tpr_at_1pct_fpr``,
+``tpr_at_0_1pct_fpr`` and ``extracted`` (each higher = more memorised; no advantage columns). Exposure's ceiling
+is the secret space's size in bits, which the row states (``memorisation.space_bits``) and the band keeps
+(``ceiling``).
+
 Bands come from the 95 % confidence intervals (``<metric>_lo/_hi``) where the store has them, widened to at least
 ``MIN_BAND`` either side (floating-point drift between machines); otherwise the value ± ``DEFAULT_TOLERANCE``.
 A band that can never trip (``up`` with its upper edge at the ceiling, ``down`` with its lower edge at the
@@ -32,13 +37,16 @@ from pathlib import Path
 from typing import Any
 
 from suite.errors import SplitleakError
-from suite.experiment.store import METRICS, cell_label, open_store
+from suite.experiment.store import MEMORISATION_METRICS, METRICS, cell_label, open_store
 
-# Absolute bands: BLEU/ROUGE are on 0-100, rates on 0-1.
+# Absolute bands: BLEU/ROUGE are on 0-100, rates on 0-1, exposure in bits.
 DEFAULT_TOLERANCE = {"bleu4": 5.0, "rouge1": 5.0, "rouge2": 5.0, "rougeL": 5.0, "token_accuracy": 0.05,
-                     "exact_match": 0.05, "pii_recovery": 0.05}
-MIN_BAND = {m: t / 2.5 for m, t in DEFAULT_TOLERANCE.items()}  # 2 points on 0-100, 0.02 on rates
+                     "exact_match": 0.05, "pii_recovery": 0.05,
+                     "exposure": 2.0, "auc": 0.05, "tpr_at_1pct_fpr": 0.05, "tpr_at_0_1pct_fpr": 0.05,
+                     "extracted": 0.05}
+MIN_BAND = {m: t / 2.5 for m, t in DEFAULT_TOLERANCE.items()}  # 2 points on 0-100, 0.02 on rates, 0.8 bits
 CEILING = {m: 100.0 if t > 1 else 1.0 for m, t in DEFAULT_TOLERANCE.items()}
+CEILING["exposure"] = math.inf  # unless the row states its secret space (the band's ``ceiling``)
 FORMAT = 2
 UP, DOWN = "up", "down"
 WHAT = {UP: "leakage must not rise", DOWN: "attack must not weaken"}
@@ -48,13 +56,14 @@ def _base(metric: str) -> str:
     return metric[4:] if metric.startswith("adv_") else metric
 
 
-def metric_range(metric: str) -> tuple[float, float]:
-    """(floor, ceiling) a metric can take; an advantage over blind can be negative."""
-    top = CEILING[_base(metric)]
+def metric_range(metric: str, band: dict[str, Any] | None = None) -> tuple[float, float]:
+    """(floor, ceiling) a metric can take (the band's own ``ceiling`` where it has one: exposure's secret
+    space); an advantage over blind can be negative."""
+    top = band["ceiling"] if band is not None and "ceiling" in band else CEILING[_base(metric)]
     return (-top if metric.startswith("adv_") else 0.0), top
 
 
-GATED = (*METRICS, *(f"adv_{m}" for m in METRICS))
+GATED = (*METRICS, *(f"adv_{m}" for m in METRICS), *MEMORISATION_METRICS)
 
 
 def _num(v: Any) -> float | None:
@@ -69,15 +78,18 @@ def _num(v: Any) -> float | None:
 
 def can_trip(metric: str, band: dict[str, Any]) -> bool:
     """Whether any value the metric can take lies outside ``band`` in the band's direction."""
-    floor, top = metric_range(metric)
+    floor, top = metric_range(metric, band)
     if band["check"] == UP:
         return band["hi"] < top
     return band["lo"] > floor
 
 
-def make_band(metric: str, value: float, lo: float | None, hi: float | None, defended: bool) -> dict[str, Any]:
-    """The band and direction for one metric of one cell; never one that cannot trip."""
-    floor, top = metric_range(metric)
+def make_band(metric: str, value: float, lo: float | None, hi: float | None, defended: bool,
+              ceiling: float | None = None) -> dict[str, Any]:
+    """The band and direction for one metric of one cell; never one that cannot trip. ``ceiling``: the
+    metric's own ceiling in this cell (exposure: the secret space's bits), kept in the band."""
+    own = {} if ceiling is None else {"ceiling": float(ceiling)}
+    floor, top = metric_range(metric, own)
     base, tol = _base(metric), DEFAULT_TOLERANCE[_base(metric)]
     if lo is not None and hi is not None:
         band = {"lo": min(lo, value - MIN_BAND[base]), "hi": max(hi, value + MIN_BAND[base]), "source": "interval"}
@@ -87,7 +99,7 @@ def make_band(metric: str, value: float, lo: float | None, hi: float | None, def
     for lo_hi in (band, {**band, "lo": value - MIN_BAND[base], "hi": value + MIN_BAND[base], "source": "narrowed"}):
         for direction in (preferred, other):
             candidate = {"value": value, "lo": lo_hi["lo"], "hi": lo_hi["hi"], "check": direction,
-                         "source": lo_hi["source"]}
+                         "source": lo_hi["source"], **own}
             if can_trip(metric, candidate):
                 if direction != preferred:
                     candidate["reason"] = "at its floor" if direction == UP else "at its ceiling"
@@ -107,11 +119,22 @@ def make_baseline(directory: str | Path) -> dict[str, Any]:
         for m in GATED:
             v = _num(r.get(m))
             if v is not None:
-                metrics[m] = make_band(m, v, _num(r.get(f"{m}_lo")), _num(r.get(f"{m}_hi")), defended)
+                metrics[m] = make_band(m, v, _num(r.get(f"{m}_lo")), _num(r.get(f"{m}_hi")), defended,
+                                       _space_bits(r) if m == "exposure" else None)
         cells[cell_label(r)] = {"defended": defended, "metrics": metrics}
     if not cells:
         raise SplitleakError(f"no finished cells in {directory}: nothing to make a baseline from")
     return {"format": FORMAT, "cells": cells}
+
+
+def _space_bits(row: dict[str, Any]) -> float | None:
+    """The secret space (bits) a memorisation row's exposure is capped at, where the row says."""
+    detail = row.get("memorisation")
+    try:
+        detail = json.loads(detail) if isinstance(detail, str) else detail
+    except ValueError:
+        return None
+    return _num(detail.get("space_bits")) if isinstance(detail, dict) else None
 
 
 def _legacy(data: dict[str, Any]) -> dict[str, Any]:
@@ -143,6 +166,8 @@ def load_baseline(path: str | Path) -> dict[str, Any]:
                 if m not in GATED or band["check"] not in (UP, DOWN):
                     raise KeyError(f"{label}: {m}")
                 band["value"], band["lo"], band["hi"] = float(band["value"]), float(band["lo"]), float(band["hi"])
+                if "ceiling" in band:
+                    band["ceiling"] = float(band["ceiling"])
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise SplitleakError(f"baseline file {p} has a malformed cell ({err}); regenerate it with "
                              f"'splitleak baseline DIR > {p}'") from None
@@ -155,7 +180,7 @@ def never_trip(baseline: dict[str, Any]) -> list[str]:
     for label, cell in sorted(baseline["cells"].items()):
         for m, band in sorted(cell["metrics"].items()):
             if not can_trip(m, band):
-                floor, top = metric_range(m)
+                floor, top = metric_range(m, band)
                 edge = f"upper edge {band['hi']:.4g} >= ceiling {top:g}" if band["check"] == UP else \
                     f"lower edge {band['lo']:.4g} <= floor {floor:g}"
                 out.append(f"{label}: {m} = {band['value']:.4g} checked {band['check']} can never trip ({edge})")

@@ -137,12 +137,18 @@ def _params(pairs: Sequence[str]) -> dict:
 def cmd_attack(args: argparse.Namespace) -> int:
     from suite.engine.split import SplitSpec
     from suite.experiment.cell import run_cell
+    from suite.interfaces.attack import ATTACKS
 
     cfg = _config_from_args(args)
     if args.capture:
+        if ATTACKS.get(args.attack).kind == "memorisation":
+            raise SplitleakError(f"{args.attack} reads a trained model, not traffic: drop --capture (it trains the "
+                                 "split with the config's canaries)")
         return _attack_capture(cfg, args)
-    _preflight_single(cfg, args.threat)
+    _preflight_single(cfg, args.threat)  # before the attacks (and torch) load
     spec = SplitSpec(cfg.training.head_blocks, cfg.training.tail_blocks)
+    if ATTACKS.get(args.attack).kind == "memorisation":
+        return _attack_memorisation(cfg, spec, args)
     result = run_cell(cfg, spec, args.threat, args.attack, _params(args.param),
                       defense_name=args.defense, defense_params=_params(args.defense_param))
     m = result.metrics
@@ -160,6 +166,42 @@ def cmd_attack(args: argparse.Namespace) -> int:
               f"{result.utility_centralised:.3f}, perplexity {result.perplexity_centralised:.2f}")
     for ref, hyp in list(zip(result.references, result.reconstruction.texts, strict=False))[: args.samples]:
         print(f"  original: {ref}\n  attacker: {hyp}")
+    return 0
+
+
+def _attack_memorisation(cfg, spec, args: argparse.Namespace) -> int:
+    """``attack`` with canary_exposure, membership or extraction: train, read the threat's model view, score."""
+    from suite.experiment.memorisation import run_memorisation_cell
+
+    f = run_memorisation_cell(cfg, spec, args.threat, args.attack, _params(args.param),
+                              defense_name=args.defense, defense_params=_params(args.defense_param))
+    m = f["memorisation"]
+
+    def iv(name: str, fmt: str) -> str:
+        lo, hi = f.get(f"{name}_lo"), f.get(f"{name}_hi")
+        return format(f[name], fmt) + ("" if lo is None else f" [{format(lo, fmt)}, {format(hi, fmt)}]")
+
+    print(f"cell: model={cfg.model.name} k={spec.head_blocks} m={spec.tail_blocks} threat={args.threat} "
+          f"attack={args.attack} defense={args.defense} {f['defense_report'] or ''}")
+    views = m.get("views") or {}
+    read = "; every granted view read: " + ", ".join(f"{v} {x:.3g}" for v, x in views.items()) if len(views) > 1 else ""
+    print(f"view: {m.get('view')}{read}; canary victim: client {m['canary_victim']}")
+    by = m.get("by_repeats") or {}
+    if f.get("exposure") is not None:
+        rep = ", ".join(f"{k}x: {v['exposure']:.1f}" for k, v in by.items())
+        print(f"exposure {iv('exposure', '.2f')} bits of {m['space_bits']:.1f} (mean over {len(m['exposure'])} "
+              f"canaries, {m['candidates']:,} candidates); by repeats {rep}")
+    if f.get("auc") is not None:
+        fp = m["false_positives"]
+        print(f"membership ({m['signal']}, {m['members']} members, {m['non_members']} non-members): "
+              f"AUC {iv('auc', '.3f')}  TPR@1% FPR {iv('tpr_at_1pct_fpr', '.3f')} ({fp['fp_at_1pct_fpr']} false "
+              f"positives)  TPR@0.1% FPR {iv('tpr_at_0_1pct_fpr', '.3f')} ({fp['fp_at_0_1pct_fpr']} false positives)")
+    if f.get("extracted") is not None:
+        rep = ", ".join(f"{k}x: {v['extracted']:.2f}" for k, v in by.items())
+        print(f"extracted verbatim {iv('extracted', '.2f')} of the canaries; by repeats {rep}; "
+              f"by decoding {m['by_decoding']}")
+    print(f"utility (held-out loss) {f['utility']:.3f}   attack cost {f['attack_seconds']:.1f} s, "
+          f"peak RSS {f['attack_peak_rss_mib']:.0f} MiB")
     return 0
 
 
@@ -473,7 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("attack", help="run one matrix cell: train a split, capture, attack, print the metrics",
+    p = sub.add_parser("attack", help="run one matrix cell: train a split, capture, attack, print the metrics "
+                       "(memorisation attacks: train with the config's canaries, read the threat's model view)",
                        epilog=EPILOG)
     _add_run_options(p)
     p.add_argument("--threat", required=True, help="threat preset, e.g. curious_server (`splitleak list threats`)")

@@ -13,6 +13,7 @@ from suite.cli import main
 from suite.errors import SplitleakError
 from suite.experiment.config import parse_config
 from suite.experiment.schedule import run_matrix
+from suite.experiment.store import MEMORISATION_METRICS
 
 MATRIX = {
     "model": {"name": "tiny-llama"},
@@ -103,7 +104,7 @@ def test_baseline_never_writes_a_band_that_cannot_trip_and_passes_its_own_check(
     assert main(["baseline", str(store)]) == 0
     baseline = json.loads(capsys.readouterr().out)
     assert never_trip(baseline) == []
-    assert {m for c in baseline["cells"].values() for m in c["metrics"]} == set(GATED) - {
+    assert {m for c in baseline["cells"].values() for m in c["metrics"]} == set(GATED) - set(MEMORISATION_METRICS) - {
         f"adv_{m}" for m in GATED if not m.startswith("adv_") and m != "token_accuracy"}
     assert _run_check(store, baseline, tmp_path) == 0
     out = capsys.readouterr().out
@@ -200,3 +201,51 @@ def test_swept_cells_keep_their_own_baseline_entries(tmp_path):
     same = Cell(1, 1, "curious_server", "inv", "{}", "none", "{}", steps=8, finetune="lora")
     assert f"m {same.label()}" in baseline["cells"]  # the gate's label is the model and Cell.label
     assert baseline["cells"][f"m {same.label()}"]["metrics"]["token_accuracy"]["value"] == 0.6
+
+
+def _memorisation(key, threat, attack, defense, dparams=None, *, space_bits=39.86, **metrics):
+    """A memorisation row (issue 26): its own columns with intervals, no leakage columns."""
+    row = {"key": key, "model": "m", "revision": "r1", "head_blocks": 1, "tail_blocks": 1, "strategy": "per_client",
+           "threat": threat, "attack": attack, "attack_params": {}, "defense": defense,
+           "defense_params": dparams or {}, "seed": 0, "config": {"model": {"name": "m"}}, "versions": {},
+           "status": "ok", "error": None, "note": "", "attack_seconds": 1.0, "utility": 3.0,
+           "defense_report": {}, "memorisation": {"view": "released_model", "space_bits": space_bits}}
+    for m, (v, lo, hi) in metrics.items():
+        row.update({m: v, f"{m}_lo": lo, f"{m}_hi": hi})
+    return row
+
+
+def test_memorisation_columns_are_gated_and_a_planted_regression_fails(tmp_path, capsys):
+    dp = {"sigma": 1.0, "clip": 1.0}
+    rows = [
+        _memorisation("e0", "model_user", "canary_exposure", "none", exposure=(12.0, 10.0, 14.0)),
+        _memorisation("e1", "model_user", "canary_exposure", "dp_sgd", dp, exposure=(2.0, 1.5, 2.6)),
+        _memorisation("e2", "adapter_thief", "canary_exposure", "dp_sgd", {"sigma": 0.1},
+                      exposure=(39.86, 39.86, 39.86)),
+        _memorisation("m1", "model_user", "membership", "dp_sgd", dp, auc=(0.52, 0.50, 0.54),
+                      tpr_at_1pct_fpr=(0.012, 0.005, 0.02), tpr_at_0_1pct_fpr=(0.001, 0.0, 0.004)),
+        _memorisation("x1", "model_user", "extraction", "dp_sgd", dp, extracted=(0.0, 0.0, 0.31)),
+    ]
+    store = write_store(tmp_path / "run", rows)
+    baseline = make_baseline(store)
+    bands = {label.split(" ", 3)[-1]: c["metrics"] for label, c in baseline["cells"].items()}
+    exposure = bands["model_user/canary_exposure/dp_sgd" + '{"clip":1.0,"sigma":1.0}']["exposure"]
+    assert (exposure["check"], exposure["lo"], exposure["hi"], exposure["ceiling"]) == (UP, 1.2, 2.8, 39.86)
+    capped = bands["adapter_thief/canary_exposure/dp_sgd" + '{"sigma":0.1}']["exposure"]  # the whole space: it can only fall
+    assert capped["check"] == DOWN and capped["reason"] == "at its ceiling"
+    membership = bands["model_user/membership/dp_sgd" + '{"clip":1.0,"sigma":1.0}']
+    assert set(membership) == {"auc", "tpr_at_1pct_fpr", "tpr_at_0_1pct_fpr"}
+    assert all(b["check"] == UP for b in membership.values())
+    assert never_trip(baseline) == []
+    assert _run_check(store, baseline, tmp_path) == 0
+    capsys.readouterr()
+    # planted regressions: dp_sgd stops protecting (exposure and TPR rise), an undefended canary fades
+    # (AUC moves inside its band: it passes)
+    write_store(store, [{**rows[1], "exposure": 6.0}, {**rows[3], "auc": 0.53, "tpr_at_0_1pct_fpr": 0.05},
+                        {**rows[0], "exposure": 4.0}])
+    assert _run_check(store, baseline, tmp_path) == 1
+    out = capsys.readouterr().out
+    assert "canary_exposure/dp_sgd" in out and "leakage under defense rose: exposure 2 -> 6 (band up to 2.8)" in out
+    assert "leakage under defense rose: tpr_at_0_1pct_fpr 0.001 -> 0.05" in out
+    assert "attack got weaker without defense: exposure 12 -> 4 (band down to 10)" in out
+    assert "3 regressions -> FAIL" in out

@@ -193,6 +193,8 @@ class _Blocks(nn.Module):
                     attention_mask=attention_mask,
                     cache=cache,
                     position_ids=position_ids,
+                    # the cache's own layer (global index): a part's cache holds none of the blocks before it
+                    **({"layer_idx": self.first + offset} if cache is not None else {}),
                 )
             out = layer(hidden, attention_mask=masks[kind], **kwargs)
             hidden = out[0] if isinstance(out, tuple) else out

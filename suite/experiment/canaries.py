@@ -2,7 +2,8 @@
 and the audit set the memorisation attacks are asked about.
 
 Every canary reads ``CANARY_PREFIX + secret`` ("my account number is 4821-0093-7716"), the secret drawn
-uniformly from ``SECRET_FORMAT`` (each ``#`` a decimal digit: 10^12 secrets, ~39.9 bits) with
+uniformly from ``[data] canaries.format`` (each ``#`` a decimal digit; the default ``SECRET_FORMAT`` has 10^12
+secrets, ~39.9 bits; a 4-digit format's 10^4 can be ranked whole, exposure capped at 13.3 bits) with
 ``[data] canaries.seed``. ``count`` canaries are made for each value of ``repeats`` and each is inserted that
 many times into the shard of the *canary victim*: the last client, a victim under every threat (a colluder
 is client 0). The prefix and the format are public (they are the auditor's question); which secret each
@@ -20,6 +21,7 @@ import math
 import random
 from dataclasses import dataclass
 
+from suite.errors import ConfigError
 from suite.experiment.data import Record
 
 CANARY_PREFIX = "my account number is "
@@ -43,21 +45,30 @@ def random_secret(rng: random.Random, fmt: str = SECRET_FORMAT) -> str:
     return "".join(str(rng.randrange(10)) if ch == "#" else ch for ch in fmt)
 
 
+def secret_format(canaries: list[Canary]) -> str:
+    """The format the canaries' secrets were drawn from (digits as ``#``); ``SECRET_FORMAT`` when there are none."""
+    return "".join("#" if ch.isdigit() else ch for ch in canaries[0].secret) if canaries else SECRET_FORMAT
+
+
 def space_bits(fmt: str = SECRET_FORMAT) -> float:
     """log2 of the number of secrets of ``fmt``."""
     return fmt.count("#") * math.log2(10)
 
 
-def make_canaries(count: int, repeats: list[int], seed: int) -> list[Canary]:
-    """``count`` canaries per repeat count, distinct secrets, the same for the same seed in any process."""
+def make_canaries(count: int, repeats: list[int], seed: int, fmt: str = SECRET_FORMAT) -> list[Canary]:
+    """``count`` canaries per repeat count, distinct secrets of ``fmt``, the same for the same seed in any
+    process."""
+    if count * len(repeats) > 10 ** fmt.count("#") // 2:
+        raise ConfigError(f"{count * len(repeats)} canaries do not fit the secret format {fmt!r} "
+                          f"({10 ** fmt.count('#'):,} secrets): use fewer canaries or more '#'")
     rng = random.Random(f"splitleak canaries {seed}")
     secrets: set[str] = set()
     out = []
     for r in repeats:
         for _ in range(count):
-            s = random_secret(rng)
+            s = random_secret(rng, fmt)
             while s in secrets:
-                s = random_secret(rng)
+                s = random_secret(rng, fmt)
             secrets.add(s)
             out.append(Canary(s, r))
     return out

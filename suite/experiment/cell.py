@@ -406,8 +406,8 @@ def run_cell(cfg: ExperimentConfig, spec: SplitSpec, threat_name: str, attack_na
     check_threat(threat, cfg.training.clients)
     attack = make_attack(attack_name, threat, params)
     if attack.kind == "memorisation":  # refused before any training
-        raise ConfigError(f"{attack_name} reads a trained model: run it in a matrix with [data] canaries "
-                          "(splitleak run examples/configs/memorisation.toml)")
+        raise ConfigError(f"{attack_name} reads a trained model: run it with splitleak attack (which trains with "
+                          "the config's canaries) or in a matrix (splitleak run examples/configs/memorisation.toml)")
     defense = make_defense(defense_name, defense_params)
     base = base if base is not None else load_for(cfg)
     trained = train_split(cfg, spec, base, threat, attack if attack.active else None, defense)

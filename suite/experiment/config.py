@@ -75,6 +75,17 @@ class CanarySection(_Section):
     count: int = Field(default=20, ge=1, le=10_000)
     repeats: list[int] = [1, 10, 50]
     seed: int = 0  # draws the secrets (fresh per canary, uniform over the stated space)
+    # the secret's format, each "#" a decimal digit: the space is 10^(number of #), exposure's cap its log2
+    format: str = "####-####-####"
+
+    @field_validator("format")
+    @classmethod
+    def _format(cls, value: str) -> str:
+        digits = value.count("#")
+        if not 4 <= digits <= 18 or not value.isprintable() or any(ch.isdigit() for ch in value):
+            raise ValueError(f"give a secret format of 4 to 18 '#' (one digit each) and literal separators, e.g. "
+                             f"'####-####-####' or '####' (10^4 secrets: exposure capped at 13.3 bits), not {value!r}")
+        return value
 
     @field_validator("repeats")
     @classmethod

@@ -71,7 +71,7 @@ def prepare(
     canaries = []
     if cfg.data.canaries is not None:  # into the last client's shard: a victim under every threat
         c = cfg.data.canaries
-        canaries = make_canaries(c.count, c.repeats, c.seed)
+        canaries = make_canaries(c.count, c.repeats, c.seed, c.format)
         shards[-1] = insert(shards[-1], canaries)
     max_len = cfg.data.max_length
     tokenized = [tokenize(s, loaded.tokenizer, max_len) for s in shards]

@@ -9,8 +9,9 @@ import numpy as np
 
 from suite.experiment.config import ExperimentConfig
 from suite.experiment.inference_run import pooled_parts
+from suite.experiment.memorisation import pooled_fields
 from suite.experiment.plan import Cell, aggregate_key, cell_key, cell_row
-from suite.experiment.store import METRICS, ResultsStore
+from suite.experiment.store import MEMORISATION_METRICS, METRICS, ResultsStore
 from suite.scoring.intervals import from_json, summarize, utility_summary
 
 
@@ -37,14 +38,18 @@ def aggregate_seeds(cfg: ExperimentConfig, out: str, cells: list[Cell], revision
                        samples=mine[0]["samples"], attack_seconds=sum(r["attack_seconds"] or 0 for r in mine),
                        attack_peak_rss_mib=max(r["attack_peak_rss_mib"] or 0 for r in mine))
             failed = [r for r in mine if r["status"] != "ok"]
+            scores = [None if r["record_scores"] is None else json.loads(r["record_scores"]) for r in mine]
             if failed:
                 row.update(status="failed", error=f"seed {failed[0]['seed']} failed: {failed[0]['error']}")
-            elif any(r["record_scores"] is None for r in mine):  # rows of an older version: means only
+            elif any(s is None for s in scores):  # rows of an older version: means only
                 row.update({m: float(np.mean([r[m] for r in mine])) if all(r[m] is not None for r in mine) else None
-                            for m in (*METRICS, "utility")}, status="ok", error=None,
+                            for m in (*METRICS, *MEMORISATION_METRICS, "utility")}, status="ok", error=None,
                            note=f"mean over seeds {seeds} (no per-record scores: no intervals)")
+            elif all("memorisation" in s for s in scores):  # memorisation rows: canaries and members
+                row.update(pooled_fields(mine, scores), status="ok", error=None,
+                           utility=float(np.mean([r["utility"] for r in mine])),
+                           note=f"mean over records x seeds {seeds}")
             else:
-                scores = [json.loads(r["record_scores"]) for r in mine]
                 stats = [from_json(s["stats"]) for s in scores]
                 blind = [from_json(s["blind"]) for s in scores] if all("blind" in s for s in scores) else None
                 row.update(summarize(stats, blind), status="ok", error=None,

@@ -115,6 +115,17 @@ class Observations:
             raise ConfigError(f"threat {self.threat.name!r} does not grant gradients")
 
 
+# The model views a memorisation attack may read, in the order view = "auto" tries them: the one definition
+# that attacks._memorise (opening a view) and suite.experiment.memorisation (running each granted one) share.
+MODEL_VIEWS = {"released_model": C.RELEASED_MODEL, "colluder_model": C.COLLUDER_MODEL,
+               "server_adapters": C.SERVER_ADAPTERS}
+
+
+def granted_views(obs: Observations) -> list[str]:
+    """The model views ``obs`` holds, in ``MODEL_VIEWS`` order."""
+    return [name for name in MODEL_VIEWS if getattr(obs, name) is not None]
+
+
 def filter_observations(threat: ThreatModel, capabilities: frozenset[Capability] | None = None,
                         **available) -> Observations:
     """Build ``Observations`` from everything the runner captured, keeping only what ``threat`` grants and,

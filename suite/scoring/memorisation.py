@@ -104,23 +104,55 @@ def membership_summary(member_scores: Sequence[float], non_member_scores: Sequen
                        n_boot: int = N_BOOT, level: float = LEVEL, seed: int = 0) -> dict[str, float | None]:
     """``auc``, ``tpr_at_1pct_fpr``, ``tpr_at_0_1pct_fpr``, each with ``_lo`` / ``_hi`` (stratified bootstrap),
     and how many false positives each TPR rests on (``fp_at_1pct_fpr``, ``fp_at_0_1pct_fpr``)."""
-    member = np.asarray(member_scores, dtype=float)
-    non = np.asarray(non_member_scores, dtype=float)
-    if member.size == 0 or non.size == 0:
-        raise ValueError(f"membership needs members and non-members, got {member.size} and {non.size}")
-    if not (np.all(np.isfinite(member)) and np.all(np.isfinite(non))):
-        raise ValueError("membership scores must be finite")
+    return pooled_membership_summary([(member_scores, non_member_scores)], n_boot=n_boot, level=level, seed=seed)
+
+
+def pooled_membership_summary(per_seed: Sequence[tuple[Sequence[float], Sequence[float]]], *, n_boot: int = N_BOOT,
+                              level: float = LEVEL, seed: int = 0) -> dict[str, float | None]:
+    """``membership_summary`` over seeds: one (member scores, non-member scores) pair per seed, each seed's
+    scores from its own trained model. A seed's scores set its own threshold (scores of two models are not on
+    one scale), so each value is the mean over seeds of the seed's AUC or TPR; the interval resamples seeds
+    with replacement and, within each drawn seed, members and non-members (records x seeds, stratified, as
+    ``suite.scoring.intervals`` does for the leakage metrics). With one seed it is the record bootstrap. The TPR
+    intervals are widened to the Clopper-Pearson interval of the pooled count; ``fp_at_*`` is per seed (the
+    fewest non-members any seed has)."""
+    pairs = [(np.asarray(m, dtype=float), np.asarray(n, dtype=float)) for m, n in per_seed]
+    if not pairs:
+        raise ValueError("membership needs at least one seed's scores")
+    for member, non in pairs:
+        if member.size == 0 or non.size == 0:
+            raise ValueError(f"membership needs members and non-members, got {member.size} and {non.size}")
+        if not (np.all(np.isfinite(member)) and np.all(np.isfinite(non))):
+            raise ValueError("membership scores must be finite")
     rng = np.random.default_rng(seed)
-    mb = member[rng.integers(0, member.size, size=(n_boot, member.size))]
-    nb = non[rng.integers(0, non.size, size=(n_boot, non.size))]
-    out: dict[str, float | None] = {"auc": float(_auc(member, non))}
-    out["auc_lo"], out["auc_hi"] = _percentiles(_auc(mb, nb), level)
+    seeds = _seed_draws(rng, len(pairs), n_boot)
+    boots = []  # per seed: (member resamples, non-member resamples), drawn in the order of the one-seed bootstrap
+    for member, non in pairs:
+        boots.append((member[rng.integers(0, member.size, size=(n_boot, member.size))],
+                      non[rng.integers(0, non.size, size=(n_boot, non.size))]))
+
+    def pooled(fn) -> tuple[float, np.ndarray]:
+        point = float(np.mean([fn(m, n) for m, n in pairs]))
+        per = np.stack([fn(mb, nb) for mb, nb in boots])  # [S, B]
+        return point, per[seeds, np.arange(n_boot)[:, None]].mean(1)
+
+    out: dict[str, float | None] = {}
+    out["auc"], resampled = pooled(_auc)
+    out["auc_lo"], out["auc_hi"] = _percentiles(resampled, level)
+    members = sum(m.size for m, _ in pairs)
     for name, fpr in FPRS.items():
-        out[name] = float(_tpr_at(member, non, fpr))
-        exact = clopper_pearson(round(out[name] * member.size), member.size, level)
-        out[f"{name}_lo"], out[f"{name}_hi"] = _widen(_percentiles(_tpr_at(mb, nb, fpr), level), exact)
-        out["fp_at" + name.removeprefix("tpr_at")] = false_positives_at(non.size, fpr)
+        out[name], resampled = pooled(lambda m, n, fpr=fpr: _tpr_at(m, n, fpr))
+        hits = sum(round(float(_tpr_at(m, n, fpr)) * m.size) for m, n in pairs)
+        out[f"{name}_lo"], out[f"{name}_hi"] = _widen(_percentiles(resampled, level),
+                                                      clopper_pearson(hits, members, level))
+        out["fp_at" + name.removeprefix("tpr_at")] = false_positives_at(min(n.size for _, n in pairs), fpr)
     return out
+
+
+def _seed_draws(rng: np.random.Generator, seeds: int, n_boot: int) -> np.ndarray:
+    """``[n_boot, seeds]`` seed indices drawn with replacement (no draw with one seed, so that its bootstrap is
+    the plain record bootstrap)."""
+    return rng.integers(0, seeds, size=(n_boot, seeds)) if seeds > 1 else np.zeros((n_boot, 1), dtype=int)
 
 
 def roc_points(member_scores: Sequence[float], non_member_scores: Sequence[float]) -> tuple[list[float], list[float]]:
@@ -137,11 +169,23 @@ def mean_summary(values: Sequence[float], *, n_boot: int = N_BOOT, level: float 
                  seed: int = 0, binary: bool = False) -> tuple[float | None, float | None, float | None]:
     """The mean of per-canary values (exposure, extracted) and its bootstrap interval over canaries;
     ``binary`` (0/1 values, a rate): widened to the Clopper-Pearson interval of the count."""
-    v = np.asarray(values, dtype=float)
-    if v.size == 0:
+    return pooled_mean_summary([values], n_boot=n_boot, level=level, seed=seed, binary=binary)
+
+
+def pooled_mean_summary(per_seed: Sequence[Sequence[float]], *, n_boot: int = N_BOOT, level: float = LEVEL,
+                        seed: int = 0, binary: bool = False) -> tuple[float | None, float | None, float | None]:
+    """``mean_summary`` over seeds: the mean over canaries x seeds, its interval resampling seeds and, within
+    each drawn seed, canaries (every seed has the same canaries: the config makes them)."""
+    arrays = [np.asarray(v, dtype=float) for v in per_seed]
+    if not arrays or any(a.size == 0 for a in arrays):
         return None, None, None
+    if len({a.size for a in arrays}) > 1:
+        raise ValueError(f"every seed must score the same canaries, got {[a.size for a in arrays]} values")
+    v = np.stack(arrays)  # [S, N]
     rng = np.random.default_rng(seed)
-    boots = v[rng.integers(0, v.size, size=(n_boot, v.size))].mean(-1)
+    seeds = _seed_draws(rng, v.shape[0], n_boot)
+    records = rng.integers(0, v.shape[1], size=(n_boot, v.shape[0], v.shape[1]))
+    boots = v[seeds[:, :, None], records].mean(axis=(1, 2))
     lo, hi = _percentiles(boots, level)
     if binary:
         lo, hi = _widen((lo, hi), clopper_pearson(int(v.sum()), v.size, level))
