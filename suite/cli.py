@@ -387,7 +387,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     def ready(port: int, events: list[str]) -> None:
         for event in events:
             print(f"splitleak serve: {event}", file=sys.stderr)
-        print(f"splitleak serve: {cfg.model.name} k={t.head_blocks} m={t.tail_blocks} {t.strategy}, "
+        where = f"stage {args.stage} of {t.stages}, " if args.stage is not None else ""
+        print(f"splitleak serve: {where}{cfg.model.name} k={t.head_blocks} m={t.tail_blocks} {t.strategy}, "
               f"{t.clients} clients, gRPC + mutual TLS on port {port}; Ctrl-C stops", file=sys.stderr, flush=True)
 
     if args.stage is not None:  # one pipeline stage (suite.net.stages)

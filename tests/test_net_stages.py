@@ -23,7 +23,13 @@ from suite.net.certs import load_identity, make_certs
 from suite.net.link import HELLO, Link, LinkError
 from suite.net.parties import build_service, config_hash, run_client, stage_layout
 from suite.net.server import start_server
-from suite.net.stages import build_stage_service, pack_frames, stage_factory, start_stage_server, unpack_frames
+from suite.net.stages import (
+    build_stage_service,
+    pack_frames,
+    stage_factory,
+    start_stage_server,
+    unpack_frames,
+)
 
 STEPS = 10
 ARGS = ["--model", "tiny-llama", "-k", "0", "-m", "1", "--clients", "1", "--batch-size", "2", "--max-length", "12",

@@ -361,7 +361,7 @@ class StageService:
             self._replaying = False
             self.node.discard_pending()
             q._queues.clear()  # whatever a broken pass left
-            for c, frame in entries:
+            for _, frame in entries:
                 q.send(self.peer, me, frame)
             self.node.forward(ids, {c: peek(f)[1].get("step") for c, f in entries})
             reply = encode_control(STAGE_REPLY, ids[0], step,
