@@ -29,6 +29,15 @@ from suite.engine.split import ServerTrunk, _Blocks
 from suite.errors import ConfigError
 
 
+# Why integrity_audit refuses S > 1: its verifier is a client, which sees only the chain's two ends (what it
+# sent stage 0, what stage S-1 sent back) and one commitment per reply; checking stage i needs stage i's input
+# and output, which only the stages hold. The per-stage check is transition_audit's (a server-side verifier).
+INTEGRITY_AUDIT_NEEDS_ONE_SERVER = (
+    "the integrity_audit defense audits one server (training.stages = 1): its verifier, a client, sees only the "
+    "pipeline's two ends, not each stage's input and output; with stages > 1 use transition_audit, which audits "
+    "every stage")
+
+
 def stage_endpoint(index: int) -> str:
     return f"stage/{index}"
 
@@ -169,8 +178,7 @@ class StageChain:
     @commit_state.setter
     def commit_state(self, value: bool) -> None:
         if value:
-            raise ConfigError("the integrity_audit defense audits one server (training.stages = 1); a per-stage "
-                              "transition audit for stages > 1 is not built yet")
+            raise ConfigError(INTEGRITY_AUDIT_NEEDS_ONE_SERVER)
 
     @property
     def optimizer_steps(self) -> dict[str, int]:

@@ -44,7 +44,7 @@ import torch
 from suite.engine.channel import ClientEnd, IntegrityError, ServerEnd, ServerKeys
 from suite.engine.parties import Server, UpdateRefused
 from suite.engine.protocol import STAGE_PASS, STAGE_REPLY, Bounds, decode_control, encode_control, peek
-from suite.engine.stages import stage_endpoint
+from suite.engine.stages import INTEGRITY_AUDIT_NEEDS_ONE_SERVER, stage_endpoint
 from suite.engine.transport import SERVER, InProcessTransport, client_endpoint
 from suite.errors import ConfigError, ProtocolError, SplitleakError
 from suite.experiment.config import ExperimentConfig
@@ -200,8 +200,7 @@ class StageNode:
     @commit_state.setter
     def commit_state(self, value: bool) -> None:
         if value:
-            raise ConfigError("the integrity_audit defense audits one server (training.stages = 1); with stages use "
-                              "transition_audit")
+            raise ConfigError(INTEGRITY_AUDIT_NEEDS_ONE_SERVER)
 
     def expect(self, shape=None, kind=None):
         return self.server.expect(shape, kind)
