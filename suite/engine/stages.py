@@ -28,7 +28,6 @@ from suite.engine.protocol import ActivationMsg, Expect, GradientMsg
 from suite.engine.split import ServerTrunk, _Blocks
 from suite.errors import ConfigError
 
-
 # Why integrity_audit refuses S > 1: its verifier is a client, which sees only the chain's two ends (what it
 # sent stage 0, what stage S-1 sent back) and one commitment per reply; checking stage i needs stage i's input
 # and output, which only the stages hold. The per-stage check is transition_audit's (a server-side verifier).
