@@ -116,6 +116,47 @@ def test_three_stages_over_grpc_survive_kill_9_of_the_middle_one(certs, tmp_path
     assert checkpoint.load(ck / "stage-1.pt")["passes"] == STEPS
 
 
+def test_a_batch_parallel_round_is_one_pass_at_every_stage_and_trains_like_in_process(certs, tmp_path):
+    """Two clients, ``batch_parallel``: each round crosses every link as one pass (both clients' rows in one
+    trunk pass per stage), and both clients' losses are the in-process StageChain's."""
+    extra = ["--clients", "2", "--strategy", "batch_parallel", "--steps", "3"]
+    cfg = _config_from_args(build_parser().parse_args(["client", *ARGS, *extra, "--certs", "unused", "--id", "0"]))
+    two = make_certs(tmp_path / "certs", clients=2, stages=3)
+    servers = []
+    try:
+        last = build_stage_service(cfg, 2, load_identity(two, "stage-2"), None)
+        server, port2 = start_stage_server(last, load_identity(two, "stage-2"), "127.0.0.1:0")
+        servers.append(server)
+        middle = build_stage_service(cfg, 1, load_identity(two, "stage-1"), f"127.0.0.1:{port2}")
+        server, port1 = start_stage_server(middle, load_identity(two, "stage-1"), "127.0.0.1:0")
+        servers.append(server)
+        ident0 = load_identity(two, "stage-0")
+        first = build_service(cfg, stage=stage_factory(cfg, 0, ident0, f"127.0.0.1:{port1}", None), round_timeout=120)
+        server, port0 = start_server(first, ident0, "127.0.0.1:0")
+        servers.append(server)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        other = subprocess.Popen([sys.executable, "-m", "suite.cli", "client", *ARGS, *extra, "--certs",
+                                  str(two / "client-1"), "--server", f"127.0.0.1:{port0}", "--id", "1"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        try:
+            mine = run_client(cfg, 0, f"127.0.0.1:{port0}", two / "client-0").losses
+            out, err = other.communicate(timeout=240)
+        finally:
+            if other.poll() is None:
+                other.kill()
+                other.communicate()
+        assert other.returncode == 0, err[-2000:]
+        theirs = [float(x) for x in next(ln for ln in out.splitlines() if ln.startswith("losses:")).split()[1:]]
+    finally:
+        for s in servers:
+            s.stop(grace=0).wait(10)
+    assert middle.passes == last.passes == 3  # one pass per round at every stage
+    prepared = prepare(cfg, SplitSpec(0, 1))
+    train(prepared.session)
+    want = [list(col) for col in zip(*prepared.session.losses, strict=True)]
+    torch.testing.assert_close(torch.tensor([mine, theirs]), torch.tensor(want), rtol=1e-5, atol=1e-5)
+
+
 def _same(got: dict, want: dict) -> None:
     assert set(got) == set(want) and want
     for name, value in want.items():
