@@ -7,7 +7,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 
 import grpc  # a dependency: no skip
 import pytest
@@ -77,16 +76,21 @@ def test_three_stages_over_grpc_survive_kill_9_of_the_middle_one(certs, tmp_path
 
         killed = threading.Event()
 
-        def on_step(step: int, loss: float) -> None:  # kill -9 the middle stage mid-run, then restart it
-            if step == 2 and not killed.is_set():
-                killed.set()
-                time.sleep(0.05)  # the next step is under way
-                procs[0].send_signal(signal.SIGKILL)
-                logs.append(procs[0].communicate()[1])
-                procs.append(_middle(certs, port1, port2, ck))
+        def kill_and_restart() -> None:
+            procs[0].send_signal(signal.SIGKILL)
+            logs.append(procs[0].communicate()[1])
+            killed.set()
+            procs.append(_middle(certs, port1, port2, ck))
+
+        killer = threading.Timer(0.03, kill_and_restart)  # lands while step 3's passes cross the stages
+
+        def on_step(step: int, loss: float) -> None:
+            if step == 2:
+                killer.start()
 
         run = run_client(cfg, 0, f"127.0.0.1:{port0}", certs / "client-0", ck, on_step=on_step,
                          give_up_after=120)
+        killer.join()
     finally:
         for s in servers:
             s.stop(grace=0).wait(10)
