@@ -9,7 +9,8 @@ the padding mask, ``stage/i+1`` -> ``stage/i`` gradients), like every other mess
 server". Its ``forward`` runs the stages in order, its ``backward`` in reverse; the first stage takes the
 heads' activations and answers with the heads' gradients, the last one answers the tails and takes their
 gradients, both as ``SERVER``, so a client (and a defence on the client <-> server link) cannot tell S = 1
-from S > 1. S = 1 is a plain ``Server`` (nothing here runs).
+from S > 1. S = 1 is a plain ``Server`` (nothing here runs). Across processes each stage is one ``splitleak
+serve --stage i`` (``suite.net.stages``), over the same ``Server`` and the same messages.
 
 What each stage sees is its own inbox (``stage_inbox_taps``): the hidden states entering its first block and
 the gradients the next stage (or the tails) sends back. The chain's own ``inbox_taps`` see what a server
