@@ -317,6 +317,15 @@ class FshaAttack(Attack):
         super().__init__(config)
         self.policy: FshaPolicy | None = None
 
+    @classmethod
+    def threat_problem(cls, threat) -> str | None:
+        """FSHA steers the clients' heads through the gradient sent back to them, at the head's output: with
+        pipeline stages only stage 0 receives that output and answers the heads."""
+        if threat.stages and threat.stages[0] != 0:
+            return (f"fsha hijacks the clients' heads through the gradient of the head's output, which only stage 0 "
+                    f"receives and answers; {threat.name} is not stage 0: use malicious_stage:0")
+        return None
+
     def server_policy(self, obs: Observations) -> ServerPolicy:
         self.policy = FshaPolicy(self.config, obs)
         return self.policy

@@ -23,6 +23,12 @@ arrives out of sequence (replayed or reordered), that claims another channel, or
 disagrees with its header. One client's keys cannot open another client's traffic.
 
 What stays visible on the wire: frame sizes (so tensor shapes), timing, and the header (kind, client, step).
+
+Pipeline stages (``[training] stages`` > 1, ``suite.engine.stages``): every link between neighbouring stages
+is a channel of its own, built the same way: the downstream stage ``stage/<i+1>`` holds its own keys (a
+``ServerEnd``), the upstream ``stage/<i>`` makes the handshake (a ``ClientEnd``), and the activations going
+down and the gradients coming back are sealed with that link's keys. A frame between stages that are not
+neighbours is refused.
 """
 
 from __future__ import annotations
@@ -57,10 +63,22 @@ def _direction(src: str, dst: str) -> tuple[str, str]:
 
 
 def _between_stages(src: str, dst: str) -> bool:
-    """A frame between two pipeline stages (``stage/i``, ``suite.engine.stages``): outside the client <->
-    server channel this defense protects; in one process it passes through as it is (the networked stages
-    talk over their own mTLS links)."""
+    """A frame between two pipeline stages (``stage/i``, ``suite.engine.stages``): sealed on that link's own
+    channel (``_stage_link``)."""
     return src.startswith("stage/") and dst.startswith("stage/")
+
+
+def _stage_link(src: str, dst: str) -> tuple[str, str, str]:
+    """(upstream stage, downstream stage, direction) of a frame between two neighbouring stages."""
+    try:
+        i, j = int(src.removeprefix("stage/")), int(dst.removeprefix("stage/"))
+    except ValueError:
+        raise ProtocolError(f"not a stage endpoint: {src} -> {dst}") from None
+    if j == i + 1:
+        return src, dst, "to_server"
+    if i == j + 1:
+        return dst, src, "to_client"
+    raise ProtocolError(f"{src} and {dst} are not neighbouring stages: no channel between them")
 
 
 class EncryptedTransport:
@@ -74,6 +92,9 @@ class EncryptedTransport:
         self.server = ServerEnd(ServerKeys(config.mode, config.rsa_bits))
         self.session = self.server.keys.session
         self.clients: dict[str, ClientEnd] = {}
+        # pipeline stages: each downstream stage's own keys, each upstream stage's end of its link
+        self.stage_servers: dict[str, ServerEnd] = {}
+        self.stage_clients: dict[tuple[str, str], ClientEnd] = {}
         self.rejected = 0
 
     @property
@@ -94,9 +115,41 @@ class EncryptedTransport:
     def pending(self) -> int:
         return self.inner.pending()
 
+    def _stage_server(self, down: str) -> ServerEnd:
+        end = self.stage_servers.get(down)
+        if end is None:
+            end = self.stage_servers[down] = ServerEnd(ServerKeys(self.config.mode, self.config.rsa_bits))
+        return end
+
+    def _send_between_stages(self, src: str, dst: str, data: bytes) -> None:
+        up, down, direction = _stage_link(src, dst)
+        if direction == "to_server":
+            end = self.stage_clients.get((up, down))
+            if end is None:
+                end = self.stage_clients[(up, down)] = ClientEnd(up, self._stage_server(down).public_for(up))
+                self.inner.send(up, down, end.handshake)
+            self.inner.send(src, dst, end.seal(data))
+        else:
+            server = self.stage_servers.get(down)
+            if server is None or up not in server.channels:
+                raise ProtocolError(f"{down} has no secure channel with {up} yet")
+            self.inner.send(src, dst, server.seal(up, data))
+
+    def _recv_between_stages(self, dst: str, src: str) -> bytes:
+        up, down, direction = _stage_link(src, dst)
+        if direction == "to_server":
+            server = self._stage_server(down)
+            if up not in server.channels:
+                server.accept(up, self.inner.recv(dst, src))
+            return server.open(up, self.inner.recv(dst, src))
+        end = self.stage_clients.get((up, down))
+        if end is None:
+            raise IntegrityError(f"{up} has no secure channel with {down} and cannot read its traffic")
+        return end.open(self.inner.recv(dst, src))
+
     def send(self, src: str, dst: str, data: bytes) -> None:
         if _between_stages(src, dst):
-            self.inner.send(src, dst, data)
+            self._send_between_stages(src, dst, data)
             return
         client, direction = _direction(src, dst)
         if direction == "to_server":
@@ -111,10 +164,10 @@ class EncryptedTransport:
             self.inner.send(src, dst, self.server.seal(client, data))
 
     def recv(self, dst: str, src: str) -> bytes:
-        if _between_stages(src, dst):
-            return self.inner.recv(dst, src)
-        client, direction = _direction(src, dst)
         try:
+            if _between_stages(src, dst):
+                return self._recv_between_stages(dst, src)
+            client, direction = _direction(src, dst)
             if direction == "to_server":
                 if client not in self.server.channels:
                     self.server.accept(client, self.inner.recv(dst, src))

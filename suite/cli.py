@@ -59,6 +59,7 @@ def _config_from_args(args: argparse.Namespace):
         ("model", "device"): getattr(args, "device", None),
         ("model", "server_device"): getattr(args, "server_device", None),
         ("model", "dtype"): getattr(args, "dtype", None),
+        ("training", "stages"): getattr(args, "stages", None),
     }
     for (section, key), value in overrides.items():
         if value is not None:
@@ -432,11 +433,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_certs(args: argparse.Namespace) -> int:
     from suite.net.certs import make_certs
 
-    out = make_certs(args.dir, args.clients, hosts=tuple(args.host))
+    out = make_certs(args.dir, args.clients, hosts=tuple(args.host), stages=args.stages)
     print(f"throwaway CA, server and {args.clients} client certificates -> {out} (for trying things out only):\n"
           f"  {out / 'ca'}: the CA and its key; keep it, hand it to nobody\n"
           f"  {out / 'server'}: to the server only (`splitleak serve --certs {out / 'server'}`)\n"
           f"  {out / 'client-<i>'}: to client i only (`splitleak client --certs {out / 'client-<i>'} --id <i>`)")
+    if args.stages:
+        print(f"  {out / 'stage-<i>'}: to pipeline stage i only (`splitleak serve --stage <i> --certs "
+              f"{out / 'stage-<i>'}`), {args.stages} of them")
     return 0
 
 
@@ -461,9 +465,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     def ready(port: int, events: list[str]) -> None:
         for event in events:
             print(f"splitleak serve: {event}", file=sys.stderr)
-        print(f"splitleak serve: {cfg.model.name} k={t.head_blocks} m={t.tail_blocks} {t.strategy}, "
+        where = f"stage {args.stage} of {t.stages}, " if args.stage is not None else ""
+        print(f"splitleak serve: {where}{cfg.model.name} k={t.head_blocks} m={t.tail_blocks} {t.strategy}, "
               f"{t.clients} clients, gRPC + mutual TLS on port {port}; Ctrl-C stops", file=sys.stderr, flush=True)
 
+    if args.stage is not None:  # one pipeline stage (suite.net.stages)
+        from suite.net.stages import serve_stage
+
+        if args.capture:
+            raise SplitleakError("--capture is not supported with --stage")
+        timeouts = {"turn_timeout": args.turn_timeout, "round_timeout": args.round_timeout,
+                    "bound_margin": args.bound_margin} if args.stage == 0 else {}
+        serve_stage(cfg, args.stage, args.certs, args.listen, args.next, args.checkpoint,
+                    max_message_mib=args.max_message_mib, on_ready=ready, defense=_net_defense(cfg, args), **timeouts)
+        return 0
     serve(cfg, args.certs, args.listen, args.checkpoint, max_message_mib=args.max_message_mib, on_ready=ready,
           turn_timeout=args.turn_timeout, round_timeout=args.round_timeout, bound_margin=args.bound_margin,
           defense=_net_defense(cfg, args), capture=args.capture)
@@ -599,6 +614,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clients", type=int, default=2, help="client certificates to create (client-0 ...)")
     p.add_argument("--host", action="append", default=["localhost", "127.0.0.1"],
                    help="name or IP the server certificate is valid for (repeatable)")
+    p.add_argument("--stages", type=int, default=0, help="also S pipeline stage certificates (stage-0 ...) for "
+                   "`serve --stage i`")
     p.set_defaults(func=cmd_certs)
 
     for name, helptext in (("serve", "run the server (trunk) as its own process: gRPC with mutual TLS"),
@@ -615,8 +632,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--defense-param", action="append", default=[], metavar="KEY=VALUE", help="defense parameter")
         p.add_argument("--capture", metavar="FILE", help="write the messages this side sent and received (the client: "
                        "with its own batches; the server: every client's) to FILE, for `attack --capture`")
+        p.add_argument("--stages", type=int, help="the server's blocks as S pipeline stages, each its own `serve "
+                       "--stage i` process (as [training] stages; every party must agree)")
         if name == "serve":
             p.add_argument("--listen", default="127.0.0.1:50051", help="host:port to listen on")
+            p.add_argument("--stage", type=int, metavar="I", help="run pipeline stage I of S (--stages): stage 0 "
+                           "serves the clients, stage I>0 only stage I-1; --certs DIR/stage-I")
+            p.add_argument("--next", metavar="HOST:PORT", help="with --stage I < S-1: the address of stage I+1")
             p.add_argument("--turn-timeout", type=float, default=30.0,
                            help="seconds a silent client keeps its turn (serial, per_client)")
             p.add_argument("--round-timeout", type=float, default=30.0,

@@ -218,3 +218,55 @@ def test_bad_encryption_parameters():
         make_defense("encryption", {"mode": "rot13"})
     with pytest.raises(ConfigError, match="no parameter"):
         make_defense("encryption", {"cipher": "aes"})
+
+
+def test_frames_between_stages_are_sealed_per_link_and_a_tampered_one_is_rejected():
+    """With pipeline stages every stage <-> stage link is a channel of its own: the wire between stages holds
+    no plaintext, training is unchanged, one link's keys open no other link's frames, a tampered frame is
+    rejected, and stages that are not neighbours have no channel."""
+    from suite.engine.training import TrainConfig, build_session, train
+
+    ids = torch.randint(3, 60, (4, 8), generator=torch.Generator().manual_seed(0))
+    data = {"input_ids": ids, "attention_mask": torch.ones(4, 8, dtype=torch.long), "labels": ids.clone()}
+    runs = {}
+    for name in ("none", "encryption"):
+        inner = InProcessTransport()
+        rec = Recorder()
+        inner.add_tap(rec)
+        transport = make_defense("encryption").wrap_transport(inner) if name == "encryption" else inner
+        session = build_session(tiny_model("llama").model, SplitSpec(0, 1), [data],
+                                TrainConfig(clients=1, steps=2, batch_size=2, stages=3), transport=transport)
+        train(session)
+        runs[name] = (session.losses, rec.frames, transport)
+    assert runs["encryption"][0] == runs["none"][0]  # transparent to training
+    clear = [f for f in runs["none"][1] if f.src.startswith("stage/") and f.dst.startswith("stage/")]
+    sealed = [f for f in runs["encryption"][1] if f.src.startswith("stage/") and f.dst.startswith("stage/")]
+    assert {(f.src, f.dst) for f in sealed} == {("stage/0", "stage/1"), ("stage/1", "stage/2"),
+                                                 ("stage/1", "stage/0"), ("stage/2", "stage/1")}
+    assert all(f.data[:4] == b"SPLE" for f in sealed)
+    for f in clear:  # no 32-byte run of any tensor between stages appears on the encrypted wire
+        msg = decode(f.data)
+        tensor = msg.hidden if isinstance(msg, ActivationMsg) else msg.grad
+        raw = tensor.detach().contiguous().numpy().tobytes()
+        assert raw[:32] in f.data and not any(raw[:32] in g.data or raw[-32:] in g.data for g in sealed)
+    for frame in sealed:
+        with pytest.raises(ProtocolError):
+            decode(frame.data)
+
+    channel = runs["encryption"][2]
+    assert len(channel.stage_servers) == 2 and channel.stage_servers["stage/1"].session != \
+        channel.stage_servers["stage/2"].session  # each link its own keys
+    channel.send("stage/0", "stage/1", _msg(9))
+    queue = channel.inner._queues[("stage/0", "stage/1")]
+    tampered = bytearray(queue.pop())
+    tampered[-5] ^= 1
+    queue.append(bytes(tampered))
+    with pytest.raises(IntegrityError, match="authentication failed"):
+        channel.recv("stage/1", "stage/0")
+    channel.send("stage/1", "stage/2", _msg(9))
+    frame = channel.inner._queues[("stage/1", "stage/2")].pop()
+    channel.inner._queues[("stage/0", "stage/1")].append(frame)  # stage 1 -> 2's frame replayed on link 0 -> 1
+    with pytest.raises(IntegrityError):
+        channel.recv("stage/1", "stage/0")
+    with pytest.raises(ProtocolError, match="not neighbouring stages"):
+        channel.send("stage/0", "stage/2", _msg(9))

@@ -138,3 +138,22 @@ def test_a_matrix_with_four_stages_writes_rows_and_the_report_shows_the_pipeline
     assert list(position_table(df)["first_block"].drop_duplicates()) == [0, 1, 3]
     text = "\n".join(p.extract_text() for p in PdfReader(build_report(tmp_path)).pages)
     assert "Pipeline stages" in text and "Leakage by stage position" in text and "Detection (transition audit)" in text
+
+
+def test_fsha_runs_on_stage_0_only(tmp_path):
+    """FSHA hijacks the heads through the gradient of the head's output: at S > 1 that is stage 0's to send.
+    ``malicious_stage:0`` runs it (and writes a row); any other stage is left out with the reason."""
+    from suite.interfaces.attack import make_attack
+
+    with pytest.raises(ConfigError, match="only stage 0 receives and answers; malicious_stage:1 is not stage 0"):
+        make_attack("fsha", get_threat("malicious_stage:1"))
+    cfg = _cfg(["malicious_stage:0", "malicious_stage:1"], attacks=[{"name": "fsha", "warmup_steps": 2}], stages=3,
+               steps=2)
+    cells, skipped = expand(cfg)
+    assert [(c.threat, c.attack) for c in cells] == [("malicious_stage:0", "fsha")]
+    assert any(c.threat == "malicious_stage:1" and "only stage 0" in why for c, why in skipped)
+    run_matrix(cfg, tmp_path)
+    df = load_results(tmp_path)
+    row = df[(df["threat"] == "malicious_stage:0") & (df["attack"] == "fsha")].iloc[0]
+    assert row["status"] == "ok", row.get("error")
+    assert row["stages"] == 3 and row["stage"] == "0"

@@ -202,3 +202,17 @@ def test_a_poisoning_client_refused_by_the_last_stage_is_refused_by_every_stage(
     for stage, was in zip(chain.stages, before, strict=True):
         assert any(not torch.equal(p, was[n]) for n, p in stage.trunk.named_parameters() if p.requires_grad)
         assert all(bool(torch.isfinite(p).all()) for p in stage.trunk.parameters())
+
+
+def test_integrity_audit_refuses_stages_with_the_reason():
+    """Its verifier is a client, which sees only the pipeline's ends: a one-line refusal pointing at
+    transition_audit, in one process and for a networked stage alike."""
+    from defenses.integrity_audit import IntegrityAuditDefense
+    from suite.net.stages import StageNode
+
+    _, session = _session(tiny_model("llama", num_layers=LAYERS), 2)
+    with pytest.raises(ConfigError, match="verifier, a client, sees only the pipeline's two ends.*transition_audit"):
+        IntegrityAuditDefense().install(session)
+    node = StageNode(session.server.stages[1], 1, 2, None)
+    with pytest.raises(ConfigError, match="use transition_audit"):
+        IntegrityAuditDefense().install_server(node)

@@ -240,7 +240,11 @@ def _decode(data: bytes) -> Message:
 
 REVEAL_REQUEST = "reveal_request"  # client -> server: reveal the trunk state committed to in this step's reply
 REVEAL = "reveal"  # server -> client: that state (safetensors bytes, ``suite.engine.commitment.encode_reveal``)
-CONTROL_KINDS = {REVEAL_REQUEST: TO_SERVER, REVEAL: TO_CLIENT}
+# Between pipeline stages in separate processes (``suite.net.stages``): one pass's frames, one per client, down
+# the chain (``stage_pass``) and the frames that come back (``stage_reply``); the payload is ``pack_frames``.
+STAGE_PASS = "stage_pass"
+STAGE_REPLY = "stage_reply"
+CONTROL_KINDS = {REVEAL_REQUEST: TO_SERVER, REVEAL: TO_CLIENT, STAGE_PASS: TO_SERVER, STAGE_REPLY: TO_CLIENT}
 
 
 def encode_control(kind: str, client_id: int, step: int, payload: bytes = b"") -> bytes:

@@ -9,7 +9,8 @@ the padding mask, ``stage/i+1`` -> ``stage/i`` gradients), like every other mess
 server". Its ``forward`` runs the stages in order, its ``backward`` in reverse; the first stage takes the
 heads' activations and answers with the heads' gradients, the last one answers the tails and takes their
 gradients, both as ``SERVER``, so a client (and a defence on the client <-> server link) cannot tell S = 1
-from S > 1. S = 1 is a plain ``Server`` (nothing here runs).
+from S > 1. S = 1 is a plain ``Server`` (nothing here runs). Across processes each stage is one ``splitleak
+serve --stage i`` (``suite.net.stages``), over the same ``Server`` and the same messages.
 
 What each stage sees is its own inbox (``stage_inbox_taps``): the hidden states entering its first block and
 the gradients the next stage (or the tails) sends back. The chain's own ``inbox_taps`` see what a server
@@ -27,6 +28,14 @@ from suite.engine.parties import Server, UpdateRefused
 from suite.engine.protocol import ActivationMsg, Expect, GradientMsg
 from suite.engine.split import ServerTrunk, _Blocks
 from suite.errors import ConfigError
+
+# Why integrity_audit refuses S > 1: its verifier is a client, which sees only the chain's two ends (what it
+# sent stage 0, what stage S-1 sent back) and one commitment per reply; checking stage i needs stage i's input
+# and output, which only the stages hold. The per-stage check is transition_audit's (a server-side verifier).
+INTEGRITY_AUDIT_NEEDS_ONE_SERVER = (
+    "the integrity_audit defense audits one server (training.stages = 1): its verifier, a client, sees only the "
+    "pipeline's two ends, not each stage's input and output; with stages > 1 use transition_audit, which audits "
+    "every stage")
 
 
 def stage_endpoint(index: int) -> str:
@@ -169,8 +178,7 @@ class StageChain:
     @commit_state.setter
     def commit_state(self, value: bool) -> None:
         if value:
-            raise ConfigError("the integrity_audit defense audits one server (training.stages = 1); a per-stage "
-                              "transition audit for stages > 1 is not built yet")
+            raise ConfigError(INTEGRITY_AUDIT_NEEDS_ONE_SERVER)
 
     @property
     def optimizer_steps(self) -> dict[str, int]:

@@ -220,7 +220,8 @@ def _expand_mode(cfg: ExperimentConfig, attacks, defenses, axes, mode: str | Non
             threat = get_threat(threat_name)
             for attack, aparams in attacks:
                 missing = ATTACKS.get(attack).missing_for(threat)
-                too_few = colluder_problem(threat, cfg.training.clients) or stage_problem(threat, cfg.training.stages)
+                too_few = (colluder_problem(threat, cfg.training.clients) or stage_problem(threat, cfg.training.stages)
+                           or ATTACKS.get(attack).threat_problem(threat))
                 for defense, dparams in defenses:
                     for training in axes:
                         cell = Cell(k, m.tail_blocks, threat_name, attack, _canon(aparams), defense, _canon(dparams),

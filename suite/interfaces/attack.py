@@ -99,6 +99,12 @@ class Attack:
             missing |= cls.requires_any
         return missing
 
+    @classmethod
+    def threat_problem(cls, threat: ThreatModel) -> str | None:
+        """Why this attack has no meaning under ``threat`` although it grants every capability (e.g. the stage
+        it names cannot do what the attack does), or None. Default: None."""
+        return None
+
     def server_policy(self, obs: Observations) -> ServerPolicy | None:
         """Active attacks: the policy the server follows during training (``obs`` holds no victim traffic
         yet, only public knowledge). Passive attacks return None."""
@@ -127,6 +133,9 @@ def make_attack(name: str, threat: ThreatModel, params: dict[str, Any] | None = 
             f"attack {name!r} needs {', '.join(sorted(m.value for m in missing))}{some}, which threat "
             f"{threat.name!r} does not grant"
         )
+    problem = cls.threat_problem(threat)
+    if problem:
+        raise ConfigError(problem)
     known = {f.name for f in dataclasses.fields(cls.Config)}
     unknown = set(params or {}) - known
     if unknown:

@@ -5,8 +5,9 @@ organisations' own PKI; nothing here is fit for that.
 
 Directories written to DIR, one per holder: ``DIR/ca/`` (``ca.pem`` + ``ca.key``: the CA key, which signs
 certificates, stays with whoever ran ``splitleak certs`` and is handed to nobody), ``DIR/server/``
-(``ca.pem``, ``server.pem``, ``server.key``) and ``DIR/client-<i>/`` (``ca.pem``, ``client-<i>.pem``,
-``client-<i>.key``): each party gets only its own directory, with its own key and no other. Private keys are
+(``ca.pem``, ``server.pem``, ``server.key``), ``DIR/client-<i>/`` (``ca.pem``, ``client-<i>.pem``,
+``client-<i>.key``) and, with ``--stages S``, ``DIR/stage-<i>/`` for each pipeline stage (a certificate valid
+as server and client, whose names include ``stage-<i>``, which its upstream neighbour checks): each party gets only its own directory, with its own key and no other. Private keys are
 0600, the directories 0700. The server accepts only clients whose certificate the CA signed, and takes a
 client's identity from its certificate's common name (``client-<i>``), never from what the client claims.
 """
@@ -57,16 +58,28 @@ def _pem_key(key) -> bytes:
                              serialization.NoEncryption())
 
 
-def _issue(cn: str, key, ca_name: x509.Name, ca_key, *, server: bool, hosts: tuple[str, ...], days: int):
+def stage_name(index: int) -> str:
+    """The certificate identity of pipeline stage ``index`` (``splitleak serve --stage``)."""
+    return f"stage-{index}"
+
+
+def _issue(cn: str, key, ca_name: x509.Name, ca_key, *, server: bool, hosts: tuple[str, ...], days: int,
+           stage: bool = False):
+    """A server certificate is valid for ``hosts``; a stage's serves its upstream neighbour and calls its
+    downstream one, so it is both a server (valid for ``hosts`` and its own name, which the upstream stage
+    checks) and a client."""
     now = dt.datetime.now(dt.UTC)
+    server = server or stage
     builder = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(ca_name)
                .public_key(key.public_key()).serial_number(x509.random_serial_number())
                .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-               .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server
-                                                     else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False))
+               .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+                                                    if stage else [ExtendedKeyUsageOID.SERVER_AUTH if server
+                                                                   else ExtendedKeyUsageOID.CLIENT_AUTH]),
+                              critical=False))
     if server:
-        sans: list[x509.GeneralName] = []
+        sans: list[x509.GeneralName] = [x509.DNSName(cn)] if stage else []
         for h in hosts:
             try:
                 sans.append(x509.IPAddress(ipaddress.ip_address(h)))
@@ -77,11 +90,14 @@ def _issue(cn: str, key, ca_name: x509.Name, ca_key, *, server: bool, hosts: tup
 
 
 def make_certs(out: str | Path, clients: int, hosts: tuple[str, ...] = ("localhost", "127.0.0.1"),
-               days: int = 30) -> Path:
-    """Write a fresh CA to ``out/ca``, a server certificate for ``hosts`` to ``out/server`` and ``clients``
-    client certificates to ``out/client-<i>`` (see the module docstring); returns ``out``."""
+               days: int = 30, stages: int = 0) -> Path:
+    """Write a fresh CA to ``out/ca``, a server certificate for ``hosts`` to ``out/server``, ``clients``
+    client certificates to ``out/client-<i>`` and ``stages`` pipeline stage certificates to ``out/stage-<i>``
+    (see the module docstring); returns ``out``."""
     if clients < 1:
         raise SplitleakError("certs: --clients must be at least 1")
+    if stages < 0 or stages == 1:
+        raise SplitleakError(f"certs: --stages must be 0 (none) or at least 2, not {stages} (one stage is the server)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -101,9 +117,10 @@ def make_certs(out: str | Path, clients: int, hosts: tuple[str, ...] = ("localho
     ca_pem = ca.public_bytes(serialization.Encoding.PEM)
     _write(own_dir("ca") / "ca.pem", ca_pem)
     _write(out / "ca" / "ca.key", _pem_key(ca_key), private=True)
-    for cn, server in [("server", True)] + [(client_name(i), False) for i in range(clients)]:
+    parties = [("server", True)] + [(client_name(i), False) for i in range(clients)]
+    for cn, server in parties + [(stage_name(i), True) for i in range(stages)]:
         key = _key()
-        cert = _issue(cn, key, ca_name, ca_key, server=server, hosts=hosts, days=days)
+        cert = _issue(cn, key, ca_name, ca_key, server=server, hosts=hosts, days=days, stage=cn.startswith("stage-"))
         party = own_dir(cn)
         _write(party / "ca.pem", ca_pem)
         _write(party / f"{cn}.pem", cert.public_bytes(serialization.Encoding.PEM))
@@ -121,7 +138,7 @@ class Identity:
 
 
 def load_identity(certs: str | Path, name: str) -> Identity:
-    """``name`` is ``"server"`` or ``client-<i>``; ``certs`` is that party's own directory (``DIR/<name>``
+    """``name`` is ``"server"``, ``client-<i>`` or ``stage-<i>``; ``certs`` is that party's own directory (``DIR/<name>``
     of ``splitleak certs DIR``), or DIR itself when every party runs on the machine that made them. A missing
     file, or a directory that also holds another private key (the CA's, another party's: the old flat
     layout), is a one-line error naming the fix."""

@@ -71,6 +71,7 @@ class Link:
     identity: Identity
     max_message_mib: int = DEFAULT_MAX_MESSAGE_MIB
     timeout: float = 120.0  # seconds one call may take (a serial server may make a client wait its turn)
+    peer_name: str | None = None  # the name the server's certificate must hold (a stage checks its neighbour's)
 
     def __post_init__(self) -> None:
         self.credentials = grpc.ssl_channel_credentials(root_certificates=self.identity.ca,
@@ -80,8 +81,9 @@ class Link:
 
     def _open(self) -> None:
         """A fresh channel (a new TCP connection and TLS handshake on the next call)."""
+        peer = [("grpc.ssl_target_name_override", self.peer_name)] if self.peer_name else []
         self.channel = grpc.secure_channel(self.address, self.credentials,
-                                           options=channel_options(self.max_message_mib) + _RECONNECT)
+                                           options=channel_options(self.max_message_mib) + _RECONNECT + peer)
         self._calls = {m: self.channel.unary_unary(m) for m in (HELLO, HANDSHAKE, EXCHANGE, REVEAL)}
 
     def _error(self, method: str, err: grpc.RpcError) -> LinkError:
@@ -220,6 +222,8 @@ def _tls_problem(err: grpc.RpcError) -> str | None:
     if detail.rstrip().endswith("Socket closed"):
         return "closed"
     low = detail.lower()
+    if "hostname verification" in low:  # a stage's neighbour check (``peer_name``), or a host not in the certificate
+        return "the peer's certificate does not name the expected host or stage"
     if "handshake failed" in low or "ssl_error" in low or "certificate" in low:
         found = re.search(r"OPENSSL_internal:([A-Z0-9_]+)", detail)
         return found.group(1) if found else "TLS handshake failed"

@@ -23,12 +23,25 @@ from suite.net.defended import choose_defense, describe, key_exchange, label
 from suite.net.link import DEFAULT_MAX_MESSAGE_MIB, Link, LinkError, RemoteTransport
 
 
-def config_hash(cfg: ExperimentConfig, defense=None) -> str:
+def stage_layout(cfg: ExperimentConfig, split) -> list[tuple[int, int]] | None:
+    """With ``[training] stages`` = S > 1: each stage's ``(first block, end block)``, which every party must
+    agree on (``config_hash``); None for one server."""
+    if cfg.training.stages <= 1:
+        return None
+    from suite.engine.stages import stage_bounds
+
+    return stage_bounds(cfg.training.head_blocks, len(split.server_trunk.blocks.layers), cfg.training.stages)
+
+
+def config_hash(cfg: ExperimentConfig, defense=None, layout: list[tuple[int, int]] | None = None) -> str:
     """What client and server must agree on: model, data and training, except the number of steps each side
     runs, and the defense with its public parameters (``suite.net.defended.describe``; ``none`` leaves the
     hash as it was without one). The matrix and executor sections do not touch a training run and are left
-    out, and so are the devices (each side chooses its own; the dtype must agree)."""
+    out, and so are the devices (each side chooses its own; the dtype must agree). ``layout``: the pipeline
+    stages' blocks (``stage_layout``), with S itself in ``training``."""
     data = cfg.model_dump(include={"model", "data", "training"})
+    if layout is not None:
+        data["stage_layout"] = [list(b) for b in layout]
     data["training"].pop("steps", None)
     data["model"].pop("device", None)  # each side computes where it likes: tensors cross as bytes
     data["model"].pop("server_device", None)
@@ -62,7 +75,7 @@ def _prepare(cfg: ExperimentConfig, role: str = "server"):
 
 def build_service(cfg: ExperimentConfig, checkpoint_dir: str | Path | None = None, *, turn_timeout: float = 30.0,
                   round_timeout: float = 30.0, checkpoint_every: int = 1, bound_margin: float | None = None,
-                  defense=None):
+                  defense=None, stage=None):
     """The service for ``cfg`` under ``defense`` (``suite.net.defended.choose_defense``; default: the
     config's). Every message it accepts is bounded (``suite.net.server.public_bounds``): rows by the batch
     size, length by ``max_length``, magnitude by ``bound_margin`` (default 100) times the largest
@@ -71,30 +84,38 @@ def build_service(cfg: ExperimentConfig, checkpoint_dir: str | Path | None = Non
     from suite.net.server import DEFAULT_BOUND_MARGIN, SplitService, public_bounds
 
     defense = choose_defense(cfg) if defense is None else defense
+    if (cfg.training.stages > 1) != (stage is not None):
+        raise SplitleakError(f"training.stages = {cfg.training.stages}: run each stage as its own process, "
+                             "`splitleak serve --stage i` (stage 0 serves the clients)" if stage is None else
+                             "a pipeline stage needs training.stages > 1")
     prepared = _prepare(cfg)
+    server = prepared.session.server if stage is None else stage(prepared)
     margin = DEFAULT_BOUND_MARGIN if bound_margin is None else bound_margin
     bounds = public_bounds(prepared.session.split, prepared.loaded.tokenizer, cfg.data.max_length,
                            cfg.training.batch_size, margin)  # before a checkpoint restores trained adapters
     bounds = defense.server_bounds(bounds, prepared.loaded.model.config.hidden_size)
-    defense.install_server(prepared.session.server)
-    path = Path(checkpoint_dir) / "server.pt" if checkpoint_dir else None
-    return SplitService(prepared.session.server, cfg.training.strategy, cfg.training.clients,
-                        config_hash(cfg, defense), key_exchange=key_exchange(describe(defense)), turn_timeout=turn_timeout,
+    defense.install_server(server)
+    name = "server" if stage is None else "stage-0"
+    path = Path(checkpoint_dir) / f"{name}.pt" if checkpoint_dir else None
+    layout = stage_layout(cfg, prepared.session.split)
+    return SplitService(server, cfg.training.strategy, cfg.training.clients,
+                        config_hash(cfg, defense, layout), key_exchange=key_exchange(describe(defense)), turn_timeout=turn_timeout,
                         round_timeout=round_timeout, checkpoint_path=path, checkpoint_every=checkpoint_every,
                         bounds=bounds, defense_label=label(defense))
 
 
 def serve(cfg: ExperimentConfig, certs: str | Path, listen: str, checkpoint_dir: str | Path | None = None,
           *, max_message_mib: int = DEFAULT_MAX_MESSAGE_MIB, on_ready: Callable[[int, list[str]], None] | None = None,
-          defense=None, capture: str | Path | None = None, **timeouts) -> None:
+          defense=None, capture: str | Path | None = None, stage=None, **timeouts) -> None:
     """Serve until interrupted. ``capture``: write the server's view (every client's plaintext messages, as
-    it decrypted and answered them) to that file (``suite.engine.capture``)."""
+    it decrypted and answered them) to that file (``suite.engine.capture``). ``stage``: the first of S > 1
+    pipeline stages (``suite.net.stages.serve_stage``), under the identity ``stage-0``."""
     from suite.net.server import start_server
 
     refuse_unsafe_seeds(cfg)
     defense = choose_defense(cfg) if defense is None else defense
-    identity = load_identity(certs, "server")
-    service = build_service(cfg, checkpoint_dir, defense=defense, **timeouts)
+    identity = load_identity(certs, "server" if stage is None else "stage-0")
+    service = build_service(cfg, checkpoint_dir, defense=defense, stage=stage, **timeouts)
     service.events.append(f"defense: {label(defense)}")
     writer = None
     if capture is not None:
@@ -144,7 +165,8 @@ def run_client(cfg: ExperimentConfig, client_id: int, address: str, certs: str |
     prepared = _prepare(cfg, "client")
     client = prepared.session.clients[client_id]
     link = Link(address, identity, max_message_mib=max_message_mib)
-    transport = RemoteTransport(link, client_id, config_hash(cfg, defense), describe(defense))
+    transport = RemoteTransport(link, client_id, config_hash(cfg, defense, stage_layout(cfg, prepared.session.split)),
+                                describe(defense))
     client.transport = transport
     # The client's part of the defense, before a checkpoint restores its optimiser (DP rebuilds it). The
     # audit's replica is this process's own copy of the trunk as the public config builds it, before training
