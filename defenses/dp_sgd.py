@@ -236,6 +236,8 @@ class DPSGDDefense(Defense):
                               "layers)")
         self._install_client(client)
         self._client = client  # its report: this client's records, its own steps
+        # each pipeline stage behind the link clips and noises its own part: count them all in this client's ε
+        self._stage_count = max(1, int(getattr(remote, "stages", 1)))
 
     def report(self) -> dict:
         cfg = self.config

@@ -130,3 +130,22 @@ def test_a_networked_side_that_trains_no_lora_is_refused_in_one_line(base):
         make_defense("dp_sgd", {"target": "clients"}).install_client(client, None)
     make_defense("dp_sgd", {"target": "server"}).install_client(client, None)  # the client's part: its loss only
     assert client.loss is per_record_lm_loss
+
+
+def test_a_networked_client_counts_every_pipeline_stage_behind_the_link_in_its_epsilon(base):
+    """Over the network the client holds no stage; its ε must still count each stage's clipped part (the
+    config's public stages), or it would report a smaller ε than the mechanism gives."""
+    from suite.experiment.prepared import prepare
+    from suite.interfaces.defense import RemoteServer
+
+    reports = {}
+    for stages in (1, 3):
+        prepared = prepare(_cfg(steps=0), SplitSpec(1, 1), loaded=base)
+        client = prepared.session.clients[0]
+        defense = make_defense("dp_sgd", {"target": "both", "sigma": 1.0})
+        defense.install_client(client, RemoteServer(prepared.session.server.trunk, lambda c, s: b"", {}, stages))
+        client.optimizer_steps = 4
+        reports[stages] = defense.report()
+    assert reports[1]["clipped_parts"] == 2 and reports[3]["clipped_parts"] == 4
+    assert reports[3]["effective_sigma"] == pytest.approx(1.0 / 2)
+    assert reports[3]["epsilon"] > reports[1]["epsilon"]

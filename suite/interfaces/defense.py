@@ -41,13 +41,15 @@ class RemoteServer:
     """What a client in ``splitleak client`` holds of a server that runs in another process: the trunk as
     the public knowledge builds it (public base weights, the config's public adapter layout, before any
     training: never the live server's), the public adapter layout ``adapters`` (client id -> its own adapter
-    set's name under ``per_client``, empty when adapters are shared) and ``reveal(client_id, step)``, a request over the link for the
+    set's name under ``per_client``, empty when adapters are shared), the config's pipeline ``stages`` and
+    ``reveal(client_id, step)``, a request over the link for the
     trunk state the server committed to in that step's reply (safetensors bytes; ``ProtocolError`` when
     the server does not reveal it)."""
 
     public_trunk: torch.nn.Module
     reveal: Callable[[int, int], bytes]
     adapters: dict[int, str] = dataclasses.field(default_factory=dict)  # client id -> its adapter set (per_client)
+    stages: int = 1  # the config's pipeline stages (public): each its own party behind the link
 
 
 @dataclass(frozen=True)

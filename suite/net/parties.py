@@ -174,7 +174,7 @@ def run_client(cfg: ExperimentConfig, client_id: int, address: str, certs: str |
     from suite.interfaces.defense import RemoteServer
 
     defense.install_client(client, RemoteServer(prepared.session.server.trunk, transport.reveal,
-                                                dict(prepared.session.server.adapters)))
+                                                dict(prepared.session.server.adapters), cfg.training.stages))
     prepared.session.server = None  # nothing here may stand for the server (the replica was copied above)
     writer = None
     if capture is not None:
