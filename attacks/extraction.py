@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from attacks._memorise import beam_continuations, check_view, format_pattern, open_view
+from attacks.toolkit.memorise import beam_continuations, check_view, format_pattern, open_view
 from suite.interfaces.attack import Attack, AttackConfig, Reconstruction, register_attack
 from suite.interfaces.threats import Capability, Observations
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from attacks._memorise import base_logits, check_view, open_view, token_stats
+from attacks.toolkit.memorise import base_logits, check_view, open_view, token_stats
 from suite.interfaces.attack import Attack, AttackConfig, Reconstruction, register_attack
 from suite.interfaces.threats import Capability, Observations
 
