@@ -20,7 +20,7 @@ from transformers import DynamicCache
 
 from attacks.toolkit.decoding import nearest_rows
 from attacks.toolkit.linear import ridge_solve
-from attacks.toolkit.observe import decode_rows, run_head, token_embeddings, tokenize
+from attacks.toolkit.observe import decode_rows, public_parts, run_head, token_embeddings, tokenize
 from suite.engine.split import SplitSpec, position_ids_for, split_model
 from suite.interfaces.attack import Attack, AttackConfig, Reconstruction, register_attack
 from suite.interfaces.threats import Capability, Observations
@@ -73,12 +73,10 @@ class KvInversionAttack(Attack):
             return Reconstruction(torch.empty(0, dtype=torch.long), (),
                                   note="no KV cache to invert (the server holds no blocks at this split)")
         layer = pick_layer(rows[0], self.config.layer)
-        model = obs.base_model()
-        model.requires_grad_(False)
-        model.eval()
+        public = public_parts(obs)
         ids, mask = tokenize(obs.tokenizer, obs.shadow, obs.max_length)
-        feats = public_kv(model, layer, ids, mask)[mask.bool()]
-        table = token_embeddings(split_model(model, obs.spec).client_head)
+        feats = public_kv(public.model, layer, ids, mask)[mask.bool()]
+        table = token_embeddings(public.head)
         target = F.normalize(table[ids[mask.bool()]], dim=-1)
         mu, sd = feats.mean(0), feats.std(0).clamp_min(1e-6)
         x = torch.cat([(feats - mu) / sd, torch.ones(feats.shape[0], 1)], 1).double()

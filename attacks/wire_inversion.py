@@ -43,7 +43,7 @@ class WireInversionConfig(AttackConfig):
     # Nearest-embedding alone reads nothing back beyond k = 0 and would understate the leak.
     inner: str = "learned_inversion"
     inner_params: dict = field(default_factory=dict)
-    adaptive: bool = True  # handed to the inner attack when it has that option (defence-aware, attacks/_adaptive)
+    adaptive: bool = True  # handed to the inner attack when it has that option (defence-aware, attacks/toolkit/simulate.py)
     use_gradients: bool = True  # also invert the plaintext gradients and keep, per row, the better-explained text
     solve_steps: int = 8  # gradient inversion: Richardson steps (see gradient_inversion)
     first_token_candidates: int = 64  # gradient inversion: candidates for the token at position 0

@@ -29,12 +29,13 @@ def nearest_rows(vectors: torch.Tensor, table: torch.Tensor, chunk: int = 4096) 
     return out.reshape(vectors.shape[:-1])
 
 
-def cosine_topk(vectors: torch.Tensor, table: torch.Tensor, k: int, chunk: int | None = 512
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def cosine_topk(vectors: torch.Tensor, table: torch.Tensor, k: int, chunk: int | None = 512,
+                unit_rows: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """For vectors [..., E]: the top-``k`` cosine similarities to the rows of ``table`` [V, E] and their row
-    indices, each [..., k], ``chunk`` vectors at a time (None: all at once; never the full [..., V] for more)."""
+    indices, each [..., k], ``chunk`` vectors at a time (None: all at once; never the full [..., V] for more).
+    ``unit_rows``: the table's rows are already normalised (a caller decoding many batches normalises once)."""
     flat = F.normalize(vectors.reshape(-1, vectors.shape[-1]).float(), dim=-1)
-    rows = F.normalize(table.float(), dim=-1)
+    rows = table if unit_rows else F.normalize(table.float(), dim=-1)
     k = min(k, rows.shape[0])
     chunk = chunk or max(flat.shape[0], 1)
     vals = torch.empty(flat.shape[0], k)

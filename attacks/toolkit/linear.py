@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attacks.toolkit.decoding import cosine_topk
 from attacks.toolkit.observe import colluder_parts, public_head, run_head, token_embeddings, tokenize
 from suite.engine.split import ClientHead
 from suite.interfaces.threats import Observations
@@ -170,7 +171,8 @@ class LinearInverter:
         n, length = target.shape[:2]
         out = torch.empty(n, length, self.k, dtype=torch.long)
         for i in range(n):
-            out[i] = self.similarities(target[i], torch.arange(length)).topk(self.k, dim=-1).indices
+            out[i] = cosine_topk(self.predict(target[i], torch.arange(length)), self.rows, self.k, chunk=None,
+                                 unit_rows=True)[1]
         return out
 
 

@@ -5,9 +5,8 @@ recovered (its keys/values in a ``transformers`` KV cache), every candidate for 
 incremental step of the reference head (public, or the colluder's fine-tuned head) and the candidate whose
 output is closest to the observed one is kept. Candidates come from
 
-* a proposer: the closed-form linear inverter (ridge from standardised head outputs to the normalised input
-  embedding of the token, fitted on shadow text through the public head: ``attacks.learned_inversion``'s
-  training pairs), its top ``candidates`` tokens at each position; and
+* a proposer: the linear inverter (``attacks.toolkit.linear.LinearInverter``, fitted on its shadow training
+  pairs), its top ``candidates`` tokens at each position; and
 * widening, where the best match is poor: the gradient of the match score with respect to the input
   embedding at ``t`` (evaluated at the current best token, one backward step through the cached head) ranks
   the **whole vocabulary** by the first-order change ``g · (E_v - E_best)``; the top ``widen`` unseen tokens
