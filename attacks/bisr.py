@@ -1,8 +1,8 @@
 """BiSR: bidirectional semi-white-box reconstruction (Chen et al., CCS 2024), forward and backward fused.
 
 The server holds two independent views of the same text: the head output it received (forward: prefix
-inversion, ``attacks._prefix``) and the gradient the client tail returned for the trunk's output (backward:
-it carries the labels, the text shifted by one; ``attacks._gradient``). BiSR starts from the best forward
+inversion, ``attacks.toolkit.prefix``) and the gradient the client tail returned for the trunk's output (backward:
+it carries the labels, the text shifted by one; ``attacks.toolkit.gradients``). BiSR starts from the best forward
 reconstruction and refines it to match both. Here the refinement is the same position-by-position search,
 re-run with fused scores: every candidate for token ``t`` is scored by
 
@@ -27,20 +27,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from attacks._common import decode_rows, run_head, shared_base, stacked
-from attacks._gradients import gradient_evidence, invert_gradients, simulate_gradient
-from attacks._prefix import (
-    PrefixSearch,
-    Scorer,
-    SearchOptions,
-    defense_noise,
-    fit_linear_proposer,
-    prefix_invert,
-    reference_head,
-    reference_source,
-    shadow_batch,
-)
-from suite.engine.split import split_model
+from attacks.toolkit.gradients import gradient_evidence, invert_gradients, simulate_gradient
+from attacks.toolkit.linear import fit_linear_inverter, pair_source
+from attacks.toolkit.observe import decode_rows, reference_parts, run_head, shadow_batch, shared_base, stacked
+from attacks.toolkit.prefix.invert import prefix_invert
+from attacks.toolkit.prefix.options import PrefixOptions
+from attacks.toolkit.prefix.scorer import Scorer
+from attacks.toolkit.prefix.search import PrefixSearch
+from attacks.toolkit.simulate import defense_noise
 from suite.interfaces.attack import Attack, AttackConfig, Reconstruction, register_attack
 from suite.interfaces.threats import Capability, Observations
 
@@ -109,6 +103,16 @@ class BiSRConfig(AttackConfig):
         if min(knobs) < 0 or not self.rho > 0:
             raise ValueError("widen, widen_rounds, first_widen, prior, relax_steps and solve_steps must be >= 0, rho > 0")
 
+    def options(self) -> PrefixOptions:
+        """The forward search as this config sets it (no second-round bar, no fusion with the LM, no early
+        calibration: bisr fuses the gradient's evidence instead)."""
+        return PrefixOptions(
+            candidates=self.candidates, beam=self.beam, widen=self.widen, widen_rounds=self.widen_rounds,
+            widen_below=self.widen_below, prior=self.prior, relax_steps=self.relax_steps,
+            alternatives=self.tie_alternatives, rho=self.rho, adaptive=self.adaptive, use_colluder=self.use_colluder,
+            seed=self.seed, first_widen=self.first_widen, early_positions=self.early_positions,
+            tie_margin=self.tie_margin, calibrate_steps=self.calibrate_steps, calibrate_below=self.calibrate_below)
+
 
 @register_attack("bisr")
 class BiSRAttack(Attack):
@@ -135,7 +139,7 @@ class BiSRAttack(Attack):
             ids, _, _ = invert_gradients(obs, obs.batches, cfg.solve_steps, FIRST_TOKEN_CANDIDATES, cfg.use_colluder)
             ids, extra = F.pad(ids, (0, length - ids.shape[1])), {"view": "gradient only"}
         else:
-            ids, extra = prefix_invert(obs, cfg, target, mask, bonus=lam * evidence, more=more)
+            ids, extra = prefix_invert(obs, cfg.options(), target, mask, bonus=lam * evidence, more=more)
             extra["view"] = "forward only" if lam == 0 else "fused"
         ids = ids.masked_fill(~mask.bool(), obs.tokenizer.pad_token_id or 0)
         extra.update({"lambda": lam, "shadow_accuracy_by_lambda": sim, "seconds": time.perf_counter() - start,
@@ -143,16 +147,8 @@ class BiSRAttack(Attack):
         return Reconstruction(ids, decode_rows(obs.tokenizer, ids, mask), extra=extra)
 
     def _trunk_tail(self, obs: Observations):
-        model = obs.base_model()
-        model.requires_grad_(False)
-        model.eval()
-        parts = split_model(model, obs.spec)
-        tail = parts.client_tail
-        if self.config.use_colluder and obs.colluder_head_tail is not None:
-            _, tail = obs.colluder_head_tail()
-            tail.requires_grad_(False)
-            tail.eval()
-        return parts.server_trunk, tail
+        parts = reference_parts(obs, self.config.use_colluder)
+        return parts.trunk, parts.tail
 
     def _choose_lambda(self, obs: Observations, trunk, tail) -> tuple[float, dict]:
         """The fusion weight that recovers the most tokens on the attacker's own shadow simulation."""
@@ -161,7 +157,8 @@ class BiSRAttack(Attack):
         if shadow is None:
             return 1.0, {}
         ids, mask = (x[: cfg.shadow_sequences] for x in shadow)
-        head, config, _ = reference_head(obs, cfg.use_colluder)
+        parts = reference_parts(obs, cfg.use_colluder)
+        head, config = parts.head, parts.model.config
         gen = torch.Generator().manual_seed(cfg.seed + 7)
         adaptive = cfg.adaptive and obs.defense is not None
         noise = None
@@ -174,11 +171,11 @@ class BiSRAttack(Attack):
         scorer = Scorer.fit(outputs, shadow[1], noise, cfg.rho)
         grad = simulate_gradient(trunk, tail, released, ids, mask)
         evidence = gradient_evidence(trunk, tail, released, mask, grad, cfg.solve_steps)
-        known = {reference_source(obs, cfg.use_colluder): outputs}  # the proposer's training pairs too
-        cand = fit_linear_proposer(obs, cfg.candidates, known=known)(released)
+        known = {pair_source(parts.source): outputs}  # the proposer's training pairs too
+        cand = fit_linear_inverter(obs, cfg.candidates, known=known)(released)
         if cfg.gradient_candidates:
             cand = torch.cat([cand, evidence.topk(cfg.gradient_candidates, dim=-1).indices], -1)
-        search = PrefixSearch(head, config, scorer, SearchOptions(widen_rounds=0))
+        search = PrefixSearch(head, config, scorer, PrefixOptions(widen_rounds=0))
         forward = search.forced(released, mask, cand, ids)  # [S, T, C]
         bonus = evidence.gather(2, cand)
         real = mask.bool()

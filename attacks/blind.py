@@ -27,9 +27,10 @@ from dataclasses import dataclass
 
 import torch
 
-from attacks._common import decode_rows
+from attacks.toolkit.observe import decode_rows, tokenize
 from suite.interfaces.attack import Attack, AttackConfig, Reconstruction, register_attack
 from suite.interfaces.threats import Capability, Observations
+from suite.scoring.metrics import token_accuracy
 
 
 @dataclass(frozen=True)
@@ -48,12 +49,6 @@ class BlindConfig(AttackConfig):
 
 
 CANDIDATES = ("position_prior", "length_prior", "aligned_prior", "lm_greedy")
-
-
-def _tokenize(tokenizer, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, padding_side="right",
-                    return_tensors="pt")
-    return enc["input_ids"], enc["attention_mask"]
 
 
 def _mode(ids: torch.Tensor, mask: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
@@ -117,9 +112,9 @@ def _greedy(model: torch.nn.Module, first: int, length: int) -> torch.Tensor:
     return out[0, :length]
 
 
-def _accuracy(guess: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> float:
-    real = mask.bool()
-    return float(((guess == ids) & real).sum() / real.sum().clamp(min=1))
+def held_accuracy(guess: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> float:
+    """Token accuracy of ``guess`` on held-out shadow rows (0 where they hold no real token)."""
+    return token_accuracy(ids, guess, mask) if mask.any() else 0.0
 
 
 @register_attack("blind")
@@ -135,14 +130,14 @@ class BlindAttack(Attack):
         if not obs.shadow:
             raise ValueError("the blind baseline needs public shadow text")
         lengths = [int(n) for n in obs.lengths]
-        ids, mask = _tokenize(obs.tokenizer, list(obs.shadow), obs.max_length)
+        ids, mask = tokenize(obs.tokenizer, obs.shadow, obs.max_length)
         candidates = [c for c in CANDIDATES if c != "lm_greedy" or obs.base_model is not None]
         chosen, scores = self.config.candidate, {}
         if chosen == "auto":
             order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(self.config.seed))
             cut = max(1, int(round(len(ids) * self.config.holdout)))
             held, fit = order[:cut], order[cut:] if len(ids) > cut else order
-            scores = {c: _accuracy(self._guess(c, obs, ids[fit], mask[fit], [int(n) for n in mask[held].sum(1)]),
+            scores = {c: held_accuracy(self._guess(c, obs, ids[fit], mask[fit], [int(n) for n in mask[held].sum(1)]),
                                    ids[held], mask[held]) for c in candidates}
             chosen = max(candidates, key=lambda c: (scores[c], -candidates.index(c)))
         guess = self._guess(chosen, obs, ids, mask, lengths)

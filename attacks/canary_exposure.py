@@ -4,7 +4,7 @@ canary's secret than random secrets of the same format.
 Each canary text and ``candidates`` texts with secrets drawn uniformly from the public format (fresh from the
 attack's seed, the prefix the same) are scored by their log-perplexity under the view: the summed negative
 log-likelihood over every position (the shared prefix adds the same to all). By default the prefix the texts
-share is run once and its KV cache reused for every candidate's secret (``_memorise.cached_prefix_lppl``: the
+share is run once and its KV cache reused for every candidate's secret (``attacks.toolkit.memorise.cached_prefix_lppl``: the
 same values as the plain batched forward, ``prefix_cache = false``, at a fraction of the positions). Exposure, in bits, is
 ``-log2`` of the skew-normal CDF fitted to the candidates at the canary's value
 (``suite.scoring.memorisation.exposure``, which the runner applies to the scores this attack returns); the
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from attacks._memorise import VIEW_CAPABILITIES, ViewConfig, cached_prefix_lppl, open_view, token_stats
+from attacks.toolkit.memorise import VIEW_CAPABILITIES, ViewConfig, cached_prefix_lppl, open_view, token_stats
 from suite.interfaces.attack import Attack, Reconstruction, register_attack
 from suite.interfaces.threats import Capability, Observations
 

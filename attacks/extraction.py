@@ -9,7 +9,13 @@ from dataclasses import dataclass
 
 import torch
 
-from attacks._memorise import VIEW_CAPABILITIES, ViewConfig, beam_continuations, format_pattern, open_view
+from attacks.toolkit.memorise import (
+    VIEW_CAPABILITIES,
+    ViewConfig,
+    beam_continuations,
+    format_pattern,
+    open_view,
+)
 from suite.interfaces.attack import Attack, Reconstruction, register_attack
 from suite.interfaces.threats import Capability, Observations
 

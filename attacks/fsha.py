@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attacks._common import decode_rows, public_head, stacked
+from attacks.toolkit.observe import decode_rows, public_head, stacked, tokenize
 from suite.engine.split import position_ids_for
 from suite.interfaces.attack import Attack, AttackConfig, Reconstruction, ServerPolicy, register_attack
 from suite.interfaces.threats import Capability, Observations
@@ -175,11 +175,7 @@ class FshaPolicy(ServerPolicy):
         self.config = config
         self.warmup_reused = False
         self.generator = torch.Generator().manual_seed(config.seed)
-        tok = obs.tokenizer
-        enc = tok(list(obs.shadow), padding="max_length", truncation=True, max_length=obs.max_length,
-                  padding_side="right", return_tensors="pt")
-        self.shadow_ids = enc["input_ids"].long()
-        self.shadow_mask = enc["attention_mask"].long()
+        self.shadow_ids, self.shadow_mask = tokenize(obs.tokenizer, obs.shadow, obs.max_length)
         with torch.no_grad():
             feats = torch.cat([head(self.shadow_ids[lo : lo + 64], self.shadow_mask[lo : lo + 64],
                                     position_ids_for(self.shadow_mask[lo : lo + 64])).float()

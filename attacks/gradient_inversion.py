@@ -47,7 +47,7 @@ from dataclasses import dataclass
 
 import torch
 
-from attacks._gradients import FirstToken, NormShape, decode_labels, invert_gradients, label_gradient
+from attacks.toolkit.gradients import FirstToken, NormShape, decode_labels, invert_gradients, label_gradient
 from suite.interfaces.attack import Attack, AttackConfig, Reconstruction, register_attack
 from suite.interfaces.threats import Capability, Observations
 

@@ -4,7 +4,7 @@ cache while it generates, without the wire (a memory dump, a shared KV-cache ser
 At the server's block ``L`` the cached key and value of position ``t`` are linear maps of the normalised
 input of that block at ``t`` (keys also rotated by the position). The attacker runs the public model on
 public shadow text, reads the keys and values its block ``L`` caches, and fits the closed-form ridge map
-(``attacks._pairs.ridge_solve``) from standardised keys+values to the normalised input embedding of the token;
+(``attacks.toolkit.linear.ridge_solve``) from standardised keys+values to the normalised input embedding of the token;
 each observed position decodes to the nearest embedding row. ``layer``: the trunk's first block, the middle
 one or the last one (all three are captured). For the curious server this reads nothing new: the cache is a function of the
 activations it received, which the activation attacks read directly (``tests/test_inference.py``).
@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from attacks._common import decode_rows, run_head, token_embeddings
-from attacks._pairs import _tokenize, ridge_solve
+from attacks.toolkit.decoding import nearest_rows
+from attacks.toolkit.linear import ridge_solve
+from attacks.toolkit.observe import decode_rows, public_parts, run_head, token_embeddings, tokenize
 from suite.engine.split import SplitSpec, position_ids_for, split_model
 from suite.interfaces.attack import Attack, AttackConfig, Reconstruction, register_attack
 from suite.interfaces.threats import Capability, Observations
@@ -72,12 +73,10 @@ class KvInversionAttack(Attack):
             return Reconstruction(torch.empty(0, dtype=torch.long), (),
                                   note="no KV cache to invert (the server holds no blocks at this split)")
         layer = pick_layer(rows[0], self.config.layer)
-        model = obs.base_model()
-        model.requires_grad_(False)
-        model.eval()
-        ids, mask = _tokenize(obs, tuple(obs.shadow))
-        feats = public_kv(model, layer, ids, mask)[mask.bool()]
-        table = token_embeddings(split_model(model, obs.spec).client_head)
+        public = public_parts(obs)
+        ids, mask = tokenize(obs.tokenizer, obs.shadow, obs.max_length)
+        feats = public_kv(public.model, layer, ids, mask)[mask.bool()]
+        table = token_embeddings(public.head)
         target = F.normalize(table[ids[mask.bool()]], dim=-1)
         mu, sd = feats.mean(0), feats.std(0).clamp_min(1e-6)
         x = torch.cat([(feats - mu) / sd, torch.ones(feats.shape[0], 1)], 1).double()
@@ -86,10 +85,9 @@ class KvInversionAttack(Attack):
         lengths = obs.lengths or tuple(r[layer].shape[0] for r in rows)
         out = torch.zeros(len(rows), max(lengths), dtype=torch.long)
         seen = torch.zeros(len(rows), max(lengths), dtype=torch.long)
-        rows_n = F.normalize(table, dim=-1)
         for i, (r, n) in enumerate(zip(rows, lengths, strict=True)):
             kv = r[layer].float()[-n:]
             x = torch.cat([(kv - mu) / sd, torch.ones(kv.shape[0], 1)], 1)
-            out[i, n - kv.shape[0] : n] = (F.normalize(x @ w, dim=-1) @ rows_n.T).argmax(-1)
+            out[i, n - kv.shape[0] : n] = nearest_rows(x @ w, table)
             seen[i, :n] = 1
         return Reconstruction(out, decode_rows(obs.tokenizer, out, seen), extra={"layer": layer})

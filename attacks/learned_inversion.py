@@ -48,11 +48,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attacks import _adaptive
-from attacks._common import decode_rows, nearest_rows, stacked
-from attacks._pairs import _Pairs, _ridge, _tokenize, training_pairs  # noqa: F401 (re-exported)
+from attacks.toolkit.decoding import LMPrior, choose_prior_weight, cosine_topk, nearest_rows
+from attacks.toolkit.linear import (
+    LinearInverter,
+    TrainingPairs,
+    design,
+    fit_ridge_map,
+    standardiser,
+    training_pairs,
+)
+from attacks.toolkit.observe import decode_rows, stacked
+from attacks.toolkit.simulate import defended, simulate_shadow, split_rows
 from suite.interfaces.attack import Attack, AttackConfig, Reconstruction, register_attack
 from suite.interfaces.threats import Capability, Observations
+from suite.scoring.metrics import token_accuracy
 
 MODES = ("linear", "neural")
 
@@ -76,7 +85,7 @@ class LearnedInversionConfig(AttackConfig):
     negatives: int = 2048  # neural: random out-of-training-vocabulary tokens in each step's sampled softmax
     noise_sigma: float = 0.0  # std of Gaussian noise added to training activations (raw units); 0 = none
     use_colluder: bool = True  # use the colluder's head / records as extra training pairs when granted
-    # Defence-aware (attacks/_adaptive.py): against a defended cell, simulate the defense on shadow text,
+    # Defence-aware (attacks/toolkit/simulate.py): against a defended cell, simulate the defense on shadow text,
     # choose clean-fit / noise-fit / mixed features and the ridge strength (and linear vs neural) on a
     # held-out part of that simulation, and decode with the public LM's prior (beam search).
     adaptive: bool = True
@@ -146,32 +155,28 @@ class LearnedInversionAttack(Attack):
         pairs, head = training_pairs(obs, cfg.use_colluder)
         table = head.embed.weight.detach().float()  # [V, E]: the decoding table (public input embedding)
         real = pairs.mask.bool()
-        # Standardise with the training pairs' statistics; noise std in standardised units is sigma / sd.
-        flat = pairs.feats[real]
-        mu = flat.mean(0)
-        sd = flat.std(0)
-        sd = sd.clamp_min(float(sd.median()) * 1e-2 + 1e-6)
-        x = (pairs.feats - mu) / sd
-        noise = cfg.noise_sigma / sd  # [H]
-        targets = F.normalize(table, dim=-1)[pairs.ids]  # [N, T, E], cosine decoding: fit unit vectors
-
         hidden, vmask = stacked(obs)
         length = hidden.shape[1]
-        if length > x.shape[1]:
-            raise ValueError(f"victim sequences ({length}) are longer than max_length ({x.shape[1]})")
-        vx = (hidden - mu) / sd
-        extra: dict = {"mode": cfg.mode, "training_sequences": int(x.shape[0]),
+        if length > pairs.feats.shape[1]:
+            raise ValueError(f"victim sequences ({length}) are longer than max_length ({pairs.feats.shape[1]})")
+        extra: dict = {"mode": cfg.mode, "training_sequences": int(pairs.feats.shape[0]),
                        "training_tokens": int(real.sum()), "sources": pairs.sources, "adaptive": bool(cfg.adaptive),
                        "simulated_defense": False}
-        if cfg.adaptive and _adaptive.defended(obs):
+        if cfg.adaptive and defended(obs):
             ids = self._adaptive(obs, pairs, head, table, hidden, vmask, gen, extra)
             extra["seconds"] = time.perf_counter() - start
             return Reconstruction(ids, decode_rows(obs.tokenizer, ids, vmask), extra=extra)
 
         if cfg.mode == "linear":
-            w = self._fit_linear(x, real, targets, noise, cfg.position_feature)
-            pred = self._features(vx, cfg.position_feature, x.shape[1]) @ w
+            inverter = LinearInverter(pairs.feats, pairs.ids, pairs.mask, table, lam=cfg.ridge_lambda,
+                                      position=cfg.position_feature, noise_sigma=cfg.noise_sigma)
+            pred = inverter.predict(hidden)
         else:
+            # Standardise with the training pairs' statistics; noise std in standardised units is sigma / sd.
+            mu, sd = standardiser(pairs.feats[real])
+            x, vx = (pairs.feats - mu) / sd, (hidden - mu) / sd
+            noise = cfg.noise_sigma / sd  # [H]
+            targets = F.normalize(table, dim=-1)[pairs.ids]  # [N, T, E], cosine decoding: fit unit vectors
             model = self._fit_neural(x, pairs.ids, real, targets, noise, table, gen, extra)
             with torch.no_grad():
                 model.eval()
@@ -181,19 +186,20 @@ class LearnedInversionAttack(Attack):
         extra["seconds"] = time.perf_counter() - start
         return Reconstruction(ids, decode_rows(obs.tokenizer, ids, vmask), extra=extra)
 
-    def _adaptive(self, obs, pairs: _Pairs, head, table, hidden, vmask, gen, extra) -> torch.Tensor:
+    def _adaptive(self, obs, pairs: TrainingPairs, head, table, hidden, vmask, gen, extra) -> torch.Tensor:
         """Model selection under the simulated defense, then the LM-prior beam (see the config's ``adaptive``)."""
         cfg: LearnedInversionConfig = self.config
-        released = _adaptive.simulate_shadow(obs, head, pairs.ids, pairs.mask, cfg.seed)
-        fit, held = _adaptive.split_rows(pairs.ids.shape[0], cfg.seed)
+        released = simulate_shadow(obs, head, pairs.ids, pairs.mask, cfg.seed)
+        fit, held = split_rows(pairs.ids.shape[0], cfg.seed)
         real = pairs.mask.bool()
         targets = F.normalize(table, dim=-1)[pairs.ids]
         length = pairs.ids.shape[1]
 
         def stats(f: torch.Tensor, m: torch.Tensor):
-            flat = f[m]
-            mu, sd = flat.mean(0), flat.std(0)
-            return mu, sd.clamp_min(float(sd.median()) * 1e-2 + 1e-6)
+            return standardiser(f[m])
+
+        def share(pred: torch.Tensor, want: torch.Tensor) -> float:  # flattened real positions
+            return token_accuracy(want[None], pred[None], torch.ones_like(want)[None])
 
         # Candidate feature sets to fit on; "clean" with the configured noise and ridge is the non-adaptive attack.
         feature_sets = {"clean": (pairs.feats, pairs.ids, real, targets),
@@ -221,10 +227,10 @@ class LearnedInversionAttack(Attack):
             mu, sd = stats(f, r)
             x = (f - mu) / sd
             noise = (cfg.noise_sigma / sd) if fs_name == "clean" else torch.zeros_like(sd)
-            hx = self._features((held_x_raw - mu) / sd, cfg.position_feature, length)[held_real]
+            hx = design((held_x_raw - mu) / sd, length, position=cfg.position_feature)[held_real]
             for lam in lambdas:
                 w = self._fit_linear(x, r, tg, noise, cfg.position_feature, lam)
-                coarse = float((vocab[nearest_rows(hx @ w, sub_table)] == truth).float().mean())
+                coarse = share(vocab[nearest_rows(hx @ w, sub_table)], truth)
                 scored.append((coarse, len(scored), fs_name, lam, mu, sd, w, hx))
         best = None
         # The non-adaptive candidate (clean features, the configured ridge) always reaches the final: adapting
@@ -232,7 +238,7 @@ class LearnedInversionAttack(Attack):
         finalists = sorted(scored, key=lambda c: (-c[0], c[1]))[:3]
         finalists = sorted(finalists + ([scored[0]] if all(c[1] != 0 for c in finalists) else []), key=lambda c: c[1])
         for _coarse, _, fs_name, lam, mu, sd, w, hx in finalists:
-            acc = float((nearest_rows(hx @ w, table) == truth).float().mean())
+            acc = share(nearest_rows(hx @ w, table), truth)
             table_sel[f"{fs_name}/ridge={lam:g}"] = acc
             if best is None or acc > best[0] + 1e-9:
                 best = (acc, fs_name, lam, mu, sd, w)
@@ -242,7 +248,7 @@ class LearnedInversionAttack(Attack):
         choice = {"features": fs_name, "ridge_lambda": lam, "method": "linear", "held_accuracy": acc}
 
         def predict_linear(raw: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-            return self._features((raw - mu) / sd, cfg.position_feature, length) @ w
+            return design((raw - mu) / sd, length, position=cfg.position_feature) @ w
 
         predict = predict_linear
         if cfg.mode == "neural":
@@ -262,19 +268,17 @@ class LearnedInversionAttack(Attack):
                     v = (raw - mu) / sd
                     return torch.cat([model(v[lo : lo + 64], m[lo : lo + 64]) for lo in range(0, v.shape[0], 64)])
 
-            acc_n = _adaptive.token_accuracy(nearest_rows(predict_neural(held_x_raw, held_mask), table), held_ids,
-                                             held_mask)
+            acc_n = token_accuracy(held_ids, nearest_rows(predict_neural(held_x_raw, held_mask), table), held_mask)
             table_sel["neural"] = acc_n
             if acc_n > acc + 1e-9:
                 choice.update(method="neural", held_accuracy=acc_n)
                 predict = predict_neural
         # The LM-prior decoder: its weight chosen on the simulated held-out rows (teacher-forced).
-        prior = _adaptive.LMPrior(obs.base_model())
+        prior = LMPrior(obs.base_model())
         # The prior's weight is chosen on (at most) 32 held-out rows: a full LM forward per row is its cost.
         few = slice(0, PRIOR_SELECTION_ROWS)
-        held_scores, held_cand = _adaptive.cosine_scores(predict(held_x_raw[few], held_mask[few]), table,
-                                                         cfg.prior_candidates)
-        weight, weights = _adaptive.choose_prior_weight(prior, held_scores, held_cand, held_ids[few], held_mask[few])
+        held_scores, held_cand = cosine_topk(predict(held_x_raw[few], held_mask[few]), table, cfg.prior_candidates)
+        weight, weights = choose_prior_weight(prior, held_scores, held_cand, held_ids[few], held_mask[few])
         if choice["method"] == "linear":  # refit the chosen candidate on every simulated row now that it is chosen
             if fs_name == "mixed":
                 f, i, r, tg = (torch.cat([pairs.feats, released]), torch.cat([pairs.ids] * 2),
@@ -284,7 +288,7 @@ class LearnedInversionAttack(Attack):
             mu, sd = stats(f, r)
             noise = (cfg.noise_sigma / sd) if fs_name == "clean" else torch.zeros_like(sd)
             w = self._fit_linear((f - mu) / sd, r, tg, noise, cfg.position_feature, lam)
-        scores, cand = _adaptive.cosine_scores(predict(hidden, vmask), table, cfg.prior_candidates)
+        scores, cand = cosine_topk(predict(hidden, vmask), table, cfg.prior_candidates)
         if weight > 0:
             ids = prior.beam(scores, cand, vmask, weight, cfg.beam)
         else:
@@ -294,21 +298,8 @@ class LearnedInversionAttack(Attack):
                      prior_selection=weights)
         return ids
 
-    @staticmethod
-    def _features(x: torch.Tensor, position: bool, max_len: int) -> torch.Tensor:
-        """[N, T, H] -> [N, T, H (+ max_len) + 1]: features, optional one-hot position, constant 1."""
-        parts = [x]
-        if position:
-            onehot = torch.eye(max_len)[: x.shape[1]].expand(x.shape[0], -1, -1)
-            parts.append(onehot)
-        parts.append(torch.ones(*x.shape[:2], 1))
-        return torch.cat(parts, -1)
-
     def _fit_linear(self, x, real, targets, noise, position: bool, lam: float | None = None) -> torch.Tensor:
-        feats = self._features(x, position, x.shape[1])[real]
-        extra_diag = torch.zeros(feats.shape[1])
-        extra_diag[: x.shape[-1]] = feats.shape[0] * noise**2  # E[(X+N)^T (X+N)] = X^T X + n diag(var N)
-        return _ridge(feats, targets[real], self.config.ridge_lambda if lam is None else lam, extra_diag)
+        return fit_ridge_map(x, real, targets, noise, position, self.config.ridge_lambda if lam is None else lam)
 
     def _fit_neural(self, x, ids, real, targets, noise, table, gen, extra) -> _Inverter:
         cfg: LearnedInversionConfig = self.config

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from attacks._memorise import VIEW_CAPABILITIES, ViewConfig, open_view, token_stats
+from attacks.toolkit.memorise import VIEW_CAPABILITIES, ViewConfig, open_view, token_stats
 from suite.interfaces.attack import Attack, Reconstruction, register_attack
 from suite.interfaces.threats import Capability, Observations
 

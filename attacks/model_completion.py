@@ -27,8 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from attacks._common import decode_rows, run_head
-from attacks._pairs import _tokenize
+from attacks.toolkit.observe import decode_rows, run_head, tokenize
 from suite.engine.split import family_of, lora_targets, position_ids_for, split_model
 from suite.errors import ConfigError
 from suite.interfaces.attack import Attack, AttackConfig, Reconstruction, register_attack
@@ -103,7 +102,7 @@ def train_tail(obs: Observations, cfg: ModelCompletionConfig):
         params += _trainable(head, fam, cfg, "completion_head")
     else:
         head.requires_grad_(False)
-    ids, mask = _tokenize(obs, tuple(obs.shadow))
+    ids, mask = tokenize(obs.tokenizer, obs.shadow, obs.max_length)
     pos = position_ids_for(mask)
     fixed = None
     if not train_head:  # the trunk's outputs on the shadow text do not change: compute them once
@@ -159,7 +158,7 @@ class ModelCompletionAttack(Attack):
         with torch.no_grad():
             first = 0
             if obs.shadow:
-                ids, mask = _tokenize(obs, tuple(obs.shadow))
+                ids, mask = tokenize(obs.tokenizer, obs.shadow, obs.max_length)
                 first = Counter(ids[mask[:, 0].bool(), 0].tolist()).most_common(1)[0][0]
             lengths = obs.lengths or tuple(o.shape[0] for o in outs)
             out = torch.zeros(len(outs), max(lengths), dtype=torch.long)

@@ -9,14 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from attacks._common import (
-    decode_rows,
-    nearest_rows,
-    public_head,
-    stacked,
-    token_embeddings,
-    without_positions,
-)
+from attacks.toolkit.decoding import nearest_rows
+from attacks.toolkit.observe import decode_rows, public_head, stacked, token_embeddings, without_positions
 from suite.interfaces.attack import Attack, AttackConfig, Reconstruction, register_attack
 from suite.interfaces.threats import Capability, Observations
 

@@ -29,18 +29,20 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from attacks import _adaptive
-from attacks._common import (
+from attacks.toolkit.decoding import LMPrior, choose_prior_weight, nearest_rows
+from attacks.toolkit.observe import (
     decode_rows,
-    nearest_rows,
-    public_head,
+    reference_parts,
     stacked,
     token_embeddings,
+    tokenize,
     without_positions,
 )
+from attacks.toolkit.simulate import defended, simulate_shadow
 from suite.engine.split import ClientHead, position_ids_for
 from suite.interfaces.attack import Attack, AttackConfig, Reconstruction, register_attack
 from suite.interfaces.threats import Capability, Observations
+from suite.scoring.metrics import token_accuracy
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,7 @@ class OptimizationInversionConfig(AttackConfig):
     tau_end: float = 0.05  # ... annealed geometrically to this
     mse_weight: float = 1.0
     use_colluder: bool = True  # use the colluder's fine-tuned head when COLLUDER_WEIGHTS is granted
-    # Defence-aware (attacks/_adaptive.py): against a defended cell, run the same search on ``adaptive_rows``
+    # Defence-aware (attacks/toolkit/simulate.py): against a defended cell, run the same search on ``adaptive_rows``
     # simulated shadow sequences (defense simulated on shadow text) to choose the public LM prior's weight,
     # then decode the victims' shortlists by beam search over search score + weight x log p_LM.
     adaptive: bool = True
@@ -116,11 +118,7 @@ class OptimizationInversionAttack(Attack):
     Config = OptimizationInversionConfig
 
     def _head(self, obs: Observations) -> ClientHead:
-        if self.config.use_colluder and obs.colluder_head_tail is not None:
-            head = obs.colluder_head_tail()[0]
-            head.requires_grad_(False)
-            return head.eval()
-        return public_head(obs)
+        return reference_parts(obs, self.config.use_colluder).head
 
     def reconstruct(self, obs: Observations) -> Reconstruction:
         cfg = self.config
@@ -130,15 +128,15 @@ class OptimizationInversionAttack(Attack):
         extra = {"adaptive": bool(cfg.adaptive), "simulated_defense": False}
         ids, cand, logits, final = self._search(head, hidden, mask)
         extra["match_loss"] = final
-        if cfg.adaptive and _adaptive.defended(obs) and obs.shadow and cand is not None:
-            sh_ids, sh_mask = _adaptive.tokenize(obs, tuple(obs.shadow)[: cfg.adaptive_rows])
-            released = _adaptive.simulate_shadow(obs, head, sh_ids, sh_mask, cfg.seed)
+        if cfg.adaptive and defended(obs) and obs.shadow and cand is not None:
+            sh_ids, sh_mask = tokenize(obs.tokenizer, tuple(obs.shadow)[: cfg.adaptive_rows], obs.max_length)
+            released = simulate_shadow(obs, head, sh_ids, sh_mask, cfg.seed)
             h_ids, h_cand, h_logits, _ = self._search(head, released, sh_mask)
-            prior = _adaptive.LMPrior(obs.base_model())
+            prior = LMPrior(obs.base_model())
             h_scores = torch.log_softmax(h_logits, dim=-1)
-            weight, table = _adaptive.choose_prior_weight(prior, h_scores, h_cand, sh_ids, sh_mask)
+            weight, table = choose_prior_weight(prior, h_scores, h_cand, sh_ids, sh_mask)
             extra.update(simulated_defense=True, prior_weight=weight, prior_selection=table,
-                         held_accuracy=_adaptive.token_accuracy(h_ids, sh_ids, sh_mask))
+                         held_accuracy=token_accuracy(sh_ids, h_ids, sh_mask))
             if weight > 0:
                 ids = prior.beam(torch.log_softmax(logits, dim=-1), cand, mask, weight, cfg.beam)
                 ids = ids.masked_fill(~mask.bool(), 0)

@@ -2,7 +2,7 @@
 
 Decoder-only LMs are injective on prompts: the head output at position ``t`` is a function of tokens ``0..t``
 alone, so with the prefix recovered, token ``t`` is the candidate whose recomputed output matches the observed
-one. ``attacks._prefix`` holds the search (KV-cached incremental verification, a beam, and gradient-guided
+one. ``attacks.toolkit.prefix`` holds the search (KV-cached incremental verification, a beam, and gradient-guided
 widening over the whole vocabulary where the proposer's candidates all match poorly); this module wires it
 to what the threat grants:
 
@@ -14,7 +14,7 @@ to what the threat grants:
   candidates ranked by the outputs after it;
 * defended cells (``adaptive=True``, the default): the deployed defense's public mechanism is simulated on
   the attacker's shadow text (``Defense.simulate_release``) and the per-dimension noise it adds enters the
-  score's weighting (see ``attacks._prefix``); ``adaptive=False`` ignores the defense.
+  score's weighting (see ``attacks.toolkit.prefix``); ``adaptive=False`` ignores the defense.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from attacks._common import decode_rows, shared_base, stacked
-from attacks._prefix import prefix_invert
+from attacks.toolkit.observe import decode_rows, shared_base, stacked
+from attacks.toolkit.prefix.invert import prefix_invert
+from attacks.toolkit.prefix.options import PrefixOptions
 from suite.interfaces.attack import Attack, AttackConfig, Reconstruction, register_attack
 from suite.interfaces.threats import Capability, Observations
 
@@ -90,6 +91,18 @@ class PrefixInversionConfig(AttackConfig):
         if not self.rho > 0:
             raise ValueError("rho must be > 0")
 
+    def options(self) -> PrefixOptions:
+        """The search as this config sets it."""
+        return PrefixOptions(
+            candidates=self.candidates, beam=self.beam, widen=self.widen, widen_rounds=self.widen_rounds,
+            widen_below=self.widen_below, widen_again_below=self.widen_again_below, prior=self.prior,
+            relax_steps=self.relax_steps, alternatives=self.tie_alternatives, fuse=self.fuse,
+            self_train_every=self.self_train_every, self_train_above=self.self_train_above, rho=self.rho,
+            adaptive=self.adaptive, use_colluder=self.use_colluder, seed=self.seed, first_widen=self.first_widen,
+            early_positions=self.early_positions, tie_margin=self.tie_margin, calibrate_steps=self.calibrate_steps,
+            calibrate_below=self.calibrate_below, calibrate_early=self.calibrate_early,
+            calibrate_early_lr=self.calibrate_early_lr)
+
 
 @register_attack("prefix_inversion")
 class PrefixInversionAttack(Attack):
@@ -102,7 +115,7 @@ class PrefixInversionAttack(Attack):
         start, cpu = time.perf_counter(), time.process_time()
         obs = shared_base(obs)
         target, mask = stacked(obs)
-        ids, extra = prefix_invert(obs, self.config, target, mask)
+        ids, extra = prefix_invert(obs, self.config.options(), target, mask)
         ids = ids.masked_fill(~mask.bool(), obs.tokenizer.pad_token_id or 0)
         extra["seconds"] = time.perf_counter() - start
         extra["cpu_seconds"] = time.process_time() - cpu  # CPU time of this process (wall time suffers contention)

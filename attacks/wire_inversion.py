@@ -8,7 +8,7 @@ server holds, and uses all of it (issue 10, item 4):
 
 * on the activations, an inner passive attack (by default the closed-form learned inverter, fit on public
   shadow text, defence-aware unless ``adaptive = false``; ``inner``/``inner_params`` choose another);
-* on the gradients (``use_gradients``), the gradient inversion of ``attacks/_gradients.py``;
+* on the gradients (``use_gradients``), the gradient inversion of ``attacks/toolkit/gradients.py``;
 * per row it keeps the reconstruction whose text best explains the observed gradient (the relative distance
   between the gradient the public trunk and tail would return for that text and the one on the wire), a
   confidence computed without ground truth.
@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from attacks._common import decode_rows
-from attacks._gradients import gradient_residuals, invert_gradients
+from attacks.toolkit.gradients import gradient_residuals, invert_gradients
+from attacks.toolkit.observe import decode_rows, reference_parts, stacked
 from suite.engine.protocol import TO_SERVER, ActivationMsg, GradientMsg, decode
 from suite.engine.transport import SERVER
 from suite.errors import ProtocolError
@@ -43,7 +43,7 @@ class WireInversionConfig(AttackConfig):
     # Nearest-embedding alone reads nothing back beyond k = 0 and would understate the leak.
     inner: str = "learned_inversion"
     inner_params: dict = field(default_factory=dict)
-    adaptive: bool = True  # handed to the inner attack when it has that option (defence-aware, attacks/_adaptive)
+    adaptive: bool = True  # handed to the inner attack when it has that option (defence-aware, attacks/toolkit/simulate.py)
     use_gradients: bool = True  # also invert the plaintext gradients and keep, per row, the better-explained text
     solve_steps: int = 8  # gradient inversion: Richardson steps (see gradient_inversion)
     first_token_candidates: int = 64  # gradient inversion: candidates for the token at position 0
@@ -172,12 +172,9 @@ def _activation_match(obs: Observations, batches: tuple[ObservedBatch, ...],
     """Per candidate text [N, T]: the cosine, per position, between the public head's output on that text and
     the head output on the wire, each standardised per hidden dimension by its own statistics (so the few
     massive dimensions of pretrained LMs, and a defence's rescaling, do not decide)."""
-    from attacks._common import public_head, stacked
     from suite.engine.split import position_ids_for
 
-    head = public_head(obs)
-    if obs.colluder_head_tail is not None:
-        head = obs.colluder_head_tail()[0].eval()
+    head = reference_parts(obs).head
     hidden, mask = stacked(dataclasses.replace(obs, batches=batches))
     real = mask.bool()
 

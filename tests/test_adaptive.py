@@ -190,7 +190,7 @@ def test_lm_prior_beam_with_its_kv_cache_finds_the_exhaustive_optimum():
     ``sum_t score + weight * log p_LM`` found by scoring every sequence with a full forward (no cache)."""
     import itertools
 
-    from attacks._adaptive import LMPrior
+    from attacks.toolkit.decoding import LMPrior
     from suite.engine.models import tiny_model
 
     model = tiny_model("llama").model

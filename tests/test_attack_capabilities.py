@@ -1,7 +1,7 @@
 """Every attack declares what it reads: the runner hands an attack only ``grants ∩ (requires | uses)``, so an
 observation field read but not declared is silently None and the attack runs weaker than it is (prefix
 inversion lost its shadow-text proposer this way: 0.84 instead of ≥ 0.99 at k = 8). Checked statically over
-the attack's module and every ``attacks._*`` helper it imports, directly or through another helper."""
+the attack's module and every ``attacks.toolkit`` helper it imports, directly or through another helper."""
 
 from __future__ import annotations
 
@@ -25,14 +25,15 @@ DERIVED = {"wire_inversion": {"batches"}}
 
 
 def _module_index(path: Path) -> tuple[dict[str, ast.AST], dict[str, tuple[Path, str]]]:
-    """Top-level definitions of a module by name, and the names it imports from ``attacks._*`` helpers."""
+    """Top-level definitions of a module by name, and the names it imports from ``attacks.toolkit`` modules."""
     tree = ast.parse(path.read_text())
     defs = {n.name: n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
     imported = {}
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("attacks._"):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("attacks.toolkit."):
             for alias in node.names:
-                imported[alias.asname or alias.name] = (ROOT / (node.module.split(".", 1)[1] + ".py"), alias.name)
+                imported[alias.asname or alias.name] = (ROOT.joinpath(*node.module.split(".")[1:]).with_suffix(".py"),
+                                                        alias.name)
     return defs, imported
 
 

@@ -6,7 +6,7 @@ base model's reference scores are computed once per process for the same weights
 import pytest
 
 import attacks.membership as membership
-from attacks._memorise import cached_prefix_lppl, open_view, token_stats
+from attacks.toolkit.memorise import cached_prefix_lppl, open_view, token_stats
 from suite.engine.models import tiny_model
 from suite.engine.split import SplitSpec
 from suite.experiment.canaries import CANARY_PREFIX, random_secret

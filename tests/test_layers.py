@@ -44,7 +44,8 @@ ALLOWED: dict[str, tuple[str, ...]] = {
                       "suite.net"),
     # the command line is the one place above the reports: `run` builds the PDF, `check` runs the gate
     "suite.cli": (*_SUITE, "reports"),
-    "attacks": ("suite.base", "suite.engine", "suite.interfaces"),
+    # an attack scores its own choices with the project's one token accuracy (suite.scoring.metrics)
+    "attacks": ("suite.base", "suite.scoring", "suite.engine", "suite.interfaces"),
     "defenses": ("suite.base", "suite.engine", "suite.interfaces"),
     # the store, the scoring and the public threat presets (data): no torch behind `results` and `report`
     "reports": ("suite.base", "suite.scoring", "suite.experiment.store", "suite.interfaces.presets"),

@@ -6,7 +6,9 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from attacks._prefix import PrefixSearch, Scorer, SearchOptions
+from attacks.toolkit.prefix.options import PrefixOptions
+from attacks.toolkit.prefix.scorer import Scorer
+from attacks.toolkit.prefix.search import PrefixSearch
 from suite.engine.models import tiny_model
 from suite.engine.split import SplitSpec, position_ids_for, split_model
 from suite.experiment.cell import attack_trained, train_split
@@ -32,7 +34,7 @@ def test_incremental_head_with_kv_cache_equals_full_forward(family, k):
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5)
 
 
-def _exact_search(family: str, k: int, options: SearchOptions, proposals: bool = True, lm: bool = False):
+def _exact_search(family: str, k: int, options: PrefixOptions, proposals: bool = True, lm: bool = False):
     """Invert an un-fine-tuned head's output with the same head (what SipIt proves exact)."""
     loaded = tiny_model(family, num_layers=4)
     head = split_model(loaded.model, SplitSpec(k, 1)).client_head.eval()
@@ -56,7 +58,7 @@ def _exact_search(family: str, k: int, options: SearchOptions, proposals: bool =
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 @pytest.mark.parametrize("k", [0, 1, 2])
 def test_prefix_inversion_of_an_unfinetuned_head_is_exact(family, k):
-    got, ids, mask, search = _exact_search(family, k, SearchOptions(candidates=4, widen=16, widen_rounds=8,
+    got, ids, mask, search = _exact_search(family, k, PrefixOptions(candidates=4, widen=16, widen_rounds=8,
                                                                    widen_below=0.9999))
     real = mask.bool()
     assert torch.equal(got[real], ids[real]), (family, k, (got[real] == ids[real]).float().mean())
@@ -65,7 +67,7 @@ def test_prefix_inversion_of_an_unfinetuned_head_is_exact(family, k):
 
 def test_without_widening_random_candidates_are_not_enough():
     """The control for the test above: the same search with widening off fails, so the test can fail."""
-    got, ids, mask, _ = _exact_search("llama", 1, SearchOptions(candidates=4, widen_rounds=0))
+    got, ids, mask, _ = _exact_search("llama", 1, PrefixOptions(candidates=4, widen_rounds=0))
     real = mask.bool()
     assert (got[real] == ids[real]).float().mean() < 0.5
 
@@ -74,11 +76,11 @@ def test_without_widening_random_candidates_are_not_enough():
 def test_the_continuous_step_alone_finds_what_random_candidates_miss(family):
     """SipIt's relaxation as the only widening (no gradient rounds, 4 nearest rows of the optimised embedding
     verified): exact, where the same search without it recovers nothing (random candidates, 0.0 measured)."""
-    options = SearchOptions(candidates=4, widen=4, widen_rounds=0, relax_steps=10, widen_below=0.9999)
+    options = PrefixOptions(candidates=4, widen=4, widen_rounds=0, relax_steps=10, widen_below=0.9999)
     got, ids, mask, search = _exact_search(family, 2, options)
     real = mask.bool()
     assert torch.equal(got[real], ids[real])
-    without = SearchOptions(candidates=4, widen=4, widen_rounds=0, relax_steps=0, widen_below=0.9999)
+    without = PrefixOptions(candidates=4, widen=4, widen_rounds=0, relax_steps=0, widen_below=0.9999)
     got, ids, mask, _ = _exact_search(family, 2, without)
     assert (got[real] == ids[real]).float().mean() < 0.5
 
@@ -86,7 +88,7 @@ def test_the_continuous_step_alone_finds_what_random_candidates_miss(family):
 def test_the_lm_prior_round_verifies_the_lms_next_tokens():
     """Widening by the public LM alone (no gradient rounds): with every token in its top list the search is
     exact where random candidates alone fail (the control above), so its proposals are verified, per prefix."""
-    options = SearchOptions(candidates=4, widen_rounds=0, prior=10_000, widen_below=0.9999)
+    options = PrefixOptions(candidates=4, widen_rounds=0, prior=10_000, widen_below=0.9999)
     got, ids, mask, search = _exact_search("llama", 1, options, lm=True)
     real = mask.bool()
     assert torch.equal(got[real], ids[real])
@@ -96,10 +98,10 @@ def test_the_lm_prior_round_verifies_the_lms_next_tokens():
 def test_padding_is_not_searched():
     """Positions after a sequence's end are never verified or widened (sequence 2 ends at 7 of 10): without
     widening the search verifies exactly the proposer's candidates at the real positions."""
-    got, ids, mask, search = _exact_search("llama", 1, SearchOptions(candidates=4, widen_rounds=0))
+    got, ids, mask, search = _exact_search("llama", 1, PrefixOptions(candidates=4, widen_rounds=0))
     assert search.stats["verified"] == 4 * int(mask.sum())
     assert torch.equal(got[~mask.bool()], torch.zeros_like(got[~mask.bool()]))
-    _, _, _, widened = _exact_search("llama", 1, SearchOptions(candidates=4, widen=16, widen_rounds=1,
+    _, _, _, widened = _exact_search("llama", 1, PrefixOptions(candidates=4, widen=16, widen_rounds=1,
                                                                widen_below=1.01))  # every real position is poor
     assert widened.stats["verified"] == (4 + 16) * int(mask.sum())
 
@@ -108,14 +110,14 @@ def test_later_widening_rounds_use_their_own_bar():
     """``widen_again_below``: the first round widens where the match is below ``widen_below``; the later
     rounds only where it is still below the second bar (here none: every match is above -1)."""
     opts = dict(candidates=4, widen=16, widen_rounds=3, widen_below=1.01)
-    _, _, mask, once = _exact_search("llama", 1, SearchOptions(**opts, widen_again_below=-1.0))
+    _, _, mask, once = _exact_search("llama", 1, PrefixOptions(**opts, widen_again_below=-1.0))
     assert once.stats["verified"] == (4 + 16) * int(mask.sum())
-    _, _, _, thrice = _exact_search("llama", 1, SearchOptions(**opts))
+    _, _, _, thrice = _exact_search("llama", 1, PrefixOptions(**opts))
     assert thrice.stats["verified"] == (4 + 3 * 16) * int(mask.sum())
 
 
 def test_beam_and_candidate_options():
-    options = SearchOptions(candidates=4, beam=3, widen=16, widen_rounds=8, widen_below=0.9999)
+    options = PrefixOptions(candidates=4, beam=3, widen=16, widen_rounds=8, widen_below=0.9999)
     got, ids, mask, search = _exact_search("llama", 2, options)
     real = mask.bool()
     assert torch.equal(got[real], ids[real])
@@ -187,13 +189,13 @@ def test_the_reference_heads_shadow_outputs_are_computed_once(base, monkeypatch,
     """The score's statistics and the linear proposer's training pairs both read the reference head's outputs
     on the shadow text (the public head, or the colluder's when granted): one pass serves both. A colluder
     adds its own head's pass (the public head's pairs are still needed)."""
-    import attacks._pairs
-    import attacks._prefix
+    import attacks.toolkit.linear
+    import attacks.toolkit.prefix.invert
 
     threat = get_threat(threat_name)
     trained = train_split(CFG, SplitSpec(1, 1), base)
     rows = []
-    for module in (attacks._pairs, attacks._prefix):
+    for module in (attacks.toolkit.linear, attacks.toolkit.prefix.invert):
         def counting(head, ids, mask, *args, real=module.run_head, **kwargs):
             rows.append(ids.shape[0])
             return real(head, ids, mask, *args, **kwargs)
@@ -212,7 +214,7 @@ def test_calibration_follows_a_fine_tuned_head_the_public_one_misses():
 
     from peft import LoraConfig, inject_adapter_in_model
 
-    from attacks._prefix import calibrate
+    from attacks.toolkit.prefix.calibrate import calibrate
 
     loaded = tiny_model("llama", num_layers=4)
     head = split_model(loaded.model, SplitSpec(2, 1)).client_head.eval().requires_grad_(False)
@@ -229,7 +231,7 @@ def test_calibration_follows_a_fine_tuned_head_the_public_one_misses():
         target = victim(ids, mask, position_ids_for(mask))
         public = head(ids, mask, position_ids_for(mask))
     scorer = Scorer.fit(public, mask)
-    options = SearchOptions(candidates=4, widen=16, widen_rounds=2, widen_below=0.9999)
+    options = PrefixOptions(candidates=4, widen=16, widen_rounds=2, widen_below=0.9999)
     prop = torch.randint(0, loaded.model.config.vocab_size, (8, 12, 4), generator=gen)
     prop[..., 0] = ids  # the proposer holds the truth; which candidate matches is the verifier's call
     first, scores = PrefixSearch(head, loaded.model.config, scorer, options).run(target, mask, prop)
@@ -251,7 +253,7 @@ def test_a_drift_fitted_on_later_positions_carries_to_the_early_ones():
 
     from peft import LoraConfig, inject_adapter_in_model
 
-    from attacks._prefix import calibrate
+    from attacks.toolkit.prefix.calibrate import calibrate
 
     loaded = tiny_model("llama", num_layers=4)
     head = split_model(loaded.model, SplitSpec(2, 1)).client_head.eval().requires_grad_(False)
@@ -325,7 +327,7 @@ def test_near_ties_are_re_decided_by_the_outputs_after_them(family):
     """A wrong token that matched its own position slightly better than the truth (an inflection near-tie) is
     replaced by the runner-up the later outputs agree with; right tokens stay right even where a wrong
     runner-up came close; and outside the margin nothing is re-decided (the control)."""
-    from attacks._prefix import refine_ties
+    from attacks.toolkit.prefix.refine import refine_ties
 
     head, truth, mask, target, scorer, gen, vocab = _tiny_capture(family, 5, (3, 10), short=(2, 8))
     decoys = torch.randint(0, vocab, truth.shape, generator=gen)
@@ -350,7 +352,7 @@ def test_an_early_token_is_re_decided_by_the_outputs_after_it(family):
     """A wrong token at an early position (where a deep head's own output says little about it) is found
     again among whole-vocabulary candidates ranked by the gradient of the outputs after it, and re-decided by
     them; a right token is kept against 64 random decoys."""
-    from attacks._prefix import first_candidates, refine_first
+    from attacks.toolkit.prefix.refine import first_candidates, refine_first
 
     head, truth, mask, target, scorer, gen, vocab = _tiny_capture(family, 8, (6, 12))
     t = 2
@@ -372,7 +374,7 @@ def test_an_early_token_is_re_decided_by_the_outputs_after_it(family):
 def test_window_scores_with_a_cached_prefix_equal_the_full_forward(family, t):
     """The early-position and near-tie re-decisions run each row's recovered prefix through the head once and
     only the window per candidate: the scores are the full forward's, padding inside the window included."""
-    from attacks._prefix import window_totals
+    from attacks.toolkit.prefix.refine import window_totals
 
     head, truth, mask, target, scorer, gen, vocab = _tiny_capture(family, 5, (3, 10), short=(1, 7))
     cand = torch.randint(0, vocab, (3, 6), generator=gen)
@@ -394,7 +396,7 @@ class _Tok:
 
 
 def test_known_prefix_is_the_special_tokens_every_text_starts_with():
-    from attacks._prefix import known_prefix
+    from attacks.toolkit.observe import known_prefix
 
     assert known_prefix(_Tok([2])) == (2,)  # Gemma's <bos>
     assert known_prefix(_Tok([])) == ()  # SmolLM2: nothing
@@ -417,27 +419,27 @@ def test_the_search_takes_a_known_first_token_it_could_not_have_found():
     scorer = Scorer.fit(target, mask)
     prop = ids[:, :, None].clone()  # the truth everywhere ...
     prop[:, 0] = 2  # ... but at position 0
-    options = SearchOptions(candidates=1, widen=0)
+    options = PrefixOptions(candidates=1, widen=0)
     got, _ = PrefixSearch(head, loaded.model.config, scorer, options).run(target, mask, prop, known=(1,))
     assert torch.equal(got, ids)
     blind, _ = PrefixSearch(head, loaded.model.config, scorer, options).run(target, mask, prop)
     assert (blind[:, 0] == 2).all()  # without it, the only candidate there is wrong
 
 
-def test_linear_proposer_self_training_moves_it_to_the_victims_pairs():
-    """``LinearProposer.add``: pairs from the victims' own traffic join the fit. Fitted on a shadow head's outputs
+def test_linear_inverter_self_training_moves_it_to_the_victims_pairs():
+    """``LinearInverter.add``: pairs from the victims' own traffic join the fit. Fitted on a shadow head's outputs
     (a linear map of the token rows), it reads a drifted head's outputs (another map) badly; with the victims'
     recovered pairs added it reads them."""
     import torch.nn.functional as F
 
-    from attacks._prefix import LinearProposer
+    from attacks.toolkit.linear import LinearInverter
 
     gen = torch.Generator().manual_seed(0)
     table = torch.randn(40, 8, generator=gen)
     rows = F.normalize(table, dim=-1)
     shadow_map, drifted_map = torch.randn(8, 12, generator=gen), torch.randn(8, 12, generator=gen)
     ids = torch.randint(0, 40, (64, 4), generator=gen)
-    prop = LinearProposer(rows[ids] @ shadow_map, ids, torch.ones_like(ids), table, k=3)
+    prop = LinearInverter(rows[ids] @ shadow_map, ids, torch.ones_like(ids), table, k=3)
     truth = torch.randint(0, 40, (200,), generator=gen)
     pos = torch.randint(0, 4, (200,), generator=gen)
     victims = rows[truth] @ drifted_map

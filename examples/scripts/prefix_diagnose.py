@@ -18,9 +18,12 @@ import time
 import torch
 
 import attacks  # noqa: F401
-from attacks import _prefix as P
-from attacks._common import stacked
 from attacks.prefix_inversion import PrefixInversionConfig
+from attacks.toolkit.observe import reference_parts, run_head, shadow_batch, stacked, start_token
+from attacks.toolkit.prefix.invert import prefix_invert
+from attacks.toolkit.prefix.options import PrefixOptions
+from attacks.toolkit.prefix.scorer import Scorer
+from attacks.toolkit.prefix.search import PrefixSearch
 from suite.engine.models import load_model
 from suite.engine.split import SplitSpec
 from suite.experiment.cell import _observations, train_split
@@ -54,7 +57,7 @@ real = mask.bool()
 for v in variants:
     c = PrefixInversionConfig(**{a: b for a, b in v.items() if a != "diag"})
     t0, c0 = time.time(), time.process_time()
-    ids, extra = P.prefix_invert(obs, c, target, mask)
+    ids, extra = prefix_invert(obs, c.options(), target, mask)
     wall, cpu = time.time() - t0, time.process_time() - c0
     wrong = (ids != truth) & real
     acc = 1 - wrong.sum().item() / real.sum().item()
@@ -68,13 +71,14 @@ for v in variants:
           flush=True)
     # the diagnosis: teacher-forced score of truth vs chosen at each wrong position (true prefix)
     if pos and v.get("diag", True):
-        head, config, lm = P.reference_head(obs, True)
-        st = P.start_token(obs.tokenizer)
+        parts = reference_parts(obs, True)
+        head, config, lm = parts.head, parts.model.config, parts.model
+        st = start_token(obs.tokenizer)
         with torch.no_grad():
             lmlog = lm(input_ids=torch.cat([torch.full((truth.shape[0], 1), st), truth], 1)).logits[:, :-1].float()
-        sh = P.shadow_batch(obs)
-        scorer = P.Scorer.fit(P.run_head(head, *sh), sh[1], None, 1.0)
-        search = P.PrefixSearch(head, config, scorer, P.SearchOptions())
+        sh = shadow_batch(obs)
+        scorer = Scorer.fit(run_head(head, *sh), sh[1], None, 1.0)
+        search = PrefixSearch(head, config, scorer, PrefixOptions())
         cand = torch.stack([truth, ids], -1)
         forced = search.forced(target, mask, cand, truth)
         for n, t in pos:

@@ -116,7 +116,7 @@ class Observations:
 
 
 # The model views a memorisation attack may read, in the order view = "auto" tries them: the one definition
-# that attacks._memorise (opening a view) and suite.experiment.memorisation (running each granted one) share.
+# that attacks.toolkit.memorise (opening a view) and suite.experiment.memorisation (running each granted one) share.
 MODEL_VIEWS = {"released_model": C.RELEASED_MODEL, "colluder_model": C.COLLUDER_MODEL,
                "server_adapters": C.SERVER_ADAPTERS}
 

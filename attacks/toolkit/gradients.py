@@ -1,7 +1,8 @@
 """Gradient-side machinery shared by the attacks that read the client tail's returned gradient (the curious
 server's ``gradient_inversion`` and the eavesdropper's ``wire_inversion`` on a plaintext wire): recover the
 labels (the text shifted by one) from ``dL/dH`` with the public trunk and tail, and the first token from the
-head output. The derivation is in ``attacks/gradient_inversion.py``'s docstring.
+head output. The derivation is in ``attacks/gradient_inversion.py``'s docstring. The parts are
+``observe.reference_parts``: the public head, trunk and tail, or the colluder's head and tail where granted.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attacks._common import decode_rows, token_embeddings, without_positions
-from suite.engine.split import ClientHead, ClientTail, ServerTrunk, position_ids_for, split_model
+from attacks.toolkit.observe import decode_rows, reference_parts, token_embeddings, without_positions
+from suite.engine.split import ClientHead, ClientTail, ServerTrunk, position_ids_for
 from suite.interfaces.threats import Observations, ObservedBatch
 
 
@@ -130,29 +131,14 @@ class FirstToken:
         return pool[score.argmax(-1)]
 
 
-def attacker_parts(obs: Observations, use_colluder: bool) -> tuple[ClientHead, nn.Module, ClientTail]:
-    """The public head, trunk and tail (the colluder's fine-tuned head and tail instead when granted)."""
-    model = obs.base_model()
-    model.requires_grad_(False)
-    model.eval()
-    parts = split_model(model, obs.spec)
-    head, trunk, tail = parts.client_head, parts.server_trunk, parts.client_tail
-    if use_colluder and obs.colluder_head_tail is not None:
-        head, tail = obs.colluder_head_tail()
-        head.requires_grad_(False)
-        tail.requires_grad_(False)
-        head.eval()
-        tail.eval()
-    return head, trunk, tail
-
-
 def invert_gradients(obs: Observations, batches: tuple[ObservedBatch, ...], solve_steps: int,
                      first_token_candidates: int, use_colluder: bool) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
     """Token ids [N, T] (rows in the order of ``batches``), the mask and the decoded texts, from the tail's
     gradients (labels at positions 1..) and the head output at position 0."""
     if not batches or any(b.gradient is None for b in batches):
         raise ValueError("gradient inversion needs the tail's gradients for every observed batch")
-    head, trunk, tail = attacker_parts(obs, use_colluder)
+    parts = reference_parts(obs, use_colluder)
+    head, trunk, tail = parts.head, parts.trunk, parts.tail
     rows = tail.lm_head.weight.detach().float()  # [V, D]
     shape = NormShape.of(tail.norm, rows.shape[1])
     first = FirstToken(head, obs, first_token_candidates)
@@ -182,7 +168,8 @@ def gradient_residuals(obs: Observations, batches: tuple[ObservedBatch, ...], ca
     would have returned had the row's labels been that text (public trunk and tail, the observed head
     output) and the gradient actually observed, per position: [len(candidates), N, T] (position t holds the
     distance at the gradient of position t, which the label at t + 1 drives). Smaller is more consistent."""
-    _, trunk, tail = attacker_parts(obs, use_colluder)
+    parts = reference_parts(obs, use_colluder)
+    trunk, tail = parts.trunk, parts.tail
     length = max(b.hidden.shape[1] for b in batches)
     out = torch.full((len(candidates), sum(b.hidden.shape[0] for b in batches), length), float("inf"))
     lo = 0

@@ -1,20 +1,9 @@
-"""Defence-aware attacker machinery shared by the learned and search attacks (docs/attacks.md,
-"Defence-aware attackers").
+"""Decoding a predicted vector to tokens: cosine similarity to the rows of an embedding table (the nearest
+row, or the top ``k`` with their scores), and the public LM as a prior over the next token given the
+recovered prefix (``LMPrior``: teacher-forced scores, a beam search over ``score + weight * log p_LM``).
 
-An adaptive attacker knows the deployed defense's mechanism and public parameters (``Observations.defense``,
-Kerckhoffs), never its secret randomness. It
-
-1. **simulates the defense on its own shadow pipeline**: ``simulate_head`` (a head trained under the defense
-   on shadow text, e.g. NoPeek) then ``simulate_release`` (what would leave that head: DP clipping + noise,
-   DxP embedding noise), with randomness from the attacker's own generator (:func:`simulate_shadow`);
-2. **chooses and tunes its method by how well it does there**: every candidate (e.g. a clean-fit or a
-   noise-fit ridge inverter, ridge strengths, the LM-prior weight) is scored on a held-out part of the
-   *simulated* shadow text (:func:`split_rows`). Victims' data is never used for selection, and because the
-   non-adaptive method is always among the candidates, the attacker is never weaker on its own simulation;
-3. **decodes with a noise-aware likelihood combined with the public LM's prior** over the next token given
-   the recovered prefix: beam search over ``score(token) + weight * log p_LM(token | prefix)``, the public LM
-   being the base model's full forward with a KV cache (:class:`LMPrior`). The weight is chosen on the
-   simulated held-out shadow text (teacher-forced), and 0 (no prior) is always a candidate.
+The prior's weight is chosen on the attacker's simulated held-out shadow text (``choose_prior_weight``); 0
+(no prior) is always a candidate, so adding it is never chosen where it hurts there.
 """
 
 from __future__ import annotations
@@ -24,54 +13,42 @@ import inspect
 import torch
 import torch.nn.functional as F
 
-from suite.interfaces.defense import Defense
-from suite.interfaces.threats import Observations
+from suite.scoring.metrics import token_accuracy
 
 # Relative weights of the public LM's log-probability against the inverter's score, tried on the simulation.
 PRIOR_WEIGHTS = (0.0, 0.003, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.0)
 
 
-def defended(obs: Observations) -> bool:
-    """True when the deployed defense changes what an attacker's simulation sees (it overrides
-    ``simulate_head`` or ``simulate_release``). Encryption and detectors do not: the server sees plain
-    activations, so an adaptive attack there is its non-adaptive self (without the LM prior's cost)."""
-    d = obs.defense
-    if d is None:
-        return False
-    cls = type(d)
-    return cls.simulate_release is not Defense.simulate_release or cls.simulate_head is not Defense.simulate_head
+def nearest_rows(vectors: torch.Tensor, table: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """For each vector [..., H], the index of the row of ``table`` [V, H] with the highest cosine similarity."""
+    flat = F.normalize(vectors.reshape(-1, vectors.shape[-1]).float(), dim=-1)
+    rows = F.normalize(table.float(), dim=-1)
+    out = torch.empty(flat.shape[0], dtype=torch.long)
+    for lo in range(0, flat.shape[0], chunk):
+        out[lo : lo + chunk] = (flat[lo : lo + chunk] @ rows.T).argmax(-1)
+    return out.reshape(vectors.shape[:-1])
 
 
-def tokenize(obs: Observations, texts: tuple[str, ...] | list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """As the clients tokenise (right padding to max_length), so position t means the same everywhere."""
-    enc = obs.tokenizer(list(texts), padding="max_length", truncation=True, max_length=obs.max_length,
-                        padding_side="right", return_tensors="pt")
-    return enc["input_ids"].long(), enc["attention_mask"].long()
+def cosine_topk(vectors: torch.Tensor, table: torch.Tensor, k: int, chunk: int | None = 512,
+                unit_rows: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """For vectors [..., E]: the top-``k`` cosine similarities to the rows of ``table`` [V, E] and their row
+    indices, each [..., k], ``chunk`` vectors at a time (None: all at once; never the full [..., V] for more).
+    ``unit_rows``: the table's rows are already normalised (a caller decoding many batches normalises once)."""
+    flat = F.normalize(vectors.reshape(-1, vectors.shape[-1]).float(), dim=-1)
+    rows = table if unit_rows else F.normalize(table.float(), dim=-1)
+    k = min(k, rows.shape[0])
+    chunk = chunk or max(flat.shape[0], 1)
+    vals = torch.empty(flat.shape[0], k)
+    idx = torch.empty(flat.shape[0], k, dtype=torch.long)
+    for lo in range(0, flat.shape[0], chunk):
+        v, i = (flat[lo : lo + chunk] @ rows.T).topk(k, dim=-1)
+        vals[lo : lo + chunk], idx[lo : lo + chunk] = v, i
+    return vals.reshape(*vectors.shape[:-1], k), idx.reshape(*vectors.shape[:-1], k)
 
 
-def simulate_shadow(obs: Observations, head: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, seed: int,
-                    chunk: int = 64) -> torch.Tensor:
-    """[N, T, H]: what would leave ``head`` under the deployed defense for the attacker's shadow batch
-    (``simulate_head`` on the shadow batch, then ``simulate_release``), randomness from a generator seeded
-    by the attacker's own ``seed``."""
-    gen = torch.Generator().manual_seed(int(seed) * 7919 + 17)
-    defense = obs.defense
-    sim_head = defense.simulate_head(head, ids, mask, gen)
-    out = [defense.simulate_release(sim_head, ids[lo : lo + chunk], mask[lo : lo + chunk], gen).detach().float()
-           for lo in range(0, ids.shape[0], chunk)]
-    return torch.cat(out)
-
-
-def split_rows(n: int, seed: int, held_fraction: float = 0.25) -> tuple[torch.Tensor, torch.Tensor]:
-    """A fixed random split of the attacker's ``n`` shadow rows into (fit, held-out)."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed) + 4049))
-    held = max(1, min(n - 1, round(n * held_fraction))) if n > 1 else 0
-    return perm[held:], perm[:held]
-
-
-def token_accuracy(pred: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> float:
-    real = mask.bool()
-    return float((pred[real] == ids[real]).float().mean()) if real.any() else 0.0
+def top_candidates(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` (scores, token ids) per position of full-vocabulary ``scores`` [N, T, V]."""
+    return scores.topk(min(k, scores.shape[-1]), dim=-1)
 
 
 class LMPrior:
@@ -103,7 +80,7 @@ class LMPrior:
             out[sl] = self._beam(scores[sl], cand[sl], mask[sl], weight, width)
         return out
 
-    def _step(self, ids: torch.Tensor, mask: torch.Tensor, cache):
+    def step(self, ids: torch.Tensor, mask: torch.Tensor, cache):
         """One cached forward: (the grown KV cache, next-token logits [R, V]). transformers 5 names the cache
         argument and output ``cache`` (``past_key_values`` is deprecated); older releases only know the latter."""
         kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
@@ -120,7 +97,7 @@ class LMPrior:
         total = top.clone()
         seqs = cand[:, 0].gather(-1, idx).unsqueeze(-1)  # [n, b, 1]
         flat = seqs.reshape(n * b, 1)
-        cache, logits = self._step(flat, torch.ones_like(flat), None)
+        cache, logits = self.step(flat, torch.ones_like(flat), None)
         rows = torch.arange(n).unsqueeze(-1)
         for t in range(1, length):
             logp = torch.log_softmax(logits, dim=-1).view(n, b, -1)  # [n, b, V]
@@ -143,13 +120,8 @@ class LMPrior:
             cache.reorder_cache(order)
             step_in = token.reshape(n * b, 1)
             am = torch.ones(n * b, t + 1, dtype=torch.long)
-            cache, logits = self._step(step_in, am, cache)
+            cache, logits = self.step(step_in, am, cache)
         return seqs[:, 0]
-
-
-def candidates(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-``k`` (scores, token ids) per position of full-vocabulary ``scores`` [N, T, V]."""
-    return scores.topk(min(k, scores.shape[-1]), dim=-1)
 
 
 def choose_prior_weight(prior: LMPrior, held_scores: torch.Tensor, held_cand: torch.Tensor, held_ids: torch.Tensor,
@@ -165,22 +137,8 @@ def choose_prior_weight(prior: LMPrior, held_scores: torch.Tensor, held_cand: to
     margin = max(0.01, 2.0 / max(int(real.sum()), 1))
     for w in PRIOR_WEIGHTS:
         pred = held_cand.gather(-1, (held_scores + w * lm).argmax(-1, keepdim=True)).squeeze(-1)
-        acc = float((pred[real] == held_ids[real]).float().mean()) if real.any() else 0.0
+        acc = token_accuracy(held_ids, pred, held_mask) if real.any() else 0.0
         table[str(w)] = acc
         if acc > best_acc + (margin if w > 0 and best_w == 0 else 1e-9):
             best_w, best_acc = w, acc
     return best_w, table
-
-
-def cosine_scores(pred: torch.Tensor, table: torch.Tensor, k: int, chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-    """For predicted embedding-space vectors [N, T, E]: the top-``k`` cosine similarities to the rows of
-    ``table`` [V, E] and their token ids, each [N, T, k] (never the full [N, T, V] at once)."""
-    flat = F.normalize(pred.reshape(-1, pred.shape[-1]).float(), dim=-1)
-    rows = F.normalize(table.float(), dim=-1)
-    k = min(k, rows.shape[0])
-    vals = torch.empty(flat.shape[0], k)
-    idx = torch.empty(flat.shape[0], k, dtype=torch.long)
-    for lo in range(0, flat.shape[0], chunk):
-        v, i = (flat[lo : lo + chunk] @ rows.T).topk(k, dim=-1)
-        vals[lo : lo + chunk], idx[lo : lo + chunk] = v, i
-    return vals.reshape(*pred.shape[:-1], k), idx.reshape(*pred.shape[:-1], k)

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from suite.engine.split import position_ids_for, split_model
+from attacks.toolkit.observe import public_parts, tokenize
+from suite.engine.split import position_ids_for
 from suite.errors import ConfigError
 from suite.interfaces.attack import AttackConfig
 from suite.interfaces.threats import MODEL_VIEWS, Observations, granted_views
@@ -68,16 +69,10 @@ def open_view(obs: Observations, view: str) -> View:
     if name == "server_adapters":
         if obs.base_model is None:
             raise ConfigError("the server_adapters view needs the public base weights (base_weights)")
-        base = split_model(obs.base_model().float().eval(), obs.spec)  # the public head and tail
-        return View(name, base.client_head, obs.server_adapters(), base.client_tail)
+        base = public_parts(obs)  # the public head and tail
+        return View(name, base.head, obs.server_adapters(), base.tail)
     head, trunk, tail = granted[name]()
     return View(name, head, trunk, tail)
-
-
-def encode(tokenizer, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, padding_side="right",
-                    return_tensors="pt")
-    return enc["input_ids"].long(), enc["attention_mask"].long()
 
 
 @dataclass
@@ -94,7 +89,7 @@ def token_stats(logits_of, tokenizer, texts: list[str], max_length: int, batch_s
     """``logits_of(ids, mask) -> [B, T, V]`` scored on ``texts`` in batches."""
     logp_all, mu_all, sigma_all = [], [], []
     for lo in range(0, len(texts), batch_size):
-        ids, mask = encode(tokenizer, texts[lo: lo + batch_size], max_length)
+        ids, mask = tokenize(tokenizer, texts[lo: lo + batch_size], max_length, longest=True)
         with torch.no_grad():
             logprobs = F.log_softmax(logits_of(ids, mask)[:, :-1].float(), -1)
         target = ids[:, 1:]
