@@ -101,15 +101,19 @@ def _plain(value) -> str | None:
     return None
 
 
+_NOT_SETTINGS = frozenset({"training", "_active_adapter", "active_adapter"})
+
+
 def settings(trunk: nn.Module) -> dict[str, str]:
     """Every module's plain attributes (LoRA ``scaling`` / ``r`` / ``lora_alpha``, the active adapter, norm
     epsilons, attention scaling...) by ``module.attribute``: what changes the computation without being a
-    tensor. ``training`` (train / eval mode) is left out: the harness switches it, and with no dropout in the
-    trunk it changes nothing that is computed."""
+    tensor. Left out: ``training`` (train / eval mode: the harness switches it, and with no dropout in the
+    trunk it changes nothing that is computed) and the active adapter (``per_client``: every pass activates
+    its client's own set, so which one was active before a pass changes nothing it computes)."""
     out = {}
     for mname, module in trunk.named_modules():
         for key, value in vars(module).items():
-            if key != "training" and (text := _plain(value)) is not None:
+            if key not in _NOT_SETTINGS and (text := _plain(value)) is not None:
                 out[f"{mname}.{key}"] = text
     return out
 
@@ -387,6 +391,7 @@ def become_standby(party: Server, public: PublicParty, state: Snapshot) -> None:
     fresh.bounds = party.bounds
     fresh.inbox_taps = [tap for tap in party.inbox_taps
                         if not isinstance(getattr(tap, "__self__", None), TransitionRecorder)]
+    fresh.optimizer_steps = dict(party.optimizer_steps)  # the seat's training budget, spent so far
     party.__class__ = Server
     party.__dict__.clear()
     party.__dict__.update(fresh.__dict__)
