@@ -5,26 +5,39 @@ party that trains its weights toward its own goal and then computes honestly wit
 outside read of issue 27, at S = 1). This audit checks transitions instead (``suite.engine.transitions``):
 
 * every forward / backward pair of every audited party (the server, or each pipeline stage) is committed
-  to: the digest of its trainable weights and optimiser state after the step;
+  to: the digest of its whole state after the step (trainable weights, optimiser state, and the digest of
+  its fixed part: frozen weights, buffers and plain module settings such as LoRA ``scaling``);
+* whether a pass is a training pass is the orchestrator's word (``Session.updates``, which
+  ``no_updates`` clears for the traffic capture), never the party's own ``updates`` flag: a party cannot
+  declare a pass update-free to have it skipped. Update-free passes are audited too: their state must not
+  change (checked on every one) and, at ``rate``, their replay must send the same messages;
+* the first committed state is the party's *public build* (public base weights, LoRA A from the run's public
+  seed, LoRA B zero, fresh optimiser), kept by the orchestrator when it built the parties
+  (``prepare(keep_public=True)``, which ``train_split`` does for this defense), and the replica is built
+  from it: a party that arrives with non-public adapters or base weights is caught at its first step. A
+  session built without it falls back to the party's state at install, and the report says so
+  (``initial_state``);
 * on every transition (no sampling, no recomputation) the state the party starts the step from must have the
-  digest of the previous transition's committed after-state (or of its state at install, for the first): a
-  party that changes its weights between steps and then computes honestly is caught at its next step;
+  digest of the previous transition's committed after-state: a party that changes its weights (trainable or
+  frozen) or a setting between steps and then computes honestly is caught at its next step, at any ``rate``;
 * after the commitment, with probability ``rate`` drawn from the OS CSPRNG (a party that knows ``rate``
-  cannot tell which steps are checked), a verifier re-executes the step on its own replica (public frozen
-  weights, public adapter configuration, taken before training) from the party's state before the step and
-  the messages it received in that step, and compares the state after and every message the party sent
-  (``tolerance``: the largest absolute difference accepted; 0 = bit for bit, which CPU recomputation meets);
+  cannot tell which steps are checked), a verifier re-executes the step on its own replica from the party's
+  state before the step and the messages it received in that step, and compares the state after and every
+  message the party sent (``tolerance``: the largest absolute difference accepted; 0 = bit for bit, which
+  CPU recomputation meets; a NaN where the replica has a number is a difference);
 * ``rate = 1`` is the seed paper's redundant recomputation: every step, ~100 % detection, 2x the audited
-  parties' compute.
+  parties' compute. A run in which nothing was audited is not "passed": the report carries a ``warning``.
 
 A tampered step is caught with probability ``rate`` whatever the tampering's size (above ``tolerance``) and
 whether it touches outputs, gradients or the weights: a party that tampers on T steps is caught by the T-th
 with probability 1 - (1 - rate)^T (T >= ln(0.01) / ln(1 - rate) for 99 %: 44 steps at rate 0.1).
 
-``act``: a party caught is excluded and replaced by a standby that starts from the last verified state (the
-state after the last transition that passed an audit, or the one before training): its weights and
-optimiser state are loaded into the party's place and it runs honestly from there. The report names the
-steps lost (transitions between the last verified state and the detection).
+``act``: a party caught is excluded and replaced by a standby: a fresh party from the public build (not the
+excluded object's trunk, whose frozen weights or settings may be what it changed) that starts from the last
+verified state (the state after the last transition that passed an audit, or the public initial state) and
+runs honestly; the excluded object is turned into it in place, so the step functions and the stage chain
+that hold it talk to the standby. The report names the steps lost (transitions between the last verified
+state and the detection).
 
 Who verifies: the inputs of a step are what the audited party received, which under ``batch_parallel``
 include every client's activations of the pass; the verifier is a server-side standby that may see them,
