@@ -55,6 +55,7 @@ from suite.engine.stages import StageChain
 from suite.engine.transitions import (
     PublicParty,
     Replica,
+    Snapshot,
     Transition,
     TransitionRecorder,
     become_standby,
@@ -62,6 +63,7 @@ from suite.engine.transitions import (
     messages_differ,
     within,
 )
+from suite.errors import ConfigError
 from suite.interfaces.defense import Defense, DefenseConfig, register_defense
 
 
@@ -87,8 +89,11 @@ class TransitionAuditDefense(Defense):
     Config = TransitionAuditConfig
     keeps_public = True  # the replicas and the first committed states come from the parties' public builds
 
-    def __init__(self, config: TransitionAuditConfig | None = None):
+    def __init__(self, config: TransitionAuditConfig | None = None, verified: dict[int, Snapshot] | None = None):
+        """``verified``: on resume, the last verified state of every audited stage (``verified_states()`` of
+        the audit that ran before the checkpoint): the first committed states, instead of the public build."""
         super().__init__(config)
+        self._resume = dict(verified) if verified is not None else None
         c = self.config
         self._draw = random.Random(c.seed) if c.seed is not None else secrets.SystemRandom()
         self.parties: dict[int, tuple] = {}  # stage -> (live party, replica, share of the trunk's blocks, public)
@@ -120,6 +125,13 @@ class TransitionAuditDefense(Defense):
             lr = session.config.finetune.lr
             public = [PublicParty.of(s, lr) for s in stages]
             self.initial_state = "copied from the parties at install (not attested: build with keep_public)"
+        if self._resume is None and getattr(session, "losses", None):
+            raise ConfigError(f"transition_audit installed on a session that already trained {len(session.losses)} "
+                              "steps: its first state would be the party's word; install it before training, or "
+                              "resume with TransitionAuditDefense(config, verified=<the last audit's "
+                              "verified_states()>)")
+        if self._resume is not None:
+            self.initial_state = "last verified states (resumed)"
         self._session = session
         blocks = [len(s.trunk.blocks.layers) for s in stages]
         total = sum(blocks) or 1
@@ -129,8 +141,9 @@ class TransitionAuditDefense(Defense):
                 continue
             replica = Replica(public[i])  # the public build: public weights, adapter configuration, initial state
             self.parties[i] = (party, replica, share, public[i])
-            self.last_verified[i] = (-1, replica.initial)
-            self.committed[i] = replica.initial  # the state its first transition must start from
+            first = replica.initial if self._resume is None else self._resume[i]
+            self.last_verified[i] = (-1, first)
+            self.committed[i] = first  # the state its first transition must start from
             self._record(i)
 
     def _record(self, stage: int, start: int = 0) -> None:
@@ -190,6 +203,10 @@ class TransitionAuditDefense(Defense):
             self._record(stage, t.index + 1)  # audited from here, numbered on from the excluded party's
             self.replacements.append({"stage": stage, "at_transition": t.index, "step": step,
                                       "resumed_from": verified_at, "steps_lost": t.index - verified_at})
+
+    def verified_states(self) -> dict[int, Snapshot]:
+        """The last verified state of every audited stage: what a checkpoint keeps for a resumed audit."""
+        return {i: state for i, (_, state) in self.last_verified.items()}
 
     def flagged_steps(self) -> set[int]:
         return {f["step"] for f in self.flags}

@@ -290,3 +290,29 @@ def test_a_frozen_weight_or_a_setting_changed_between_steps_is_caught_at_its_nex
     assert torch.equal(_frozen(trunk), seen["weight"])
     assert {n: dict(m.scaling) for n, m in trunk.named_modules() if isinstance(getattr(m, "scaling", None), dict)
             } == seen["scaling"]
+
+
+def test_a_resumed_audit_starts_from_the_last_verified_states_never_the_partys_word():
+    import torch
+
+    from defenses.transition_audit import TransitionAuditDefense
+    from suite.engine.training import train
+    from suite.errors import ConfigError
+    from suite.experiment.prepared import prepare
+
+    prepared = prepare(_cfg(1, steps=2, strategy="serial"), SplitSpec(1, 1), loaded=tiny_model("llama"),
+                       keep_public=True)
+    first = make_defense("transition_audit", {"rate": 1.0})
+    first.install(prepared.session)
+    train(prepared.session)
+    assert first.report()["flagged"] == 0
+    with pytest.raises(ConfigError, match="already trained 2 steps"):  # the public build is not where it is
+        make_defense("transition_audit", {"rate": 1.0}).install(prepared.session)
+    # the checkpoint: the audit's verified states; the party then arrives with its adapters moved
+    with torch.no_grad():
+        next(p for n, p in prepared.session.server.trunk.named_parameters() if "lora_B" in n).add_(0.1)
+    resumed = TransitionAuditDefense(TransitionAuditDefense.Config(rate=1.0), verified=first.verified_states())
+    resumed.install(prepared.session)
+    train(prepared.session, steps=1)
+    assert [(f["transition"], f["start_mismatch"]) for f in resumed.flags] == [(0, True)]
+    assert resumed.report()["initial_state"] == "last verified states (resumed)"
