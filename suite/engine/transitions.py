@@ -336,9 +336,12 @@ class PublicParty:
     def of(cls, server: Server, lr: float) -> PublicParty:
         return cls(copy.deepcopy(server.trunk), dict(server.adapters), lr, server.name, server.up, server.down)
 
-    def build(self, transport) -> Server:
-        """A fresh party from the public build: its own copy of the trunk, fresh optimisers."""
-        return Server(copy.deepcopy(self.trunk), transport, self.lr, adapters=dict(self.adapters) or None,
+    def build(self, transport, own: bool = True) -> Server:
+        """A fresh party from the public build, with fresh optimisers; ``own``: on its own copy of the trunk
+        (False: on this trunk itself, for the one replica, which writes only trainable state to it: its
+        fixed part stays the public one, and a later ``build`` overwrites the trainable state it copies)."""
+        trunk = copy.deepcopy(self.trunk) if own else self.trunk
+        return Server(trunk, transport, self.lr, adapters=dict(self.adapters) or None,
                       device=_device(self.trunk), name=self.name, up=self.up, down=self.down)
 
 
@@ -353,7 +356,7 @@ class Replica:
     of the party's fixed part (``public``)."""
 
     def __init__(self, public: PublicParty):
-        self.server = public.build(InProcessTransport())
+        self.server = public.build(InProcessTransport(), own=False)  # no second copy of the trunk
         self.public = PublicFixed(self.server.trunk)
         self.initial = snapshot(self.server, self.public)  # the state the party's first transition starts from
         self._done: list[Transition] = []
