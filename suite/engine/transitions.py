@@ -80,41 +80,47 @@ class Snapshot:
         return h.digest()
 
 
-_PLAIN = (bool, int, float, str, type(None), torch.dtype)
+_PLAIN = frozenset({bool, int, float, str, type(None), torch.dtype})
+_NOT_PLAIN = object()
 
 
-def _plain(value) -> str | None:
-    """A canonical text of a plain setting (numbers, strings, and containers of them), None for anything else
-    (tensors and modules are covered as weights; callables and objects are not settings)."""
-    if isinstance(value, _PLAIN):
-        return f"{type(value).__name__}:{value!r}"
-    if isinstance(value, set | frozenset):
-        value = sorted(value, key=repr)
-    if isinstance(value, list | tuple):
+def _plain(value):
+    """A plain setting (numbers, strings, and containers of them) in a canonical form (sets and dicts
+    sorted), or ``_NOT_PLAIN`` for anything else (tensors and modules are covered as weights; callables and
+    objects are not settings)."""
+    kind = type(value)
+    if kind in _PLAIN:
+        return value
+    if kind is list or kind is tuple:
         items = [_plain(v) for v in value]
-        return None if None in items else "[" + ",".join(items) + "]"  # type: ignore[arg-type]
-    if isinstance(value, dict):
-        items = [(_plain(k), _plain(v)) for k, v in value.items()]
-        if any(k is None or v is None for k, v in items):
-            return None
-        return "{" + ",".join(f"{k}:{v}" for k, v in sorted(items)) + "}"  # type: ignore[type-var]
-    return None
+        return _NOT_PLAIN if any(i is _NOT_PLAIN for i in items) else (kind.__name__, *items)
+    if kind is set or kind is frozenset:
+        items = sorted((_plain(v) for v in value), key=repr)
+        return _NOT_PLAIN if any(i is _NOT_PLAIN for i in items) else ("set", *items)
+    if kind is dict:
+        items = sorted(((_plain(k), _plain(v)) for k, v in value.items()), key=repr)
+        return _NOT_PLAIN if any(k is _NOT_PLAIN or v is _NOT_PLAIN for k, v in items) else ("dict", *items)
+    return _NOT_PLAIN
 
 
-_NOT_SETTINGS = frozenset({"training", "_active_adapter", "active_adapter"})
+# not settings: the mode and the active adapter (see ``settings``), and the module's own tensors and
+# submodules, which the weights and the named modules cover
+_NOT_SETTINGS = frozenset({"training", "_active_adapter", "active_adapter", "_parameters", "_buffers", "_modules"})
 
 
 def settings(trunk: nn.Module) -> dict[str, str]:
-    """Every module's plain attributes (LoRA ``scaling`` / ``r`` / ``lora_alpha``, the active adapter, norm
-    epsilons, attention scaling...) by ``module.attribute``: what changes the computation without being a
-    tensor. Left out: ``training`` (train / eval mode: the harness switches it, and with no dropout in the
-    trunk it changes nothing that is computed) and the active adapter (``per_client``: every pass activates
-    its client's own set, so which one was active before a pass changes nothing it computes)."""
+    """Every module's plain attributes (LoRA ``scaling`` / ``r`` / ``lora_alpha``, norm epsilons, attention
+    scaling...), one text per module: what changes the computation without being a tensor. Left out:
+    ``training`` (train / eval mode: the harness switches it, and with no dropout in the trunk it changes
+    nothing that is computed) and the active adapter (``per_client``: every pass activates its client's own
+    set, so which one was active before a pass changes nothing it computes)."""
     out = {}
     for mname, module in trunk.named_modules():
+        plain = []
         for key, value in vars(module).items():
-            if key not in _NOT_SETTINGS and (text := _plain(value)) is not None:
-                out[f"{mname}.{key}"] = text
+            if key not in _NOT_SETTINGS and (v := _plain(value)) is not _NOT_PLAIN:
+                plain.append((key, v))
+        out[mname] = repr(sorted(plain, key=lambda kv: kv[0]))
     return out
 
 
