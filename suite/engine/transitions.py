@@ -50,7 +50,7 @@ from suite.engine.transport import InProcessTransport
 class Snapshot:
     """A party's whole state: its trainable weights and optimiser states (by adapter set), what a transition
     changes, and ``fixed``, the digest of what no transition may change (its frozen weights, its buffers and
-    its modules' plain settings: LoRA ``scaling`` and rank, norm epsilons, the active adapter; see
+    its modules' plain settings: LoRA ``scaling`` and rank, norm epsilons; see ``settings`` and
     ``PublicFixed``)."""
 
     weights: dict[str, torch.Tensor]
