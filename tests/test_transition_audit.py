@@ -316,3 +316,19 @@ def test_a_resumed_audit_starts_from_the_last_verified_states_never_the_partys_w
     train(prepared.session, steps=1)
     assert [(f["transition"], f["start_mismatch"]) for f in resumed.flags] == [(0, True)]
     assert resumed.report()["initial_state"] == "last verified states (resumed)"
+
+
+def test_the_report_shows_an_audit_that_checked_nothing():
+    import json
+
+    import pandas as pd
+
+    from reports.pipeline import detection_table
+
+    checked = {"audited": 3, "transitions": 8, "flagged": 0, "replacements": []}
+    nothing = {"audited": 0, "transitions": 0, "flagged": 0, "replacements": [],
+               "warning": "0 training transitions recorded, 0 audited: the audit checked nothing"}
+    df = pd.DataFrame([{"ok": True, "defense": "transition_audit", "threat_label": "t", "attack_label": "a",
+                        "defense_label": "d", "stages": 2, "defense_report": json.dumps(r)} for r in (checked, nothing)])
+    table = detection_table(df)
+    assert table["warning"].isna().tolist() == [True, False]
