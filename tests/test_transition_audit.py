@@ -332,3 +332,28 @@ def test_the_report_shows_an_audit_that_checked_nothing():
                         "defense_label": "d", "stages": 2, "defense_report": json.dumps(r)} for r in (checked, nothing)])
     table = detection_table(df)
     assert table["warning"].isna().tolist() == [True, False]
+
+
+def test_a_stage_whose_frozen_weight_changed_is_replaced_by_a_fresh_stage_the_chain_evaluates_with():
+    import torch
+
+    def install(audit, session, chain):
+        stage = chain.stages[1]
+        recorded, calls = stage.forward, [0]
+
+        def forward(ids, step):
+            calls[0] += 1
+            if calls[0] == 2:
+                with torch.no_grad():
+                    _frozen(stage.trunk).mul_(1.5)
+            recorded(ids, step)
+
+        stage.forward = forward
+        audit.weight = _frozen(stage.trunk).detach().clone()
+
+    audit = _audit_with(install, {"rate": 0.0})
+    trained = train_split(_cfg(2, steps=3), SplitSpec(1, 1), tiny_model("llama"), defense=audit, reference=False)
+    assert [(f["stage"], f["transition"], f["start_mismatch"]) for f in audit.flags] == [(1, 1, True)]
+    chain = trained.prepared.session.server
+    assert chain.trunk.parts[1] is chain.stages[1].trunk  # evaluation without the wire uses the standby
+    assert torch.equal(_frozen(chain.stages[1].trunk), audit.weight)
