@@ -5,26 +5,39 @@ party that trains its weights toward its own goal and then computes honestly wit
 outside read of issue 27, at S = 1). This audit checks transitions instead (``suite.engine.transitions``):
 
 * every forward / backward pair of every audited party (the server, or each pipeline stage) is committed
-  to: the digest of its trainable weights and optimiser state after the step;
+  to: the digest of its whole state after the step (trainable weights, optimiser state, and the digest of
+  its fixed part: frozen weights, buffers and plain module settings such as LoRA ``scaling``);
+* whether a pass is a training pass is the orchestrator's word (``Session.updates``, which
+  ``no_updates`` clears for the traffic capture), never the party's own ``updates`` flag: a party cannot
+  declare a pass update-free to have it skipped. Update-free passes are audited too: their state must not
+  change (checked on every one) and, at ``rate``, their replay must send the same messages;
+* the first committed state is the party's *public build* (public base weights, LoRA A from the run's public
+  seed, LoRA B zero, fresh optimiser), kept by the orchestrator when it built the parties
+  (``prepare(keep_public=True)``, which ``train_split`` does for this defense), and the replica is built
+  from it: a party that arrives with non-public adapters or base weights is caught at its first step. A
+  session built without it falls back to the party's state at install, and the report says so
+  (``initial_state``);
 * on every transition (no sampling, no recomputation) the state the party starts the step from must have the
-  digest of the previous transition's committed after-state (or of its state at install, for the first): a
-  party that changes its weights between steps and then computes honestly is caught at its next step;
+  digest of the previous transition's committed after-state: a party that changes its weights (trainable or
+  frozen) or a setting between steps and then computes honestly is caught at its next step, at any ``rate``;
 * after the commitment, with probability ``rate`` drawn from the OS CSPRNG (a party that knows ``rate``
-  cannot tell which steps are checked), a verifier re-executes the step on its own replica (public frozen
-  weights, public adapter configuration, taken before training) from the party's state before the step and
-  the messages it received in that step, and compares the state after and every message the party sent
-  (``tolerance``: the largest absolute difference accepted; 0 = bit for bit, which CPU recomputation meets);
+  cannot tell which steps are checked), a verifier re-executes the step on its own replica from the party's
+  state before the step and the messages it received in that step, and compares the state after and every
+  message the party sent (``tolerance``: the largest absolute difference accepted; 0 = bit for bit, which
+  CPU recomputation meets; a NaN where the replica has a number is a difference);
 * ``rate = 1`` is the seed paper's redundant recomputation: every step, ~100 % detection, 2x the audited
-  parties' compute.
+  parties' compute. A run in which nothing was audited is not "passed": the report carries a ``warning``.
 
 A tampered step is caught with probability ``rate`` whatever the tampering's size (above ``tolerance``) and
 whether it touches outputs, gradients or the weights: a party that tampers on T steps is caught by the T-th
 with probability 1 - (1 - rate)^T (T >= ln(0.01) / ln(1 - rate) for 99 %: 44 steps at rate 0.1).
 
-``act``: a party caught is excluded and replaced by a standby that starts from the last verified state (the
-state after the last transition that passed an audit, or the one before training): its weights and
-optimiser state are loaded into the party's place and it runs honestly from there. The report names the
-steps lost (transitions between the last verified state and the detection).
+``act``: a party caught is excluded and replaced by a standby: a fresh party from the public build (not the
+excluded object's trunk, whose frozen weights or settings may be what it changed) that starts from the last
+verified state (the state after the last transition that passed an audit, or the public initial state) and
+runs honestly; the excluded object is turned into it in place, so the step functions and the stage chain
+that hold it talk to the standby. The report names the steps lost (transitions between the last verified
+state and the detection).
 
 Who verifies: the inputs of a step are what the audited party received, which under ``batch_parallel``
 include every client's activations of the pass; the verifier is a server-side standby that may see them,
@@ -40,14 +53,17 @@ from dataclasses import dataclass
 
 from suite.engine.stages import StageChain
 from suite.engine.transitions import (
+    PublicParty,
     Replica,
+    Snapshot,
     Transition,
     TransitionRecorder,
+    become_standby,
     difference,
     messages_differ,
-    restore,
-    snapshot,
+    within,
 )
+from suite.errors import ConfigError
 from suite.interfaces.defense import Defense, DefenseConfig, register_defense
 
 
@@ -71,22 +87,30 @@ class TransitionAuditConfig(DefenseConfig):
 @register_defense("transition_audit")
 class TransitionAuditDefense(Defense):
     Config = TransitionAuditConfig
+    keeps_public = True  # the replicas and the first committed states come from the parties' public builds
 
-    def __init__(self, config: TransitionAuditConfig | None = None):
+    def __init__(self, config: TransitionAuditConfig | None = None, verified: dict[int, Snapshot] | None = None):
+        """``verified``: on resume, the last verified state of every audited stage (``verified_states()`` of
+        the audit that ran before the checkpoint): the first committed states, instead of the public build."""
         super().__init__(config)
+        self._resume = dict(verified) if verified is not None else None
         c = self.config
         self._draw = random.Random(c.seed) if c.seed is not None else secrets.SystemRandom()
-        self.parties: dict[int, tuple] = {}  # stage index -> (live party, replica, share of the trunk's blocks)
+        self.parties: dict[int, tuple] = {}  # stage -> (live party, replica, share of the trunk's blocks, public)
         self.last_verified: dict[int, tuple[int, object]] = {}  # stage -> (transition index, snapshot)
         self.committed: dict[int, object] = {}  # stage -> the state its next transition must start from
         self.transitions = 0  # training transitions seen (every audited party)
-        self.audited: list[tuple[int, int]] = []  # (stage, transition index)
+        self.update_free = 0  # passes the orchestrator ran without updates (traffic capture), every party
+        self.audited: list[tuple[int, int]] = []  # (stage, transition index) of audited training transitions
+        self.audited_update_free = 0
         self.flags: list[dict] = []
         self.replacements: list[dict] = []
         self.units_served = 0.0  # compute of the audited parties' training transitions, in trunk passes
         self.units_recomputed = 0.0  # compute of the re-executions, likewise
         self.passes: dict[int, int] = {}  # training transitions per audited party
         self.seconds_recomputing = 0.0
+        self.initial_state = "public build"  # where the first committed states came from
+        self._session = None
 
     def install(self, session) -> None:
         server = session.server
@@ -94,69 +118,113 @@ class TransitionAuditDefense(Defense):
         if self.config.stage is not None and self.config.stage >= len(stages):
             raise ValueError(f"transition_audit stage {self.config.stage} does not exist: training.stages = "
                              f"{len(stages)}")
+        public = getattr(session, "public", None)
+        if public is None or len(public) != len(stages):
+            # No public build kept (a session built without keep_public): the party's state now is the best
+            # there is, and it is the party's word; the report says so.
+            lr = session.config.finetune.lr
+            public = [PublicParty.of(s, lr) for s in stages]
+            self.initial_state = "copied from the parties at install (not attested: build with keep_public)"
+        if self._resume is None and getattr(session, "losses", None):
+            raise ConfigError(f"transition_audit installed on a session that already trained {len(session.losses)} "
+                              "steps: its first state would be the party's word; install it before training, or "
+                              "resume with TransitionAuditDefense(config, verified=<the last audit's "
+                              "verified_states()>)")
+        if self._resume is not None:
+            self.initial_state = "last verified states (resumed)"
+        self._session = session
         blocks = [len(s.trunk.blocks.layers) for s in stages]
         total = sum(blocks) or 1
         for i, party in enumerate(stages):
             share = blocks[i] / total
             if self.config.stage is not None and i != self.config.stage:
                 continue
-            replica = Replica(party)  # before training: public weights and adapter configuration only
-            self.parties[i] = (party, replica, share)
-            self.last_verified[i] = (-1, snapshot(replica.server))
-            self.committed[i] = snapshot(party)  # the state its first transition must start from
-            TransitionRecorder(party, lambda t, i=i: self._on_transition(i, t))
+            replica = Replica(public[i])  # the public build: public weights, adapter configuration, initial state
+            self.parties[i] = (party, replica, share, public[i])
+            first = replica.initial if self._resume is None else self._resume[i]
+            self.last_verified[i] = (-1, first)
+            self.committed[i] = first  # the state its first transition must start from
+            self._record(i)
+
+    def _record(self, stage: int, start: int = 0) -> None:
+        party, replica = self.parties[stage][:2]
+        session = self._session
+        # training pass or not: the orchestrator's word (Session.updates), never the party's own flag
+        TransitionRecorder(party, lambda t, i=stage: self._on_transition(i, t),
+                           updates=lambda: getattr(session, "updates", True), public=replica.public, start=start)
 
     def _on_transition(self, stage: int, t: Transition) -> None:
-        if not t.updates:  # traffic capture after training: nothing changes, nothing to audit
-            return
-        party, replica, share = self.parties[stage]
-        self.transitions += 1
-        self.units_served += share
-        self.passes[stage] = self.passes.get(stage, 0) + 1
+        party, replica, share, _ = self.parties[stage]
+        if t.updates:
+            self.transitions += 1
+            self.units_served += share
+            self.passes[stage] = self.passes.get(stage, 0) + 1
+        else:
+            self.update_free += 1
         committed, self.committed[stage] = self.committed[stage], t.after
         if t.before.digest() != committed.digest():  # it did not start where its last step ended
             self._flag(stage, t, difference(committed, t.before), 0.0, start=True)
+            return
+        if not t.updates and t.after.digest() != t.before.digest():  # an update-free pass changed its state
+            self._flag(stage, t, difference(t.before, t.after), 0.0, start=False)
             return
         if self._draw.random() >= self.config.rate:  # drawn after the party committed (t.commitment)
             return
         start = time.perf_counter()
         honest = replica.replay(t)
         self.seconds_recomputing += time.perf_counter() - start
-        self.units_recomputed += share
-        self.audited.append((stage, t.index))
+        if t.updates:
+            self.units_recomputed += share
+            self.audited.append((stage, t.index))
+        else:
+            self.audited_update_free += 1
         state_off = difference(honest.after, t.after)
         sent_off = messages_differ(honest.sent, t.sent)
-        if state_off <= self.config.tolerance and sent_off <= self.config.tolerance:
+        if within(state_off, self.config.tolerance) and within(sent_off, self.config.tolerance):
             self.last_verified[stage] = (t.index, t.after)
             return
         self._flag(stage, t, state_off, sent_off, start=False)
 
     def _flag(self, stage: int, t: Transition, state_off: float, sent_off: float, start: bool) -> None:
         """Record a caught transition (``start``: its state before was not the last committed after-state) and,
-        with ``act``, replace the party by a standby from its last verified state."""
+        with ``act``, exclude the party: a standby built from the public build takes its place from the last
+        verified state."""
         step = min(t.steps.values()) if t.steps else None
         self.flags.append({"stage": stage, "transition": t.index, "step": step, "state_difference": state_off,
-                           "message_difference": sent_off, "start_mismatch": start})
+                           "message_difference": sent_off, "start_mismatch": start, "training": t.updates})
         if self.config.act:
-            party = self.parties[stage][0]
+            party, replica, share, public = self.parties[stage]
             verified_at, state = self.last_verified[stage]
-            restore(party, state)  # the standby takes the party's place from the last verified state
-            party.policy = None  # ... and runs honestly
-            self.committed[stage] = snapshot(party)  # its next transition starts from there
+            become_standby(party, public, state)  # the same object, now a fresh party: runs honestly
+            chain = self._session.server if self._session is not None else None
+            if isinstance(chain, StageChain):
+                chain.trunk.parts[stage] = party.trunk  # evaluation without the wire uses the standby's trunk
+            self.committed[stage] = state  # its next transition starts from there
+            self._record(stage, t.index + 1)  # audited from here, numbered on from the excluded party's
             self.replacements.append({"stage": stage, "at_transition": t.index, "step": step,
                                       "resumed_from": verified_at, "steps_lost": t.index - verified_at})
+
+    def verified_states(self) -> dict[int, Snapshot]:
+        """The last verified state of every audited stage: what a checkpoint keeps for a resumed audit."""
+        return {i: state for i, (_, state) in self.last_verified.items()}
 
     def flagged_steps(self) -> set[int]:
         return {f["step"] for f in self.flags}
 
     def report(self) -> dict:
-        return {"rate": self.config.rate, "stages_audited": sorted(self.parties), "transitions": self.transitions,
-                "audited": len(self.audited), "flagged": len(self.flags), "flags": self.flags[:20],
-                "replacements": self.replacements,
-                "verifier": "server-side standby replica (sees the audited party's inputs)",
-                # re-execution over the audited parties' own compute (about ``rate``), and over the whole
-                # trunk's (every stage's) compute: the price of auditing only some stages is lower
-                "extra_compute": self.units_recomputed / self.units_served if self.units_served else 0.0,
-                "extra_compute_trunk": (self.units_recomputed / max(self.passes.values())) if self.passes else 0.0,
-                "seconds_recomputing": round(self.seconds_recomputing, 4)}
-
+        out = {"rate": self.config.rate, "stages_audited": sorted(self.parties), "transitions": self.transitions,
+               "audited": len(self.audited), "update_free_transitions": self.update_free,
+               "update_free_audited": self.audited_update_free, "flagged": len(self.flags),
+               "flags": self.flags[:20], "replacements": self.replacements, "initial_state": self.initial_state,
+               "verifier": "server-side standby replica (sees the audited party's inputs)",
+               # re-execution over the audited parties' own compute (about ``rate``), and over the whole
+               # trunk's (every stage's) compute: the price of auditing only some stages is lower
+               "extra_compute": self.units_recomputed / self.units_served if self.units_served else 0.0,
+               "extra_compute_trunk": (self.units_recomputed / max(self.passes.values())) if self.passes else 0.0,
+               "seconds_recomputing": round(self.seconds_recomputing, 4)}
+        if not self.transitions or not self.audited:
+            # nothing checked is not "passed": say so where the verdict is read
+            out["warning"] = (f"{self.transitions} training transitions recorded, {len(self.audited)} audited: "
+                              "the audit checked nothing" + ("" if self.transitions else
+                                                            " (no training pass reached an audited party)"))
+        return out

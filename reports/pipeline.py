@@ -119,7 +119,9 @@ def detection_table(df: pd.DataFrame) -> pd.DataFrame:
                     "transitions": rep.get("transitions"), "flagged": rep.get("flagged"),
                     "extra_compute": num(rep.get("extra_compute")),
                     "replacements": len(rep.get("replacements") or []),
-                    "steps_lost": sum(x.get("steps_lost", 0) for x in rep.get("replacements") or [])})
+                    "steps_lost": sum(x.get("steps_lost", 0) for x in rep.get("replacements") or []),
+                    # an audit that checked nothing has not passed anything: the report says so
+                    "warning": rep.get("warning")})
     return pd.DataFrame(out)
 
 
@@ -203,7 +205,8 @@ def pipeline_section(df: pd.DataFrame) -> list:
                                            "Extra compute", "Replaced (steps lost)")]]
         for _, r in det.iterrows():
             body.append([text(r["stages"]), text(r["threat"]), text(r["attack"]), text(r["defense"]),
-                         text(f"{r['audited']} / {r['transitions']}"), text(r["flagged"]),
+                         text(f"{r['audited']} / {r['transitions']}"
+                              + (" (checked nothing)" if r.get("warning") else "")), text(r["flagged"]),
                          text(_f(r["extra_compute"])), text(f"{r['replacements']} ({r['steps_lost']})")])
         story.append(table(body, [0.8 * cm, 2.6 * cm, 3 * cm, 3 * cm, 2 * cm, 1.4 * cm, 1.6 * cm,
                                   PORTRAIT_W - 14.4 * cm]))

@@ -116,3 +116,244 @@ def test_a_party_that_changes_its_weights_between_steps_and_then_computes_honest
         assert swap["resumed_from"] == 1 and swap["steps_lost"] == 1
     else:
         assert not audit.replacements
+
+
+# --- what the party cannot choose: which passes are audited, its first state, its frozen part -----------
+
+
+def _audit_with(install_party, config: dict):
+    """A transition audit whose audited server runs ``install_party(audit, session, party)`` once the audit is
+    installed (the party's own code: it may wrap its methods, set a policy, change its modules)."""
+    from defenses.transition_audit import TransitionAuditDefense
+
+    class Audit(TransitionAuditDefense):
+        def install(self, session) -> None:
+            super().install(session)
+            install_party(self, session, session.server)
+
+    return Audit(Audit.Config(**config))
+
+
+class _UpdateFreeTamper:
+    """A policy that, on the passes the orchestrator runs update-free (the traffic capture), shifts what it
+    returns (``shift``) or moves a trainable weight inside the pass, after its backward (``drift``)."""
+
+    def __init__(self, session, party, how: str):
+        self.session, self.party, self.how, self.tampered = session, party, how, 0
+
+    def on_forward(self, ids, step, hidden, mask, out):
+        if self.session.updates or self.how != "shift":
+            return out
+        self.tampered += 1
+        return out + 3.0
+
+    def on_update(self, *args):
+        pass
+
+    def head_gradient(self, ids, step, hidden, mask, grad):  # after the pass's backward
+        if not self.session.updates and self.how == "drift":
+            import torch
+
+            self.tampered += 1
+            with torch.no_grad():
+                next(p for p in self.party.trunk.parameters() if p.requires_grad).add_(0.01)
+        return grad
+
+
+@pytest.mark.parametrize("how", ["shift", "drift"])
+def test_update_free_passes_are_replayed_and_may_not_change_the_state(how):
+    def install(audit, session, party):
+        party.policy = audit.policy = _UpdateFreeTamper(session, party, how)
+
+    audit = _audit_with(install, {"rate": 1.0, "act": False})
+    train_split(_cfg(1, strategy="serial"), SplitSpec(1, 1), tiny_model("llama"), defense=audit, reference=False)
+    r = audit.report()
+    assert audit.policy.tampered > 0 and r["update_free_transitions"] > 0
+    assert r["flagged"] and all(not f["training"] for f in audit.flags)  # only the tampered (capture) passes
+    if how == "drift":  # caught on every such pass without a replay: its state changed where none may
+        assert r["flagged"] == audit.policy.tampered
+    else:
+        assert all(f["message_difference"] >= 3.0 for f in audit.flags)
+
+
+def test_an_audit_that_checked_nothing_says_so():
+    audit = make_defense("transition_audit", {"rate": 0.0})
+    train_split(_cfg(1, steps=2), SplitSpec(1, 1), tiny_model("llama"), defense=audit, reference=False)
+    r = audit.report()
+    assert r["transitions"] == 2 and r["audited"] == 0 and "checked nothing" in r["warning"]
+    assert "warning" not in _honest_report(rate=1.0)
+
+
+def _honest_report(rate: float) -> dict:
+    audit = make_defense("transition_audit", {"rate": rate})
+    train_split(_cfg(1, steps=1), SplitSpec(1, 1), tiny_model("llama"), defense=audit, reference=False)
+    return audit.report()
+
+
+def test_nan_is_a_difference():
+    import torch
+
+    from suite.engine.protocol import TO_CLIENT, ActivationMsg
+    from suite.engine.transitions import Snapshot, difference, messages_differ, within
+
+    x = torch.zeros(1, 2, 4)
+    bad = x.clone()
+    bad[0, 1, 3] = float("nan")
+    ok = [("server", "client/0", ActivationMsg(0, 1, TO_CLIENT, x))]
+    nan = [("server", "client/0", ActivationMsg(0, 1, TO_CLIENT, bad))]
+    assert messages_differ(ok, ok) == 0.0 and within(messages_differ(ok, ok), 0.0)
+    assert not within(messages_differ(ok, nan), 1e9) and not within(messages_differ(nan, ok), 1e9)
+    assert within(messages_differ(nan, nan), 0.0)  # the same NaN in the same place: the same message
+    a, b = Snapshot({"w": torch.zeros(3), "v": x}, {}), Snapshot({"w": torch.zeros(3), "v": bad}, {})
+    assert not within(difference(a, b), 1e9) and not within(difference(b, a), 1e9)
+
+
+def _frozen(trunk):
+    return next(p for n, p in trunk.named_parameters() if not p.requires_grad and "lora_" not in n and p.dim() == 2)
+
+
+@pytest.mark.parametrize("what", ["frozen", "adapters"])
+def test_a_party_that_arrives_with_a_non_public_state_is_caught_at_its_first_step_and_replaced_clean(what):
+    import torch
+
+    from defenses.transition_audit import TransitionAuditDefense
+
+    class Arrives(TransitionAuditDefense):
+        def install(self, session) -> None:
+            trunk = session.server.trunk
+            self.public_weight = _frozen(trunk).detach().clone()
+            with torch.no_grad():
+                if what == "frozen":
+                    _frozen(trunk).mul_(1.5)
+                else:
+                    for n, p in trunk.named_parameters():
+                        if "lora_B" in n:
+                            p.normal_(0, 0.5)
+            super().install(session)
+
+    audit = Arrives(Arrives.Config(rate=0.0))  # no replay: the chain from the public state catches it
+    trained = train_split(_cfg(1, strategy="serial"), SplitSpec(1, 1), tiny_model("llama"), defense=audit,
+                          reference=False)
+    assert [(f["transition"], f["start_mismatch"]) for f in audit.flags] == [(0, True)]
+    assert audit.replacements[0]["resumed_from"] == -1  # the public initial state
+    server = trained.prepared.session.server
+    assert torch.equal(_frozen(server.trunk), audit.public_weight)  # the standby holds the public weights
+
+
+def test_without_a_kept_public_build_the_first_state_is_reported_as_the_partys_word():
+    from suite.experiment.prepared import prepare
+
+    prepared = prepare(_cfg(1), SplitSpec(1, 1), loaded=tiny_model("llama"))
+    audit = make_defense("transition_audit", {"rate": 1.0})
+    audit.install(prepared.session)
+    assert "not attested" in audit.report()["initial_state"]
+    kept = prepare(_cfg(1), SplitSpec(1, 1), loaded=tiny_model("llama"), keep_public=True)
+    audit = make_defense("transition_audit", {"rate": 1.0})
+    audit.install(kept.session)
+    assert audit.report()["initial_state"] == "public build"
+
+
+@pytest.mark.parametrize("what", ["frozen", "scaling"])
+def test_a_frozen_weight_or_a_setting_changed_between_steps_is_caught_at_its_next_step_at_any_rate(what):
+    import torch
+
+    seen = {}
+
+    def install(audit, session, party):
+        recorded, calls = party.forward, [0]
+        seen["weight"] = _frozen(party.trunk).detach().clone()
+        seen["scaling"] = {n: dict(m.scaling) for n, m in party.trunk.named_modules() if hasattr(m, "scaling")
+                           and isinstance(m.scaling, dict)}
+
+        def forward(ids, step):
+            calls[0] += 1
+            if calls[0] == 3:  # between its 2nd and 3rd pass, outside any transition
+                with torch.no_grad():
+                    if what == "frozen":
+                        _frozen(party.trunk).mul_(1.5)
+                    else:
+                        for m in party.trunk.modules():
+                            if isinstance(getattr(m, "scaling", None), dict):
+                                for k in m.scaling:
+                                    m.scaling[k] *= 4.0
+            recorded(ids, step)
+
+        party.forward = forward
+
+    audit = _audit_with(install, {"rate": 0.0})  # no replay at all: the commitment chain catches it
+    trained = train_split(_cfg(1, steps=4, strategy="serial"), SplitSpec(1, 1), tiny_model("llama"),
+                          defense=audit, reference=False)
+    assert [(f["transition"], f["start_mismatch"]) for f in audit.flags] == [(2, True)]
+    (swap,) = audit.replacements
+    assert swap["resumed_from"] == -1  # nothing was replayed, so nothing past the public state is verified
+    trunk = trained.prepared.session.server.trunk  # the standby: a fresh party from the public build
+    assert torch.equal(_frozen(trunk), seen["weight"])
+    assert {n: dict(m.scaling) for n, m in trunk.named_modules() if isinstance(getattr(m, "scaling", None), dict)
+            } == seen["scaling"]
+
+
+def test_a_resumed_audit_starts_from_the_last_verified_states_never_the_partys_word():
+    import torch
+
+    from defenses.transition_audit import TransitionAuditDefense
+    from suite.engine.training import train
+    from suite.errors import ConfigError
+    from suite.experiment.prepared import prepare
+
+    prepared = prepare(_cfg(1, steps=2, strategy="serial"), SplitSpec(1, 1), loaded=tiny_model("llama"),
+                       keep_public=True)
+    first = make_defense("transition_audit", {"rate": 1.0})
+    first.install(prepared.session)
+    train(prepared.session)
+    assert first.report()["flagged"] == 0
+    with pytest.raises(ConfigError, match="already trained 2 steps"):  # the public build is not where it is
+        make_defense("transition_audit", {"rate": 1.0}).install(prepared.session)
+    # the checkpoint: the audit's verified states; the party then arrives with its adapters moved
+    with torch.no_grad():
+        next(p for n, p in prepared.session.server.trunk.named_parameters() if "lora_B" in n).add_(0.1)
+    resumed = TransitionAuditDefense(TransitionAuditDefense.Config(rate=1.0), verified=first.verified_states())
+    resumed.install(prepared.session)
+    train(prepared.session, steps=1)
+    assert [(f["transition"], f["start_mismatch"]) for f in resumed.flags] == [(0, True)]
+    assert resumed.report()["initial_state"] == "last verified states (resumed)"
+
+
+def test_the_report_shows_an_audit_that_checked_nothing():
+    import json
+
+    import pandas as pd
+
+    from reports.pipeline import detection_table
+
+    checked = {"audited": 3, "transitions": 8, "flagged": 0, "replacements": []}
+    nothing = {"audited": 0, "transitions": 0, "flagged": 0, "replacements": [],
+               "warning": "0 training transitions recorded, 0 audited: the audit checked nothing"}
+    df = pd.DataFrame([{"ok": True, "defense": "transition_audit", "threat_label": "t", "attack_label": "a",
+                        "defense_label": "d", "stages": 2, "defense_report": json.dumps(r)} for r in (checked, nothing)])
+    table = detection_table(df)
+    assert table["warning"].isna().tolist() == [True, False]
+
+
+def test_a_stage_whose_frozen_weight_changed_is_replaced_by_a_fresh_stage_the_chain_evaluates_with():
+    import torch
+
+    def install(audit, session, chain):
+        stage = chain.stages[1]
+        recorded, calls = stage.forward, [0]
+
+        def forward(ids, step):
+            calls[0] += 1
+            if calls[0] == 2:
+                with torch.no_grad():
+                    _frozen(stage.trunk).mul_(1.5)
+            recorded(ids, step)
+
+        stage.forward = forward
+        audit.weight = _frozen(stage.trunk).detach().clone()
+
+    audit = _audit_with(install, {"rate": 0.0})
+    trained = train_split(_cfg(2, steps=3), SplitSpec(1, 1), tiny_model("llama"), defense=audit, reference=False)
+    assert [(f["stage"], f["transition"], f["start_mismatch"]) for f in audit.flags] == [(1, 1, True)]
+    chain = trained.prepared.session.server
+    assert chain.trunk.parts[1] is chain.stages[1].trunk  # evaluation without the wire uses the standby
+    assert torch.equal(_frozen(chain.stages[1].trunk), audit.weight)

@@ -31,6 +31,7 @@ from suite.engine.parties import Batch, Batches, Client, Server, trainable
 from suite.engine.split import Family, ServerTrunk, SplitModel, SplitSpec, lora_targets, split_model
 from suite.engine.stages import StageChain, build_chain
 from suite.engine.step import local_forward, training_step
+from suite.engine.transitions import PublicParty
 from suite.engine.transport import InProcessTransport, Transport
 from suite.errors import ConfigError
 
@@ -87,6 +88,12 @@ class Session:
     transport: Transport
     config: TrainConfig
     losses: list[list[float]] = field(default_factory=list)  # per step, per client
+    # The orchestrator's word on whether the passes it drives now are training passes (``no_updates`` sets it
+    # False): an audit asks this, never a party's own ``updates`` flag.
+    updates: bool = True
+    # The server-side parties' public builds (``suite.engine.transitions.PublicParty``, one per stage), taken
+    # at build before any party runs code; only with ``build_session(keep_public=True)`` (a transition audit).
+    public: list | None = None
 
 
 # --- the strategies: one step for every client ---------------------------------------------------
@@ -159,6 +166,7 @@ def build_session(
     *,
     client_device: torch.device | str | None = None,
     server_device: torch.device | str | None = None,
+    keep_public: bool = False,
 ) -> Session:
     """Carve ``model``, give every client its own copy of head and tail, attach adapters, wire it up.
 
@@ -166,6 +174,8 @@ def build_session(
     frozen; only adapters (or, with ``finetune.client == "full"``, the client's whole head and tail) train.
     ``client_device`` / ``server_device``: where the clients' parts and the server's trunk compute (default:
     where ``model`` is); the shards stay on the host and each batch moves to its client's device.
+    ``keep_public``: also keep every server-side party's public build (``Session.public``: a copy of its
+    trunk as built, before any party code runs), which a transition audit replays on.
     """
     if len(shards) != config.clients:
         raise ConfigError(f"{config.clients} clients need {config.clients} data shards, got {len(shards)}")
@@ -196,7 +206,11 @@ def build_session(
         clients.append(Client(i, head, tail, batches, transport, ft.lr, device=client_device))
 
     server = build_server(split, config, transport, device=server_device)
-    return Session(split, clients, server, transport, config)
+    public = None
+    if keep_public:
+        parties = server.stages if isinstance(server, StageChain) else [server]
+        public = [PublicParty.of(p, ft.lr) for p in parties]
+    return Session(split, clients, server, transport, config, public=public)
 
 
 def build_server(split: SplitModel, config: TrainConfig, transport: Transport,
@@ -256,11 +270,14 @@ def no_updates(session: Session):
     policy included) but no party takes an optimiser step: capturing traffic adds no training."""
     parties = [*session.clients, session.server]
     before = [p.updates for p in parties]
+    was_session = session.updates
     for p in parties:
         p.updates = False
+    session.updates = False
     try:
         yield session
     finally:
+        session.updates = was_session
         for p, was in zip(parties, before, strict=True):
             p.updates = was
 

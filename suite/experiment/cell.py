@@ -198,7 +198,8 @@ def train_split(
     frozen = base.model.requires_grad_(False) if share else None
     loaded = dataclasses.replace(base, model=copy.deepcopy(base.model, frozen_memo(frozen) if share else None))
     defense = defense if defense is not None else make_defense("none")
-    prepared = prepare(cfg, spec, loaded=loaded, transport=defense.wrap_transport(InProcessTransport()))
+    prepared = prepare(cfg, spec, loaded=loaded, transport=defense.wrap_transport(InProcessTransport()),
+                       keep_public=getattr(defense, "keeps_public", False))
     shadow = load_corpus(cfg.data.shadow.spec(), avoid=[r for s in prepared.private for r in s])
     _calibrate(defense, prepared, shadow, cfg.data.max_length)
     defense.install(prepared.session)

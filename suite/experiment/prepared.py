@@ -61,6 +61,7 @@ def prepare(
     *,
     loaded: LoadedModel | None = None,
     transport: Transport | None = None,
+    keep_public: bool = False,
 ) -> Prepared:
     client_device, server_device = devices(cfg)  # refuse an absent device before loading anything
     loaded = loaded if loaded is not None else load_for(cfg)
@@ -76,5 +77,5 @@ def prepare(
     max_len = cfg.data.max_length
     tokenized = [tokenize(s, loaded.tokenizer, max_len) for s in shards]
     session = build_session(loaded.model, spec, tokenized, train_config(cfg), transport=transport,
-                            client_device=client_device, server_device=server_device)
+                            client_device=client_device, server_device=server_device, keep_public=keep_public)
     return Prepared(loaded, session, shards, tokenize(held_out, loaded.tokenizer, max_len), held_out, canaries)

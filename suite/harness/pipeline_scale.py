@@ -49,7 +49,8 @@ def _run(base, stages: int, steps: int, audit: dict | None = None, tamper: bool 
 
     cfg = _cfg(stages, steps)
     spec = SplitSpec(1, 1)
-    prepared = prepare(cfg, spec, loaded=dataclasses.replace(base, model=copy.deepcopy(base.model)))
+    prepared = prepare(cfg, spec, loaded=dataclasses.replace(base, model=copy.deepcopy(base.model)),
+                       keep_public=audit is not None)
     session = prepared.session
     defense = None
     if audit is not None:

@@ -64,7 +64,7 @@ def run_once(base, stages: int, steps: int, stage: int | None = None, tamper: di
     cfg = study_config(stages, steps)
     spec = SplitSpec(1, 1)
     loaded = dataclasses.replace(base, model=copy.deepcopy(base.model))
-    prepared = prepare(cfg, spec, loaded=loaded)
+    prepared = prepare(cfg, spec, loaded=loaded, keep_public=audit_rate is not None)
     policy = audit = None
     stage = stages // 2 if stage is None else stage
     if audit_rate is not None:

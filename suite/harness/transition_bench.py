@@ -73,7 +73,9 @@ def one_run(base, stages: int, steps: int, adversary: str | None, tamper_rate: f
            "seed": seed, "tampered_steps": tampered, "final_loss": trained.utility, "seconds": seconds}
     if defense is not None:
         r = defense.report()
-        flagged = sorted(defense.flagged_steps())
+        # training steps only, like ``tampered``: the capture's update-free passes are audited too, and their
+        # flags (the policy deviating while traffic is captured) are not part of the training curve
+        flagged = sorted({f["step"] for f in defense.flags if f["training"]})
         out.update(audit_rate=audit["rate"], act=audit.get("act", True), flagged_steps=flagged,
                    audited=r["audited"], transitions=r["transitions"], extra_compute=r["extra_compute"],
                    extra_compute_trunk=r["extra_compute_trunk"], seconds_recomputing=r["seconds_recomputing"],

@@ -80,6 +80,9 @@ class Defense:
     # Networked mode (``splitleak serve`` / ``client``, ``suite.net``): None when each side can install its
     # part there, else the one-line reason it is refused (docs/network.md, "Defences on `serve` and `client`").
     network_refusal: ClassVar[str | None] = None
+    # True when ``install`` needs the server-side parties' public builds (``Session.public``), which the
+    # harness then keeps when it builds the session (``prepare(keep_public=True)``).
+    keeps_public: ClassVar[bool] = False
 
     def __init__(self, config: DefenseConfig | None = None):
         self.config = config if config is not None else self.Config()
