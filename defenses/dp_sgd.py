@@ -40,11 +40,22 @@ from suite.errors import ConfigError
 from suite.interfaces.defense import Defense, DefenseConfig, register_defense
 
 TARGETS = ("server", "clients", "both")
-# The memorisation views (suite.experiment.memorisation) whose weights each target trains under DP-SGD, all of
-# them: the server's adapters (an adapter thief), a colluder's model (its own head and tail, which never saw
-# the victim's records, on the trunk), the released model (the victim's head and tail on the trunk).
-COVERS_VIEWS = {"server": ("server_adapters", "colluder_model"), "clients": (),
-                "both": ("server_adapters", "colluder_model", "released_model")}
+# The memorisation views (suite.experiment.memorisation): the server's adapters (an adapter thief), a colluder's
+# model (its own head and tail on the trunk), the released model (the victim's head and tail on the trunk).
+ALL_VIEWS = ("server_adapters", "colluder_model", "released_model")
+
+
+def covered_views(target: str, other_side_trains: bool | None) -> tuple[str, ...]:
+    """The views whose ε holds: DP-SGD bounds a record's effect on a part only if every other record's
+    per-example gradient is a function of that record's own data and of what was already released under DP.
+    A part trained *without* DP (the clients' head and tail under target = "server", the server's adapters
+    under "clients") is a function of every record, and every other record's gradient flows through it, so
+    the sum's sensitivity is no longer ``clip``: no view is covered. So ε holds for every view under "both",
+    or under one side when the other trains nothing (``other_side_trains`` False); unknown (None) covers
+    nothing."""
+    if target == "both" or other_side_trains is False:
+        return ALL_VIEWS
+    return ()
 
 
 @dataclass(frozen=True)
@@ -175,6 +186,7 @@ class DPSGDDefense(Defense):
         self._hooked: list = []  # the GradSampleModules (their hooks live on the parties' modules)
         self._stage_count = 1  # the server's pipeline stages (each clips and noises its own part)
         self._client = None  # a networked client's own Client (install_client)
+        self._other_side_trains: bool | None = None  # whether the side target leaves out trains (None: unknown)
 
     def install(self, session) -> None:
         cfg = self.config
@@ -192,6 +204,12 @@ class DPSGDDefense(Defense):
             self._install_client(client)
         self._session = session
         self._stage_count = len(_stages(session.server))
+        if cfg.target == "server":
+            self._other_side_trains = any(p.requires_grad for c in session.clients
+                                          for m in (c.head, c.tail) for p in m.parameters())
+        elif cfg.target == "clients":
+            self._other_side_trains = any(p.requires_grad for stage in _stages(session.server)
+                                          for p in stage.trunk.parameters())
 
     def _install_server(self, server, batch: int | None) -> None:
         """DP-SGD on the trunk adapters of ``server`` (each stage's, in a pipeline)."""
@@ -243,14 +261,16 @@ class DPSGDDefense(Defense):
         cfg = self.config
         out = {"mechanism": "DP-SGD (Opacus: per-example clipping, Gaussian noise, RDP accountant)",
                "target": cfg.target, "sigma": cfg.sigma, "clip": cfg.clip, "delta": cfg.delta,
-               "covers_views": list(COVERS_VIEWS[cfg.target]),
+               "covers_views": list(covered_views(cfg.target, self._other_side_trains)),
                "does_not_cover": "the server itself: it sees every activation and gradient in clear while "
                                  "training"}
-        if cfg.target == "server":
-            out["does_not_cover"] += ("; the clients' own heads and tails (target = \"server\"), so not the released "
-                                      "model either")
-        elif cfg.target == "clients":
-            out["does_not_cover"] += "; the server's trunk adapters (target = \"clients\"), in any view"
+        if cfg.target != "both" and self._other_side_trains is not False:
+            other = "clients' heads and tails" if cfg.target == "server" else "server's trunk adapters"
+            out["does_not_cover"] += (f"; any view, because the {other} train without DP (target = "
+                                      f"\"{cfg.target}\"): every record's gradient flows through them, so one "
+                                      "record moves the clipped sum by more than clip. Use target = \"both\", or "
+                                      "freeze the other side")
+            out["guarantee"] = f"none: the {other} train on the records without DP"
         s = self._session
         if s is None and self._client is None:
             return out

@@ -234,15 +234,7 @@ def view_sentences(frame: pd.DataFrame) -> list[str]:
     return out
 
 
-# dp_sgd's target -> the views whose weights all trained under it (results written before the defense
-# reported ``covers_views``); defenses.dp_sgd.COVERS_VIEWS is the source.
-DP_COVERS_VIEWS = {"server": ("server_adapters", "colluder_model"), "clients": (),
-                   "both": ("server_adapters", "colluder_model", "released_model")}
-DP_TARGET_WORDS = {"server": "the server's adapters (an adapter thief's view, and a colluder's model built on them); "
-                             "not what it leaves in the released model, whose head and tail trained without DP",
-                   "clients": "the clients' heads and tails; not what it leaves in any view here, each of which "
-                              "also holds the server's adapters, trained without DP",
-                   "both": "the server's adapters and the clients' heads and tails: every view here"}
+ALL_VIEWS = ("server_adapters", "colluder_model", "released_model")  # the memorisation views, in report order
 
 
 def dp_covers(report: Any, view: str) -> bool:
@@ -251,8 +243,8 @@ def dp_covers(report: Any, view: str) -> bool:
     if not isinstance(report, dict):
         return False
     views = report.get("covers_views")
-    if views is None:
-        views = DP_COVERS_VIEWS.get(report.get("target", "server"), ())
+    if views is None:  # written before the report said: only "both" is known to cover every view
+        return report.get("target") == "both"
     return view in views
 
 
@@ -262,13 +254,23 @@ def dp_sentences(frame: pd.DataFrame) -> list[str]:
         return []
     out = []
     reports = [r["defense_report"] for _, r in rows.iterrows() if isinstance(r["defense_report"], dict)]
+    views_words = {"server_adapters": "the server's adapters", "colluder_model": "a colluder's model",
+                   "released_model": "the released model"}
     for target in sorted({rep.get("target", "server") for rep in reports}):
-        eps = sorted({round(e, 2) for e in (num(rep.get("epsilon")) for rep in reports
-                                            if rep.get("target", "server") == target) if e is not None})
-        words = DP_TARGET_WORDS.get(target, f"target {target}")
-        out.append(f"dp_sgd (target = {target}) was measured at ε = {', '.join(map(str, eps)) or 'n/a'}. It bounds "
-                   f"what a record leaves in {words}. It does not protect against the server itself, which saw "
-                   "every activation and gradient in clear while training.")
+        mine = [rep for rep in reports if rep.get("target", "server") == target]
+        eps = sorted({round(e, 2) for e in (num(rep.get("epsilon")) for rep in mine) if e is not None})
+        covered = sorted({v for rep in mine for v in ALL_VIEWS if dp_covers(rep, v)}, key=ALL_VIEWS.index)
+        if covered:
+            bound = "It bounds what a record leaves in " + ", ".join(views_words[v] for v in covered)
+            if len(covered) < len(ALL_VIEWS):
+                bound += "; not in " + ", ".join(views_words[v] for v in ALL_VIEWS if v not in covered)
+        else:
+            other = "clients' heads and tails" if target == "server" else "server's adapters"
+            bound = (f"It bounds nothing here: the {other} trained on the records without DP, and every record's "
+                     "gradient flows through them (target = \"both\", or the other side frozen, gives a guarantee)")
+        out.append(f"dp_sgd (target = {target}) was measured at ε = {', '.join(map(str, eps)) or 'n/a'}. {bound}. "
+                   "It does not protect against the server itself, which saw every activation and gradient in clear "
+                   "while training.")
     return out
 
 

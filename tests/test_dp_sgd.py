@@ -149,3 +149,25 @@ def test_a_networked_client_counts_every_pipeline_stage_behind_the_link_in_its_e
     assert reports[1]["clipped_parts"] == 2 and reports[3]["clipped_parts"] == 4
     assert reports[3]["effective_sigma"] == pytest.approx(1.0 / 2)
     assert reports[3]["epsilon"] > reports[1]["epsilon"]
+
+
+@pytest.mark.parametrize("target, client_finetune, server_finetune, covered", [
+    ("server", "lora", "lora", False),    # the clients' head and tail train without DP: no view's ε holds
+    ("server", "frozen", "lora", True),   # nothing else trains: every view
+    ("clients", "lora", "lora", False),   # the server's adapters train without DP
+    ("clients", "lora", "frozen", True),
+    ("both", "lora", "lora", True),
+])
+def test_epsilon_covers_a_view_only_when_every_part_that_trains_is_under_dp(base, target, client_finetune,
+                                                                             server_finetune, covered):
+    """A part trained without DP carries every record into every other record's gradient (reviewer): ε is
+    claimed for a view only when every trained part is under DP-SGD."""
+    cfg = _cfg(steps=1, finetune=client_finetune, server_finetune=server_finetune)
+    defense = make_defense("dp_sgd", {"target": target})
+    train_split(cfg, SplitSpec(1, 1), base, defense=defense, reference=False)
+    report = defense.report()
+    if covered:
+        assert set(report["covers_views"]) == {"server_adapters", "colluder_model", "released_model"}
+        assert "guarantee" not in report
+    else:
+        assert report["covers_views"] == [] and report["guarantee"].startswith("none")

@@ -195,12 +195,26 @@ def test_dp_sgd_epsilon_is_shown_only_beside_the_views_its_target_covers(tmp_pat
     assert memo.dp_covers(dp, "server_adapters") and not memo.dp_covers(dp, "released_model")
     assert memo.dp_covers({"epsilon": 1.0, "target": "both"}, "released_model")  # older rows: from the target
     assert not memo.dp_covers({"epsilon": 1.0, "target": "clients"}, "released_model")
+    # older rows of target server: the clients' parts may have trained without DP, so nothing is known covered
+    assert not memo.dp_covers({"epsilon": 1.0, "target": "server"}, "server_adapters")
     with ResultsStore(tmp_path) as store:
         for row in (thief, user):
             store.write(row)
     frame = prepare(load_results(tmp_path))
     [sentence] = memo.dp_sentences(frame)
-    assert "target = server" in sentence and "not what it leaves in the released model" in sentence
+    assert "target = server" in sentence and "not in the released model" in sentence
     assert "model users" not in sentence
     text = " ".join("".join(p.extract_text() for p in PdfReader(build_report(tmp_path)).pages).split())
     assert text.count("3.20") == 1  # the adapter thief's row only; the released model's row shows "–"
+
+
+def test_dp_sgd_whose_other_side_trained_without_dp_is_said_to_bound_nothing(tmp_path):
+    dp = {"epsilon": 0.9, "target": "server", "covers_views": [], "guarantee": "none: the clients' heads and tails "
+          "train on the records without DP", "does_not_cover": "the server itself"}
+    thief = _row("x3", "adapter_thief", "canary_exposure", "dp_sgd", view="server_adapters", report=dp,
+                 dparams={"sigma": 2.0}, exposure=1.0, detail={"space_bits": 39.86})
+    with ResultsStore(tmp_path) as store:
+        store.write(thief)
+    [sentence] = memo.dp_sentences(prepare(load_results(tmp_path)))
+    assert "bounds nothing here" in sentence and "It bounds what" not in sentence
+    assert not memo.dp_covers(dp, "server_adapters")
