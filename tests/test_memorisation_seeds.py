@@ -92,3 +92,21 @@ blind = false
     by = exposure["memorisation"]["by_repeats"]
     assert by["4"]["exposure"] == pytest.approx(np.mean([s["memorisation"]["by_repeats"]["4"]["exposure"]
                                                          for _, s in per_seed.iterrows()]))
+
+
+def test_a_pooled_row_whose_seeds_read_different_views_says_so():
+    """view = "auto" reports each seed's strongest view: a pooled row must not carry the first seed's name
+    (a defence's ε would be shown beside a number that is partly another view's)."""
+    from suite.experiment.memorisation import pooled_fields
+
+    def seed_row(seed, view):
+        return {"seed": seed, "memorisation": {"view": view, "signal": "reference", "repeats": [1, 1]}}
+
+    scores = [{"memorisation": {"repeats": [1, 1], "exposure": [1.0, 2.0]}},
+              {"memorisation": {"repeats": [1, 1], "exposure": [3.0, 4.0]}}]
+    mixed = pooled_fields([seed_row(1, "server_adapters"), seed_row(2, "released_model")], scores)["memorisation"]
+    assert mixed["view"] == "mixed: released_model, server_adapters"
+    assert mixed["view_by_seed"] == {"1": "server_adapters", "2": "released_model"}
+    assert mixed["signal"] == "reference" and "signal_by_seed" not in mixed
+    same = pooled_fields([seed_row(1, "server_adapters"), seed_row(2, "server_adapters")], scores)["memorisation"]
+    assert same["view"] == "server_adapters" and "view_by_seed" not in same

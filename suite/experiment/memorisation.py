@@ -202,6 +202,15 @@ def pooled_fields(rows: list[dict[str, Any]], scores: list[dict[str, Any]]) -> d
                       non_members=sum(len(p["non_members"]) for p in per),
                       false_positives={k: v for k, v in summary.items() if k.startswith("fp_at")})
     detail.update(seeds=[r["seed"] for r in rows], roc_seed=rows[0]["seed"])
+    # view = "auto" reports each seed's strongest view, which may differ: a pooled row of several views (or
+    # membership signals) says so instead of carrying the first seed's name (which would, e.g., put a
+    # defence's ε beside a number that is partly another view's)
+    for key in ("view", "signal"):
+        seen = [(json.loads(r["memorisation"]) if isinstance(r["memorisation"], str) else r["memorisation"] or {})
+                .get(key) for r in rows]
+        if len(set(seen)) > 1:
+            detail[key] = "mixed: " + ", ".join(sorted({str(v) for v in seen}))
+            detail[f"{key}_by_seed"] = dict(zip((str(r["seed"]) for r in rows), seen, strict=True))
     out["memorisation"] = detail
     return out
 
