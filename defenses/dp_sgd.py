@@ -232,6 +232,7 @@ class DPSGDDefense(Defense):
         from suite.engine.parties import per_record_lm_loss
 
         client.loss = per_record_lm_loss
+        client.batches.distinct = True  # a record at most once in a step's batch: clipped once, sensitivity clip
         if self.config.target in ("clients", "both") and client.optimizer is not None:
             hooked, client.optimizer = _per_example([client.head, client.tail], client.optimizer, self.config,
                                                     client.batches.batch_size)

@@ -171,3 +171,29 @@ def test_epsilon_covers_a_view_only_when_every_part_that_trains_is_under_dp(base
         assert "guarantee" not in report
     else:
         assert report["covers_views"] == [] and report["guarantee"].startswith("none")
+
+
+def test_under_dp_sgd_no_batch_holds_a_record_twice_and_every_epoch_holds_each_once(base):
+    """Red team: with N % B != 0 an epoch's remainder was topped up from the next epoch's permutation, so a
+    record could be in a batch twice (clipped twice: 2 x clip). Under dp_sgd batches are distinct."""
+    from suite.engine.parties import Batches
+    from suite.experiment.prepared import prepare
+
+    data = {k: torch.arange(10).unsqueeze(1) for k in ("input_ids", "attention_mask", "labels")}
+    plain, distinct = Batches(data, 4, seed=0), Batches(data, 4, seed=0)
+    distinct.distinct = True
+    dup = 0
+    seen = []
+    for _ in range(200):
+        ids = plain.next().input_ids.reshape(-1).tolist()
+        dup += len(ids) != len(set(ids))
+        ids = distinct.next().input_ids.reshape(-1).tolist()
+        assert len(ids) == len(set(ids)), ids
+        seen += ids
+    assert dup > 0  # the plain sampler does repeat (what the red team found), so the test has power
+    for epoch in range(len(seen) // 10):  # every epoch of the distinct sampler still holds each record once
+        assert sorted(seen[10 * epoch: 10 * epoch + 10]) == list(range(10))
+    prepared = prepare(_cfg(steps=0), SplitSpec(1, 1), loaded=base)
+    client = prepared.session.clients[0]
+    make_defense("dp_sgd", {"target": "both"}).install_client(client, None)
+    assert client.batches.distinct

@@ -99,10 +99,20 @@ class Batches:
         self.batch_size = min(batch_size, self.size)
         self.generator = torch.Generator().manual_seed(seed)
         self._order: list[int] = []
+        # distinct: a batch that tops an epoch's remainder up from the next epoch never holds a record twice
+        # (DP-SGD's accountant assumes a record is clipped once per step); the next epoch still holds every
+        # record once, the ones already in that batch moved after it
+        self.distinct = False
 
     def next(self) -> Batch:
         if len(self._order) < self.batch_size:
-            self._order += torch.randperm(self.size, generator=self.generator).tolist()
+            fresh = torch.randperm(self.size, generator=self.generator).tolist()
+            if self.distinct and self._order:
+                left = set(self._order)
+                take = [i for i in fresh if i not in left][: self.batch_size - len(self._order)]
+                taken = set(take)
+                fresh = take + [i for i in fresh if i not in taken]
+            self._order += fresh
         idx, self._order = self._order[: self.batch_size], self._order[self.batch_size :]
         return Batch(*(self.data[k][idx] for k in ("input_ids", "attention_mask", "labels")))
 
