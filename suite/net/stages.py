@@ -128,22 +128,29 @@ class StageLink:
         self.link.call(HANDSHAKE, end.handshake)
         self.end = end
 
-    def _exchange(self, plain: bytes) -> bytes:
-        return self.end.open(self.link.call(EXCHANGE, self.end.seal(plain)))
+    def _exchange(self, plain: bytes, left: float | None) -> bytes:
+        timeout = None if left is None else max(0.1, min(self.link.timeout, left))
+        return self.end.open(self.link.call(EXCHANGE, self.end.seal(plain), timeout=timeout))
 
     def call(self, plain: bytes, forward: bool) -> bytes:
-        deadline = time.monotonic() + self.give_up_after
+        """One pass to the next stage and its reply. The first try may take the link's call deadline; once a
+        try fails, the retries (each cut to what is left) go on for ``give_up_after`` seconds, no longer. So
+        this call holds its caller for at most the call deadline plus ``give_up_after`` (``stage_windows``)."""
+        deadline = None  # from the first failure
         replay = False
         while True:
+            left = None if deadline is None else deadline - time.monotonic()
             try:
                 if self.end is None:
-                    self.connect(deadline - time.monotonic())
+                    self.connect(left)
                 if replay:
-                    self._exchange(self.last_forward)
-                reply = self._exchange(plain)
+                    self._exchange(self.last_forward, left)
+                reply = self._exchange(plain, left)
                 break
             except LinkError as err:
-                if not err.transient or time.monotonic() >= deadline:
+                now = time.monotonic()
+                deadline = now + self.give_up_after if deadline is None else deadline
+                if not err.transient or now >= deadline:
                     raise ProtocolError(f"stage {self.index + 1} failed: {err}") from None
                 self.end, self.retries = None, self.retries + 1
                 replay = not forward and self.last_forward is not None
@@ -460,14 +467,15 @@ def check_stage(cfg: ExperimentConfig, index: int, next_address: str | None) -> 
 def stage_windows(index: int, stages: int, give_up_after: float, call_timeout: float) -> tuple[float, float]:
     """Stage ``index``'s retry window and its deadline for one call on its link to stage ``index + 1``. They
     nest, so that a failure deep in the chain is retried where it happened, not given up on by every stage
-    at once: stage ``index + 1`` may hold a call for its own compute plus its own retries, so stage ``index``
-    waits on one call for ``call_timeout`` plus all of that, and retries for ``give_up_after`` per stage
-    after it. With ``a`` stages after it: window ``a x give_up_after``, call ``a x call_timeout + (a - 1) x
-    give_up_after`` (the last-but-one stage: ``give_up_after`` and ``call_timeout``)."""
+    at once. Stage ``index + 1`` holds a call for at most its own compute (``call_timeout`` allows for it)
+    plus its own link's call deadline and retry window (``StageLink.call``), so stage ``index`` waits on one
+    call for all of that, and retries for ``give_up_after`` per stage after it. With ``a`` stages after it:
+    window ``a x give_up_after``, call ``a x call_timeout + a(a - 1)/2 x give_up_after`` (the last-but-one
+    stage: ``give_up_after`` and ``call_timeout``)."""
     after = stages - 1 - index
     if after < 1:
         raise ConfigError(f"stage {index} of {stages} is the last: it calls no stage")
-    return after * give_up_after, after * call_timeout + (after - 1) * give_up_after
+    return after * give_up_after, after * call_timeout + after * (after - 1) / 2 * give_up_after
 
 
 def stage_factory(cfg: ExperimentConfig, index: int, identity: Identity, next_address: str | None, defense, *,
