@@ -18,9 +18,15 @@ and checkpoint, and speaks gRPC + mutual TLS (``suite.net.link``) to its neighbo
   stage (each link seals it separately: a stage reads it in clear). Every stage sees what the last one sees
   of the tails.
 
+Defenses. Every stage installs the server part of the run's defense on its own ``Server``
+(``Defense.install_server``): under ``dp_sgd`` each stage clips and noises its own trunk adapters' per-example
+gradients, each pass averaged over its own rows, and the clients' epsilon counts every stage;
+``integrity_audit`` (one server's commitments) is refused with stages.
+
 Crash-resume. Every stage checkpoints after each pass it completes (weights, optimiser state, and the last
 pass's requests' digests and replies). A stage whose downstream call fails retries it (a fresh connection
-and channel) for ``give_up_after`` seconds; a retried backward first replays the pass's forward, so that a
+and channel) for ``give_up_after`` seconds per stage after it, and waits on one call for longer than the next
+stage may hold it (``stage_windows``: the windows nest, so a failure is retried where it happened); a retried backward first replays the pass's forward, so that a
 restarted stage has the pass pending again. A stage that receives a pass it has already completed (the same
 bytes: it stepped and checkpointed, but its reply was lost) answers from its checkpoint without stepping
 again. So a stage killed at any moment (``kill -9``) and restarted from its checkpoint leaves the run exactly
