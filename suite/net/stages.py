@@ -26,8 +26,8 @@ gradients, each pass averaged over its own rows, and the clients' epsilon counts
 Crash-resume. Every stage checkpoints after each pass it completes (weights, optimiser state, and the last
 pass's requests' digests and replies). A stage whose downstream call fails retries it (a fresh connection
 and channel) for ``give_up_after`` seconds per stage after it, and waits on one call for longer than the next
-stage may hold it (``stage_windows``: the windows nest, so a failure is retried where it happened); a retried backward first replays the pass's forward, so that a
-restarted stage has the pass pending again. A stage that receives a pass it has already completed (the same
+stage may hold it (``stage_windows``: the windows nest, so a failure is retried where it happened); a
+retried backward first replays the pass's forward, so that a restarted stage has the pass pending again. A stage that receives a pass it has already completed (the same
 bytes: it stepped and checkpointed, but its reply was lost) answers from its checkpoint without stepping
 again. So a stage killed at any moment (``kill -9``) and restarted from its checkpoint leaves the run exactly
 where an uninterrupted one would be (``tests/test_net_stages.py``).
