@@ -172,8 +172,14 @@ def _lora_only(*modules) -> bool:
 
 
 def _stages(server) -> list:
-    """The server parties whose trunk adapters train: one Server, or each stage of a pipeline (StageChain)."""
-    return list(getattr(server, "stages", [server]))
+    """The server parties whose trunk adapters train here: one Server, each stage of an in-process pipeline
+    (StageChain.stages), or the one stage a ``serve --stage i`` process runs (StageNode.stages)."""
+    stages = getattr(server, "stages", None)
+    if stages is None:
+        return [server]
+    if not isinstance(stages, list | tuple) or not stages:
+        raise TypeError(f"dp_sgd: {type(server).__name__}.stages must list its Server parties, not {stages!r}")
+    return list(stages)
 
 
 @register_defense("dp_sgd")

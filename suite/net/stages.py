@@ -18,10 +18,16 @@ and checkpoint, and speaks gRPC + mutual TLS (``suite.net.link``) to its neighbo
   stage (each link seals it separately: a stage reads it in clear). Every stage sees what the last one sees
   of the tails.
 
+Defenses. Every stage installs the server part of the run's defense on its own ``Server``
+(``Defense.install_server``): under ``dp_sgd`` each stage clips and noises its own trunk adapters' per-example
+gradients, each pass averaged over its own rows, and the clients' epsilon counts every stage;
+``integrity_audit`` (one server's commitments) is refused with stages.
+
 Crash-resume. Every stage checkpoints after each pass it completes (weights, optimiser state, and the last
 pass's requests' digests and replies). A stage whose downstream call fails retries it (a fresh connection
-and channel) for ``give_up_after`` seconds; a retried backward first replays the pass's forward, so that a
-restarted stage has the pass pending again. A stage that receives a pass it has already completed (the same
+and channel) for ``give_up_after`` seconds per stage after it, and waits on one call for longer than the next
+stage may hold it (``stage_windows``: the windows nest, so a failure is retried where it happened); a
+retried backward first replays the pass's forward, so that a restarted stage has the pass pending again. A stage that receives a pass it has already completed (the same
 bytes: it stepped and checkpointed, but its reply was lost) answers from its checkpoint without stepping
 again. So a stage killed at any moment (``kill -9``) and restarted from its checkpoint leaves the run exactly
 where an uninterrupted one would be (``tests/test_net_stages.py``).
@@ -111,36 +117,46 @@ class StageLink:
     per call, retried across a restart of the next stage (see the module docstring)."""
 
     def __init__(self, address: str, identity: Identity, index: int, config_hash: str, *,
-                 give_up_after: float = 120.0, max_message_mib: int = DEFAULT_MAX_MESSAGE_MIB):
-        self.link = Link(address, identity, max_message_mib=max_message_mib, peer_name=stage_name(index + 1))
+                 give_up_after: float = 120.0, call_timeout: float = 120.0,
+                 max_message_mib: int = DEFAULT_MAX_MESSAGE_MIB):
+        self.link = Link(address, identity, max_message_mib=max_message_mib, timeout=call_timeout,
+                         peer_name=stage_name(index + 1))
         self.index, self.config_hash, self.give_up_after = index, config_hash, give_up_after
         self.end: ClientEnd | None = None
         self.last_forward: bytes | None = None  # the pending pass's forward, replayed before a retried backward
         self.retries = 0
 
-    def connect(self) -> None:
+    def connect(self, within: float | None = None) -> None:
         request = json.dumps({"stage": self.index, "config": self.config_hash}).encode()
-        info = json.loads(self.link.call(HELLO, request, timeout=self.give_up_after))
+        within = self.give_up_after if within is None else within
+        info = json.loads(self.link.call(HELLO, request, timeout=max(0.1, within)))
         end = ClientEnd(stage_endpoint(self.index), info)
         self.link.call(HANDSHAKE, end.handshake)
         self.end = end
 
-    def _exchange(self, plain: bytes) -> bytes:
-        return self.end.open(self.link.call(EXCHANGE, self.end.seal(plain)))
+    def _exchange(self, plain: bytes, left: float | None) -> bytes:
+        timeout = None if left is None else max(0.1, min(self.link.timeout, left))
+        return self.end.open(self.link.call(EXCHANGE, self.end.seal(plain), timeout=timeout))
 
     def call(self, plain: bytes, forward: bool) -> bytes:
-        deadline = time.monotonic() + self.give_up_after
+        """One pass to the next stage and its reply. The first try may take the link's call deadline; once a
+        try fails, the retries (each cut to what is left) go on for ``give_up_after`` seconds, no longer. So
+        this call holds its caller for at most the call deadline plus ``give_up_after`` (``stage_windows``)."""
+        deadline = None  # from the first failure
         replay = False
         while True:
+            left = None if deadline is None else deadline - time.monotonic()
             try:
                 if self.end is None:
-                    self.connect()
+                    self.connect(left)
                 if replay:
-                    self._exchange(self.last_forward)
-                reply = self._exchange(plain)
+                    self._exchange(self.last_forward, left)
+                reply = self._exchange(plain, left)
                 break
             except LinkError as err:
-                if not err.transient or time.monotonic() >= deadline:
+                now = time.monotonic()
+                deadline = now + self.give_up_after if deadline is None else deadline
+                if not err.transient or now >= deadline:
                     raise ProtocolError(f"stage {self.index + 1} failed: {err}") from None
                 self.end, self.retries = None, self.retries + 1
                 replay = not forward and self.last_forward is not None
@@ -165,7 +181,7 @@ class StageNode:
         if (link is None) != (index == stages - 1):
             raise ConfigError(f"stage {index} of {stages} needs a link to the next stage exactly when it is not "
                               "the last")
-        self.server, self.index, self.stages, self.link = server, index, stages, link
+        self.server, self.index, self.stage_count, self.link = server, index, stages, link
         self._steps: dict[int, int] = {}
         self.transport = InProcessTransport()
 
@@ -176,6 +192,12 @@ class StageNode:
     @transport.setter
     def transport(self, value) -> None:
         self.server.transport = value
+
+    @property
+    def stages(self) -> list[Server]:
+        """The ``Server`` parties this process runs: its own stage only (what a defense's server part
+        installs on, like ``StageChain.stages`` in one process)."""
+        return [self.server]
 
     # what SplitService reads and sets
     trunk = property(lambda self: self.server.trunk)
@@ -448,11 +470,26 @@ def check_stage(cfg: ExperimentConfig, index: int, next_address: str | None) -> 
         raise SplitleakError(f"stage {index} is the last stage: it has no --next")
 
 
+def stage_windows(index: int, stages: int, give_up_after: float, call_timeout: float) -> tuple[float, float]:
+    """Stage ``index``'s retry window and its deadline for one call on its link to stage ``index + 1``. They
+    nest, so that a failure deep in the chain is retried where it happened, not given up on by every stage
+    at once. Stage ``index + 1`` holds a call for at most its own compute (``call_timeout`` allows for it)
+    plus its own link's call deadline and retry window (``StageLink.call``), so stage ``index`` waits on one
+    call for all of that, and retries for ``give_up_after`` per stage after it. With ``a`` stages after it:
+    window ``a x give_up_after``, call ``a x call_timeout + a(a - 1)/2 x give_up_after`` (the last-but-one
+    stage: ``give_up_after`` and ``call_timeout``)."""
+    after = stages - 1 - index
+    if after < 1:
+        raise ConfigError(f"stage {index} of {stages} is the last: it calls no stage")
+    return after * give_up_after, after * call_timeout + after * (after - 1) / 2 * give_up_after
+
+
 def stage_factory(cfg: ExperimentConfig, index: int, identity: Identity, next_address: str | None, defense, *,
-                  give_up_after: float = 120.0, max_message_mib: int = DEFAULT_MAX_MESSAGE_MIB
-                  ) -> Callable[[object], StageNode]:
+                  give_up_after: float = 120.0, call_timeout: float = 120.0,
+                  max_message_mib: int = DEFAULT_MAX_MESSAGE_MIB) -> Callable[[object], StageNode]:
     """``prepared -> StageNode``: stage ``index`` of the prepared run's ``StageChain``, with its link to the
-    next stage (whose config hash covers the stage layout)."""
+    next stage (whose config hash covers the stage layout). ``give_up_after`` / ``call_timeout``: the last
+    link's retry window and call deadline; earlier links' nest around them (``stage_windows``)."""
     from suite.net.parties import config_hash, stage_layout
 
     def make(prepared) -> StageNode:
@@ -460,7 +497,8 @@ def stage_factory(cfg: ExperimentConfig, index: int, identity: Identity, next_ad
         link = None
         if next_address:
             digest = config_hash(cfg, defense, stage_layout(cfg, prepared.session.split))
-            link = StageLink(next_address, identity, index, digest, give_up_after=give_up_after,
+            window, deadline = stage_windows(index, cfg.training.stages, give_up_after, call_timeout)
+            link = StageLink(next_address, identity, index, digest, give_up_after=window, call_timeout=deadline,
                              max_message_mib=max_message_mib)
         return StageNode(chain.stages[index], index, cfg.training.stages, link)
 
@@ -469,7 +507,8 @@ def stage_factory(cfg: ExperimentConfig, index: int, identity: Identity, next_ad
 
 def build_stage_service(cfg: ExperimentConfig, index: int, identity: Identity, next_address: str | None,
                         checkpoint_dir: str | Path | None = None, *, defense=None, give_up_after: float = 120.0,
-                        max_message_mib: int = DEFAULT_MAX_MESSAGE_MIB) -> StageService:
+                        call_timeout: float = 120.0, max_message_mib: int = DEFAULT_MAX_MESSAGE_MIB
+                        ) -> StageService:
     """The service of stage ``index`` > 0; every message from the stage before it is bounded in rows (the
     batch size) and length (``max_length``)."""
     from suite.net.defended import choose_defense, describe, key_exchange
@@ -479,8 +518,12 @@ def build_stage_service(cfg: ExperimentConfig, index: int, identity: Identity, n
     defense = choose_defense(cfg) if defense is None else defense
     prepared = _prepare(cfg)
     node = stage_factory(cfg, index, identity, next_address, defense, give_up_after=give_up_after,
-                         max_message_mib=max_message_mib)(prepared)
+                         call_timeout=call_timeout, max_message_mib=max_message_mib)(prepared)
     node.bounds = Bounds(rows=cfg.training.batch_size, length=cfg.data.max_length)
+    # The defense's server part on this stage's own trunk (dp_sgd: its adapters under DP-SGD, each pass
+    # averaged over its own rows, as on stage 0; integrity_audit refuses: its commitments need one server),
+    # before the checkpoint restores the optimiser state.
+    defense.install_server(node)
     path = Path(checkpoint_dir) / f"{stage_name(index)}.pt" if checkpoint_dir else None
     return StageService(node, config_hash(cfg, defense, stage_layout(cfg, prepared.session.split)),
                         key_exchange=key_exchange(describe(defense)), checkpoint_path=path)
@@ -500,10 +543,21 @@ def serve_stage(cfg: ExperimentConfig, index: int, certs: str | Path, listen: st
     defense = choose_defense(cfg) if defense is None else defense
     identity = load_identity(certs, stage_name(index))
     if index == 0:
-        serve(cfg, certs, listen, checkpoint_dir, max_message_mib=max_message_mib, on_ready=on_ready,
-              defense=defense, stage=stage_factory(cfg, 0, identity, next_address, defense,
-                                                   give_up_after=give_up_after, max_message_mib=max_message_mib),
-              **timeouts)
+        make = stage_factory(cfg, 0, identity, next_address, defense, give_up_after=give_up_after,
+                             max_message_mib=max_message_mib)
+        made: list[StageNode] = []
+
+        def keep(prepared) -> StageNode:
+            made.append(make(prepared))
+            return made[-1]
+
+        try:
+            serve(cfg, certs, listen, checkpoint_dir, max_message_mib=max_message_mib, on_ready=on_ready,
+                  defense=defense, stage=keep, **timeouts)
+        finally:  # its channel to stage 1
+            for node in made:
+                if node.link is not None:
+                    node.link.close()
         return
     service = build_stage_service(cfg, index, identity, next_address, checkpoint_dir, defense=defense,
                                   give_up_after=give_up_after, max_message_mib=max_message_mib)
