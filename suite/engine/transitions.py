@@ -32,8 +32,8 @@ replica stage operator), not a client, which would learn the other clients' acti
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
+from collections import defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -42,8 +42,8 @@ from torch import nn
 
 from suite.engine.commitment import state_names, trainable_state
 from suite.engine.parties import Server, UpdateRefused
-from suite.engine.protocol import ActivationMsg, GradientMsg, encode
-from suite.engine.transport import InProcessTransport
+from suite.engine.protocol import ActivationMsg, GradientMsg, decode, peek
+from suite.engine.transport import SERVER, Frame, InProcessTransport, Transport, client_endpoint
 
 
 @dataclass
@@ -254,7 +254,8 @@ def difference(a: Snapshot, b: Snapshot) -> float:
 @dataclass
 class Transition:
     """One forward / backward pair of a party: its state before and after, and the messages in and out
-    (``(src, dst, message)`` in order; a message is encoded to the bytes it crossed as only for a replay)."""
+    (``(src, dst, bytes)`` in order, as they crossed the orchestrator's link: what the party's peers sent it
+    and what its peers got from it, never the party's own decoded objects)."""
 
     index: int
     client_ids: list[int]
@@ -262,61 +263,104 @@ class Transition:
     skip: dict[int, str]
     updates: bool
     before: Snapshot
-    received: list[tuple[str, str, ActivationMsg | GradientMsg]] = field(default_factory=list)
-    sent: list[tuple[str, str, ActivationMsg | GradientMsg]] = field(default_factory=list)
+    received: list[tuple[str, str, bytes]] = field(default_factory=list)
+    sent: list[tuple[str, str, bytes]] = field(default_factory=list)
     after: Snapshot | None = None
     commitment: bytes | None = None
 
 
+def _links(name: str, client_id: int, towards: str | None) -> tuple[str, str]:
+    """(the party's endpoint, the peer's) on its link towards ``towards`` (``up`` or ``down``; None: the
+    client), from the party's public wiring (never the party's own ``_link``)."""
+    return (SERVER, client_endpoint(client_id)) if towards is None else (name, towards)
+
+
 class TransitionRecorder:
     """Records every transition of ``server`` and hands each, once its backward is done, to ``on_transition``.
-    Installs itself by wrapping the party's ``forward``, ``backward`` and ``_send`` and tapping its inbox.
+    Installs itself by wrapping the party's ``forward`` and ``backward``, and a tap on ``link``: the
+    orchestrator's transport between the parties (the session's), not the party's ``transport`` attribute.
+
+    What the party received is what its peers put on ``link`` for it (the bytes, kept as they crossed: an
+    inbox tap or a transport of the party's own that edits them changes nothing recorded); what it sent is
+    what ``link`` carried from it while its forward or backward ran (a transport of its own that edits its
+    replies after computing them is caught: the replay's replies are compared with what the peers got).
 
     ``updates``: whether the pass is a training pass, asked of the orchestrator (the step's caller, e.g.
     ``Session.updates``) at the pass's start, never of the party (its own ``updates`` flag is its word, and a
     party that declares a training pass update-free would pick which passes are audited). ``public``: the
-    party's public fixed part, against which every snapshot's is checked."""
+    party's public fixed part, against which every snapshot's is checked. ``wiring``: (name, up, down) of the
+    party's public build (None: the party's own, for a replica)."""
 
     def __init__(self, server: Server, on_transition: Callable[[Transition], None],
-                 updates: Callable[[], bool] | None = None, public: PublicFixed | None = None, start: int = 0):
+                 updates: Callable[[], bool] | None = None, public: PublicFixed | None = None, start: int = 0,
+                 link: Transport | None = None, wiring: tuple[str, str | None, str | None] | None = None):
         self.server = server
         self.on_transition = on_transition
         self.updates = updates if updates is not None else (lambda: True)
         self.public = public
         self.count = start  # the index of the next transition
+        self.wiring = wiring if wiring is not None else (server.name, server.up, server.down)
+        name, up, down = self.wiring
+        self.endpoints = {SERVER if up is None else name, SERVER if down is None else name}
         self._current: Transition | None = None
-        self._forward, self._backward, self._send = server.forward, server.backward, server._send
-        server.forward, server.backward, server._send = self.forward, self.backward, self.send
-        server.inbox_taps.append(self._received)
+        self._active = False  # the party's forward or backward is running: what it sends on the link is its own
+        self._inbox: dict[tuple[str, str, str], deque[bytes]] = defaultdict(deque)  # delivered, not yet consumed
+        self.link: Transport | None = None
+        self.attach(link if link is not None else server.transport)
+        self._forward, self._backward = server.forward, server.backward
+        server.forward, server.backward = self.forward, self.backward
 
-    def _received(self, msg: ActivationMsg | GradientMsg) -> None:
-        if self._current is None:
-            return
-        src_stage = self.server.down if isinstance(msg, GradientMsg) else self.server.up
-        me, peer = self.server._link(msg.client_id, src_stage)
-        self._current.received.append((peer, me, msg))  # decoded from the bytes it came as: never changed
+    def attach(self, link: Transport) -> None:
+        """Record the party on ``link`` (from now on; what was delivered on an earlier link is dropped)."""
+        if self.link is not None:
+            self.link.remove_tap(self._frame)
+        self.link = link
+        self._inbox.clear()
+        link.add_tap(self._frame)
 
-    def send(self, client_id: int, stage: str | None, msg: ActivationMsg | GradientMsg) -> None:
-        if self._current is not None:
-            me, peer = self.server._link(client_id, stage)
-            self._current.sent.append((me, peer, _detached(msg)))
-        self._send(client_id, stage, msg)
+    def _frame(self, frame: Frame) -> None:
+        if frame.dst in self.endpoints:
+            kind = peek(frame.data)[0]
+            self._inbox[(frame.src, frame.dst, kind)].append(frame.data)
+        if self._active and self._current is not None and frame.src in self.endpoints:
+            self._current.sent.append((frame.src, frame.dst, frame.data))
+
+    def _take(self, client_ids, towards: str | None, kind: str) -> None:
+        """The messages the link delivered to the party for ``client_ids`` from ``towards``, in order."""
+        name = self.wiring[0]
+        for c in client_ids:
+            me, peer = _links(name, c, towards)
+            queue = self._inbox.get((peer, me, kind))
+            if queue:  # none: nothing crossed the link for it (the replay then finds no input: a difference)
+                self._current.received.append((peer, me, queue.popleft()))
+
+    def _running(self, call, *args, **kwargs):
+        self._active = True
+        try:
+            return call(*args, **kwargs)
+        finally:
+            self._active = False
 
     def forward(self, client_ids, step) -> None:
         ids = list(client_ids)
         steps = {c: step[c] for c in ids} if isinstance(step, dict) else dict.fromkeys(ids, step)
-        self._current = Transition(self.count, ids, steps, {}, bool(self.updates()),
-                                   snapshot(self.server, self.public))
-        self._forward(client_ids, step)
+        self._current = current = Transition(self.count, ids, steps, {}, bool(self.updates()),
+                                             snapshot(self.server, self.public))
+        try:
+            self._running(self._forward, client_ids, step)
+        finally:
+            self._current = current
+            self._take(ids, self.wiring[1], "activation")
 
     def backward(self, step: int | None = None, skip=None) -> None:
         current = self._current
         if current is not None:
             current.skip = dict(skip or {})
         try:
-            self._backward(step, skip=skip)
+            self._running(self._backward, step, skip=skip)
         finally:
             if current is not None:
+                self._take([c for c in current.client_ids if c not in current.skip], self.wiring[2], "gradient")
                 self._current = None
                 current.after = snapshot(self.server, self.public)
                 current.commitment = current.after.digest()
@@ -328,7 +372,8 @@ class TransitionRecorder:
 class PublicParty:
     """What anyone may rebuild of one server-side party from the public configuration: its trunk as built
     (public base weights, LoRA A drawn from the run's public seed, LoRA B zero), its adapter sets, learning
-    rate and wiring. The orchestrator takes it when it builds the parties, before any party runs code
+    rate and wiring, and the inbox taps the orchestrator gave it at build (a stage chain's). The orchestrator
+    takes it when it builds the parties, before any party runs code
     (``suite.engine.training.build_session(keep_public=True)``); nothing here is the live party's."""
 
     trunk: nn.Module
@@ -337,10 +382,18 @@ class PublicParty:
     name: str
     up: str | None
     down: str | None
+    taps: list = field(default_factory=list)
+    code: list | None = None  # ``code_fingerprint`` of the trunk, taken with it
 
     @classmethod
     def of(cls, server: Server, lr: float) -> PublicParty:
-        return cls(copy.deepcopy(server.trunk), dict(server.adapters), lr, server.name, server.up, server.down)
+        trunk = copy.deepcopy(server.trunk)
+        return cls(trunk, dict(server.adapters), lr, server.name, server.up, server.down, list(server.inbox_taps),
+                   code_fingerprint(trunk))
+
+    @property
+    def wiring(self) -> tuple[str, str | None, str | None]:
+        return self.name, self.up, self.down
 
     def build(self, transport, own: bool = True) -> Server:
         """A fresh party from the public build, with fresh optimisers; ``own``: on its own copy of the trunk
@@ -355,11 +408,61 @@ def _device(module: nn.Module) -> torch.device:
     return next((p.device for p in module.parameters()), torch.device("cpu"))
 
 
+# the hook dictionaries of a module: a hook on the replica's trunk changes what it computes
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+               "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_state_dict_hooks", "_load_state_dict_pre_hooks")
+
+
+def code_fingerprint(trunk: nn.Module) -> list:
+    """The code the replica runs, as the objects themselves (compared by identity): every attribute of every
+    class (MRO) of ``Server`` and of the trunk's modules, every module's own (instance) callables and
+    hook dictionaries' contents, and torch's global module hooks. A method patched at class level (which the
+    live party's trunk shares in process), or a hook put on the public copy, changes it. Not covered: a
+    patched function the classes call (``torch.nn.functional``...): see docs/pipeline.md, an in-process
+    verifier shares code with the party."""
+    from torch.nn.modules import module as torch_module
+
+    out: list = []
+    classes: dict[type, None] = {}
+    for module in [Server, *(type(m) for m in trunk.modules())]:
+        for cls in module.__mro__:
+            if cls is not object:
+                classes.setdefault(cls, None)
+    for cls in classes:
+        out.append(cls)
+        out.extend((cls, k, v) for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__", "__doc__"))
+    for name, module in trunk.named_modules():
+        out.append((name, type(module)))
+        out.extend((name, k, v) for k, v in vars(module).items() if callable(v) and not isinstance(v, nn.Module | type))
+        for hooks in _HOOK_DICTS:
+            out.extend((name, hooks, k, v) for k, v in dict(getattr(module, hooks, {}) or {}).items())
+    for g in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+              "_global_backward_pre_hooks", "_global_module_registration_hooks"):
+        out.extend((g, k, v) for k, v in dict(getattr(torch_module, g, {}) or {}).items())
+    return out
+
+
+def same_code(a: list, b: list) -> bool:
+    """Whether two ``code_fingerprint`` lists hold the same objects in the same places."""
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b, strict=True):
+        if isinstance(x, tuple) and isinstance(y, tuple):
+            if len(x) != len(y) or any(u != v if isinstance(u, str) else u is not v
+                                       for u, v in zip(x, y, strict=True)):
+                return False
+        elif x is not y:
+            return False
+    return True
+
+
 class Replica:
     """The verifier's copy of one party, built from its public build (``PublicParty``: public frozen weights,
     public adapter configuration, the public initial state); never the live party's objects. Its trunk's
     fixed part is never written (a replay restores trainable state only), so it is also the public reference
-    of the party's fixed part (``public``)."""
+    of the party's fixed part (``public``). ``code``: the fingerprint of the code it runs, taken at build;
+    ``code_changed()`` says whether it changed since (in process, the party shares that code)."""
 
     def __init__(self, public: PublicParty):
         self.server = public.build(InProcessTransport(), own=False)  # no second copy of the trunk
@@ -368,17 +471,30 @@ class Replica:
         self._done: list[Transition] = []
         # records what it sends as the party's recorder does; whether it steps is set per replay
         self._updates = True
-        TransitionRecorder(self.server, self._done.append, lambda: self._updates, self.public)
+        self._recorder = TransitionRecorder(self.server, self._done.append, lambda: self._updates, self.public)
+        # taken with the public build when the orchestrator kept it, before any party ran code
+        self.code = public.code if public.code is not None else code_fingerprint(self.server.trunk)
+
+    def code_changed(self) -> bool:
+        """Whether the code the replica runs changed since it was built (and take the new code as the
+        reference, so that one change is reported once)."""
+        now = code_fingerprint(self.server.trunk)
+        if same_code(now, self.code):
+            return False
+        self.code = now
+        return True
 
     def replay(self, t: Transition) -> Transition:
         """What an honest step computes from ``t.before`` and ``t.received`` (its ``after`` and ``sent``);
-        ``t.updates`` (the orchestrator's word) says whether it steps."""
+        ``t.updates`` (the orchestrator's word) says whether it steps. A ``ProtocolError`` when the recorded
+        inputs are not what a step consumes."""
         s = self.server
         s.transport = transport = InProcessTransport()
+        self._recorder.attach(transport)
         restore(s, t.before)
         s.updates = self._updates = t.updates
-        for src, dst, msg in t.received:
-            transport.send(src, dst, encode(msg))
+        for src, dst, data in t.received:
+            transport.send(src, dst, data)
         self._done.clear()
         s.forward(t.client_ids, t.steps)
         try:
@@ -388,27 +504,39 @@ class Replica:
         return self._done[-1]
 
 
-def become_standby(party: Server, public: PublicParty, state: Snapshot) -> None:
+def become_standby(party: Server, public: PublicParty, state: Snapshot, transport: Transport) -> None:
     """Turn the excluded ``party`` object into a standby: a fresh party from the public build with
-    ``state``'s trainable weights and optimiser states, on the same transport and links. Every attribute of
-    the excluded object goes (its trunk with whatever it did to its frozen weights or settings, its policy,
-    any method it replaced; a subclass's class too); the object stays, so whoever holds it (the step
-    functions, a stage chain, the session) now talks to the standby. Its inbox taps (observers) are kept,
-    but not a transition recorder's: whoever audits the standby records it anew."""
-    fresh = public.build(party.transport)
+    ``state``'s trainable weights and optimiser states, on ``transport`` (the orchestrator's link, never the
+    party's own ``transport`` attribute). Every attribute of the excluded object goes (its trunk with
+    whatever it did to its frozen weights or settings, its transport, its policy, any method it replaced; a
+    subclass's class too); the object stays, so whoever holds it (the step functions, a stage chain, the
+    session) now talks to the standby. Its inbox taps are only the orchestrator's: those it gave the party at
+    build (``public.taps``) and those its own code registered since (the traffic capture's, defined in
+    ``suite.experiment`` / ``suite.engine``); a tap the party (or code acting for it) added is dropped, and
+    so is a transition recorder's: whoever audits the standby records it anew."""
+    fresh = public.build(transport)
     restore(fresh, state)
     fresh.bounds = party.bounds
-    fresh.inbox_taps = [tap for tap in party.inbox_taps
-                        if not isinstance(getattr(tap, "__self__", None), TransitionRecorder)]
+    fresh.inbox_taps = [tap for tap in party.inbox_taps if _orchestrators(tap, public)]
     fresh.optimizer_steps = dict(party.optimizer_steps)  # the seat's training budget, spent so far
     party.__class__ = Server
     party.__dict__.clear()
     party.__dict__.update(fresh.__dict__)
 
 
-def _detached(msg: ActivationMsg | GradientMsg) -> ActivationMsg | GradientMsg:
-    field_name = "hidden" if isinstance(msg, ActivationMsg) else "grad"
-    return dataclasses.replace(msg, **{field_name: getattr(msg, field_name).detach()})
+_ORCHESTRATOR_MODULES = ("suite.experiment.", "suite.engine.")
+
+
+def _orchestrators(tap, public: PublicParty) -> bool:
+    """Whether an inbox tap is the orchestrator's: given at build, or defined in its own modules (in process
+    a party can forge the latter, as it can patch any shared code: docs/pipeline.md)."""
+    if any(tap is t or tap == t for t in public.taps):
+        return True
+    owner = getattr(tap, "__self__", None)
+    if isinstance(owner, TransitionRecorder):
+        return False
+    module = getattr(tap, "__module__", None) or getattr(type(owner), "__module__", "")
+    return isinstance(module, str) and module.startswith(_ORCHESTRATOR_MODULES)
 
 
 def messages_differ(a: list[tuple[str, str, ActivationMsg | GradientMsg]],
@@ -419,6 +547,9 @@ def messages_differ(a: list[tuple[str, str, ActivationMsg | GradientMsg]],
         return float("inf")
     worst_ = 0.0
     for (sa, da, ma), (sb, db, mb) in zip(a, b, strict=True):
+        if isinstance(ma, bytes) and isinstance(mb, bytes) and ma == mb:
+            continue  # the same bytes: the same message
+        ma, mb = (decode(m) if isinstance(m, bytes) else m for m in (ma, mb))
         if (sa, da) != (sb, db):
             return float("inf")
         if type(ma) is not type(mb) or ma.client_id != mb.client_id or ma.step != mb.step:
