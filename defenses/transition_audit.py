@@ -303,7 +303,12 @@ class TransitionAuditDefense(Defense):
                "extra_compute": self.units_recomputed / self.units_served if self.units_served else 0.0,
                "extra_compute_trunk": (self.units_recomputed / max(self.passes.values())) if self.passes else 0.0,
                "seconds_recomputing": round(self.seconds_recomputing, 4)}
-        if not self.transitions or not self.audited:
+        if self.shared_code_changed:
+            out["warning"] = (f"the verifier's code changed during the run (at transitions "
+                              f"{[c['transition'] for c in self.shared_code_changed[:5]]}): an in-process replica "
+                              "shares code with the party, so verdicts from there on are void "
+                              "(docs/pipeline.md, the in-process limit)")
+        elif not self.transitions or not self.audited:
             # nothing checked is not "passed": say so where the verdict is read
             out["warning"] = (f"{self.transitions} training transitions recorded, {len(self.audited)} audited: "
                               "the audit checked nothing" + ("" if self.transitions else
