@@ -106,7 +106,7 @@ class VerifiedStates(Mapping):
 
     def __init__(self, states: Mapping[int, Snapshot]):
         self._states = dict(states)
-        self.digests = {i: s.digest() for i, s in self._states.items()}
+        self.digests = {i: s.digest(cached=False) for i, s in self._states.items()}
         self.signature = _sign(self.digests)
 
     def __getitem__(self, stage: int) -> Snapshot:
@@ -124,7 +124,7 @@ class VerifiedStates(Mapping):
             raise ConfigError("transition_audit verified= record is not signed by an audit of this process: resume "
                               "only from the earlier audit's verified_states()")
         for i, snap in self._states.items():
-            if snap.digest() != self.digests.get(i):
+            if snap.digest(cached=False) != self.digests.get(i):
                 raise ConfigError(f"transition_audit verified= state of stage {i} changed after the audit "
                                   "verified it: resume from the earlier audit's verified_states() as it was")
 
@@ -160,6 +160,7 @@ class TransitionAuditDefense(Defense):
         self.shared_code_changed: list[dict] = []  # replays whose replica found the code it runs changed
         self._session = None
         self._link = None  # the orchestrator's transport between the parties
+        self._recorders: list[TransitionRecorder] = []
 
     def install(self, session) -> None:
         server = session.server
@@ -212,9 +213,9 @@ class TransitionAuditDefense(Defense):
         party, replica = self.parties[stage][:2]
         session = self._session
         # training pass or not: the orchestrator's word (Session.updates), never the party's own flag
-        TransitionRecorder(party, lambda t, i=stage: self._on_transition(i, t),
+        self._recorders.append(TransitionRecorder(party, lambda t, i=stage: self._on_transition(i, t),
                            updates=lambda: getattr(session, "updates", True), public=replica.public, start=start,
-                           link=self._link, wiring=self.parties[stage][3].wiring)
+                           link=self._link, wiring=self.parties[stage][3].wiring))
 
     def _on_transition(self, stage: int, t: Transition) -> None:
         party, replica, share, _ = self.parties[stage]
@@ -228,12 +229,15 @@ class TransitionAuditDefense(Defense):
         if t.before.digest() != committed.digest():  # it did not start where its last step ended
             self._flag(stage, t, difference(committed, t.before), 0.0, start=True)
             return
+        if t.after.fixed != t.before.fixed:  # its frozen weights or settings changed during the step
+            self._flag(stage, t, float("inf"), 0.0, start=False)
+            return
         if not t.updates and t.after.digest() != t.before.digest():  # an update-free pass changed its state
             self._flag(stage, t, difference(t.before, t.after), 0.0, start=False)
             return
         if self._draw.random() >= self.config.rate:  # drawn after the party committed (t.commitment)
             return
-        start = time.perf_counter()
+        start = time.process_time()
         if replica.code_changed():
             # the replica runs code that changed since it was built (a class patched in process, a hook on the
             # public copy): its verdicts are void, and the party shares that code
@@ -244,7 +248,7 @@ class TransitionAuditDefense(Defense):
             honest = replica.replay(t)
         except ProtocolError:  # what crossed the link for it is not what a step consumes
             honest = None
-        self.seconds_recomputing += time.perf_counter() - start
+        self.seconds_recomputing += time.process_time() - start
         if t.updates:
             self.units_recomputed += share
             self.audited.append((stage, t.index))
@@ -303,6 +307,12 @@ class TransitionAuditDefense(Defense):
                "extra_compute": self.units_recomputed / self.units_served if self.units_served else 0.0,
                "extra_compute_trunk": (self.units_recomputed / max(self.passes.values())) if self.passes else 0.0,
                "seconds_recomputing": round(self.seconds_recomputing, 4)}
+        # measured: CPU seconds of the recording (snapshots, commitments) and of the re-executions, over the
+        # audited parties' own forward / backward seconds
+        party = sum(r.seconds_party for r in self._recorders)
+        recording = sum(r.seconds_recording for r in self._recorders)
+        out["seconds_recording"] = round(recording, 4)
+        out["extra_compute_measured"] = round((recording + self.seconds_recomputing) / party, 4) if party else 0.0
         if self.shared_code_changed:
             out["warning"] = (f"the verifier's code changed during the run (at transitions "
                               f"{[c['transition'] for c in self.shared_code_changed[:5]]}): an in-process replica "

@@ -484,3 +484,30 @@ def test_a_stage_that_edits_its_inputs_or_its_replies_on_its_own_transport_is_ca
         stage = chain.stages[1]
         assert stage.transport is chain.stages[0].transport and edit not in stage.inbox_taps
         assert chain.stages[0].inbox_taps[0] == chain._from_heads
+
+
+@pytest.mark.parametrize("what", ["frozen", "adapter"])
+def test_a_write_around_the_version_counter_between_steps_is_caught_at_rate_0(what):
+    """The before-state is the last after-state only when the party holds exactly it: its trainable weights
+    and optimiser states compared by value, its frozen weights by version and compared in full at every
+    after-state. A write through ``.data`` (no version bump) is caught at the next step without any replay."""
+
+    def install(audit, session, party):
+        recorded, calls = party.forward, [0]
+
+        def forward(ids, step):
+            calls[0] += 1
+            if calls[0] == 3:
+                if what == "frozen":
+                    _frozen(party.trunk).data.mul_(1.5)
+                else:
+                    next(p for n, p in party.trunk.named_parameters() if "lora_B" in n).data.add_(0.1)
+            recorded(ids, step)
+
+        party.forward = forward
+
+    audit = _audit_with(install, {"rate": 0.0, "act": False})
+    train_split(_cfg(1, steps=4, strategy="serial"), SplitSpec(1, 1), tiny_model("llama"), defense=audit,
+                reference=False)
+    assert [f["transition"] for f in audit.flags][:1] == [2]
+    assert audit.report()["extra_compute_measured"] > 0

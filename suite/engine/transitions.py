@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import time
 from collections import defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -56,9 +57,17 @@ class Snapshot:
     weights: dict[str, torch.Tensor]
     optimizers: dict[str | None, dict | None]
     fixed: bytes = b""
+    _digest: bytes | None = field(default=None, repr=False, compare=False)  # a snapshot is never written
 
-    def digest(self) -> bytes:
-        """sha256 of every tensor and number of the snapshot: the party's commitment to it."""
+    def digest(self, cached: bool = True) -> bytes:
+        """sha256 of every tensor and number of the snapshot: the party's commitment to it (``cached``: the
+        one computed first; False: computed anew, for a record that may have been written since)."""
+        if cached and self._digest is not None:
+            return self._digest
+        self._digest = self._compute()
+        return self._digest
+
+    def _compute(self) -> bytes:
         h = hashlib.sha256(b"splitleak-transition-v2" + self.fixed)
 
         def add(name: str, value) -> None:
@@ -106,6 +115,18 @@ def _plain(value):
 # not settings: the mode and the active adapter (see ``settings``), and the module's own tensors and
 # submodules, which the weights and the named modules cover
 _NOT_SETTINGS = frozenset({"training", "_active_adapter", "active_adapter", "_parameters", "_buffers", "_modules"})
+
+
+def _settings_raw(trunk: nn.Module) -> list:
+    """Every module's plain attributes, canonical but not yet text (compared with ``==``, cheaply)."""
+    out = []
+    for mname, module in trunk.named_modules():
+        plain = []
+        for key, value in vars(module).items():
+            if key not in _NOT_SETTINGS and (v := _plain(value)) is not _NOT_PLAIN:
+                plain.append((key, v))
+        out.append((mname, plain))
+    return out
 
 
 def settings(trunk: nn.Module) -> dict[str, str]:
@@ -159,6 +180,19 @@ class PublicFixed:
     def __init__(self, trunk: nn.Module):
         self.tensors = {n: t.detach() for n, t in _fixed_tensors(trunk).items()}  # never written
         self.tensors_digest = _tensors_digest(self.tensors)
+        # the live tensors last found equal to the public ones: (object, storage address, version) by name
+        self._seen: dict[str, tuple[int, int, int]] | None = None
+        self._settings: tuple[list, dict[str, str]] | None = None  # the last settings read, and their text
+
+    @staticmethod
+    def _tokens(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[int, int, int]]:
+        return {n: (id(t), t.data_ptr(), t._version) for n, t in tensors.items()}
+
+    def _settings_of(self, trunk: nn.Module) -> dict[str, str]:
+        raw = _settings_raw(trunk)
+        if self._settings is None or self._settings[0] != raw:
+            self._settings = (raw, {m: repr(sorted(p, key=lambda kv: kv[0])) for m, p in raw})
+        return self._settings[1]
 
     def _matches(self, tensors: dict[str, torch.Tensor]) -> bool:
         if tensors.keys() != self.tensors.keys():
@@ -171,19 +205,81 @@ class PublicFixed:
                 return False
         return True
 
-    def digest_of(self, trunk: nn.Module) -> bytes:
+    def digest_of(self, trunk: nn.Module, full: bool = True) -> bytes:
+        """The digest of ``trunk``'s fixed part. ``full``: every frozen tensor compared with the public one;
+        False: a tensor that is the same object at the same address with the same version as when last found
+        equal is taken as equal (an in-place write through autograd bumps the version, a swapped tensor
+        changes the object or address; a write around it (``.data``, numpy) does not: the caller compares in
+        full once per transition)."""
         tensors = _fixed_tensors(trunk)
-        part = self.tensors_digest if self._matches(tensors) else _tensors_digest(tensors)
-        return _with_settings(part, settings(trunk))
+        if not full and self._seen is not None and self._tokens(tensors) == self._seen:
+            part = self.tensors_digest
+        elif self._matches(tensors):
+            part, self._seen = self.tensors_digest, self._tokens(tensors)
+        else:
+            part, self._seen = _tensors_digest(tensors), None
+        return _with_settings(part, self._settings_of(trunk))
 
 
-def snapshot(server: Server, public: PublicFixed | None = None) -> Snapshot:
+def _optimizer_copy(state: dict) -> dict:
+    """A copy of an optimiser's ``state_dict()``: its tensors cloned, the rest (numbers, groups) deep-copied."""
+    return {k: ({i: {n: v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
+                     for n, v in st.items()} for i, st in v.items()} if k == "state" else copy.deepcopy(v))
+            for k, v in state.items()}
+
+
+def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and a.device == b.device and torch.equal(a.detach(), b)
+
+
+def _holds(server: Server, snap: Snapshot) -> bool:
+    """Whether ``server`` holds exactly ``snap``'s trainable weights and optimiser states (compared by value:
+    NaN is never equal, so a state with a NaN is snapshotted anew)."""
+    params = {n: p for n, p in server.trunk.named_parameters() if n in snap.weights}
+    if params.keys() != snap.weights.keys() or state_names(server.trunk) != params.keys():
+        return False
+    if not all(_equal(p, snap.weights[n]) for n, p in params.items()):
+        return False
+    if server.optimizers.keys() != snap.optimizers.keys():
+        return False
+    for k, opt in server.optimizers.items():
+        kept = snap.optimizers[k]
+        if (opt is None) != (kept is None):
+            return False
+        if opt is None:
+            continue
+        live = opt.state_dict()
+        if live.keys() != kept.keys() or live["param_groups"] != kept["param_groups"]:
+            return False
+        if live["state"].keys() != kept["state"].keys():
+            return False
+        for i, st in live["state"].items():
+            other = kept["state"][i]
+            if st.keys() != other.keys():
+                return False
+            for n, v in st.items():
+                w = other[n]
+                if isinstance(v, torch.Tensor) != isinstance(w, torch.Tensor):
+                    return False
+                if not (_equal(v, w) if isinstance(v, torch.Tensor) else v == w):
+                    return False
+    return True
+
+
+def snapshot(server: Server, public: PublicFixed | None = None, previous: Snapshot | None = None,
+             full: bool = True) -> Snapshot:
     """``server``'s state; ``public``: the party's public fixed part, against which its own is checked (None:
-    its fixed part is hashed in full)."""
-    fixed = (public.digest_of(server.trunk) if public is not None
+    its fixed part is hashed in full). ``previous``: a snapshot the party may still hold (its last
+    after-state), returned itself when the party holds exactly its weights, optimiser states and fixed part
+    (no copy, its digest already known). ``full``: the fixed part compared in full (see
+    ``PublicFixed.digest_of``)."""
+    fixed = (public.digest_of(server.trunk, full=full) if public is not None
              else _with_settings(_tensors_digest(_fixed_tensors(server.trunk)), settings(server.trunk)))
+    if previous is not None and previous.fixed == fixed and _holds(server, previous):
+        return previous
     return Snapshot(trainable_state(server.trunk),
-                    {k: copy.deepcopy(o.state_dict()) if o is not None else None for k, o in server.optimizers.items()},
+                    {k: _optimizer_copy(o.state_dict()) if o is not None else None
+                     for k, o in server.optimizers.items()},
                     fixed)
 
 
@@ -195,7 +291,7 @@ def restore(server: Server, snap: Snapshot) -> None:
             params[name].copy_(value)
     for k, opt in server.optimizers.items():
         if opt is not None and snap.optimizers.get(k) is not None:
-            opt.load_state_dict(copy.deepcopy(snap.optimizers[k]))
+            opt.load_state_dict(_optimizer_copy(snap.optimizers[k]))
 
 
 def _largest(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -303,6 +399,9 @@ class TransitionRecorder:
         name, up, down = self.wiring
         self.endpoints = {SERVER if up is None else name, SERVER if down is None else name}
         self._current: Transition | None = None
+        self._last: Snapshot | None = None  # the last after-state: the next before-state, if the party holds it
+        self.seconds_party = 0.0  # time in the party's own forward and backward
+        self.seconds_recording = 0.0  # time taking snapshots and commitments
         self._active = False  # the party's forward or backward is running: what it sends on the link is its own
         self._inbox: dict[tuple[str, str, str], deque[bytes]] = defaultdict(deque)  # delivered, not yet consumed
         self.link: Transport | None = None
@@ -336,16 +435,26 @@ class TransitionRecorder:
 
     def _running(self, call, *args, **kwargs):
         self._active = True
+        start = time.process_time()
         try:
             return call(*args, **kwargs)
         finally:
             self._active = False
+            self.seconds_party += time.process_time() - start
+
+    def _snapshot(self, previous: Snapshot | None, full: bool) -> Snapshot:
+        start = time.process_time()
+        snap = snapshot(self.server, self.public, previous, full)
+        self.seconds_recording += time.process_time() - start
+        return snap
 
     def forward(self, client_ids, step) -> None:
         ids = list(client_ids)
         steps = {c: step[c] for c in ids} if isinstance(step, dict) else dict.fromkeys(ids, step)
+        # the state it starts from: its last after-state when it still holds exactly that (compared by
+        # value; its frozen part by version, the after-state compares it in full), else a new snapshot
         self._current = current = Transition(self.count, ids, steps, {}, bool(self.updates()),
-                                             snapshot(self.server, self.public))
+                                             self._snapshot(self._last, full=False))
         try:
             self._running(self._forward, client_ids, step)
         finally:
@@ -362,8 +471,10 @@ class TransitionRecorder:
             if current is not None:
                 self._take([c for c in current.client_ids if c not in current.skip], self.wiring[2], "gradient")
                 self._current = None
-                current.after = snapshot(self.server, self.public)
+                current.after = self._last = self._snapshot(current.before, full=True)
+                start = time.process_time()
                 current.commitment = current.after.digest()
+                self.seconds_recording += time.process_time() - start
                 self.count += 1
                 self.on_transition(current)
 
