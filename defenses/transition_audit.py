@@ -39,6 +39,21 @@ runs honestly; the excluded object is turned into it in place, so the step funct
 that hold it talk to the standby. The report names the steps lost (transitions between the last verified
 state and the detection).
 
+The evidence is the orchestrator's, never the party's: what a step received is the bytes its peers put on
+the session's transport for it, and what it sent is what that transport carried from it (an inbox tap that
+edits a received message, or a transport of the party's own that edits its replies, is a difference); the
+standby gets the session's transport and the orchestrator's inbox taps only. A resumed audit
+(``verified=``) trusts only the earlier audit's signed record (``VerifiedStates``). In process the replica
+shares code with the party: its code is fingerprinted at ``keep_public`` and checked at each replay (a
+change is flagged and voids the verdicts after it); a verifier in a separate process is the real boundary
+(docs/pipeline.md).
+
+Cost: every transition is snapshotted (its trainable weights and optimiser states copied, its frozen part
+compared with the public build once, in full, at the after-state), the before-state is the last
+after-state when the party still holds it (compared by value); the report gives the measured CPU cost
+(``extra_compute_measured``: recording and re-execution seconds over the party's own) beside the nominal
+``extra_compute`` (re-executed passes over served ones).
+
 Who verifies: the inputs of a step are what the audited party received, which under ``batch_parallel``
 include every client's activations of the pass; the verifier is a server-side standby that may see them,
 not a client. ``stage``: audit only that stage (None: every server-side party).
@@ -160,7 +175,8 @@ class TransitionAuditDefense(Defense):
         self.shared_code_changed: list[dict] = []  # replays whose replica found the code it runs changed
         self._session = None
         self._link = None  # the orchestrator's transport between the parties
-        self._recorders: list[TransitionRecorder] = []
+        self._recorders: list[TransitionRecorder] = []  # every recorder (their times add up)
+        self._recording: dict[int, TransitionRecorder] = {}  # stage -> the recorder of its current party
 
     def install(self, session) -> None:
         server = session.server
@@ -213,9 +229,11 @@ class TransitionAuditDefense(Defense):
         party, replica = self.parties[stage][:2]
         session = self._session
         # training pass or not: the orchestrator's word (Session.updates), never the party's own flag
-        self._recorders.append(TransitionRecorder(party, lambda t, i=stage: self._on_transition(i, t),
-                           updates=lambda: getattr(session, "updates", True), public=replica.public, start=start,
-                           link=self._link, wiring=self.parties[stage][3].wiring))
+        recorder = TransitionRecorder(party, lambda t, i=stage: self._on_transition(i, t),
+                                      updates=lambda: getattr(session, "updates", True), public=replica.public,
+                                      start=start, link=self._link, wiring=self.parties[stage][3].wiring)
+        self._recorders.append(recorder)
+        self._recording[stage] = recorder
 
     def _on_transition(self, stage: int, t: Transition) -> None:
         party, replica, share, _ = self.parties[stage]
@@ -276,8 +294,10 @@ class TransitionAuditDefense(Defense):
         if self.config.act:
             party, replica, share, public = self.parties[stage]
             verified_at, state = self.last_verified[stage]
+            self._recording[stage].detach()  # the excluded party's recorder: the standby's records anew
             # the same object, now a fresh party on the orchestrator's link with its taps only: runs honestly
             become_standby(party, public, state, self._link if self._link is not None else party.transport)
+            party.updates = bool(getattr(self._session, "updates", True))  # the orchestrator's word (capture)
             chain = self._session.server if self._session is not None else None
             if isinstance(chain, StageChain):
                 chain.trunk.parts[stage] = party.trunk  # evaluation without the wire uses the standby's trunk

@@ -490,7 +490,9 @@ def test_a_stage_that_edits_its_inputs_or_its_replies_on_its_own_transport_is_ca
 def test_a_write_around_the_version_counter_between_steps_is_caught_at_rate_0(what):
     """The before-state is the last after-state only when the party holds exactly it: its trainable weights
     and optimiser states compared by value, its frozen weights by version and compared in full at every
-    after-state. A write through ``.data`` (no version bump) is caught at the next step without any replay."""
+    after-state (a rotating share of them by value). A write through ``.data`` (no version bump) is caught
+    without any replay."""
+    from suite.engine.transitions import PublicFixed
 
     def install(audit, session, party):
         recorded, calls = party.forward, [0]
@@ -509,5 +511,7 @@ def test_a_write_around_the_version_counter_between_steps_is_caught_at_rate_0(wh
     audit = _audit_with(install, {"rate": 0.0, "act": False})
     train_split(_cfg(1, steps=4, strategy="serial"), SplitSpec(1, 1), tiny_model("llama"), defense=audit,
                 reference=False)
-    assert [f["transition"] for f in audit.flags][:1] == [2]
+    first = audit.flags[0]["transition"]
+    # an adapter at the next step (compared by value); a frozen weight within PublicFixed.ROTATION transitions
+    assert first == 2 if what == "adapter" else 2 <= first < 2 + PublicFixed.ROTATION
     assert audit.report()["extra_compute_measured"] > 0

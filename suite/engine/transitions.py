@@ -169,33 +169,67 @@ def _with_settings(tensors_digest: bytes, plain: dict[str, str]) -> bytes:
     return h.digest()
 
 
+_CONTAINERS = frozenset({dict, list, tuple, set, frozenset})
+
+
+def _quick_look(modules: list[tuple[str, nn.Module]], keys: list | None) -> list | None:
+    """What ``PublicFixed._settings_of`` compares between two reads: per module (name, object, its attribute
+    names, its plain attributes' values copied and their types); None when the modules are not those of
+    ``keys``."""
+    if keys is None or len(modules) != len(keys):
+        return None
+    out = []
+    for (name, module), (kname, kmodule, plain) in zip(modules, keys, strict=True):
+        if name != kname or module is not kmodule:
+            return None
+        d = vars(module)
+        values = tuple(_plain(v) if type(v := d.get(k)) in _CONTAINERS else v for k in plain)
+        out.append((frozenset(d), values, tuple(map(type, values))))
+    return out
+
+
 class PublicFixed:
     """The public fixed part of one party (its frozen weights and buffers), from its public build, and a
     cheap digest of a live trunk's fixed part: ``digest_of`` compares the live frozen tensors with the public
-    ones on their device (no hashing) and uses the public tensors' digest, computed once, when every one is
-    equal, else hashes what the trunk holds; the trunk's plain settings (``settings``) are hashed every time
-    (they are small). A frozen weight scaled between steps, or a LoRA ``scaling`` changed, gives another
-    digest at the party's next snapshot."""
+    ones on their device (no hashing; by version when unchanged since, see there) and uses the public
+    tensors' digest, computed once, when every one is equal, else hashes what the trunk holds; the trunk's
+    plain settings (``settings``) are re-read in full when a quick look finds one changed. A frozen weight
+    scaled between steps, or a LoRA ``scaling`` changed, gives another digest at the party's next snapshot."""
+
+    ROTATION = 4  # a full look compares 1 / ROTATION of the frozen tensors by value (see ``digest_of``)
 
     def __init__(self, trunk: nn.Module):
         self.tensors = {n: t.detach() for n, t in _fixed_tensors(trunk).items()}  # never written
         self.tensors_digest = _tensors_digest(self.tensors)
         # the live tensors last found equal to the public ones: (object, storage address, version) by name
         self._seen: dict[str, tuple[int, int, int]] | None = None
+        self._turn = 0  # which share of the frozen tensors the next full look compares by value
         self._settings: tuple[list, dict[str, str]] | None = None  # the last settings read, and their text
+        self._quick_keys: list | None = None
+        self._quick: list | None = None
 
     @staticmethod
     def _tokens(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[int, int, int]]:
         return {n: (id(t), t.data_ptr(), t._version) for n, t in tensors.items()}
 
     def _settings_of(self, trunk: nn.Module) -> dict[str, str]:
+        """``settings(trunk)``, re-read in full only when a quick look finds something changed: the same
+        modules, each with the same attribute names, its plain attributes holding equal values of the same
+        types (containers compared by value against a copy)."""
+        modules = list(trunk.named_modules())
+        if self._settings is not None and self._quick == _quick_look(modules, self._quick_keys):
+            return self._settings[1]
         raw = _settings_raw(trunk)
         if self._settings is None or self._settings[0] != raw:
             self._settings = (raw, {m: repr(sorted(p, key=lambda kv: kv[0])) for m, p in raw})
+        self._quick_keys = [(name, module, tuple(k for k, _ in plain))
+                            for (name, module), (_, plain) in zip(modules, raw, strict=True)]
+        self._quick = _quick_look(modules, self._quick_keys)
         return self._settings[1]
 
-    def _matches(self, tensors: dict[str, torch.Tensor]) -> bool:
-        if tensors.keys() != self.tensors.keys():
+    def _matches(self, tensors: dict[str, torch.Tensor], every: bool = True) -> bool:
+        """Whether ``tensors`` equal the public ones (``every``: and are all of them)."""
+        if every and tensors.keys() != self.tensors.keys():
             return False
         for name, t in tensors.items():
             ref = self.tensors[name]
@@ -206,13 +240,21 @@ class PublicFixed:
         return True
 
     def digest_of(self, trunk: nn.Module, full: bool = True) -> bytes:
-        """The digest of ``trunk``'s fixed part. ``full``: every frozen tensor compared with the public one;
-        False: a tensor that is the same object at the same address with the same version as when last found
-        equal is taken as equal (an in-place write through autograd bumps the version, a swapped tensor
-        changes the object or address; a write around it (``.data``, numpy) does not: the caller compares in
-        full once per transition)."""
+        """The digest of ``trunk``'s fixed part. A frozen tensor that is the same object at the same address
+        with the same version as when last found equal to the public one is taken as equal: an in-place write
+        through autograd (``torch.no_grad(): p.mul_``) bumps the version, a swapped tensor changes the object
+        or its address. A write around the version counter (``p.data.mul_``, through numpy) does neither:
+        ``full`` (the after-state of every transition) also compares a rotating 1 / ``ROTATION`` of the
+        tensors by value, so a lasting one is found within ``ROTATION`` transitions at any rate (one undone
+        before the next after-state is a tampered step, found by the replay at ``rate``). Any difference:
+        every tensor is compared, and hashed when one differs."""
         tensors = _fixed_tensors(trunk)
-        if not full and self._seen is not None and self._tokens(tensors) == self._seen:
+        same = self._seen is not None and self._tokens(tensors) == self._seen
+        if same and full:
+            names = sorted(tensors)[self._turn % self.ROTATION::self.ROTATION]
+            self._turn += 1
+            same = self._matches({n: tensors[n] for n in names}, every=False)
+        if same:
             part = self.tensors_digest
         elif self._matches(tensors):
             part, self._seen = self.tensors_digest, self._tokens(tensors)
@@ -417,10 +459,27 @@ class TransitionRecorder:
         self._inbox.clear()
         link.add_tap(self._frame)
 
+    def detach(self) -> None:
+        """Stop recording (the party was replaced: whoever audits the standby records it anew)."""
+        if self.link is not None:
+            self.link.remove_tap(self._frame)
+            self.link = None
+        self._inbox.clear()
+
+    def _inbound(self, src: str, dst: str, kind: str) -> bool:
+        """Whether the party consumes ``kind`` messages on the link ``src`` -> ``dst``: activations from
+        ``up``, gradients from ``down`` (a client on the side that is None)."""
+        name, up, down = self.wiring
+        peer = up if kind == "activation" else down if kind == "gradient" else name
+        if peer is None:
+            return src.startswith("client/") and dst == SERVER
+        return (src, dst) == (peer, name)
+
     def _frame(self, frame: Frame) -> None:
         if frame.dst in self.endpoints:
             kind = peek(frame.data)[0]
-            self._inbox[(frame.src, frame.dst, kind)].append(frame.data)
+            if self._inbound(frame.src, frame.dst, kind):
+                self._inbox[(frame.src, frame.dst, kind)].append(frame.data)
         if self._active and self._current is not None and frame.src in self.endpoints:
             self._current.sent.append((frame.src, frame.dst, frame.data))
 
@@ -453,12 +512,11 @@ class TransitionRecorder:
         steps = {c: step[c] for c in ids} if isinstance(step, dict) else dict.fromkeys(ids, step)
         # the state it starts from: its last after-state when it still holds exactly that (compared by
         # value; its frozen part by version, the after-state compares it in full), else a new snapshot
-        self._current = current = Transition(self.count, ids, steps, {}, bool(self.updates()),
-                                             self._snapshot(self._last, full=False))
+        self._current = Transition(self.count, ids, steps, {}, bool(self.updates()),
+                                   self._snapshot(self._last, full=False))
         try:
             self._running(self._forward, client_ids, step)
         finally:
-            self._current = current
             self._take(ids, self.wiring[1], "activation")
 
     def backward(self, step: int | None = None, skip=None) -> None:
