@@ -442,6 +442,8 @@ class TransitionRecorder:
         self.endpoints = {SERVER if up is None else name, SERVER if down is None else name}
         self._current: Transition | None = None
         self._last: Snapshot | None = None  # the last after-state: the next before-state, if the party holds it
+        self.given_before: Snapshot | None = None  # a replica's: the state it was just restored to
+        self.full_after = True  # compare a share of the frozen tensors by value at every after-state
         self.seconds_party = 0.0  # time in the party's own forward and backward
         self.seconds_recording = 0.0  # time taking snapshots and commitments
         self._active = False  # the party's forward or backward is running: what it sends on the link is its own
@@ -513,7 +515,7 @@ class TransitionRecorder:
         # the state it starts from: its last after-state when it still holds exactly that (compared by
         # value; its frozen part by version, the after-state compares it in full), else a new snapshot
         self._current = Transition(self.count, ids, steps, {}, bool(self.updates()),
-                                   self._snapshot(self._last, full=False))
+                                   self.given_before or self._snapshot(self._last, full=False))
         try:
             self._running(self._forward, client_ids, step)
         finally:
@@ -529,7 +531,7 @@ class TransitionRecorder:
             if current is not None:
                 self._take([c for c in current.client_ids if c not in current.skip], self.wiring[2], "gradient")
                 self._current = None
-                current.after = self._last = self._snapshot(current.before, full=True)
+                current.after = self._last = self._snapshot(current.before, full=self.full_after)
                 start = time.process_time()
                 current.commitment = current.after.digest()
                 self.seconds_recording += time.process_time() - start
@@ -641,6 +643,8 @@ class Replica:
         # records what it sends as the party's recorder does; whether it steps is set per replay
         self._updates = True
         self._recorder = TransitionRecorder(self.server, self._done.append, lambda: self._updates, self.public)
+        # its fixed part is the public tensors themselves (``public`` holds views of them): compared by version
+        self._recorder.full_after = False
         # taken with the public build when the orchestrator kept it, before any party ran code
         self.code = public.code if public.code is not None else code_fingerprint(self.server.trunk)
 
@@ -661,6 +665,7 @@ class Replica:
         s.transport = transport = InProcessTransport()
         self._recorder.attach(transport)
         restore(s, t.before)
+        self._recorder.given_before = t.before  # what it now holds
         s.updates = self._updates = t.updates
         for src, dst, data in t.received:
             transport.send(src, dst, data)
