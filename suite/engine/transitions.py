@@ -34,6 +34,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import time
+import weakref
 from collections import defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -188,6 +189,19 @@ def _quick_look(modules: list[tuple[str, nn.Module]], keys: list | None) -> list
     return out
 
 
+@dataclass
+class _Look:
+    """What ``PublicFixed`` last saw of one trunk."""
+
+    trunk: weakref.ref
+    # the live tensors last found equal to the public ones: (object, storage address, version) by name
+    seen: dict[str, tuple[int, int, int]] | None = None
+    turn: int = 0  # which share of the frozen tensors the next full look compares by value
+    settings: tuple[list, dict[str, str]] | None = None  # the last settings read, and their text
+    quick_keys: list | None = None
+    quick: list | None = None
+
+
 class PublicFixed:
     """The public fixed part of one party (its frozen weights and buffers), from its public build, and a
     cheap digest of a live trunk's fixed part: ``digest_of`` compares the live frozen tensors with the public
@@ -201,12 +215,13 @@ class PublicFixed:
     def __init__(self, trunk: nn.Module):
         self.tensors = {n: t.detach() for n, t in _fixed_tensors(trunk).items()}  # never written
         self.tensors_digest = _tensors_digest(self.tensors)
-        # the live tensors last found equal to the public ones: (object, storage address, version) by name
-        self._seen: dict[str, tuple[int, int, int]] | None = None
-        self._turn = 0  # which share of the frozen tensors the next full look compares by value
-        self._settings: tuple[list, dict[str, str]] | None = None  # the last settings read, and their text
-        self._quick_keys: list | None = None
-        self._quick: list | None = None
+        self._looks: dict[int, _Look] = {}  # what was last seen of each trunk looked at (the party's, the replica's)
+
+    def _look(self, trunk: nn.Module) -> _Look:
+        look = self._looks.get(id(trunk))
+        if look is None or look.trunk() is not trunk:
+            look = self._looks[id(trunk)] = _Look(weakref.ref(trunk))
+        return look
 
     @staticmethod
     def _tokens(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[int, int, int]]:
@@ -216,16 +231,17 @@ class PublicFixed:
         """``settings(trunk)``, re-read in full only when a quick look finds something changed: the same
         modules, each with the same attribute names, its plain attributes holding equal values of the same
         types (containers compared by value against a copy)."""
+        look = self._look(trunk)
         modules = list(trunk.named_modules())
-        if self._settings is not None and self._quick == _quick_look(modules, self._quick_keys):
-            return self._settings[1]
+        if look.settings is not None and look.quick == _quick_look(modules, look.quick_keys):
+            return look.settings[1]
         raw = _settings_raw(trunk)
-        if self._settings is None or self._settings[0] != raw:
-            self._settings = (raw, {m: repr(sorted(p, key=lambda kv: kv[0])) for m, p in raw})
-        self._quick_keys = [(name, module, tuple(k for k, _ in plain))
-                            for (name, module), (_, plain) in zip(modules, raw, strict=True)]
-        self._quick = _quick_look(modules, self._quick_keys)
-        return self._settings[1]
+        if look.settings is None or look.settings[0] != raw:
+            look.settings = (raw, {m: repr(sorted(p, key=lambda kv: kv[0])) for m, p in raw})
+        look.quick_keys = [(name, module, tuple(k for k, _ in plain))
+                           for (name, module), (_, plain) in zip(modules, raw, strict=True)]
+        look.quick = _quick_look(modules, look.quick_keys)
+        return look.settings[1]
 
     def _matches(self, tensors: dict[str, torch.Tensor], every: bool = True) -> bool:
         """Whether ``tensors`` equal the public ones (``every``: and are all of them)."""
@@ -249,17 +265,18 @@ class PublicFixed:
         before the next after-state is a tampered step, found by the replay at ``rate``). Any difference:
         every tensor is compared, and hashed when one differs."""
         tensors = _fixed_tensors(trunk)
-        same = self._seen is not None and self._tokens(tensors) == self._seen
+        look = self._look(trunk)
+        same = look.seen is not None and self._tokens(tensors) == look.seen
         if same and full:
-            names = sorted(tensors)[self._turn % self.ROTATION::self.ROTATION]
-            self._turn += 1
+            names = sorted(tensors)[look.turn % self.ROTATION::self.ROTATION]
+            look.turn += 1
             same = self._matches({n: tensors[n] for n in names}, every=False)
         if same:
             part = self.tensors_digest
         elif self._matches(tensors):
-            part, self._seen = self.tensors_digest, self._tokens(tensors)
+            part, look.seen = self.tensors_digest, self._tokens(tensors)
         else:
-            part, self._seen = _tensors_digest(tensors), None
+            part, look.seen = _tensors_digest(tensors), None
         return _with_settings(part, self._settings_of(trunk))
 
 
