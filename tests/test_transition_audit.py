@@ -515,3 +515,23 @@ def test_a_write_around_the_version_counter_between_steps_is_caught_at_rate_0(wh
     # an adapter at the next step (compared by value); a frozen weight within PublicFixed.ROTATION transitions
     assert first == 2 if what == "adapter" else 2 <= first < 2 + PublicFixed.ROTATION
     assert audit.report()["extra_compute_measured"] > 0
+
+
+def test_a_party_replaced_during_the_traffic_capture_keeps_the_captures_own_taps():
+    """A standby made in an update-free pass (the capture) keeps the orchestrator's inbox taps (the
+    capture's, which it removes when done) and drops the party's; the capture then ends cleanly."""
+    from suite.engine.protocol import ActivationMsg
+
+    def install(audit, session, party):
+        def edit(msg):
+            if isinstance(msg, ActivationMsg) and not session.updates:  # only while the traffic is captured
+                msg.hidden.mul_(1.5)
+
+        party.inbox_taps.append(edit)
+        audit.edit = edit
+
+    audit = _audit_with(install, {"rate": 1.0})
+    trained = train_split(_cfg(1, steps=2, strategy="serial"), SplitSpec(1, 1), tiny_model("llama"),
+                          defense=audit, reference=False)
+    assert audit.replacements and all(not f["training"] for f in audit.flags)
+    assert audit.edit not in trained.prepared.session.server.inbox_taps
