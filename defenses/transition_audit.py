@@ -39,6 +39,21 @@ runs honestly; the excluded object is turned into it in place, so the step funct
 that hold it talk to the standby. The report names the steps lost (transitions between the last verified
 state and the detection).
 
+The evidence is the orchestrator's, never the party's: what a step received is the bytes its peers put on
+the session's transport for it, and what it sent is what that transport carried from it (an inbox tap that
+edits a received message, or a transport of the party's own that edits its replies, is a difference); the
+standby gets the session's transport and the orchestrator's inbox taps only. A resumed audit
+(``verified=``) trusts only the earlier audit's signed record (``VerifiedStates``). In process the replica
+shares code with the party: its code is fingerprinted at ``keep_public`` and checked at each replay (a
+change is flagged and voids the verdicts after it); a verifier in a separate process is the real boundary
+(docs/pipeline.md).
+
+Cost: every transition is snapshotted (its trainable weights and optimiser states copied, its frozen part
+compared with the public build once, in full, at the after-state), the before-state is the last
+after-state when the party still holds it (compared by value); the report gives the measured CPU cost
+(``extra_compute_measured``: recording and re-execution seconds over the party's own) beside the nominal
+``extra_compute`` (re-executed passes over served ones).
+
 Who verifies: the inputs of a step are what the audited party received, which under ``batch_parallel``
 include every client's activations of the pass; the verifier is a server-side standby that may see them,
 not a client. ``stage``: audit only that stage (None: every server-side party).
@@ -46,9 +61,12 @@ not a client. ``stage``: audit only that stage (None: every server-side party).
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import random
 import secrets
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from suite.engine.stages import StageChain
@@ -63,7 +81,7 @@ from suite.engine.transitions import (
     messages_differ,
     within,
 )
-from suite.errors import ConfigError
+from suite.errors import ConfigError, ProtocolError
 from suite.interfaces.defense import Defense, DefenseConfig, register_defense
 
 
@@ -84,16 +102,60 @@ class TransitionAuditConfig(DefenseConfig):
             raise ValueError(f"stage must be >= 0, got {self.stage}")
 
 
+# The key this process's audits sign their records of verified states with (``VerifiedStates``): a record
+# that reaches a resumed audit was made by an audit of this process, not assembled by a party. In process a
+# party can read it, as it can patch any shared code (docs/pipeline.md); a separate-process verifier keeps it.
+_RECORD_KEY = secrets.token_bytes(32)
+
+
+def _sign(digests: Mapping[int, bytes]) -> bytes:
+    body = b"".join(b"%d:" % i + digests[i] for i in sorted(digests))
+    return hmac.new(_RECORD_KEY, b"splitleak-verified-v1|" + body, hashlib.sha256).digest()
+
+
+class VerifiedStates(Mapping):
+    """An audit's record of the last verified state of every audited stage (stage -> ``Snapshot``), with the
+    digests the audit took when it verified them, signed by the audit (``_RECORD_KEY``): what a resumed audit
+    accepts as its first committed states (``TransitionAuditDefense(verified=...)``). A snapshot changed
+    after the record was made, a stage added, or a record not made by an audit is refused."""
+
+    def __init__(self, states: Mapping[int, Snapshot]):
+        self._states = dict(states)
+        self.digests = {i: s.digest(cached=False) for i, s in self._states.items()}
+        self.signature = _sign(self.digests)
+
+    def __getitem__(self, stage: int) -> Snapshot:
+        return self._states[stage]
+
+    def __iter__(self):
+        return iter(self._states)
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def check(self) -> None:
+        """ConfigError unless the record is an audit's and every snapshot is the one it verified."""
+        if not hmac.compare_digest(_sign(self.digests), self.signature):
+            raise ConfigError("transition_audit verified= record is not signed by an audit of this process: resume "
+                              "only from the earlier audit's verified_states()")
+        for i, snap in self._states.items():
+            if snap.digest(cached=False) != self.digests.get(i):
+                raise ConfigError(f"transition_audit verified= state of stage {i} changed after the audit "
+                                  "verified it: resume from the earlier audit's verified_states() as it was")
+
+
 @register_defense("transition_audit")
 class TransitionAuditDefense(Defense):
     Config = TransitionAuditConfig
     keeps_public = True  # the replicas and the first committed states come from the parties' public builds
 
-    def __init__(self, config: TransitionAuditConfig | None = None, verified: dict[int, Snapshot] | None = None):
+    def __init__(self, config: TransitionAuditConfig | None = None, verified: VerifiedStates | None = None):
         """``verified``: on resume, the last verified state of every audited stage (``verified_states()`` of
-        the audit that ran before the checkpoint): the first committed states, instead of the public build."""
+        the audit that ran before the checkpoint, as it returned it): the first committed states, instead of
+        the public build. A resumed audit trusts that record (signed by the audit, checked against the digests
+        it took) and that the states' fixed part is the public build's; not the party, nor a plain dict."""
         super().__init__(config)
-        self._resume = dict(verified) if verified is not None else None
+        self._resume = verified
         c = self.config
         self._draw = random.Random(c.seed) if c.seed is not None else secrets.SystemRandom()
         self.parties: dict[int, tuple] = {}  # stage -> (live party, replica, share of the trunk's blocks, public)
@@ -110,7 +172,11 @@ class TransitionAuditDefense(Defense):
         self.passes: dict[int, int] = {}  # training transitions per audited party
         self.seconds_recomputing = 0.0
         self.initial_state = "public build"  # where the first committed states came from
+        self.shared_code_changed: list[dict] = []  # replays whose replica found the code it runs changed
         self._session = None
+        self._link = None  # the orchestrator's transport between the parties
+        self._recorders: list[TransitionRecorder] = []  # every recorder (their times add up)
+        self._recording: dict[int, TransitionRecorder] = {}  # stage -> the recorder of its current party
 
     def install(self, session) -> None:
         server = session.server
@@ -131,8 +197,18 @@ class TransitionAuditDefense(Defense):
                               "resume with TransitionAuditDefense(config, verified=<the last audit's "
                               "verified_states()>)")
         if self._resume is not None:
+            if not isinstance(self._resume, VerifiedStates):
+                raise ConfigError(f"transition_audit verified= must be the earlier audit's verified_states(), got "
+                                  f"a {type(self._resume).__name__}: a resumed audit trusts only its own record")
+            self._resume.check()
+            wanted = [i for i in range(len(stages)) if self.config.stage in (None, i)]
+            missing = [i for i in wanted if i not in self._resume]
+            if missing:
+                raise ConfigError(f"transition_audit verified= has no verified state for stage(s) {missing}: resume "
+                                  "from the verified_states() of an audit of the same stages")
             self.initial_state = "last verified states (resumed)"
         self._session = session
+        self._link = session.transport
         blocks = [len(s.trunk.blocks.layers) for s in stages]
         total = sum(blocks) or 1
         for i, party in enumerate(stages):
@@ -142,6 +218,9 @@ class TransitionAuditDefense(Defense):
             replica = Replica(public[i])  # the public build: public weights, adapter configuration, initial state
             self.parties[i] = (party, replica, share, public[i])
             first = replica.initial if self._resume is None else self._resume[i]
+            if first.fixed != replica.initial.fixed:
+                raise ConfigError(f"transition_audit verified= state of stage {i} has frozen weights or settings "
+                                  "other than the public build's: resume from an audit of the same model and split")
             self.last_verified[i] = (-1, first)
             self.committed[i] = first  # the state its first transition must start from
             self._record(i)
@@ -150,8 +229,11 @@ class TransitionAuditDefense(Defense):
         party, replica = self.parties[stage][:2]
         session = self._session
         # training pass or not: the orchestrator's word (Session.updates), never the party's own flag
-        TransitionRecorder(party, lambda t, i=stage: self._on_transition(i, t),
-                           updates=lambda: getattr(session, "updates", True), public=replica.public, start=start)
+        recorder = TransitionRecorder(party, lambda t, i=stage: self._on_transition(i, t),
+                                      updates=lambda: getattr(session, "updates", True), public=replica.public,
+                                      start=start, link=self._link, wiring=self.parties[stage][3].wiring)
+        self._recorders.append(recorder)
+        self._recording[stage] = recorder
 
     def _on_transition(self, stage: int, t: Transition) -> None:
         party, replica, share, _ = self.parties[stage]
@@ -165,19 +247,34 @@ class TransitionAuditDefense(Defense):
         if t.before.digest() != committed.digest():  # it did not start where its last step ended
             self._flag(stage, t, difference(committed, t.before), 0.0, start=True)
             return
+        if t.after.fixed != t.before.fixed:  # its frozen weights or settings changed during the step
+            self._flag(stage, t, float("inf"), 0.0, start=False)
+            return
         if not t.updates and t.after.digest() != t.before.digest():  # an update-free pass changed its state
             self._flag(stage, t, difference(t.before, t.after), 0.0, start=False)
             return
         if self._draw.random() >= self.config.rate:  # drawn after the party committed (t.commitment)
             return
-        start = time.perf_counter()
-        honest = replica.replay(t)
-        self.seconds_recomputing += time.perf_counter() - start
+        start = time.process_time()
+        if replica.code_changed():
+            # the replica runs code that changed since it was built (a class patched in process, a hook on the
+            # public copy): its verdicts are void, and the party shares that code
+            self.shared_code_changed.append({"stage": stage, "transition": t.index})
+            self._flag(stage, t, float("inf"), float("inf"), start=False, code=True)
+            return
+        try:
+            honest = replica.replay(t)
+        except ProtocolError:  # what crossed the link for it is not what a step consumes
+            honest = None
+        self.seconds_recomputing += time.process_time() - start
         if t.updates:
             self.units_recomputed += share
             self.audited.append((stage, t.index))
         else:
             self.audited_update_free += 1
+        if honest is None:
+            self._flag(stage, t, float("inf"), float("inf"), start=False)
+            return
         state_off = difference(honest.after, t.after)
         sent_off = messages_differ(honest.sent, t.sent)
         if within(state_off, self.config.tolerance) and within(sent_off, self.config.tolerance):
@@ -185,17 +282,22 @@ class TransitionAuditDefense(Defense):
             return
         self._flag(stage, t, state_off, sent_off, start=False)
 
-    def _flag(self, stage: int, t: Transition, state_off: float, sent_off: float, start: bool) -> None:
+    def _flag(self, stage: int, t: Transition, state_off: float, sent_off: float, start: bool,
+              code: bool = False) -> None:
         """Record a caught transition (``start``: its state before was not the last committed after-state) and,
         with ``act``, exclude the party: a standby built from the public build takes its place from the last
         verified state."""
         step = min(t.steps.values()) if t.steps else None
         self.flags.append({"stage": stage, "transition": t.index, "step": step, "state_difference": state_off,
-                           "message_difference": sent_off, "start_mismatch": start, "training": t.updates})
+                           "message_difference": sent_off, "start_mismatch": start, "training": t.updates,
+                           "shared_code_changed": code})
         if self.config.act:
             party, replica, share, public = self.parties[stage]
             verified_at, state = self.last_verified[stage]
-            become_standby(party, public, state)  # the same object, now a fresh party: runs honestly
+            self._recording[stage].detach()  # the excluded party's recorder: the standby's records anew
+            # the same object, now a fresh party on the orchestrator's link with its taps only: runs honestly
+            become_standby(party, public, state, self._link if self._link is not None else party.transport)
+            party.updates = bool(getattr(self._session, "updates", True))  # the orchestrator's word (capture)
             chain = self._session.server if self._session is not None else None
             if isinstance(chain, StageChain):
                 chain.trunk.parts[stage] = party.trunk  # evaluation without the wire uses the standby's trunk
@@ -204,9 +306,10 @@ class TransitionAuditDefense(Defense):
             self.replacements.append({"stage": stage, "at_transition": t.index, "step": step,
                                       "resumed_from": verified_at, "steps_lost": t.index - verified_at})
 
-    def verified_states(self) -> dict[int, Snapshot]:
-        """The last verified state of every audited stage: what a checkpoint keeps for a resumed audit."""
-        return {i: state for i, (_, state) in self.last_verified.items()}
+    def verified_states(self) -> VerifiedStates:
+        """The last verified state of every audited stage, signed with the digests this audit took: what a
+        checkpoint keeps for a resumed audit (``verified=``)."""
+        return VerifiedStates({i: state for i, (_, state) in self.last_verified.items()})
 
     def flagged_steps(self) -> set[int]:
         return {f["step"] for f in self.flags}
@@ -216,13 +319,26 @@ class TransitionAuditDefense(Defense):
                "audited": len(self.audited), "update_free_transitions": self.update_free,
                "update_free_audited": self.audited_update_free, "flagged": len(self.flags),
                "flags": self.flags[:20], "replacements": self.replacements, "initial_state": self.initial_state,
-               "verifier": "server-side standby replica (sees the audited party's inputs)",
+               "verifier": "server-side standby replica (sees the audited party's inputs; in process it shares "
+                           "code with the party: docs/pipeline.md)",
+               "shared_code_changed": self.shared_code_changed[:20],
                # re-execution over the audited parties' own compute (about ``rate``), and over the whole
                # trunk's (every stage's) compute: the price of auditing only some stages is lower
                "extra_compute": self.units_recomputed / self.units_served if self.units_served else 0.0,
                "extra_compute_trunk": (self.units_recomputed / max(self.passes.values())) if self.passes else 0.0,
                "seconds_recomputing": round(self.seconds_recomputing, 4)}
-        if not self.transitions or not self.audited:
+        # measured: CPU seconds of the recording (snapshots, commitments) and of the re-executions, over the
+        # audited parties' own forward / backward seconds
+        party = sum(r.seconds_party for r in self._recorders)
+        recording = sum(r.seconds_recording for r in self._recorders)
+        out["seconds_recording"] = round(recording, 4)
+        out["extra_compute_measured"] = round((recording + self.seconds_recomputing) / party, 4) if party else 0.0
+        if self.shared_code_changed:
+            out["warning"] = (f"the verifier's code changed during the run (at transitions "
+                              f"{[c['transition'] for c in self.shared_code_changed[:5]]}): an in-process replica "
+                              "shares code with the party, so verdicts from there on are void "
+                              "(docs/pipeline.md, the in-process limit)")
+        elif not self.transitions or not self.audited:
             # nothing checked is not "passed": say so where the verdict is read
             out["warning"] = (f"{self.transitions} training transitions recorded, {len(self.audited)} audited: "
                               "the audit checked nothing" + ("" if self.transitions else

@@ -357,3 +357,181 @@ def test_a_stage_whose_frozen_weight_changed_is_replaced_by_a_fresh_stage_the_ch
     chain = trained.prepared.session.server
     assert chain.trunk.parts[1] is chain.stages[1].trunk  # evaluation without the wire uses the standby
     assert torch.equal(_frozen(chain.stages[1].trunk), audit.weight)
+
+
+def _resume_setup():
+    from suite.engine.training import train
+    from suite.experiment.prepared import prepare
+
+    prepared = prepare(_cfg(1, steps=2, strategy="serial"), SplitSpec(1, 1), loaded=tiny_model("llama"),
+                       keep_public=True)
+    first = make_defense("transition_audit", {"rate": 1.0})
+    first.install(prepared.session)
+    train(prepared.session)
+    return prepared, first
+
+
+def test_a_resume_accepts_only_the_audits_own_signed_record_of_every_stage():
+    import torch
+
+    from defenses.transition_audit import TransitionAuditDefense, VerifiedStates
+    from suite.engine.transitions import snapshot
+    from suite.errors import ConfigError
+
+    prepared, first = _resume_setup()
+    server = prepared.session.server
+
+    def resume(verified):
+        TransitionAuditDefense(TransitionAuditDefense.Config(rate=1.0), verified=verified).install(prepared.session)
+
+    with torch.no_grad():  # the party's own adapters, handed in as "the checkpoint's verified state"
+        next(p for n, p in server.trunk.named_parameters() if "lora_B" in n).normal_(0, 0.5)
+    with pytest.raises(ConfigError, match="must be the earlier audit's verified_states"):
+        resume({0: snapshot(server)})
+    with pytest.raises(ConfigError, match=r"no verified state for stage\(s\) \[0\]"):
+        resume(VerifiedStates({}))
+    record = first.verified_states()
+    forged = VerifiedStates({0: snapshot(server)})
+    own = dict(forged.digests)
+    forged.digests, forged.signature = record.digests, record.signature  # the audit's signature, another state
+    with pytest.raises(ConfigError, match="changed after the audit verified it"):
+        resume(forged)
+    record = first.verified_states()
+    record.digests = own  # a digest swapped into the audit's record
+    with pytest.raises(ConfigError, match="not signed by an audit"):
+        resume(record)
+    resume(first.verified_states())  # the audit's own record, as it returned it
+
+
+def test_a_class_patched_in_process_or_a_hook_on_the_public_copy_is_flagged():
+    """The replica shares code with the party in process: a change to it is flagged (and the report says
+    the verdicts from there are void), never a clean replay of tampered outputs."""
+    from suite.engine.split import ServerTrunk
+
+    honest = ServerTrunk.forward
+
+    class Patches(type(make_defense("transition_audit", {}))):
+        def install(self, session):
+            super().install(session)
+
+            def forward(self_, *a, **k):
+                return honest(self_, *a, **k) * 1.5 + 0.25
+
+            ServerTrunk.forward = forward
+
+    audit = Patches(Patches.Config(rate=1.0, act=False))
+    try:
+        train_split(_cfg(1), SplitSpec(1, 1), tiny_model("llama"), defense=audit, reference=False)
+    finally:
+        ServerTrunk.forward = honest
+    r = audit.report()
+    assert [f["transition"] for f in audit.flags] == [0] and audit.flags[0]["shared_code_changed"]
+    assert r["shared_code_changed"] and "void" in r["warning"]
+
+    class Hooks(type(make_defense("transition_audit", {}))):
+        def install(self, session):
+            super().install(session)
+            public = self.parties[0][3].trunk
+            public.blocks.layers[0].register_forward_hook(lambda m, i, o: o)
+
+    audit = Hooks(Hooks.Config(rate=1.0, act=False))
+    train_split(_cfg(1), SplitSpec(1, 1), tiny_model("llama"), defense=audit, reference=False)
+    assert audit.flags and audit.flags[0]["shared_code_changed"]
+
+
+def test_a_stage_that_edits_its_inputs_or_its_replies_on_its_own_transport_is_caught():
+    """In a pipeline the evidence is the bytes on the orchestrator's link too: a middle stage's own transport
+    that edits what it sends the next stage, or an inbox tap that edits what it received, is flagged, and its
+    standby keeps neither (the chain's own taps stay)."""
+    import dataclasses
+
+    from suite.engine.protocol import ActivationMsg, decode, encode
+    from suite.engine.stages import StageChain
+
+    class Wire:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def send(self, src, dst, data):
+            msg = decode(data)
+            if isinstance(msg, ActivationMsg):
+                data = encode(dataclasses.replace(msg, hidden=msg.hidden * 1.01))
+            self.inner.send(src, dst, data)
+
+    def edit(msg):
+        if isinstance(msg, ActivationMsg):
+            msg.hidden.add_(0.01)
+
+    base = type(make_defense("transition_audit", {}))
+    for how in ("wire", "tap"):
+        class Stage1(base):
+            def install(self, session, how=how):
+                super().install(session)
+                stage = session.server.stages[1]
+                if how == "wire":
+                    stage.transport = Wire(stage.transport)
+                else:
+                    stage.inbox_taps.append(edit)
+                self.chain = session.server
+
+        audit = Stage1(Stage1.Config(rate=1.0))
+        train_split(_cfg(3), SplitSpec(1, 1), tiny_model("llama", num_layers=5), defense=audit, reference=False)
+        assert {f["stage"] for f in audit.flags} == {1} and audit.replacements, how
+        chain: StageChain = audit.chain
+        stage = chain.stages[1]
+        assert stage.transport is chain.stages[0].transport and edit not in stage.inbox_taps
+        assert chain.stages[0].inbox_taps[0] == chain._from_heads
+
+
+@pytest.mark.parametrize("what", ["frozen", "adapter"])
+def test_a_write_around_the_version_counter_between_steps_is_caught_at_rate_0(what):
+    """The before-state is the last after-state only when the party holds exactly it: its trainable weights
+    and optimiser states compared by value, its frozen weights by version and compared in full at every
+    after-state (a rotating share of them by value). A write through ``.data`` (no version bump) is caught
+    without any replay."""
+    from suite.engine.transitions import PublicFixed
+
+    def install(audit, session, party):
+        recorded, calls = party.forward, [0]
+
+        def forward(ids, step):
+            calls[0] += 1
+            if calls[0] == 3:
+                if what == "frozen":
+                    _frozen(party.trunk).data.mul_(1.5)
+                else:
+                    next(p for n, p in party.trunk.named_parameters() if "lora_B" in n).data.add_(0.1)
+            recorded(ids, step)
+
+        party.forward = forward
+
+    audit = _audit_with(install, {"rate": 0.0, "act": False})
+    train_split(_cfg(1, steps=4, strategy="serial"), SplitSpec(1, 1), tiny_model("llama"), defense=audit,
+                reference=False)
+    first = audit.flags[0]["transition"]
+    # an adapter at the next step (compared by value); a frozen weight within PublicFixed.ROTATION transitions
+    assert first == 2 if what == "adapter" else 2 <= first < 2 + PublicFixed.ROTATION
+    assert audit.report()["extra_compute_measured"] > 0
+
+
+def test_a_party_replaced_during_the_traffic_capture_keeps_the_captures_own_taps():
+    """A standby made in an update-free pass (the capture) keeps the orchestrator's inbox taps (the
+    capture's, which it removes when done) and drops the party's; the capture then ends cleanly."""
+    from suite.engine.protocol import ActivationMsg
+
+    def install(audit, session, party):
+        def edit(msg):
+            if isinstance(msg, ActivationMsg) and not session.updates:  # only while the traffic is captured
+                msg.hidden.mul_(1.5)
+
+        party.inbox_taps.append(edit)
+        audit.edit = edit
+
+    audit = _audit_with(install, {"rate": 1.0})
+    trained = train_split(_cfg(1, steps=2, strategy="serial"), SplitSpec(1, 1), tiny_model("llama"),
+                          defense=audit, reference=False)
+    assert audit.replacements and all(not f["training"] for f in audit.flags)
+    assert audit.edit not in trained.prepared.session.server.inbox_taps
