@@ -33,6 +33,7 @@ def test_no_batch_holds_a_record_twice():
     both parts (N=10, B=4: ~7 % of steps); it is then clipped twice and moves the clipped sum by 2 x clip."""
     data = {k: torch.arange(10).unsqueeze(1) for k in ("input_ids", "attention_mask", "labels")}
     batches = Batches(data, 4, seed=0)
+    batches.distinct = True  # what dp_sgd sets on every client (tests/test_dp_sgd.py checks it does)
     for _ in range(200):
         ids = batches.next().input_ids.reshape(-1).tolist()
         assert len(ids) == len(set(ids)), ids

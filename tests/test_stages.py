@@ -172,7 +172,7 @@ def test_a_whole_server_policy_or_audit_is_refused_with_stages():
     _, session = _session(base, 2)
     with pytest.raises(ConfigError, match="malicious_stage"):
         session.server.policy = object()
-    with pytest.raises(ConfigError, match="transition audit"):
+    with pytest.raises(ConfigError, match="use transition_audit"):
         session.server.commit_state = True
 
 
