@@ -453,9 +453,20 @@ def _net_defense(cfg, args: argparse.Namespace):
     return choose_defense(cfg, args.defense, _params(args.defense_param))
 
 
+def _stop_on_signals() -> None:
+    """Ctrl-C (SIGINT) and SIGTERM stop a serving process cleanly (its server stopped, its checkpoint kept),
+    also where it was started with SIGINT ignored: a background job of a non-interactive shell (`serve &` in a
+    script, CI) inherits SIG_IGN, and Python then installs no KeyboardInterrupt handler of its own."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from suite.net.parties import serve
 
+    _stop_on_signals()
     if args.device is not None and args.server_device is None:
         args.server_device = args.device  # `serve --device` is the server's own device
     cfg = _config_from_args(args)
