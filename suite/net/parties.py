@@ -127,14 +127,22 @@ def serve(cfg: ExperimentConfig, certs: str | Path, listen: str, checkpoint_dir:
                                          "view": "server"})
         service.queue.add_tap(lambda frame: writer.frame(frame.src, frame.dst, frame.data))
     server, port = start_server(service, identity, listen, max_message_mib=max_message_mib)
-    try:  # from the start: an interrupt at any point stops the server's threads, or the process never exits
+    try:
+        serve_until_stopped(server, port, service.events, on_ready)
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+def serve_until_stopped(server, port: int, events, on_ready: Callable[[int, list[str]], None] | None) -> None:
+    """Announce a started gRPC ``server`` and serve until it terminates or an interrupt arrives; from the
+    start, an interrupt at any point stops the server's threads (or the process never exits)."""
+    try:
         if on_ready is not None:
-            on_ready(port, list(service.events))
+            on_ready(port, list(events))
         server.wait_for_termination()
     finally:
         server.stop(grace=1).wait(10)
-        if writer is not None:
-            writer.close()
 
 
 @dataclass

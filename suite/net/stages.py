@@ -536,7 +536,7 @@ def serve_stage(cfg: ExperimentConfig, index: int, certs: str | Path, listen: st
     """Serve stage ``index`` until interrupted: stage 0 serves the clients (``suite.net.parties.serve``
     with this stage as its server), the others their upstream neighbour."""
     from suite.net.defended import choose_defense
-    from suite.net.parties import refuse_unsafe_seeds, serve
+    from suite.net.parties import refuse_unsafe_seeds, serve, serve_until_stopped
 
     check_stage(cfg, index, next_address)
     refuse_unsafe_seeds(cfg)
@@ -562,11 +562,8 @@ def serve_stage(cfg: ExperimentConfig, index: int, certs: str | Path, listen: st
     service = build_stage_service(cfg, index, identity, next_address, checkpoint_dir, defense=defense,
                                   give_up_after=give_up_after, max_message_mib=max_message_mib)
     server, port = start_stage_server(service, identity, listen, max_message_mib=max_message_mib)
-    try:  # from the start: an interrupt at any point stops the server's threads, or the process never exits
-        if on_ready is not None:
-            on_ready(port, list(service.events))
-        server.wait_for_termination()
+    try:
+        serve_until_stopped(server, port, service.events, on_ready)
     finally:
-        server.stop(grace=1).wait(10)
         if service.node.link is not None:
             service.node.link.close()
