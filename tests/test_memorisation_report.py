@@ -1,4 +1,4 @@
-"""The memorisation section of the report and its verdict rows (issue 26), from hand-written store rows, and a
+"""The memorisation section of the report and its verdict rows, from hand-written store rows, and a
 ``splitleak run`` with canaries that writes memorisation rows and a report showing the section."""
 
 from pypdf import PdfReader

@@ -86,7 +86,7 @@ class Cell:
     steps: int | None = None  # None: [training]'s value
     finetune: str | None = None
     seed: int | None = None
-    mode: str | None = None  # None: training; "inference": the trained split serving prompts (issue 25)
+    mode: str | None = None  # None: training; "inference": the trained split serving prompts
 
     @property
     def spec(self) -> SplitSpec:
