@@ -188,7 +188,7 @@ class TransitionAuditDefense(Defense):
         if public is None or len(public) != len(stages):
             # No public build kept (a session built without keep_public): the party's state now is the best
             # there is, and it is the party's word; the report says so.
-            lr = session.config.finetune.lr
+            lr = session.config.finetune.lr_of(session.config.finetune.server)
             public = [PublicParty.of(s, lr) for s in stages]
             self.initial_state = "copied from the parties at install (not attested: build with keep_public)"
         if self._resume is None and getattr(session, "losses", None):

@@ -109,6 +109,9 @@ class TrainingSection(_Section):
     steps: int = Field(default=30, ge=0)
     batch_size: int = Field(default=4, ge=1)
     lr: float = Field(default=1e-3, gt=0)
+    # the rate of a part trained in full (finetune / server_finetune = "full"); None: lr. LoRA takes rates ~10-20x
+    # a full fine-tune's, so one lr for both either starves the adapters or wrecks the fully tuned weights
+    full_lr: float | None = Field(default=None, gt=0)
     finetune: Literal["lora", "full", "frozen"] = "lora"  # what the clients train
     server_finetune: Literal["lora", "full", "frozen"] = "lora"
     lora_rank: int = Field(default=8, ge=1)
