@@ -91,9 +91,10 @@ class BiSRConfig(AttackConfig):
     # (``calibrate_steps`` Adam steps) and a second pass runs on it (0 steps: one pass only).
     calibrate_steps: int = 0
     calibrate_below: float = 0.995
-    # The early positions and near-ties re-decided on that drift estimate, fitted once on the positions after
-    # the early ones (``calibrate_early`` Adam steps; 0: on the reference head as it is), as prefix_inversion
-    # does: the search's gradient-fused choice there is re-decided with the same fused score.
+    # The early positions and near-ties re-decided on a drift estimate fitted once on the positions after the
+    # early ones (``calibrate_early`` Adam steps at ``calibrate_early_lr``; 0: on the reference head as it is),
+    # where the search's forward mean score is below ``calibrate_below``, as prefix_inversion does; there the
+    # choice is re-decided with the same fused score as the search's.
     calibrate_early: int = 20
     calibrate_early_lr: float = 2.5e-3
 

@@ -248,5 +248,5 @@ def test_the_benchmark_table_script_reads_a_store(tmp_path):
     assert "10×: 22.00 [11.00, 33.01]" in thief and "2 of 8 [0.05, 0.60]" in thief
     user = next(line for line in lines if line.startswith("| per_client | lora | released_model"))
     assert "0.800 [0.780, 0.820] (reference)" in user and "30.0 % [25.0, 35.0] (20)" in user
-    assert any("σ = 2.0, target server (ε = 3.20) | lora | server_adapters" in line for line in lines)
-    assert any("σ = 2.0, target server (no guarantee) | lora | released_model" in line for line in lines)
+    assert any("sigma = 2.0, target = server (ε = 3.20) | lora | server_adapters" in line for line in lines)
+    assert any("sigma = 2.0, target = server (no guarantee) | lora | released_model" in line for line in lines)

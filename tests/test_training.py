@@ -177,5 +177,18 @@ def test_full_lr_is_the_rate_of_the_parts_trained_in_full_only():
         cells, _ = expand(cfg)
         return [cell_key(c, cfg, "rev") for c in cells]
 
-    assert key() == key(lr=1e-3) == key(full_lr=5e-5)  # nothing trained in full: the rate changes nothing
+    assert key() == key(full_lr=5e-5)  # nothing trained in full: the rate changes nothing
     assert key(finetune="full", full_lr=5e-5) != key(finetune="full")
+
+
+def test_a_full_lr_that_trains_nothing_leaves_the_networked_config_hash_as_it_was():
+    """Client, server and stages agree on ``config_hash``, and a checkpoint resumes only under the same one:
+    a rate that trains nothing must not change it (checkpoints written before ``full_lr`` existed resume)."""
+    from suite.experiment.config import parse_config
+    from suite.net.parties import config_hash
+
+    def digest(**training):
+        return config_hash(parse_config({"model": {"name": "tiny-llama"}, "training": training}))
+
+    assert digest() == digest(full_lr=5e-5) == "406852ec13b0aa11"  # the default's hash before full_lr existed
+    assert digest(finetune="full", full_lr=5e-5) != digest(finetune="full")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import ast
 import math
+import sys
 
 from reports.memorisation import dp_covers
 from suite.experiment.store import load_results
@@ -27,10 +28,13 @@ def _dict(value) -> dict:
 
 
 def _interval(value, lo, hi, fmt: str = "{:.3f}", scale: float = 1.0, unit: str = "") -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    def missing(x) -> bool:
+        return x is None or (isinstance(x, float) and math.isnan(x))
+
+    if missing(value):
         return "–"
     f = lambda x: fmt.format(x * scale)  # noqa: E731
-    return f"{f(value)}{unit} [{f(lo)}, {f(hi)}]"
+    return f"{f(value)}{unit}" + ("" if missing(lo) or missing(hi) else f" [{f(lo)}, {f(hi)}]")
 
 
 def _setting(row, view: str) -> str:
@@ -42,7 +46,8 @@ def _setting(row, view: str) -> str:
     params = _dict(row["defense_params"])
     eps = report.get("epsilon")
     guarantee = f"ε = {eps:.2f}" if eps is not None and dp_covers(report, view) else "no guarantee"
-    return f"{strategy}, `{row['defense']}` σ = {params.get('sigma')}, target {params.get('target')} ({guarantee})"
+    shown = ", ".join(f"{k} = {v}" for k, v in sorted(params.items()))  # every parameter: distinct settings stay apart
+    return f"{strategy}, `{row['defense']}` {shown} ({guarantee})"
 
 
 def table(stores: list[str]) -> str:
@@ -59,6 +64,9 @@ def table(stores: list[str]) -> str:
                 continue
             key = (_setting(row, memo.get("view")), row["finetune"], memo.get("view"))
             cell = cells.setdefault(key, {"loss": row["utility"]})
+            if row["attack"] in cell:  # the same view measured twice (another store, threat or model)
+                print(f"note: {row['attack']} on {key} appears more than once; the row from {store} "
+                      f"({row['model']}, {row['threat']}) is shown", file=sys.stderr)
             cell[row["attack"]] = (row, memo)
     for (setting, finetune, view), cell in sorted(cells.items(), key=lambda kv: tuple(map(str, kv[0]))):
         exposure = extracted = auc = tpr1 = tpr01 = "–"

@@ -123,6 +123,11 @@ class TrainingSection(_Section):
     tail_blocks: int = Field(default=1, ge=0)
     stages: int = Field(default=1, ge=1, le=256)  # the server's blocks as S pipeline stage parties (docs/pipeline.md)
 
+    def full_lr_used(self) -> bool:
+        """Whether ``full_lr`` trains anything: set, and some part trained in full. Where it does not, it is
+        left out of every key and hash, so configs from before it existed keep theirs."""
+        return self.full_lr is not None and "full" in (self.finetune, self.server_finetune)
+
 
 class MatrixSection(_Section):
     splits: list[int] = [0, 1, 2]

@@ -252,10 +252,6 @@ def mode_problem(attack: str, mode: str) -> str | None:
     return None
 
 
-def _uses_full_lr(training) -> bool:
-    return training.full_lr is not None and "full" in (training.finetune, training.server_finetune)
-
-
 def cell_key(cell: Cell, cfg: ExperimentConfig, revision: str, code: str | None = None) -> str:
     """Hash of everything that determines the cell's result: its own axes, the model revision, the data,
     the training setup and the seed, and (``code``: ``suite.experiment.revision.code_revision()``) the code that computes
@@ -271,7 +267,7 @@ def cell_key(cell: Cell, cfg: ExperimentConfig, revision: str, code: str | None 
         # every cell from before either keeps its key
         "training": cfg.training.model_dump(exclude={"head_blocks", "tail_blocks"}
                                             | ({"stages"} if cfg.training.stages == 1 else set())
-                                            | ({"full_lr"} if not _uses_full_lr(cfg.training) else set())),
+                                            | ({"full_lr"} if not cfg.training.full_lr_used() else set())),
     }
     if code is not None:
         payload["code"] = key_part(code)
