@@ -91,10 +91,18 @@ class BiSRConfig(AttackConfig):
     # (``calibrate_steps`` Adam steps) and a second pass runs on it (0 steps: one pass only).
     calibrate_steps: int = 0
     calibrate_below: float = 0.995
+    # The early positions and near-ties re-decided on a drift estimate fitted once on the positions after the
+    # early ones (``calibrate_early`` Adam steps at ``calibrate_early_lr``; 0: on the reference head as it is),
+    # where the search's forward mean score is below ``calibrate_below``, as prefix_inversion does; there the
+    # choice is re-decided with the same fused score as the search's.
+    calibrate_early: int = 20
+    calibrate_early_lr: float = 2.5e-3
 
     def __post_init__(self) -> None:
-        if self.calibrate_steps < 0:
-            raise ValueError("calibrate_steps must be >= 0")
+        if self.calibrate_steps < 0 or self.calibrate_early < 0:
+            raise ValueError("calibrate_steps and calibrate_early must be >= 0")
+        if not self.calibrate_early_lr > 0:
+            raise ValueError("calibrate_early_lr must be > 0")
         if min(self.candidates, self.beam, self.shadow_sequences, self.tie_alternatives) < 1 \
                 or min(self.gradient_candidates, self.tie_margin, self.early_positions) < 0:
             raise ValueError("candidates, beam, shadow_sequences and tie_alternatives must be >= 1, "
@@ -104,14 +112,15 @@ class BiSRConfig(AttackConfig):
             raise ValueError("widen, widen_rounds, first_widen, prior, relax_steps and solve_steps must be >= 0, rho > 0")
 
     def options(self) -> PrefixOptions:
-        """The forward search as this config sets it (no second-round bar, no fusion with the LM, no early
-        calibration: bisr fuses the gradient's evidence instead)."""
+        """The forward search as this config sets it (no second-round bar and no fusion with the LM: bisr fuses
+        the gradient's evidence instead)."""
         return PrefixOptions(
             candidates=self.candidates, beam=self.beam, widen=self.widen, widen_rounds=self.widen_rounds,
             widen_below=self.widen_below, prior=self.prior, relax_steps=self.relax_steps,
             alternatives=self.tie_alternatives, rho=self.rho, adaptive=self.adaptive, use_colluder=self.use_colluder,
             seed=self.seed, first_widen=self.first_widen, early_positions=self.early_positions,
-            tie_margin=self.tie_margin, calibrate_steps=self.calibrate_steps, calibrate_below=self.calibrate_below)
+            tie_margin=self.tie_margin, calibrate_steps=self.calibrate_steps, calibrate_below=self.calibrate_below,
+            calibrate_early=self.calibrate_early, calibrate_early_lr=self.calibrate_early_lr)
 
 
 @register_attack("bisr")

@@ -1,4 +1,4 @@
-"""KV-cache inversion (issue 25): read the prompt and the answer from the keys and values the server's blocks
+"""KV-cache inversion: read the prompt and the answer from the keys and values the server's blocks
 cache while it generates, without the wire (a memory dump, a shared KV-cache service).
 
 At the server's block ``L`` the cached key and value of position ``t`` are linear maps of the normalised

@@ -1,4 +1,4 @@
-"""Model completion (VFLAIR-LLM's attack, issue 25): the server reads the answer from the hidden states its
+"""Model completion (VFLAIR-LLM's attack): the server reads the answer from the hidden states its
 trunk returns, with a tail of its own instead of the client's.
 
 ``tail = "trained"`` (default): the server turns its trunk into a working model. It puts the public head

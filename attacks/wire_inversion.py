@@ -4,7 +4,7 @@ that parses.
 Without encryption (FL-GLM's public code talks over an insecure channel) every client→server frame parses:
 ``ActivationMsg`` frames (the head's output) and ``GradientMsg`` frames (the tail's gradient for the trunk's
 output, which carries the labels = the text shifted by one). The eavesdropper then holds exactly what a curious
-server holds, and uses all of it (issue 10, item 4):
+server holds, and uses all of it:
 
 * on the activations, an inner passive attack (by default the closed-form learned inverter, fit on public
   shadow text, defence-aware unless ``adaptive = false``; ``inner``/``inner_params`` choose another);

@@ -407,7 +407,7 @@ class _DPDefense(Defense):
         return report
 
     def inference_report(self, releases: int, coordinates: int, training_releases: int) -> dict:
-        """ε at inference (issue 25): one generation releases the prompt's activation and then each sent
+        """ε at inference: one generation releases the prompt's activation and then each sent
         token's, each clipped and noised on its own, so ``releases`` mechanisms compose per generation (a
         record that is also a training record composes with its ``training_releases`` too)."""
         kind = [(self.config.clip, releases, coordinates)]

@@ -1,8 +1,8 @@
 """Transition audit: catch a server or pipeline stage whose *state* does not follow from honest training.
 
 The integrity audit (``integrity_audit``) checks a party's outputs against the weights it committed to. A
-party that trains its weights toward its own goal and then computes honestly with them passes it (the
-outside read of issue 27, at S = 1). This audit checks transitions instead (``suite.engine.transitions``):
+party that trains its weights toward its own goal and then computes honestly with them passes it (an
+outside review found this at S = 1). This audit checks transitions instead (``suite.engine.transitions``):
 
 * every forward / backward pair of every audited party (the server, or each pipeline stage) is committed
   to: the digest of its whole state after the step (trainable weights, optimiser state, and the digest of
@@ -188,7 +188,7 @@ class TransitionAuditDefense(Defense):
         if public is None or len(public) != len(stages):
             # No public build kept (a session built without keep_public): the party's state now is the best
             # there is, and it is the party's word; the report says so.
-            lr = session.config.finetune.lr
+            lr = session.config.finetune.lr_of(session.config.finetune.server)
             public = [PublicParty.of(s, lr) for s in stages]
             self.initial_state = "copied from the parties at install (not attested: build with keep_public)"
         if self._resume is None and getattr(session, "losses", None):

@@ -11,7 +11,7 @@ store has it), each with a band and the direction it is checked in; ``check`` co
   leakage ``down`` (an attack that stopped recovering what a defense cannot hide is a weaker suite);
 * a baseline cell that is missing from the run or failed in it is a regression too.
 
-Memorisation rows (issue 26) are gated the same way on ``exposure`` (bits), ``auc``, ``tpr_at_1pct_fpr``,
+Memorisation rows are gated the same way on ``exposure`` (bits), ``auc``, ``tpr_at_1pct_fpr``,
 ``tpr_at_0_1pct_fpr`` and ``extracted`` (each higher = more memorised; no advantage columns). Exposure's ceiling
 is the secret space's size in bits, which the row states (``memorisation.space_bits``) and the band keeps
 (``ceiling``).

@@ -1,4 +1,4 @@
-"""The report's inference section (issue 25): what the server reads of the prompt and of the answer when the
+"""The report's inference section: what the server reads of the prompt and of the answer when the
 trained split serves its victims, per split depth, and samples (prompt, answer, what the server read).
 
 Inference rows (``mode = "inference"``) carry ``prompt_<metric>`` / ``response_<metric>`` with intervals and

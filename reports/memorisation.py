@@ -1,4 +1,4 @@
-"""The report's memorisation section (issue 26): what the server's adapters, a colluder's model and the
+"""The report's memorisation section: what the server's adapters, a colluder's model and the
 released model remember of the canary victim's records.
 
 Reads the store's memorisation rows (those with a ``memorisation`` breakdown): exposure against the number of

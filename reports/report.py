@@ -503,7 +503,7 @@ def build_report(directory: str | Path) -> Path:
     directory = Path(directory)
     df, inference = inference_section.split_modes(tables.prepare(load_results(directory)))
     everything = pd.concat([df, inference]) if not inference.empty else df
-    memorised = df[memo.memorisation_rows(df)]  # their own section (issue 26); the rest reads reconstructions
+    memorised = df[memo.memorisation_rows(df)]  # their own section; the rest reads reconstructions
     df = df[~memo.memorisation_rows(df)]
     threats = tables.threat_order(df, list(THREATS)) if not df.empty else []
     path = directory / "report.pdf"

@@ -23,7 +23,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clients", type=int, help="number of clients (each gets a disjoint shard)")
     p.add_argument("--steps", type=int, help="training steps (each step: every client once)")
     p.add_argument("--batch-size", type=int, help="sequences per client per step")
-    p.add_argument("--lr", type=float, help="learning rate (AdamW) for every party")
+    p.add_argument("--lr", type=float, help="learning rate (AdamW) of every party trained with LoRA (and in full "
+                   "unless --full-lr or [training] full_lr is set)")
+    p.add_argument("--full-lr", type=float, help="learning rate of a part trained in full (default: --lr)")
     p.add_argument("--finetune", choices=["lora", "full", "frozen"], help="what the clients train (default lora)")
     p.add_argument("--max-length", type=int, help="tokens per sequence (right-padded/truncated)")
     p.add_argument("--private-size", type=int, help="generated private records (when the config generates them)")
@@ -53,6 +55,7 @@ def _config_from_args(args: argparse.Namespace):
         ("training", "steps"): args.steps,
         ("training", "batch_size"): args.batch_size,
         ("training", "lr"): args.lr,
+        ("training", "full_lr"): args.full_lr,
         ("training", "finetune"): args.finetune,
         ("training", "seed"): args.seed,
         ("data", "max_length"): args.max_length,

@@ -1,4 +1,4 @@
-"""Defence-aware attackers (issue 10, items 3 and 4): the defences' attacker simulations, attacks handed only
+"""Defence-aware attackers: the defences' attacker simulations, attacks handed only
 what they declare, the adaptive attacker beating the naive one under DxP, and the eavesdropper using every
 frame a plaintext wire carries (and nothing under encryption)."""
 

@@ -1,4 +1,4 @@
-"""The memorisation attacks' scoring shortcuts (issue 26). Canary exposure: candidates share the canary's prefix,
+"""The memorisation attacks' scoring shortcuts. Canary exposure: candidates share the canary's prefix,
 which runs once with its KV cache reused for every secret; it gives the same log-perplexities, hence the same
 exposure, as running every text whole, on each model view (the server's LoRA trunk included). Membership: the
 base model's reference scores are computed once per process for the same weights and records."""

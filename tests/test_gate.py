@@ -204,7 +204,7 @@ def test_swept_cells_keep_their_own_baseline_entries(tmp_path):
 
 
 def _memorisation(key, threat, attack, defense, dparams=None, *, space_bits=39.86, **metrics):
-    """A memorisation row (issue 26): its own columns with intervals, no leakage columns."""
+    """A memorisation row: its own columns with intervals, no leakage columns."""
     row = {"key": key, "model": "m", "revision": "r1", "head_blocks": 1, "tail_blocks": 1, "strategy": "per_client",
            "threat": threat, "attack": attack, "attack_params": {}, "defense": defense,
            "defense_params": dparams or {}, "seed": 0, "config": {"model": {"name": "m"}}, "versions": {},

@@ -1,5 +1,5 @@
 """Result keys carry the code revision (stale rows are reported and recomputed, or kept on request), failed
-cells are retried on request, and `run` exits 1 naming how many cells failed (issue 12)."""
+cells are retried on request, and `run` exits 1 naming how many cells failed."""
 
 import pytest
 

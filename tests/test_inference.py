@@ -1,4 +1,4 @@
-"""Split inference (issue 25): split generation through the parties and the byte-level wire, each part with
+"""Split inference: split generation through the parties and the byte-level wire, each part with
 its own KV cache, equals the unsplit model's ``generate`` token for token (greedy), on two families; sampling
 is seeded; the server's view (its inbox, its cache) is what a curious server or a memory dump holds."""
 

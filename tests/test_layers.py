@@ -11,7 +11,7 @@ engine; the interfaces; the experiment; the network parties; the harnesses; the 
 and ``defenses/`` sit on the interfaces and never import each other; ``reports/`` reads only the results
 store, the scoring and the public threat presets, and imports no torch (``test_results_and_report_import_no_torch``).
 
-When this test was written (issue 22) it found two cycles, ``suite.experiment.matrix`` <-> ``cell`` <->
+When this test was written it found two cycles, ``suite.experiment.matrix`` <-> ``cell`` <->
 ``preflight`` and ``suite.harness.bench`` <-> ``net_bench``, and the experiment importing ``reports.metrics``
 and ``reports.intervals`` and the report importing ``suite.interfaces.threats`` (torch)."""
 

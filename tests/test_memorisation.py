@@ -1,4 +1,4 @@
-"""Memorisation (issue 26): canaries, the model views, canary exposure, membership, extraction, dp_sgd.
+"""Memorisation: canaries, the model views, canary exposure, membership, extraction, dp_sgd.
 
 Tiny models and few steps: exposure rises with the number of times a canary was inserted; an adapter trained
 on other data gives chance-level membership while the same attack separates its own training records;

@@ -1,4 +1,4 @@
-"""`splitleak attack` with a memorisation attack (issue 26): it trains the split with the config's canaries,
+"""`splitleak attack` with a memorisation attack: it trains the split with the config's canaries,
 reads the threat's model view and prints exposure / membership / extraction with their intervals; what cannot
 run is refused in one line before any training."""
 

@@ -1,4 +1,4 @@
-"""The memorisation section of the report and its verdict rows (issue 26), from hand-written store rows, and a
+"""The memorisation section of the report and its verdict rows, from hand-written store rows, and a
 ``splitleak run`` with canaries that writes memorisation rows and a report showing the section."""
 
 from pypdf import PdfReader
@@ -218,3 +218,35 @@ def test_dp_sgd_whose_other_side_trained_without_dp_is_said_to_bound_nothing(tmp
     [sentence] = memo.dp_sentences(prepare(load_results(tmp_path)))
     assert "bounds nothing here" in sentence and "It bounds what" not in sentence
     assert not memo.dp_covers(dp, "server_adapters")
+
+
+def test_the_benchmark_table_script_reads_a_store(tmp_path):
+    """examples/scripts/memorisation_table.py: one line per (setting, finetune, view) with every column filled
+    from its rows, ε only beside a view its target covers."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "examples" / "scripts" / "memorisation_table.py"
+    spec = importlib.util.spec_from_file_location("memorisation_table", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    covered = {"epsilon": 3.2, "target": "server", "covers_views": ["server_adapters"]}
+    rows = [*_rows()[:3],
+            _row("m4", "adapter_thief", "membership", "dp_sgd", view="server_adapters", report=covered,
+                 dparams={"sigma": 2.0, "target": "server"}, auc=0.5, auc_lo=0.48, auc_hi=0.52, tpr_at_1pct_fpr=0.01,
+                 tpr_at_1pct_fpr_lo=0.0, tpr_at_1pct_fpr_hi=0.02, tpr_at_0_1pct_fpr=0.0, tpr_at_0_1pct_fpr_lo=0.0,
+                 tpr_at_0_1pct_fpr_hi=0.01, detail={"signal": "loss", "false_positives": {"fp_at_1pct_fpr": 10}}),
+            _row("m5", "model_user", "membership", "dp_sgd", view="released_model", report=covered,
+                 dparams={"sigma": 2.0, "target": "server"}, auc=0.6, auc_lo=0.5, auc_hi=0.7, tpr_at_1pct_fpr=0.01,
+                 tpr_at_1pct_fpr_lo=0.0, tpr_at_1pct_fpr_hi=0.02, tpr_at_0_1pct_fpr=0.0, tpr_at_0_1pct_fpr_lo=0.0,
+                 tpr_at_0_1pct_fpr_hi=0.01, detail={"signal": "loss", "false_positives": {}})]
+    with ResultsStore(tmp_path) as store:
+        for row in rows:
+            store.write(row)
+    lines = script.table([str(tmp_path)]).splitlines()[2:]
+    thief = next(line for line in lines if line.startswith("| per_client | lora | server_adapters"))
+    assert "10×: 22.00 [11.00, 33.01]" in thief and "2 of 8 [0.05, 0.60]" in thief
+    user = next(line for line in lines if line.startswith("| per_client | lora | released_model"))
+    assert "0.800 [0.780, 0.820] (reference)" in user and "30.0 % [25.0, 35.0] (20)" in user
+    assert any("sigma = 2.0, target = server (ε = 3.20) | lora | server_adapters" in line for line in lines)
+    assert any("sigma = 2.0, target = server (no guarantee) | lora | released_model" in line for line in lines)

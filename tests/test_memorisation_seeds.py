@@ -1,4 +1,4 @@
-"""Memorisation rows pool over seeds (issue 26): the aggregate row's exposure, AUC and TPR at low FPR are means
+"""Memorisation rows pool over seeds: the aggregate row's exposure, AUC and TPR at low FPR are means
 over records x seeds with intervals that resample seeds and records, as the leakage metrics' do; one seed is
 the plain record bootstrap, unchanged."""
 

@@ -1,4 +1,4 @@
-"""Page 1 of the report (issue 23): one verdict table with one schema (``VerdictRow``) that every section adds
+"""Page 1 of the report: one verdict table with one schema (``VerdictRow``) that every section adds
 rows to, at most three sentences, on one page; "acted" from the cost and leakage intervals; defenses that do
 not address a threat listed as such; the leakage-versus-depth table with BLEU-4, ROUGE-L and token accuracy,
 intervals and the blind row; DP's clip from a quantile of the public head's output norms on shadow text."""
@@ -256,7 +256,7 @@ def test_the_matrix_runner_calibrates_the_clip_on_shadow_text_before_training():
 def test_a_defense_that_did_not_act_names_the_budget_at_which_it_was_measured_to_act(tmp_path):
     """Where a defense's report says where it was measured to act (``acts_from``), page 1's sentence and the
     per-threat verdict add it to "did not act at this budget"; without it the sentence is unchanged."""
-    acts = "on SmolLM2-135M at k = 1 it acts from ~100 training steps (BENCHMARKS, issue 23)"
+    acts = "on SmolLM2-135M at k = 1 it acts from ~100 training steps (BENCHMARKS)"
     rows = [{**r, "defense_report": {**r["defense_report"], "acts_from": acts}} if r["defense"] == "nopeek" else r
             for r in sweep_rows()]
     frame = _frame(tmp_path, _with_encryption_report(rows))

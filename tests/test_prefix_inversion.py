@@ -161,6 +161,40 @@ def test_bisr_beats_forward_only_when_activations_are_noised(base):
     assert fused.reconstruction.extra["lambda"] > 0
 
 
+def test_bisr_re_decides_the_early_positions_on_a_calibrated_head(base):
+    """bisr takes prefix_inversion's early-position step on the drift estimate (``calibrate_early``): where the
+    search's mean score is below ``calibrate_below`` (here forced above any score) the head is calibrated and
+    the early positions re-decided on it with the fused score; ``calibrate_early = 0`` keeps the public head."""
+    threat = get_threat("curious_server")
+    trained = train_split(CFG, SplitSpec(1, 1), base)
+    runs = {}
+    for steps in (0, 5):
+        attack = make_attack("bisr", threat, {"widen_rounds": 1, "calibrate_below": 2.0, "calibrate_early": steps})
+        runs[steps] = attack_trained(trained, threat, attack, CFG)
+    for steps, result in runs.items():
+        extra = result.reconstruction.extra
+        assert extra["view"] != "gradient only", extra["view"]  # the forward search ran
+        assert ("early_calibration" in extra["seconds_by_phase"]) == (steps > 0), (steps, extra["seconds_by_phase"])
+        assert result.metrics.token_accuracy > 0.5, (steps, result.metrics)
+
+
+def test_the_calibration_bar_reads_the_outputs_match_not_the_fused_score():
+    """bisr's search scores each token by its outputs' match plus the gradient's bonus (<= 0); whether to
+    calibrate, and the reported mean score, compare the match alone: a perfect match with a negative bonus
+    is not "poor"."""
+    from attacks.toolkit.prefix.invert import _forward_mean
+
+    ids = torch.tensor([[1, 2, 0]])
+    real = torch.tensor([[True, True, False]])
+    bonus = torch.zeros(1, 3, 4)
+    bonus[0, 0, 1], bonus[0, 1, 2], bonus[0, 2, 0] = -0.5, -0.25, -9.0
+    match = torch.tensor([[1.0, 0.98, 0.1]])
+    fused = match + bonus.gather(2, ids.unsqueeze(-1)).squeeze(-1)
+    assert _forward_mean(fused, ids, bonus, real) == pytest.approx(0.99)
+    assert _forward_mean(match, ids, None, real) == pytest.approx(0.99)
+    assert _forward_mean(match, ids, None, torch.zeros_like(real)) is None
+
+
 def test_search_attacks_copy_the_base_model_once(base, monkeypatch):
     """Every helper of prefix_inversion and bisr reads the public model; one frozen copy per reconstruction
     serves them all (bisr took five ~0.5 GB copies of SmolLM2), and the attack still works."""

@@ -1,5 +1,5 @@
 """Fail before the matrix: every bad input below ends the CLI with exit 2, exactly one line on stderr naming
-the problem, no traceback, and no results store — before any model is trained (issue 12)."""
+the problem, no traceback, and no results store — before any model is trained."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""One client cannot poison or wedge the server (issue 20, items 3 and 4), each case over gRPC + mutual TLS
+"""One client cannot poison or wedge the server, each case over gRPC + mutual TLS
 with the real service in process (threads): a malicious client sends a huge activation or gradient, an
 overlong or too-wide message, a gradient that would make the trunk non-finite, or stays silent, sends a
 malformed gradient, or crashes and resumes in a round it was served alone. It gets a clear error (or is

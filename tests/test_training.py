@@ -152,3 +152,43 @@ def test_server_rejects_a_message_for_the_wrong_step():
     sess.clients[0].send_activations(0)
     with pytest.raises(ProtocolError, match="step 1"):
         sess.server.forward([0], 1)
+
+
+def test_full_lr_is_the_rate_of_the_parts_trained_in_full_only():
+    """``full_lr``: a client trained in full steps at it, the server's LoRA at ``lr``; unset, both at ``lr``.
+    A cell with nothing trained in full keeps its key whatever the rate; one trained in full gets another."""
+    from suite.experiment.config import parse_config
+    from suite.experiment.plan import cell_key, expand
+
+    session = _session("serial", client="full", server="lora", lr=1e-3, full_lr=5e-5)
+    assert [g["lr"] for g in session.clients[0].optimizer.param_groups] == [5e-5]
+    assert {g["lr"] for o in session.server.optimizers.values() for g in o.param_groups} == {1e-3}
+    session = _session("serial", client="lora", server="full", lr=1e-3, full_lr=5e-5)
+    assert [g["lr"] for g in session.clients[0].optimizer.param_groups] == [1e-3]
+    assert {g["lr"] for o in session.server.optimizers.values() for g in o.param_groups} == {5e-5}
+    assert FinetuneConfig(client="full", lr=1e-3).lr_of("full") == 1e-3
+    with pytest.raises(ConfigError, match="full_lr"):
+        FinetuneConfig(full_lr=0.0)
+
+    def key(**training):
+        cfg = parse_config({"model": {"name": "tiny-llama"}, "training": {"steps": 1, **training},
+                            "matrix": {"splits": [1], "threats": ["curious_server"],
+                                                       "attacks": ["nearest_embedding"], "blind": False}})
+        cells, _ = expand(cfg)
+        return [cell_key(c, cfg, "rev") for c in cells]
+
+    assert key() == key(full_lr=5e-5)  # nothing trained in full: the rate changes nothing
+    assert key(finetune="full", full_lr=5e-5) != key(finetune="full")
+
+
+def test_a_full_lr_that_trains_nothing_leaves_the_networked_config_hash_as_it_was():
+    """Client, server and stages agree on ``config_hash``, and a checkpoint resumes only under the same one:
+    a rate that trains nothing must not change it (checkpoints written before ``full_lr`` existed resume)."""
+    from suite.experiment.config import parse_config
+    from suite.net.parties import config_hash
+
+    def digest(**training):
+        return config_hash(parse_config({"model": {"name": "tiny-llama"}, "training": training}))
+
+    assert digest() == digest(full_lr=5e-5) == "406852ec13b0aa11"  # the default's hash before full_lr existed
+    assert digest(finetune="full", full_lr=5e-5) != digest(finetune="full")

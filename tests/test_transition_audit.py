@@ -1,6 +1,6 @@
 """The transition audit (defenses/transition_audit.py, suite.engine.transitions): an honest party is never
-flagged; a party that trains its weights toward its own goal and computes honestly with them (issue 27's
-outside read, at S = 1) is caught, where the integrity audit of outputs is not; a tampering stage among four
+flagged; a party that trains its weights toward its own goal and computes honestly with them (the case
+an outside review found, at S = 1) is caught, where the integrity audit of outputs is not; a tampering stage among four
 is caught, excluded and replaced by a standby from its last verified state."""
 
 import random

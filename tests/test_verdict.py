@@ -134,7 +134,7 @@ def test_old_store_without_intervals_or_blind_reads_the_raw_metric(tmp_path):
 
 
 def test_a_swept_training_budget_is_its_own_setting(tmp_path):
-    """A store with steps swept (issue 11): each budget is a setting of its own in the frontier and the
+    """A store with steps swept: each budget is a setting of its own in the frontier and the
     verdict, never averaged with the others."""
     rows = []
     for i, (steps, acc) in enumerate(((0, 0.95), (50, 0.30))):

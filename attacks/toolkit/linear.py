@@ -125,7 +125,7 @@ class LinearInverter:
     ``add`` self-trains it: pairs of an observed output and the token recovered there join the normal
     equations and the ridge is solved again. The victims' text and their fine-tuned head differ from the
     shadow text and the public head it was fitted on (the domain, and the drift); their own recovered pairs
-    carry both. Measured on Gemma 3 at k = 8 (BENCHMARKS.md, issue 21): with the first 8 positions' pairs, the
+    carry both. Measured on Gemma 3 at k = 8 (BENCHMARKS.md): with the first 8 positions' pairs, the
     true token is in the top 32 at 82 % of the later positions, against 66 % from the shadow pairs alone."""
 
     def __init__(self, feats: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, table: torch.Tensor, k: int = 1,

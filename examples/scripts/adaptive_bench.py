@@ -1,4 +1,4 @@
-"""Adaptive vs non-adaptive attackers under defences (issue 10, item 3): one training run per defence setting,
+"""Adaptive vs non-adaptive attackers under defences: one training run per defence setting,
 then the same attack with ``adaptive = true`` and ``adaptive = false`` on the same capture.
 
     PYTHONPATH=. python examples/scripts/adaptive_bench.py [--attacks learned_inversion optimization_inversion]

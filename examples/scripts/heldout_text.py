@@ -12,7 +12,7 @@ markdown headings, badges, code and lists are skipped. ``reference``: the first 
 of the Python Language Reference that ships with the interpreter (``pydoc_data.topics``, what ``help("assert")``
 prints), in topic order. Each source was first measured after the attacks' defaults were fixed: docstrings in
 the session that added them, package descriptions a session later, the reference topics for Gemma 3's search
-(issue 21; fixed before that work began, sha256 of the output with Python 3.11.7 in BENCHMARKS.md).
+(fixed before that work began, sha256 of the output with Python 3.11.7 in BENCHMARKS.md).
 """
 
 import importlib

@@ -31,7 +31,8 @@ def main() -> None:
     p.add_argument("--finetune", default="lora", help="clients' and server's fine-tuning: lora or full")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=2e-3, help="LoRA's rate")
+    p.add_argument("--full-lr", type=float, help="the rate under --finetune full (default: --lr)")
     p.add_argument("--size", type=int, default=32, help="private records (split over 2 clients)")
     p.add_argument("--held-out", type=int, default=16)
     p.add_argument("--max-length", type=int, default=32)
@@ -49,7 +50,7 @@ def main() -> None:
                  "shadow": {"generator": "records", "size": 8, "seed": 2}, "held_out": a.held_out,
                  "canaries": {"count": a.count, "repeats": a.repeats}},
         "training": {"strategy": a.strategy, "clients": 2, "steps": a.steps, "batch_size": a.batch_size,
-                     "lr": a.lr, "finetune": a.finetune, "server_finetune": a.finetune}})
+                     "lr": a.lr, "full_lr": a.full_lr, "finetune": a.finetune, "server_finetune": a.finetune}})
     base = load_for(cfg, progress=lambda _: None)
     start = time.perf_counter()
     untrained = prepare(cfg, SplitSpec(1, 1), loaded=base)

@@ -1,4 +1,4 @@
-"""Measure prefix_inversion and bisr on SmolLM2-135M (issue 10's targets); results go to BENCHMARKS.md.
+"""Measure prefix_inversion and bisr on SmolLM2-135M; results go to BENCHMARKS.md.
 
   # prefix inversion: 16 natural-text victims (licenses.txt), shadow = generated records (another domain)
   PYTHONPATH=. python examples/scripts/prefix_bench.py target -k 1 2 4 8 15
@@ -9,7 +9,7 @@
   PYTHONPATH=. python examples/scripts/prefix_bench.py target -k 8 --private '{"path": "/tmp/heldout.txt", "limit": 16}'
   # the time ratio against the search without the second widening bar, on the same capture
   PYTHONPATH=. python examples/scripts/prefix_bench.py target -k 8 --threads 2 --compare '{"widen_again_below": 0.98}'
-  # the second family: the same cells on Gemma 3 270M, on text held out from the Gemma work (issue 21)
+  # the second family: the same cells on Gemma 3 270M, on text held out from the Gemma work
   python examples/scripts/heldout_text.py reference > /tmp/reference.txt   # sha256 518e4404...cbae07 (Python 3.11.7)
   PYTHONPATH=. python examples/scripts/prefix_bench.py target -k 1 2 4 8 --threads 2 --model gemma3-270m \
       --private '{"path": "/tmp/reference.txt", "limit": 16}' [--attacks prefix_inversion bisr]

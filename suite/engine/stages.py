@@ -38,6 +38,20 @@ INTEGRITY_AUDIT_NEEDS_ONE_SERVER = (
     "every stage")
 
 
+class NoOutputCommitments:
+    """For a stage or a chain of them (S > 1): output commitments (``commit_state``, what ``integrity_audit``
+    switches on) stay off, and switching them on is refused in one line that names ``transition_audit``."""
+
+    @property
+    def commit_state(self) -> bool:
+        return False
+
+    @commit_state.setter
+    def commit_state(self, value: bool) -> None:
+        if value:
+            raise ConfigError(INTEGRITY_AUDIT_NEEDS_ONE_SERVER)
+
+
 def stage_endpoint(index: int) -> str:
     return f"stage/{index}"
 
@@ -89,7 +103,7 @@ class ChainTrunk(nn.Module):
         return hidden
 
 
-class StageChain:
+class StageChain(NoOutputCommitments):
     """S stage parties that look like one server to the clients (see the module docstring)."""
 
     def __init__(self, stages: Sequence[Server]):
@@ -170,15 +184,6 @@ class StageChain:
         if value is not None:
             raise ConfigError("a whole-server policy (malicious_server) needs training.stages = 1; with stages > 1 "
                               "use the malicious_stage threat, whose policy runs on one stage")
-
-    @property
-    def commit_state(self) -> bool:
-        return False
-
-    @commit_state.setter
-    def commit_state(self, value: bool) -> None:
-        if value:
-            raise ConfigError(INTEGRITY_AUDIT_NEEDS_ONE_SERVER)
 
     @property
     def optimizer_steps(self) -> dict[str, int]:

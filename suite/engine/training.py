@@ -46,7 +46,12 @@ class FinetuneConfig:
     rank: int = 8
     alpha: int = 16
     lr: float = 1e-3
+    full_lr: float | None = None  # the rate of a part trained in full ("full"); None: lr
     targets: str = "attention"  # LoRA on the attention projections (peft's default) or "all" linear layers
+
+    def lr_of(self, mode: str) -> float:
+        """The learning rate of a party that trains as ``mode`` ("lora", "full" or "frozen")."""
+        return self.full_lr if mode == "full" and self.full_lr is not None else self.lr
 
     def __post_init__(self) -> None:
         if self.client not in ("lora", "full", "frozen"):
@@ -55,8 +60,8 @@ class FinetuneConfig:
             raise ConfigError(f"finetune server must be 'lora', 'full' or 'frozen', not {self.server!r}")
         if self.targets not in ("attention", "all"):
             raise ConfigError(f"LoRA targets must be 'attention' or 'all', not {self.targets!r}")
-        if self.rank < 1 or self.lr <= 0:
-            raise ConfigError("finetune rank must be >= 1 and lr > 0")
+        if self.rank < 1 or self.lr <= 0 or (self.full_lr is not None and self.full_lr <= 0):
+            raise ConfigError("finetune rank must be >= 1 and lr (and full_lr where set) > 0")
 
 
 @dataclass(frozen=True)
@@ -203,13 +208,13 @@ def build_session(
                 _lora(part, split.family, ft, config.seed)
         head.to(client_device), tail.to(client_device)  # in place: a tied embedding / LM head stays tied
         batches = Batches(shard, config.batch_size, seed=config.seed * 1000 + i)
-        clients.append(Client(i, head, tail, batches, transport, ft.lr, device=client_device))
+        clients.append(Client(i, head, tail, batches, transport, ft.lr_of(ft.client), device=client_device))
 
     server = build_server(split, config, transport, device=server_device)
     public = None
     if keep_public:
         parties = server.stages if isinstance(server, StageChain) else [server]
-        public = [PublicParty.of(p, ft.lr) for p in parties]
+        public = [PublicParty.of(p, ft.lr_of(ft.server)) for p in parties]
     return Session(split, clients, server, transport, config, public=public)
 
 
@@ -239,7 +244,7 @@ def _server(trunk: ServerTrunk, family: Family, config: TrainConfig, transport: 
             _lora(trunk, family, ft, config.seed)
     device = torch.device(device) if device is not None else module_device(trunk)
     trunk.to(device)
-    return Server(trunk, transport, ft.lr, adapters=adapters, device=device, **wiring)
+    return Server(trunk, transport, ft.lr_of(ft.server), adapters=adapters, device=device, **wiring)
 
 
 def fedavg(clients: Sequence[Client]) -> None:

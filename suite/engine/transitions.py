@@ -4,7 +4,7 @@ A party that trains (the server, or one pipeline stage) goes from state s_t to s
 backward pair: its trainable weights and its optimiser's state (AdamW's moments and step count) change by
 what the step's inputs (the activations it received, the gradients sent back to it) make of them. A party
 that computes honestly with weights it trained toward its own goal passes every check of its *outputs*
-against its committed weights (``defenses/integrity_audit.py``: the outside read of issue 27); what it cannot
+against its committed weights (``defenses/integrity_audit.py``: an outside review found this); what it cannot
 pass is a check of the *transition*: s_{t+1} (and the step's outputs) must be what an honest step computes
 from s_t and the step's inputs.
 

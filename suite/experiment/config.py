@@ -109,6 +109,9 @@ class TrainingSection(_Section):
     steps: int = Field(default=30, ge=0)
     batch_size: int = Field(default=4, ge=1)
     lr: float = Field(default=1e-3, gt=0)
+    # the rate of a part trained in full (finetune / server_finetune = "full"); None: lr. LoRA takes rates ~10-20x
+    # a full fine-tune's, so one lr for both either starves the adapters or wrecks the fully tuned weights
+    full_lr: float | None = Field(default=None, gt=0)
     finetune: Literal["lora", "full", "frozen"] = "lora"  # what the clients train
     server_finetune: Literal["lora", "full", "frozen"] = "lora"
     lora_rank: int = Field(default=8, ge=1)
@@ -119,6 +122,11 @@ class TrainingSection(_Section):
     head_blocks: int = Field(default=1, ge=0)  # for `splitleak train`; the matrix takes its splits below
     tail_blocks: int = Field(default=1, ge=0)
     stages: int = Field(default=1, ge=1, le=256)  # the server's blocks as S pipeline stage parties (docs/pipeline.md)
+
+    def full_lr_used(self) -> bool:
+        """Whether ``full_lr`` trains anything: set, and some part trained in full. Where it does not, it is
+        left out of every key and hash, so configs from before it existed keep theirs."""
+        return self.full_lr is not None and "full" in (self.finetune, self.server_finetune)
 
 
 class MatrixSection(_Section):

@@ -1,4 +1,4 @@
-"""Inference cells (``[matrix] mode = ["inference"]``, issue 25): the trained split serves its victims' prompts,
+"""Inference cells (``[matrix] mode = ["inference"]``): the trained split serves its victims' prompts,
 and the attacks read what the server saw.
 
 Each victim's records are its prompts. The client generates ``[inference] new_tokens`` tokens for each

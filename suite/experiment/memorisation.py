@@ -1,4 +1,4 @@
-"""A memorisation cell (issue 26): run a ``kind = "memorisation"`` attack on a trained split's model view and
+"""A memorisation cell: run a ``kind = "memorisation"`` attack on a trained split's model view and
 score it with the ground truth the attack never sees (``suite.scoring.memorisation``).
 
 The attack gets the views its threat grants and the parts of the audit it declares

@@ -86,7 +86,7 @@ class Cell:
     steps: int | None = None  # None: [training]'s value
     finetune: str | None = None
     seed: int | None = None
-    mode: str | None = None  # None: training; "inference": the trained split serving prompts (issue 25)
+    mode: str | None = None  # None: training; "inference": the trained split serving prompts
 
     @property
     def spec(self) -> SplitSpec:
@@ -263,9 +263,11 @@ def cell_key(cell: Cell, cfg: ExperimentConfig, revision: str, code: str | None 
         "model": cfg.model.name,
         "revision": revision,
         "data": cfg.data.model_dump(),
-        # stages = 1 (the default) stays out, so every cell from before pipeline stages keeps its key
+        # so do stages = 1 (the default) and a full_lr that trains nothing (unset, or no part trained in full):
+        # every cell from before either keeps its key
         "training": cfg.training.model_dump(exclude={"head_blocks", "tail_blocks"}
-                                            | ({"stages"} if cfg.training.stages == 1 else set())),
+                                            | ({"stages"} if cfg.training.stages == 1 else set())
+                                            | ({"full_lr"} if not cfg.training.full_lr_used() else set())),
     }
     if code is not None:
         payload["code"] = key_part(code)

@@ -38,7 +38,7 @@ def devices(cfg: ExperimentConfig) -> tuple[torch.device, torch.device]:
 def train_config(cfg: ExperimentConfig) -> TrainConfig:
     t = cfg.training
     ft = FinetuneConfig(client=t.finetune, server=t.server_finetune, rank=t.lora_rank, alpha=t.lora_alpha, lr=t.lr,
-                        targets=t.lora_targets)
+                        full_lr=t.full_lr, targets=t.lora_targets)
     return TrainConfig(strategy=t.strategy, clients=t.clients, steps=t.steps, batch_size=t.batch_size,
                        fedavg_every=t.fedavg_every, seed=t.seed, finetune=ft, stages=t.stages)
 

@@ -58,7 +58,7 @@ def _key(cfg: ExperimentConfig, base: LoadedModel) -> str:
     payload = {"model": cfg.model.name, "revision": getattr(base, "revision", ""), "data": cfg.data.model_dump(),
                "training": cfg.training.model_dump(exclude={"head_blocks", "tail_blocks", "strategy",
                                                             "fedavg_every", "finetune", "server_finetune",
-                                                            "stages"})}
+                                                            "stages", "full_lr"})}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -74,7 +74,7 @@ class Attack:
     # "inversion": recovers the client's text (scored by leakage metrics); "integrity": corrupts training
     # (scored by what the integrity defenses detect and by utility).
     kind: ClassVar[str] = "inversion"
-    # "memorisation" attacks (issue 26) read a trained model and need at least one of these views granted
+    # "memorisation" attacks read a trained model and need at least one of these views granted
     # (``missing_for``), and are handed only the parts of the ``Audit`` they name here.
     requires_any: ClassVar[frozenset[Capability]] = frozenset()
     audits: ClassVar[frozenset[str]] = frozenset()

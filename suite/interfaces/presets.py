@@ -20,11 +20,11 @@ class Capability(StrEnum):
     COLLUDER_WEIGHTS = "colluder_weights"  # a colluding client's fine-tuned head and tail
     COLLUDER_DATA = "colluder_data"  # a colluding client's own private records
     CONTROL_SERVER = "control_server"  # may deviate from the protocol: chooses what the server sends back
-    # Memorisation (issue 26): trained weights after training, the canary victim's where there is a choice
+    # Memorisation: trained weights after training, the canary victim's where there is a choice
     SERVER_ADAPTERS = "server_adapters"  # the server's trunk adapters (with the public base head and tail)
     COLLUDER_MODEL = "colluder_model"  # a colluding client's own head and tail with the server's trunk (its adapter set)
     RELEASED_MODEL = "released_model"  # a victim's head and tail with the server's trunk, as if published
-    # Inference (issue 25): what the server's memory holds while it generates, besides what it received
+    # Inference: what the server's memory holds while it generates, besides what it received
     KV_CACHE = "kv_cache"  # the keys and values its blocks cache for every position of a generation
     TRUNK_OUTPUTS = "trunk_outputs"  # the hidden states its trunk returns to the client tail
 

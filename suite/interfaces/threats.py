@@ -87,7 +87,7 @@ class Observations:
     colluder_model: Callable[[], tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]] | None = None
     released_model: Callable[[], tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]] | None = None
     audit: Audit | None = None  # what a memorisation attack is asked about (only the parts it declares)
-    # Inference only (issue 25), one entry per reconstructed row: the server's KV cache, {global block index:
+    # Inference only, one entry per reconstructed row: the server's KV cache, {global block index:
     # [T, 2 * kv_heads * head_dim] keys then values per position} (KV_CACHE), and the hidden states its trunk
     # returned [T, H] (TRUNK_OUTPUTS).
     kv_cache: tuple[dict[int, torch.Tensor], ...] | None = None

@@ -43,6 +43,8 @@ def config_hash(cfg: ExperimentConfig, defense=None, layout: list[tuple[int, int
     if layout is not None:
         data["stage_layout"] = [list(b) for b in layout]
     data["training"].pop("steps", None)
+    if not cfg.training.full_lr_used():  # as in cell keys: a rate that trains nothing leaves the hash as it was
+        data["training"].pop("full_lr", None)
     data["model"].pop("device", None)  # each side computes where it likes: tensors cross as bytes
     data["model"].pop("server_device", None)
     if defense is not None and defense.name != "none":

@@ -1,4 +1,4 @@
-"""Pipeline stages as processes: ``splitleak serve --stage i`` (``[training] stages = S`` > 1, issue 27).
+"""Pipeline stages as processes: ``splitleak serve --stage i`` (``[training] stages = S`` > 1).
 
 Each stage of ``suite.engine.stages`` runs in its own process over its own blocks, with its own optimiser(s)
 and checkpoint, and speaks gRPC + mutual TLS (``suite.net.link``) to its neighbours only:
@@ -50,7 +50,7 @@ import torch
 from suite.engine.channel import ClientEnd, IntegrityError, ServerEnd, ServerKeys
 from suite.engine.parties import Server, UpdateRefused
 from suite.engine.protocol import STAGE_PASS, STAGE_REPLY, Bounds, decode_control, encode_control, peek
-from suite.engine.stages import INTEGRITY_AUDIT_NEEDS_ONE_SERVER, stage_endpoint
+from suite.engine.stages import NoOutputCommitments, stage_endpoint
 from suite.engine.transport import SERVER, InProcessTransport, client_endpoint
 from suite.errors import ConfigError, ProtocolError, SplitleakError
 from suite.experiment.config import ExperimentConfig
@@ -171,7 +171,7 @@ class StageLink:
 
 # --- one stage: its Server, and the next stage across the network ---------------------------------------
 
-class StageNode:
+class StageNode(NoOutputCommitments):
     """Stage ``index``'s ``Server`` with the stages after it behind ``link`` (None: it is the last). What
     ``SplitService`` asks of "the server" at stage 0, and what ``StageService`` drives at the others. Its
     transport is this process's queue: the clients' frames under ``client/<c>`` <-> ``server`` (what stage 0
@@ -214,15 +214,6 @@ class StageNode:
     @bounds.setter
     def bounds(self, value: Bounds) -> None:
         self.server.bounds = value
-
-    @property
-    def commit_state(self) -> bool:
-        return False
-
-    @commit_state.setter
-    def commit_state(self, value: bool) -> None:
-        if value:
-            raise ConfigError(INTEGRITY_AUDIT_NEEDS_ONE_SERVER)
 
     def expect(self, shape=None, kind=None):
         return self.server.expect(shape, kind)

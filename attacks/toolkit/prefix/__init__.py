@@ -14,7 +14,7 @@ output is closest to the observed one is kept. Candidates come from
 * a continuous step after the first gradient round, where the match is still poor (``relax_steps``): a free
   input embedding at ``t``, started at the best token's row, is optimised (Adam) to match the observed output
   and its nearest vocabulary rows are verified (SipIt's relaxation). Measured on SmolLM2 at k = 8 it finds the
-  tokens the first-order ranking misses (BENCHMARKS.md, issue 10);
+  tokens the first-order ranking misses (BENCHMARKS.md);
 * optionally (``prior``), the public LM's most likely next tokens given the recovered prefix, verified last,
   where the rounds above left the match poor.
 

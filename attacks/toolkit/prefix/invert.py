@@ -59,14 +59,16 @@ def prefix_invert(obs, opt: PrefixOptions, target: torch.Tensor, mask: torch.Ten
     real = mask.bool()
     steps = opt.calibrate_steps
     noisy = noise is not None and float(noise.sum()) > 0  # drowned in defense noise: there is no drift to fit
-    if steps > 0 and real.any() and not noisy and float(scores[real].mean()) < opt.calibrate_below:
+    match = _forward_mean(scores, ids, bonus, real)  # how well the chosen tokens' outputs match, bonus aside
+    if steps > 0 and real.any() and not noisy and match < opt.calibrate_below:
         # Second pass on a reference head calibrated to the victims' drift (see ``calibrate``).
-        extra["first_pass_mean_score"] = float(scores[real].mean())
+        extra["first_pass_mean_score"] = match
         with timed(seconds, "calibration"):
             tuned = calibrate(head, config, ids.masked_fill(~real, 0), mask, target, scores, scorer, steps)
             first = dict(search.stats)
             search = PrefixSearch(tuned, config, scorer, opt, lm, start_token(obs.tokenizer))
             ids, scores = search.run(target, mask, proposals, bonus, propose if online else None, known)
+            match = _forward_mean(scores, ids, bonus, real)
         extra["first_pass"] = first
     if online and propose is not None:  # the early-position step's candidates, from the self-trained proposer
         extra["self_trained_pairs"] = propose.added
@@ -79,7 +81,7 @@ def prefix_invert(obs, opt: PrefixOptions, target: torch.Tensor, mask: torch.Ten
     last_early = first_real + opt.early_positions
     decide = search.head  # the head the early positions and near-ties are re-decided on
     if (opt.calibrate_early > 0 and real.any() and not noisy
-            and float(scores[real].mean()) < opt.calibrate_below):
+            and match < opt.calibrate_below):
         # The victims' drift, estimated from the positions after the early ones (whose outputs lean least on
         # the sink and were decided with most context), then used where the public head's drift misleads most.
         with timed(seconds, "early_calibration"):
@@ -116,5 +118,16 @@ def prefix_invert(obs, opt: PrefixOptions, target: torch.Tensor, mask: torch.Ten
     # LM's prefix extended) is inside "search" and is the last search's (after calibration, the second pass).
     extra["seconds_by_phase"] = {k: round(v, 2) for k, v in {**seconds, **{f"search.{k}": v for k, v in
                                                                           search.seconds.items()}}.items()}
-    extra["mean_score"] = float(scores[real].mean()) if real.any() else None
+    extra["mean_score"] = match  # the search's (before the early positions and near-ties were re-decided)
     return ids, extra
+
+
+def _forward_mean(scores: torch.Tensor, ids: torch.Tensor, bonus: torch.Tensor | None,
+                  real: torch.Tensor) -> float | None:
+    """The mean match of the chosen tokens' outputs alone (the search's scores less the ``bonus`` it added):
+    what ``calibrate_below`` and the reported ``mean_score`` compare, with or without other evidence fused in
+    (bisr's gradient bonus is <= 0, so the fused mean would fall below the bar however well the outputs match)."""
+    if not real.any():
+        return None
+    forward = scores if bonus is None else scores - bonus.gather(2, ids.unsqueeze(-1)).squeeze(-1)
+    return float(forward[real].mean())
