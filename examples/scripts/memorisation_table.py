@@ -9,32 +9,24 @@ defense, view), with exposure by repeats, canaries extracted, membership AUC and
 from __future__ import annotations
 
 import argparse
-import ast
-import math
 import sys
 
 from reports.memorisation import dp_covers
+from reports.tables import num
 from suite.experiment.store import load_results
 
 
 def _dict(value) -> dict:
-    """A nested field as stored: a dict, or its repr (nested values of ``memorisation`` are kept as text)."""
-    if isinstance(value, dict):
-        return value
-    try:
-        return ast.literal_eval(value) if isinstance(value, str) else {}
-    except (ValueError, SyntaxError):
-        return {}
+    """A nested field of a row (the store gives dicts; an absent one is empty)."""
+    return value if isinstance(value, dict) else {}
 
 
 def _interval(value, lo, hi, fmt: str = "{:.3f}", scale: float = 1.0, unit: str = "") -> str:
-    def missing(x) -> bool:
-        return x is None or (isinstance(x, float) and math.isnan(x))
-
-    if missing(value):
+    value, lo, hi = num(value), num(lo), num(hi)
+    if value is None:
         return "–"
     f = lambda x: fmt.format(x * scale)  # noqa: E731
-    return f"{f(value)}{unit}" + ("" if missing(lo) or missing(hi) else f" [{f(lo)}, {f(hi)}]")
+    return f"{f(value)}{unit}" + ("" if lo is None or hi is None else f" [{f(lo)}, {f(hi)}]")
 
 
 def _setting(row, view: str) -> str:
