@@ -130,20 +130,18 @@ def _settings_raw(trunk: nn.Module) -> list:
     return out
 
 
+def _settings_text(plain: list) -> str:
+    """One module's plain attributes from ``_settings_raw`` as the text ``settings`` gives."""
+    return repr(sorted(plain, key=lambda kv: kv[0]))
+
+
 def settings(trunk: nn.Module) -> dict[str, str]:
     """Every module's plain attributes (LoRA ``scaling`` / ``r`` / ``lora_alpha``, norm epsilons, attention
     scaling...), one text per module: what changes the computation without being a tensor. Left out:
     ``training`` (train / eval mode: the harness switches it, and with no dropout in the trunk it changes
     nothing that is computed) and the active adapter (``per_client``: every pass activates its client's own
     set, so which one was active before a pass changes nothing it computes)."""
-    out = {}
-    for mname, module in trunk.named_modules():
-        plain = []
-        for key, value in vars(module).items():
-            if key not in _NOT_SETTINGS and (v := _plain(value)) is not _NOT_PLAIN:
-                plain.append((key, v))
-        out[mname] = repr(sorted(plain, key=lambda kv: kv[0]))
-    return out
+    return {mname: _settings_text(plain) for mname, plain in _settings_raw(trunk)}
 
 
 def _fixed_tensors(trunk: nn.Module) -> dict[str, torch.Tensor]:
@@ -237,7 +235,7 @@ class PublicFixed:
             return look.settings[1]
         raw = _settings_raw(trunk)
         if look.settings is None or look.settings[0] != raw:
-            look.settings = (raw, {m: repr(sorted(p, key=lambda kv: kv[0])) for m, p in raw})
+            look.settings = (raw, {m: _settings_text(p) for m, p in raw})
         look.quick_keys = [(name, module, tuple(k for k, _ in plain))
                            for (name, module), (_, plain) in zip(modules, raw, strict=True)]
         look.quick = _quick_look(modules, look.quick_keys)
