@@ -36,6 +36,20 @@ def load_trainable(modules: dict[str, nn.Module], state: dict[str, torch.Tensor]
             params[name].copy_(value)
 
 
+def party_state(trunk: nn.Module, optimizers: dict) -> dict[str, Any]:
+    """A serving party's trunk weights and optimiser states (``optimizers``: key to optimiser or None)."""
+    return {"weights": trainable_state({"trunk": trunk}),
+            "optimizers": {str(k): opt.state_dict() for k, opt in optimizers.items() if opt is not None}}
+
+
+def load_party(trunk: nn.Module, optimizers: dict, state: dict[str, Any]) -> None:
+    """Put ``party_state``'s weights and optimiser states back."""
+    load_trainable({"trunk": trunk}, state["weights"])
+    for k, opt in optimizers.items():
+        if opt is not None and str(k) in state["optimizers"]:
+            opt.load_state_dict(state["optimizers"][str(k)])
+
+
 def save(path: str | Path, payload: dict[str, Any]) -> None:
     path = Path(path)
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)

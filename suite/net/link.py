@@ -25,6 +25,7 @@ import json
 import re
 import time
 from collections.abc import Callable
+from concurrent import futures
 from dataclasses import dataclass
 
 import grpc
@@ -251,10 +252,36 @@ def generic_handler(hello: Handler, handshake: Handler, exchange: Handler,
     return grpc.method_handlers_generic_handler(SERVICE, methods)
 
 
+def caller_name(context: grpc.ServicerContext, what: str) -> str:
+    """The common name on the caller's certificate, once its call is known to run over TLS 1.3; any other
+    version is refused here (gRPC Python has no minimum-version setting: a TLS 1.2 handshake completes, but
+    no call on it is served). ``what`` names the service in the refusal ("this server", "this stage")."""
+    auth = context.auth_context()
+    version = (auth.get("ssl_tls_version") or [b"?"])[0].decode(errors="replace")
+    if version != "TLSv1.3":
+        context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{what} requires TLS 1.3; the connection negotiated "
+                      f"{version}")
+    names = auth.get("x509_common_name") or []
+    return names[0].decode() if names else ""
+
+
+def serve(handler: grpc.GenericRpcHandler, identity: Identity, listen: str, threads: int,
+          max_message_mib: int = DEFAULT_MAX_MESSAGE_MIB) -> tuple[grpc.Server, int]:
+    """Serve ``handler`` over mutual TLS on ``listen`` (``host:port``; port 0 picks one) with ``threads``
+    handler threads; returns the server and its port."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=channel_options(max_message_mib))
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_secure_port(listen, server_credentials(identity))
+    if port == 0:
+        raise SplitleakError(f"cannot listen on {listen}: address in use or not valid")
+    server.start()
+    return server, port
+
+
 def server_credentials(identity: Identity) -> grpc.ServerCredentials:
     """TLS with client authentication required: a client without a certificate signed by the CA never
     gets past the handshake. gRPC Python offers no minimum TLS version, so BoringSSL still completes a TLS 1.2
     handshake; the service refuses every call whose negotiated version (``ssl_tls_version`` in the auth
-    context) is not TLS 1.3 (``suite.net.server.SplitService._who``)."""
+    context) is not TLS 1.3 (``caller_name``)."""
     return grpc.ssl_server_credentials([(identity.key, identity.cert)], root_certificates=identity.ca,
                                        require_client_auth=True)

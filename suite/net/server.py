@@ -36,7 +36,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,7 +61,7 @@ from suite.engine.transport import SERVER, InProcessTransport, client_endpoint
 from suite.errors import ProtocolError
 from suite.net import checkpoint
 from suite.net.certs import Identity
-from suite.net.link import DEFAULT_MAX_MESSAGE_MIB, channel_options, generic_handler, server_credentials
+from suite.net.link import DEFAULT_MAX_MESSAGE_MIB, caller_name, generic_handler, serve
 
 DEFAULT_BOUND_MARGIN = 100.0
 
@@ -181,16 +180,8 @@ class SplitService:
     # --- identity and the first two calls ------------------------------------------------------------
 
     def _who(self, context: grpc.ServicerContext) -> int:
-        """The caller's client id, from its certificate; every call over anything but TLS 1.3 is refused
-        here (gRPC Python has no minimum-version setting: a TLS 1.2 handshake completes, but no call on it
-        is served)."""
-        auth = context.auth_context()
-        version = (auth.get("ssl_tls_version") or [b"?"])[0].decode(errors="replace")
-        if version != "TLSv1.3":
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"this server requires TLS 1.3; the connection "
-                          f"negotiated {version}")
-        names = auth.get("x509_common_name") or []
-        name = names[0].decode() if names else ""
+        """The caller's client id, from its certificate (over TLS 1.3 only: ``caller_name``)."""
+        name = caller_name(context, "this server")
         if not name.startswith("client-") or not name[7:].isdigit() or int(name[7:]) >= self.clients:
             context.abort(grpc.StatusCode.PERMISSION_DENIED, f"certificate {name!r} is not one of this server's "
                           f"{self.clients} clients")
@@ -529,11 +520,9 @@ class SplitService:
             self.save()
 
     def save(self) -> None:
-        optimizers = {str(k): opt.state_dict() for k, opt in self.server.optimizers.items() if opt is not None}
         checkpoint.save(self.checkpoint_path, {
             "config": self.config_hash,
-            "weights": checkpoint.trainable_state({"trunk": self.server.trunk}),
-            "optimizers": optimizers,
+            **checkpoint.party_state(self.server.trunk, self.server.optimizers),
             "completed": {str(c): n for c, n in self.completed.items()},
         })
 
@@ -546,10 +535,7 @@ class SplitService:
         if state["config"] != self.config_hash:
             raise ProtocolError(f"server checkpoint {self.checkpoint_path} belongs to another config; delete it or "
                                 "point --checkpoint elsewhere")
-        checkpoint.load_trainable({"trunk": self.server.trunk}, state["weights"])
-        for k, opt in self.server.optimizers.items():
-            if opt is not None and str(k) in state["optimizers"]:
-                opt.load_state_dict(state["optimizers"][str(k)])
+        checkpoint.load_party(self.server.trunk, self.server.optimizers, state)
         self.completed = {int(c): n for c, n in state["completed"].items()}
         self.events.append(f"restored from {self.checkpoint_path} after {sum(self.completed.values())} client steps")
 
@@ -558,12 +544,5 @@ def start_server(service: SplitService, identity: Identity, listen: str, *,
                  max_message_mib: int = DEFAULT_MAX_MESSAGE_MIB) -> tuple[grpc.Server, int]:
     """Start serving on ``listen`` (``host:port``; port 0 picks one). Returns the server and its port. Every
     client may have a call waiting for its turn or round, so there is a handler thread per client and spare."""
-    threads = 2 * service.clients + 4
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=channel_options(max_message_mib))
-    server.add_generic_rpc_handlers((generic_handler(service.hello, service.handshake, service.exchange,
-                                                     service.reveal),))
-    port = server.add_secure_port(listen, server_credentials(identity))
-    if port == 0:
-        raise ProtocolError(f"cannot listen on {listen}: address in use or not valid")
-    server.start()
-    return server, port
+    return serve(generic_handler(service.hello, service.handshake, service.exchange, service.reveal), identity,
+                 listen, threads=2 * service.clients + 4, max_message_mib=max_message_mib)

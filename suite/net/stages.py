@@ -41,7 +41,6 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent import futures
 from pathlib import Path
 
 import grpc
@@ -63,9 +62,9 @@ from suite.net.link import (
     HELLO,
     Link,
     LinkError,
-    channel_options,
+    caller_name,
     generic_handler,
-    server_credentials,
+    serve,
 )
 
 _LEN = struct.Struct(">I")
@@ -297,13 +296,7 @@ class StageService:
         self._restore()
 
     def _who(self, context: grpc.ServicerContext) -> None:
-        auth = context.auth_context()
-        version = (auth.get("ssl_tls_version") or [b"?"])[0].decode(errors="replace")
-        if version != "TLSv1.3":
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"this stage requires TLS 1.3; the connection "
-                          f"negotiated {version}")
-        names = auth.get("x509_common_name") or []
-        name = names[0].decode() if names else ""
+        name = caller_name(context, "this stage")
         if name != self.upstream:
             context.abort(grpc.StatusCode.PERMISSION_DENIED, f"certificate {name!r} is not this stage's upstream "
                           f"neighbour ({self.upstream}): stage {self.index} serves no one else")
@@ -410,8 +403,7 @@ class StageService:
         server = self.node.server
         checkpoint.save(self.checkpoint_path, {
             "config": self.config_hash,
-            "weights": checkpoint.trainable_state({"trunk": server.trunk}),
-            "optimizers": {str(k): opt.state_dict() for k, opt in server.optimizers.items() if opt is not None},
+            **checkpoint.party_state(server.trunk, server.optimizers),
             "passes": self.passes,
             "cache": {k: _blob(v) for k, v in self.cache.items()},
         })
@@ -426,10 +418,7 @@ class StageService:
             raise SplitleakError(f"stage checkpoint {self.checkpoint_path} belongs to another config; delete it or "
                                  "point --checkpoint elsewhere")
         server = self.node.server
-        checkpoint.load_trainable({"trunk": server.trunk}, state["weights"])
-        for k, opt in server.optimizers.items():
-            if opt is not None and str(k) in state["optimizers"]:
-                opt.load_state_dict(state["optimizers"][str(k)])
+        checkpoint.load_party(server.trunk, server.optimizers, state)
         self.passes = int(state["passes"])
         self.cache = {k: bytes(v.numpy().tobytes()) for k, v in state["cache"].items()}
         self.events.append(f"restored from {self.checkpoint_path} after {self.passes} passes")
@@ -438,13 +427,8 @@ class StageService:
 def start_stage_server(service: StageService, identity: Identity, listen: str, *,
                        max_message_mib: int = DEFAULT_MAX_MESSAGE_MIB) -> tuple[grpc.Server, int]:
     """Serve stage ``service.index`` on ``listen`` (port 0 picks one); returns the server and its port."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=channel_options(max_message_mib))
-    server.add_generic_rpc_handlers((generic_handler(service.hello, service.handshake, service.exchange),))
-    port = server.add_secure_port(listen, server_credentials(identity))
-    if port == 0:
-        raise SplitleakError(f"cannot listen on {listen}: address in use or not valid")
-    server.start()
-    return server, port
+    return serve(generic_handler(service.hello, service.handshake, service.exchange), identity, listen, threads=4,
+                 max_message_mib=max_message_mib)
 
 
 # --- `splitleak serve --stage i` -------------------------------------------------------------------------
