@@ -6,7 +6,8 @@
 One table per (store's data, threat): a row per attack, the blind baseline last; a column per (model, k). Each
 cell is the attack's token accuracy with its 95 % bootstrap interval and, below blind, its advantage over the
 blind baseline on the same records. Undefended cells only. Failed cells read "failed"; cells the threat
-does not grant are blank.
+does not grant are blank. A last row gives each column's cost: the split model's held-out perplexity beside
+its centralised reference's, where the store recorded them.
 """
 
 from __future__ import annotations
@@ -35,6 +36,20 @@ def _cell(r: pd.Series | None) -> str:
     return text
 
 
+def _perplexity(g: pd.DataFrame) -> str:
+    """The column's held-out perplexity, split / centralised reference (every cell of one training run
+    records the same pair)."""
+    for column in ("perplexity", "perplexity_centralised"):
+        if column not in g:
+            g = g.assign(**{column: float("nan")})
+    g = g[g["perplexity"].notna()]
+    if g.empty:
+        return ""
+    r = g.iloc[-1]
+    ref = r["perplexity_centralised"]
+    return f"{r['perplexity']:.2f} / " + (f"{ref:.2f}" if pd.notna(ref) else "–")
+
+
 def main(directories: list[str]) -> None:
     frames = []
     for d in directories:
@@ -59,6 +74,9 @@ def main(directories: list[str]) -> None:
                 hit = g[(g["attack_label"] == a) & (g["model"] == m) & (g["head_blocks"] == k)]
                 row.append(_cell(hit.iloc[-1] if len(hit) else None))
             print(f"| {a} | " + " | ".join(row) + " |")
+        cost = [_perplexity(g[(g["model"] == m) & (g["head_blocks"] == k)]) for m, k in cols]
+        if any(cost):
+            print("| held-out perplexity, split / centralised | " + " | ".join(cost) + " |")
         print()
 
 
