@@ -32,3 +32,15 @@ def test_one_column_per_model_and_depth_with_the_cost_beside_its_reference(tmp_p
     cost = next(line for line in lines if line.startswith("| held-out perplexity"))
     assert cost == ("| held-out perplexity, split / centralised | 40.00 / 39.40 | 41.00 / 39.40 | 72.40 / 71.80 "
                     "| 72.50 / 71.80 |")
+
+
+def test_the_cost_row_falls_back_on_the_loss_and_says_when_there_is_no_reference(tmp_path, capsys):
+    rows = []
+    for k, extra in ((0, {"utility_centralised": None}), (1, {"utility_centralised": 2.0}), (2, {"utility": None})):
+        for attack, acc in (("inv", 0.5), ("blind", 0.1)):
+            row = cell(f"{attack}-{k}", k, "curious_server", attack, "none", acc=acc, loss=1.0)
+            row.update(extra)
+            rows.append(row)
+    _script().main([str(write_store(tmp_path, rows))])
+    cost = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| held-out perplexity"))
+    assert cost == "| held-out perplexity, split / centralised | 2.72 / – | 2.72 / 7.39 |  |"

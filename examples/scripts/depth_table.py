@@ -12,6 +12,7 @@ its centralised reference's, where the store recorded them.
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -37,17 +38,19 @@ def _cell(r: pd.Series | None) -> str:
 
 
 def _perplexity(g: pd.DataFrame) -> str:
-    """The column's held-out perplexity, split / centralised reference (every cell of one training run
-    records the same pair)."""
-    for column in ("perplexity", "perplexity_centralised"):
-        if column not in g:
-            g = g.assign(**{column: float("nan")})
-    g = g[g["perplexity"].notna()]
-    if g.empty:
+    """The column's held-out perplexity, split / centralised reference: the mean over its rows (one
+    training run's cells record the same pair; rows from several stores are averaged), from the mean
+    held-out loss where a row has no perplexity (a multi-seed store's aggregate rows); "" without either."""
+    def mean_ppl(ppl: str, loss: str) -> float | None:
+        value = g[ppl].mean() if ppl in g else float("nan")
+        if pd.isna(value) and loss in g and pd.notna(g[loss].mean()):
+            value = math.exp(g[loss].mean())
+        return None if pd.isna(value) else float(value)
+
+    split, ref = mean_ppl("perplexity", "utility"), mean_ppl("perplexity_centralised", "utility_centralised")
+    if split is None:
         return ""
-    r = g.iloc[-1]
-    ref = r["perplexity_centralised"]
-    return f"{r['perplexity']:.2f} / " + (f"{ref:.2f}" if pd.notna(ref) else "–")
+    return f"{split:.2f} / " + (f"{ref:.2f}" if ref is not None else "–")
 
 
 def main(directories: list[str]) -> None:

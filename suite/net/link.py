@@ -265,7 +265,7 @@ def caller_name(context: grpc.ServicerContext, what: str) -> str:
     return names[0].decode() if names else ""
 
 
-def serve(handler: grpc.GenericRpcHandler, identity: Identity, listen: str, threads: int,
+def start_tls_server(handler: grpc.GenericRpcHandler, identity: Identity, listen: str, threads: int,
           max_message_mib: int = DEFAULT_MAX_MESSAGE_MIB) -> tuple[grpc.Server, int]:
     """Serve ``handler`` over mutual TLS on ``listen`` (``host:port``; port 0 picks one) with ``threads``
     handler threads; returns the server and its port."""

@@ -61,7 +61,7 @@ from suite.engine.transport import SERVER, InProcessTransport, client_endpoint
 from suite.errors import ProtocolError
 from suite.net import checkpoint
 from suite.net.certs import Identity
-from suite.net.link import DEFAULT_MAX_MESSAGE_MIB, caller_name, generic_handler, serve
+from suite.net.link import DEFAULT_MAX_MESSAGE_MIB, caller_name, generic_handler, start_tls_server
 
 DEFAULT_BOUND_MARGIN = 100.0
 
@@ -544,5 +544,5 @@ def start_server(service: SplitService, identity: Identity, listen: str, *,
                  max_message_mib: int = DEFAULT_MAX_MESSAGE_MIB) -> tuple[grpc.Server, int]:
     """Start serving on ``listen`` (``host:port``; port 0 picks one). Returns the server and its port. Every
     client may have a call waiting for its turn or round, so there is a handler thread per client and spare."""
-    return serve(generic_handler(service.hello, service.handshake, service.exchange, service.reveal), identity,
-                 listen, threads=2 * service.clients + 4, max_message_mib=max_message_mib)
+    return start_tls_server(generic_handler(service.hello, service.handshake, service.exchange, service.reveal),
+                            identity, listen, threads=2 * service.clients + 4, max_message_mib=max_message_mib)

@@ -64,7 +64,7 @@ from suite.net.link import (
     LinkError,
     caller_name,
     generic_handler,
-    serve,
+    start_tls_server,
 )
 
 _LEN = struct.Struct(">I")
@@ -427,8 +427,8 @@ class StageService:
 def start_stage_server(service: StageService, identity: Identity, listen: str, *,
                        max_message_mib: int = DEFAULT_MAX_MESSAGE_MIB) -> tuple[grpc.Server, int]:
     """Serve stage ``service.index`` on ``listen`` (port 0 picks one); returns the server and its port."""
-    return serve(generic_handler(service.hello, service.handshake, service.exchange), identity, listen, threads=4,
-                 max_message_mib=max_message_mib)
+    return start_tls_server(generic_handler(service.hello, service.handshake, service.exchange), identity, listen,
+                            threads=4, max_message_mib=max_message_mib)
 
 
 # --- `splitleak serve --stage i` -------------------------------------------------------------------------
