@@ -18,9 +18,11 @@ def test_one_column_per_model_and_depth_with_the_cost_beside_its_reference(tmp_p
     rows = []
     for model, ppl in (("small", {0: 72.4, 2: 72.5}), ("large", {0: 40.0, 2: 41.0})):
         for k in (0, 2):
-            for attack, acc in (("inv", 0.9 if k else 1.0), ("blind", 0.1)):
+            for attack, acc in (("inv", 0.9 if k else 1.0), ("blind", 0.1), ("hijack", 0.95)):
                 row = cell(f"{model}-{attack}-{k}", k, "curious_server", attack, "none", acc=acc, loss=4.0)
-                row.update(model=model, perplexity=ppl[k], perplexity_centralised=ppl[0] - 0.6)
+                # the active attack trained its own (worse) run: the column's cost is the honest one
+                hijacked = 9.0 if attack == "hijack" else 0.0
+                row.update(model=model, perplexity=ppl[k] + hijacked, perplexity_centralised=ppl[0] - 0.6)
                 rows.append(row)
     _script().main([str(write_store(tmp_path, rows))])
     lines = capsys.readouterr().out.splitlines()

@@ -38,13 +38,14 @@ def _cell(r: pd.Series | None) -> str:
 
 
 def _perplexity(g: pd.DataFrame) -> str:
-    """The column's held-out perplexity, split / centralised reference: the mean over its rows (one
-    training run's cells record the same pair; rows from several stores are averaged), from the mean
-    held-out loss where a row has no perplexity (a multi-seed store's aggregate rows); "" without either."""
+    """The column's held-out perplexity, split / centralised reference: the median over its rows (the passive
+    attacks' cells share one honest training run; an active attack such as ``fsha`` trains its own, hijacked
+    one, which the median leaves out), from the held-out loss where no row has a perplexity (a multi-seed
+    store's aggregate rows); "" without either."""
     def mean_ppl(ppl: str, loss: str) -> float | None:
-        value = g[ppl].mean() if ppl in g else float("nan")
-        if pd.isna(value) and loss in g and pd.notna(g[loss].mean()):
-            value = math.exp(g[loss].mean())
+        value = g[ppl].median() if ppl in g else float("nan")
+        if pd.isna(value) and loss in g and pd.notna(g[loss].median()):
+            value = math.exp(g[loss].median())
         return None if pd.isna(value) else float(value)
 
     split, ref = mean_ppl("perplexity", "utility"), mean_ppl("perplexity_centralised", "utility_centralised")
