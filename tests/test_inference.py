@@ -103,6 +103,33 @@ def test_kv_capture_keeps_the_trunks_first_middle_and_last_blocks():
     assert [pick_layer({1: None, 2: None}, w) for w in ("first", "middle", "last")] == [1, 2, 2]
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_the_kv_readout_is_what_the_servers_block_cached_and_steps_like_a_head(family):
+    """``KvReadout`` (the reference the KV search verifies on) gives exactly the keys and values the server's
+    block cached during a split generation, whole or one position at a time through a cache."""
+    from transformers import DynamicCache
+
+    from attacks.kv_inversion import KvReadout
+
+    model = tiny_model(family, num_layers=4).model.eval()
+    decoder, trunk = _parties(model, 1)
+    prompt = _prompt(model.config.vocab_size, 2, seed=5)  # 2 + 1 positions: what gemma3's window of 4 keeps
+    out, _ = generate(decoder, trunk, prompt, 2)
+    full = torch.cat([prompt, out[:, :-1]], 1)
+    for layer in (1, 2):  # the trunk's first and last blocks
+        keys, values = trunk.kv(0, layer)
+        cached = torch.cat([keys.permute(0, 2, 1, 3).flatten(2), values.permute(0, 2, 1, 3).flatten(2)], -1)
+        readout = KvReadout(model, layer).eval()
+        ones = torch.ones_like(full)
+        with torch.no_grad():
+            whole = readout(full, ones, torch.arange(full.shape[1])[None])
+            cache = DynamicCache(config=model.config)
+            steps = [readout(full[:, t:t + 1], ones[:, :t + 1], torch.tensor([[t]]), cache=cache)
+                     for t in range(full.shape[1])]
+        torch.testing.assert_close(whole, cached, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.cat(steps, 1), whole, rtol=1e-5, atol=1e-5)
+
+
 def test_a_token_before_any_prompt_is_refused():
     model = tiny_model("llama", num_layers=4).model.eval()
     decoder, trunk = _parties(model, 1)
@@ -164,9 +191,10 @@ def test_inference_matrix_writes_prompt_and_response_rows(tmp_path):
     assert set(none[none["threat"] == "memory_dump"]["attack"]) == {"kv_inversion", "blind"}
     best = none[(none["threat"] == "curious_server") & (none["attack"] == "prefix_inversion")].iloc[0]
     for _, kv in none[none["attack"] == "kv_inversion"].iterrows():
-        assert kv["token_accuracy"] > 0  # measured, and it reads something
         for part in ("prompt", "response"):
             assert kv[f"{part}_token_accuracy"] <= best[f"{part}_token_accuracy"] + 1e-9
+            # the search on the cached keys and values (the default method) reads as much as the activations
+            assert kv[f"{part}_token_accuracy"] >= 0.9, (kv["attack_params"], part)
     wire = frame[frame["attack"] == "wire_inversion"].set_index("defense")
     # the eavesdropper reassembles each generation from its frames and reads the plaintext wire; not ciphertext
     assert wire.loc["none", "response_token_accuracy"] > 0.5

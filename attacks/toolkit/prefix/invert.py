@@ -9,28 +9,40 @@ from collections import defaultdict
 
 import torch
 
-from attacks.toolkit.linear import fit_linear_inverter, pair_source
-from attacks.toolkit.observe import known_prefix, reference_parts, run_head, shadow_batch, start_token
+from attacks.toolkit.linear import LinearInverter, fit_linear_inverter, pair_source
+from attacks.toolkit.observe import (
+    known_prefix,
+    reference_parts,
+    run_head,
+    shadow_batch,
+    start_token,
+    token_embeddings,
+)
 from attacks.toolkit.prefix.calibrate import calibrate
 from attacks.toolkit.prefix.options import PrefixOptions, timed
 from attacks.toolkit.prefix.refine import first_candidates, refine_first, refine_ties
 from attacks.toolkit.prefix.scorer import Scorer
 from attacks.toolkit.prefix.search import PrefixSearch
 from attacks.toolkit.simulate import defense_noise
+from suite.engine.split import ClientHead
 
 
 def prefix_invert(obs, opt: PrefixOptions, target: torch.Tensor, mask: torch.Tensor, bonus: torch.Tensor | None = None,
-                  more: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+                  more: torch.Tensor | None = None, head: ClientHead | None = None) -> tuple[torch.Tensor, dict]:
     """The search on ``target`` [N, T, H] (observed head outputs), as ``opt`` says. ``bonus`` [N, T, V]: other
-    evidence added to every candidate's score; ``more`` [N, T, M]: extra candidate tokens. Returns token ids
-    [N, T] and diagnostics."""
+    evidence added to every candidate's score; ``more`` [N, T, M]: extra candidate tokens. ``head``: what the
+    observation is the output of, when it is not the client head's (e.g. ``attacks.kv_inversion.KvReadout``, a
+    block's cached keys and values): candidates are verified on it, the proposer is fitted on its outputs over
+    the shadow text alone, and the defense is not simulated (its noise enters before the blocks it adds).
+    Returns token ids [N, T] and diagnostics."""
     seconds: dict[str, float] = defaultdict(float)
     setup = time.perf_counter()
-    parts = reference_parts(obs, opt.use_colluder)  # the head candidates are verified on, and the public LM
-    head, config, lm = parts.head, parts.model.config, parts.model
+    parts = reference_parts(obs, opt.use_colluder and head is None)  # the head verified on, and the public LM
+    own = head is not None
+    head, config, lm = head if own else parts.head, parts.model.config, parts.model
     shadow = shadow_batch(obs)
-    extra: dict = {"reference": parts.source,
-                   "adaptive": bool(opt.adaptive and obs.defense is not None)}
+    extra: dict = {"reference": "readout" if own else parts.source,
+                   "adaptive": bool(opt.adaptive and obs.defense is not None and not own)}
     noise = None
     if extra["adaptive"] and shadow is not None:
         noise, info = defense_noise(obs, head, *shadow, seed=opt.seed)
@@ -46,7 +58,9 @@ def prefix_invert(obs, opt: PrefixOptions, target: torch.Tensor, mask: torch.Ten
     # Proposing position by position (fused with the LM, self-trained on the recovered pairs) or once up front.
     online = opt.fuse > 0 or opt.self_train_every > 0
     if obs.shadow:
-        propose = fit_linear_inverter(obs, min(opt.candidates, head.embed.num_embeddings), known=known)
+        top = min(opt.candidates, head.embed.num_embeddings)
+        propose = (LinearInverter(outputs, *shadow, token_embeddings(head), top) if own
+                   else fit_linear_inverter(obs, top, known=known))
         proposals = None if online else propose(target)
     if more is not None:
         proposals = more if proposals is None else torch.cat([proposals, more], -1)
