@@ -6,7 +6,10 @@ At the server's block ``L`` the cached key and value of position ``t`` are funct
 of ``prefix_inversion`` applies unchanged with another reference: ``KvReadout``, the public model's blocks
 ``0..L`` as a head whose output at each position is what block ``L`` caches there. Each observed row is
 searched token by token, every candidate verified by one incremental step of that readout
-(``method = "search"``, the default; the KV-cache inversion papers' approach). ``method = "ridge"`` is the
+(``method = "search"``, the default). This is the idea of the collision attack of "Shadow in the Cache" (Luo
+et al., NDSS 2026, arXiv 2508.09442: recompute the cache of candidate tokens position by position and keep
+the one that matches), with ``prefix_inversion``'s proposer, gradient-ranked widening over the whole
+vocabulary, LM prior, beam and early-position step choosing the candidates. ``method = "ridge"`` is the
 one-shot baseline: a closed-form ridge map (``attacks.toolkit.linear.ridge_solve``) fitted on the public
 model's caches over public shadow text, from standardised keys+values to the token's normalised input
 embedding, each position decoded to the nearest embedding row. ``layer``: the trunk's first block, the middle
