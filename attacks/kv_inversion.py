@@ -41,7 +41,7 @@ from attacks.toolkit.observe import (
     tokenize,
 )
 from attacks.toolkit.prefix.invert import prefix_invert
-from suite.engine.split import ClientHead, SplitSpec, split_model
+from suite.engine.split import ClientHead, SplitSpec, position_ids_for, split_model
 from suite.interfaces.attack import Attack, AttackConfig, Reconstruction, register_attack
 from suite.interfaces.threats import Capability, Observations
 
@@ -84,31 +84,41 @@ class KvReadout(ClientHead):
     """The model's blocks ``0..layer`` as a client head whose output at each position is the key and value
     block ``layer`` caches there, [..., 2 * kv_heads * head_dim] (keys then values, the layout of
     ``suite.experiment.inference_cell``'s capture). It takes a head's arguments, incremental decoding with a
-    ``cache`` included, so the prefix search verifies candidates on it as on a head."""
+    ``cache`` included, so the prefix search verifies candidates on it as on a head. ``after_head`` carries a
+    client head's (released) output, ``head_blocks`` blocks deep, through the blocks after it to the cache."""
 
-    def __init__(self, model: torch.nn.Module, layer: int):
+    def __init__(self, model: torch.nn.Module, layer: int, head_blocks: int = 0):
         n_layers = model.config.num_hidden_layers
         head = split_model(model, SplitSpec(layer + 1, n_layers - layer - 1)).client_head
         super().__init__(head.embed, head.pos_embed, head.dropout, head.blocks)
-        self.layer = layer
+        self.layer, self.head_blocks = layer, head_blocks
+        blocks = self.blocks
+        # not a registered submodule: its layers are the readout's own
+        self._after = (type(blocks)(list(blocks.layers)[head_blocks:], head_blocks, blocks.config,
+                                    blocks._rotary[0] if blocks._rotary else None, blocks.fam),)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                inputs_embeds: torch.Tensor | None = None, cache: Cache | None = None) -> torch.Tensor:
-        new = (input_ids if inputs_embeds is None else inputs_embeds).shape[1]
-        own = cache if cache is not None else DynamicCache(config=self.blocks.config)
-        super().forward(input_ids, attention_mask, position_ids, inputs_embeds, own)
-        entry = own.layers[self.layer]
+    def _read(self, cache: Cache, new: int) -> torch.Tensor:
+        entry = cache.layers[self.layer]
         if entry.keys.shape[2] < new:  # a sliding-window block keeps only its window's last positions
             raise ValueError(f"block {self.layer} caches {entry.keys.shape[2]} positions, fewer than the {new} "
                              "asked for (its sliding window)")
         return torch.cat([_flat(entry.keys[:, :, -new:]), _flat(entry.values[:, :, -new:])], -1)
 
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                inputs_embeds: torch.Tensor | None = None, cache: Cache | None = None) -> torch.Tensor:
+        new = (input_ids if inputs_embeds is None else inputs_embeds).shape[1]
+        # without a cache to extend, one that keeps every position (a sliding-window block's mask still comes
+        # from the config): a whole sequence longer than the window reads every position's key and value
+        own = cache if cache is not None else DynamicCache()
+        super().forward(input_ids, attention_mask, position_ids, inputs_embeds, own)
+        return self._read(own, new)
 
-@torch.no_grad()
-def public_kv(model: torch.nn.Module, layer: int, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The keys and values [N, T, 2 * kv_heads * head_dim] that the public model's block ``layer`` caches
-    for ``ids`` (the layout of ``suite.experiment.inference_cell``'s capture)."""
-    return run_head(frozen(KvReadout(model, layer)), ids, mask)
+    def after_head(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Block ``layer``'s keys and values for a whole sequence whose output after ``head_blocks`` blocks is
+        ``hidden`` [N, T, H] (what a client released)."""
+        cache = DynamicCache()
+        self._after[0](hidden, attention_mask, position_ids_for(attention_mask), cache)
+        return self._read(cache, hidden.shape[1])
 
 
 @register_attack("kv_inversion")
@@ -128,14 +138,17 @@ class KvInversionAttack(Attack):
         model = public_parts(obs).model
         lengths = obs.lengths or tuple(r[layer].shape[0] for r in rows)
         whole = all(r[layer].shape[0] >= n for r, n in zip(rows, lengths, strict=True))
+        readout = frozen(KvReadout(model, layer, obs.spec.head_blocks))
+        note = ""
         if self.config.method == "search" and whole:
-            out, seen, extra = self._search(obs, KvReadout(model, layer), rows, layer, lengths)
+            out, seen, extra = self._search(obs, readout, rows, layer, lengths)
         else:  # the one-shot map (also where a sliding-window block kept only the rows' last positions)
-            out, seen, extra = self._ridge(obs, model, rows, layer, lengths)
+            out, seen, extra = self._ridge(obs, readout, rows, layer, lengths)
             if self.config.method == "search":
-                extra["note"] = "ridge: a sliding-window block kept only part of a row, which the search needs whole"
+                note = ("the ridge map, not the search: block's cache holds only part of a row (a sliding window, "
+                        "or lengths the defense hid), and the search needs every position")
         extra.update(layer=layer, seconds=time.perf_counter() - start)
-        return Reconstruction(out, decode_rows(obs.tokenizer, out, seen), extra=extra)
+        return Reconstruction(out, decode_rows(obs.tokenizer, out, seen), extra=extra, note=note)
 
     def _search(self, obs: Observations, readout: KvReadout, rows, layer: int, lengths) -> tuple:
         """The prefix search on the cached rows, verified on the public readout of block ``layer``."""
@@ -145,14 +158,14 @@ class KvInversionAttack(Attack):
         for i, (r, n) in enumerate(zip(rows, lengths, strict=True)):
             target[i, :n] = r[layer].float()[:n]
             mask[i, :n] = 1
-        opt = replace(PrefixInversionConfig(seed=self.config.seed, calibrate_steps=self.config.calibrate_steps).options(), adaptive=False, use_colluder=False)
-        ids, extra = prefix_invert(obs, opt, target, mask, head=frozen(readout))
+        opt = replace(PrefixInversionConfig(seed=self.config.seed, calibrate_steps=self.config.calibrate_steps).options(),
+                      use_colluder=False)
+        ids, extra = prefix_invert(obs, opt, target, mask, head=readout)
         ids = ids.masked_fill(~mask.bool(), obs.tokenizer.pad_token_id or 0)
         return ids, mask, {"method": "search", **extra}
 
-    def _ridge(self, obs: Observations, model: torch.nn.Module, rows, layer: int, lengths) -> tuple:
+    def _ridge(self, obs: Observations, readout: KvReadout, rows, layer: int, lengths) -> tuple:
         """The one-shot ridge map from standardised keys+values to the token's normalised input embedding."""
-        readout = frozen(KvReadout(model, layer))
         ids, mask = tokenize(obs.tokenizer, obs.shadow, obs.max_length)
         feats = run_head(readout, ids, mask)[mask.bool()]
         table = token_embeddings(readout)

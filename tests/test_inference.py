@@ -130,6 +130,33 @@ def test_the_kv_readout_is_what_the_servers_block_cached_and_steps_like_a_head(f
         torch.testing.assert_close(torch.cat(steps, 1), whole, rtol=1e-5, atol=1e-5)
 
 
+def test_kv_search_falls_back_on_the_ridge_map_and_says_so_where_a_sliding_window_dropped_positions(tmp_path):
+    """Tiny gemma3's sliding blocks keep a window of 4: a generation's rows are longer, so the search, which
+    needs every position, cannot run on them; the ridge map reads the positions kept, and the row says why."""
+    from suite.experiment.config import parse_config
+    from suite.experiment.schedule import run_matrix
+    from suite.experiment.store import load_results
+
+    attacks = [{"name": "kv_inversion", "layer": ["first", "middle"]}]
+    cfg = parse_config({**INFER, "model": {"name": "tiny-gemma3"},
+                        "matrix": {**INFER["matrix"], "mode": ["inference"], "attacks": attacks,
+                                   "threats": ["memory_dump"], "defenses": ["none"]}})
+    run_matrix(cfg, tmp_path)
+    frame = load_results(tmp_path)
+    kv = frame[frame["attack"] == "kv_inversion"]
+    kv = kv.set_index(kv["attack_params"].map(lambda p: p["layer"]))
+    assert (kv["status"] == "ok").all(), kv["error"].tolist()
+    from suite.engine.models import tiny_model
+
+    types = tiny_model("gemma3", num_layers=4).model.config.layer_types
+    for which, row in kv.iterrows():
+        layer = {"first": 1, "middle": 2}[which]  # the trunk is blocks 1..2 at k = 1, m = 1
+        if types[layer] == "sliding_attention":
+            assert "ridge map, not the search" in row["note"]
+        else:
+            assert row["note"] == "" and row["token_accuracy"] >= 0.9
+
+
 def test_a_token_before_any_prompt_is_refused():
     model = tiny_model("llama", num_layers=4).model.eval()
     decoder, trunk = _parties(model, 1)
@@ -176,7 +203,8 @@ def test_inference_matrix_writes_prompt_and_response_rows(tmp_path):
     from suite.experiment.schedule import run_matrix
     from suite.experiment.store import load_results
 
-    attacks = ["nearest_embedding", "prefix_inversion", {"name": "kv_inversion", "layer": ["first", "middle", "last"]},
+    attacks = ["nearest_embedding", "prefix_inversion",
+               {"name": "kv_inversion", "layer": ["first", "middle", "last"], "method": ["search", "ridge"]},
                {"name": "model_completion", "tail": ["trained", "public"]}, "wire_inversion"]
     cfg = parse_config({**INFER, "matrix": {**INFER["matrix"], "mode": ["inference"], "attacks": attacks,
                                             "threats": ["curious_server", "memory_dump", "eavesdropper"],
@@ -190,11 +218,16 @@ def test_inference_matrix_writes_prompt_and_response_rows(tmp_path):
     # activation attack on the same generations (the cache is a function of what it received)
     assert set(none[none["threat"] == "memory_dump"]["attack"]) == {"kv_inversion", "blind"}
     best = none[(none["threat"] == "curious_server") & (none["attack"] == "prefix_inversion")].iloc[0]
-    for _, kv in none[none["attack"] == "kv_inversion"].iterrows():
+    kv_rows = none[none["attack"] == "kv_inversion"]
+    assert sorted(p["method"] for p in kv_rows["attack_params"]) == ["ridge"] * 6 + ["search"] * 6
+    for _, kv in kv_rows.iterrows():
         for part in ("prompt", "response"):
             assert kv[f"{part}_token_accuracy"] <= best[f"{part}_token_accuracy"] + 1e-9
-            # the search on the cached keys and values (the default method) reads as much as the activations
-            assert kv[f"{part}_token_accuracy"] >= 0.9, (kv["attack_params"], part)
+            # the search on the cached keys and values reads as much as the activations; the ridge map reads
+            if kv["attack_params"]["method"] == "search":
+                assert kv[f"{part}_token_accuracy"] >= 0.9, (kv["attack_params"], part)
+            else:
+                assert kv[f"{part}_token_accuracy"] > 0.2, (kv["attack_params"], part)
     wire = frame[frame["attack"] == "wire_inversion"].set_index("defense")
     # the eavesdropper reassembles each generation from its frames and reads the plaintext wire; not ciphertext
     assert wire.loc["none", "response_token_accuracy"] > 0.5

@@ -13,6 +13,8 @@ defence's mechanism and public parameters, ``Observations.defense``, never its s
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from suite.interfaces.defense import Defense
@@ -50,16 +52,20 @@ def split_rows(n: int, seed: int, held_fraction: float = 0.25) -> tuple[torch.Te
     return perm[held:], perm[:held]
 
 
-def defense_noise(obs: Observations, head, ids: torch.Tensor, mask: torch.Tensor, seed: int
-                  ) -> tuple[torch.Tensor, dict]:
+def defense_noise(obs: Observations, head, ids: torch.Tensor, mask: torch.Tensor, seed: int,
+                  then: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, dict]:
     """Per-dimension variance of what the deployed defense adds to the head output, measured on the attacker's
     own simulation (``Defense.simulate_release`` on shadow text, two independent draws: half the variance of
-    their difference) and the simulated releases' statistics. Zero where the defense adds no randomness."""
+    their difference) and the simulated releases' statistics. Zero where the defense adds no randomness.
+    ``then(release, mask)``: what the attacker observes of a release (e.g. a later block's cached keys and
+    values), the variance measured there instead."""
     defense = obs.defense
     g1, g2 = torch.Generator().manual_seed(seed + 101), torch.Generator().manual_seed(seed + 202)
     with torch.no_grad():
         r1 = defense.simulate_release(head, ids, mask, g1).float()
         r2 = defense.simulate_release(head, ids, mask, g2).float()
+        if then is not None:
+            r1, r2 = then(r1, mask).float(), then(r2, mask).float()
     real = mask.bool()
     var = ((r1 - r2)[real].pow(2).mean(0) / 2).clamp_min(0)
     return var, {"defense": getattr(defense, "name", type(defense).__name__),

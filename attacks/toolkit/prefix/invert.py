@@ -32,8 +32,9 @@ def prefix_invert(obs, opt: PrefixOptions, target: torch.Tensor, mask: torch.Ten
     """The search on ``target`` [N, T, H] (observed head outputs), as ``opt`` says. ``bonus`` [N, T, V]: other
     evidence added to every candidate's score; ``more`` [N, T, M]: extra candidate tokens. ``head``: what the
     observation is the output of, when it is not the client head's (e.g. ``attacks.kv_inversion.KvReadout``, a
-    block's cached keys and values): candidates are verified on it, the proposer is fitted on its outputs over
-    the shadow text alone, and the defense is not simulated (its noise enters before the blocks it adds).
+    block's cached keys and values): candidates are verified on it and the proposer is fitted on its outputs
+    over the shadow text alone; the defense is simulated on the public client head and carried through
+    ``head.after_head(release, mask)`` (not simulated where ``head`` has none).
     Returns token ids [N, T] and diagnostics."""
     seconds: dict[str, float] = defaultdict(float)
     setup = time.perf_counter()
@@ -41,11 +42,12 @@ def prefix_invert(obs, opt: PrefixOptions, target: torch.Tensor, mask: torch.Ten
     own = head is not None
     head, config, lm = head if own else parts.head, parts.model.config, parts.model
     shadow = shadow_batch(obs)
+    after = getattr(head, "after_head", None) if own else None
     extra: dict = {"reference": "readout" if own else parts.source,
-                   "adaptive": bool(opt.adaptive and obs.defense is not None and not own)}
+                   "adaptive": bool(opt.adaptive and obs.defense is not None and (not own or after is not None))}
     noise = None
     if extra["adaptive"] and shadow is not None:
-        noise, info = defense_noise(obs, head, *shadow, seed=opt.seed)
+        noise, info = defense_noise(obs, parts.head if own else head, *shadow, seed=opt.seed, then=after)
         extra.update(info)
     known = {}
     if shadow is not None:
