@@ -145,7 +145,7 @@ class KvInversionAttack(Attack):
         else:  # the one-shot map (also where a sliding-window block kept only the rows' last positions)
             out, seen, extra = self._ridge(obs, readout, rows, layer, lengths)
             if self.config.method == "search":
-                note = ("the ridge map, not the search: block's cache holds only part of a row (a sliding window, "
+                note = ("the ridge map, not the search: the block's cache holds only part of a row (a sliding window, "
                         "or lengths the defense hid), and the search needs every position")
         extra.update(layer=layer, seconds=time.perf_counter() - start)
         return Reconstruction(out, decode_rows(obs.tokenizer, out, seen), extra=extra, note=note)
