@@ -3,7 +3,7 @@
 import importlib.util
 from pathlib import Path
 
-from tests.synthetic_store import cell, write_store
+from synthetic_store import cell, write_store
 
 
 def _script():
